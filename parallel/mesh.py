@@ -1,0 +1,71 @@
+"""The device mesh: one named dimension per parallelism, sized 1 when unused.
+
+Only the data-parallel dimensions carry more than one rank today; tensor, pipeline, context
+and expert parallelism plug in here by giving their dimension a size, without the trainer's
+loop changing. `ep` borrows ranks from the data-parallel dimensions (as in TorchTitan), so it is
+not part of the world-size product.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    """Sizes of each parallel dimension. dp_shard = -1 takes whatever the others leave."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    def resolve(self, world_size: int) -> "ParallelDims":
+        """Fill dp_shard and check the product equals the world size."""
+        others = self.pp * self.dp_replicate * self.cp * self.tp
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world_size % others:
+                raise ValueError(f"parallel: pp*dp_replicate*cp*tp={others} does not divide world size "
+                                 f"{world_size}; change the parallel sizes")
+            dp_shard = world_size // others
+        if others * dp_shard != world_size:
+            raise ValueError(f"parallel: pp*dp_replicate*dp_shard*cp*tp={others * dp_shard} != world size "
+                             f"{world_size}; set parallel.dp_shard=-1 or fix the sizes")
+        if (self.dp_replicate * dp_shard * self.cp) % self.ep:
+            raise ValueError(f"parallel.ep={self.ep} must divide dp_replicate*dp_shard*cp; change parallel.ep")
+        return ParallelDims(self.pp, self.dp_replicate, dp_shard, self.cp, self.tp, self.ep)
+
+    @property
+    def dp(self) -> int:
+        """Number of distinct data-parallel coordinates (ranks that read different batches)."""
+        return self.dp_replicate * self.dp_shard
+
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in MESH_DIMS)
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
+    """The world mesh with every named dimension, plus a flattened `dp` sub-mesh.
+
+    Returns None when not distributed: single-process runs need no collectives.
+    """
+    if not dist.is_initialized():
+        return None
+    mesh = init_device_mesh(device_type, dims.sizes(), mesh_dim_names=MESH_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def dp_coordinate(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """(dp_rank, dp_size) for the data loader: tp/pp/cp peers share a coordinate."""
+    if mesh is None:
+        return 0, 1
+    dp_mesh = mesh["dp"]
+    return dp_mesh.get_local_rank(), dp_mesh.size()

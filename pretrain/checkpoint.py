@@ -1,0 +1,166 @@
+"""Atomic, resumable DCP checkpoints in RUN_DIR/checkpoints.
+
+Layout of one checkpoint `step_00001000/`:
+  DCP files (.metadata, __*_*.distcp)  model and optimizer, sharded as they were in memory
+  train_state.pt                       step, scheduler, data-loader and RNG state of every rank
+  config.toml                          the resolved run config (readable, reusable with --config)
+  COMPLETE.json                        written last: every file with its size
+
+A save writes into `.tmp-step_00001000/` and is renamed into place only after COMPLETE.json is
+written, so a crash mid-save leaves nothing that resume would pick. Resume also re-checks file
+sizes against COMPLETE.json, so a checkpoint later truncated or missing a file is skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from parallel.distributed import all_gather_objects, barrier
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+TRAIN_STATE = "train_state.pt"
+CONFIG_FILE = "config.toml"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint, else the reason it is not."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (save never finished)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable {MARKER} ({e})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"missing file {name}"
+        if f.stat().st_size != size:
+            return f"file {name} has {f.stat().st_size} bytes, expected {size} (truncated)"
+    return None
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Committed checkpoint directories, oldest first (complete or not: see verify_checkpoint)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def find_latest_complete(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are reported and passed over."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path
+        log.warning("skipping checkpoint %s: %s; trying the previous one", path, reason)
+    return None
+
+
+@dataclass
+class _Pending:
+    tmp: Path
+    final: Path
+    future: Future | None
+
+
+class CheckpointManager:
+    """Saves (optionally async) and commits checkpoints; every rank calls every method."""
+
+    def __init__(self, ckpt_dir: Path, keep: int, async_save: bool, is_main: bool):
+        self.dir = ckpt_dir
+        self.keep = keep
+        self.async_save = async_save
+        self.is_main = is_main
+        self._pending: _Pending | None = None
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".tmp-*"):  # leftovers of a save that was interrupted
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+
+    def save(self, step: int, dcp_state: dict[str, Any], rank_state: dict[str, Any],
+             shared_state: dict[str, Any], config_toml: str) -> Path:
+        """Write checkpoint `step`. `rank_state` differs per rank (RNG, loader); `shared_state` not."""
+        self.wait()
+        final = self.dir / checkpoint_name(step)
+        if final.exists():
+            return final
+        tmp = self.dir / f".tmp-{final.name}"
+        rank_states = all_gather_objects(rank_state)
+        if self.is_main:
+            tmp.mkdir(parents=True)
+            torch.save({**shared_state, "ranks": rank_states}, tmp / TRAIN_STATE)
+            (tmp / CONFIG_FILE).write_text(config_toml)
+        barrier()
+        if self.async_save:
+            future = dcp.async_save(dcp_state, checkpoint_id=str(tmp))
+            self._pending = _Pending(tmp, final, future)
+        else:
+            dcp.save(dcp_state, checkpoint_id=str(tmp))
+            self._pending = _Pending(tmp, final, None)
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Finish and commit the save in flight, if any."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            pending.future.result()
+        barrier()  # every rank's shards are on disk
+        if self.is_main:
+            files = {p.name: p.stat().st_size for p in sorted(pending.tmp.iterdir()) if p.is_file()}
+            marker = pending.tmp / MARKER
+            marker.write_text(json.dumps({"files": files}, indent=1))
+            _fsync_dir(pending.tmp)
+            os.rename(pending.tmp, pending.final)
+            _fsync_dir(self.dir)
+            self._prune()
+            log.info("checkpoint saved: %s", pending.final)
+        barrier()
+
+    def _prune(self) -> None:
+        complete = [p for p in list_checkpoints(self.dir) if verify_checkpoint(p) is None]
+        for old in complete[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, dcp_state: dict[str, Any], rank: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Load DCP tensors in place into `dcp_state`; return (shared state, list of per-rank states)."""
+        dcp.load(dcp_state, checkpoint_id=str(path))
+        state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)
+        ranks = state.pop("ranks")
+        return state, ranks
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or new files durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,352 @@
+"""Run configuration: dataclass sections, filled from defaults, then a TOML file, then the CLI.
+
+Every value is checked against its field's type as it arrives, so a typo or a bad value fails at
+start with one line naming the source, the key and the fix, never hours into a run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names where it came from, the key and the fix."""
+
+
+@dataclass
+class ModelSection:
+    arch: str = "hybrid_moe"
+    size: str = "tiny"
+    # ModelConfig field names -> values, e.g. {vocab_size = 8192}; checked against ModelConfig.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    # Prepared data directories, each "DIR" or "DIR:WEIGHT" (weights of a mixture, default 1).
+    sources: list[str] = field(default_factory=list)
+    seq_len: int = 1024
+    num_workers: int = 0
+    num_streams: int = 64
+
+
+@dataclass
+class OptimSection:
+    lr: float = 6e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "trapezoid"  # trapezoid | wsd | cosine | constant
+    warmup_frac: float = 0.25
+    cooldown_frac: float = 0.2  # trapezoid/wsd: final fraction decayed linearly (wsd: 1-sqrt)
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of optim.lr
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    global_batch_tokens: int = 0  # 0: one micro-batch per data-parallel rank per step
+    micro_batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    val_every: int = 200  # 0 disables periodic validation
+    val_batches: int = 16
+    max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500  # 0: only at the end and on preemption
+    keep: int = 3
+    async_save: bool = False
+    resume_from: str = ""  # a checkpoint directory; empty: newest complete one in the run dir
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = 10
+    tensorboard: bool = True
+    peak_tflops: float = 989.0  # per device, dense bf16 (H100/H200 SXM); MFU is against this
+
+
+@dataclass
+class ParallelSection:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: all ranks not used by other dimensions
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SCHEDULE_KINDS = ("trapezoid", "wsd", "cosine", "constant")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert a TOML or CLI value to the field type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if origin is list:
+            (item_tp,) = typing.get_args(tp)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            return [_coerce(v, item_tp, key, source) for v in value]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except ValueError:
+        pass
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{source}: {key}={value!r} is not a valid {name}; fix the value")
+
+
+def _set(cfg: JobConfig, key: str, value: Any, source: str) -> None:
+    """Set a dotted key (`optim.lr`, `model.overrides.d_model`) on cfg, type-checked."""
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[0] == "model" and parts[1] == "overrides":
+        cfg.model.overrides[".".join(parts[2:])] = _parse_literal(value)
+        return
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"{source}: unknown key '{key}' ({where} has: {', '.join(names)}); fix the name")
+        if i == len(parts) - 1:
+            hints = typing.get_type_hints(type(obj))
+            if dataclasses.is_dataclass(hints[part]):
+                raise ConfigError(f"{source}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
+            setattr(obj, part, _coerce(value, hints[part], key, source))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is not a section; fix the key '{key}'")
+
+
+def _parse_literal(value: Any) -> Any:
+    """CLI override values for the model: a TOML literal (1, 2.5, true, "x", [1,2]) or a bare string."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "model.overrides":
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def apply_toml(cfg: JobConfig, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; fix the --config path")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML ({e}); fix the syntax") from None
+    for key, value in _flatten(table):
+        if key == "model.overrides":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: model.overrides must be a table; fix the value")
+            cfg.model.overrides.update(value)
+        else:
+            _set(cfg, key, value, str(path))
+
+
+def validate(cfg: JobConfig) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    def bad(key: str, why: str) -> None:
+        raise ConfigError(f"config: {key} {why}")
+
+    positive = {"data.seq_len": cfg.data.seq_len, "train.steps": cfg.train.steps,
+                "train.micro_batch_size": cfg.train.micro_batch_size, "optim.lr": cfg.optim.lr,
+                "checkpoint.keep": cfg.checkpoint.keep, "logging.log_every": cfg.logging.log_every,
+                "data.num_streams": cfg.data.num_streams, "logging.peak_tflops": cfg.logging.peak_tflops}
+    for key, v in positive.items():
+        if v <= 0:
+            bad(key, f"= {v} must be > 0; fix the value")
+    non_negative = {"train.global_batch_tokens": cfg.train.global_batch_tokens, "train.val_every": cfg.train.val_every,
+                    "train.val_batches": cfg.train.val_batches, "checkpoint.every": cfg.checkpoint.every,
+                    "data.num_workers": cfg.data.num_workers, "optim.grad_clip": cfg.optim.grad_clip,
+                    "optim.weight_decay": cfg.optim.weight_decay, "train.max_bad_steps": cfg.train.max_bad_steps}
+    for key, v in non_negative.items():
+        if v < 0:
+            bad(key, f"= {v} must be >= 0; fix the value")
+    if cfg.schedule.kind not in SCHEDULE_KINDS:
+        bad("schedule.kind", f"= {cfg.schedule.kind!r} must be one of {', '.join(SCHEDULE_KINDS)}")
+    s = cfg.schedule
+    if not (0 <= s.warmup_frac <= 1 and 0 <= s.cooldown_frac <= 1 and s.warmup_frac + s.cooldown_frac <= 1):
+        bad("schedule.warmup_frac", "and schedule.cooldown_frac must lie in [0, 1] and sum to <= 1; fix them")
+    if not 0 <= s.min_lr_ratio <= 1:
+        bad("schedule.min_lr_ratio", f"= {s.min_lr_ratio} must lie in [0, 1]")
+    for key, v in (("train.device", cfg.train.device), ("train.dtype", cfg.train.dtype)):
+        allowed = ("auto", "cpu", "cuda") if key == "train.device" else ("auto", "bf16", "fp32")
+        if v not in allowed:
+            bad(key, f"= {v!r} must be one of {', '.join(allowed)}")
+    for src in cfg.data.sources:
+        parse_source(src)
+    if cfg.parallel.dp_replicate < 1 or (cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1):
+        bad("parallel.dp_shard", "must be >= 1 (or -1 for all remaining ranks) and dp_replicate >= 1")
+
+
+def parse_source(src: str) -> tuple[str, float]:
+    """'DIR' or 'DIR:WEIGHT' -> (DIR, weight)."""
+    path, sep, weight = src.rpartition(":")
+    if not sep or "/" in weight or not weight:
+        return src, 1.0
+    try:
+        w = float(weight)
+    except ValueError:
+        return src, 1.0
+    if w <= 0:
+        raise ConfigError(f"config: data.sources entry {src!r} has weight {w}; weights must be > 0")
+    return path, w
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain/main.py",
+        description="Pretrain a hybrid Transformer/Mamba2(/MoE) LM. Any config key can be set as "
+                    "--section.key=value, e.g. --optim.lr=3e-4 --train.steps=1000.")
+    p.add_argument("--config", help="TOML file; CLI flags override it")
+    p.add_argument("--arch", help="model.arch preset")
+    p.add_argument("--size", help="model.size preset")
+    p.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
+                   help="prepared data directory; repeat for a weighted mixture (data.sources)")
+    p.add_argument("--run-dir", help="checkpoints, TensorBoard logs and summary.json go here")
+    p.add_argument("--resume-from", help="checkpoint directory to resume from (checkpoint.resume_from)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build on the meta device, print config, parameters, FLOPs and memory, exit")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Namespace]:
+    """defaults < --config TOML < shortcut flags and dotted overrides (in command-line order)."""
+    parser = build_arg_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"command line: unexpected argument {tok!r}; use --section.key=value")
+        if "." not in tok.split("=", 1)[0]:
+            raise ConfigError(f"command line: unknown option {tok.split('=', 1)[0]}; see --help, and use "
+                              "--section.key=value for config keys")
+        if "=" in tok:
+            key, value = tok[2:].split("=", 1)
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            key, value = tok[2:], rest[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"command line: {tok} has no value; write {tok}=VALUE")
+        overrides.append((key, value))
+        i += 1
+
+    cfg = JobConfig()
+    if args.config:
+        apply_toml(cfg, args.config)
+    shortcuts = {"model.arch": args.arch, "model.size": args.size, "run_dir": args.run_dir,
+                 "checkpoint.resume_from": args.resume_from}
+    for key, value in shortcuts.items():
+        if value is not None:
+            _set(cfg, key, value, "command line")
+    if args.data:
+        cfg.data.sources = list(args.data)
+    for key, value in overrides:
+        _set(cfg, key.replace("-", "_"), value, "command line")
+    validate(cfg)
+    return cfg, args
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved config as TOML that `--config` reads back to the same JobConfig."""
+    def lit(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(lit(x) for x in v) + "]"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return repr(v) if v == v and abs(v) != float("inf") else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        if v is None:
+            raise ConfigError("config: None has no TOML form; give the key a value")
+        return str(v)
+
+    d = cfg.to_dict()
+    lines = [f"run_dir = {lit(d.pop('run_dir'))}"]
+    for section, table in d.items():
+        lines.append(f"\n[{section}]")
+        nested = {}
+        for k, v in table.items():
+            if isinstance(v, dict):
+                nested[k] = v
+            else:
+                lines.append(f"{k} = {lit(v)}")
+        for k, sub in nested.items():
+            lines.append(f"\n[{section}.{k}]")
+            lines.extend(f"{kk} = {lit(vv)}" for kk, vv in sub.items())
+    return "\n".join(lines) + "\n"
+
+
+def from_dict(d: dict[str, Any], source: str = "checkpoint config") -> JobConfig:
+    cfg = JobConfig()
+    for key, value in _flatten(d):
+        if key == "model.overrides":
+            cfg.model.overrides = dict(value)
+        else:
+            _set(cfg, key, value, source)
+    return cfg

@@ -1,0 +1,92 @@
+"""Entry point: `python pretrain/main.py ...` or `torchrun --nproc-per-node N pretrain/main.py ...`.
+
+Exit codes: 0 finished, 2 bad configuration, 3 stopped by a guard, 75 preempted (checkpoint
+saved; requeue), 1 anything else (the failing rank logs why).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `pretrain`, `parallel`, `data_pipeline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import logging  # noqa: E402
+
+import torch  # noqa: E402
+
+from parallel.distributed import destroy_distributed, init_distributed  # noqa: E402
+from parallel.mesh import ParallelDims  # noqa: E402
+from pretrain.config import ConfigError, JobConfig, parse_args, to_toml  # noqa: E402
+from pretrain.metrics import setup_logging  # noqa: E402
+from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Preempted, Trainer,  # noqa: E402
+                              TrainingStopped, build_model_from_config)
+
+log = logging.getLogger("pretrain")
+EXIT_CONFIG = 2
+
+
+def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: int, dp_shard: int) -> dict[str, float]:
+    """Rough per-GPU memory: fp32 params+grads+AdamW moments sharded over dp_shard, plus bf16
+    activations of one micro-batch without activation checkpointing (~34 bytes per token per
+    d_model per layer, the Megatron estimate for a Transformer block; Mamba/MoE blocks are similar)."""
+    states = 16 * n_params / dp_shard
+    activations = 34 * cfg.train.micro_batch_size * cfg.data.seq_len * d_model * n_layers
+    return {"states_gib": states / 2**30, "activations_gib": activations / 2**30,
+            "total_gib": (states + activations) / 2**30}
+
+
+def dry_run(cfg: JobConfig) -> int:
+    """Build on the meta device (no memory, no data read beyond manifests) and report sizes."""
+    from pretrain.accounting import count_params, flops_per_token
+
+    with torch.device("meta"):
+        model = build_model_from_config(cfg)
+    mcfg = model.config
+    counts = count_params(mcfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard).resolve(world)
+    n_params = sum(p.numel() for p in model.parameters())
+    mem = estimate_memory_gib(n_params, cfg, len(model.blocks), mcfg.d_model, dims.dp_shard)
+    print(to_toml(cfg))
+    print(f"pattern              {mcfg.pattern}")
+    print(f"parameters           {n_params:,} (non-embedding {counts['non_embedding']:,}, "
+          f"embedding {counts['embedding']:,})")
+    print(f"FLOPs per token      {flops_per_token(mcfg, cfg.data.seq_len):.4g} (training, seq_len {cfg.data.seq_len})")
+    print(f"memory per GPU       ~{mem['total_gib']:.1f} GiB (states {mem['states_gib']:.1f} + activations "
+          f"{mem['activations_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, args = parse_args(argv)
+        if args.dry_run:
+            return dry_run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    device_type = None if cfg.train.device == "auto" else cfg.train.device
+    info = init_distributed(device_type)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    setup_logging(Path(cfg.run_dir), info.rank)
+    try:
+        Trainer(cfg, info).train()
+        return 0
+    except Preempted:
+        return EXIT_PREEMPTED
+    except TrainingStopped:
+        return EXIT_STOPPED
+    except ConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    except Exception as e:  # noqa: BLE001 - report which rank failed and why, then exit non-zero
+        log.exception("rank %d of %d failed: %s: %s", info.rank, info.world_size, type(e).__name__, e)
+        return 1
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

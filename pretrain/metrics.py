@@ -1,0 +1,133 @@
+"""Observability: TensorBoard scalars, a JSONL metrics log, and the rank-0 progress line.
+
+metrics.jsonl holds one JSON object per logged step with floats written exactly (repr), so
+scripts and tests can compare loss curves bit for bit across resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("pretrain")
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Console on rank 0 (warnings on others), plus a per-rank log file, every line tagged with the rank."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_pretrain", False):
+            root.removeHandler(h)
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    file = logging.FileHandler(logs / f"rank{rank}.log")
+    file.setLevel(logging.INFO)
+    for h in (console, file):
+        h.setFormatter(fmt)
+        h._pretrain = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a no-op logger so callers need no rank checks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, flops_per_token: float,
+                 peak_flops_total: float, total_steps: int):
+        self.enabled = enabled
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total
+        self.total_steps = total_steps
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self._window_steps = 0
+
+    def throughput(self, tokens: int) -> tuple[float, float]:
+        """Add tokens of a finished step; (tokens/s, MFU) over the window since the last log."""
+        self._window_tokens += tokens
+        self._window_steps += 1
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+        tps = self._window_tokens / elapsed
+        return tps, tps * self.flops_per_token / self.peak_flops_total
+
+    def reset_window(self) -> None:
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self._window_steps = 0
+
+    def step_time(self) -> float:
+        return (time.perf_counter() - self._window_start) / max(self._window_steps, 1)
+
+    def log(self, step: int, scalars: dict[str, float], progress: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        if progress and "train/loss" in scalars:
+            eta = self.step_time() * (self.total_steps - step)
+            log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %s tok/s | MFU %.1f%% | mem %.1f GiB | ETA %s",
+                     step, self.total_steps, scalars["train/loss"], scalars.get("train/lr", 0.0),
+                     scalars.get("train/grad_norm", float("nan")), _si(scalars.get("perf/tokens_per_s", 0.0)),
+                     100 * scalars.get("perf/mfu", 0.0), scalars.get("perf/memory_gib", 0.0),
+                     format_duration(eta))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _si(x: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def moe_balance_scalars(moe_layers: list[Any]) -> dict[str, float]:
+    """Max-over-mean expert load per layer and overall: 1.0 is perfectly balanced."""
+    out: dict[str, float] = {}
+    worst = 0.0
+    for i, layer in enumerate(moe_layers):
+        load = layer.load_stats().detach().float().cpu()
+        ratio = float(load.max() / load.mean().clamp_min(1e-12))
+        out[f"moe/max_over_mean_load/{i}"] = ratio
+        worst = max(worst, ratio)
+    if moe_layers:
+        out["moe/max_over_mean_load"] = worst
+    return out

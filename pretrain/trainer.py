@@ -1,0 +1,443 @@
+"""The training loop: data-parallel (FSDP2) AdamW training with exact resume.
+
+Everything a step depends on (parameters, optimizer moments, LR schedule position, data-loader
+position, every rank's RNG) is in the checkpoint, so a run resumed at step s computes bit for bit
+what the uninterrupted run computed after step s (on CPU; on GPU up to kernel nondeterminism).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from parallel.distributed import DistInfo, all_reduce_scalar, init_distributed
+from parallel.fsdp import apply_fsdp, dp_shard_mesh
+from parallel.mesh import ParallelDims, build_mesh, dp_coordinate
+from pretrain.checkpoint import CheckpointManager, find_latest_complete, verify_checkpoint
+from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
+from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
+from pretrain.schedule import build_scheduler
+from pretrain.summary import write_summary
+
+log = logging.getLogger("pretrain")
+
+# Exit codes the launchers act on (documented in docs/training.md).
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; requeue the job
+EXIT_STOPPED = 3  # stopped by a guard (repeated non-finite steps); needs a human, do not requeue
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved."""
+
+
+class TrainingStopped(RuntimeError):
+    """A guard stopped the run; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainProgress:
+    """Counters that survive resume (part of the checkpoint)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps_total: int = 0
+    bad_steps_consecutive: int = 0
+    wall_time_s: float = 0.0  # summed over all segments of the run
+    last_train_loss: float = float("nan")
+    last_val_nll: float = float("nan")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_vocab(cfg: JobConfig) -> int | None:
+    """The vocabulary size the data was tokenized with (all sources must agree)."""
+    if not cfg.data.sources:
+        return None
+    from data_pipeline.manifest import read_manifest
+
+    sizes = {}
+    for src in cfg.data.sources:
+        path, _ = parse_source(src)
+        sizes[path] = read_manifest(path).vocab_size
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"config: data.sources have different vocabulary sizes {sizes}; "
+                          "prepare all sources with one tokenizer")
+    return next(iter(sizes.values()))
+
+
+def model_overrides(cfg: JobConfig) -> dict[str, Any]:
+    """model.overrides with the data's vocabulary size filled in; dotted keys become nested tables."""
+    overrides: dict[str, Any] = {}
+    for key, value in cfg.model.overrides.items():
+        *parents, leaf = key.split(".")
+        table = overrides
+        for p in parents:
+            table = table.setdefault(p, {})
+        table[leaf] = value
+    vocab = resolve_vocab(cfg)
+    if vocab is not None:
+        if "vocab_size" in overrides and overrides["vocab_size"] != vocab:
+            raise ConfigError(f"config: model.overrides.vocab_size={overrides['vocab_size']} but the data was "
+                              f"tokenized with vocab_size={vocab}; drop the override")
+        overrides["vocab_size"] = vocab
+    return overrides
+
+
+def build_model_from_config(cfg: JobConfig) -> nn.Module:
+    from pretrain.model import build_model
+
+    try:
+        return build_model(cfg.model.arch, cfg.model.size, **model_overrides(cfg))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"config: model (arch={cfg.model.arch!r}, size={cfg.model.size!r}, "
+                          f"overrides={cfg.model.overrides}): {e}") from None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Build everything from a JobConfig, then `train()`. One instance per process."""
+
+    def __init__(self, cfg: JobConfig, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        device_type = None if cfg.train.device == "auto" else cfg.train.device
+        self.dist = dist_info or init_distributed(device_type)
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
+        self.wall_start = time.perf_counter()
+        if not cfg.data.sources:
+            raise ConfigError("config: data.sources is empty; pass --data DIR (a prepared data directory)")
+
+        dims = ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard)
+        self.dims = dims.resolve(self.dist.world_size)
+        self.mesh = build_mesh(self.dims, self.device.type)
+        self.dp_rank, self.dp_size = dp_coordinate(self.mesh)
+        self.grad_accum = self._grad_accum_steps()
+        self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len
+
+        dtype = cfg.train.dtype
+        if dtype == "auto":
+            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+
+        _seed_everything(cfg.train.seed)
+        # Built whole, then sharded: initialisation is then identical for every number of ranks.
+        self.model = build_model_from_config(cfg).to(self.device)
+        self.model_config = self.model.config
+        if self.mesh is not None:
+            apply_fsdp(self.model, self.model.blocks, dp_shard_mesh(self.mesh),
+                       param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        self.moe_layers = list(self.model.moe_layers()) if hasattr(self.model, "moe_layers") else []
+        self.optimizer = self._build_optimizer()
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
+
+        from data_pipeline.loader import build_train_loader
+
+        self.sources = [parse_source(s) for s in cfg.data.sources]
+        self.train_loader = build_train_loader(
+            self.sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+            num_streams=cfg.data.num_streams)
+        self._train_iter = None
+
+        from pretrain.accounting import flops_per_token
+
+        self.flops_per_token = float(flops_per_token(self.model_config, cfg.data.seq_len))
+        peak_total = cfg.logging.peak_tflops * 1e12 * self.dist.world_size
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLogger(self.run_dir, self.is_main, cfg.logging.tensorboard,
+                                     self.flops_per_token, peak_total, cfg.train.steps)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep,
+                                      cfg.checkpoint.async_save, self.is_main)
+        self.progress = TrainProgress()
+        self.last_checkpoint: Path | None = None
+        self._signal: int | None = None
+
+    # ---- set-up helpers -------------------------------------------------------------------
+    def _grad_accum_steps(self) -> int:
+        t = self.cfg.train
+        per_micro = t.micro_batch_size * self.cfg.data.seq_len * self.dp_size
+        if t.global_batch_tokens == 0:
+            return 1
+        if t.global_batch_tokens % per_micro:
+            raise ConfigError(
+                f"config: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+                f"micro_batch_size*seq_len*dp={per_micro}; set it to a multiple of {per_micro}")
+        return t.global_batch_tokens // per_micro
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; matrices decay, vectors (norms, biases, gains) do not."""
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                 fused=self.device.type == "cuda")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # FSDP's MixedPrecisionPolicy casts parameters itself; autocast only for unsharded bf16.
+        if self.mesh is None and self.compute_dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return contextlib.nullcontext()
+
+    # ---- checkpoint state ---------------------------------------------------------------------
+    def _dcp_state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save_checkpoint(self) -> Path:
+        p = self.progress
+        p.wall_time_s += time.perf_counter() - self.wall_start
+        self.wall_start = time.perf_counter()
+        shared = {"progress": p.__dict__.copy(), "scheduler": self.scheduler.state_dict(),
+                  "world_size": self.dist.world_size, "dp_size": self.dp_size}
+        rank_state = {"rng": _rng_state(), "loader": self.train_loader.state_dict(), "dp_rank": self.dp_rank}
+        self.last_checkpoint = self.ckpt.save(p.step, self._dcp_state(), rank_state, shared, to_toml(self.cfg))
+        return self.last_checkpoint
+
+    def resume(self) -> bool:
+        """Load the requested or newest complete checkpoint; False when starting fresh."""
+        if self.cfg.checkpoint.resume_from:
+            path = Path(self.cfg.checkpoint.resume_from)
+            reason = verify_checkpoint(path)
+            if reason is not None:
+                raise ConfigError(f"config: checkpoint.resume_from={path} is not a complete checkpoint "
+                                  f"({reason}); point it at a step_* directory with COMPLETE.json")
+        else:
+            path = find_latest_complete(self.run_dir / "checkpoints")
+            if path is None:
+                return False
+        state = self._dcp_state()
+        shared, ranks = self.ckpt.load(path, state, self.dist.rank)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.progress = TrainProgress(**shared["progress"])
+        self._load_loader_state(ranks, shared["dp_size"])
+        mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
+        _set_rng_state(mine["rng"])
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d (saved by %d rank(s), now %d)",
+                 path, self.progress.step, len(ranks), self.dist.world_size)
+        return True
+
+    def _load_loader_state(self, ranks: list[dict[str, Any]], saved_dp_size: int) -> None:
+        """Same dp layout: each rank takes its own state. Otherwise the loader merges all of them
+        (its state is kept per canonical stream, so streams are reassigned to the new ranks)."""
+        by_dp = {r["dp_rank"]: r["loader"] for r in ranks}
+        if saved_dp_size == self.dp_size:
+            self.train_loader.load_state_dict(by_dp[self.dp_rank])
+        else:
+            self.train_loader.load_state_dict([by_dp[i] for i in range(saved_dp_size)])
+
+    # ---- signals ----------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            self._signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        """All ranks agree, so they all save and exit at the same step."""
+        return all_reduce_scalar(1.0 if self._signal is not None else 0.0, "max", self._reduce_device()) > 0
+
+    def _reduce_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _next_batch(self) -> torch.Tensor:
+        if self._train_iter is None:
+            self._train_iter = iter(self.train_loader)
+        return next(self._train_iter)["tokens"].to(self.device, non_blocking=True)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; skipped when loss or grad is non-finite."""
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        for _ in range(self.grad_accum):
+            tokens = self._next_batch()
+            with self._autocast():
+                loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        loss_val = all_reduce_scalar(float(loss_sum) / self.grad_accum, "sum", self._reduce_device()) / self.dp_size
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm_val = float(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        p = self.progress
+        if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
+            self.optimizer.step()
+            with torch.no_grad():
+                for layer in self.moe_layers:
+                    layer.update_bias()
+            p.bad_steps_consecutive = 0
+            p.last_train_loss = loss_val
+        else:
+            p.bad_steps_total += 1
+            p.bad_steps_consecutive += 1
+            log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (%d in a row, %d total)",
+                        p.step + 1, loss_val, grad_norm_val, p.bad_steps_consecutive, p.bad_steps_total)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        p.step += 1
+        p.tokens_seen += self.tokens_per_step
+        return {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": grad_norm_val}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean NLL per token over the validation split (same number of batches on every rank)."""
+        from data_pipeline.loader import build_val_loader
+
+        self.model.eval()
+        batches = list(build_val_loader(self.sources, self.cfg.data.seq_len, self.cfg.train.micro_batch_size,
+                                        dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                        max_batches=self.cfg.train.val_batches))
+        n = int(all_reduce_scalar(float(len(batches)), "min", self._reduce_device()))
+        total, count = 0.0, 0
+        for batch in batches[:n]:
+            tokens = batch["tokens"].to(self.device)
+            with self._autocast():
+                loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
+            numel = tokens[:, 1:].numel()
+            total += float(loss) * numel
+            count += numel
+        self.model.train()
+        total = all_reduce_scalar(total, "sum", self._reduce_device())
+        count = all_reduce_scalar(float(count), "sum", self._reduce_device())
+        if count == 0:
+            log.warning("validation split is empty; no validation NLL")
+            return float("nan")
+        return total / count
+
+    def _should(self, every: int) -> bool:
+        return every > 0 and self.progress.step % every == 0
+
+    def train(self) -> dict[str, Any]:
+        """Run to train.steps; returns the summary (also written to RUN_DIR/summary.json)."""
+        cfg = self.cfg
+        self._install_signal_handlers()
+        resumed = self.resume()
+        if self.is_main:
+            log.info("resolved config:\n%s", to_toml(cfg))
+            log.info("model %s/%s pattern %s | %s | dp=%d grad_accum=%d tokens/step=%d | %.3g FLOPs/token",
+                     cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"), self.device,
+                     self.dp_size, self.grad_accum, self.tokens_per_step, self.flops_per_token)
+        status, error = "finished", None
+        try:
+            if not resumed and cfg.train.val_every > 0:
+                self._validate()
+            self.metrics.reset_window()
+            while self.progress.step < cfg.train.steps:
+                scalars = self.train_step()
+                tps, mfu = self.metrics.throughput(self.tokens_per_step)
+                p = self.progress
+                if p.bad_steps_consecutive >= max(cfg.train.max_bad_steps, 1):
+                    last = self.last_checkpoint or "none (no checkpoint saved yet)"
+                    raise TrainingStopped(
+                        f"stopped at step {p.step}: {p.bad_steps_consecutive} consecutive steps with non-finite "
+                        f"loss or gradients (train.max_bad_steps={cfg.train.max_bad_steps}); last good "
+                        f"checkpoint: {last}")
+                if self._should(cfg.logging.log_every) or p.step == cfg.train.steps:
+                    scalars.update(self._periodic_scalars(tps, mfu))
+                    self.metrics.log(p.step, scalars)
+                    self.metrics.reset_window()
+                if self._should(cfg.train.val_every) or (p.step == cfg.train.steps and cfg.train.val_every > 0):
+                    self._validate()
+                if self._stop_requested():
+                    self.save_checkpoint()
+                    self.ckpt.wait()
+                    raise Preempted(f"signal {self._signal} at step {p.step}")
+                if self._should(cfg.checkpoint.every) or p.step == cfg.train.steps:
+                    self.save_checkpoint()
+            self.ckpt.wait()
+        except Preempted as e:
+            status, error = "preempted", str(e)
+            log.warning("preempted (%s); checkpoint %s; exit code %d asks the launcher to requeue",
+                        e, self.last_checkpoint, EXIT_PREEMPTED)
+            raise
+        except TrainingStopped as e:
+            status, error = "stopped", str(e)
+            log.error("%s", e)
+            raise
+        except BaseException as e:
+            status, error = "failed", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            summary = self._summary(status, error)
+            self.metrics.close()
+        return summary
+
+    def _validate(self) -> None:
+        nll = self.evaluate()
+        self.progress.last_val_nll = nll
+        self.metrics.log(self.progress.step, {"val/nll": nll}, progress=False)
+        if self.is_main:
+            log.info("step %d | validation NLL %.4f", self.progress.step, nll)
+
+    def _periodic_scalars(self, tps: float, mfu: float) -> dict[str, float]:
+        out = {"perf/tokens_per_s": tps, "perf/mfu": mfu, "perf/memory_gib": memory_gib(self.device),
+               "train/tokens_seen": float(self.progress.tokens_seen),
+               "train/bad_steps": float(self.progress.bad_steps_total)}
+        out.update(moe_balance_scalars(self.moe_layers))
+        for k, v in self.train_loader.metrics().items():
+            out[f"data/{k}"] = float(v)
+        return out
+
+    def _summary(self, status: str, error: str | None) -> dict[str, Any]:
+        p = self.progress
+        summary = {
+            "status": status,
+            "exit_code": {"finished": 0, "preempted": EXIT_PREEMPTED, "stopped": EXIT_STOPPED}.get(status, 1),
+            "error": error,
+            "step": p.step,
+            "total_steps": self.cfg.train.steps,
+            "tokens_seen": p.tokens_seen,
+            "last_train_loss": p.last_train_loss,
+            "last_val_nll": p.last_val_nll,
+            "bad_steps": p.bad_steps_total,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "wall_time_s": time.perf_counter() - self.wall_start + p.wall_time_s,
+            "world_size": self.dist.world_size,
+            "arch": self.cfg.model.arch,
+            "size": self.cfg.model.size,
+            "run_dir": str(self.run_dir),
+        }
+        if self.is_main:
+            write_summary(self.run_dir, summary)
+        return summary
