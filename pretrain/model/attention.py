@@ -1,0 +1,84 @@
+"""Grouped-query attention with RoPE; global or sliding-window with attention sinks; KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.model.config import RopeConfig
+from pretrain.model.ops import attention
+from pretrain.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nn.Module):
+    """`n_heads` query heads of `qk_head_dim`, `n_kv_heads` K/V heads (V of `v_head_dim`).
+
+    With `project_out=False` the module returns the heads' output [b, l, n_heads * v_head_dim]
+    unprojected (the intra-hybrid mixer projects and fuses it itself).
+    """
+
+    # How it shards (tensor parallel): q/k/v by heads (column-wise), o_proj by rows.
+    shard_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qk_head_dim: int, rope: RopeConfig,
+                 v_head_dim: int | None = None, window: int | None = None, n_sink: int = 0,
+                 project_out: bool = True, init_std: float = 0.02, out_init_std: float = 0.02):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.qk_head_dim, self.v_head_dim = qk_head_dim, v_head_dim or qk_head_dim
+        self.window, self.n_sink, self.rope = window, n_sink, rope
+        self.init_std, self.out_init_std = init_std, out_init_std
+        self.q_proj = nn.Linear(d_model, n_heads * qk_head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * qk_head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.v_head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.v_head_dim, d_model, bias=False) if project_out else None
+
+    @property
+    def out_width(self) -> int:
+        return self.n_heads * self.v_head_dim
+
+    def reset_parameters(self) -> None:
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(lin.weight, std=self.init_std)
+        if self.o_proj is not None:
+            nn.init.normal_(self.o_proj.weight, std=self.out_init_std)
+
+    def values(self, x: Tensor) -> Tensor:
+        """V heads [b, l, n_kv_heads, v_head_dim] (shared with the Mamba branch under value sharing)."""
+        return self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.v_head_dim))
+
+    def forward(self, x: Tensor, positions: Tensor, state: dict | None = None, v: Tensor | None = None) -> Tensor:
+        """x [b, l, d]; positions [l] absolute; `state` (a dict) is the KV cache, updated in place."""
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.n_heads, self.qk_head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, self.n_kv_heads, self.qk_head_dim).transpose(1, 2)
+        v = (v if v is not None else self.values(x)).transpose(1, 2)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_pos = positions
+        if state is not None:
+            if "k" in state:
+                k = torch.cat([state["k"], k], dim=2)
+                v = torch.cat([state["v"], v], dim=2)
+                k_pos = torch.cat([state["pos"], positions])
+            keep = self._kept_in_cache(k_pos, positions[-1])
+            state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
+        y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)
+        y = y.transpose(1, 2).reshape(b, l, self.out_width)
+        return self.o_proj(y) if self.o_proj is not None else y
+
+    def _kept_in_cache(self, k_pos: Tensor, last: Tensor) -> Tensor:
+        """Keys a later query can still see: all for global attention; sinks + window for SWA."""
+        if self.window is None:
+            return torch.ones_like(k_pos, dtype=torch.bool)
+        return (k_pos < self.n_sink) | (k_pos > last - self.window)
+
+
+def attention_from_config(cfg, sliding: bool, layer_id: int) -> Attention:
+    """The 'A' / 'S' block mixer of a ModelConfig."""
+    rope = RopeConfig(theta=cfg.swa_rope_theta, factor=None) if sliding else cfg.rope
+    return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, rope,
+                     window=cfg.window if sliding else None, n_sink=cfg.n_sink if sliding else 0,
+                     init_std=cfg.init_std, out_init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))

@@ -1,0 +1,169 @@
+"""The one dataclass a model is built from: sizes, a layer pattern and the study's ablation axes.
+
+Accounting (`pretrain.accounting`) and the Hugging Face bridge read the same object, so a number
+reported for a model is always the number of the model that gets built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from pretrain.model.pattern import parse_pattern
+
+NORMS = ("none", "rms", "group")
+SCALINGS = ("none", "scalar", "vector", "gate", "diff")
+FUSIONS = ("add", "subtract", "concat")
+OUT_PROJS = ("unified", "separate")
+
+
+@dataclass
+class RopeConfig:
+    """RoPE with Llama 3 frequency scaling; `factor=None` turns the scaling off."""
+
+    theta: float = 500000.0
+    factor: float | None = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclass
+class MoEConfig:
+    """1 shared + top-k of E routed experts, sigmoid router, aux-loss-free balancing (PAPER T4)."""
+
+    n_experts: int = 8
+    top_k: int = 1
+    n_shared: int = 1
+    d_expert: int | None = None  # None: d_ffn // 2 (expert width halved)
+    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 0.0
+
+
+@dataclass
+class IntraConfig:
+    """Intra-layer (parallel) hybrid mixer; defaults are the paper's winner (T6/T7).
+
+    Widths are in heads: the attention branch has `attn_heads` query heads of `qk_head_dim` (Q/K,
+    reduced, Differential-Transformer style) and `head_dim` (V, full); the Mamba branch has
+    `ssm_heads` heads of `head_dim`, so with equal head counts both branch outputs have one width.
+    """
+
+    attn_heads: int = 16
+    kv_heads: int = 4
+    ssm_heads: int = 16
+    head_dim: int = 144
+    qk_head_dim: int = 72
+    d_state: int = 128
+    norm: str = "group"
+    scaling: str = "none"
+    fusion: str = "subtract"
+    value_sharing: bool = False
+    out_proj: str = "separate"
+
+    @property
+    def attn_width(self) -> int:
+        return self.attn_heads * self.head_dim
+
+    @property
+    def ssm_width(self) -> int:
+        return self.ssm_heads * self.head_dim
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a `HybridLM`. `pattern` has one symbol per block (see pattern.py)."""
+
+    pattern: str = "AAAA"
+    vocab_size: int = 128256
+    d_model: int = 2048
+    d_ffn: int = 8192
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    max_seq_len: int = 8192
+    # attention
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 64
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    # sliding-window attention ('S' blocks): own RoPE base, no frequency scaling
+    window: int = 512
+    n_sink: int = 64
+    swa_rope_theta: float = 10000.0
+    # Mamba2 ('M' blocks)
+    d_ssm: int = 4096
+    ssm_head_dim: int = 128
+    d_state: int = 128
+    n_groups: int = 1
+    d_conv: int = 4
+    chunk_size: int = 256
+    a_init_range: tuple[float, float] = (0.01, 2.0)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    # intra-hybrid ('H' blocks)
+    intra: IntraConfig = field(default_factory=IntraConfig)
+    # FFN: SwiGLU, or MoE in every block when `moe` is set
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.a_init_range = tuple(self.a_init_range)
+        self.validate()
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        return parse_pattern(self.pattern).blocks
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def ssm_heads(self) -> int:
+        return self.d_ssm // self.ssm_head_dim
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, fix: str) -> None:
+            if not ok:
+                raise ValueError(f"model config: field '{name}' is invalid: {fix}")
+
+        parse_pattern(self.pattern)
+        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", "must divide n_heads")
+        need(self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
+        need(self.d_ssm % self.ssm_head_dim == 0, "d_ssm", "must be a multiple of ssm_head_dim")
+        need(self.ssm_heads % self.n_groups == 0, "n_groups", "must divide d_ssm // ssm_head_dim")
+        need(0 < self.a_init_range[0] <= self.a_init_range[1], "a_init_range", "use (low, high), 0 < low <= high")
+        i = self.intra
+        need(i.norm in NORMS, "intra.norm", f"choose one of {NORMS}")
+        need(i.scaling in SCALINGS, "intra.scaling", f"choose one of {SCALINGS}")
+        need(i.fusion in FUSIONS, "intra.fusion", f"choose one of {FUSIONS}")
+        need(i.out_proj in OUT_PROJS, "intra.out_proj", f"choose one of {OUT_PROJS}")
+        need(i.attn_heads % i.kv_heads == 0, "intra.kv_heads", "must divide intra.attn_heads")
+        need(i.qk_head_dim % 2 == 0, "intra.qk_head_dim", "must be even for RoPE")
+        if i.fusion != "concat" and i.out_proj == "unified":
+            need(i.attn_width == i.ssm_width, "intra.out_proj",
+                 "add/subtract before a unified projection needs attn_heads == ssm_heads")
+        if i.value_sharing:
+            need(i.attn_width == i.ssm_width, "intra.value_sharing", "needs attn_heads == ssm_heads")
+        if i.fusion == "concat" and i.out_proj == "separate":
+            need(self.d_model % 2 == 0, "d_model", "must be even for separate projections + concat")
+        if self.moe is not None:
+            need(1 <= self.moe.top_k <= self.moe.n_experts, "moe.top_k", "must be in [1, n_experts]")
+
+    @property
+    def d_expert(self) -> int:
+        assert self.moe is not None
+        return self.moe.d_expert or self.d_ffn // 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["rope"] = RopeConfig(**d.get("rope", {}))
+        d["intra"] = IntraConfig(**d.get("intra", {}))
+        if d.get("moe") is not None:
+            d["moe"] = MoEConfig(**d["moe"])
+        return cls(**d)

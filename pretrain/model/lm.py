@@ -1,0 +1,114 @@
+"""HybridLM: embedding -> blocks (from the layer pattern) -> final norm -> tied head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.model.block import Block
+from pretrain.model.config import ModelConfig
+from pretrain.model.moe import MoE
+from pretrain.model.norms import RMSNorm
+from pretrain.model.ops import chunked_cross_entropy
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, sym, i) for i, sym in enumerate(cfg.blocks))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embed.weight if self.head is None else self.head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter from torch's current RNG, in module order, so a model
+        built on the meta device and materialised with `to_empty` starts like an eager one."""
+        nn.init.normal_(self.embed.weight, std=self.config.init_std)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=self.config.init_std)
+        for block in self.blocks:
+            for m in (block.mixer_norm, block.mixer, block.ffn_norm, block.ffn):
+                m.reset_parameters()
+        self.norm.reset_parameters()
+
+    def hidden_states(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
+        """tokens [b, l] -> logits [b, l, vocab]. Use `loss` for training (never full fp32 logits)."""
+        return self.hidden_states(tokens, cache) @ self.head_weight.t()
+
+    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (+ MoE auxiliary losses when enabled)."""
+        loss = chunked_cross_entropy(self.hidden_states(tokens), self.head_weight, targets)
+        for moe in self.moe_layers():
+            if moe.aux_loss is not None:
+                loss = loss + moe.aux_loss
+        return loss
+
+    def moe_layers(self) -> Iterator[MoE]:
+        return (m for m in self.modules() if isinstance(m, MoE))
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
+
+        temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
+        new token [b, max_new_tokens, vocab].
+        """
+        cache = InferenceCache(len(self.blocks))
+        logits = self(prompt, cache)[:, -1]
+        out, chosen = [prompt], []
+        for _ in range(max_new_tokens):
+            chosen.append(logits)
+            nxt = sample(logits, temperature, top_k, generator)
+            out.append(nxt)
+            logits = self(nxt, cache)[:, -1]
+        tokens = torch.cat(out, dim=1)
+        return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
+
+
+class InferenceCache:
+    """Per-layer decoding state (KV for attention, conv + SSM for Mamba2) and the tokens seen.
+    `nbytes` counts the state tensors (not the int64 key positions kept for masking)."""
+
+    def __init__(self, n_layers: int):
+        self.layers: list[dict] = [{} for _ in range(n_layers)]
+        self.length = 0
+
+    def nbytes(self) -> int:
+        def size(obj) -> int:
+            if isinstance(obj, Tensor):
+                return obj.numel() * obj.element_size()
+            return sum(size(v) for k, v in obj.items() if k != "pos") if isinstance(obj, dict) else 0
+        return sum(size(layer) for layer in self.layers)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Next token [b, 1] from last-position logits [b, vocab]."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -1,0 +1,98 @@
+"""Mixture of experts: shared expert(s) + top-k of E routed SwiGLU experts (PAPER T4).
+
+Sigmoid router scores; auxiliary-loss-free balancing: a per-expert bias, added to the scores only
+to choose experts, is nudged outside the gradient by `rate * sign(mean load - load)`. No token is
+dropped: routed experts run as one grouped GEMM over tokens sorted by expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.model.config import MoEConfig
+from pretrain.model.ffn import SwiGLU
+from pretrain.model.ops import grouped_mm
+
+
+class MoE(nn.Module):
+    # How it shards: experts split over the expert-parallel dim (dim 0 of w1/w2/w3); the router
+    # and the shared experts are replicated / tensor-parallel like a SwiGLU.
+    shard_plan = {"w1": "expert", "w3": "expert", "w2": "expert", "router": "replicate", "shared": "nested"}
+
+    def __init__(self, d_model: int, d_expert: int, cfg: MoEConfig, init_std: float = 0.02,
+                 out_init_std: float = 0.02):
+        super().__init__()
+        self.cfg, self.init_std, self.out_init_std = cfg, init_std, out_init_std
+        e = cfg.n_experts
+        self.router = nn.Linear(d_model, e, bias=False)
+        self.w1 = nn.Parameter(torch.empty(e, d_model, d_expert))
+        self.w3 = nn.Parameter(torch.empty(e, d_model, d_expert))
+        self.w2 = nn.Parameter(torch.empty(e, d_expert, d_model))
+        self.shared = nn.ModuleList(SwiGLU(d_model, d_expert, init_std, out_init_std) for _ in range(cfg.n_shared))
+        self.register_buffer("expert_bias", torch.zeros(e), persistent=True)
+        self.register_buffer("tokens_per_expert", torch.zeros(e), persistent=False)
+        self.aux_loss: Tensor | None = None
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router.weight, std=self.init_std)
+        nn.init.normal_(self.w1, std=self.init_std)
+        nn.init.normal_(self.w3, std=self.init_std)
+        nn.init.normal_(self.w2, std=self.out_init_std)
+        for s in self.shared:
+            s.reset_parameters()
+        self.expert_bias.zero_()
+        self.tokens_per_expert.zero_()
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [t, d] -> (expert ids [t, k], gate weights [t, k], router scores [t, E])."""
+        scores = torch.sigmoid(self.router(x).float())
+        _, ids = torch.topk(scores + self.expert_bias, self.cfg.top_k, dim=-1)
+        gates = scores.gather(-1, ids)
+        if self.cfg.top_k > 1:
+            gates = gates / gates.sum(-1, keepdim=True)
+        return ids, gates, scores
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        ids, gates, scores = self.route(x)
+        counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_experts)
+        if self.training:
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+            self.aux_loss = self._aux_loss(scores, counts) if self.cfg.aux_loss_coef > 0 else None
+        # sort (token, slot) pairs by expert and run every expert in one grouped GEMM
+        order = ids.flatten().argsort(stable=True)
+        token_of = order // self.cfg.top_k
+        xs = x[token_of]
+        offsets = counts.cumsum(0)
+        h = F.silu(grouped_mm(xs, self.w1, offsets)) * grouped_mm(xs, self.w3, offsets)
+        ys = grouped_mm(h, self.w2, offsets) * gates.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, ys)
+        for s in self.shared:
+            out = out + s(x)
+        return out.reshape(shape)
+
+    def _aux_loss(self, scores: Tensor, counts: Tensor) -> Tensor:
+        """Switch-style balance loss: E * sum_e (fraction routed to e) * (mean normalised score of e)."""
+        frac = counts.float() / counts.sum().clamp(min=1)
+        prob = (scores / scores.sum(-1, keepdim=True)).mean(0)
+        return self.cfg.aux_loss_coef * self.cfg.n_experts * (frac * prob).sum()
+
+    def load_stats(self) -> Tensor:
+        """Fraction of routed tokens per expert since the last `update_bias` (zeros if none)."""
+        total = self.tokens_per_expert.sum()
+        return self.tokens_per_expert / total if total > 0 else self.tokens_per_expert.clone()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free balancing step; call after the optimizer step. Loads are summed over
+        data-parallel ranks first so every rank applies the same update."""
+        load = self.tokens_per_expert.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if load.sum() > 0:
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()

@@ -1,0 +1,50 @@
+"""Causal attention over explicit positions: global, or sliding window with attention sinks.
+
+Keys carry their absolute positions so one mask rule serves training, prefill and decoding from a
+trimmed (window + sinks) cache: query i sees key j iff j <= i and (no window, or i - j < window,
+or j < n_sink).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, n_sink: int) -> Tensor:
+    """Boolean [lq, lk] mask, True where attention is allowed."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= (diff < window) | (k_pos[None, :] < n_sink)
+    return allowed
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                        window: int | None = None, n_sink: int = 0) -> Tensor:
+    """q [b,h,lq,dq], k [b,kv,lk,dq], v [b,kv,lk,dv] -> [b,h,lq,dv]; explicit softmax in fp32."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window, n_sink), -torch.inf)
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v.float()).to(q.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+              window: int | None = None, n_sink: int = 0) -> Tensor:
+    """`scaled_dot_product_attention` (cuDNN / flash on GPU); plain causal when no mask is needed."""
+    lq, lk = q.shape[2], k.shape[2]
+    in_window = window is None or lk <= window
+    if lq == lk and in_window:  # no cache (training, first prefill): q_pos == k_pos
+        mask, causal = None, True
+    elif lq == 1 and in_window:  # decoding one token: every cached key is visible
+        mask, causal = None, False
+    else:
+        mask, causal = attention_mask(q_pos, k_pos, window, n_sink), False
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)

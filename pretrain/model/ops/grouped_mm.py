@@ -1,0 +1,32 @@
+"""Grouped expert matmul: rows sorted by expert, one weight per expert.
+
+`torch._grouped_mm` (one kernel for all experts, Hopper, bf16) on CUDA; a loop over experts as the
+reference and on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def grouped_mm_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """x [t, k] sorted by expert, w [e, k, n], offsets [e] = cumulative row ends -> [t, n]."""
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        out[start:end] = x[start:end] @ w[e]
+        start = end
+    return out
+
+
+def _grouped_mm_available(x: Tensor) -> bool:
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """Dispatching grouped matmul; see `grouped_mm_reference` for the contract."""
+    if _grouped_mm_available(x):  # under autocast x is bf16 while fp32 master weights are not
+        return torch._grouped_mm(x, w.to(x.dtype), offs=offsets.to(torch.int32))
+    return grouped_mm_reference(x, w, offsets)

@@ -1,0 +1,115 @@
+"""SSD scan (Mamba2's state-space dual): chunked reference + mamba-ssm Triton dispatch.
+
+Recurrence per head h (state [P, N]):  S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t.
+The reference follows mamba-ssm's `ssd_minimal_discrete`, extended to any length (padding with
+dt = 0 leaves the state untouched), ngroups >= 1 and an initial state.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def segsum(x: Tensor) -> Tensor:
+    """out[..., i, j] = sum(x[..., j+1:i+1]) for j <= i, -inf above the diagonal (stable form)."""
+    t = x.size(-1)
+    x = x[..., None].expand(*x.shape, t)
+    lower = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~lower, 0)
+    out = torch.cumsum(x, dim=-2)
+    return out.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device)), -torch.inf)
+
+
+def ssd_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                       initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x [b,l,h,p], dt [b,l,h] (positive), A [h] (negative), B/C [b,l,g,n], state [b,h,p,n].
+
+    Returns y [b,l,h,p] (x's dtype) and the final state [b,h,p,n] (fp32 or fp64). Half-precision
+    inputs are computed in fp32, as the Triton kernel accumulates.
+    """
+    out_dtype = x.dtype
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, dt, A, B, C = (t.to(work) for t in (x, dt, A, B, C))
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    pad = (-l) % chunk_size
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (l + pad) // chunk_size
+    B = B.repeat_interleave(h // g, dim=2).reshape(b, c, chunk_size, h, n)
+    C = C.repeat_interleave(h // g, dim=2).reshape(b, c, chunk_size, h, n)
+    X = (x * dt[..., None]).reshape(b, c, chunk_size, h, p)
+    A_dt = (dt * A).reshape(b, c, chunk_size, h).permute(0, 3, 1, 2)  # [b,h,c,q]
+    A_cum = torch.cumsum(A_dt, dim=-1)
+
+    # 1. within-chunk outputs (the quadratic, attention-like part)
+    decay = torch.exp(segsum(A_dt))
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, X)
+    # 2. state at the end of each chunk, from that chunk's inputs alone
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
+    # 3. carry states across chunks (a scan over c, done as a c x c matrix)
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device)
+    states = torch.cat([initial_state[:, None].to(work), states], dim=1)
+    chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]
+    # 4. contribution of the carried-in state to each position
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cum))
+    y = (y_diag + y_off).reshape(b, c * chunk_size, h, p)[:, :l]
+    return y.to(out_dtype), final_state
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One decoding step of the recurrence: shapes as `ssd_scan_reference` with l = 1."""
+    b, _, h, p = x.shape
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rep = h // B.shape[2]
+    Bh = B[:, 0].repeat_interleave(rep, dim=1).to(work)  # [b,h,n]
+    Ch = C[:, 0].repeat_interleave(rep, dim=1).to(work)
+    dt0 = dt[:, 0].to(work)  # [b,h]
+    if state is None:
+        state = x.new_zeros(b, h, p, B.shape[-1], dtype=work)
+    state = state.to(work) * torch.exp(dt0 * A.to(work))[..., None, None] \
+        + (dt0[..., None] * x[:, 0].to(work))[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    return y[:, None].to(x.dtype), state
+
+
+@functools.cache
+def _mamba_chunk_scan():
+    """mamba-ssm's Triton SSD kernel, or None. mamba_ssm/__init__ imports its compiled
+    `selective_scan_cuda` unconditionally; the Triton kernels do not need it, so a placeholder
+    module stands in when the CUDA build is absent (see shared/GPU.md)."""
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # not installed, or an incompatible build: the reference runs
+        return None
+    return mamba_chunk_scan_combined
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Dispatching SSD scan: Triton on CUDA when mamba-ssm is installed, else the reference;
+    a single step (decoding) runs the recurrence directly."""
+    if x.shape[1] == 1:
+        return ssd_step(x, dt, A, B, C, initial_state)
+    kernel = _mamba_chunk_scan() if x.is_cuda else None
+    if kernel is None:
+        return ssd_scan_reference(x, dt, A, B, C, chunk_size, initial_state)
+    y, final_state = kernel(x, dt, A, B, C, chunk_size, initial_states=initial_state,
+                            return_final_states=True)
+    return y, final_state
