@@ -1,0 +1,119 @@
+"""Tokenizers behind one small interface: HF `tokenizer.json` files, or raw UTF-8 bytes.
+
+The loader needs only `vocab_size`, `bos_id` and `eos_id`; prepare needs `encode_batch`; the
+manifest needs an identity (`kind` + sha256) so a prepared dir always names the tokenizer it used.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from data_pipeline.errors import DataInputError
+
+BOS_CANDIDATES = ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "[BOS]")
+EOS_CANDIDATES = ("<|eos|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[EOS]")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What the manifest records: enough to detect a mismatched tokenizer later."""
+
+    kind: str  # "hf" or "byte"
+    sha256: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, then BOS=256 and EOS=257: needs no training and no files."""
+
+    vocab_size = 258
+    bos_id = 256
+    eos_id = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    @property
+    def identity(self) -> TokenizerIdentity:
+        return TokenizerIdentity("byte", "byte", self.vocab_size, self.bos_id, self.eos_id)
+
+
+class JsonTokenizer:
+    """A HF `tokenizers` tokenizer.json; BOS/EOS are found among its special tokens by name."""
+
+    def __init__(self, path: Path, bos_token: str | None = None, eos_token: str | None = None):
+        self.path = Path(path)
+        try:
+            self._tok = HFTokenizer.from_file(str(self.path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise DataInputError(
+                self.path, "tokenizer", f"not a loadable tokenizer.json ({exc})",
+                "pass a HF tokenizers tokenizer.json or 'byte'") from None
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = self._find(vocab, eos_token, EOS_CANDIDATES, "eos_token")
+        # GPT-2 style vocabularies have one <|endoftext|> that serves as both BOS and EOS.
+        self.bos_id = self._find(vocab, bos_token, BOS_CANDIDATES, "bos_token", fallback=self.eos_id)
+        self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def _find(self, vocab: dict[str, int], name: str | None, candidates: tuple[str, ...],
+              field: str, fallback: int | None = None) -> int:
+        for cand in (name,) if name else candidates:
+            if cand in vocab:
+                return vocab[cand]
+        if fallback is not None and not name:
+            return fallback
+        raise DataInputError(self.path, field, f"no special token among {list((name,) if name else candidates)}",
+                             f"add one to the tokenizer or pass {field}=<token>")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def identity(self) -> TokenizerIdentity:
+        return TokenizerIdentity("hf", self._sha256, self.vocab_size, self.bos_id, self.eos_id)
+
+
+Tokenizer = ByteTokenizer | JsonTokenizer
+
+
+def load_tokenizer(path_or_prepared_dir: str | Path, bos_token: str | None = None,
+                   eos_token: str | None = None) -> Tokenizer:
+    """Load "byte", a tokenizer.json, or the tokenizer recorded in a prepared dir's manifest."""
+    if str(path_or_prepared_dir) == "byte":
+        return ByteTokenizer()
+    path = Path(path_or_prepared_dir)
+    if path.is_dir():
+        from data_pipeline.manifest import read_manifest  # local: manifest imports this module
+
+        manifest = read_manifest(path)
+        if manifest.tokenizer.kind == "byte":
+            return ByteTokenizer()
+        tok = JsonTokenizer(path / TOKENIZER_FILE, bos_token, eos_token)
+        if tok.identity.sha256 != manifest.tokenizer.sha256:
+            raise DataInputError(path / TOKENIZER_FILE, "sha256", "differs from the manifest's tokenizer",
+                                 "restore the tokenizer.json the shards were prepared with")
+        return tok
+    if not path.exists():
+        raise DataInputError(path, "tokenizer", "no such file or directory",
+                             "pass 'byte', a tokenizer.json or a prepared data dir")
+    return JsonTokenizer(path, bos_token, eos_token)
+
