@@ -34,9 +34,3 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
 
-
-def dp_shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The sub-mesh FSDP shards over: dp_shard alone, or (dp_replicate, dp_shard) for HSDP."""
-    if mesh["dp_replicate"].size() > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]

@@ -51,21 +51,29 @@ class ParallelDims:
         return tuple(getattr(self, name) for name in MESH_DIMS)
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
-    """The world mesh with every named dimension, plus a flattened `dp` sub-mesh.
+@dataclass
+class ParallelMesh:
+    """The world mesh with every named dimension, and the flattened data-parallel mesh
+    (dp_replicate x dp_shard) that the loader and loss averaging use."""
 
-    Returns None when not distributed: single-process runs need no collectives.
-    """
+    world: DeviceMesh
+    dp: DeviceMesh
+
+    def dp_coordinate(self) -> tuple[int, int]:
+        """(dp_rank, dp_size) for the data loader: tp/pp/cp peers share a coordinate."""
+        return self.dp.get_local_rank(), self.dp.size()
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP shards over: dp_shard alone, or (dp_replicate, dp_shard) for HSDP."""
+        if self.world["dp_replicate"].size() > 1:
+            return self.world["dp_replicate", "dp_shard"]
+        return self.world["dp_shard"]
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh | None:
+    """None when not distributed: single-process runs need no collectives."""
     if not dist.is_initialized():
         return None
-    mesh = init_device_mesh(device_type, dims.sizes(), mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return mesh
-
-
-def dp_coordinate(mesh: DeviceMesh | None) -> tuple[int, int]:
-    """(dp_rank, dp_size) for the data loader: tp/pp/cp peers share a coordinate."""
-    if mesh is None:
-        return 0, 1
-    dp_mesh = mesh["dp"]
-    return dp_mesh.get_local_rank(), dp_mesh.size()
+    world = init_device_mesh(device_type, dims.sizes(), mesh_dim_names=MESH_DIMS)
+    dp = world["dp_replicate", "dp_shard"]._flatten("dp")
+    return ParallelMesh(world=world, dp=dp)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch.distributed.checkpoint as dcp
 from parallel.distributed import all_gather_objects, barrier
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save/load; single-process is a supported mode here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MARKER = "COMPLETE.json"
 TRAIN_STATE = "train_state.pt"

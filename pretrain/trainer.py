@@ -23,8 +23,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from parallel.distributed import DistInfo, all_reduce_scalar, init_distributed
-from parallel.fsdp import apply_fsdp, dp_shard_mesh
-from parallel.mesh import ParallelDims, build_mesh, dp_coordinate
+from parallel.fsdp import apply_fsdp
+from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import CheckpointManager, find_latest_complete, verify_checkpoint
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
@@ -142,7 +142,7 @@ class Trainer:
         dims = ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard)
         self.dims = dims.resolve(self.dist.world_size)
         self.mesh = build_mesh(self.dims, self.device.type)
-        self.dp_rank, self.dp_size = dp_coordinate(self.mesh)
+        self.dp_rank, self.dp_size = self.mesh.dp_coordinate() if self.mesh else (0, 1)
         self.grad_accum = self._grad_accum_steps()
         self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len
 
@@ -156,7 +156,7 @@ class Trainer:
         self.model = build_model_from_config(cfg).to(self.device)
         self.model_config = self.model.config
         if self.mesh is not None:
-            apply_fsdp(self.model, self.model.blocks, dp_shard_mesh(self.mesh),
+            apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
                        param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         self.moe_layers = list(self.model.moe_layers()) if hasattr(self.model, "moe_layers") else []
         self.optimizer = self._build_optimizer()
