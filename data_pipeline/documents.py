@@ -1,0 +1,211 @@
+"""Where packed windows get their documents: shuffled per canonical stream, or in file order.
+
+A stream's sources are read unit by unit (a unit is a shard, or a 1/k part of one when a source
+has fewer shards than streams). Shard order is shuffled per (source, epoch); documents are
+shuffled within a unit. The shuffle buffer is thus a whole shard, which the memory map holds
+anyway, and a position is three integers, so exact resume needs no buffer in the checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import DataInputError
+from data_pipeline.packing import DocumentsExhausted
+from data_pipeline.manifest import Manifest, ShardInfo, read_manifest
+from data_pipeline.shard_io import ShardDocs, ShardError, read_shard
+from data_pipeline.stream_state import StreamState
+
+log = logging.getLogger(__name__)
+MIX_BLOCK = 4096  # source choices drawn per RNG call; a block index + offset is the position
+
+
+@dataclass(frozen=True)
+class Source:
+    """One prepared dir of a mixture."""
+
+    path: Path
+    weight: float
+    manifest: Manifest
+    name: str
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.manifest.split_shards(split) if s.num_docs > 0]
+
+
+def load_sources(sources: list[tuple[str, float]]) -> list[Source]:
+    """Read every manifest and check they agree on the tokenizer, at start."""
+    if not sources:
+        raise DataInputError("sources", "sources", "empty list", "pass [(prepared_dir, weight), ...]")
+    out = []
+    for i, (path, weight) in enumerate(sources):
+        if not weight > 0:
+            raise DataInputError(path, "weight", f"{weight} is not positive", "give every source a weight > 0")
+        m = read_manifest(path)
+        if out and m.tokenizer != out[0].manifest.tokenizer:
+            raise DataInputError(path, "tokenizer", f"differs from {out[0].path}'s",
+                                 "prepare all mixture sources with the same tokenizer")
+        if not m.split_shards("train"):
+            raise DataInputError(path, "shards", "no train shards", "prepare with more data or a smaller --val-fraction")
+        out.append(Source(Path(path), float(weight), m, f"{i}:{Path(path).name}"))
+    return out
+
+
+def doc_problem(doc: np.ndarray, vocab_size: int) -> str | None:
+    """Reason a stored document is unusable (the metric it is counted under), or None."""
+    if doc.size == 0:
+        return "empty_docs"
+    if int(doc.max()) >= vocab_size:
+        return "out_of_range_ids"
+    return None
+
+
+def _rng(seed: int, *tags: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *tags])
+
+
+class StreamCursor:
+    """Position of one canonical stream in one source: (epoch, unit, doc), all in the state vector."""
+
+    def __init__(self, source: Source, k: int, stream: int, num_streams: int, seed: int, state: StreamState,
+                 verify: bool):
+        self.src, self.k, self.stream, self.S, self.seed, self.st, self.verify = (
+            source, k, stream, num_streams, seed, state, verify)
+        self.shards = source.shards("train")
+        self.parts = max(1, math.ceil(num_streams / len(self.shards)))
+        self.dtype = source.manifest.dtype
+        self.vocab = source.manifest.vocab_size
+        self._units: tuple[int, np.ndarray] | None = None  # (epoch, this stream's unit ids)
+        self._loaded: tuple[tuple[int, int], ShardDocs, np.ndarray] | None = None  # ((epoch, pos), docs, order)
+
+    def _stream_units(self, epoch: int) -> np.ndarray:
+        if self._units is None or self._units[0] != epoch:
+            perm = _rng(self.seed, 1, self.k, epoch).permutation(len(self.shards) * self.parts)
+            self._units = (epoch, perm[self.stream::self.S])
+        return self._units[1]
+
+    def current(self) -> np.ndarray:
+        """The document at the cursor, skipping (and counting) unusable shards and documents."""
+        st, units_seen = self.st, 0
+        while True:
+            epoch, pos, doc = st.cursor(self.k)
+            units = self._stream_units(epoch)
+            if pos >= len(units):
+                st.set_cursor(self.k, epoch + 1, 0, 0)
+                continue
+            if self._loaded is None or self._loaded[0] != (epoch, pos):
+                units_seen += 1
+                if units_seen > 2 * len(units) + 2:
+                    raise RuntimeError(f"{self.src.path}: stream {self.stream} found no usable document in a "
+                                       f"whole epoch (source has {sum(s.num_docs for s in self.shards)} docs "
+                                       f"for {self.S} streams); lower num_streams or check the shards")
+                if not self._load(epoch, pos, int(units[pos])):
+                    st.set_cursor(self.k, epoch, pos + 1, 0)
+                    continue
+            _, docs, order = self._loaded
+            if doc >= len(order):
+                st.set_cursor(self.k, epoch, pos + 1, 0)
+                continue
+            i = order[doc]
+            tokens = docs.tokens[docs.starts[i]:docs.ends[i]]
+            problem = doc_problem(tokens, self.vocab)
+            if problem is None:
+                return tokens
+            st.count_skip(problem)
+            log.warning("%s: skipped a document of %s (%s)", self.src.name, self._shard_name(int(units[pos])), problem)
+            st.set_cursor(self.k, epoch, pos, doc + 1)
+
+    def advance(self) -> None:
+        epoch, pos, doc = self.st.cursor(self.k)
+        self.st.set_cursor(self.k, epoch, pos, doc + 1)
+
+    def _shard_name(self, unit: int) -> str:
+        return self.shards[unit // self.parts].name
+
+    def _load(self, epoch: int, pos: int, unit: int) -> bool:
+        shard, part = self.shards[unit // self.parts], unit % self.parts
+        try:
+            docs = read_shard(self.src.path / shard.name, self.dtype, shard.sha256 if self.verify else None)
+        except ShardError as exc:
+            self.st.count_skip(exc.reason)
+            log.warning("%s: skipped shard %s (%s: %s)", self.src.name, shard.name, exc.reason, exc)
+            return False
+        order = np.arange(part, len(docs), self.parts)
+        order = order[_rng(self.seed, 2, self.k, epoch, unit).permutation(len(order))]
+        self._loaded = ((epoch, pos), docs, order)
+        return True
+
+
+class MixtureDocuments:
+    """The document sequence of one canonical stream: a seeded weighted choice of source per document.
+
+    Choice probabilities are weight / mean document length, so weights are token proportions.
+    """
+
+    def __init__(self, sources: list[Source], stream: int, num_streams: int, seed: int, state: StreamState,
+                 verify: bool = True):
+        self.cursors = [StreamCursor(s, k, stream, num_streams, seed, state, verify) for k, s in enumerate(sources)]
+        p = np.array([s.weight / (s.manifest.mean_doc_tokens("train") + 2) for s in sources])
+        self.probs = p / p.sum()
+        self.seed, self.stream, self.st = seed, stream, state
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def peek(self) -> tuple[int, np.ndarray]:
+        k = self.st.active
+        if k < 0:
+            k = self._choose(self.st.doc_counter)
+            self.st.active = k
+        return k, self.cursors[k].current()
+
+    def advance(self) -> None:
+        self.cursors[self.st.active].advance()
+        self.st.source_docs[self.st.active] += 1
+        self.st.active = -1
+        self.st.doc_counter += 1
+
+    def _choose(self, n: int) -> int:
+        if len(self.cursors) == 1:
+            return 0
+        block = n // MIX_BLOCK
+        if self._block is None or self._block[0] != block:
+            choices = _rng(self.seed, 3, self.stream, block).choice(len(self.cursors), MIX_BLOCK, p=self.probs)
+            self._block = (block, choices)
+        return int(self._block[1][n % MIX_BLOCK])
+
+
+class SequentialDocuments:
+    """Validation: every usable document of every source, in manifest order, once."""
+
+    def __init__(self, sources: list[Source], state: StreamState, split: str = "val"):
+        self._it = self._iterate(sources, state, split)
+        self._cur: tuple[int, np.ndarray] | None = next(self._it, None)
+
+    @staticmethod
+    def _iterate(sources: list[Source], st: StreamState, split: str):
+        for k, src in enumerate(sources):
+            for shard in src.shards(split):
+                try:
+                    docs = read_shard(src.path / shard.name, src.manifest.dtype, shard.sha256)
+                except ShardError as exc:
+                    st.count_skip(exc.reason)
+                    log.warning("%s: skipped shard %s (%s)", src.name, shard.name, exc)
+                    continue
+                for a, b in zip(docs.starts, docs.ends):
+                    tokens = docs.tokens[a:b]
+                    problem = doc_problem(tokens, src.manifest.vocab_size)
+                    if problem:
+                        st.count_skip(problem)
+                    else:
+                        yield k, tokens
+
+    def peek(self) -> tuple[int, np.ndarray]:
+        if self._cur is None:
+            raise DocumentsExhausted
+        return self._cur
+
+    def advance(self) -> None:
+        self._cur = next(self._it, None)
