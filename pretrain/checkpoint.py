@@ -4,6 +4,7 @@ Layout of one checkpoint `step_00001000/`:
   DCP files (.metadata, __*_*.distcp)  model and optimizer, sharded as they were in memory
   train_state.pt                       step, scheduler, data-loader and RNG state of every rank
   config.toml                          the resolved run config (readable, reusable with --config)
+  model_config.json                    the ModelConfig the weights belong to (export, init_from)
   COMPLETE.json                        written last: every file with its size
 
 A save writes into `.tmp-step_00001000/` and is renamed into place only after COMPLETE.json is
@@ -29,12 +30,19 @@ import torch.distributed.checkpoint as dcp
 from parallel.distributed import all_gather_objects, barrier
 
 log = logging.getLogger(__name__)
-# DCP warns on every single-process save/load; single-process is a supported mode here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+def _quiet_dcp(fn, *args, **kwargs):
+    """DCP warns on every single-process save/load; single-process is a supported mode here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        return fn(*args, **kwargs)
 
 MARKER = "COMPLETE.json"
 TRAIN_STATE = "train_state.pt"
 CONFIG_FILE = "config.toml"
+MODEL_CONFIG_FILE = "model_config.json"
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 
@@ -101,8 +109,9 @@ class CheckpointManager:
         barrier()
 
     def save(self, step: int, dcp_state: dict[str, Any], rank_state: dict[str, Any],
-             shared_state: dict[str, Any], config_toml: str) -> Path:
-        """Write checkpoint `step`. `rank_state` differs per rank (RNG, loader); `shared_state` not."""
+             shared_state: dict[str, Any], texts: dict[str, str]) -> Path:
+        """Write checkpoint `step`. `rank_state` differs per rank (RNG, loader); `shared_state` and
+        `texts` (file name -> content: config.toml, model_config.json) do not."""
         self.wait()
         final = self.dir / checkpoint_name(step)
         if final.exists():
@@ -112,13 +121,14 @@ class CheckpointManager:
         if self.is_main:
             tmp.mkdir(parents=True)
             torch.save({**shared_state, "ranks": rank_states}, tmp / TRAIN_STATE)
-            (tmp / CONFIG_FILE).write_text(config_toml)
+            for name, text in texts.items():
+                (tmp / name).write_text(text)
         barrier()
         if self.async_save:
-            future = dcp.async_save(dcp_state, checkpoint_id=str(tmp))
+            future = _quiet_dcp(dcp.async_save, dcp_state, checkpoint_id=str(tmp))
             self._pending = _Pending(tmp, final, future)
         else:
-            dcp.save(dcp_state, checkpoint_id=str(tmp))
+            _quiet_dcp(dcp.save, dcp_state, checkpoint_id=str(tmp))
             self._pending = _Pending(tmp, final, None)
             self.wait()
         return final
@@ -132,12 +142,7 @@ class CheckpointManager:
             pending.future.result()
         barrier()  # every rank's shards are on disk
         if self.is_main:
-            files = {p.name: p.stat().st_size for p in sorted(pending.tmp.iterdir()) if p.is_file()}
-            marker = pending.tmp / MARKER
-            marker.write_text(json.dumps({"files": files}, indent=1))
-            _fsync_dir(pending.tmp)
-            os.rename(pending.tmp, pending.final)
-            _fsync_dir(self.dir)
+            commit(pending.tmp, pending.final)
             self._prune()
             log.info("checkpoint saved: %s", pending.final)
         barrier()
@@ -149,10 +154,32 @@ class CheckpointManager:
 
     def load(self, path: Path, dcp_state: dict[str, Any], rank: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Load DCP tensors in place into `dcp_state`; return (shared state, list of per-rank states)."""
-        dcp.load(dcp_state, checkpoint_id=str(path))
+        _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
         state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)
         ranks = state.pop("ranks")
         return state, ranks
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Seal a fully written checkpoint directory: list its files in the marker, then rename."""
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1))
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def save_model_weights(tmp: Path, model_state: dict[str, Any]) -> None:
+    """Write a weights-only checkpoint's tensors (single process); `commit` seals it."""
+    _quiet_dcp(dcp.save, {"model": model_state}, checkpoint_id=str(tmp))
+
+
+def load_model_weights(path: Path, model_state: dict[str, Any]) -> None:
+    """Load only the model's tensors (in place) from a checkpoint, resharding as needed."""
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        raise ValueError(f"{path}: not a complete checkpoint ({reason}); point at a step_* directory")
+    _quiet_dcp(dcp.load, {"model": model_state}, checkpoint_id=str(path))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -73,6 +73,7 @@ class CheckpointSection:
     keep: int = 3
     async_save: bool = False
     resume_from: str = ""  # a checkpoint directory; empty: newest complete one in the run dir
+    init_from: str = ""  # fresh run starting from these model weights (e.g. `pretrain.hf import`)
 
 
 @dataclass

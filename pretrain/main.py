@@ -14,8 +14,6 @@ if __package__ in (None, ""):  # run as a script: make `pretrain`, `parallel`, `
 
 import logging  # noqa: E402
 
-import torch  # noqa: E402
-
 from parallel.distributed import destroy_distributed, init_distributed  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain.config import ConfigError, JobConfig, parse_args, to_toml  # noqa: E402
@@ -41,8 +39,7 @@ def dry_run(cfg: JobConfig) -> int:
     """Build on the meta device (no memory, no data read beyond manifests) and report sizes."""
     from pretrain.accounting import count_params, flops_per_token
 
-    with torch.device("meta"):
-        model = build_model_from_config(cfg)
+    model = build_model_from_config(cfg, device="meta")
     mcfg = model.config
     counts = count_params(mcfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))

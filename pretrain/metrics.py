@@ -11,8 +11,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
 import torch
 
 log = logging.getLogger("pretrain")
@@ -119,15 +117,15 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
-def moe_balance_scalars(moe_layers: list[Any]) -> dict[str, float]:
-    """Max-over-mean expert load per layer and overall: 1.0 is perfectly balanced."""
+def moe_balance_scalars(loads: list[torch.Tensor]) -> dict[str, float]:
+    """Max-over-mean expert load (fractions per expert) per layer and overall: 1.0 is balanced."""
     out: dict[str, float] = {}
     worst = 0.0
-    for i, layer in enumerate(moe_layers):
-        load = layer.load_stats().detach().float().cpu()
+    for i, load in enumerate(loads):
+        load = load.detach().float().cpu()
         ratio = float(load.max() / load.mean().clamp_min(1e-12))
         out[f"moe/max_over_mean_load/{i}"] = ratio
         worst = max(worst, ratio)
-    if moe_layers:
+    if loads:
         out["moe/max_over_mean_load"] = worst
     return out

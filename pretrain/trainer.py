@@ -7,6 +7,8 @@ what the uninterrupted run computed after step s (on CPU; on GPU up to kernel no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -20,12 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from parallel.distributed import DistInfo, all_reduce_scalar, init_distributed
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims, build_mesh
-from pretrain.checkpoint import CheckpointManager, find_latest_complete, verify_checkpoint
+from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, find_latest_complete,
+                                 load_model_weights, verify_checkpoint)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
 from pretrain.schedule import build_scheduler
@@ -94,14 +98,29 @@ def model_overrides(cfg: JobConfig) -> dict[str, Any]:
     return overrides
 
 
-def build_model_from_config(cfg: JobConfig) -> nn.Module:
+def build_model_from_config(cfg: JobConfig, device: str | torch.device = "cpu") -> nn.Module:
     from pretrain.model import build_model
 
     try:
-        return build_model(cfg.model.arch, cfg.model.size, **model_overrides(cfg))
+        return build_model(cfg.model.arch, cfg.model.size, device=device, **model_overrides(cfg))
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"config: model (arch={cfg.model.arch!r}, size={cfg.model.size!r}, "
                           f"overrides={cfg.model.overrides}): {e}") from None
+
+
+def model_config_json(model_config: Any) -> str:
+    return json.dumps(dataclasses.asdict(model_config), indent=1)
+
+
+def check_model_config(path: Path, model_config: Any) -> None:
+    """Weights from `path` fit this model only if the configs agree; name the fields that differ."""
+    saved = json.loads((path / MODEL_CONFIG_FILE).read_text())
+    ours = json.loads(model_config_json(model_config))
+    diff = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {ours.get(k)!r}" for k in diff)
+        raise ConfigError(f"{path / MODEL_CONFIG_FILE}: model does not match the run ({detail}); "
+                          "set --arch/--size/--model.overrides.* to match")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -183,6 +202,7 @@ class Trainer:
         self.progress = TrainProgress()
         self.last_checkpoint: Path | None = None
         self._signal: int | None = None
+        self._moe_load: list[torch.Tensor] = []
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _grad_accum_steps(self) -> int:
@@ -225,7 +245,8 @@ class Trainer:
         shared = {"progress": p.__dict__.copy(), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.dist.world_size, "dp_size": self.dp_size}
         rank_state = {"rng": _rng_state(), "loader": self.train_loader.state_dict(), "dp_rank": self.dp_rank}
-        self.last_checkpoint = self.ckpt.save(p.step, self._dcp_state(), rank_state, shared, to_toml(self.cfg))
+        texts = {CONFIG_FILE: to_toml(self.cfg), MODEL_CONFIG_FILE: model_config_json(self.model_config)}
+        self.last_checkpoint = self.ckpt.save(p.step, self._dcp_state(), rank_state, shared, texts)
         return self.last_checkpoint
 
     def resume(self) -> bool:
@@ -239,6 +260,8 @@ class Trainer:
         else:
             path = find_latest_complete(self.run_dir / "checkpoints")
             if path is None:
+                if self.cfg.checkpoint.init_from:
+                    self._init_from(Path(self.cfg.checkpoint.init_from))
                 return False
         state = self._dcp_state()
         shared, ranks = self.ckpt.load(path, state, self.dist.rank)
@@ -252,6 +275,17 @@ class Trainer:
         log.info("resumed from %s at step %d (saved by %d rank(s), now %d)",
                  path, self.progress.step, len(ranks), self.dist.world_size)
         return True
+
+    def _init_from(self, path: Path) -> None:
+        """Start a fresh run (new optimizer, step 0) from another checkpoint's model weights."""
+        check_model_config(path, self.model_config)
+        model_sd = get_model_state_dict(self.model)
+        try:
+            load_model_weights(path, model_sd)
+        except ValueError as e:
+            raise ConfigError(f"config: checkpoint.init_from: {e}") from None
+        set_model_state_dict(self.model, model_sd)
+        log.info("initialised model weights from %s", path)
 
     def _load_loader_state(self, ranks: list[dict[str, Any]], saved_dp_size: int) -> None:
         """Same dp layout: each rank takes its own state. Otherwise the loader merges all of them
@@ -303,6 +337,7 @@ class Trainer:
         p = self.progress
         if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
             self.optimizer.step()
+            self._moe_load = [layer.load_stats() for layer in self.moe_layers]  # update_bias resets them
             with torch.no_grad():
                 for layer in self.moe_layers:
                     layer.update_bias()
@@ -414,7 +449,7 @@ class Trainer:
         out = {"perf/tokens_per_s": tps, "perf/mfu": mfu, "perf/memory_gib": memory_gib(self.device),
                "train/tokens_seen": float(self.progress.tokens_seen),
                "train/bad_steps": float(self.progress.bad_steps_total)}
-        out.update(moe_balance_scalars(self.moe_layers))
+        out.update(moe_balance_scalars(self._moe_load))
         for k, v in self.train_loader.metrics().items():
             out[f"data/{k}"] = float(v)
         return out

@@ -1,0 +1,100 @@
+"""`make demo`: the whole stack end to end on CPU in a few minutes.
+
+Builds the embedded demo corpus (Python standard-library sources, BPE 8K), trains a tiny
+`hybrid_moe` for a few hundred steps, prints the validation NLL before and after, and samples a
+short continuation. Checkpoints, TensorBoard logs and summary.json land in --run-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain.config import (CheckpointSection, DataSection, JobConfig, LoggingSection, ModelSection,
+                             OptimSection, ScheduleSection, TrainSection)
+from pretrain.metrics import setup_logging
+from pretrain.trainer import Trainer
+
+PROMPT = "def "
+
+
+def demo_config(run_dir: Path, data_dir: Path, steps: int) -> JobConfig:
+    return JobConfig(
+        run_dir=str(run_dir),
+        model=ModelSection(arch="hybrid_moe", size="tiny"),
+        data=DataSection(sources=[str(data_dir)], seq_len=128),
+        optim=OptimSection(lr=3e-3, weight_decay=0.1, grad_clip=1.0),
+        schedule=ScheduleSection(kind="trapezoid", warmup_frac=0.1, cooldown_frac=0.2),
+        train=TrainSection(steps=steps, micro_batch_size=16, device="cpu", dtype="fp32",
+                           val_every=max(steps // 3, 1), val_batches=8, seed=0),
+        checkpoint=CheckpointSection(every=max(steps // 3, 1), keep=2),
+        logging=LoggingSection(log_every=25, peak_tflops=1.0),
+    )
+
+
+def val_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation NLL) pairs from metrics.jsonl."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "val/nll" in rec:
+            out.append((rec["step"], rec["val/nll"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int, default=300)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    run_dir: Path = args.run_dir
+    # A demo always starts from scratch; the prepared corpus is reused between runs.
+    for stale in ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json"):
+        target = run_dir / stale
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, rank=0)
+
+    from data_pipeline.demo_corpus import build_demo_corpus
+    from data_pipeline.tokenizer import load_tokenizer
+
+    print(f"[demo] building the demo corpus in {run_dir / 'data'} ...", flush=True)
+    data_dir = build_demo_corpus(run_dir / "data")
+    print(f"[demo] corpus ready ({time.perf_counter() - t0:.0f}s); training tiny hybrid_moe for {args.steps} steps",
+          flush=True)
+    trainer = Trainer(demo_config(run_dir, data_dir, args.steps))
+    summary = trainer.train()
+
+    tok = load_tokenizer(data_dir)
+    prompt = torch.tensor([[tok.bos_id, *tok.encode(PROMPT)]])
+    trainer.model.eval()
+    out = trainer.model.generate(prompt, max_new_tokens=48, temperature=0.8, top_k=40,
+                                 generator=torch.Generator().manual_seed(0))
+    sample = tok.decode(out[0, 1:].tolist())
+
+    curve = val_curve(run_dir)
+    (start_step, start), (end_step, end) = curve[0], curve[-1]
+    print("\n[demo] ---------------------------------------------------------------")
+    print(f"[demo] validation NLL at step {start_step}: {start:.3f} nats/token")
+    print(f"[demo] validation NLL at step {end_step}: {end:.3f} nats/token  ({start - end:.3f} lower)")
+    print(f"[demo] sample (temperature 0.8): {sample!r}")
+    print(f"[demo] run directory {run_dir}: checkpoints/, tensorboard/, metrics.jsonl, summary.json")
+    print(f"[demo] view curves: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"[demo] total {time.perf_counter() - t0:.0f}s, {summary['tokens_seen']:,} tokens trained")
+    if not end < start:
+        print("[demo] FAILED: validation NLL did not go down", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
