@@ -7,6 +7,7 @@ lengths, int64 byte pointers, int64 document indices) so a CPU box can convert w
 from __future__ import annotations
 
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,9 @@ def megatron_prefix(path: Path) -> Path:
 
 def _have_megatron_core() -> bool:
     try:
-        import megatron.core.datasets.indexed_dataset  # noqa: F401
+        with warnings.catch_warnings():  # megatron.core warns about absent GPU extras on import
+            warnings.simplefilter("ignore")
+            import megatron.core.datasets.indexed_dataset  # noqa: F401
     except ImportError:
         return False
     return True

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_pipeline.errors import DataInputError
+from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
+
+
+def _train(tmp_path, specials):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world " * 20, "def f(x): return x"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = load_tokenizer("byte")
+    assert isinstance(tok, ByteTokenizer)
+    ids = tok.encode("héllo ☃")
+    assert max(ids) < 256 and tok.decode(ids) == "héllo ☃"
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258)
+
+
+def test_json_tokenizer_finds_bos_eos(tmp_path):
+    tok = load_tokenizer(_train(tmp_path, ["<|bos|>", "<|eos|>"]))
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    assert tok.vocab_size == len(Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab())
+
+
+def test_gpt2_style_single_special_serves_as_bos_and_eos(tmp_path):
+    tok = load_tokenizer(_train(tmp_path, ["<|endoftext|>"]))
+    assert tok.bos_id == tok.eos_id == 0
+
+
+def test_tokenizer_without_specials_is_a_clear_error(tmp_path):
+    with pytest.raises(DataInputError, match="eos_token.*fix"):
+        load_tokenizer(_train(tmp_path, []))
+
+
+@pytest.mark.parametrize("bad", ["nope.json", "README"])
+def test_unknown_tokenizer(tmp_path, bad):
+    path = tmp_path / bad
+    if bad == "README":
+        path.write_text("not json")
+    with pytest.raises(DataInputError) as err:
+        load_tokenizer(path)
+    assert str(path) in str(err.value) and "fix:" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prepared_dir_records_tokenizer(tmp_path):
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    (tmp_path / "a.jsonl").write_text('{"text": "hello world"}\n{"text": "def f(x): return x"}\n')
+    tok_path = _train(tmp_path, ["<|bos|>", "<|eos|>"])
+    prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tok_path), tmp_path / "out", val_fraction=0,
+                          workers=1, progress=False))
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.encode("hello") == load_tokenizer(tok_path).encode("hello")
+    (tmp_path / "out" / "tokenizer.json").write_text(tok_path.read_text() + "\n")  # same vocab, other file
+    with pytest.raises(DataInputError, match="sha256"):
+        load_tokenizer(tmp_path / "out")
