@@ -18,10 +18,11 @@ class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, sym, i) for i, sym in enumerate(cfg.blocks))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        with torch.random.fork_rng(devices=[]):  # constructors' default inits must not move the RNG
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.blocks = nn.ModuleList(Block(cfg, sym, i) for i, sym in enumerate(cfg.blocks))
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 

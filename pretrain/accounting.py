@@ -1,0 +1,121 @@
+"""Parameters, training FLOPs per token and inference-cache size, from the config a model is built from.
+
+Parameter counts come from the model itself, built on the meta device (no memory, no drift from
+a hand-kept formula). FLOPs: 6 per active matmul parameter per token (forward + backward) plus
+the sequence-dependent terms the parameter count misses: attention scores and values over the
+visible context, and the SSD scan's chunk-quadratic and state terms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pretrain.model.config import ModelConfig
+
+CACHE_BYTES_PER_ELEMENT = 2  # bf16 inference cache
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """{"non_embedding", "embedding", "total", "active_non_embedding"} (active: MoE routes top-k of E)."""
+    from pretrain.model.lm import HybridLM
+
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    embedding = model.embed.weight.numel() + (model.head.weight.numel() if model.head is not None else 0)
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    if cfg.moe is not None:
+        unused = 1 - cfg.moe.top_k / cfg.moe.n_experts
+        inactive = int(sum((m.w1.numel() + m.w2.numel() + m.w3.numel()) * unused for m in model.moe_layers()))
+    non_embedding = total - embedding
+    return {"non_embedding": non_embedding, "embedding": embedding, "total": total,
+            "active_non_embedding": non_embedding - inactive}
+
+
+def mean_visible_keys(seq_len: int, window: int | None, n_sink: int) -> float:
+    """Average number of keys a query attends to under causal (+ sliding-window with sinks) masking."""
+    if window is None:
+        return (seq_len + 1) / 2
+    total = 0
+    for i in range(seq_len):
+        recent = min(i + 1, window)
+        total += recent + min(n_sink, i + 1 - recent)
+    return total / seq_len
+
+
+def _attention_flops(heads: int, qk_dim: int, v_dim: int, visible: float) -> float:
+    return 3 * 2 * heads * (qk_dim + v_dim) * visible  # QK^T and AV, forward x3 for fwd+bwd
+
+
+def _ssd_flops(heads: int, head_dim: int, d_state: int, n_groups: int, chunk: int) -> float:
+    """Per token, fwd+bwd: within-chunk C.B^T and its product with x (causal: chunk/2 keys on
+    average), plus writing and reading the chunk states."""
+    fwd = chunk * d_state * n_groups + chunk * head_dim * heads + 4 * head_dim * d_state * heads
+    return 3 * fwd
+
+
+def sequence_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """The FLOPs per token that depend on sequence length (attention and SSD), fwd+bwd."""
+    flops = 0.0
+    ic = cfg.intra
+    for sym in cfg.blocks:
+        if sym in "AS":
+            window = cfg.window if sym == "S" else None
+            visible = mean_visible_keys(seq_len, window, cfg.n_sink if window else 0)
+            flops += _attention_flops(cfg.n_heads, cfg.head_dim, cfg.head_dim, visible)
+        elif sym == "M":
+            flops += _ssd_flops(cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state, cfg.n_groups, cfg.chunk_size)
+        elif sym == "H":
+            flops += _attention_flops(ic.attn_heads, ic.qk_head_dim, ic.head_dim, mean_visible_keys(seq_len, None, 0))
+            flops += _ssd_flops(ic.ssm_heads, ic.head_dim, ic.d_state, cfg.n_groups, cfg.chunk_size)
+    return flops
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, params: dict[str, int] | None = None) -> dict[str, float]:
+    """Training FLOPs per token. `total` includes the LM head (use it for MFU); `non_embedding`
+    leaves the head out, the convention of the paper's FLOPs column."""
+    params = params or count_params(cfg)
+    non_embedding = 6 * params["active_non_embedding"] + sequence_flops_per_token(cfg, seq_len)
+    return {"non_embedding": non_embedding, "total": non_embedding + 6 * cfg.d_model * cfg.vocab_size}
+
+
+def cache_elements(cfg: ModelConfig, seq_len: int) -> int:
+    """Inference-cache elements for one sequence of `seq_len` tokens: K and V per attention layer
+    (sliding-window layers keep window + sinks), conv and SSM state per Mamba2 layer."""
+    def kv(kv_heads: int, qk_dim: int, v_dim: int, kept: int) -> int:
+        return kv_heads * (qk_dim + v_dim) * kept
+
+    def ssm(heads: int, head_dim: int, d_state: int) -> int:
+        conv = (heads * head_dim + 2 * cfg.n_groups * d_state) * (cfg.d_conv - 1)
+        return conv + heads * head_dim * d_state
+
+    ic, total = cfg.intra, 0
+    for sym in cfg.blocks:
+        if sym == "A":
+            total += kv(cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, seq_len)
+        elif sym == "S":
+            total += kv(cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, min(seq_len, cfg.window + cfg.n_sink))
+        elif sym == "M":
+            total += ssm(cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state)
+        else:
+            total += kv(ic.kv_heads, ic.qk_head_dim, ic.head_dim, seq_len) + ssm(ic.ssm_heads, ic.head_dim, ic.d_state)
+    return total
+
+
+def report(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
+    """Everything `python -m pretrain.inspect` prints for one model."""
+    params = count_params(cfg)
+    flops = flops_per_token(cfg, seq_len, params)
+    return {
+        "pattern": cfg.pattern,
+        "n_layers": cfg.n_layers,
+        "non_embedding_params": params["non_embedding"],
+        "embedding_params": params["embedding"],
+        "active_non_embedding_params": params["active_non_embedding"],
+        "seq_len": seq_len,
+        "flops_per_token": flops["total"],
+        "non_embedding_flops_per_token": flops["non_embedding"],
+        "cache_bytes": cache_elements(cfg, seq_len) * CACHE_BYTES_PER_ELEMENT,
+    }
