@@ -129,7 +129,7 @@ class StreamCursor:
     def _load(self, epoch: int, pos: int, unit: int) -> bool:
         shard, part = self.shards[unit // self.parts], unit % self.parts
         try:
-            docs = read_shard(self.src.path / shard.name, self.dtype, shard.sha256 if self.verify else None)
+            docs = read_shard(self.src.path / shard.name, self.dtype, shard, self.verify)
         except ShardError as exc:
             self.st.count_skip(exc.reason)
             log.warning("%s: skipped shard %s (%s: %s)", self.src.name, shard.name, exc.reason, exc)
@@ -189,7 +189,7 @@ class SequentialDocuments:
         for k, src in enumerate(sources):
             for shard in src.shards(split):
                 try:
-                    docs = read_shard(src.path / shard.name, src.manifest.dtype, shard.sha256)
+                    docs = read_shard(src.path / shard.name, src.manifest.dtype, shard)
                 except ShardError as exc:
                     st.count_skip(exc.reason)
                     log.warning("%s: skipped shard %s (%s)", src.name, shard.name, exc)

@@ -85,9 +85,15 @@ class ShardDocs:
         return len(self.starts)
 
 
-def read_shard(path: Path, dtype: str, sha256: str | None) -> ShardDocs:
-    """Index a shard; raises ShardError('checksum_mismatch' | 'corrupt_shards') if unusable."""
+def read_shard(path: Path, dtype: str, info: ShardInfo | None = None, verify: bool = True) -> ShardDocs:
+    """Index a shard; raises ShardError('checksum_mismatch' | 'corrupt_shards') if unusable.
+
+    With the manifest's `info`, a size or document count that differs is corruption (a truncated
+    tar can parse cleanly), and with `verify` a sha256 that differs is a checksum mismatch.
+    """
     dt = np.dtype(dtype)
+    if info is not None and path.is_file() and path.stat().st_size != info.bytes:
+        raise ShardError("corrupt_shards", f"{path}: {path.stat().st_size} bytes, manifest says {info.bytes}")
     try:
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -105,7 +111,9 @@ def read_shard(path: Path, dtype: str, sha256: str | None) -> ShardDocs:
                 ends.append(start + count)
     except (tarfile.TarError, ValueError, EOFError) as exc:
         raise ShardError("corrupt_shards", f"{path}: unreadable tar ({exc})") from None
-    if sha256 is not None and hashlib.sha256(mm).hexdigest() != sha256:
+    if info is not None and len(starts) != info.num_docs:
+        raise ShardError("corrupt_shards", f"{path}: {len(starts)} documents, manifest says {info.num_docs}")
+    if info is not None and verify and hashlib.sha256(mm).hexdigest() != info.sha256:
         raise ShardError("checksum_mismatch", f"{path}: sha256 differs from the manifest")
     tokens = np.frombuffer(mm, dtype=dt, count=len(mm) // dt.itemsize)
     return ShardDocs(tokens, np.asarray(starts, np.int64), np.asarray(ends, np.int64))

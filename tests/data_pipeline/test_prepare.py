@@ -37,7 +37,7 @@ def read_all_docs(out, split=None) -> list[np.ndarray]:
     docs = []
     for s in m.shards:
         if split in (None, s.split):
-            sd = read_shard(out / s.name, m.dtype, s.sha256)
+            sd = read_shard(out / s.name, m.dtype, s)
             docs += [sd.tokens[a:b] for a, b in zip(sd.starts, sd.ends)]
     return docs
 

@@ -1,0 +1,214 @@
+"""Training loader: packing, elastic determinism, exact resume, mixtures, validation."""
+from __future__ import annotations
+
+import itertools
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.loader import build_train_loader, build_val_loader
+from data_pipeline.manifest import read_manifest
+from data_pipeline.shard_io import read_shard
+from data_pipeline.streams import global_row_indices
+
+SEQ, BATCH, STREAMS = 48, 4, 8
+BOS, EOS = 256, 257
+
+
+def take(loader, n: int) -> list[dict[str, torch.Tensor]]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def tokens(batches) -> list[torch.Tensor]:
+    return [b["tokens"] for b in batches]
+
+
+def global_batches(src, dp_size: int, n: int, batch=BATCH, state=None, **kw) -> list[torch.Tensor]:
+    """Run every rank of a dp_size job for n steps and reassemble the global batches by row index."""
+    per_rank = []
+    for r in range(dp_size):
+        loader = build_train_loader(src, SEQ, batch, dp_rank=r, dp_size=dp_size, num_streams=STREAMS, **kw)
+        if state is not None:
+            loader.load_state_dict(state)
+        per_rank.append((loader.global_rows, tokens(take(loader, n))))
+    out = []
+    for step in range(n):
+        g = torch.empty(dp_size * batch, SEQ + 1, dtype=torch.long)
+        for rows, batches in per_rank:
+            g[rows] = batches[step]
+        out.append(g)
+    return out
+
+
+def all_docs(path) -> list[list[int]]:
+    m = read_manifest(path)
+    docs = []
+    for s in m.split_shards("train"):
+        sd = read_shard(path / s.name, m.dtype, s)
+        docs += [sd.tokens[a:b].tolist() for a, b in zip(sd.starts, sd.ends)]
+    return docs
+
+
+def test_windows_pack_bos_doc_eos_across_boundaries(corpus_a):
+    loader = build_train_loader([(str(corpus_a), 1.0)], SEQ, BATCH, num_streams=1, emit_doc_boundaries=True)
+    batches = take(loader, 30)
+    rows = [r for b in batches for r in b["tokens"]]
+    for a, b in zip(rows, rows[1:]):
+        assert a[-1] == b[0]  # windows overlap by one token: every token is a target once
+    stream = torch.cat([rows[0]] + [r[1:] for r in rows[1:]]).tolist()
+    starts = torch.cat([batches[0]["doc_starts"][0]] + [r[1:] for b in batches for r in b["doc_starts"]][1:])
+    assert stream[0] == BOS and starts[0]
+    assert [i for i, t in enumerate(stream) if t == BOS] == torch.nonzero(starts).flatten().tolist()
+    docs, known = [], {tuple(d) for d in all_docs(corpus_a)}
+    for piece in np.split(np.array(stream), [i for i, t in enumerate(stream) if t == BOS][1:])[:-1]:
+        assert piece[0] == BOS and piece[-1] == EOS  # BOS starts each document, EOS ends it
+        docs.append(tuple(piece[1:-1].tolist()))
+    assert len(docs) > 40 and set(docs) <= known and len(set(docs)) == len(docs)
+    assert all(b["tokens"].dtype == torch.long and b["tokens"].shape == (BATCH, SEQ + 1) for b in batches)
+
+
+def split_docs(stream: list[int]) -> list[tuple[int, ...]]:
+    """Complete [BOS] doc [EOS] pieces of a packed token stream, as doc token tuples."""
+    bos = [i for i, t in enumerate(stream) if t == BOS]
+    return [tuple(stream[a + 1:b - 1]) for a, b in zip(bos, bos[1:])]
+
+
+def test_endless_epochs_reshuffle(corpus_a):
+    train_docs = all_docs(corpus_a)
+    n_tokens = sum(len(d) + 2 for d in train_docs)
+    loader = build_train_loader([(str(corpus_a), 1.0)], SEQ, BATCH, num_streams=1)
+    steps = 2 * n_tokens // (SEQ * BATCH) + 5
+    stream = torch.cat([r[1:] for b in take(loader, steps) for r in b["tokens"]]).tolist()
+    docs = split_docs([BOS] + stream)  # the first window's BOS was dropped with r[1:]
+    epoch1, epoch2 = docs[:len(train_docs)], docs[len(train_docs):2 * len(train_docs)]
+    assert sorted(epoch1) == sorted(epoch2) == sorted(map(tuple, train_docs))  # every doc once per epoch
+    assert epoch1 != epoch2  # in a new order
+
+
+def test_seed_changes_order_and_same_seed_repeats(corpus_a):
+    src = [(str(corpus_a), 1.0)]
+    a = tokens(take(build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=1), 5))
+    b = tokens(take(build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=1), 5))
+    c = tokens(take(build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=2), 5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("dp_size", [2, 4])
+def test_ranks_split_the_one_rank_global_batches(corpus_a, dp_size):
+    src = [(str(corpus_a), 1.0)]
+    one_rank = global_batches(src, 1, 6, batch=BATCH * dp_size)
+    assert all(torch.equal(a, b) for a, b in zip(global_batches(src, dp_size, 6), one_rank))
+    # disjoint and complete: each global row is produced by exactly one rank
+    rows = [global_row_indices(r, dp_size, BATCH) for r in range(dp_size)]
+    assert sorted(sum(rows, [])) == list(range(dp_size * BATCH))
+    # ranks read disjoint streams, and therefore disjoint shards when shards >= streams
+    streams = [set(build_train_loader(src, SEQ, BATCH, dp_rank=r, dp_size=dp_size, num_streams=STREAMS).streams)
+               for r in range(dp_size)]
+    assert set.union(*streams) == set(range(STREAMS)) and sum(map(len, streams)) == STREAMS
+
+
+def test_tp_pp_cp_peers_get_identical_batches(corpus_a):
+    src = [(str(corpus_a), 1.0)]
+    a = take(build_train_loader(src, SEQ, BATCH, dp_rank=1, dp_size=2, num_streams=STREAMS, num_workers=0), 4)
+    b = take(build_train_loader(src, SEQ, BATCH, dp_rank=1, dp_size=2, num_streams=STREAMS, num_workers=2), 4)
+    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_exact_resume_at_random_points(corpus_a, corpus_b, workers):
+    src = [(str(corpus_a), 0.6), (str(corpus_b), 0.4)]
+    ref = tokens(take(build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3), 24))
+    rng = random.Random(workers)
+    for cut in sorted(rng.sample(range(1, 20), 2)):
+        first = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3, num_workers=workers)
+        assert all(torch.equal(x, y) for x, y in zip(tokens(take(first, cut)), ref[:cut]))
+        state = pickle.loads(pickle.dumps(first.state_dict()))  # what a checkpoint stores
+        resumed = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3, num_workers=(workers + 1) % 4)
+        resumed.load_state_dict(state)
+        got = tokens(take(resumed, 24 - cut))
+        assert all(torch.equal(x, y) for x, y in zip(got, ref[cut:])), f"resume at {cut} diverged"
+        assert resumed.metrics()["tokens_read"] == build_metrics_after(src, 24)["tokens_read"]
+
+
+def build_metrics_after(src, n):
+    loader = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3)
+    take(loader, n)
+    return loader.metrics()
+
+
+def test_state_excludes_prefetched_windows(corpus_a):
+    src = [(str(corpus_a), 1.0)]
+    prefetching = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, num_workers=2)
+    it = iter(prefetching)
+    for _ in range(3):
+        next(it)
+    plain = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS)
+    take(plain, 3)
+    assert prefetching.state_dict() == plain.state_dict()
+    assert prefetching.metrics() == plain.metrics()
+
+
+@pytest.mark.parametrize("new_dp", [1, 4])
+def test_resume_from_two_ranks_onto_other_dp_sizes(corpus_a, corpus_b, new_dp):
+    src = [(str(corpus_a), 0.5), (str(corpus_b), 0.5)]
+    ref = global_batches(src, 1, 9, batch=2 * BATCH)
+    states = []
+    for r in range(2):
+        loader = build_train_loader(src, SEQ, BATCH, dp_rank=r, dp_size=2, num_streams=STREAMS)
+        take(loader, 3)
+        states.append(loader.state_dict())
+    got = global_batches(src, new_dp, 6, batch=2 * BATCH // new_dp, state=states)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref[3:]))
+
+
+def test_resume_onto_other_dp_size_needs_every_ranks_state(corpus_a):
+    src = [(str(corpus_a), 1.0)]
+    loader = build_train_loader(src, SEQ, BATCH, dp_rank=0, dp_size=2, num_streams=STREAMS)
+    take(loader, 1)
+    other = build_train_loader(src, SEQ, BATCH, dp_rank=0, dp_size=1, num_streams=STREAMS)
+    with pytest.raises(ValueError, match="stream_ids.*fix: pass the list of every old rank"):
+        other.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="num_streams.*fix"):
+        build_train_loader(src, SEQ, BATCH, num_streams=16).load_state_dict(loader.state_dict())
+
+
+def test_dp_size_must_divide_num_streams(corpus_a):
+    with pytest.raises(ValueError, match="num_streams.*not divisible by dp_size 3"):
+        build_train_loader([(str(corpus_a), 1.0)], SEQ, BATCH, dp_size=3, num_streams=STREAMS)
+
+
+def test_mixture_proportions_are_realised_and_reported(corpus_a, corpus_b):
+    src = [(str(corpus_a), 0.7), (str(corpus_b), 0.3)]
+    loader = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS)
+    ids = torch.cat(tokens(take(loader, 250))).flatten()
+    from_a = ((ids >= ord("a")) & (ids <= ord("m"))).sum().item()
+    from_b = ((ids >= ord("n")) & (ids <= ord("z"))).sum().item()
+    m = loader.metrics()
+    assert abs(from_a / (from_a + from_b) - 0.7) < 0.05
+    assert abs(m["mixture/0:prepared/realised"] - 0.7) < 0.05 and m["mixture/0:prepared/target"] == 0.7
+    assert m["tokens_read"] == 250 * BATCH * SEQ + STREAMS  # the first window of each stream has one more
+
+
+def test_validation_loader_is_finite_deterministic_and_rank_split(corpus_a):
+    src = [(str(corpus_a), 1.0)]
+    full = tokens(build_val_loader(src, SEQ, 2 * BATCH))
+    again = tokens(build_val_loader(src, SEQ, 2 * BATCH))
+    assert len(full) == len(again) > 2 and all(torch.equal(a, b) for a, b in zip(full, again))
+    halves = [tokens(build_val_loader(src, SEQ, BATCH, dp_rank=r, dp_size=2)) for r in range(2)]
+    for step, g in enumerate(full):
+        re = torch.empty_like(g)
+        for r in range(2):
+            re[global_row_indices(r, 2, BATCH)] = halves[r][step]
+        assert torch.equal(re, g)
+    assert len(tokens(build_val_loader(src, SEQ, BATCH, max_batches=2))) == 2
+    m = read_manifest(corpus_a)
+    val_docs = []
+    for sh in m.split_shards("val"):
+        sd = read_shard(corpus_a / sh.name, m.dtype, sh)
+        val_docs += [tuple(sd.tokens[a:b].tolist()) for a, b in zip(sd.starts, sd.ends)]
+    stream = torch.cat([full[0][0]] + [r[1:] for b in full for r in b][1:]).tolist()
+    seen = split_docs(stream)
+    assert len(seen) > 5 and seen == val_docs[:len(seen)]  # in manifest order, each once
