@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `pretrain`, `parallel`, `data_pipeline` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):
+    # Run as a script, Python put pretrain/ first on sys.path, where pretrain/inspect.py would shadow
+    # the standard library's `inspect`; put the repository root there instead.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+from pathlib import Path  # noqa: E402
 
 import logging  # noqa: E402
 
@@ -49,8 +54,10 @@ def dry_run(cfg: JobConfig) -> int:
     print(to_toml(cfg))
     print(f"pattern              {mcfg.pattern}")
     print(f"parameters           {n_params:,} (non-embedding {counts['non_embedding']:,}, "
-          f"embedding {counts['embedding']:,})")
-    print(f"FLOPs per token      {flops_per_token(mcfg, cfg.data.seq_len):.4g} (training, seq_len {cfg.data.seq_len})")
+          f"embedding {counts['embedding']:,}, active non-embedding {counts['active_non_embedding']:,})")
+    flops = flops_per_token(mcfg, cfg.data.seq_len, counts)
+    print(f"FLOPs per token      {flops['total']:.4g} training fwd+bwd at seq_len {cfg.data.seq_len} "
+          f"({flops['non_embedding']:.4g} without the LM head)")
     print(f"memory per GPU       ~{mem['total_gib']:.1f} GiB (states {mem['states_gib']:.1f} + activations "
           f"{mem['activations_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}")
     return 0

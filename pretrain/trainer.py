@@ -192,7 +192,8 @@ class Trainer:
 
         from pretrain.accounting import flops_per_token
 
-        self.flops_per_token = float(flops_per_token(self.model_config, cfg.data.seq_len))
+        # MFU counts the LM head too ("total"); the paper's FLOPs column leaves it out.
+        self.flops_per_token = float(flops_per_token(self.model_config, cfg.data.seq_len)["total"])
         peak_total = cfg.logging.peak_tflops * 1e12 * self.dist.world_size
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLogger(self.run_dir, self.is_main, cfg.logging.tensorboard,
@@ -268,7 +269,7 @@ class Trainer:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(shared["scheduler"])
         self.progress = TrainProgress(**shared["progress"])
-        self._load_loader_state(ranks, shared["dp_size"])
+        self._load_loader_state(ranks)
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         _set_rng_state(mine["rng"])
         self.last_checkpoint = path
@@ -287,14 +288,10 @@ class Trainer:
         set_model_state_dict(self.model, model_sd)
         log.info("initialised model weights from %s", path)
 
-    def _load_loader_state(self, ranks: list[dict[str, Any]], saved_dp_size: int) -> None:
-        """Same dp layout: each rank takes its own state. Otherwise the loader merges all of them
-        (its state is kept per canonical stream, so streams are reassigned to the new ranks)."""
-        by_dp = {r["dp_rank"]: r["loader"] for r in ranks}
-        if saved_dp_size == self.dp_size:
-            self.train_loader.load_state_dict(by_dp[self.dp_rank])
-        else:
-            self.train_loader.load_state_dict([by_dp[i] for i in range(saved_dp_size)])
+    def _load_loader_state(self, ranks: list[dict[str, Any]]) -> None:
+        """The loader keeps its state per canonical stream and takes every old rank's state, so
+        this works for any change of dp_size (streams are reassigned to the new ranks)."""
+        self.train_loader.load_state_dict([r["loader"] for r in ranks])
 
     # ---- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -418,7 +415,9 @@ class Trainer:
                     self.save_checkpoint()
                     self.ckpt.wait()
                     raise Preempted(f"signal {self._signal} at step {p.step}")
-                if self._should(cfg.checkpoint.every) or p.step == cfg.train.steps:
+                # Mid-streak saves would only repeat the last good state under a newer name.
+                periodic = self._should(cfg.checkpoint.every) and p.bad_steps_consecutive == 0
+                if periodic or p.step == cfg.train.steps:
                     self.save_checkpoint()
             self.ckpt.wait()
         except Preempted as e:
@@ -451,7 +450,9 @@ class Trainer:
                "train/bad_steps": float(self.progress.bad_steps_total)}
         out.update(moe_balance_scalars(self._moe_load))
         for k, v in self.train_loader.metrics().items():
-            out[f"data/{k}"] = float(v)
+            # Skip counters are per rank (its own streams): sum them; proportions stay rank 0's.
+            total = all_reduce_scalar(float(v), "sum", self._reduce_device()) if k.startswith("skipped/") else v
+            out[f"data/{k}"] = float(total)
         return out
 
     def _summary(self, status: str, error: str | None) -> dict[str, Any]:

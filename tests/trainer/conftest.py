@@ -1,0 +1,16 @@
+"""A small prepared corpus (stdlib sources, byte tokenizer), built once per test session/worker."""
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    from data_pipeline.demo_corpus import stdlib_sources
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("corpus")
+    files = stdlib_sources(600_000)
+    prepare(PrepareConfig(inputs=[str(f) for f in files], tokenizer="byte", out=out, shard_tokens=1 << 13,
+                          val_fraction=0.1, workers=1, input_format="text", job_bytes=1 << 18, progress=False))
+    return out

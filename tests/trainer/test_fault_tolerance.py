@@ -1,0 +1,97 @@
+"""Exact resume after SIGKILL, SIGTERM preemption, and checkpoints that never finished."""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import find_latest_complete, verify_checkpoint
+from pretrain.summary import read_summary
+from pretrain.trainer import EXIT_PREEMPTED, Trainer
+from trainer_helpers import launch, losses, run_to_end, tiny_args, tiny_config, weights
+
+STEPS = 14
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_to_end(tiny_args(run_dir, corpus, STEPS))
+    return run_dir
+
+
+def wait_for_step(proc, run_dir: Path, step: int) -> None:
+    """Poll metrics.jsonl until the run has logged `step` (or the process ended)."""
+    while proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or [0]) >= step:
+            return
+        time.sleep(0.02)
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    ref, got = losses(reference), losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, values in got.items():
+        assert all(v == ref[step][0] for v in values), (step, values, ref[step])  # bitwise
+    final = f"checkpoints/step_{STEPS:08d}"
+    a, b = weights(reference / final), weights(run_dir / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_at_random_steps_resumes_bitwise(corpus, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    kills = 0
+    for target in sorted(random.Random(1234).sample(range(2, STEPS - 1), 3)):
+        proc = launch(tiny_args(run_dir, corpus, STEPS))
+        wait_for_step(proc, run_dir, target)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        kills += proc.returncode == -signal.SIGKILL
+    assert kills >= 2
+    run_to_end(tiny_args(run_dir, corpus, STEPS))
+    assert_same_run(run_dir, reference)
+    assert read_summary(run_dir)["status"] == "finished"
+
+
+def test_sigterm_saves_and_exits_for_requeue(corpus, reference, tmp_path):
+    run_dir = tmp_path / "preempted"
+    proc = launch(tiny_args(run_dir, corpus, STEPS, "--checkpoint.every=0"))
+    wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "preempted" and summary["exit_code"] == EXIT_PREEMPTED
+    ckpt = Path(summary["checkpoint"])
+    assert verify_checkpoint(ckpt) is None and ckpt.name == f"step_{summary['step']:08d}"
+    assert 3 <= summary["step"] < STEPS
+    run_to_end(tiny_args(run_dir, corpus, STEPS, "--checkpoint.every=0"))
+    assert_same_run(run_dir, reference)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(corpus, reference, tmp_path, caplog):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
+    for step in (STEPS, STEPS - 2, STEPS - 4):  # keep checkpoints up to STEPS - 6
+        shutil.rmtree(run_dir / f"checkpoints/step_{step:08d}")
+    newest, previous = run_dir / f"checkpoints/step_{STEPS - 6:08d}", run_dir / f"checkpoints/step_{STEPS - 8:08d}"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (previous.parent / f".tmp-step_{STEPS - 5:08d}").mkdir()  # an interrupted save
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_complete(run_dir / "checkpoints") == previous
+        trainer = Trainer(tiny_config(run_dir, corpus, STEPS))
+        summary = trainer.train()
+    assert f"skipping checkpoint {newest}" in caplog.text and "truncated" in caplog.text
+    assert summary["status"] == "finished" and summary["step"] == STEPS
+    got, ref = losses(run_dir), losses(reference)
+    assert min(got) == STEPS - 7 and all(got[s] == ref[s] for s in got)
