@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 
 def apply_fsdp(
@@ -20,10 +20,13 @@ def apply_fsdp(
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
+    forward_methods: Iterable[str] = (),
 ) -> nn.Module:
     """Shard `blocks` individually and `model` as the root over `mesh` (1-D, or 2-D for HSDP).
 
     Parameters stay fp32 (the master copy); `param_dtype` is what forward computes in.
+    `forward_methods` are entry points other than forward() (e.g. a fused `loss`) that must
+    gather the root's parameters the way forward() does.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(blocks)
@@ -32,5 +35,7 @@ def apply_fsdp(
         fully_shard(block, mesh=mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
     return model
 

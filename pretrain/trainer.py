@@ -73,7 +73,10 @@ def resolve_vocab(cfg: JobConfig) -> int | None:
     sizes = {}
     for src in cfg.data.sources:
         path, _ = parse_source(src)
-        sizes[path] = read_manifest(path).vocab_size
+        try:
+            sizes[path] = read_manifest(path).vocab_size
+        except ValueError as e:  # DataInputError: already names the file, field and fix
+            raise ConfigError(f"data.sources: {e}") from None
     if len(set(sizes.values())) > 1:
         raise ConfigError(f"config: data.sources have different vocabulary sizes {sizes}; "
                           "prepare all sources with one tokenizer")
@@ -101,8 +104,9 @@ def model_overrides(cfg: JobConfig) -> dict[str, Any]:
 def build_model_from_config(cfg: JobConfig, device: str | torch.device = "cpu") -> nn.Module:
     from pretrain.model import build_model
 
+    overrides = model_overrides(cfg)
     try:
-        return build_model(cfg.model.arch, cfg.model.size, device=device, **model_overrides(cfg))
+        return build_model(cfg.model.arch, cfg.model.size, device=device, **overrides)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"config: model (arch={cfg.model.arch!r}, size={cfg.model.size!r}, "
                           f"overrides={cfg.model.overrides}): {e}") from None
@@ -176,7 +180,7 @@ class Trainer:
         self.model_config = self.model.config
         if self.mesh is not None:
             apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
-                       param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+                       param_dtype=self.compute_dtype, reduce_dtype=torch.float32, forward_methods=("loss",))
         self.moe_layers = list(self.model.moe_layers()) if hasattr(self.model, "moe_layers") else []
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)

@@ -1,0 +1,79 @@
+"""NaN/inf guard, summary.json, TensorBoard output, dry run and config errors at the entry point."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.main import main
+from pretrain.summary import read_summary
+from pretrain.trainer import EXIT_STOPPED, Trainer, TrainingStopped
+from trainer_helpers import losses, tiny_config
+
+
+def poison_loss(trainer: Trainer, bad_steps: set[int] | None = None, from_step: int | None = None) -> None:
+    """Make model.loss return NaN (keeping the graph) on the given 1-based steps."""
+    loss = trainer.model.loss
+
+    def wrapped(tokens, targets):
+        value = loss(tokens, targets)
+        step = trainer.progress.step + 1
+        if (bad_steps and step in bad_steps) or (from_step is not None and step >= from_step):
+            return value * float("nan")
+        return value
+
+    trainer.model.loss = wrapped
+
+
+def test_nan_steps_are_skipped_and_counted(corpus, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--logging.tensorboard=true"))
+    poison_loss(trainer, bad_steps={3, 6})
+
+    def snapshot_params(step):
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    summary = trainer.train()
+    assert summary["status"] == "finished" and summary["bad_steps"] == 2 and summary["step"] == 8
+    assert math.isfinite(summary["last_train_loss"])
+    assert all(math.isfinite(p.detach().sum().item()) for p in trainer.model.parameters())
+    curve = losses(tmp_path)
+    assert math.isnan(curve[3][0]) and math.isnan(curve[6][0]) and math.isfinite(curve[7][0])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_repeated_nans_stop_naming_step_and_checkpoint(corpus, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, corpus, 12, "--train.max_bad_steps=3"))
+    poison_loss(trainer, from_step=6)
+    with pytest.raises(TrainingStopped) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "step 8" in message and str(tmp_path / "checkpoints" / "step_00000004") in message
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "stopped" and summary["exit_code"] == EXIT_STOPPED
+    assert summary["bad_steps"] == 3 and "step 8" in summary["error"]
+
+
+def test_summary_of_a_finished_run(corpus, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, corpus, 4, "--train.val_every=2", "--train.val_batches=2"))
+    trainer.train()
+    s = read_summary(tmp_path)
+    assert s["status"] == "finished" and s["step"] == 4 and s["tokens_seen"] == 4 * 4 * 32
+    assert math.isfinite(s["last_train_loss"]) and math.isfinite(s["last_val_nll"])
+    assert s["checkpoint"].endswith("step_00000004") and s["wall_time_s"] > 0
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    assert (ckpt / "config.toml").read_text().count("hybrid_moe") == 1
+
+
+def test_dry_run_builds_on_meta_and_reports(capsys):
+    assert main(["--dry-run", "--arch", "hybrid_moe", "--size", "1b", "--data.seq_len=8192",
+                 "--train.micro_batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert 'arch = "hybrid_moe"' in out and "parameters" in out and "FLOPs per token" in out
+    assert "memory per GPU" in out and "GiB" in out
+
+
+def test_bad_config_exits_2_naming_the_key(capsys):
+    assert main(["--optim.lr=fast"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    assert main(["--data", "/nonexistent/dir", "--dry-run"]) == 2
