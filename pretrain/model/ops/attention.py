@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.model.ops.dispatch import wants_fast_kernel
+
 
 def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, n_sink: int) -> Tensor:
     """Boolean [lq, lk] mask, True where attention is allowed."""
@@ -35,7 +37,10 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
               window: int | None = None, n_sink: int = 0) -> Tensor:
-    """`scaled_dot_product_attention` (cuDNN / flash on GPU); plain causal when no mask is needed."""
+    """`scaled_dot_product_attention` (cuDNN / flash on GPU); plain causal when no mask is needed.
+    The CPU path is SDPA too (its math backend); `reference_kernels()` forces the explicit softmax."""
+    if q.is_cuda and not wants_fast_kernel(q):
+        return attention_reference(q, k, v, q_pos, k_pos, window, n_sink)
     lq, lk = q.shape[2], k.shape[2]
     in_window = window is None or lk <= window
     if lq == lk and in_window:  # no cache (training, first prefill): q_pos == k_pos

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.model.ops.dispatch import wants_fast_kernel
+
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
                             state: Tensor | None = None) -> Tensor:
@@ -32,7 +34,7 @@ def _causal_conv1d_fn():
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None) -> Tensor:
     """Dispatching conv: causal-conv1d's CUDA kernel when installed (no carried state), else the reference."""
-    kernel = _causal_conv1d_fn() if x.is_cuda and state is None else None
+    kernel = _causal_conv1d_fn() if wants_fast_kernel(x) and state is None else None
     if kernel is None:
         return causal_conv1d_reference(x, weight, bias, state)
     return kernel(x, weight, bias, activation="silu")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pretrain.model.ops.dispatch import wants_fast_kernel
+
 
 def grouped_mm_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     """x [t, k] sorted by expert, w [e, k, n], offsets [e] = cumulative row ends -> [t, n]."""
@@ -21,7 +23,7 @@ def grouped_mm_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
 
 
 def _grouped_mm_available(x: Tensor) -> bool:
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    return (wants_fast_kernel(x) and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.model.ops.dispatch import wants_fast_kernel
+
 
 def segsum(x: Tensor) -> Tensor:
     """out[..., i, j] = sum(x[..., j+1:i+1]) for j <= i, -inf above the diagonal (stable form)."""
@@ -107,7 +109,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     a single step (decoding) runs the recurrence directly."""
     if x.shape[1] == 1:
         return ssd_step(x, dt, A, B, C, initial_state)
-    kernel = _mamba_chunk_scan() if x.is_cuda else None
+    kernel = _mamba_chunk_scan() if wants_fast_kernel(x) else None
     if kernel is None:
         return ssd_scan_reference(x, dt, A, B, C, chunk_size, initial_state)
     y, final_state = kernel(x, dt, A, B, C, chunk_size, initial_states=initial_state,

@@ -1,0 +1,115 @@
+"""GPU model benchmark: kernel timings and 1B training-step throughput per architecture.
+
+    python benchmarks/gpu_model.py [--out results.json] [--archs llama,mamba2,...]
+
+Prints a table last and writes full results as JSON. Training step: paper 1B dims, vocab 128,256,
+sequence 8192, batch 2, bf16 autocast, fused AdamW, eager, no activation checkpointing (the setup of
+shared/GPU.md's peer table); median of 6 steps after 3 warm-up steps. MFU against 764 TFLOP/s
+(the measured bf16 matmul ceiling), FLOPs from pretrain.accounting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from pretrain.accounting import flops_per_token
+from pretrain.model import build_model
+from pretrain.model.mamba2 import Mamba2
+from pretrain.model.ops import reference_kernels
+
+PEAK_FLOPS = 764e12
+
+
+def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of `fn` over `iters` runs after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def mamba_mixer_timings() -> dict[str, float]:
+    mixer = Mamba2(2048, 32, 128, 128, chunk_size=256).cuda()
+    mixer.reset_parameters()
+    mixer = mixer.to(torch.bfloat16)
+    u = torch.randn(4, 8192, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def fwd():
+        with torch.no_grad():
+            mixer(u)
+
+    def fwd_bwd():
+        mixer(u).sum().backward()
+
+    out = {"mamba2_mixer_fwd_ms": cuda_time(fwd), "mamba2_mixer_fwd_bwd_ms": cuda_time(fwd_bwd)}
+    with reference_kernels():
+        out["mamba2_mixer_reference_fwd_ms"] = cuda_time(fwd, 1, 3)
+    return out
+
+
+def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = build_model(arch, "1b", device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for moe in model.moe_layers():
+            moe.update_bias()
+
+    ms = cuda_time(step, warmup=3, iters=6)
+    tok_s = batch * seq / (ms / 1e3)
+    fpt = flops_per_token(model.config, seq)["total"]
+    result = {"arch": arch, "step_ms": ms, "tokens_per_s": tok_s, "mfu": tok_s * fpt / PEAK_FLOPS,
+              "flops_per_token": fpt, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    del model, opt
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_model.json")
+    ap.add_argument("--archs", default="llama,swa,mamba2,inter_hybrid,intra_hybrid,hybrid_moe")
+    args = ap.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **mamba_mixer_timings(),
+               "train": []}
+    for arch in args.archs.split(","):
+        try:
+            results["train"].append(train_step_throughput(arch))
+        except torch.OutOfMemoryError as e:
+            results["train"].append({"arch": arch, "error": f"OOM: {e}".splitlines()[0]})
+            torch.cuda.empty_cache()
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    print(f"Mamba2 mixer (d 2048, B4 L8192, bf16): fwd {results['mamba2_mixer_fwd_ms']:.1f} ms, "
+          f"fwd+bwd {results['mamba2_mixer_fwd_bwd_ms']:.1f} ms, reference fwd "
+          f"{results['mamba2_mixer_reference_fwd_ms']:.1f} ms")
+    print(f"{'arch':<14}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    for r in results["train"]:
+        if "error" in r:
+            print(f"{r['arch']:<14}{r['error']}")
+        else:
+            print(f"{r['arch']:<14}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['mfu']:>8.1%}{r['peak_mem_gib']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
