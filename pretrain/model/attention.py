@@ -19,9 +19,6 @@ class Attention(nn.Module):
     unprojected (the intra-hybrid mixer projects and fuses it itself).
     """
 
-    # How it shards (tensor parallel): q/k/v by heads (column-wise), o_proj by rows.
-    shard_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
-
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qk_head_dim: int, rope: RopeConfig,
                  v_head_dim: int | None = None, window: int | None = None, n_sink: int = 0,
                  project_out: bool = True, init_std: float = 0.02, out_init_std: float = 0.02):

@@ -7,8 +7,6 @@ from torch import Tensor, nn
 
 
 class SwiGLU(nn.Module):
-    shard_plan = {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}
-
     def __init__(self, d_model: int, d_ffn: int, init_std: float = 0.02, out_init_std: float = 0.02):
         super().__init__()
         self.init_std, self.out_init_std = init_std, out_init_std

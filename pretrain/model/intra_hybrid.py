@@ -72,9 +72,6 @@ class DiffLambda(nn.Module):
 
 
 class IntraHybrid(nn.Module):
-    shard_plan = {"attn": "nested", "ssm": "nested", "out_proj": "rowwise", "out_ssm": "rowwise",
-                  "out_attn": "rowwise"}
-
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         ic: IntraConfig = cfg.intra

@@ -21,10 +21,6 @@ class Mamba2(nn.Module):
     `external_x=True` takes x from the caller (value sharing) so in_proj does not produce it.
     """
 
-    # How it shards (tensor parallel): in_proj's packed rows [z | x | B | C | dt] split per segment
-    # by heads (z, x, dt) and by groups (B, C) - never as one flat block; out_proj by rows.
-    shard_plan = {"in_proj": "colwise_segments", "conv1d": "colwise_segments", "out_proj": "rowwise"}
-
     def __init__(self, d_model: int, n_heads: int, head_dim: int, d_state: int, n_groups: int = 1,
                  d_conv: int = 4, chunk_size: int = 256, a_init_range: tuple[float, float] = (0.01, 2.0),
                  dt_min: float = 0.001, dt_max: float = 0.1, norm_eps: float = 1e-5,

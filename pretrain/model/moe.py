@@ -18,10 +18,6 @@ from pretrain.model.ops import grouped_mm
 
 
 class MoE(nn.Module):
-    # How it shards: experts split over the expert-parallel dim (dim 0 of w1/w2/w3); the router
-    # and the shared experts are replicated / tensor-parallel like a SwiGLU.
-    shard_plan = {"w1": "expert", "w3": "expert", "w2": "expert", "router": "replicate", "shared": "nested"}
-
     def __init__(self, d_model: int, d_expert: int, cfg: MoEConfig, init_std: float = 0.02,
                  out_init_std: float = 0.02):
         super().__init__()

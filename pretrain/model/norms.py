@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pretrain.model.ops.gated_norm import gated_rms_norm
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, n_groups: int = 1):
@@ -29,7 +31,7 @@ class GatedRMSNorm(RMSNorm):
     """Mamba2's output norm: RMSNorm(y * SiLU(z)), group-local so that it shards with the groups."""
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(y * F.silu(z.float()))
+        return gated_rms_norm(y, z, self.weight, self.eps, self.n_groups)
 
 
 class HeadGroupNorm(nn.Module):

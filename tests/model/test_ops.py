@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model.ops import (attention, attention_reference, causal_conv1d, chunked_cross_entropy,
+from pretrain.model.ops import (attention, attention_reference, causal_conv1d, chunked_cross_entropy, gated_rms_norm,
                                 cross_entropy_reference, grouped_mm, grouped_mm_reference, ssd_scan,
                                 ssd_scan_reference)
 from pretrain.model.ops.attention import attention_mask
@@ -116,3 +116,14 @@ def test_chunked_cross_entropy_value_and_grads():
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gh, gh_ref)
     torch.testing.assert_close(gw, gw_ref)
+
+
+def test_gated_rms_norm_is_group_local():
+    g = torch.Generator().manual_seed(5)
+    y, z = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    w = torch.rand(8, generator=g)
+    out = gated_rms_norm(y, z, w, 1e-6, n_groups=2)
+    x = y * F.silu(z)
+    for half in (slice(0, 4), slice(4, 8)):
+        xs = x[:, half]
+        torch.testing.assert_close(out[:, half], xs / xs.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * w[half])

@@ -1,7 +1,8 @@
-"""Cross-entropy over a large vocabulary without materialising all fp32 logits at once.
+"""Cross-entropy of `hidden @ weight.T` over a large vocabulary without materialising all logits.
 
-Rows are processed in chunks; each chunk's logits are recomputed in backward (activation
-checkpointing), so peak memory holds one chunk of logits, not [tokens, 128K].
+Rows are processed in chunks; each chunk's gradients (w.r.t. hidden and weight) are computed in
+the forward pass, right after its logits, and the logits are freed. Peak memory holds one chunk of
+logits instead of [tokens, 128K] in fp32, and nothing is recomputed in backward.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 
 def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -18,20 +18,39 @@ def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ign
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
-def _chunk_loss_sum(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-    logits = (hidden @ weight.t()).float()
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, ignore_index: int) -> Tensor:
+        valid = targets != ignore_index
+        count = valid.sum().clamp(min=1)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h, t, v = (a[start:start + chunk_rows] for a in (hidden, targets, valid))
+            logits = (h @ weight.t()).float()
+            total += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+            if needs_grad:  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
+                g = logits.softmax(-1)
+                rows = v.nonzero().squeeze(1)
+                g[rows, t[rows]] -= 1
+                g[~v] = 0
+                g = (g / count).to(h.dtype)
+                grad_hidden[start:start + chunk_rows] = g @ weight.to(h.dtype)
+                grad_weight += (g.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 8192,
                           ignore_index: int = -100) -> Tensor:
     """hidden [..., d], weight [V, d], targets [...] -> mean CE over non-ignored targets."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    if hidden.shape[0] <= chunk_rows:
-        total = _chunk_loss_sum(hidden, weight, targets, ignore_index)
-    else:
-        total = sum(
-            checkpoint(_chunk_loss_sum, h, weight, t, ignore_index, use_reentrant=False)
-            for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)))
-    return total / (targets != ignore_index).sum().clamp(min=1)
+    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                            chunk_rows, ignore_index)

@@ -1,0 +1,41 @@
+"""Mamba2's gated, group-local RMSNorm: RMSNorm(y * SiLU(z)) over each of n_groups channel slices.
+
+On CUDA, mamba-ssm's Triton kernel fuses the gate, the norm and their backward (one pass over
+[tokens, d_ssm] instead of several fp32 elementwise passes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pretrain.model.ops.dispatch import wants_fast_kernel
+from pretrain.model.ops.ssd import _mamba_chunk_scan
+
+
+def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
+    shape = y.shape
+    x = (y.float() * F.silu(z.float())).reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (x.reshape(shape) * weight.float()).type_as(weight)
+
+
+@functools.cache
+def _rmsnorm_fn():
+    if _mamba_chunk_scan() is None:  # installs the placeholder mamba_ssm needs, or finds no mamba_ssm
+        return None
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception:
+        return None
+    return rmsnorm_fn
+
+
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
+    kernel = _rmsnorm_fn() if wants_fast_kernel(y) else None
+    if kernel is None:
+        return gated_rms_norm_reference(y, z, weight, eps, n_groups)
+    return kernel(y, weight, None, z=z, eps=eps, group_size=y.shape[-1] // n_groups, norm_before_gate=False)
