@@ -9,7 +9,6 @@ from loader construction, so the figure includes opening, hashing and indexing e
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
