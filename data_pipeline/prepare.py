@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ from data_pipeline.shard_io import ShardWriter
 from data_pipeline.split import is_validation
 from data_pipeline.tokenizer import TOKENIZER_FILE, JsonTokenizer, Tokenizer, load_tokenizer
 
+log = logging.getLogger(__name__)
 JOBS_DIR = ".jobs"
 SETTINGS_FILE = "prepare_settings.json"
 ENCODE_BATCH = 256
@@ -89,6 +91,7 @@ def run_job(job: Job, cfg: PrepareConfig, tok: Tokenizer) -> dict:
                 n_docs += 1
 
     for inp in job.inputs:
+        before = Counter(skipped)
         batch: list[str | np.ndarray] = []
         for doc in iter_documents(inp, cfg.text_field, skipped):
             batch.append(doc)
@@ -96,6 +99,8 @@ def run_job(job: Job, cfg: PrepareConfig, tok: Tokenizer) -> dict:
                 flush(batch)
                 batch = []
         flush(batch)
+        if skipped != before:
+            log.warning("%s: skipped documents %s", inp.path, dict(skipped - before))
     for w in writers.values():
         w.close()
     shards = [asdict(s) for w in writers.values() for s in w.finished]

@@ -142,14 +142,16 @@ def test_resume_with_other_options_is_refused(tmp_path):
         prepare(_cfg([src], tmp_path / "out", shard_tokens=999))
 
 
-def test_bad_records_are_skipped_and_counted(tmp_path):
+def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
     lines = [json.dumps({"text": "good one"}).encode(), b'{"text": "bad \xff utf8"}', b"{not json",
              json.dumps({"text": "   "}).encode(), json.dumps({"other": "x"}).encode(),
              b'{"text": "lone \\ud800 surrogate"}', json.dumps({"text": "good two"}).encode()]
     src = tmp_path / "a.jsonl"
     src.write_bytes(b"\n".join([lines[0]] + lines[1:]) + b"\n")
     (tmp_path / "bad.txt").write_bytes(b"\xc3\x28 invalid")
-    m = prepare(_cfg([src, tmp_path / "bad.txt"], tmp_path / "out"))
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        m = prepare(_cfg([src, tmp_path / "bad.txt"], tmp_path / "out"))
+    assert f"{src}: skipped documents" in caplog.text and f"{tmp_path / 'bad.txt'}: skipped" in caplog.text
     assert _texts(tmp_path / "out") == ["good one", "good two"]
     assert m.skipped == {"bad_utf8": 3, "bad_json": 1, "empty_docs": 1, "missing_field": 1}
 
