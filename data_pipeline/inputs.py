@@ -50,7 +50,7 @@ def resolve_inputs(patterns: list[str], input_format: str = "auto") -> list[Inpu
     """Expand globs/dirs into a sorted, de-duplicated list; every pattern must match something."""
     found: dict[Path, InputFile] = {}
     for pattern in patterns:
-        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
+        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
         if paths and paths[0].is_dir() and len(paths) == 1:
             paths = sorted(p for p in paths[0].rglob("*") if p.is_file())
         if not paths or not all(p.exists() for p in paths):

@@ -13,7 +13,6 @@ all_gather_object) instead. Save per-rank dicts under a per-rank key (DCP de-dup
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
