@@ -175,10 +175,22 @@ def save_model_weights(tmp: Path, model_state: dict[str, Any]) -> None:
 
 
 def load_model_weights(path: Path, model_state: dict[str, Any]) -> None:
-    """Load only the model's tensors (in place) from a checkpoint, resharding as needed."""
+    """Load only the model's tensors (in place) from a checkpoint, resharding as needed.
+
+    Names and global shapes are checked first, so a mismatch says which tensors differ instead
+    of failing inside DCP."""
     reason = verify_checkpoint(path)
     if reason is not None:
         raise ValueError(f"{path}: not a complete checkpoint ({reason}); point at a step_* directory")
+    saved = {k.removeprefix("model."): tuple(m.size)
+             for k, m in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(m, "size")}
+    ours = {k: tuple(v.shape) for k, v in model_state.items()}
+    problems = [f"{k} missing" for k in ours if k not in saved] + \
+               [f"{k} is {saved[k]} in the checkpoint, {ours[k]} here" for k in ours if k in saved and saved[k] != ours[k]]
+    if problems:
+        raise ValueError(f"{path}: weights do not fit this model ({len(problems)} tensors, e.g. "
+                         f"{'; '.join(problems[:3])}); build the model of {path / MODEL_CONFIG_FILE}")
     _quiet_dcp(dcp.load, {"model": model_state}, checkpoint_id=str(path))
 
 

@@ -65,6 +65,7 @@ class TrainSection:
     val_every: int = 200  # 0 disables periodic validation
     val_batches: int = 16
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
+    activation_checkpointing: bool = False  # recompute each block in backward (memory for ~1/3 more compute)
 
 
 @dataclass

@@ -32,10 +32,12 @@ EXIT_CONFIG = 2
 
 def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: int, dp_shard: int) -> dict[str, float]:
     """Rough per-GPU memory: fp32 params+grads+AdamW moments sharded over dp_shard, plus bf16
-    activations of one micro-batch without activation checkpointing (~34 bytes per token per
-    d_model per layer, the Megatron estimate for a Transformer block; Mamba/MoE blocks are similar)."""
+    activations of one micro-batch (~34 bytes per token per d_model per layer, the Megatron estimate
+    for a Transformer block, Mamba/MoE assumed similar; with activation checkpointing only the
+    block inputs, plus one block's worth being recomputed, which this leaves out)."""
     states = 16 * n_params / dp_shard
-    activations = 34 * cfg.train.micro_batch_size * cfg.data.seq_len * d_model * n_layers
+    per_layer = 2 if cfg.train.activation_checkpointing else 34  # checkpointing keeps the bf16 block input
+    activations = per_layer * cfg.train.micro_batch_size * cfg.data.seq_len * d_model * n_layers
     return {"states_gib": states / 2**30, "activations_gib": activations / 2**30,
             "total_gib": (states + activations) / 2**30}
 
@@ -47,7 +49,9 @@ def dry_run(cfg: JobConfig) -> int:
     model = build_model_from_config(cfg, device="meta")
     mcfg = model.config
     counts = count_params(mcfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Estimate for the launch this would be: torchrun's WORLD_SIZE, else the parallel sizes given.
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", p.dp_replicate * p.dp_shard if p.dp_shard > 0 else 1))
     dims = ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard).resolve(world)
     n_params = sum(p.numel() for p in model.parameters())
     mem = estimate_memory_gib(n_params, cfg, len(model.blocks), mcfg.d_model, dims.dp_shard)

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.distributed import DistInfo, all_reduce_scalar, init_distributed
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims, build_mesh
@@ -116,17 +117,6 @@ def model_config_json(model_config: Any) -> str:
     return json.dumps(dataclasses.asdict(model_config), indent=1)
 
 
-def check_model_config(path: Path, model_config: Any) -> None:
-    """Weights from `path` fit this model only if the configs agree; name the fields that differ."""
-    saved = json.loads((path / MODEL_CONFIG_FILE).read_text())
-    ours = json.loads(model_config_json(model_config))
-    diff = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {ours.get(k)!r}" for k in diff)
-        raise ConfigError(f"{path / MODEL_CONFIG_FILE}: model does not match the run ({detail}); "
-                          "set --arch/--size/--model.overrides.* to match")
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -178,6 +168,8 @@ class Trainer:
         # Built whole, then sharded: initialisation is then identical for every number of ranks.
         self.model = build_model_from_config(cfg).to(self.device)
         self.model_config = self.model.config
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(self.model.blocks)
         if self.mesh is not None:
             apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
                        param_dtype=self.compute_dtype, reduce_dtype=torch.float32, forward_methods=("loss",))
@@ -283,7 +275,6 @@ class Trainer:
 
     def _init_from(self, path: Path) -> None:
         """Start a fresh run (new optimizer, step 0) from another checkpoint's model weights."""
-        check_model_config(path, self.model_config)
         model_sd = get_model_state_dict(self.model)
         try:
             load_model_weights(path, model_sd)

@@ -14,3 +14,15 @@ def corpus(tmp_path_factory) -> Path:
     prepare(PrepareConfig(inputs=[str(f) for f in files], tokenizer="byte", out=out, shard_tokens=1 << 13,
                           val_fraction=0.1, workers=1, input_format="text", job_bytes=1 << 18, progress=False))
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """In-process runs share 2 cores with another xdist worker: 2 OpenMP threads each would spin
+    against each other. Subprocess runs get OMP_NUM_THREADS=1 the same way (trainer_helpers.launch)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from pretrain.main import main
 from pretrain.summary import read_summary
@@ -77,3 +76,15 @@ def test_bad_config_exits_2_naming_the_key(capsys):
     assert main(["--optim.lr=fast"]) == 2
     assert "optim.lr" in capsys.readouterr().err
     assert main(["--data", "/nonexistent/dir", "--dry-run"]) == 2
+
+
+def test_activation_checkpointing_same_curve_and_interchangeable_checkpoints(corpus, tmp_path):
+    plain = Trainer(tiny_config(tmp_path / "plain", corpus, 3))
+    plain.train()
+    ac = Trainer(tiny_config(tmp_path / "ac", corpus, 3, "--train.activation_checkpointing=true"))
+    ac.train()
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    assert all(b[s][0] == pytest.approx(a[s][0], rel=1e-6) for s in a)
+    resumed = Trainer(tiny_config(tmp_path / "x", corpus, 3, "--train.activation_checkpointing=true",
+                                  f"--resume-from={tmp_path / 'plain/checkpoints/step_00000002'}"))
+    assert resumed.resume() and resumed.progress.step == 2
