@@ -167,7 +167,10 @@ class TrainLoader:
 
 
 def merge_state_dicts(states: list[dict]) -> dict:
-    """Union of the per-rank states of one checkpoint (all ranks stop after the same global batch)."""
+    """Union of the per-rank states of one checkpoint (all ranks stop after the same global batch).
+
+    tp/pp/cp peers hold the same streams in the same state; the first copy of each stream is kept.
+    """
     if not states or any(s.get("format") != STATE_FORMAT for s in states):
         raise DataInputError("loader state", "format", "not a data_pipeline loader state",
                              "pass what TrainLoader.state_dict() returned")
@@ -176,8 +179,10 @@ def merge_state_dicts(states: list[dict]) -> dict:
                              "pass the states of one checkpoint")
     merged = dict(states[0], stream_ids=[], stream_states=[])
     for s in states:
-        merged["stream_ids"] += list(s["stream_ids"])
-        merged["stream_states"] += list(s["stream_states"])
+        for sid, vec in zip(s["stream_ids"], s["stream_states"]):
+            if sid not in merged["stream_ids"]:
+                merged["stream_ids"].append(sid)
+                merged["stream_states"].append(vec)
     return merged
 
 
@@ -189,18 +194,7 @@ def gather_state_dict(loader: TrainLoader, group=None) -> dict:
         return loader.state_dict()
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, loader.state_dict(), group=group)
-    return merge_state_dicts(_dedupe_peers(gathered))
-
-
-def _dedupe_peers(states: list[dict]) -> list[dict]:
-    """tp/pp/cp peers hold identical streams; keep one copy of each stream."""
-    seen, out = set(), []
-    for s in states:
-        keep = [i for i, sid in enumerate(s["stream_ids"]) if sid not in seen]
-        seen.update(s["stream_ids"])
-        out.append(dict(s, stream_ids=[s["stream_ids"][i] for i in keep],
-                        stream_states=[s["stream_states"][i] for i in keep]))
-    return out
+    return merge_state_dicts(gathered)
 
 
 class ValLoader:

@@ -160,7 +160,8 @@ def test_resume_from_two_ranks_onto_other_dp_sizes(corpus_a, corpus_b, new_dp):
         loader = build_train_loader(src, SEQ, BATCH, dp_rank=r, dp_size=2, num_streams=STREAMS)
         take(loader, 3)
         states.append(loader.state_dict())
-    got = global_batches(src, new_dp, 6, batch=2 * BATCH // new_dp, state=states)
+    peers = states + states[::-1]  # the trainer passes every world rank's state, tp/pp peers included
+    got = global_batches(src, new_dp, 6, batch=2 * BATCH // new_dp, state=peers)
     assert all(torch.equal(a, b) for a, b in zip(got, ref[3:]))
 
 
