@@ -70,6 +70,7 @@ class TrainSection:
 
 @dataclass
 class CheckpointSection:
+    enabled: bool = True  # false: never save (throughput benchmarks); resume still reads
     every: int = 500  # 0: only at the end and on preemption
     keep: int = 3
     async_save: bool = False

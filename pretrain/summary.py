@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,12 @@ SUMMARY_FILE = "summary.json"
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """Atomic write (temp file + rename): a reader never sees half a summary."""
+    """Atomic write (temp file + rename): a reader never sees half a summary. NaN/inf (e.g. no
+    validation yet) become null, so strict JSON readers (jq, JavaScript) accept the file."""
     path = Path(run_dir) / SUMMARY_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
 

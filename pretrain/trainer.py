@@ -235,7 +235,9 @@ class Trainer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        if not self.cfg.checkpoint.enabled:
+            return self.last_checkpoint
         p = self.progress
         p.wall_time_s += time.perf_counter() - self.wall_start
         self.wall_start = time.perf_counter()

@@ -88,3 +88,14 @@ def test_activation_checkpointing_same_curve_and_interchangeable_checkpoints(cor
     resumed = Trainer(tiny_config(tmp_path / "x", corpus, 3, "--train.activation_checkpointing=true",
                                   f"--resume-from={tmp_path / 'plain/checkpoints/step_00000002'}"))
     assert resumed.resume() and resumed.progress.step == 2
+
+
+def test_summary_is_strict_json(tmp_path):
+    import json
+
+    from pretrain.summary import write_summary
+
+    write_summary(tmp_path, {"last_val_nll": float("nan"), "step": 3})
+    text = (tmp_path / "summary.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
+        {"last_val_nll": None, "step": 3}
