@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from pretrain.model.config import IntraConfig, ModelConfig, MoEConfig
-from pretrain.model.pattern import hybrid_pattern
+from pretrain.model.pattern import hybrid_pattern, parse_ratio
 
 BASE_ARCHS = ("llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid")
 ARCHS = (*BASE_ARCHS, *(f"{a}_moe" for a in BASE_ARCHS), "hybrid_moe")
@@ -67,18 +67,29 @@ def default_pattern(arch: str, size: str, ratio: str | None = None, placement: s
     return hybrid_pattern(ratio or "1:5", depth["hybrid"], placement or "scatter", "H")
 
 
+def split_branch_heads(intra: IntraConfig, branch_ratio: str) -> IntraConfig:
+    """Re-split the intra-hybrid heads attention:Mamba (PAPER T20), keeping the total and the GQA
+    group size; attention heads round to a whole number of KV groups (1B 2:1 -> 20:12)."""
+    a, m = parse_ratio(branch_ratio)
+    total, group = intra.attn_heads + intra.ssm_heads, intra.attn_heads // intra.kv_heads
+    attn = min((total - 1) // group * group, max(group, round(total * a / (a + m) / group) * group))
+    return dataclasses.replace(intra, attn_heads=attn, kv_heads=attn // group, ssm_heads=total - attn)
+
+
 def model_config(arch: str, size: str, ratio: str | None = None, placement: str | None = None,
-                 **overrides: Any) -> ModelConfig:
+                 branch_ratio: str | None = None, **overrides: Any) -> ModelConfig:
     """The ModelConfig of a preset. `ratio` ('1:3') and `placement` ('front', 'cluster', ...)
-    rebuild the hybrid pattern; other keywords override ModelConfig fields, nested ones as dicts
-    (`intra={"fusion": "concat"}`) or dotted (`**{"intra.fusion": "concat"}`)."""
+    rebuild the hybrid pattern; `branch_ratio` ('2:1') re-splits intra-hybrid heads; other
+    keywords override ModelConfig fields, nested ones as dicts (`intra={"fusion": "concat"}`) or
+    dotted (`**{"intra.fusion": "concat"}`)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch '{arch}': choose one of {', '.join(ARCHS)}")
     if size not in SIZES:
         raise ValueError(f"unknown --size '{size}': choose one of {', '.join(SIZES)}")
     fields: dict[str, Any] = dict(_DIMS[size])
     fields["pattern"] = default_pattern(arch, size, ratio, placement)
-    fields["intra"] = dataclasses.asdict(_INTRA[size])
+    intra = split_branch_heads(_INTRA[size], branch_ratio) if branch_ratio else _INTRA[size]
+    fields["intra"] = dataclasses.asdict(intra)
     fields["moe"] = dataclasses.asdict(MoEConfig()) if arch.endswith("_moe") else None
     fields["rope"] = {}
     for key, value in overrides.items():

@@ -123,3 +123,14 @@ def test_bad_overrides_name_the_field():
         build_model("gpt", "tiny")
     with pytest.raises(ValueError, match="position 2"):
         build_model("llama", "tiny", pattern="AZ")
+
+
+def test_branch_ratio_resplits_heads():
+    from pretrain.model import model_config
+
+    cfg = model_config("intra_hybrid", "1b", branch_ratio="2:1")
+    assert (cfg.intra.attn_heads, cfg.intra.kv_heads, cfg.intra.ssm_heads) == (20, 5, 12)
+    model = build_model("intra_hybrid", "tiny", pattern="H", branch_ratio="3:1")
+    assert model.config.intra.attn_heads == 2 and model.config.intra.ssm_heads == 2  # tiny: 4 heads, group 2
+    t = torch.randint(0, 512, (1, 20))
+    model.loss(t[:, :-1], t[:, 1:]).backward()
