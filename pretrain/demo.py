@@ -33,7 +33,7 @@ def demo_config(run_dir: Path, data_dir: Path, steps: int) -> JobConfig:
         train=TrainSection(steps=steps, micro_batch_size=16, device="cpu", dtype="fp32",
                            val_every=max(steps // 3, 1), val_batches=8, seed=0),
         checkpoint=CheckpointSection(every=max(steps // 3, 1), keep=2),
-        logging=LoggingSection(log_every=25, peak_tflops=1.0),
+        logging=LoggingSection(log_every=25),
     )
 
 

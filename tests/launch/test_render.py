@@ -42,6 +42,12 @@ def test_k8s_manifest_parses_and_maps_exit_codes(tmp_path):
     assert "pretrain/main.py --run-dir /runs/r1 --config configs/hybrid_moe_1b.toml" in container["args"][0]
 
 
+def test_requeue_code_is_the_trainers_preemption_exit_code():
+    from pretrain.trainer import EXIT_PREEMPTED  # launch/ cannot import pretrain/, so check here
+
+    assert REQUEUE_EXIT_CODE == EXIT_PREEMPTED
+
+
 @pytest.mark.parametrize("argv", [
     ["k8s", "--nodes", "1", "--run-dir", "/elsewhere/r1"],
     ["slurm", "--nodes", "1", "--run-dir", "/r", "--", "--run-dir", "/x"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from pretrain.main import main
 from pretrain.summary import read_summary
@@ -99,3 +100,16 @@ def test_summary_is_strict_json(tmp_path):
     text = (tmp_path / "summary.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
         {"last_val_nll": None, "step": 3}
+
+
+def test_async_checkpoints_equal_sync_ones(corpus, tmp_path):
+    from pretrain.checkpoint import list_checkpoints, verify_checkpoint
+    from trainer_helpers import weights
+
+    Trainer(tiny_config(tmp_path / "sync", corpus, 4)).train()
+    Trainer(tiny_config(tmp_path / "async", corpus, 4, "--checkpoint.async_save=true")).train()
+    saved = list_checkpoints(tmp_path / "async" / "checkpoints")
+    assert [p.name for p in saved] == ["step_00000002", "step_00000004"]
+    assert all(verify_checkpoint(p) is None for p in saved)
+    a, b = weights(tmp_path / "sync/checkpoints/step_00000004"), weights(saved[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
