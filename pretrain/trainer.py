@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -173,7 +172,7 @@ class Trainer:
         if self.mesh is not None:
             apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
                        param_dtype=self.compute_dtype, reduce_dtype=torch.float32, forward_methods=("loss",))
-        self.moe_layers = list(self.model.moe_layers()) if hasattr(self.model, "moe_layers") else []
+        self.moe_layers = list(self.model.moe_layers())
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
 

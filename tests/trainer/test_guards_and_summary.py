@@ -113,3 +113,17 @@ def test_async_checkpoints_equal_sync_ones(corpus, tmp_path):
     assert all(verify_checkpoint(p) is None for p in saved)
     a, b = weights(tmp_path / "sync/checkpoints/step_00000004"), weights(saved[-1])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_fills_the_global_batch(corpus, tmp_path):
+    whole = Trainer(tiny_config(tmp_path / "whole", corpus, 3, "--train.global_batch_tokens=128"))
+    split = Trainer(tiny_config(tmp_path / "split", corpus, 3, "--train.global_batch_tokens=128",
+                                "--train.micro_batch_size=2"))
+    assert (whole.grad_accum, split.grad_accum) == (1, 2) and split.tokens_per_step == 128
+    whole.train()
+    split.train()
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert all(b[s][0] == pytest.approx(a[s][0], rel=1e-5) for s in a)
+    from pretrain.config import ConfigError
+    with pytest.raises(ConfigError, match="train.global_batch_tokens"):
+        Trainer(tiny_config(tmp_path / "bad", corpus, 3, "--train.global_batch_tokens=100"))
