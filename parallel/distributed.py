@@ -58,7 +58,8 @@ def init_distributed(device_type: str | None = None) -> DistInfo:
     else:
         device = torch.device(device_type)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # gloo beside NCCL serves CPU-side collectives (async checkpoint saves need one).
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 

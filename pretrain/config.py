@@ -66,6 +66,7 @@ class TrainSection:
     val_batches: int = 16
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
     activation_checkpointing: bool = False  # recompute each block in backward (memory for ~1/3 more compute)
+    compile: bool = False  # torch.compile each block
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.compile import compile_blocks
 from parallel.distributed import DistInfo, all_reduce_scalar, init_distributed
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims, build_mesh
@@ -169,6 +170,8 @@ class Trainer:
         self.model_config = self.model.config
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.model.blocks)
+        if cfg.train.compile:
+            compile_blocks(self.model.blocks)
         if self.mesh is not None:
             apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
                        param_dtype=self.compute_dtype, reduce_dtype=torch.float32, forward_methods=("loss",))

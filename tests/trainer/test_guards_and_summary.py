@@ -127,3 +127,15 @@ def test_gradient_accumulation_fills_the_global_batch(corpus, tmp_path):
     from pretrain.config import ConfigError
     with pytest.raises(ConfigError, match="train.global_batch_tokens"):
         Trainer(tiny_config(tmp_path / "bad", corpus, 3, "--train.global_batch_tokens=100"))
+
+
+def test_compiled_blocks_same_curve_and_checkpoint_keys(corpus, tmp_path):
+    eager = Trainer(tiny_config(tmp_path / "eager", corpus, 2, "--arch", "llama"))
+    eager.train()
+    compiled = Trainer(tiny_config(tmp_path / "compiled", corpus, 2, "--arch", "llama", "--train.compile=true"))
+    compiled.train()
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert all(b[s][0] == pytest.approx(a[s][0], rel=1e-5) for s in a)
+    resumed = Trainer(tiny_config(tmp_path / "x", corpus, 2, "--arch", "llama",
+                                  f"--resume-from={tmp_path / 'compiled/checkpoints/step_00000002'}"))
+    assert resumed.resume() and resumed.progress.step == 2
