@@ -121,3 +121,19 @@ def test_chunked_cross_entropy_bf16_autocast_matches_reference():
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
     for a, b in zip(grads, ref_grads):
         assert rel(a, b) < 2e-2
+
+
+def test_grouped_mm_takes_fast_path_under_autocast(monkeypatch):
+    """The MoE's input is the fp32 residual stream; under bf16 autocast it must still use
+    torch._grouped_mm, not the per-expert loop."""
+    import pretrain.model.ops.grouped_mm as gm
+
+    def fail(*args):
+        raise AssertionError("reference loop used under autocast")
+
+    monkeypatch.setattr(gm, "grouped_mm_reference", fail)
+    x = torch.randn(64, 256, device="cuda")
+    w = torch.randn(4, 256, 128, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gm.grouped_mm(x, w, torch.tensor([16, 32, 48, 64], device="cuda"))
+    assert out.dtype == torch.bfloat16

@@ -22,13 +22,19 @@ def grouped_mm_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
-def _grouped_mm_available(x: Tensor) -> bool:
-    return (wants_fast_kernel(x) and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+def _fast_dtype(x: Tensor) -> torch.dtype | None:
+    """bf16 when `torch._grouped_mm` can run (CUDA, sm90+, bf16 inputs or bf16 autocast), else None.
+    Under autocast the router's input is the fp32 residual stream: cast it like autocast would."""
+    if not (wants_fast_kernel(x) and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype == torch.bfloat16 else None
 
 
 def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     """Dispatching grouped matmul; see `grouped_mm_reference` for the contract."""
-    if _grouped_mm_available(x):  # under autocast x is bf16 while fp32 master weights are not
-        return torch._grouped_mm(x, w.to(x.dtype), offs=offsets.to(torch.int32))
+    dtype = _fast_dtype(x)
+    if dtype is not None:
+        return torch._grouped_mm(x.to(dtype), w.to(dtype), offs=offsets.to(torch.int32))
     return grouped_mm_reference(x, w, offsets)
