@@ -52,7 +52,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, l, self.n_heads, self.qk_head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, l, self.n_kv_heads, self.qk_head_dim).transpose(1, 2)
         v = (v if v is not None else self.values(x)).transpose(1, 2)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope))
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope, positions.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_pos = positions
         if state is not None:

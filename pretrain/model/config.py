@@ -18,7 +18,7 @@ FUSIONS = ("add", "subtract", "concat")
 OUT_PROJS = ("unified", "separate")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RopeConfig:
     """RoPE with Llama 3 frequency scaling; `factor=None` turns the scaling off."""
 

@@ -8,7 +8,6 @@ dropped: routed experts run as one grouped GEMM over tokens sorted by expert.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,7 +28,9 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, d_expert, d_model))
         self.shared = nn.ModuleList(SwiGLU(d_model, d_expert, init_std, out_init_std) for _ in range(cfg.n_shared))
         self.register_buffer("expert_bias", torch.zeros(e), persistent=True)
-        self.register_buffer("tokens_per_expert", torch.zeros(e), persistent=False)
+        # Routed-token counts since the last bias update; zero at every step boundary, so they
+        # need no checkpointing.
+        self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.long), persistent=False)
         self.aux_loss: Tensor | None = None
 
     def reset_parameters(self) -> None:
@@ -56,9 +57,11 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         ids, gates, scores = self.route(x)
         counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_experts)
+        self.aux_loss = None
         if self.training:
-            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
-            self.aux_loss = self._aux_loss(scores, counts) if self.cfg.aux_loss_coef > 0 else None
+            self.tokens_per_expert += counts
+            if self.cfg.aux_loss_coef > 0:
+                self.aux_loss = self._aux_loss(scores, counts)
         # sort (token, slot) pairs by expert and run every expert in one grouped GEMM
         order = ids.flatten().argsort(stable=True)
         token_of = order // self.cfg.top_k
@@ -80,15 +83,19 @@ class MoE(nn.Module):
     def load_stats(self) -> Tensor:
         """Fraction of routed tokens per expert since the last `update_bias` (zeros if none)."""
         total = self.tokens_per_expert.sum()
-        return self.tokens_per_expert / total if total > 0 else self.tokens_per_expert.clone()
+        return self.tokens_per_expert / total if total > 0 else self.tokens_per_expert.float()
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Aux-loss-free balancing step; call after the optimizer step. Loads are summed over
-        data-parallel ranks first so every rank applies the same update."""
-        load = self.tokens_per_expert.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
+    def update_bias(self, global_load: Tensor | None = None) -> None:
+        """Aux-loss-free balancing step; call after the optimizer step. Under data parallelism pass
+        `global_load`, the counts summed over data-parallel ranks, so every rank applies the same
+        update (model code issues no collectives: the trainer knows the right group)."""
+        load = (global_load if global_load is not None else self.tokens_per_expert).float()
         if load.sum() > 0:
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()
+
+    def discard_load(self) -> None:
+        """Forget the counts of a step that was skipped (non-finite loss), so they do not leak
+        into the next bias update."""
         self.tokens_per_expert.zero_()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.model.ops.gated_norm import gated_rms_norm
+from pretrain.model.ops.gated_norm import gated_rms_norm, group_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -20,11 +20,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        """RMS over each of `n_groups` equal slices of the last dim (1 group = plain RMSNorm)."""
-        shape = x.shape
-        x = x.float().reshape(*shape[:-1], self.n_groups, shape[-1] // self.n_groups)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.reshape(shape) * self.weight.float()).type_as(self.weight)
+        return group_rms_norm(x, self.weight, self.eps, self.n_groups)
 
 
 class GatedRMSNorm(RMSNorm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -10,12 +11,13 @@ from torch import Tensor
 from pretrain.model.config import RopeConfig
 
 
-def rope_inv_freq(head_dim: int, cfg: RopeConfig) -> Tensor:
-    """Inverse frequencies; Llama 3 scaling divides low frequencies by `factor` and blends the band
-    between the low- and high-frequency wavelengths."""
+@functools.lru_cache(maxsize=64)
+def rope_inv_freq(head_dim: int, cfg: RopeConfig, device: torch.device | None = None) -> Tensor:
+    """Inverse frequencies (cached per head size, config and device); Llama 3 scaling divides low
+    frequencies by `factor` and blends the band between the low- and high-frequency wavelengths."""
     inv_freq = 1.0 / (cfg.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if cfg.factor is None:
-        return inv_freq.float()
+        return inv_freq.float().to(device)
     low_wavelen = cfg.original_context / cfg.low_freq_factor
     high_wavelen = cfg.original_context / cfg.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -23,11 +25,11 @@ def rope_inv_freq(head_dim: int, cfg: RopeConfig) -> Tensor:
     blended = (1 - smooth) * inv_freq / cfg.factor + smooth * inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / cfg.factor, inv_freq)
     is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return torch.where(is_mid, blended, scaled).float()
+    return torch.where(is_mid, blended, scaled).float().to(device)
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 

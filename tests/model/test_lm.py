@@ -96,11 +96,26 @@ def test_moe_balancing_bias_moves_against_load():
     assert moe.tokens_per_expert.sum() == 0
 
 
-def test_moe_aux_loss_optional():
+def test_moe_aux_loss_in_training_only():
     model = build_model("llama_moe", "tiny", pattern="A", moe={"aux_loss_coef": 0.01})
     t = torch.randint(0, 512, (2, 16))
     loss = model.loss(t[:, :-1], t[:, 1:])
     assert next(model.moe_layers()).aux_loss is not None and loss.requires_grad
+    model.eval()  # evaluation reports the pure NLL: no aux term, no stale one from training
+    nll = torch.nn.functional.cross_entropy(model(t[:, :-1]).flatten(0, 1), t[:, 1:].flatten())
+    torch.testing.assert_close(model.loss(t[:, :-1], t[:, 1:]), nll)
+
+
+def test_moe_global_load_and_discard():
+    model = build_model("llama_moe", "tiny", pattern="A")
+    moe = next(model.moe_layers())
+    model.loss(*torch.randint(0, 512, (2, 2, 32)).unbind(0))
+    assert moe.tokens_per_expert.dtype == torch.long and moe.tokens_per_expert.sum() == 2 * 32
+    moe.discard_load()
+    assert moe.tokens_per_expert.sum() == 0
+    global_load = torch.tensor([10, 0, 0, 0, 0, 0, 0, 30])  # what the trainer sums over dp ranks
+    moe.update_bias(global_load)
+    assert moe.expert_bias[1] > 0 > moe.expert_bias[0] and moe.expert_bias[0] == moe.expert_bias[7]  # mean 5
 
 
 def test_meta_build_then_init_matches_eager():

@@ -127,3 +127,20 @@ def test_gated_rms_norm_is_group_local():
     for half in (slice(0, 4), slice(4, 8)):
         xs = x[:, half]
         torch.testing.assert_close(out[:, half], xs / xs.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * w[half])
+
+
+def test_chunked_cross_entropy_skips_gradient_work_without_grad(monkeypatch):
+    from pretrain.model.ops import cross_entropy as ce
+
+    seen = []
+    real_apply = ce._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(ce._ChunkedLinearCrossEntropy, "apply", lambda *a: seen.append(a[-1]) or real_apply(*a))
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    t = torch.randint(0, 20, (10,))
+    with torch.no_grad():
+        value = chunked_cross_entropy(h, w, t, chunk_rows=4)
+    assert seen == [False]
+    torch.testing.assert_close(value, cross_entropy_reference(h, w, t))
+    chunked_cross_entropy(h, w, t, chunk_rows=4)
+    assert seen == [False, True]

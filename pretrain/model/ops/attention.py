@@ -25,11 +25,18 @@ def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, n_sink: int
     return allowed
 
 
+def expand_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
+    """Repeat each K/V head for its group of query heads (grouped-query attention)."""
+    rep = n_heads // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                         window: int | None = None, n_sink: int = 0) -> Tensor:
     """q [b,h,lq,dq], k [b,kv,lk,dq], v [b,kv,lk,dv] -> [b,h,lq,dv]; explicit softmax in fp32."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = expand_kv(k, v, q.shape[1])
     scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window, n_sink), -torch.inf)
     return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v.float()).to(q.dtype)
@@ -49,7 +56,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
         mask, causal = None, False
     else:
         mask, causal = attention_mask(q_pos, k_pos, window, n_sink), False
-    if q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = expand_kv(k, v, q.shape[1])  # explicit: cuDNN attention (fastest on H200) takes no GQA
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)

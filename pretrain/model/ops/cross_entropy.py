@@ -20,10 +20,10 @@ def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ign
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, ignore_index: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, ignore_index: int,
+                needs_grad: bool) -> Tensor:
         valid = targets != ignore_index
         count = valid.sum().clamp(min=1)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -46,11 +46,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None
+        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = 8192,
                           ignore_index: int = -100) -> Tensor:
-    """hidden [..., d], weight [V, d], targets [...] -> mean CE over non-ignored targets."""
+    """hidden [..., d], weight [V, d], targets [...] -> mean CE over non-ignored targets.
+    Gradients are only computed when autograd will ask for them (not under no_grad / eval)."""
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                            chunk_rows, ignore_index)
+                                            chunk_rows, ignore_index, needs_grad)

@@ -16,11 +16,16 @@ from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.ssd import _mamba_chunk_scan
 
 
-def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
-    shape = y.shape
-    x = (y.float() * F.silu(z.float())).reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
+def group_rms_norm(x: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
+    """RMSNorm over each of `n_groups` equal slices of the last dim, in fp32 (1 group = plain RMSNorm)."""
+    shape = x.shape
+    x = x.float().reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return (x.reshape(shape) * weight.float()).type_as(weight)
+
+
+def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
+    return group_rms_norm(y.float() * F.silu(z.float()), weight, eps, n_groups)
 
 
 @functools.cache
