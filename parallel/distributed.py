@@ -84,6 +84,23 @@ def all_reduce_scalar(value: float, op: str = "sum", device: torch.device | None
     return float(t.item())
 
 
+def all_reduce_sum_(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `tensor` in place over `group` (the world when None); identity when not distributed.
+    Callers pack what they need into one tensor, so a step pays one collective, not one per item."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def new_cpu_group() -> dist.ProcessGroup | None:
+    """A gloo group over all ranks for work in a background thread (async checkpoint saves): it
+    keeps that thread's collectives from interleaving with the training loop's on the default
+    group. Collective: every rank calls it, in the same order. None when not distributed."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def all_gather_objects(obj: object) -> list[object]:
     """Gather one picklable object from every rank, in rank order, on every rank."""
     if not dist.is_initialized():
@@ -94,6 +111,7 @@ def all_gather_objects(obj: object) -> list[object]:
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
+    """`src`'s picklable object on every rank (for decisions one rank must make for all)."""
     if not dist.is_initialized():
         return obj
     box = [obj]

@@ -63,6 +63,11 @@ class ParallelMesh:
         """(dp_rank, dp_size) for the data loader: tp/pp/cp peers share a coordinate."""
         return self.dp.get_local_rank(), self.dp.size()
 
+    def dp_group(self) -> dist.ProcessGroup:
+        """The process group of this rank's data-parallel peers (what per-batch statistics,
+        such as MoE expert loads, are summed over; tp/pp/cp peers saw the same batch)."""
+        return self.dp.get_group()
+
     def fsdp_mesh(self) -> DeviceMesh:
         """The mesh FSDP shards over: dp_shard alone, or (dp_replicate, dp_shard) for HSDP."""
         if self.world["dp_replicate"].size() > 1:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from parallel.distributed import all_gather_objects, barrier
+from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, new_cpu_group
 
 log = logging.getLogger(__name__)
 _SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
@@ -94,14 +94,22 @@ class _Pending:
 
 
 class CheckpointManager:
-    """Saves (optionally async) and commits checkpoints; every rank calls every method."""
+    """Saves (optionally async) and commits checkpoints; every rank calls every method.
+
+    `committed` is the newest checkpoint this manager has committed: only a committed checkpoint
+    may be reported (summary.json, guard messages), since an uncommitted one is never resumed from.
+    """
 
     def __init__(self, ckpt_dir: Path, keep: int, async_save: bool, is_main: bool):
         self.dir = ckpt_dir
         self.keep = keep
         self.async_save = async_save
         self.is_main = is_main
+        self.committed: Path | None = None
         self._pending: _Pending | None = None
+        # The async writer thread's collectives get their own group, so that they cannot
+        # interleave with the training loop's collectives on the default group (poll() among them).
+        self._async_group = new_cpu_group() if async_save else None
         if is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-*"):  # leftovers of a save that was interrupted
@@ -111,10 +119,13 @@ class CheckpointManager:
     def save(self, step: int, dcp_state: dict[str, Any], rank_state: dict[str, Any],
              shared_state: dict[str, Any], texts: dict[str, str]) -> Path:
         """Write checkpoint `step`. `rank_state` differs per rank (RNG, loader); `shared_state` and
-        `texts` (file name -> content: config.toml, model_config.json) do not."""
+        `texts` (file name -> content: config.toml, model_config.json) do not. Returns the path
+        the checkpoint has once committed: at once for a sync save; for an async one in a later
+        `poll()` or `wait()`."""
         self.wait()
         final = self.dir / checkpoint_name(step)
         if final.exists():
+            self.committed = final
             return final
         tmp = self.dir / f".tmp-{final.name}"
         rank_states = all_gather_objects(rank_state)
@@ -125,13 +136,27 @@ class CheckpointManager:
                 (tmp / name).write_text(text)
         barrier()
         if self.async_save:
-            future = _quiet_dcp(dcp.async_save, dcp_state, checkpoint_id=str(tmp))
+            future = _quiet_dcp(dcp.async_save, dcp_state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = _Pending(tmp, final, future)
         else:
             _quiet_dcp(dcp.save, dcp_state, checkpoint_id=str(tmp))
             self._pending = _Pending(tmp, final, None)
             self.wait()
         return final
+
+    def poll(self) -> bool:
+        """Commit the async save in flight if every rank has finished writing it; never blocks on
+        the write. Call once per step: a save is then committed about one step after its write ends,
+        not at the next save. While a save is in flight this is collective (all ranks must agree
+        it is done on every rank before rank 0 commits). True when it committed."""
+        pending = self._pending
+        if pending is None:
+            return False
+        done = pending.future is None or pending.future.done()
+        if all_reduce_scalar(1.0 if done else 0.0, "min") < 1.0:
+            return False
+        self.wait()
+        return True
 
     def wait(self) -> None:
         """Finish and commit the save in flight, if any."""
@@ -146,13 +171,14 @@ class CheckpointManager:
             self._prune()
             log.info("checkpoint saved: %s", pending.final)
         barrier()
+        self.committed = pending.final
 
     def _prune(self) -> None:
         complete = [p for p in list_checkpoints(self.dir) if verify_checkpoint(p) is None]
         for old in complete[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, dcp_state: dict[str, Any], rank: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def load(self, path: Path, dcp_state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Load DCP tensors in place into `dcp_state`; return (shared state, list of per-rank states)."""
         _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
         state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)

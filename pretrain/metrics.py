@@ -118,7 +118,8 @@ def _si(x: float) -> str:
 
 
 def moe_balance_scalars(loads: list[torch.Tensor]) -> dict[str, float]:
-    """Max-over-mean expert load (fractions per expert) per layer and overall: 1.0 is balanced."""
+    """Max-over-mean expert load (token counts or fractions per expert) per layer and overall:
+    1.0 is balanced."""
     out: dict[str, float] = {}
     worst = 0.0
     for i, load in enumerate(loads):

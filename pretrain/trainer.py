@@ -14,7 +14,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import compile_blocks
-from parallel.distributed import DistInfo, all_reduce_scalar, init_distributed
+from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
+                                  init_distributed)
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, find_latest_complete,
@@ -62,7 +63,6 @@ class TrainProgress:
     wall_time_s: float = 0.0  # summed over all segments of the run
     last_train_loss: float = float("nan")
     last_val_nll: float = float("nan")
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_vocab(cfg: JobConfig) -> int | None:
@@ -132,6 +132,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), decided by rank 0 and broadcast.
+
+    Ranks must never pick on their own: on a shared filesystem they can see different states
+    (a save being committed or pruned, client caches), and ranks resuming from different steps
+    would train on silently. A bad `resume_from` raises the same error on every rank."""
+    choice: tuple[str | None, str | None] = (None, None)  # (path, error)
+    if is_main:
+        if resume_from:
+            reason = verify_checkpoint(Path(resume_from))
+            choice = (resume_from, None) if reason is None else (
+                None, f"config: checkpoint.resume_from={resume_from} is not a complete checkpoint ({reason}); "
+                      "point it at a step_* directory with COMPLETE.json")
+        else:
+            latest = find_latest_complete(ckpt_dir)
+            choice = (str(latest) if latest else None, None)
+    path, error = broadcast_object(choice)
+    if error is not None:
+        raise ConfigError(error)
+    return Path(path) if path is not None else None
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -199,7 +221,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep,
                                       cfg.checkpoint.async_save, self.is_main)
         self.progress = TrainProgress()
-        self.last_checkpoint: Path | None = None
+        self._resumed_from: Path | None = None
         self._signal: int | None = None
         self._moe_load: list[torch.Tensor] = []
 
@@ -237,9 +259,16 @@ class Trainer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save_checkpoint(self) -> Path | None:
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest committed checkpoint (saved by this run segment, else the one it resumed
+        from). An async save in flight is not one yet: it appears here once `ckpt.poll()` commits it."""
+        return self.ckpt.committed or self._resumed_from
+
+    def save_checkpoint(self) -> None:
+        """Save (async: start saving) a checkpoint of the current step; see `last_checkpoint`."""
         if not self.cfg.checkpoint.enabled:
-            return self.last_checkpoint
+            return
         p = self.progress
         p.wall_time_s += time.perf_counter() - self.wall_start
         self.wall_start = time.perf_counter()
@@ -247,32 +276,25 @@ class Trainer:
                   "world_size": self.dist.world_size, "dp_size": self.dp_size}
         rank_state = {"rng": _rng_state(), "loader": self.train_loader.state_dict(), "dp_rank": self.dp_rank}
         texts = {CONFIG_FILE: to_toml(self.cfg), MODEL_CONFIG_FILE: model_config_json(self.model_config)}
-        self.last_checkpoint = self.ckpt.save(p.step, self._dcp_state(), rank_state, shared, texts)
-        return self.last_checkpoint
+        self.ckpt.save(p.step, self._dcp_state(), rank_state, shared, texts)
 
     def resume(self) -> bool:
         """Load the requested or newest complete checkpoint; False when starting fresh."""
-        if self.cfg.checkpoint.resume_from:
-            path = Path(self.cfg.checkpoint.resume_from)
-            reason = verify_checkpoint(path)
-            if reason is not None:
-                raise ConfigError(f"config: checkpoint.resume_from={path} is not a complete checkpoint "
-                                  f"({reason}); point it at a step_* directory with COMPLETE.json")
-        else:
-            path = find_latest_complete(self.run_dir / "checkpoints")
-            if path is None:
-                if self.cfg.checkpoint.init_from:
-                    self._init_from(Path(self.cfg.checkpoint.init_from))
-                return False
+        path = choose_resume_checkpoint(self.run_dir / "checkpoints", self.cfg.checkpoint.resume_from, self.is_main)
+        if path is None:
+            if self.cfg.checkpoint.init_from:
+                self._init_from(Path(self.cfg.checkpoint.init_from))
+            return False
         state = self._dcp_state()
-        shared, ranks = self.ckpt.load(path, state, self.dist.rank)
+        shared, ranks = self.ckpt.load(path, state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(shared["scheduler"])
-        self.progress = TrainProgress(**shared["progress"])
+        known = {f.name for f in dataclasses.fields(TrainProgress)}  # older checkpoints had an unused `extra`
+        self.progress = TrainProgress(**{k: v for k, v in shared["progress"].items() if k in known})
         self._load_loader_state(ranks)
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         _set_rng_state(mine["rng"])
-        self.last_checkpoint = path
+        self._resumed_from = path
         log.info("resumed from %s at step %d (saved by %d rank(s), now %d)",
                  path, self.progress.step, len(ranks), self.dist.world_size)
         return True
@@ -333,13 +355,12 @@ class Trainer:
         p = self.progress
         if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
             self.optimizer.step()
-            self._moe_load = [layer.load_stats() for layer in self.moe_layers]  # update_bias resets them
-            with torch.no_grad():
-                for layer in self.moe_layers:
-                    layer.update_bias()
+            self._update_moe_bias()
             p.bad_steps_consecutive = 0
             p.last_train_loss = loss_val
         else:
+            for layer in self.moe_layers:  # a skipped step's routing must not steer the next bias update
+                layer.discard_load()
             p.bad_steps_total += 1
             p.bad_steps_consecutive += 1
             log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (%d in a row, %d total)",
@@ -349,6 +370,19 @@ class Trainer:
         p.step += 1
         p.tokens_seen += self.tokens_per_step
         return {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": grad_norm_val}
+
+    @torch.no_grad()
+    def _update_moe_bias(self) -> None:
+        """Aux-loss-free balancing on the expert loads of the whole global batch: every layer's
+        token counts, summed over the data-parallel group in one all-reduce, so every rank applies
+        the same bias update (tp/pp/cp peers saw the same tokens and are not summed over)."""
+        if not self.moe_layers:
+            return
+        counts = [layer.tokens_per_expert for layer in self.moe_layers]
+        total = all_reduce_sum_(torch.cat(counts), self.mesh.dp_group() if self.mesh is not None else None)
+        self._moe_load = list(total.split([c.numel() for c in counts]))
+        for layer, load in zip(self.moe_layers, self._moe_load):
+            layer.update_bias(load)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -397,8 +431,10 @@ class Trainer:
             while self.progress.step < cfg.train.steps:
                 scalars = self.train_step()
                 tps, mfu = self.metrics.throughput(self.tokens_per_step)
+                self.ckpt.poll()  # commit an async save as soon as every rank has written it
                 p = self.progress
                 if p.bad_steps_consecutive >= max(cfg.train.max_bad_steps, 1):
+                    self.ckpt.wait()  # every rank is here: finish the last good save, then name it
                     last = self.last_checkpoint or "none (no checkpoint saved yet)"
                     raise TrainingStopped(
                         f"stopped at step {p.step}: {p.bad_steps_consecutive} consecutive steps with non-finite "
@@ -410,7 +446,9 @@ class Trainer:
                     self.metrics.reset_window()
                 if self._should(cfg.train.val_every) or (p.step == cfg.train.steps and cfg.train.val_every > 0):
                     self._validate()
-                if self._stop_requested():
+                    self.metrics.reset_window()  # tokens/s and MFU measure training steps only
+                # A signal during the last step needs no requeue: the run is finishing anyway.
+                if p.step < cfg.train.steps and self._stop_requested():
                     self.save_checkpoint()
                     self.ckpt.wait()
                     raise Preempted(f"signal {self._signal} at step {p.step}")
@@ -418,6 +456,7 @@ class Trainer:
                 periodic = self._should(cfg.checkpoint.every) and p.bad_steps_consecutive == 0
                 if periodic or p.step == cfg.train.steps:
                     self.save_checkpoint()
+                    self.metrics.reset_window()
             self.ckpt.wait()
         except Preempted as e:
             status, error = "preempted", str(e)
@@ -433,6 +472,10 @@ class Trainer:
             raise
         finally:
             summary = self._summary(status, error)
+            if status == "preempted":
+                # Every rank got here together; none exits (75) before rank 0 has written summary.json,
+                # which the launchers read (srun --kill-on-bad-exit kills the rest at the first exit).
+                barrier()
             self.metrics.close()
         return summary
 

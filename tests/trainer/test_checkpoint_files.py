@@ -1,5 +1,6 @@
 """Atomic commit and completeness checks, on small DCP checkpoints written in-process."""
 import logging
+import time
 
 import torch
 
@@ -18,7 +19,7 @@ def test_commit_prune_and_load(tmp_path):
         assert verify_checkpoint(path) is None
     assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["step_00000002", "step_00000003"]
     target = {"model": {"w": torch.zeros(64)}}
-    shared, ranks = mgr.load(find_latest_complete(tmp_path / "ck"), target, rank=0)
+    shared, ranks = mgr.load(find_latest_complete(tmp_path / "ck"), target)
     assert shared["step"] == 3 and ranks == [{"rng": 3}] and torch.equal(target["model"]["w"], torch.full((64,), 3.0))
 
 
@@ -27,6 +28,16 @@ def test_async_save_commits_on_wait(tmp_path):
     path = save(mgr, 5, 5)
     mgr.wait()
     assert verify_checkpoint(path) is None
+
+
+def test_async_save_is_committed_by_poll_once_written(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=True, is_main=True)
+    path = save(mgr, 5, 5)
+    for _ in range(1000):  # poll() never blocks; the writer thread finishes within a few polls
+        if mgr.poll():
+            break
+        time.sleep(0.01)
+    assert mgr.committed == path and verify_checkpoint(path) is None and not mgr.poll()
 
 
 def test_incomplete_truncated_or_missing_files_are_skipped(tmp_path, caplog):

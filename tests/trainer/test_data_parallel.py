@@ -27,7 +27,8 @@ def single(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def double(corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("double")
-    run_to_end(args(run_dir, corpus, 2), nproc=2)
+    # Async saves here: ranks agree each step whether every rank's write has finished, then commit.
+    run_to_end(args(run_dir, corpus, 2, "--checkpoint.async_save=true"), nproc=2)
     return run_dir
 
 

@@ -29,12 +29,13 @@ def reference(corpus, tmp_path_factory) -> Path:
     return run_dir
 
 
-def wait_for_step(proc, run_dir: Path, step: int) -> None:
-    """Poll metrics.jsonl until the run has logged `step` (or the process ended)."""
+def wait_for_step(proc, run_dir: Path, step: int) -> bool:
+    """Poll metrics.jsonl until the run has logged `step`; False if the process ended first."""
     while proc.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or [0]) >= step:
-            return
+            return True
         time.sleep(0.02)
+    return False
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -47,17 +48,22 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigkill_at_random_steps_resumes_bitwise(corpus, reference, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--data.num_workers=1", "--checkpoint.async_save=true")],
+                         ids=["in-process-loader", "loader-worker-async-save"])
+def test_sigkill_at_random_steps_resumes_bitwise(corpus, reference, tmp_path, extra):
+    """The data order does not depend on the number of loader workers, so both variants must
+    reproduce the same reference run."""
     run_dir = tmp_path / "killed"
-    kills = 0
     for target in sorted(random.Random(1234).sample(range(2, STEPS - 1), 3)):
-        proc = launch(tiny_args(run_dir, corpus, STEPS))
-        wait_for_step(proc, run_dir, target)
+        proc = launch(tiny_args(run_dir, corpus, STEPS, *extra))
+        reached = wait_for_step(proc, run_dir, target)
         proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        kills += proc.returncode == -signal.SIGKILL
-    assert kills >= 2
-    run_to_end(tiny_args(run_dir, corpus, STEPS))
+        out, _ = proc.communicate()
+        # Each kill must land mid-run: a run that ended first (crashed, or finished) would write
+        # summary.json, and a SIGKILL'd one writes nothing.
+        assert reached and proc.returncode == -signal.SIGKILL, out[-3000:]
+        assert not (run_dir / "summary.json").exists() and max(losses(run_dir)) < STEPS
+    run_to_end(tiny_args(run_dir, corpus, STEPS, *extra))
     assert_same_run(run_dir, reference)
     assert read_summary(run_dir)["status"] == "finished"
 

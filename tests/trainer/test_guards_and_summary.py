@@ -1,11 +1,18 @@
 """NaN/inf guard, summary.json, TensorBoard output, dry run and config errors at the entry point."""
 from __future__ import annotations
 
+import json
 import math
+import signal
+import types
+from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from pretrain.checkpoint import find_latest_complete, verify_checkpoint
 from pretrain.main import main
 from pretrain.summary import read_summary
 from pretrain.trainer import EXIT_STOPPED, Trainer, TrainingStopped
@@ -29,11 +36,19 @@ def poison_loss(trainer: Trainer, bad_steps: set[int] | None = None, from_step: 
 def test_nan_steps_are_skipped_and_counted(corpus, tmp_path):
     trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--logging.tensorboard=true"))
     poison_loss(trainer, bad_steps={3, 6})
+    assert trainer.moe_layers
+    train_step, leftover_counts = trainer.train_step, {}
 
-    def snapshot_params(step):
-        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    def step_and_check_moe_counts():
+        out = train_step()
+        # Every step ends with zero routing counts: used by the bias update, or discarded when the
+        # step was skipped (a bad step's routing must not steer the next update).
+        leftover_counts[trainer.progress.step] = sum(int(m.tokens_per_expert.sum()) for m in trainer.moe_layers)
+        return out
 
+    trainer.train_step = step_and_check_moe_counts
     summary = trainer.train()
+    assert leftover_counts == {step: 0 for step in range(1, 9)}
     assert summary["status"] == "finished" and summary["bad_steps"] == 2 and summary["step"] == 8
     assert math.isfinite(summary["last_train_loss"])
     assert all(math.isfinite(p.detach().sum().item()) for p in trainer.model.parameters())
@@ -139,3 +154,96 @@ def test_compiled_blocks_same_curve_and_checkpoint_keys(corpus, tmp_path):
     resumed = Trainer(tiny_config(tmp_path / "x", corpus, 2, "--arch", "llama",
                                   f"--resume-from={tmp_path / 'compiled/checkpoints/step_00000002'}"))
     assert resumed.resume() and resumed.progress.step == 2
+
+
+def test_signal_during_the_last_step_finishes_the_run(corpus, tmp_path):
+    """SIGTERM while the last step runs: the run is complete, so no preemption exit (75) and requeue."""
+    trainer = Trainer(tiny_config(tmp_path, corpus, 3))
+    train_step = trainer.train_step
+
+    def signal_in_last_step():
+        if trainer.progress.step == 2:
+            trainer._signal = signal.SIGTERM
+        return train_step()
+
+    trainer.train_step = signal_in_last_step
+    summary = trainer.train()
+    assert summary["status"] == "finished" and summary["exit_code"] == 0 and summary["step"] == 3
+    assert summary["checkpoint"].endswith("step_00000003")
+
+
+def test_async_save_commits_within_a_step_and_summary_names_only_committed(corpus, tmp_path, monkeypatch):
+    """An async save is committed at the first step after every rank finished writing it (not at the
+    next save), and an uncommitted one is never named. The writes finish when the test says:
+    step 2's and 4's at once, step 6's never; then the run dies abruptly in step 7."""
+    import pretrain.checkpoint as checkpoint
+
+    def async_save(state, checkpoint_id, process_group=None):
+        checkpoint.dcp.save(state, checkpoint_id=checkpoint_id)
+        future = Future()
+        if not checkpoint_id.endswith("step_00000006"):
+            future.set_result(None)
+        return future
+
+    monkeypatch.setattr(checkpoint.dcp, "async_save", async_save)
+    trainer = Trainer(tiny_config(tmp_path, corpus, 10, "--checkpoint.async_save=true"))
+    ckpts, train_step, named = tmp_path / "checkpoints", trainer.train_step, {}
+
+    def step_then_crash():
+        named[trainer.progress.step] = trainer.last_checkpoint
+        if trainer.progress.step == 6:
+            raise RuntimeError("node lost")
+        return train_step()
+
+    trainer.train_step = step_then_crash
+    with pytest.raises(RuntimeError, match="node lost"):
+        trainer.train()
+    assert all(path is None or verify_checkpoint(path) is None for path in named.values()), named
+    assert named[3] == ckpts / "step_00000002" and named[5] == ckpts / "step_00000004"
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "failed" and summary["checkpoint"] == str(ckpts / "step_00000004")
+    assert find_latest_complete(ckpts) == ckpts / "step_00000004"  # what a SIGKILL at this point leaves
+
+
+def test_throughput_counts_training_time_only(corpus, tmp_path, monkeypatch):
+    """tokens/s leaves out validation and checkpoint time (a fake clock: each step takes 1 s, each
+    validation and save 100 s)."""
+    import pretrain.metrics as metrics
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer = Trainer(tiny_config(tmp_path, corpus, 4, "--logging.log_every=2", "--train.val_every=1",
+                                  "--train.val_batches=1", "--checkpoint.every=1"))
+
+    def taking(seconds, fn):
+        def timed(*args):
+            clock[0] += seconds
+            return fn(*args)
+        return timed
+
+    trainer.train_step = taking(1.0, trainer.train_step)
+    trainer._validate = taking(100.0, trainer._validate)
+    trainer.save_checkpoint = taking(100.0, trainer.save_checkpoint)
+    trainer.train()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tps = {rec["step"]: rec["perf/tokens_per_s"] for rec in logged if "perf/tokens_per_s" in rec}
+    assert tps == {2: pytest.approx(trainer.tokens_per_step), 4: pytest.approx(trainer.tokens_per_step)}
+
+
+def test_validation_nll_is_the_cross_entropy_of_the_validation_batches(corpus, tmp_path):
+    """evaluate() is the pure next-token NLL: no MoE auxiliary loss (here enabled for training)."""
+    from data_pipeline.loader import build_val_loader
+
+    trainer = Trainer(tiny_config(tmp_path, corpus, 2, "--model.overrides.moe.aux_loss_coef=0.01",
+                                  "--train.val_batches=3"))
+    trainer.train()  # training forwards leave auxiliary losses in the MoE layers
+    nll = trainer.evaluate()
+    model, total, count = trainer.model, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in build_val_loader(trainer.sources, 32, 4, dp_rank=0, dp_size=1, max_batches=3):
+            tokens = batch["tokens"]
+            logits = model(tokens[:, :-1])
+            total += float(F.cross_entropy(logits.flatten(0, 1).double(), tokens[:, 1:].flatten(), reduction="sum"))
+            count += tokens[:, 1:].numel()
+    assert count == 3 * 4 * 32 and nll == pytest.approx(total / count, rel=1e-6)

@@ -1,0 +1,80 @@
+"""What every rank must agree on, with 2 gloo processes: the checkpoint to resume from (rank 0's
+choice, even when the ranks' views of the run directory differ) and the MoE expert bias (updated
+from the expert loads summed over the data-parallel ranks)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pretrain.checkpoint import checkpoint_name, commit
+from pretrain.config import ConfigError
+from pretrain.trainer import Trainer, choose_resume_checkpoint
+from trainer_helpers import tiny_config
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+
+
+def make_checkpoints(ckpt_dir: Path, steps: list[int]) -> None:
+    """Committed (complete) checkpoint directories holding one small file each."""
+    for step in steps:
+        tmp = ckpt_dir / f".tmp-{checkpoint_name(step)}"
+        tmp.mkdir(parents=True)
+        (tmp / "train_state.pt").write_bytes(b"x" * step)
+        commit(tmp, ckpt_dir / checkpoint_name(step))
+
+
+def worker(rank: int, port: int, corpus: str, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    root_dir, result = Path(root), {}
+    try:
+        # Each rank looks at its own copy of the run directory: rank 0 sees step 4, rank 1 only step 2.
+        view = root_dir / f"view{rank}"
+        result["resume"] = str(choose_resume_checkpoint(view, "", rank == 0))
+        bad = str(root_dir / "missing") if rank == 0 else str(view / checkpoint_name(2))
+        try:
+            choose_resume_checkpoint(view, bad, rank == 0)
+            result["bad_resume_from"] = "accepted"
+        except ConfigError as e:
+            result["bad_resume_from"] = str(e)
+        # 2 data-parallel ranks, 2 rows each, different rows: their local expert loads differ.
+        trainer = Trainer(tiny_config(root_dir / "run", Path(corpus), 3, "--train.micro_batch_size=2",
+                                      "--checkpoint.enabled=false"))
+        trainer.train()
+        result["expert_bias"] = [m.expert_bias.tolist() for m in trainer.moe_layers]
+    finally:
+        (root_dir / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(corpus, tmp_path_factory) -> tuple[list[dict], Path]:
+    root = tmp_path_factory.mktemp("agreement")
+    make_checkpoints(root / "view0", [2, 4])
+    make_checkpoints(root / "view1", [2])
+    port = 29000 + (os.getpid() + 500) % 1000
+    mp.spawn(worker, args=(port, str(corpus), str(root)), nprocs=WORLD, join=True)
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)], root
+
+
+def test_rank0_chooses_the_checkpoint_every_rank_resumes_from(results):
+    ranks, root = results
+    assert [r["resume"] for r in ranks] == [str(root / "view0" / checkpoint_name(4))] * WORLD
+    for r in ranks:  # rank 0 found resume_from incomplete: every rank stops with its message
+        assert "checkpoint.resume_from" in r["bad_resume_from"] and "missing" in r["bad_resume_from"]
+
+
+def test_moe_expert_bias_is_identical_on_every_data_parallel_rank(results):
+    ranks, _ = results
+    biases = [r["expert_bias"] for r in ranks]
+    assert biases[0] and any(any(b != 0 for b in layer) for layer in biases[0])  # the bias was updated
+    assert biases[0] == biases[1]
