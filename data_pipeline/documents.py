@@ -16,12 +16,13 @@ import numpy as np
 
 from data_pipeline.errors import DataInputError
 from data_pipeline.packing import DocumentsExhausted
-from data_pipeline.manifest import Manifest, ShardInfo, read_manifest
+from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo, read_manifest
 from data_pipeline.shard_io import ShardDocs, ShardError, read_shard
 from data_pipeline.stream_state import StreamState
 
 log = logging.getLogger(__name__)
 MIX_BLOCK = 4096  # source choices drawn per RNG call; a block index + offset is the position
+GIVE_UP_UNITS = 256  # a stream drops a source after min(2 x its units, this) units in a row without a document
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,25 @@ def load_sources(sources: list[tuple[str, float]]) -> list[Source]:
         if out and m.tokenizer != out[0].manifest.tokenizer:
             raise DataInputError(path, "tokenizer", f"differs from {out[0].path}'s",
                                  "prepare all mixture sources with the same tokenizer")
-        if not m.split_shards("train"):
-            raise DataInputError(path, "shards", "no train shards", "prepare with more data or a smaller --val-fraction")
-        out.append(Source(Path(path), float(weight), m, f"{i}:{Path(path).name}"))
+        src = Source(Path(path), float(weight), m, f"{i}:{Path(path).name}")
+        usable = src.shards("train")
+        if not usable:
+            raise DataInputError(src.path / MANIFEST_FILE, "shards", "no train shard holds a document",
+                                 "prepare with more data or a smaller --val-fraction")
+        # Stops at the first shard present: one stat when all is well, a clear error when none was copied.
+        if not any(_present(src.path / s.name, s.bytes) for s in usable):
+            raise DataInputError(src.path, "shards", f"none of the {len(usable)} train shards in {MANIFEST_FILE} "
+                                 f"is present with its recorded size (e.g. {usable[0].name})",
+                                 f"copy the shard files next to {MANIFEST_FILE}, or re-run prepare into this dir")
+        out.append(src)
     return out
+
+
+def _present(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 def doc_problem(doc: np.ndarray, vocab_size: int) -> str | None:
@@ -88,21 +104,30 @@ class StreamCursor:
             self._units = (epoch, perm[self.stream::self.S])
         return self._units[1]
 
-    def current(self) -> np.ndarray:
-        """The document at the cursor, skipping (and counting) unusable shards and documents."""
-        st, units_seen = self.st, 0
+    def current(self) -> np.ndarray | None:
+        """The document at the cursor, skipping (and counting) unusable shards and documents.
+
+        A run of bad or empty units moves the stream on, through later epochs' units if need be.
+        None (and the source marked dead for this stream) once min(2 x the source's units,
+        GIVE_UP_UNITS) units in a row held no usable document: the source is, in effect, unusable.
+        Units are counted from the cursor, not by loads, so the decision is the same after a resume.
+        """
+        st, here, tried, names = self.st, None, 0, []
+        give_up = min(2 * len(self.shards) * self.parts, GIVE_UP_UNITS)
         while True:
             epoch, pos, doc = st.cursor(self.k)
             units = self._stream_units(epoch)
             if pos >= len(units):
                 st.set_cursor(self.k, epoch + 1, 0, 0)
                 continue
+            if here != (epoch, pos):
+                here, tried = (epoch, pos), tried + 1
+                if tried > give_up:
+                    self._give_up(tried - 1, names)
+                    return None
+                if len(names) < 5 and self._shard_name(int(units[pos])) not in names:
+                    names.append(self._shard_name(int(units[pos])))
             if self._loaded is None or self._loaded[0] != (epoch, pos):
-                units_seen += 1
-                if units_seen > 2 * len(units) + 2:
-                    raise RuntimeError(f"{self.src.path}: stream {self.stream} found no usable document in a "
-                                       f"whole epoch (source has {sum(s.num_docs for s in self.shards)} docs "
-                                       f"for {self.S} streams); lower num_streams or check the shards")
                 if not self._load(epoch, pos, int(units[pos])):
                     st.set_cursor(self.k, epoch, pos + 1, 0)
                     continue
@@ -118,6 +143,13 @@ class StreamCursor:
             st.count_skip(problem)
             log.warning("%s: skipped a document of %s (%s)", self.src.name, self._shard_name(int(units[pos])), problem)
             st.set_cursor(self.k, epoch, pos, doc + 1)
+
+    def _give_up(self, tried: int, names: list[str]) -> None:
+        self.st.dead[self.k] = 1
+        self.st.count_skip("dead_streams")
+        log.warning("%s: stream %d gave up on this source: %d units in a row (shards %s...) held no usable "
+                    "document; the stream goes on with the other sources", self.src.name, self.stream, tried,
+                    ", ".join(names))
 
     def advance(self) -> None:
         epoch, pos, doc = self.st.cursor(self.k)
@@ -155,11 +187,15 @@ class MixtureDocuments:
         self._block: tuple[int, np.ndarray] | None = None
 
     def peek(self) -> tuple[int, np.ndarray]:
-        k = self.st.active
-        if k < 0:
-            k = self._choose(self.st.doc_counter)
-            self.st.active = k
-        return k, self.cursors[k].current()
+        while True:
+            k = self.st.active
+            if k < 0:
+                k = self._choose(self.st.doc_counter)
+                self.st.active = k
+            doc = self.cursors[k].current()
+            if doc is not None:
+                return k, doc
+            self.st.active = -1  # source k just died for this stream: choose again among the others
 
     def advance(self) -> None:
         self.cursors[self.st.active].advance()
@@ -168,8 +204,20 @@ class MixtureDocuments:
         self.st.doc_counter += 1
 
     def _choose(self, n: int) -> int:
-        if len(self.cursors) == 1:
-            return 0
+        k = 0 if len(self.cursors) == 1 else self._drawn(n)
+        if not self.st.dead[k]:
+            return k
+        alive = self.st.dead == 0
+        if not alive.any():
+            raise DataInputError(", ".join(str(c.src.path) for c in self.cursors), "shards",
+                                 f"stream {self.stream} found no usable document in any source over many units "
+                                 f"in a row (every shard it tried is corrupt, fails its checksum or holds only "
+                                 f"unusable documents)", "re-prepare or restore the shards; the loader's "
+                                 "skipped/* metrics and warnings name the reasons and shards")
+        p = self.probs * alive  # a seeded redraw among the live sources: a function of (n, dead flags)
+        return int(_rng(self.seed, 4, self.stream, n).choice(len(p), p=p / p.sum()))
+
+    def _drawn(self, n: int) -> int:
         block = n // MIX_BLOCK
         if self._block is None or self._block[0] != block:
             choices = _rng(self.seed, 3, self.stream, block).choice(len(self.cursors), MIX_BLOCK, p=self.probs)

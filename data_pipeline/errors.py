@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 class DataInputError(ValueError):
-    """Bad user input detected at start. The message is one line naming the file, field and fix."""
+    """Bad input: found at start, or mid-run once nothing usable is left. One line: file, field, fix."""
 
     def __init__(self, path: object, field: str, problem: str, fix: str) -> None:
         self.path, self.field, self.problem, self.fix = str(path), field, problem, fix

@@ -7,9 +7,9 @@ window; the main process assembles batches in canonical order and keeps the stat
 the windows it has yielded, so prefetching never leaks into `state_dict()`.
 
 Checkpointing: `state_dict()` holds only this rank's streams. Resuming on the same dp_size needs
-only the rank's own dict; resuming on another dp_size needs the streams of every old rank: pass
-`load_state_dict([sd_rank0, sd_rank1, ...])` or save `gather_state_dict(loader)` (one
-all_gather_object) instead. Save per-rank dicts under a per-rank key (DCP de-duplicates by key).
+only the rank's own dict; resuming on another dp_size needs the streams of every old rank: save
+every rank's dict and pass the list, `load_state_dict([sd_rank0, sd_rank1, ...])` (the trainer
+all-gathers them into its train state). Under DCP, save per-rank dicts under a per-rank key.
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.documents import MixtureDocuments, SequentialDocuments, Source, load_sources
 from data_pipeline.errors import DataInputError
 from data_pipeline.packing import DocumentsExhausted, Packer
-from data_pipeline.stream_state import SKIP_REASONS, StreamState
-from data_pipeline.streams import check_layout, global_row_indices, rank_streams, worker_streams
+from data_pipeline.stream_state import SKIP_REASONS, StreamState, upgrade_v1
+from data_pipeline.streams import check_layout, check_rank, global_row_indices, rank_streams, worker_streams
 
-STATE_FORMAT = "data_pipeline.loader/1"
+STATE_FORMAT = "data_pipeline.loader/2"
+STATE_FORMAT_V1 = "data_pipeline.loader/1"  # read and upgraded: no dead_streams count, no dead flags
 
 
 @dataclass(frozen=True)
@@ -171,9 +172,14 @@ def merge_state_dicts(states: list[dict]) -> dict:
 
     tp/pp/cp peers hold the same streams in the same state; the first copy of each stream is kept.
     """
-    if not states or any(s.get("format") != STATE_FORMAT for s in states):
-        raise DataInputError("loader state", "format", "not a data_pipeline loader state",
-                             "pass what TrainLoader.state_dict() returned")
+    if not states:
+        raise DataInputError("loader state", "states", "empty list", "pass every old rank's state_dict()")
+    for s in states:
+        if not isinstance(s, dict) or s.get("format") not in (STATE_FORMAT, STATE_FORMAT_V1):
+            found = s.get("format") if isinstance(s, dict) else type(s).__name__
+            raise DataInputError("loader state", "format", f"{found!r} is not {STATE_FORMAT!r}",
+                                 "pass what TrainLoader.state_dict() returned")
+    states = [_upgraded(s) for s in states]
     if len({s["global_windows"] for s in states}) != 1:
         raise DataInputError("loader state", "global_windows", "ranks saved at different steps",
                              "pass the states of one checkpoint")
@@ -186,15 +192,11 @@ def merge_state_dicts(states: list[dict]) -> dict:
     return merged
 
 
-def gather_state_dict(loader: TrainLoader, group=None) -> dict:
-    """Every rank's streams in one dict (torch.distributed all_gather_object), resumable on any dp_size."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return loader.state_dict()
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, loader.state_dict(), group=group)
-    return merge_state_dicts(gathered)
+def _upgraded(state: dict) -> dict:
+    if state["format"] == STATE_FORMAT:
+        return state
+    k = len(state["sources"])
+    return dict(state, format=STATE_FORMAT, stream_states=[upgrade_v1(v, k) for v in state["stream_states"]])
 
 
 class ValLoader:
@@ -202,7 +204,7 @@ class ValLoader:
 
     def __init__(self, sources: list[Source], seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  max_batches: int | None = None, emit_doc_boundaries: bool = False):
-        check_layout(dp_size, dp_rank, dp_size)
+        check_rank(dp_rank, dp_size)
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
         self.dp_rank, self.dp_size, self.max_batches = dp_rank, dp_size, max_batches
         self.emit_doc_boundaries = emit_doc_boundaries

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-SKIP_REASONS = ("corrupt_shards", "checksum_mismatch", "empty_docs", "out_of_range_ids")
+# dead_streams: (stream, source) pairs given up after many units in a row had no usable document
+SKIP_REASONS = ("corrupt_shards", "checksum_mismatch", "empty_docs", "out_of_range_ids", "dead_streams")
 _HEAD = ("windows", "offset", "carry", "carry_start", "active", "doc_counter")
-_PER_SOURCE = ("epoch", "unit_pos", "doc_pos", "tokens", "docs")
+_PER_SOURCE = ("epoch", "unit_pos", "doc_pos", "tokens", "docs", "dead")
 
 
 class StreamState:
@@ -29,6 +30,7 @@ class StreamState:
         self.skips = self.v[len(_HEAD):len(_HEAD) + len(SKIP_REASONS)]
         self.source_tokens = per[:, _PER_SOURCE.index("tokens")]
         self.source_docs = per[:, _PER_SOURCE.index("docs")]
+        self.dead = per[:, _PER_SOURCE.index("dead")]  # 1: this stream no longer reads the source
         self._cursors = per[:, :3]
 
     def cursor(self, k: int) -> tuple[int, int, int]:
@@ -51,3 +53,12 @@ def _scalar(i: int) -> property:
 
 for _i, _name in enumerate(_HEAD):
     setattr(StreamState, _name, _scalar(_i))
+
+
+def upgrade_v1(vector: list[int], num_sources: int) -> list[int]:
+    """A state vector of loader format /1 (no dead_streams count, no per-source dead flag) as /2."""
+    v = np.asarray(vector, np.int64)
+    head = len(_HEAD) + len(SKIP_REASONS) - 1
+    per = v[head:].reshape(num_sources, len(_PER_SOURCE) - 1)
+    per = np.hstack([per, np.zeros((num_sources, 1), np.int64)])
+    return np.concatenate([v[:head], [0], per.ravel()]).tolist()

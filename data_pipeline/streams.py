@@ -10,9 +10,13 @@ from __future__ import annotations
 from data_pipeline.errors import DataInputError
 
 
-def check_layout(num_streams: int, dp_rank: int, dp_size: int) -> None:
+def check_rank(dp_rank: int, dp_size: int) -> None:
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise DataInputError("loader", "dp_rank/dp_size", f"rank {dp_rank} of {dp_size}", "need 0 <= dp_rank < dp_size")
+
+
+def check_layout(num_streams: int, dp_rank: int, dp_size: int) -> None:
+    check_rank(dp_rank, dp_size)
     if num_streams % dp_size:
         raise DataInputError("loader", "num_streams", f"{num_streams} is not divisible by dp_size {dp_size}",
                              "choose num_streams as a multiple of every dp_size you will run with (e.g. 64)")
