@@ -149,3 +149,14 @@ def test_branch_ratio_resplits_heads():
     assert model.config.intra.attn_heads == 2 and model.config.intra.ssm_heads == 2  # tiny: 4 heads, group 2
     t = torch.randint(0, 512, (1, 20))
     model.loss(t[:, :-1], t[:, 1:]).backward()
+
+
+def test_cpu_path_imports_no_gpu_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pretrain.model import build_model; m = build_model('hybrid_moe', 'tiny'); "
+            "t = torch.randint(0, 512, (1, 40)); m.loss(t[:, :-1], t[:, 1:]).backward(); m.eval().generate(t[:, :5], 3); "
+            "bad = [n for n in ('mamba_ssm', 'causal_conv1d', 'selective_scan_cuda', 'torchao', 'triton') if n in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
