@@ -24,11 +24,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.documents import MixtureDocuments, SequentialDocuments, Source, load_sources
 from data_pipeline.errors import DataInputError
 from data_pipeline.packing import DocumentsExhausted, Packer
-from data_pipeline.stream_state import SKIP_REASONS, StreamState, upgrade_v1
+from data_pipeline.stream_state import SKIP_REASONS, StreamState
 from data_pipeline.streams import check_layout, check_rank, global_row_indices, rank_streams, worker_streams
 
 STATE_FORMAT = "data_pipeline.loader/2"
-STATE_FORMAT_V1 = "data_pipeline.loader/1"  # read and upgraded: no dead_streams count, no dead flags
 
 
 @dataclass(frozen=True)
@@ -175,11 +174,10 @@ def merge_state_dicts(states: list[dict]) -> dict:
     if not states:
         raise DataInputError("loader state", "states", "empty list", "pass every old rank's state_dict()")
     for s in states:
-        if not isinstance(s, dict) or s.get("format") not in (STATE_FORMAT, STATE_FORMAT_V1):
+        if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
             found = s.get("format") if isinstance(s, dict) else type(s).__name__
             raise DataInputError("loader state", "format", f"{found!r} is not {STATE_FORMAT!r}",
                                  "pass what TrainLoader.state_dict() returned")
-    states = [_upgraded(s) for s in states]
     if len({s["global_windows"] for s in states}) != 1:
         raise DataInputError("loader state", "global_windows", "ranks saved at different steps",
                              "pass the states of one checkpoint")
@@ -190,13 +188,6 @@ def merge_state_dicts(states: list[dict]) -> dict:
                 merged["stream_ids"].append(sid)
                 merged["stream_states"].append(vec)
     return merged
-
-
-def _upgraded(state: dict) -> dict:
-    if state["format"] == STATE_FORMAT:
-        return state
-    k = len(state["sources"])
-    return dict(state, format=STATE_FORMAT, stream_states=[upgrade_v1(v, k) for v in state["stream_states"]])
 
 
 class ValLoader:

@@ -53,12 +53,3 @@ def _scalar(i: int) -> property:
 
 for _i, _name in enumerate(_HEAD):
     setattr(StreamState, _name, _scalar(_i))
-
-
-def upgrade_v1(vector: list[int], num_sources: int) -> list[int]:
-    """A state vector of loader format /1 (no dead_streams count, no per-source dead flag) as /2."""
-    v = np.asarray(vector, np.int64)
-    head = len(_HEAD) + len(SKIP_REASONS) - 1
-    per = v[head:].reshape(num_sources, len(_PER_SOURCE) - 1)
-    per = np.hstack([per, np.zeros((num_sources, 1), np.int64)])
-    return np.concatenate([v[:head], [0], per.ravel()]).tolist()

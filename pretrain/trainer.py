@@ -289,8 +289,7 @@ class Trainer:
         shared, ranks = self.ckpt.load(path, state)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(shared["scheduler"])
-        known = {f.name for f in dataclasses.fields(TrainProgress)}  # older checkpoints had an unused `extra`
-        self.progress = TrainProgress(**{k: v for k, v in shared["progress"].items() if k in known})
+        self.progress = TrainProgress(**shared["progress"])
         self._load_loader_state(ranks)
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         _set_rng_state(mine["rng"])

@@ -137,24 +137,3 @@ def test_a_state_of_another_format_is_a_clear_error(corpus_a):
     state = dict(loader.state_dict(), format="data_pipeline.loader/0")
     with pytest.raises(DataInputError, match=r"format: 'data_pipeline.loader/0'.*fix: "):
         loader.load_state_dict(state)
-
-
-def test_a_format_1_state_resumes_exactly(corpus_a, corpus_b):
-    """States saved before dead_streams/dead existed (format /1) are upgraded on load."""
-    from data_pipeline.stream_state import _HEAD, _PER_SOURCE, SKIP_REASONS
-
-    src = [(str(corpus_a), 0.5), (str(corpus_b), 0.5)]
-    ref = take(build_train_loader(src, SEQ, BATCH, num_streams=4), 8)
-    first = build_train_loader(src, SEQ, BATCH, num_streams=4)
-    take(first, 3)
-    state = first.state_dict()
-    keep = [i for i in range(len(state["stream_states"][0]))
-            if i != len(_HEAD) + SKIP_REASONS.index("dead_streams")
-            and not (i >= len(_HEAD) + len(SKIP_REASONS)
-                     and (i - len(_HEAD) - len(SKIP_REASONS)) % len(_PER_SOURCE) == _PER_SOURCE.index("dead"))]
-    old = dict(state, format="data_pipeline.loader/1", stream_states=[[v[i] for i in keep]
-                                                                       for v in state["stream_states"]])
-    resumed = build_train_loader(src, SEQ, BATCH, num_streams=4)
-    resumed.load_state_dict(old)
-    assert resumed.state_dict() == state
-    assert all(torch.equal(a, b) for a, b in zip(take(resumed, 5), ref[3:]))

@@ -6,7 +6,6 @@ import math
 import signal
 import types
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 import torch
