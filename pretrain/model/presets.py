@@ -108,12 +108,18 @@ def model_config(arch: str, size: str, ratio: str | None = None, placement: str 
 
 
 def build_model(arch: str, size: str, device: Any = None, **overrides: Any):
-    """Build a HybridLM for a preset; on device 'meta' nothing is allocated (call `to_empty` and
+    """Build a HybridLM for a preset, initialised from torch's current RNG. The modules are made on
+    the meta device and materialised once (no throw-away default init: halves the start-up of a
+    3B-parameter build). On device 'meta' nothing is allocated (call `to_empty` and
     `init_weights` later)."""
     import torch
 
     from pretrain.model.lm import HybridLM
 
     cfg = model_config(arch, size, **overrides)
-    with torch.device(device or "cpu"):
-        return HybridLM(cfg)
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    if torch.device(device or "cpu").type != "meta":
+        model.to_empty(device=device or "cpu")
+        model.init_weights()
+    return model
