@@ -152,11 +152,12 @@ def test_branch_ratio_resplits_heads():
 
 
 def test_cpu_path_imports_no_gpu_package():
+    """Our GPU extras stay unimported on CPU (triton is left out: CUDA builds of torch import it themselves)."""
     import subprocess
     import sys
 
     code = ("import sys, torch; from pretrain.model import build_model; m = build_model('hybrid_moe', 'tiny'); "
             "t = torch.randint(0, 512, (1, 40)); m.loss(t[:, :-1], t[:, 1:]).backward(); m.eval().generate(t[:, :5], 3); "
-            "bad = [n for n in ('mamba_ssm', 'causal_conv1d', 'selective_scan_cuda', 'torchao', 'triton') if n in sys.modules]; "
+            "bad = [n for n in ('mamba_ssm', 'causal_conv1d', 'selective_scan_cuda', 'torchao') if n in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
