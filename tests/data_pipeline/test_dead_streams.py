@@ -23,6 +23,7 @@ from data_pipeline.loader import LoaderConfig, TrainLoader, build_train_loader, 
 from data_pipeline.manifest import read_manifest, write_manifest
 
 from .conftest import prepare_docs, random_docs
+from .global_batches import assemble_global_batches
 
 SEQ, BATCH = 32, 4
 
@@ -47,19 +48,8 @@ def garbage_copy(src, dst, keep_every: int | None = None):
 
 
 def global_batches(src, dp_size, n, batch, state=None, **kw):
-    per_rank = []
-    for r in range(dp_size):
-        loader = small_chunks(src, SEQ, batch, dp_rank=r, dp_size=dp_size, **kw)
-        if state is not None:
-            loader.load_state_dict(state)
-        per_rank.append((loader.global_rows, take(loader, n)))
-    out = []
-    for step in range(n):
-        g = torch.empty(dp_size * batch, SEQ + 1, dtype=torch.long)
-        for rows, batches in per_rank:
-            g[rows] = batches[step]
-        out.append(g)
-    return out
+    return assemble_global_batches(lambda r: small_chunks(src, SEQ, batch, dp_rank=r, dp_size=dp_size, **kw),
+                                   dp_size, n, state)
 
 
 def check_elastic_and_resume(src, n, cut, **kw):

@@ -14,6 +14,8 @@ from data_pipeline.manifest import read_manifest
 from data_pipeline.shard_io import read_shard
 from data_pipeline.streams import global_row_indices
 
+from .global_batches import assemble_global_batches
+
 SEQ, BATCH, STREAMS = 48, 4, 8
 BOS, EOS = 256, 257
 
@@ -28,19 +30,9 @@ def tokens(batches) -> list[torch.Tensor]:
 
 def global_batches(src, dp_size: int, n: int, batch=BATCH, state=None, **kw) -> list[torch.Tensor]:
     """Run every rank of a dp_size job for n steps and reassemble the global batches by row index."""
-    per_rank = []
-    for r in range(dp_size):
-        loader = build_train_loader(src, SEQ, batch, dp_rank=r, dp_size=dp_size, num_streams=STREAMS, **kw)
-        if state is not None:
-            loader.load_state_dict(state)
-        per_rank.append((loader.global_rows, tokens(take(loader, n))))
-    out = []
-    for step in range(n):
-        g = torch.empty(dp_size * batch, SEQ + 1, dtype=torch.long)
-        for rows, batches in per_rank:
-            g[rows] = batches[step]
-        out.append(g)
-    return out
+    return assemble_global_batches(
+        lambda r: build_train_loader(src, SEQ, batch, dp_rank=r, dp_size=dp_size, num_streams=STREAMS, **kw),
+        dp_size, n, state)
 
 
 def all_docs(path) -> list[list[int]]:
