@@ -1,12 +1,12 @@
 #!/bin/bash
 # Trainer on one GPU, end to end through pretrain/main.py (not a test: it measures).
-#   bash benchmarks/train_gpu.sh [OUT_DIR]          STEPS=120 by default for the 1B run
+#   bash benchmarks/train_gpu.sh [OUT_DIR]          STEPS=300 by default for the 1B run
 # 1) demo corpus; 2) tiny hybrid_moe smoke run with checkpoints, then a resume to more steps
 # (CUDA RNG, fused AdamW and bf16 autocast paths); 3) 1B hybrid_moe, sequence 8192, micro-batch 2,
 # activation checkpointing, no checkpoint writes: tokens/s and MFU in OUT/hm1b/metrics.jsonl.
 set -euo pipefail
 OUT=${1:-runs/train_gpu}
-STEPS=${STEPS:-120}
+STEPS=${STEPS:-300}
 mkdir -p "$OUT"
 python -m data_pipeline.demo_corpus --out "$OUT/data" --workers 8
 common=(--data "$OUT/data" --logging.log_every=10 --train.device=cuda)
