@@ -5,6 +5,7 @@ Slurm's preemption signal reaches the trainer itself and its exit code reaches t
 """
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ def init_distributed(device_type: str | None = None) -> DistInfo:
 
 
 def destroy_distributed() -> None:
+    """Collect garbage first: reference cycles (FSDP state <-> modules) that still hold gloo
+    work objects would otherwise be freed during interpreter shutdown, where gloo aborts the
+    process ("terminate called without an active exception") in a few percent of exits."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 

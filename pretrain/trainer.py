@@ -29,6 +29,7 @@ from parallel.compile import compile_blocks
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
 from parallel.fsdp import apply_fsdp
+from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, find_latest_complete,
                                  load_model_weights, verify_checkpoint)
@@ -187,8 +188,10 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
         _seed_everything(cfg.train.seed)
-        # Built whole, then sharded: initialisation is then identical for every number of ranks.
-        self.model = build_model_from_config(cfg).to(self.device)
+        # Built and wrapped on meta, then materialised one module at a time on the device: no
+        # rank ever holds the whole model, and the initial weights are those of an unsharded
+        # model on that device whatever the number of ranks.
+        self.model = build_model_from_config(cfg, device="meta")
         self.model_config = self.model.config
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.model.blocks)
@@ -197,6 +200,7 @@ class Trainer:
         if self.mesh is not None:
             apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
                        param_dtype=self.compute_dtype, reduce_dtype=torch.float32, forward_methods=("loss",))
+        init_sharded(self.model, build_model_from_config(cfg, device="meta"), self.device)
         self.moe_layers = list(self.model.moe_layers())
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -34,13 +34,23 @@ class HybridLM(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter from torch's current RNG, in module order, so a model
         built on the meta device and materialised with `to_empty` starts like an eager one."""
-        nn.init.normal_(self.embed.weight, std=self.config.init_std)
+        for _, init in self.init_plan():
+            init()
+
+    def init_plan(self) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The initialisation as ordered (module, init) steps. The order fixes what each module
+        draws from the RNG; a step touches only its module, so a sharded model can be
+        materialised one full module at a time (`parallel.init.init_sharded`). The steps look
+        parameters up when run, not when planned (`to_empty` replaces them)."""
+        std = self.config.init_std
+        plan: list[tuple[nn.Module, Callable[[], None]]] = [
+            (self.embed, lambda: nn.init.normal_(self.embed.weight, std=std))]
         if self.head is not None:
-            nn.init.normal_(self.head.weight, std=self.config.init_std)
+            plan.append((self.head, lambda: nn.init.normal_(self.head.weight, std=std)))
         for block in self.blocks:
-            for m in (block.mixer_norm, block.mixer, block.ffn_norm, block.ffn):
-                m.reset_parameters()
-        self.norm.reset_parameters()
+            plan += [(m, m.reset_parameters) for m in (block.mixer_norm, block.mixer, block.ffn_norm, block.ffn)]
+        plan.append((self.norm, self.norm.reset_parameters))
+        return plan
 
     def hidden_states(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
         start = cache.length if cache is not None else 0

@@ -22,8 +22,8 @@ from data_pipeline.documents import load_sources
 from data_pipeline.loader import LoaderConfig, TrainLoader, build_train_loader, build_val_loader
 from data_pipeline.manifest import read_manifest, write_manifest
 
-from .conftest import prepare_docs, random_docs
-from .global_batches import assemble_global_batches
+from corpus_helpers import prepare_docs, random_docs
+from global_batches import assemble_global_batches
 
 SEQ, BATCH = 32, 4
 

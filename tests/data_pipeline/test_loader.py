@@ -14,7 +14,7 @@ from data_pipeline.manifest import read_manifest
 from data_pipeline.shard_io import read_shard
 from data_pipeline.streams import global_row_indices
 
-from .global_batches import assemble_global_batches
+from global_batches import assemble_global_batches
 
 SEQ, BATCH, STREAMS = 48, 4, 8
 BOS, EOS = 256, 257

@@ -21,8 +21,8 @@ from data_pipeline.shard_io import read_shard
 from data_pipeline.split import is_validation
 from data_pipeline.tokenizer import ByteTokenizer
 
-from .conftest import random_docs, write_jsonl
-from .megatron_fixture import write_megatron
+from corpus_helpers import random_docs, write_jsonl
+from megatron_fixture import write_megatron
 
 DOCS = random_docs(40, 7, "abc xyz\n", 30) + ["ünïcödé ☃ text"]
 

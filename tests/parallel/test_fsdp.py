@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from parallel.distributed import destroy_distributed
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims, build_mesh
 
@@ -49,21 +50,25 @@ def batches():
     return [torch.randint(0, 32, (4, 9), generator=g) for _ in range(3)]
 
 
+def train_and_save(rank, world, out):
+    mesh = build_mesh(ParallelDims().resolve(world), "cpu")
+    assert mesh.dp_coordinate() == (rank, world)
+    torch.manual_seed(0)
+    model = Net()
+    apply_fsdp(model, model.blocks, mesh.fsdp_mesh(), forward_methods=("loss",))
+    train_steps(model, batches(), rank, world)
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(full, out)
+
+
 def worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mesh = build_mesh(ParallelDims().resolve(world), "cpu")
-        assert mesh.dp_coordinate() == (rank, world)
-        torch.manual_seed(0)
-        model = Net()
-        apply_fsdp(model, model.blocks, mesh.fsdp_mesh(), forward_methods=("loss",))
-        train_steps(model, batches(), rank, world)
-        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        if rank == 0:
-            torch.save(full, out)
+        train_and_save(rank, world, out)
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()  # after the model's frame is gone: see destroy_distributed
 
 
 def test_two_rank_fsdp_matches_single_process(tmp_path):

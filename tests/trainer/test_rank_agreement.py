@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parallel.distributed import destroy_distributed
 from pretrain.checkpoint import checkpoint_name, commit
 from pretrain.config import ConfigError
 from pretrain.trainer import Trainer, choose_resume_checkpoint
@@ -47,13 +48,16 @@ def worker(rank: int, port: int, corpus: str, root: str) -> None:
         except ConfigError as e:
             result["bad_resume_from"] = str(e)
         # 2 data-parallel ranks, 2 rows each, different rows: their local expert loads differ.
-        trainer = Trainer(tiny_config(root_dir / "run", Path(corpus), 3, "--train.micro_batch_size=2",
-                                      "--checkpoint.enabled=false"))
-        trainer.train()
-        result["expert_bias"] = [m.expert_bias.tolist() for m in trainer.moe_layers]
+        result["expert_bias"] = train_expert_bias(root_dir / "run", Path(corpus))
     finally:
         (root_dir / f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
+        destroy_distributed()
+
+
+def train_expert_bias(run_dir: Path, corpus: Path) -> list[list[float]]:
+    trainer = Trainer(tiny_config(run_dir, corpus, 3, "--train.micro_batch_size=2", "--checkpoint.enabled=false"))
+    trainer.train()
+    return [m.expert_bias.tolist() for m in trainer.moe_layers]
 
 
 @pytest.fixture(scope="module")
