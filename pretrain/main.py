@@ -31,13 +31,14 @@ EXIT_CONFIG = 2
 
 
 def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: int, dp_shard: int) -> dict[str, float]:
-    """Rough per-GPU memory: fp32 params+grads+AdamW moments sharded over dp_shard, plus bf16
-    activations of one micro-batch (~34 bytes per token per d_model per layer, the Megatron estimate
-    for a Transformer block, Mamba/MoE assumed similar; with activation checkpointing only the
-    block inputs, plus one block's worth being recomputed, which this leaves out)."""
+    """Rough per-GPU memory: fp32 params+grads+AdamW moments sharded over dp_shard, plus the
+    activations of one micro-batch under bf16 autocast, calibrated on the H200 peaks of the 1B
+    presets (docs/benchmarks.md): ~90 bytes per token per d_model per block without activation
+    checkpointing (llama measured 69, the Mamba2 and MoE hybrids 90); with it, the fp32 block
+    inputs (4 bytes) plus one block being recomputed (~60; 1B hybrid_moe measured 107 in all)."""
     states = 16 * n_params / dp_shard
-    per_layer = 2 if cfg.train.activation_checkpointing else 34  # checkpointing keeps the bf16 block input
-    activations = per_layer * cfg.train.micro_batch_size * cfg.data.seq_len * d_model * n_layers
+    per_token = 4 * n_layers + 60 if cfg.train.activation_checkpointing else 90 * n_layers
+    activations = per_token * cfg.train.micro_batch_size * cfg.data.seq_len * d_model
     return {"states_gib": states / 2**30, "activations_gib": activations / 2**30,
             "total_gib": (states + activations) / 2**30}
 

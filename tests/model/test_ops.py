@@ -103,7 +103,11 @@ def test_grouped_mm_matches_per_expert_matmul():
     torch.testing.assert_close(grouped_mm_reference(x, w, counts.cumsum(0)), expected)
 
 
-def test_chunked_cross_entropy_value_and_grads():
+@pytest.mark.parametrize("chunk_rows", [16, None])
+def test_chunked_cross_entropy_value_and_grads(chunk_rows, monkeypatch):
+    from pretrain.model.ops import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "CHUNK_LOGITS", 97 * 20)  # the default then takes 20-row chunks
     g = torch.Generator().manual_seed(4)
     h = torch.randn(3, 50, 16, generator=g, requires_grad=True)
     w = torch.randn(97, 16, generator=g, requires_grad=True)
@@ -111,11 +115,25 @@ def test_chunked_cross_entropy_value_and_grads():
     t[0, :5] = -100
     ref = cross_entropy_reference(h, w, t)
     gh_ref, gw_ref = torch.autograd.grad(ref, (h, w))
-    out = chunked_cross_entropy(h, w, t, chunk_rows=16)
+    out = chunked_cross_entropy(h, w, t, chunk_rows=chunk_rows)
     gh, gw = torch.autograd.grad(out, (h, w))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gh, gh_ref)
     torch.testing.assert_close(gw, gw_ref)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast():
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(300, 64, generator=g, requires_grad=True)
+    w = (torch.randn(500, 64, generator=g) * 0.1).requires_grad_()
+    t = torch.randint(0, 500, (300,), generator=g)
+    t[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_cross_entropy(h, w, t, chunk_rows=64)
+        ref = cross_entropy_reference(h, w, t)
+    for a, b in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(ref, (h, w))):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+    assert abs(out.item() - ref.item()) < 1e-2 * ref.item()
 
 
 def test_gated_rms_norm_is_group_local():
