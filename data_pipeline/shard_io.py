@@ -2,8 +2,10 @@
 
 Writing goes through `webdataset.TarWriter` (one `tokens.npy` per document) into `NAME.tmp`, which
 is renamed only when the shard is complete. Reading memory-maps the tar and indexes member
-offsets with the stdlib `tarfile`, so documents are zero-copy numpy views and the page cache, not
-the process, holds shard bytes: 64 streams can each hold a shard without 64 shards of RSS.
+offsets, so documents are zero-copy numpy views and the page cache, not the process, holds shard
+bytes: 64 streams can each hold a shard without 64 shards of RSS. The index walks the 512-byte
+ustar headers our writer produces directly (checksums verified), several times faster than the
+stdlib `tarfile`, which still reads any archive with other member kinds (pax, GNU long names).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import mmap
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,8 @@ import webdataset as wds
 from data_pipeline.manifest import TOKENS_KEY, ShardInfo
 
 
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
 _NPY_V1_HEADER = re.compile(rb"\x93NUMPY\x01\x00..\{'descr': '([<>|][a-z][0-9])', 'fortran_order': False, 'shape': \((\d+),\), \}", re.S)
 
 
@@ -101,14 +106,13 @@ def read_shard(path: Path, dtype: str, info: ShardInfo | None = None, verify: bo
         raise ShardError("corrupt_shards", f"{path}: cannot map ({exc})") from None
     starts, ends = [], []
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.name.endswith("." + TOKENS_KEY):
-                    continue
-                header_len, count = _npy_layout(mm, member.offset_data, member.size, dt)
-                start = (member.offset_data + header_len) // dt.itemsize
-                starts.append(start)
-                ends.append(start + count)
+        for name, offset, size in _tar_members(mm, path):
+            if not name.endswith("." + TOKENS_KEY):
+                continue
+            header_len, count = _npy_layout(mm, offset, size, dt)
+            start = (offset + header_len) // dt.itemsize
+            starts.append(start)
+            ends.append(start + count)
     except (tarfile.TarError, ValueError, EOFError) as exc:
         raise ShardError("corrupt_shards", f"{path}: unreadable tar ({exc})") from None
     if info is not None and len(starts) != info.num_docs:
@@ -117,6 +121,39 @@ def read_shard(path: Path, dtype: str, info: ShardInfo | None = None, verify: bo
         raise ShardError("checksum_mismatch", f"{path}: sha256 differs from the manifest")
     tokens = np.frombuffer(mm, dtype=dt, count=len(mm) // dt.itemsize)
     return ShardDocs(tokens, np.asarray(starts, np.int64), np.asarray(ends, np.int64))
+
+
+def _tar_members(mm: mmap.mmap, path: Path) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of every member, in order."""
+    members = _ustar_members(mm)
+    if members is None:
+        with tarfile.open(path, mode="r:") as tar:
+            members = [(m.name, m.offset_data, m.size) for m in tar]
+    return iter(members)
+
+
+def _ustar_members(mm: mmap.mmap) -> list[tuple[str, int, int]] | None:
+    """Members of a tar of plain ustar file headers, or None if it has any other kind of header
+    (the caller then asks `tarfile`). Raises ValueError on a bad checksum or a truncated member."""
+    members, offset = [], 0
+    while offset + _BLOCK <= len(mm):
+        header = mm[offset:offset + _BLOCK]
+        if header == _ZERO_BLOCK:
+            break  # end-of-archive marker
+        if header[156:157] not in (b"0", b"\0") or header[124] & 0x80:  # not a regular file, or base-256 size
+            return None
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if sum(header) - sum(header[148:156]) + 8 * 0x20 != stored:
+            raise ValueError(f"header at {offset}: bad checksum")
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        if offset + _BLOCK + size > len(mm):
+            raise ValueError(f"member at {offset}: truncated ({size} bytes announced)")
+        members.append((name.decode(), offset + _BLOCK, size))
+        offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+    return members
 
 
 def _npy_layout(buf: mmap.mmap, offset: int, size: int, dt: np.dtype) -> tuple[int, int]:

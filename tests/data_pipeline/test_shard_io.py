@@ -1,0 +1,70 @@
+"""The shard index: the direct ustar-header walk agrees with the stdlib `tarfile`, archives with
+other header kinds still read (through `tarfile`), and a damaged header is corruption."""
+from __future__ import annotations
+
+import io
+import mmap
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_pipeline.shard_io import ShardError, ShardWriter, _ustar_members, read_shard
+
+
+def write_shard(tmp_path, docs):
+    writer = ShardWriter(tmp_path, "00000", "train", "uint16", 10**9)
+    for i, doc in enumerate(docs):
+        writer.write(f"00000-{i:09d}", np.asarray(doc, np.uint16))
+    writer.close()
+    return tmp_path / writer.finished[0].name, writer.finished[0]
+
+
+def docs_of(shard):
+    return [shard.tokens[a:b].tolist() for a, b in zip(shard.starts, shard.ends)]
+
+
+DOCS = [[1, 2, 3], [], list(range(700)), [65535] * 257]
+
+
+def test_header_walk_matches_tarfile(tmp_path):
+    path, _ = write_shard(tmp_path, DOCS)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar]
+    assert _ustar_members(mm) == expected and len(expected) == len(DOCS)
+    assert docs_of(read_shard(path, "uint16")) == DOCS
+
+
+def test_archive_with_pax_headers_reads_through_tarfile(tmp_path):
+    """A long member name makes tarfile write a pax header, which the walk hands over to tarfile."""
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, doc in enumerate(DOCS):
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(doc, np.uint16))
+            info = tarfile.TarInfo(f"{'long-key-' * 20}{i}.tokens.npy")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+    with open(path, "rb") as f:
+        assert _ustar_members(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) is None
+    assert docs_of(read_shard(path, "uint16")) == DOCS
+
+
+@pytest.mark.parametrize("where", ["checksum", "size"])
+def test_damaged_header_is_a_corrupt_shard(tmp_path, where):
+    path, info = write_shard(tmp_path, DOCS)
+    data = bytearray(path.read_bytes())
+    second = 512 + 512 * -(-int(data[124:135], 8) // 512)  # header of the second member
+    if where == "checksum":
+        data[second + 10] ^= 0x01  # a flipped bit in a name: the header checksum no longer matches
+    else:  # announce more bytes than the archive holds (checksum fixed up, so only the size is wrong)
+        data[second + 124:second + 135] = b"77777777777"
+        data[second + 148:second + 156] = b" " * 8
+        data[second + 148:second + 155] = f"{sum(data[second:second + 512]):06o}\0".encode()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as err:
+        read_shard(path, "uint16")
+    assert err.value.reason == "corrupt_shards"
