@@ -5,15 +5,23 @@ copy of one module (taken from an unsharded meta `template`), and each rank keep
 of the result. Steps run in the plan's order on the target device, so the parameters are exactly
 those `init_weights()` gives an unsharded model there - for every number of ranks and every
 layout - while peak memory is the shards plus the largest module (the embedding), not the model.
+
+Every rank draws the full tensors itself, so all ranks must draw the same numbers. CUDA's random
+kernels depend on the GPU model (their launch grid follows the SM count), so ranks on different
+GPU models would not: a checksum of everything drawn is compared across ranks at the end.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+class InitMismatchError(RuntimeError):
+    """Ranks drew different initial weights (mixed GPU models, or a rank seeded differently)."""
 
 
 @torch.no_grad()
@@ -22,25 +30,44 @@ def init_sharded(model: nn.Module, template: nn.Module, device: torch.device | s
 
     `model` and `template` expose `init_plan()` -> [(module, init)] with the same steps; the
     model may be wrapped (FSDP, activation checkpointing, compile), the template must be whole.
+    Raises if a parameter or buffer of `model` is in no step, or if the ranks drew differently.
     """
     model.to_empty(device=device)
-    steps = zip(template.init_plan(), model.init_plan(), strict=True)
-    for (full_module, init), (target_module, _) in steps:
+    uncovered = {id(t): name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+    checksum = torch.zeros((), dtype=torch.float64, device=device)
+    for (full_module, init), (target_module, _) in zip(template.init_plan(), model.init_plan(), strict=True):
         full_module.to_empty(device=device)
         init()
-        for name, full in itertools.chain(full_module.named_parameters(), full_module.named_buffers()):
-            _copy_into(_tensor(target_module, name), full)
+        for target in _copy_module(full_module, target_module, checksum):
+            uncovered.pop(id(target), None)
         full_module.to_empty(device="meta")  # release it before the next step
+    if uncovered:
+        raise RuntimeError(f"init_sharded: no init_plan step covers {sorted(uncovered.values())}")
+    if any(isinstance(p, DTensor) for p in model.parameters()) and dist.is_initialized():
+        _check_ranks_agree(checksum)
 
 
-def _tensor(module: nn.Module, name: str) -> Any:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, leaf)
+def _copy_module(full_module: nn.Module, target_module: nn.Module, checksum: torch.Tensor) -> list[torch.Tensor]:
+    """Copy each full tensor's shard into the target module; returns the targets written."""
+    written = []
+    for name, full in itertools.chain(full_module.named_parameters(), full_module.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        target = getattr(target_module.get_submodule(owner) if owner else target_module, leaf)
+        checksum += full.sum(dtype=torch.float64)
+        local = target
+        if isinstance(target, DTensor):
+            # Every rank computed the same full tensor: take the local shard without communication.
+            full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+            local = target.to_local()
+        local.copy_(full)
+        written.append(target)
+    return written
 
 
-def _copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    if isinstance(target, DTensor):
-        # Every rank computed the same full tensor: take the local shard without communication.
-        full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
-        target = target.to_local()
-    target.copy_(full)
+def _check_ranks_agree(checksum: torch.Tensor) -> None:
+    extremes = torch.stack([checksum, -checksum])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if extremes[0] != -extremes[1]:
+        raise InitMismatchError(
+            f"init_sharded: ranks drew different initial weights (checksums {-extremes[1].item():.6g} to "
+            f"{extremes[0].item():.6g}); run every rank on the same GPU model and seed")
