@@ -33,7 +33,10 @@ class DataSection:
     sources: list[str] = field(default_factory=list)
     seq_len: int = 1024
     num_workers: int = 0
-    num_streams: int = 64
+    # Canonical streams that fix the data order (data_pipeline/streams.py); must be a multiple of
+    # the data-parallel size. 0: the run's own - a resumed run keeps its checkpoint's count, a
+    # fresh one takes lcm(64, dp size) (64 up to 64 ranks, 128 for 16 nodes x 8 GPUs).
+    num_streams: int = 0
 
 
 @dataclass
@@ -217,13 +220,14 @@ def validate(cfg: JobConfig) -> None:
     positive = {"data.seq_len": cfg.data.seq_len, "train.steps": cfg.train.steps,
                 "train.micro_batch_size": cfg.train.micro_batch_size, "optim.lr": cfg.optim.lr,
                 "checkpoint.keep": cfg.checkpoint.keep, "logging.log_every": cfg.logging.log_every,
-                "data.num_streams": cfg.data.num_streams, "logging.peak_tflops": cfg.logging.peak_tflops}
+                "logging.peak_tflops": cfg.logging.peak_tflops}
     for key, v in positive.items():
         if v <= 0:
             bad(key, f"= {v} must be > 0; fix the value")
     non_negative = {"train.global_batch_tokens": cfg.train.global_batch_tokens, "train.val_every": cfg.train.val_every,
                     "train.val_batches": cfg.train.val_batches, "checkpoint.every": cfg.checkpoint.every,
-                    "data.num_workers": cfg.data.num_workers, "optim.grad_clip": cfg.optim.grad_clip,
+                    "data.num_workers": cfg.data.num_workers, "data.num_streams": cfg.data.num_streams,
+                    "optim.grad_clip": cfg.optim.grad_clip,
                     "optim.weight_decay": cfg.optim.weight_decay, "train.max_bad_steps": cfg.train.max_bad_steps}
     for key, v in non_negative.items():
         if v < 0:

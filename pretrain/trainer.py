@@ -14,6 +14,7 @@ import math
 import random
 import signal
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,23 @@ def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str, is_main: bool) ->
     return Path(path) if path is not None else None
 
 
+def resolve_num_streams(configured: int, dp_size: int, resume_path: Path | None) -> int:
+    """data.num_streams of this run: as configured, else the resumed checkpoint's (the data order
+    must not change mid-run), else lcm(64, dp_size). The dp size must divide it."""
+    if configured:
+        count, origin = configured, f"data.num_streams={configured}"
+    elif resume_path is not None:
+        count = tomllib.loads((resume_path / CONFIG_FILE).read_text())["data"]["num_streams"]
+        origin = f"the data order of checkpoint {resume_path} (num_streams={count})"
+    else:
+        return math.lcm(64, dp_size)
+    if count % dp_size:
+        raise ConfigError(f"config: {origin} is not divisible by the {dp_size} data-parallel ranks; run on a "
+                          f"data-parallel size that divides {count}" + ("" if not configured else
+                          f", or set data.num_streams to a multiple of {dp_size} (0 picks one)"))
+    return count
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -179,6 +197,10 @@ class Trainer:
         self.dims = dims.resolve(self.dist.world_size)
         self.mesh = build_mesh(self.dims, self.device.type)
         self.dp_rank, self.dp_size = self.mesh.dp_coordinate() if self.mesh else (0, 1)
+        self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from,
+                                                     self.is_main)
+        num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size, self._resume_path)
+        self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams))
         self.grad_accum = self._grad_accum_steps()
         self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len
 
@@ -284,7 +306,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the requested or newest complete checkpoint; False when starting fresh."""
-        path = choose_resume_checkpoint(self.run_dir / "checkpoints", self.cfg.checkpoint.resume_from, self.is_main)
+        path = self._resume_path
         if path is None:
             if self.cfg.checkpoint.init_from:
                 self._init_from(Path(self.cfg.checkpoint.init_from))
