@@ -27,6 +27,7 @@ from data_pipeline.manifest import TOKENS_KEY, ShardInfo
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
+_OCTAL = re.compile(rb"[0-7]+")
 _NPY_V1_HEADER = re.compile(rb"\x93NUMPY\x01\x00..\{'descr': '([<>|][a-z][0-9])', 'fortran_order': False, 'shape': \((\d+),\), \}", re.S)
 
 
@@ -142,18 +143,27 @@ def _ustar_members(mm: mmap.mmap) -> list[tuple[str, int, int]] | None:
             break  # end-of-archive marker
         if header[156:157] not in (b"0", b"\0") or header[124] & 0x80:  # not a regular file, or base-256 size
             return None
-        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
-        if sum(header) - sum(header[148:156]) + 8 * 0x20 != stored:
-            raise ValueError(f"header at {offset}: bad checksum")
+        stored, unsigned = _octal(header[148:156], offset), sum(header) - sum(header[148:156]) + 8 * 0x20
+        if stored != unsigned and stored != unsigned - 256 * sum(b >= 0x80 for b in header[:148] + header[156:]):
+            raise ValueError(f"header at {offset}: bad checksum")  # neither the unsigned nor the signed sum
         name = header[:100].split(b"\0", 1)[0]
         if header[257:262] == b"ustar" and header[345] != 0:
             name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        size = _octal(header[124:136], offset)
         if offset + _BLOCK + size > len(mm):
             raise ValueError(f"member at {offset}: truncated ({size} bytes announced)")
-        members.append((name.decode(), offset + _BLOCK, size))
+        members.append((name.decode(errors="surrogateescape"), offset + _BLOCK, size))
         offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
     return members
+
+
+def _octal(field: bytes, offset: int) -> int:
+    """A numeric header field as tarfile reads it (up to the first NUL, spaces stripped), but
+    digits only: a sign would let a crafted size walk backwards or stand still."""
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if digits and not _OCTAL.fullmatch(digits):
+        raise ValueError(f"header at {offset}: bad number field {field!r}")
+    return int(digits or b"0", 8)
 
 
 def _npy_layout(buf: mmap.mmap, offset: int, size: int, dt: np.dtype) -> tuple[int, int]:

@@ -156,20 +156,38 @@ def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str, is_main: bool) ->
     return Path(path) if path is not None else None
 
 
-def resolve_num_streams(configured: int, dp_size: int, resume_path: Path | None) -> int:
-    """data.num_streams of this run: as configured, else the resumed checkpoint's (the data order
-    must not change mid-run), else lcm(64, dp_size). The dp size must divide it."""
-    if configured:
-        count, origin = configured, f"data.num_streams={configured}"
-    elif resume_path is not None:
-        count = tomllib.loads((resume_path / CONFIG_FILE).read_text())["data"]["num_streams"]
-        origin = f"the data order of checkpoint {resume_path} (num_streams={count})"
-    else:
+def checkpoint_num_streams(path: Path | None, is_main: bool) -> int | None:
+    """The data.num_streams a checkpoint was trained with; rank 0 reads it and tells every rank
+    (as in `choose_resume_checkpoint`), so an unreadable file is one ConfigError on all ranks."""
+    if path is None:
+        return None
+    answer: tuple[int | None, str | None] = (None, None)
+    if is_main:
+        try:
+            answer = (int(tomllib.loads((path / CONFIG_FILE).read_text())["data"]["num_streams"]), None)
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            answer = (None, f"config: cannot read data.num_streams from {path / CONFIG_FILE} "
+                            f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py wrote")
+    count, error = broadcast_object(answer)
+    if error is not None:
+        raise ConfigError(error)
+    return count
+
+
+def resolve_num_streams(configured: int, dp_size: int, saved: int | None = None) -> int:
+    """data.num_streams of this run: a resumed checkpoint's `saved` count (the data order must not
+    change mid-run), else as configured, else lcm(64, dp_size). The dp size must divide it."""
+    if saved is not None and configured and configured != saved:
+        raise ConfigError(f"config: data.num_streams={configured} but the checkpoint's data order has {saved} "
+                          "streams; drop the override (0 keeps the checkpoint's)")
+    count = saved or configured
+    if not count:
         return math.lcm(64, dp_size)
     if count % dp_size:
-        raise ConfigError(f"config: {origin} is not divisible by the {dp_size} data-parallel ranks; run on a "
-                          f"data-parallel size that divides {count}" + ("" if not configured else
-                          f", or set data.num_streams to a multiple of {dp_size} (0 picks one)"))
+        origin = f"the checkpoint's data order (num_streams={count})" if saved else f"data.num_streams={count}"
+        fix = "" if saved else f", or set data.num_streams to a multiple of {dp_size} (0 picks one)"
+        raise ConfigError(f"config: {origin} is not divisible by the {dp_size} data-parallel ranks; "
+                          f"run on a data-parallel size that divides {count}{fix}")
     return count
 
 
@@ -199,7 +217,8 @@ class Trainer:
         self.dp_rank, self.dp_size = self.mesh.dp_coordinate() if self.mesh else (0, 1)
         self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from,
                                                      self.is_main)
-        num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size, self._resume_path)
+        num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size,
+                                          checkpoint_num_streams(self._resume_path, self.is_main))
         self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams))
         self.grad_accum = self._grad_accum_steps()
         self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len

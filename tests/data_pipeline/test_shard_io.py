@@ -53,17 +53,40 @@ def test_archive_with_pax_headers_reads_through_tarfile(tmp_path):
     assert docs_of(read_shard(path, "uint16")) == DOCS
 
 
-@pytest.mark.parametrize("where", ["checksum", "size"])
+def set_field(data: bytearray, header: int, start: int, value: bytes, signed_checksum: bool = False) -> None:
+    """Write a header field, then the header's checksum (unsigned, or signed as some tars write)."""
+    data[header + start:header + start + len(value)] = value
+    data[header + 148:header + 156] = b" " * 8
+    block = data[header:header + 512]
+    total = sum(block) - (256 * sum(b >= 0x80 for b in block) if signed_checksum else 0)
+    data[header + 148:header + 155] = f"{total:06o}\0".encode()
+
+
+def second_header(data: bytearray) -> int:
+    return 512 + 512 * -(-int(data[124:135], 8) // 512)
+
+
+def test_signed_header_checksum_is_accepted_like_tarfile(tmp_path):
+    path, _ = write_shard(tmp_path, DOCS)
+    data = bytearray(path.read_bytes())
+    set_field(data, second_header(data), 265, "usér".encode(), signed_checksum=True)  # uname, non-ASCII
+    path.write_bytes(bytes(data))
+    with tarfile.open(path) as tar:
+        assert len(tar.getmembers()) == len(DOCS)
+    assert docs_of(read_shard(path, "uint16")) == DOCS
+
+
+@pytest.mark.parametrize("where", ["checksum", "size", "negative size"])
 def test_damaged_header_is_a_corrupt_shard(tmp_path, where):
     path, info = write_shard(tmp_path, DOCS)
     data = bytearray(path.read_bytes())
-    second = 512 + 512 * -(-int(data[124:135], 8) // 512)  # header of the second member
+    second = second_header(data)
     if where == "checksum":
         data[second + 10] ^= 0x01  # a flipped bit in a name: the header checksum no longer matches
-    else:  # announce more bytes than the archive holds (checksum fixed up, so only the size is wrong)
-        data[second + 124:second + 135] = b"77777777777"
-        data[second + 148:second + 156] = b" " * 8
-        data[second + 148:second + 155] = f"{sum(data[second:second + 512]):06o}\0".encode()
+    elif where == "size":  # more bytes than the archive holds (checksum fixed up: only the size is wrong)
+        set_field(data, second, 124, b"77777777777")
+    else:  # a signed size would walk back (or stand still) instead of forward
+        set_field(data, second, 124, b"-0000001130")
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError) as err:
         read_shard(path, "uint16")

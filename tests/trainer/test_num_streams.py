@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pretrain.config import ConfigError
-from pretrain.trainer import Trainer, resolve_num_streams
+from pretrain.trainer import Trainer, checkpoint_num_streams, resolve_num_streams
 from trainer_helpers import losses, tiny_config
 
 
@@ -23,10 +23,15 @@ def test_configured_count_must_be_divisible_by_the_ranks():
 def test_resume_keeps_the_checkpoints_count(tmp_path):
     ckpt = tmp_path / "step_00000002"
     ckpt.mkdir()
+    with pytest.raises(ConfigError, match=r"cannot read data.num_streams from .*config.toml"):
+        checkpoint_num_streams(ckpt, is_main=True)
     (ckpt / "config.toml").write_text("[data]\nnum_streams = 8\n")
-    assert resolve_num_streams(0, 2, ckpt) == 8
+    saved = checkpoint_num_streams(ckpt, is_main=True)
+    assert saved == 8 and resolve_num_streams(0, 2, saved) == 8 and resolve_num_streams(8, 2, saved) == 8
     with pytest.raises(ConfigError, match=r"num_streams=8\) is not divisible by the 3 data-parallel ranks"):
-        resolve_num_streams(0, 3, ckpt)
+        resolve_num_streams(0, 3, saved)
+    with pytest.raises(ConfigError, match=r"data.num_streams=16 but the checkpoint's data order has 8"):
+        resolve_num_streams(16, 2, saved)
 
 
 def test_resumed_run_with_the_default_continues_the_data_order(corpus, tmp_path):
