@@ -24,7 +24,8 @@ from parallel.mesh import ParallelDims  # noqa: E402
 from pretrain.config import ConfigError, JobConfig, parse_args, to_toml  # noqa: E402
 from pretrain.metrics import setup_logging  # noqa: E402
 from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Preempted, Trainer,  # noqa: E402
-                              TrainingStopped, build_model_from_config, resolve_num_streams)
+                              TrainingStopped, build_model_from_config, grad_accum_steps,
+                              resolve_num_streams)
 
 log = logging.getLogger("pretrain")
 EXIT_CONFIG = 2
@@ -65,7 +66,11 @@ def dry_run(cfg: JobConfig) -> int:
           f"({flops['non_embedding']:.4g} without the LM head)")
     print(f"memory per GPU       ~{mem['total_gib']:.1f} GiB (states {mem['states_gib']:.1f} + activations "
           f"{mem['activations_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}")
-    streams = resolve_num_streams(cfg.data.num_streams, dims.dp_replicate * dims.dp_shard)
+    dp = dims.dp_replicate * dims.dp_shard
+    accum = grad_accum_steps(cfg, dp)
+    print(f"batch                {accum * dp * cfg.train.micro_batch_size * cfg.data.seq_len:,} tokens per step "
+          f"({dp} data-parallel ranks x micro-batch {cfg.train.micro_batch_size} x {accum} accumulation steps)")
+    streams = resolve_num_streams(cfg.data.num_streams, dp)
     print(f"data streams         {streams} (a resumed run keeps its checkpoint's count)")
     return 0
 

@@ -156,6 +156,19 @@ def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str, is_main: bool) ->
     return Path(path) if path is not None else None
 
 
+def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step that fill train.global_batch_tokens (0: one)."""
+    t = cfg.train
+    per_micro = t.micro_batch_size * cfg.data.seq_len * dp_size
+    if t.global_batch_tokens == 0:
+        return 1
+    if t.global_batch_tokens % per_micro:
+        raise ConfigError(
+            f"config: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"micro_batch_size*seq_len*dp={per_micro}; set it to a multiple of {per_micro}")
+    return t.global_batch_tokens // per_micro
+
+
 def checkpoint_num_streams(path: Path | None, is_main: bool) -> int | None:
     """The data.num_streams a checkpoint was trained with; rank 0 reads it and tells every rank
     (as in `choose_resume_checkpoint`), so an unreadable file is one ConfigError on all ranks."""
@@ -220,7 +233,7 @@ class Trainer:
         num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size,
                                           checkpoint_num_streams(self._resume_path, self.is_main))
         self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams))
-        self.grad_accum = self._grad_accum_steps()
+        self.grad_accum = grad_accum_steps(cfg, self.dp_size)
         self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len
 
         dtype = cfg.train.dtype
@@ -271,17 +284,6 @@ class Trainer:
         self._moe_load: list[torch.Tensor] = []
 
     # ---- set-up helpers -------------------------------------------------------------------
-    def _grad_accum_steps(self) -> int:
-        t = self.cfg.train
-        per_micro = t.micro_batch_size * self.cfg.data.seq_len * self.dp_size
-        if t.global_batch_tokens == 0:
-            return 1
-        if t.global_batch_tokens % per_micro:
-            raise ConfigError(
-                f"config: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
-                f"micro_batch_size*seq_len*dp={per_micro}; set it to a multiple of {per_micro}")
-        return t.global_batch_tokens // per_micro
-
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; matrices decay, vectors (norms, biases, gains) do not."""
         o = self.cfg.optim

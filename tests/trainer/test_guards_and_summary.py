@@ -81,10 +81,25 @@ def test_summary_of_a_finished_run(corpus, tmp_path):
 
 def test_dry_run_builds_on_meta_and_reports(capsys):
     assert main(["--dry-run", "--arch", "hybrid_moe", "--size", "1b", "--data.seq_len=8192",
-                 "--train.micro_batch_size=1"]) == 0
+                 "--train.micro_batch_size=2"]) == 0
     out = capsys.readouterr().out
     assert 'arch = "hybrid_moe"' in out and "parameters" in out and "FLOPs per token" in out
     assert "memory per GPU" in out and "GiB" in out
+    assert "16,384 tokens per step (1 data-parallel ranks x micro-batch 2 x 1 accumulation" in out
+    assert "data streams         64" in out
+
+
+def test_dry_run_checks_the_layout_of_a_large_launch(capsys, monkeypatch):
+    """At 128 ranks the run picks 128 streams; a global batch that 128 ranks cannot fill fails."""
+    monkeypatch.setenv("WORLD_SIZE", "128")
+    args = ["--dry-run", "--arch", "hybrid_moe", "--size", "tiny", "--data.seq_len=256"]
+    assert main(args) == 0
+    assert "data streams         128" in capsys.readouterr().out
+    assert main([*args, "--train.global_batch_tokens=65536"]) == 2
+    assert "train.global_batch_tokens=65536 is not a multiple of micro_batch_size*seq_len*dp=262144" in \
+        capsys.readouterr().err
+    assert main([*args, "--data.num_streams=64"]) == 2
+    assert "data.num_streams=64 is not divisible by the 128 data-parallel ranks" in capsys.readouterr().err
 
 
 def test_bad_config_exits_2_naming_the_key(capsys):
