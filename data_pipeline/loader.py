@@ -75,6 +75,11 @@ class _WindowProducer(IterableDataset):
             yield item
 
 
+def _check_shape(seq_len: int, batch_size: int) -> None:
+    if seq_len < 1 or batch_size < 1:
+        raise DataInputError("loader", "seq_len/batch_size", f"{seq_len}/{batch_size}", "both must be >= 1")
+
+
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.numpy() if isinstance(x, torch.Tensor) else x
 
@@ -83,6 +88,7 @@ class TrainLoader:
     """Endless iterable of {"tokens": LongTensor[batch_size, seq_len + 1]} (+ "doc_starts": BoolTensor)."""
 
     def __init__(self, sources: list[Source], cfg: LoaderConfig):
+        _check_shape(cfg.seq_len, cfg.batch_size)
         check_layout(cfg.num_streams, cfg.dp_rank, cfg.dp_size)
         self.sources, self.cfg = sources, cfg
         self.streams = rank_streams(cfg.dp_rank, cfg.dp_size, cfg.num_streams)
@@ -195,6 +201,7 @@ class ValLoader:
 
     def __init__(self, sources: list[Source], seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  max_batches: int | None = None, emit_doc_boundaries: bool = False):
+        _check_shape(seq_len, batch_size)
         check_rank(dp_rank, dp_size)
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
         self.dp_rank, self.dp_size, self.max_batches = dp_rank, dp_size, max_batches
@@ -226,8 +233,6 @@ def build_train_loader(sources: list[tuple[str, float]], seq_len: int, batch_siz
                        emit_doc_boundaries: bool = False, verify_checksums: bool = True) -> TrainLoader:
     cfg = LoaderConfig(seq_len, batch_size, dp_rank, dp_size, seed, num_workers, num_streams, emit_doc_boundaries,
                        verify_checksums)
-    if seq_len < 1 or batch_size < 1:
-        raise DataInputError("loader", "seq_len/batch_size", f"{seq_len}/{batch_size}", "both must be >= 1")
     return TrainLoader(load_sources(sources), cfg)
 
 

@@ -15,7 +15,6 @@ import mmap
 import os
 import re
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,13 +123,13 @@ def read_shard(path: Path, dtype: str, info: ShardInfo | None = None, verify: bo
     return ShardDocs(tokens, np.asarray(starts, np.int64), np.asarray(ends, np.int64))
 
 
-def _tar_members(mm: mmap.mmap, path: Path) -> Iterator[tuple[str, int, int]]:
+def _tar_members(mm: mmap.mmap, path: Path) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of every member, in order."""
     members = _ustar_members(mm)
     if members is None:
         with tarfile.open(path, mode="r:") as tar:
             members = [(m.name, m.offset_data, m.size) for m in tar]
-    return iter(members)
+    return members
 
 
 def _ustar_members(mm: mmap.mmap) -> list[tuple[str, int, int]] | None:

@@ -34,7 +34,8 @@ def init_sharded(model: nn.Module, template: nn.Module, device: torch.device | s
     """
     model.to_empty(device=device)
     uncovered = {id(t): name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
-    checksum = torch.zeros((), dtype=torch.float64, device=device)
+    sharded = dist.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
+    checksum = torch.zeros((), dtype=torch.float64, device=device) if sharded else None
     for (full_module, init), (target_module, _) in zip(template.init_plan(), model.init_plan(), strict=True):
         full_module.to_empty(device=device)
         init()
@@ -43,17 +44,20 @@ def init_sharded(model: nn.Module, template: nn.Module, device: torch.device | s
         full_module.to_empty(device="meta")  # release it before the next step
     if uncovered:
         raise RuntimeError(f"init_sharded: no init_plan step covers {sorted(uncovered.values())}")
-    if any(isinstance(p, DTensor) for p in model.parameters()) and dist.is_initialized():
+    if checksum is not None:
         _check_ranks_agree(checksum)
 
 
-def _copy_module(full_module: nn.Module, target_module: nn.Module, checksum: torch.Tensor) -> list[torch.Tensor]:
-    """Copy each full tensor's shard into the target module; returns the targets written."""
+def _copy_module(full_module: nn.Module, target_module: nn.Module,
+                 checksum: torch.Tensor | None) -> list[torch.Tensor]:
+    """Copy each full tensor's shard into the target module (adding it to `checksum` when one is
+    kept); returns the targets written."""
     written = []
     for name, full in itertools.chain(full_module.named_parameters(), full_module.named_buffers()):
         owner, _, leaf = name.rpartition(".")
         target = getattr(target_module.get_submodule(owner) if owner else target_module, leaf)
-        checksum += full.sum(dtype=torch.float64)
+        if checksum is not None:
+            checksum += full.sum(dtype=torch.float64)
         local = target
         if isinstance(target, DTensor):
             # Every rank computed the same full tensor: take the local shard without communication.

@@ -43,6 +43,11 @@ MARKER = "COMPLETE.json"
 TRAIN_STATE = "train_state.pt"
 CONFIG_FILE = "config.toml"
 MODEL_CONFIG_FILE = "model_config.json"
+
+
+def model_config_json(model_config: Any) -> str:
+    """The MODEL_CONFIG_FILE text of a ModelConfig (read back with ModelConfig.from_dict)."""
+    return json.dumps(model_config.to_dict(), indent=1)
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 

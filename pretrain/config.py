@@ -348,13 +348,3 @@ def to_toml(cfg: JobConfig) -> str:
             lines.append(f"\n[{section}.{k}]")
             lines.extend(f"{kk} = {lit(vv)}" for kk, vv in sub.items())
     return "\n".join(lines) + "\n"
-
-
-def from_dict(d: dict[str, Any], source: str = "checkpoint config") -> JobConfig:
-    cfg = JobConfig()
-    for key, value in _flatten(d):
-        if key == "model.overrides":
-            cfg.model.overrides = dict(value)
-        else:
-            _set(cfg, key, value, source)
-    return cfg

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint import MODEL_CONFIG_FILE, commit, load_model_weights, save_model_weights
+from pretrain.checkpoint import MODEL_CONFIG_FILE, commit, load_model_weights, model_config_json, save_model_weights
 
 
 def load_model(checkpoint: Path):
@@ -46,8 +46,6 @@ def export(checkpoint: Path, out: Path) -> Path:
 
 
 def import_(hf_dir: Path, out: Path) -> Path:
-    import dataclasses
-
     from transformers import AutoModelForCausalLM
 
     from pretrain.model.hf import from_hf
@@ -59,7 +57,7 @@ def import_(hf_dir: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model_weights(tmp, model.state_dict())
-    (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.config), indent=1))
+    (tmp / MODEL_CONFIG_FILE).write_text(model_config_json(model.config))
     commit(tmp, out)
     return out
 

@@ -55,7 +55,7 @@ def dry_run(cfg: JobConfig) -> int:
     p = cfg.parallel
     world = int(os.environ.get("WORLD_SIZE", p.dp_replicate * p.dp_shard if p.dp_shard > 0 else 1))
     dims = ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard).resolve(world)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = counts["total"]
     mem = estimate_memory_gib(n_params, cfg, len(model.blocks), mcfg.d_model, dims.dp_shard)
     print(to_toml(cfg))
     print(f"pattern              {mcfg.pattern}")
@@ -66,7 +66,7 @@ def dry_run(cfg: JobConfig) -> int:
           f"({flops['non_embedding']:.4g} without the LM head)")
     print(f"memory per GPU       ~{mem['total_gib']:.1f} GiB (states {mem['states_gib']:.1f} + activations "
           f"{mem['activations_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}")
-    dp = dims.dp_replicate * dims.dp_shard
+    dp = dims.dp
     accum = grad_accum_steps(cfg, dp)
     print(f"batch                {accum * dp * cfg.train.micro_batch_size * cfg.data.seq_len:,} tokens per step "
           f"({dp} data-parallel ranks x micro-batch {cfg.train.micro_batch_size} x {accum} accumulation steps)")

@@ -7,8 +7,8 @@ what the uninterrupted run computed after step s (on CPU; on GPU up to kernel no
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -17,7 +17,8 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,12 +34,13 @@ from parallel.fsdp import apply_fsdp
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, find_latest_complete,
-                                 load_model_weights, verify_checkpoint)
+                                 load_model_weights, model_config_json, verify_checkpoint)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
 
+T = TypeVar("T")
 log = logging.getLogger("pretrain")
 
 # Exit codes the launchers act on (documented in docs/training.md).
@@ -115,10 +117,6 @@ def build_model_from_config(cfg: JobConfig, device: str | torch.device = "cpu") 
                           f"overrides={cfg.model.overrides}): {e}") from None
 
 
-def model_config_json(model_config: Any) -> str:
-    return json.dumps(dataclasses.asdict(model_config), indent=1)
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -134,26 +132,34 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str, is_main: bool) -> Path | None:
-    """The checkpoint to resume from (None: start fresh), decided by rank 0 and broadcast.
-
-    Ranks must never pick on their own: on a shared filesystem they can see different states
-    (a save being committed or pruned, client caches), and ranks resuming from different steps
-    would train on silently. A bad `resume_from` raises the same error on every rank."""
-    choice: tuple[str | None, str | None] = (None, None)  # (path, error)
+def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
+    """What `decide()` returns on rank 0, given to every rank; a ConfigError it raises is raised
+    on every rank. Ranks must never decide about shared files on their own: on a shared
+    filesystem they can see different states (a save being committed or pruned, client caches)."""
+    answer: tuple[Any, str | None] = (None, None)  # (value, error)
     if is_main:
-        if resume_from:
-            reason = verify_checkpoint(Path(resume_from))
-            choice = (resume_from, None) if reason is None else (
-                None, f"config: checkpoint.resume_from={resume_from} is not a complete checkpoint ({reason}); "
-                      "point it at a step_* directory with COMPLETE.json")
-        else:
-            latest = find_latest_complete(ckpt_dir)
-            choice = (str(latest) if latest else None, None)
-    path, error = broadcast_object(choice)
+        try:
+            answer = (decide(), None)
+        except ConfigError as e:
+            answer = (None, str(e))
+    value, error = broadcast_object(answer)
     if error is not None:
         raise ConfigError(error)
-    return Path(path) if path is not None else None
+    return value
+
+
+def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), decided by rank 0 (ranks resuming from
+    different steps would train on silently)."""
+    def decide() -> Path | None:
+        if not resume_from:
+            return find_latest_complete(ckpt_dir)
+        reason = verify_checkpoint(Path(resume_from))
+        if reason is not None:
+            raise ConfigError(f"config: checkpoint.resume_from={resume_from} is not a complete checkpoint "
+                              f"({reason}); point it at a step_* directory with COMPLETE.json")
+        return Path(resume_from)
+    return rank0_decides(decide, is_main)
 
 
 def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
@@ -170,21 +176,18 @@ def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
 
 
 def checkpoint_num_streams(path: Path | None, is_main: bool) -> int | None:
-    """The data.num_streams a checkpoint was trained with; rank 0 reads it and tells every rank
-    (as in `choose_resume_checkpoint`), so an unreadable file is one ConfigError on all ranks."""
+    """The data.num_streams a checkpoint was trained with, read by rank 0 for every rank."""
     if path is None:
         return None
-    answer: tuple[int | None, str | None] = (None, None)
-    if is_main:
+
+    def read() -> int:
         try:
-            answer = (int(tomllib.loads((path / CONFIG_FILE).read_text())["data"]["num_streams"]), None)
+            return int(tomllib.loads((path / CONFIG_FILE).read_text())["data"]["num_streams"])
         except (OSError, KeyError, TypeError, ValueError) as e:
-            answer = (None, f"config: cannot read data.num_streams from {path / CONFIG_FILE} "
-                            f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py wrote")
-    count, error = broadcast_object(answer)
-    if error is not None:
-        raise ConfigError(error)
-    return count
+            raise ConfigError(f"config: cannot read data.num_streams from {path / CONFIG_FILE} "
+                              f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py "
+                              "wrote") from None
+    return rank0_decides(read, is_main)
 
 
 def resolve_num_streams(configured: int, dp_size: int, saved: int | None = None) -> int:
@@ -246,6 +249,7 @@ class Trainer:
         # rank ever holds the whole model, and the initial weights are those of an unsharded
         # model on that device whatever the number of ranks.
         self.model = build_model_from_config(cfg, device="meta")
+        template = copy.deepcopy(self.model)  # unsharded, unwrapped: init_sharded's full modules
         self.model_config = self.model.config
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(self.model.blocks)
@@ -254,7 +258,7 @@ class Trainer:
         if self.mesh is not None:
             apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
                        param_dtype=self.compute_dtype, reduce_dtype=torch.float32, forward_methods=("loss",))
-        init_sharded(self.model, build_model_from_config(cfg, device="meta"), self.device)
+        init_sharded(self.model, template, self.device)
         self.moe_layers = list(self.model.moe_layers())
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)

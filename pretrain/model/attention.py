@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
@@ -60,17 +59,13 @@ class Attention(nn.Module):
                 k = torch.cat([state["k"], k], dim=2)
                 v = torch.cat([state["v"], v], dim=2)
                 k_pos = torch.cat([state["pos"], positions])
-            keep = self._kept_in_cache(k_pos, positions[-1])
-            state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
+            state["k"], state["v"], state["pos"] = k, v, k_pos
+            if self.window is not None:  # later queries see only sinks + window: drop the rest
+                keep = (k_pos < self.n_sink) | (k_pos > positions[-1] - self.window)
+                state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
         y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)
         y = y.transpose(1, 2).reshape(b, l, self.out_width)
         return self.o_proj(y) if self.o_proj is not None else y
-
-    def _kept_in_cache(self, k_pos: Tensor, last: Tensor) -> Tensor:
-        """Keys a later query can still see: all for global attention; sinks + window for SWA."""
-        if self.window is None:
-            return torch.ones_like(k_pos, dtype=torch.bool)
-        return (k_pos < self.n_sink) | (k_pos > last - self.window)
 
 
 def attention_from_config(cfg, sliding: bool, layer_id: int) -> Attention:
@@ -78,4 +73,4 @@ def attention_from_config(cfg, sliding: bool, layer_id: int) -> Attention:
     rope = RopeConfig(theta=cfg.swa_rope_theta, factor=None) if sliding else cfg.rope
     return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, rope,
                      window=cfg.window if sliding else None, n_sink=cfg.n_sink if sliding else 0,
-                     init_std=cfg.init_std, out_init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+                     init_std=cfg.init_std, out_init_std=cfg.out_init_std)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 from torch import Tensor, nn
 
@@ -26,10 +25,9 @@ def build_mixer(cfg: ModelConfig, symbol: str, layer_id: int) -> nn.Module:
 
 
 def build_ffn(cfg: ModelConfig) -> nn.Module:
-    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     if cfg.moe is not None:
-        return MoE(cfg.d_model, cfg.d_expert, cfg.moe, cfg.init_std, out_std)
-    return SwiGLU(cfg.d_model, cfg.d_ffn, cfg.init_std, out_std)
+        return MoE(cfg.d_model, cfg.d_expert, cfg.moe, cfg.init_std, cfg.out_init_std)
+    return SwiGLU(cfg.d_model, cfg.d_ffn, cfg.init_std, cfg.out_init_std)
 
 
 class Block(nn.Module):

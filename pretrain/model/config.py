@@ -7,6 +7,7 @@ reported for a model is always the number of the model that gets built.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,11 @@ class ModelConfig:
     def d_expert(self) -> int:
         assert self.moe is not None
         return self.moe.d_expert or self.d_ffn // 2
+
+    @property
+    def out_init_std(self) -> float:
+        """Init std of the projections that write into the residual stream (GPT-2 style)."""
+        return self.init_std / math.sqrt(2 * self.n_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

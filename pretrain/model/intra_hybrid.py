@@ -76,7 +76,7 @@ class IntraHybrid(nn.Module):
         super().__init__()
         ic: IntraConfig = cfg.intra
         self.cfg, self.init_std = ic, cfg.init_std
-        self.out_init_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.out_init_std = cfg.out_init_std
         self.attn = Attention(cfg.d_model, ic.attn_heads, ic.kv_heads, ic.qk_head_dim, cfg.rope,
                               v_head_dim=ic.head_dim, project_out=False, init_std=cfg.init_std)
         self.ssm = Mamba2(cfg.d_model, ic.ssm_heads, ic.head_dim, ic.d_state, cfg.n_groups, cfg.d_conv,

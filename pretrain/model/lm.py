@@ -100,16 +100,16 @@ class HybridLM(nn.Module):
 
 class InferenceCache:
     """Per-layer decoding state (KV for attention, conv + SSM for Mamba2) and the tokens seen.
-    `nbytes` counts the state tensors (not the int64 key positions kept for masking)."""
+    `numel` counts the state's elements (not the int64 key positions kept for masking)."""
 
     def __init__(self, n_layers: int):
         self.layers: list[dict] = [{} for _ in range(n_layers)]
         self.length = 0
 
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         def size(obj) -> int:
             if isinstance(obj, Tensor):
-                return obj.numel() * obj.element_size()
+                return obj.numel()
             return sum(size(v) for k, v in obj.items() if k != "pos") if isinstance(obj, dict) else 0
         return sum(size(layer) for layer in self.layers)
 
