@@ -6,7 +6,8 @@ Attention-only stacks map to `LlamaForCausalLM`; stacks with Mamba2 blocks ('M',
 multipliers (embedding, residual, logits 1; attention 1/sqrt(head_dim)), disabling routed
 experts (`num_local_experts=0`: the shared MLP is our dense SwiGLU) and giving it our RoPE
 (Llama 3 scaling via `rope_type="llama3"`). Intra-layer hybrids, sliding-window attention with
-sinks and MoE have no transformers counterpart and raise `ValueError`.
+sinks and MoE have no transformers counterpart: `export_refusal` says why, and `to_hf` raises
+`ValueError` with that reason.
 
 Targets transformers 5.x config conventions (`rope_parameters`, `layer_types` of
 "full_attention" / "linear_attention").
@@ -23,6 +24,7 @@ from transformers import (
     GraniteMoeHybridForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedConfig,
     PreTrainedModel,
 )
 
@@ -33,6 +35,10 @@ from pretrain.model.lm import HybridLM
 _LAYER_TYPES = {"A": "full_attention", "M": "linear_attention"}
 _SYMBOLS = {v: k for k, v in _LAYER_TYPES.items()}
 # Mamba2 parameters: Granite name -> ours (conv1d.weight is [conv_dim, 1, k], ours [conv_dim, k]).
+# What `to_hf` maps, for messages that refuse the rest (intra-hybrid and MoE export are planned).
+EXPORTABLE_ARCHS = ("llama", "mamba2", "inter_hybrid")
+EXPORTABLE = (f"{', '.join(EXPORTABLE_ARCHS)}: patterns of global attention 'A' and Mamba2 'M' blocks with a "
+              "dense SwiGLU FFN")
 _MAMBA_KEYS = {"in_proj.weight": "in_proj.weight", "conv1d.weight": "conv_weight",
                "conv1d.bias": "conv_bias", "dt_bias": "dt_bias", "A_log": "A_log", "D": "D",
                "norm.weight": "norm.weight", "out_proj.weight": "out_proj.weight"}
@@ -41,11 +47,9 @@ _MAMBA_KEYS = {"in_proj.weight": "in_proj.weight", "conv1d.weight": "conv_weight
 def to_hf(model: HybridLM) -> PreTrainedModel:
     """A transformers model computing the same logits as `model` (same device, dtype and mode)."""
     cfg = model.config
-    _check_representable(cfg)
-    if set(cfg.blocks) == {"A"}:
-        hf: PreTrainedModel = LlamaForCausalLM(LlamaConfig(**_common_hf_config(cfg), mlp_bias=False))
-    else:
-        hf = GraniteMoeHybridForCausalLM(_granite_config(cfg))
+    config = hf_config(cfg)
+    model_class = LlamaForCausalLM if isinstance(config, LlamaConfig) else GraniteMoeHybridForCausalLM
+    hf: PreTrainedModel = model_class(config)
     ours = model.state_dict()
     params = hf.state_dict()
     state = {hf_key: torch.cat([ours[k] for k in keys]).reshape(params[hf_key].shape)
@@ -53,6 +57,16 @@ def to_hf(model: HybridLM) -> PreTrainedModel:
     hf.load_state_dict(state, strict=True)
     weight = model.embed.weight
     return hf.to(device=weight.device, dtype=weight.dtype).train(model.training)
+
+
+def hf_config(cfg: ModelConfig) -> PreTrainedConfig:
+    """The `LlamaConfig` or `GraniteMoeHybridConfig` of `cfg`; `ValueError` when there is none."""
+    why = export_refusal(cfg)
+    if why is not None:
+        raise ValueError(f"model not representable in transformers: {why}; exportable: {EXPORTABLE}")
+    if set(cfg.blocks) == {"A"}:
+        return LlamaConfig(**_common_hf_config(cfg), mlp_bias=False)
+    return _granite_config(cfg)
 
 
 def from_hf(hf_model: PreTrainedModel) -> HybridLM:
@@ -76,22 +90,22 @@ def from_hf(hf_model: PreTrainedModel) -> HybridLM:
     return model.train(hf_model.training)
 
 
-def _check_representable(cfg: ModelConfig) -> None:
-    def no(why: str) -> None:
-        raise ValueError(f"model not representable in transformers: {why}")
-
+def export_refusal(cfg: ModelConfig) -> str | None:
+    """Why `cfg` has no transformers counterpart (every reason, '; '-joined), or None if it has one."""
+    why = []
     if cfg.moe is not None:
-        no("MoE FFN (sigmoid router with aux-loss-free bias, shared + top-k routed experts) has no "
-           "transformers counterpart (Granite's MoE routes with a softmax over the top-k logits)")
+        why.append("MoE FFN (sigmoid router with aux-loss-free bias, shared + top-k routed experts) not "
+                   "supported yet (Granite's MoE routes with a softmax over the top-k logits)")
     if "H" in cfg.blocks:
-        no("intra-layer hybrid blocks ('H': attention and Mamba2 in parallel in one mixer) have no "
-           "transformers counterpart")
+        why.append("intra-layer hybrid blocks ('H': attention and Mamba2 in parallel in one mixer) not "
+                   "supported yet")
     if "S" in cfg.blocks:
-        no("sliding-window attention with attention-sink tokens ('S' blocks) has no transformers "
-           "counterpart")
+        why.append("sliding-window attention with attention-sink tokens ('S' blocks) has no transformers "
+                   "counterpart")
     if "M" in cfg.blocks and cfg.d_ssm % cfg.d_model:
-        no(f"GraniteMoeHybrid's Mamba width is an integer mamba_expand * hidden_size, and "
-           f"d_ssm={cfg.d_ssm} is not a multiple of d_model={cfg.d_model}")
+        why.append(f"GraniteMoeHybrid's Mamba width is an integer mamba_expand * hidden_size, and "
+                   f"d_ssm={cfg.d_ssm} is not a multiple of d_model={cfg.d_model}")
+    return "; ".join(why) or None
 
 
 def _key_map(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
@@ -127,13 +141,22 @@ def _rope_parameters(rope: RopeConfig) -> dict:
             "original_max_position_embeddings": rope.original_context}
 
 
+def _max_position_embeddings(cfg: ModelConfig) -> int:
+    """Our max_seq_len, raised past the Llama 3 scaling's original context where it is not: transformers
+    warns unless original_max_position_embeddings < max_position_embeddings, and the field changes no
+    logit (llama3 frequencies depend on the original context only). A re-import reads it as max_seq_len."""
+    if cfg.rope.factor is None:
+        return cfg.max_seq_len
+    return max(cfg.max_seq_len, cfg.rope.original_context + 1)
+
+
 def _common_hf_config(cfg: ModelConfig) -> dict:
     """Fields Llama and Granite name alike."""
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ffn,
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
                 attention_bias=False, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-                max_position_embeddings=cfg.max_seq_len, initializer_range=cfg.init_std,
+                max_position_embeddings=_max_position_embeddings(cfg), initializer_range=cfg.init_std,
                 rope_parameters=_rope_parameters(cfg.rope))
 
 

@@ -1,6 +1,8 @@
 """Hugging Face interop: to_hf / from_hf preserve the function against transformers' own forward,
-round-trip exactly, survive save_pretrained -> AutoModelForCausalLM, and refuse what they cannot
-express."""
+round-trip exactly, survive save_pretrained -> AutoModelForCausalLM without a warning from
+transformers, and refuse what they cannot express."""
+
+import logging
 
 import pytest
 import torch
@@ -9,13 +11,14 @@ pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM,
                           LlamaConfig, LlamaForCausalLM)
 
-from pretrain.model import ARCHS, build_model
-from pretrain.model.hf import from_hf, to_hf
+from pretrain.model import ARCHS, SIZES, build_model, model_config
+from pretrain.model.hf import EXPORTABLE_ARCHS, export_refusal, from_hf, hf_config, to_hf
 
 SUPPORTED = ("llama", "mamba2", "inter_hybrid")
 LENGTHS = (32, 21)  # a multiple of the chunk size (16 tiny, 8 below) and not
+# max_seq_len comes back as the exported max_position_embeddings (test_max_seq_len_round_trip).
 SHARED_FIELDS = ("pattern", "vocab_size", "d_model", "d_ffn", "n_heads", "n_kv_heads", "head_dim", "rope",
-                 "norm_eps", "tie_embeddings", "init_std", "max_seq_len")
+                 "norm_eps", "tie_embeddings", "init_std")
 MAMBA_FIELDS = ("d_ssm", "ssm_head_dim", "d_state", "n_groups", "d_conv", "chunk_size")
 
 
@@ -43,6 +46,17 @@ def max_diff(model, hf, vocab):
     return max(diffs)
 
 
+@pytest.fixture
+def transformers_log(caplog):
+    """Records transformers logs at WARNING and above: its library logger does not propagate to the
+    root logger that caplog listens on, so caplog's handler is attached to it directly."""
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="transformers")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 def assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -66,6 +80,19 @@ def test_to_hf_matches_and_round_trips(arch, overrides):
     assert_same_state(back, model)
     fields = SHARED_FIELDS + (MAMBA_FIELDS if "M" in model.config.pattern else ())
     assert {f: getattr(back.config, f) for f in fields} == {f: getattr(model.config, f) for f in fields}
+
+
+@pytest.mark.parametrize("max_seq_len, factor", [(256, None), (256, 32.0), (8192, 32.0), (16384, 8.0)])
+def test_max_seq_len_round_trip(max_seq_len, factor):
+    """Unscaled RoPE and contexts past the Llama 3 scaling's original one come back unchanged; a shorter
+    one is exported above the original context (transformers warns otherwise) and comes back as that."""
+    model = build_model("llama", "tiny", max_seq_len=max_seq_len, rope={"factor": factor})
+    exported = to_hf(model).config.max_position_embeddings
+    assert from_hf(to_hf(model)).config.max_seq_len == exported
+    if factor is None or max_seq_len > model.config.rope.original_context:
+        assert exported == max_seq_len
+    else:
+        assert exported > model.config.rope.original_context
 
 
 def native_llama():
@@ -95,13 +122,24 @@ def test_from_hf_of_native_model(make):
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
-def test_save_pretrained_loads_with_auto_class(arch, tmp_path):
+def test_save_pretrained_loads_silently_with_auto_class(arch, tmp_path, transformers_log, recwarn):
+    """The tiny presets' max_seq_len (256) is below the Llama 3 RoPE scaling's original context (8192),
+    which transformers warns about unless the export accounts for it; the logits must not change."""
     model = tiny(arch)
     to_hf(model).save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert [r.getMessage() for r in transformers_log.records] == []
+    assert [str(w.message) for w in recwarn] == []
     assert max_diff(model, loaded, model.config.vocab_size) < 1e-4
     assert_same_state(from_hf(loaded), model)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_hf_config_of_every_preset_is_accepted_silently(arch, size, transformers_log):
+    hf_config(model_config(arch, size))
+    assert [r.getMessage() for r in transformers_log.records] == []
 
 
 @pytest.mark.parametrize("arch", ["llama", "inter_hybrid"])  # HF's KV cache and its Mamba caches
@@ -116,8 +154,20 @@ def test_hf_generate_matches_ours(arch):
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in SUPPORTED])
 def test_unrepresentable_presets_raise(arch):
-    with pytest.raises(ValueError, match="not representable in transformers"):
+    with pytest.raises(ValueError, match="not representable in transformers: .*; exportable: llama, mamba2, "
+                                         "inter_hybrid"):
         to_hf(build_model(arch, "tiny"))
+
+
+def test_exportable_archs_are_the_ones_to_hf_maps():
+    """EXPORTABLE_ARCHS names the supported presets in refusals: it must match what export_refusal lets pass."""
+    assert [a for a in ARCHS if export_refusal(model_config(a, "tiny")) is None] == list(EXPORTABLE_ARCHS) \
+        == list(SUPPORTED)
+
+
+def test_refusal_gives_every_reason():
+    why = export_refusal(model_config("hybrid_moe", "tiny"))
+    assert "MoE FFN" in why and "intra-layer hybrid" in why
 
 
 def test_mamba_width_must_be_a_multiple_of_d_model():
