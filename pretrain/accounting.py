@@ -8,23 +8,39 @@ visible context, and the SSD scan's chunk-quadratic and state terms.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.pattern import BLOCK_SYMBOLS, parse_pattern
 
 CACHE_BYTES_PER_ELEMENT = 2  # bf16 inference cache
 
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """{"non_embedding", "embedding", "total", "active_non_embedding"} (active: MoE routes top-k of E)."""
+def _meta_model(cfg: ModelConfig) -> Any:
     from pretrain.model.lm import HybridLM
 
     with torch.device("meta"):
-        model = HybridLM(cfg)
-    embedding = model.embed.weight.numel() + (model.head.weight.numel() if model.head is not None else 0)
-    total = sum(p.numel() for p in model.parameters())
+        return HybridLM(cfg)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _embedding_params(model: Any) -> int:
+    return model.embed.weight.numel() + (model.head.weight.numel() if model.head is not None else 0)
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """{"non_embedding", "embedding", "total", "active_non_embedding"} (active: MoE routes top-k of E)."""
+    model = _meta_model(cfg)
+    embedding = _embedding_params(model)
+    total = _numel(model)
     inactive = 0
     if cfg.moe is not None:
         unused = 1 - cfg.moe.top_k / cfg.moe.n_experts
@@ -32,6 +48,26 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     non_embedding = total - embedding
     return {"non_embedding": non_embedding, "embedding": embedding, "total": total,
             "active_non_embedding": non_embedding - inactive}
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    """Non-embedding parameters of one config's sizes as one block of each symbol plus what sits
+    outside the blocks (the final norm): the count of any pattern without building a model for
+    each, which a depth search needs (`presets`)."""
+
+    per_block: dict[str, int]
+    outside: int
+
+    def non_embedding(self, pattern: str) -> int:
+        return self.outside + sum(self.per_block[s] for s in parse_pattern(pattern).blocks)
+
+
+def block_params(cfg: ModelConfig) -> BlockParams:
+    """Measured from one meta-device model holding a block of every symbol."""
+    model = _meta_model(dataclasses.replace(cfg, pattern="".join(BLOCK_SYMBOLS)))
+    per_block = {block.symbol: _numel(block) for block in model.blocks}
+    return BlockParams(per_block, _numel(model) - _embedding_params(model) - sum(per_block.values()))
 
 
 def mean_visible_keys(seq_len: int, window: int | None, n_sink: int) -> float:
@@ -105,7 +141,7 @@ def cache_elements(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def report(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:
-    """Everything `python -m pretrain.inspect` prints for one model."""
+    """Everything `python -m pretrain.describe` prints for one model."""
     params = count_params(cfg)
     flops = flops_per_token(cfg, seq_len, params)
     return {

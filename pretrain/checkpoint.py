@@ -1,15 +1,19 @@
-"""Atomic, resumable DCP checkpoints in RUN_DIR/checkpoints.
+"""Atomic, verified, resumable DCP checkpoints in RUN_DIR/checkpoints.
 
 Layout of one checkpoint `step_00001000/`:
   DCP files (.metadata, __*_*.distcp)  model and optimizer, sharded as they were in memory
-  train_state.pt                       step, scheduler, data-loader and RNG state of every rank
+  train_state.json                     step, scheduler, data-loader and RNG state of every rank,
+                                       and the software the run used (plain JSON: no pickle)
   config.toml                          the resolved run config (readable, reusable with --config)
   model_config.json                    the ModelConfig the weights belong to (export, init_from)
-  COMPLETE.json                        written last: every file with its size
+  COMPLETE.json                        written last: every file with its size and xxh3-128 hash
 
 A save writes into `.tmp-step_00001000/` and is renamed into place only after COMPLETE.json is
-written, so a crash mid-save leaves nothing that resume would pick. Resume also re-checks file
-sizes against COMPLETE.json, so a checkpoint later truncated or missing a file is skipped.
+written, so a crash mid-save leaves nothing that resume would pick. Resume verifies every file
+against COMPLETE.json (sizes, then hashes shared out over the ranks) and falls back to the
+previous checkpoint that verifies. DCP's `.metadata` is a pickle: its hash is checked right before
+DCP reads it, so only bytes this stack wrote are ever unpickled. Checkpoint directories are still
+trusted input (docs/training.md); weights from elsewhere come in through `pretrain.hf import`.
 """
 from __future__ import annotations
 
@@ -24,10 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, new_cpu_group
+from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, broadcast_object, new_cpu_group
+from pretrain.checkpoint_integrity import (MARKER, CheckpointDamaged, FileRecord, check_digests, file_digest,
+                                           read_marker, share, verify_share, write_marker)
 
 log = logging.getLogger(__name__)
 _SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
@@ -39,42 +45,37 @@ def _quiet_dcp(fn, *args, **kwargs):
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
         return fn(*args, **kwargs)
 
-MARKER = "COMPLETE.json"
-TRAIN_STATE = "train_state.pt"
+
+TRAIN_STATE = "train_state.json"
 CONFIG_FILE = "config.toml"
 MODEL_CONFIG_FILE = "model_config.json"
+DCP_METADATA = ".metadata"
+_NAME = re.compile(r"^step_(\d{8,})$")
 
 
 def model_config_json(model_config: Any) -> str:
     """The MODEL_CONFIG_FILE text of a ModelConfig (read back with ModelConfig.from_dict)."""
     return json.dumps(model_config.to_dict(), indent=1)
-_NAME = re.compile(r"^step_(\d{8,})$")
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def verify_checkpoint(path: Path) -> str | None:
-    """None when `path` is a complete checkpoint, else the reason it is not."""
-    marker = path / MARKER
-    if not marker.is_file():
-        return f"no {MARKER} (save never finished)"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable {MARKER} ({e})"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"missing file {name}"
-        if f.stat().st_size != size:
-            return f"file {name} has {f.stat().st_size} bytes, expected {size} (truncated)"
-    return None
+    """None when `path` is a complete, undamaged checkpoint, else the reason (naming the file).
+    Collective when distributed: every rank hashes a share of the files and all get one verdict."""
+    rank, world = _rank_and_world()
+    reasons = all_gather_objects(verify_share(Path(path), rank, world))
+    return next((r for r in reasons if r is not None), None)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Committed checkpoint directories, oldest first (complete or not: see verify_checkpoint)."""
+    """Committed checkpoint directories, oldest first (intact or not: see verify_checkpoint)."""
     if not ckpt_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
@@ -82,8 +83,11 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def find_latest_complete(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones are reported and passed over."""
-    for path in reversed(list_checkpoints(ckpt_dir)):
+    """The newest checkpoint that verifies; damaged ones are reported and passed over. Collective
+    when distributed: rank 0 lists the candidates (ranks may see a shared directory differently)."""
+    candidates = broadcast_object([str(p) for p in reversed(list_checkpoints(ckpt_dir))])
+    for candidate in candidates:
+        path = Path(candidate)
         reason = verify_checkpoint(path)
         if reason is None:
             return path
@@ -124,21 +128,27 @@ class CheckpointManager:
     def save(self, step: int, dcp_state: dict[str, Any], rank_state: dict[str, Any],
              shared_state: dict[str, Any], texts: dict[str, str]) -> Path:
         """Write checkpoint `step`. `rank_state` differs per rank (RNG, loader); `shared_state` and
-        `texts` (file name -> content: config.toml, model_config.json) do not. Returns the path
-        the checkpoint has once committed: at once for a sync save; for an async one in a later
-        `poll()` or `wait()`."""
+        `texts` (file name -> content: config.toml, model_config.json) do not; both states must be
+        JSON-serialisable. Returns the path the checkpoint has once committed: at once for a sync
+        save; for an async one in a later `poll()` or `wait()`.
+
+        A directory of this step that already verifies is kept (a resumed run reaching a step it
+        saved before); one that does not (damaged, or from an older format) is written again."""
         self.wait()
         final = self.dir / checkpoint_name(step)
-        if final.exists():
-            self.committed = final
-            return final
+        if broadcast_object(final.exists()):
+            reason = verify_checkpoint(final)
+            if reason is None:
+                self.committed = final
+                return final
+            log.warning("checkpoint %s does not verify (%s); saving step %d again in its place", final, reason, step)
         tmp = self.dir / f".tmp-{final.name}"
         rank_states = all_gather_objects(rank_state)
         if self.is_main:
             tmp.mkdir(parents=True)
-            torch.save({**shared_state, "ranks": rank_states}, tmp / TRAIN_STATE)
+            _write_durably(tmp / TRAIN_STATE, json.dumps({**shared_state, "ranks": rank_states}))
             for name, text in texts.items():
-                (tmp / name).write_text(text)
+                _write_durably(tmp / name, text)
         barrier()
         if self.async_save:
             future = _quiet_dcp(dcp.async_save, dcp_state, checkpoint_id=str(tmp), process_group=self._async_group)
@@ -164,40 +174,66 @@ class CheckpointManager:
         return True
 
     def wait(self) -> None:
-        """Finish and commit the save in flight, if any."""
+        """Finish and commit the save in flight, if any: every rank hashes a share of the files,
+        rank 0 writes the marker and renames the directory into place."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
         if pending.future is not None:
             pending.future.result()
         barrier()  # every rank's shards are on disk
+        names = broadcast_object(sorted(p.name for p in pending.tmp.iterdir() if p.is_file()) if self.is_main else None)
+        rank, world = _rank_and_world()
+        hashed = {n: FileRecord((pending.tmp / n).stat().st_size, file_digest(pending.tmp / n))
+                  for n in share(names, rank, world)}
+        parts = all_gather_objects(hashed)
         if self.is_main:
-            commit(pending.tmp, pending.final)
+            commit(pending.tmp, pending.final, {n: r for part in parts for n, r in part.items()})
             self._prune()
             log.info("checkpoint saved: %s", pending.final)
         barrier()
         self.committed = pending.final
 
     def _prune(self) -> None:
-        complete = [p for p in list_checkpoints(self.dir) if verify_checkpoint(p) is None]
+        """Keep the newest `keep` committed checkpoints (marker and sizes: hashing them all at
+        every save would cost more than the save)."""
+        complete = [p for p in list_checkpoints(self.dir) if verify_share(p, checksums=False) is None]
         for old in complete[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, dcp_state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Load DCP tensors in place into `dcp_state`; return (shared state, list of per-rank states)."""
+        """Load DCP tensors in place into `dcp_state`; return (shared state, list of per-rank states).
+        `path` must have passed `verify_checkpoint`; the two files that are parsed here are hashed
+        again right before reading, so nothing changed since is ever unpickled or trusted."""
+        _check_before_reading(path, (DCP_METADATA, TRAIN_STATE))
         _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
-        state = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)
+        state = json.loads((path / TRAIN_STATE).read_text())
         ranks = state.pop("ranks")
         return state, ranks
 
 
-def commit(tmp: Path, final: Path) -> None:
-    """Seal a fully written checkpoint directory: list its files in the marker, then rename."""
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-    (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1))
-    _fsync_dir(tmp)
+def _check_before_reading(path: Path, names: tuple[str, ...]) -> None:
+    try:
+        check_digests(path, read_marker(path), names)
+    except (CheckpointDamaged, KeyError, OSError) as e:
+        raise CheckpointDamaged(f"{path}: {e}; it changed after it was verified") from None
+
+
+def commit(tmp: Path, final: Path, records: dict[str, FileRecord] | None = None) -> None:
+    """Seal a fully written checkpoint directory: list its files with their hashes (`records`,
+    computed here when not given) in the marker, then rename it into place, replacing a damaged
+    directory of the same name (moved aside first, so a crash leaves one or the other)."""
+    if records is None:
+        records = {p.name: FileRecord(p.stat().st_size, file_digest(p)) for p in tmp.iterdir() if p.is_file()}
+    write_marker(tmp, records)
+    _fsync_path(tmp / MARKER)
+    _fsync_path(tmp)
+    replaced = final.with_name(f".tmp-replaced-{final.name}")
+    if final.exists():
+        os.rename(final, replaced)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    _fsync_path(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def save_model_weights(tmp: Path, model_state: dict[str, Any]) -> None:
@@ -208,8 +244,8 @@ def save_model_weights(tmp: Path, model_state: dict[str, Any]) -> None:
 def load_model_weights(path: Path, model_state: dict[str, Any]) -> None:
     """Load only the model's tensors (in place) from a checkpoint, resharding as needed.
 
-    Names and global shapes are checked first, so a mismatch says which tensors differ instead
-    of failing inside DCP."""
+    The checkpoint is verified first; names and global shapes are checked next, so a mismatch
+    says which tensors differ instead of failing inside DCP."""
     reason = verify_checkpoint(path)
     if reason is not None:
         raise ValueError(f"{path}: not a complete checkpoint ({reason}); point at a step_* directory")
@@ -225,8 +261,14 @@ def load_model_weights(path: Path, model_state: dict[str, Any]) -> None:
     _quiet_dcp(dcp.load, {"model": model_state}, checkpoint_id=str(path))
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new files durable (no-op where directories cannot be opened)."""
+def _write_durably(path: Path, text: str) -> None:
+    path.write_text(text)
+    _fsync_path(path)
+
+
+def _fsync_path(path: Path) -> None:
+    """Make a file's bytes, or a directory's renames and new entries, durable (no-op where the
+    filesystem refuses)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

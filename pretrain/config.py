@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 
 class ConfigError(ValueError):
@@ -23,6 +25,10 @@ class ConfigError(ValueError):
 class ModelSection:
     arch: str = "hybrid_moe"
     size: str = "tiny"
+    # Hybrids: attention (or intra-hybrid) blocks to Mamba blocks, e.g. "1:3"; the depth follows the
+    # paper's rule (the preset's size is kept). Empty: the preset's (1:5).
+    ratio: str = ""
+    placement: str = ""  # inter: front | middle | end; intra: scatter | cluster | sandwich; empty: preset's
     # ModelConfig field names -> values, e.g. {vocab_size = 8192}; checked against ModelConfig.
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -145,7 +151,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{source}: {key}={value!r} is not a valid {name}; fix the value")
@@ -184,17 +190,6 @@ def _parse_literal(value: Any) -> Any:
         return value
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "model.overrides":
-            out.extend(_flatten(v, key + "."))
-        else:
-            out.append((key, v))
-    return out
-
-
 def apply_toml(cfg: JobConfig, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
@@ -203,7 +198,7 @@ def apply_toml(cfg: JobConfig, path: str | Path) -> None:
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e}); fix the syntax") from None
-    for key, value in _flatten(table):
+    for key, value in _leaves(table, keep=("model.overrides",)):
         if key == "model.overrides":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: model.overrides must be a table; fix the value")
@@ -217,8 +212,12 @@ def validate(cfg: JobConfig) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"config: {key} {why}")
 
+    for key, v in _leaves(cfg.to_dict()):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad(key, f"= {v} must be a finite number; fix the value")
     positive = {"data.seq_len": cfg.data.seq_len, "train.steps": cfg.train.steps,
                 "train.micro_batch_size": cfg.train.micro_batch_size, "optim.lr": cfg.optim.lr,
+                "optim.eps": cfg.optim.eps,
                 "checkpoint.keep": cfg.checkpoint.keep, "logging.log_every": cfg.logging.log_every,
                 "logging.peak_tflops": cfg.logging.peak_tflops}
     for key, v in positive.items():
@@ -228,10 +227,14 @@ def validate(cfg: JobConfig) -> None:
                     "train.val_batches": cfg.train.val_batches, "checkpoint.every": cfg.checkpoint.every,
                     "data.num_workers": cfg.data.num_workers, "data.num_streams": cfg.data.num_streams,
                     "optim.grad_clip": cfg.optim.grad_clip,
-                    "optim.weight_decay": cfg.optim.weight_decay, "train.max_bad_steps": cfg.train.max_bad_steps}
+                    "optim.weight_decay": cfg.optim.weight_decay, "train.max_bad_steps": cfg.train.max_bad_steps,
+                    "train.seed": cfg.train.seed}
     for key, v in non_negative.items():
         if v < 0:
             bad(key, f"= {v} must be >= 0; fix the value")
+    for key, v in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
+        if not 0 <= v < 1:
+            bad(key, f"= {v} must lie in [0, 1); fix the value (AdamW's usual: beta1 0.9, beta2 0.95)")
     if cfg.schedule.kind not in SCHEDULE_KINDS:
         bad("schedule.kind", f"= {cfg.schedule.kind!r} must be one of {', '.join(SCHEDULE_KINDS)}")
     s = cfg.schedule
@@ -269,8 +272,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Pretrain a hybrid Transformer/Mamba2(/MoE) LM. Any config key can be set as "
                     "--section.key=value, e.g. --optim.lr=3e-4 --train.steps=1000.")
     p.add_argument("--config", help="TOML file; CLI flags override it")
-    p.add_argument("--arch", help="model.arch preset")
-    p.add_argument("--size", help="model.size preset")
+    from pretrain.model.presets import ARCHS, SIZES
+
+    p.add_argument("--arch", metavar="ARCH", help=f"model.arch preset: {', '.join(ARCHS)}")
+    p.add_argument("--size", metavar="SIZE", help=f"model.size preset: {', '.join(SIZES)}")
     p.add_argument("--data", action="append", metavar="DIR[:WEIGHT]",
                    help="prepared data directory; repeat for a weighted mixture (data.sources)")
     p.add_argument("--run-dir", help="checkpoints, TensorBoard logs and summary.json go here")
@@ -319,32 +324,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     return cfg, args
 
 
-def to_toml(cfg: JobConfig) -> str:
-    """The resolved config as TOML that `--config` reads back to the same JobConfig."""
-    def lit(v: Any) -> str:
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(lit(x) for x in v) + "]"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, float):
-            return repr(v) if v == v and abs(v) != float("inf") else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
-        if v is None:
-            raise ConfigError("config: None has no TOML form; give the key a value")
-        return str(v)
+def _leaves(table: dict[str, Any], prefix: str = "", keep: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every value that is not a table, or is one of the tables `keep`."""
+    out = []
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        out.extend(_leaves(v, key + ".", keep) if isinstance(v, dict) and key not in keep else [(key, v)])
+    return out
 
-    d = cfg.to_dict()
-    lines = [f"run_dir = {lit(d.pop('run_dir'))}"]
-    for section, table in d.items():
-        lines.append(f"\n[{section}]")
-        nested = {}
-        for k, v in table.items():
-            if isinstance(v, dict):
-                nested[k] = v
-            else:
-                lines.append(f"{k} = {lit(v)}")
-        for k, sub in nested.items():
-            lines.append(f"\n[{section}.{k}]")
-            lines.extend(f"{kk} = {lit(vv)}" for kk, vv in sub.items())
-    return "\n".join(lines) + "\n"
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved config as TOML that `--config` reads back to the same JobConfig (tomli-w:
+    nested model.overrides tables, any string, floats to the last bit)."""
+    missing = [key for key, v in _leaves(cfg.to_dict()) if v is None]
+    if missing:
+        raise ConfigError(f"config: {missing[0]} is None, which TOML cannot write; give the key a value")
+    try:
+        return tomli_w.dumps(cfg.to_dict())
+    except TypeError as e:
+        raise ConfigError(f"config: a value has no TOML form ({e}); fix the config") from None

@@ -8,24 +8,24 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):
-    # Run as a script, Python put pretrain/ first on sys.path, where pretrain/inspect.py would shadow
-    # the standard library's `inspect`; put the repository root there instead.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+if __name__ == "__main__":
+    # Before the seconds of importing torch: a preemption signal from the first instant is
+    # recorded (and acted on once the run directory is known), never a silent exit 143.
+    from pretrain.preemption import PREEMPTION
 
-from pathlib import Path  # noqa: E402
+    PREEMPTION.install()
 
-import logging  # noqa: E402
+import logging
+from pathlib import Path
 
-from parallel.distributed import destroy_distributed, init_distributed  # noqa: E402
-from parallel.mesh import ParallelDims  # noqa: E402
-from pretrain.config import ConfigError, JobConfig, parse_args, to_toml  # noqa: E402
-from pretrain.metrics import setup_logging  # noqa: E402
-from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Preempted, Trainer,  # noqa: E402
-                              TrainingStopped, build_model_from_config, grad_accum_steps,
-                              resolve_num_streams)
+from parallel.distributed import destroy_distributed, init_distributed
+from parallel.mesh import ParallelDims
+from pretrain.config import ConfigError, JobConfig, parse_args, to_toml
+from pretrain.metrics import setup_logging
+from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
+from pretrain.summary import write_summary
+from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, build_model_from_config,
+                              grad_accum_steps, resolve_num_streams)
 
 log = logging.getLogger("pretrain")
 EXIT_CONFIG = 2
@@ -75,6 +75,18 @@ def dry_run(cfg: JobConfig) -> int:
     return 0
 
 
+def write_startup_preempted_summary(cfg: JobConfig, error: str) -> None:
+    """summary.json for a signal before the first step (rank 0; nothing new was saved), so the
+    launcher requeues the job as it would after a preemption mid-run."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    write_summary(Path(cfg.run_dir), {
+        "status": "preempted", "exit_code": EXIT_PREEMPTED, "error": error, "step": None,
+        "total_steps": cfg.train.steps, "checkpoint": None, "arch": cfg.model.arch, "size": cfg.model.size,
+        "run_dir": cfg.run_dir})
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv)
@@ -83,14 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    device_type = None if cfg.train.device == "auto" else cfg.train.device
-    info = init_distributed(device_type)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    setup_logging(Path(cfg.run_dir), info.rank)
+    info = None
     try:
-        Trainer(cfg, info).train()
+        PREEMPTION.start_up()
+        device_type = None if cfg.train.device == "auto" else cfg.train.device
+        info = init_distributed(device_type)
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        setup_logging(Path(cfg.run_dir), info.rank)
+        Trainer(cfg, info, PREEMPTION).train()
         return 0
-    except Preempted:
+    except PreemptedAtStartUp as e:
+        PREEMPTION.training()  # a second signal must not interrupt writing the summary
+        log.warning("preempted (%s) before the first step; exit code %d asks the launcher to requeue",
+                    e, EXIT_PREEMPTED)
+        write_startup_preempted_summary(cfg, str(e))
+        return EXIT_PREEMPTED
+    except Preempted:  # mid-run: the trainer saved a checkpoint and wrote summary.json
         return EXIT_PREEMPTED
     except TrainingStopped:
         return EXIT_STOPPED
@@ -98,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return EXIT_CONFIG
     except Exception as e:  # noqa: BLE001 - report which rank failed and why, then exit non-zero
-        log.exception("rank %d of %d failed: %s: %s", info.rank, info.world_size, type(e).__name__, e)
+        rank, world = (info.rank, info.world_size) if info else (int(os.environ.get("RANK", "0")), 0)
+        log.exception("rank %d of %d failed: %s: %s", rank, world, type(e).__name__, e)
         return 1
     finally:
         destroy_distributed()

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import math
 import random
-import signal
 import time
 import tomllib
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, find_latest_complete,
                                  load_model_weights, model_config_json, verify_checkpoint)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
+from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
+from pretrain.preemption import Preempted, PreemptionWatch
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
@@ -46,10 +47,6 @@ log = logging.getLogger("pretrain")
 # Exit codes the launchers act on (documented in docs/training.md).
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; requeue the job
 EXIT_STOPPED = 3  # stopped by a guard (repeated non-finite steps); needs a human, do not requeue
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was saved."""
 
 
 class TrainingStopped(RuntimeError):
@@ -109,27 +106,14 @@ def model_overrides(cfg: JobConfig) -> dict[str, Any]:
 def build_model_from_config(cfg: JobConfig, device: str | torch.device = "cpu") -> nn.Module:
     from pretrain.model import build_model
 
+    m = cfg.model
     overrides = model_overrides(cfg)
     try:
-        return build_model(cfg.model.arch, cfg.model.size, device=device, **overrides)
+        return build_model(m.arch, m.size, device=device, ratio=m.ratio or None, placement=m.placement or None,
+                           **overrides)
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"config: model (arch={cfg.model.arch!r}, size={cfg.model.size!r}, "
-                          f"overrides={cfg.model.overrides}): {e}") from None
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        raise ConfigError(f"config: model (arch={m.arch!r}, size={m.size!r}, ratio={m.ratio!r}, "
+                          f"placement={m.placement!r}, overrides={m.overrides}): {e}") from None
 
 
 def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
@@ -148,18 +132,18 @@ def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
     return value
 
 
-def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str, is_main: bool) -> Path | None:
-    """The checkpoint to resume from (None: start fresh), decided by rank 0 (ranks resuming from
-    different steps would train on silently)."""
-    def decide() -> Path | None:
-        if not resume_from:
-            return find_latest_complete(ckpt_dir)
-        reason = verify_checkpoint(Path(resume_from))
-        if reason is not None:
-            raise ConfigError(f"config: checkpoint.resume_from={resume_from} is not a complete checkpoint "
-                              f"({reason}); point it at a step_* directory with COMPLETE.json")
-        return Path(resume_from)
-    return rank0_decides(decide, is_main)
+def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str) -> Path | None:
+    """The checkpoint to resume from (None: start fresh): the requested one, else the newest that
+    verifies. Collective: every rank verifies a share of the files and all get one answer (ranks
+    resuming from different steps would train on silently)."""
+    resume_from = broadcast_object(resume_from)  # rank 0's word, should the ranks' configs differ
+    if not resume_from:
+        return find_latest_complete(ckpt_dir)
+    reason = verify_checkpoint(Path(resume_from))
+    if reason is not None:
+        raise ConfigError(f"config: checkpoint.resume_from={resume_from} does not verify ({reason}); point it "
+                          "at an intact step_* directory")
+    return Path(resume_from)
 
 
 def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
@@ -169,10 +153,24 @@ def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
     if t.global_batch_tokens == 0:
         return 1
     if t.global_batch_tokens % per_micro:
-        raise ConfigError(
-            f"config: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
-            f"micro_batch_size*seq_len*dp={per_micro}; set it to a multiple of {per_micro}")
+        raise ConfigError(f"config: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+                          f"{dp_size} data-parallel ranks x train.micro_batch_size {t.micro_batch_size} x "
+                          f"data.seq_len {cfg.data.seq_len} = {per_micro} tokens; {batch_fixes(cfg, dp_size)}")
     return t.global_batch_tokens // per_micro
+
+
+def batch_fixes(cfg: JobConfig, dp_size: int) -> str:
+    """Every way to make the global batch fit the ranks: smaller micro-batches (more gradient
+    accumulation steps), a global batch that is a multiple of one micro-step, or none at all."""
+    t, seq = cfg.train, cfg.data.seq_len
+    per_micro = t.micro_batch_size * seq * dp_size
+    micro = [f"{m} ({t.global_batch_tokens // (m * seq * dp_size)} accumulation steps)"
+             for m in range(t.micro_batch_size - 1, 0, -1) if t.global_batch_tokens % (m * seq * dp_size) == 0]
+    up = -(-t.global_batch_tokens // per_micro) * per_micro
+    fixes = ([f"lower train.micro_batch_size to {' or '.join(micro[:3])}"] if micro else []) + [
+        f"set train.global_batch_tokens to a multiple of {per_micro} (e.g. {up}: {up // per_micro} accumulation "
+        "steps)", f"or set it to 0 (one micro-batch per rank per step, {per_micro} tokens)"]
+    return "fix: " + "; ".join(fixes)
 
 
 def checkpoint_num_streams(path: Path | None, is_main: bool) -> int | None:
@@ -216,8 +214,10 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """Build everything from a JobConfig, then `train()`. One instance per process."""
 
-    def __init__(self, cfg: JobConfig, dist_info: DistInfo | None = None):
+    def __init__(self, cfg: JobConfig, dist_info: DistInfo | None = None,
+                 preemption: PreemptionWatch | None = None):
         self.cfg = cfg
+        self.preemption = preemption or PreemptionWatch()
         self.run_dir = Path(cfg.run_dir)
         device_type = None if cfg.train.device == "auto" else cfg.train.device
         self.dist = dist_info or init_distributed(device_type)
@@ -231,8 +231,7 @@ class Trainer:
         self.dims = dims.resolve(self.dist.world_size)
         self.mesh = build_mesh(self.dims, self.device.type)
         self.dp_rank, self.dp_size = self.mesh.dp_coordinate() if self.mesh else (0, 1)
-        self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from,
-                                                     self.is_main)
+        self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from)
         num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size,
                                           checkpoint_num_streams(self._resume_path, self.is_main))
         self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams))
@@ -284,7 +283,6 @@ class Trainer:
                                       cfg.checkpoint.async_save, self.is_main)
         self.progress = TrainProgress()
         self._resumed_from: Path | None = None
-        self._signal: int | None = None
         self._moe_load: list[torch.Tensor] = []
 
     # ---- set-up helpers -------------------------------------------------------------------
@@ -324,8 +322,8 @@ class Trainer:
         p.wall_time_s += time.perf_counter() - self.wall_start
         self.wall_start = time.perf_counter()
         shared = {"progress": p.__dict__.copy(), "scheduler": self.scheduler.state_dict(),
-                  "world_size": self.dist.world_size, "dp_size": self.dp_size}
-        rank_state = {"rng": _rng_state(), "loader": self.train_loader.state_dict(), "dp_rank": self.dp_rank}
+                  "world_size": self.dist.world_size, "dp_size": self.dp_size, "runtime": runtime_fingerprint()}
+        rank_state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict(), "dp_rank": self.dp_rank}
         texts = {CONFIG_FILE: to_toml(self.cfg), MODEL_CONFIG_FILE: model_config_json(self.model_config)}
         self.ckpt.save(p.step, self._dcp_state(), rank_state, shared, texts)
 
@@ -343,10 +341,14 @@ class Trainer:
         self.progress = TrainProgress(**shared["progress"])
         self._load_loader_state(ranks)
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
-        _set_rng_state(mine["rng"])
+        restore_rng_state(mine["rng"])
         self._resumed_from = path
         log.info("resumed from %s at step %d (saved by %d rank(s), now %d)",
                  path, self.progress.step, len(ranks), self.dist.world_size)
+        changes = fingerprint_changes(shared["runtime"])
+        if changes and self.is_main:
+            log.warning("resuming under a different runtime (%s): the run continues correctly but not bit for bit "
+                        "as it would have uninterrupted; see docs/training.md (exact resume)", "; ".join(changes))
         return True
 
     def _init_from(self, path: Path) -> None:
@@ -365,16 +367,10 @@ class Trainer:
         self.train_loader.load_state_dict([r["loader"] for r in ranks])
 
     # ---- signals ----------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            self._signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def _stop_requested(self) -> bool:
         """All ranks agree, so they all save and exit at the same step."""
-        return all_reduce_scalar(1.0 if self._signal is not None else 0.0, "max", self._reduce_device()) > 0
+        requested = 1.0 if self.preemption.requested else 0.0
+        return all_reduce_scalar(requested, "max", self._reduce_device()) > 0
 
     def _reduce_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -466,8 +462,16 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to train.steps; returns the summary (also written to RUN_DIR/summary.json)."""
         cfg = self.cfg
-        self._install_signal_handlers()
+        self.preemption.install()
+        self.preemption.start_up()
         resumed = self.resume()
+        if resumed and self.progress.step >= cfg.train.steps:
+            log.info("already finished at step %d (train.steps=%d): nothing to do; raise train.steps to train on",
+                     self.progress.step, cfg.train.steps)
+            self.preemption.training()
+            self.metrics.close()
+            return self._summary("finished", None)
+        self.preemption.training()
         if self.is_main:
             log.info("resolved config:\n%s", to_toml(cfg))
             log.info("model %s/%s pattern %s | %s | dp=%d grad_accum=%d tokens/step=%d | %.3g FLOPs/token",
@@ -501,7 +505,7 @@ class Trainer:
                 if p.step < cfg.train.steps and self._stop_requested():
                     self.save_checkpoint()
                     self.ckpt.wait()
-                    raise Preempted(f"signal {self._signal} at step {p.step}")
+                    raise Preempted(f"signal {self.preemption.signum} at step {p.step}")
                 # Mid-streak saves would only repeat the last good state under a newer name.
                 periodic = self._should(cfg.checkpoint.every) and p.bad_steps_consecutive == 0
                 if periodic or p.step == cfg.train.steps:

@@ -71,13 +71,13 @@ def test_attention_flops_follow_sequence_length():
     assert long - short == pytest.approx(cfg.n_layers * per_layer_token)
 
 
-def test_inspect_cli_json_and_table():
-    out = subprocess.run([sys.executable, "-m", "pretrain.inspect", "--arch", "inter_hybrid", "--size", "1b",
+def test_describe_cli_json_and_table():
+    out = subprocess.run([sys.executable, "-m", "pretrain.describe", "--arch", "inter_hybrid", "--size", "1b",
                           "--seq-len", "8192", "--json"], capture_output=True, text=True, check=True).stdout
     row = json.loads(out)
     assert row["pattern"] == "MMMAMMMAMMMMM"
     for key in ("non_embedding_params", "embedding_params", "flops_per_token", "cache_bytes"):
         assert row[key] > 0
-    table = subprocess.run([sys.executable, "-m", "pretrain.inspect", "--arch", "all", "--size", "tiny"],
+    table = subprocess.run([sys.executable, "-m", "pretrain.describe", "--arch", "all", "--size", "tiny"],
                            capture_output=True, text=True, check=True).stdout
     assert "hybrid_moe" in table and "llama_moe" in table

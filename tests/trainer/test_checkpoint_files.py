@@ -49,14 +49,14 @@ def test_incomplete_truncated_or_missing_files_are_skipped(tmp_path, caplog):
     uncommitted = save(mgr, 4, 4)
     data = next(truncated.glob("*.distcp"))
     data.write_bytes(data.read_bytes()[:-10])
-    (missing / "train_state.pt").unlink()
+    (missing / "train_state.json").unlink()
     (uncommitted / "COMPLETE.json").unlink()
     (ck / ".tmp-step_00000005").mkdir()  # a save killed before its rename is never listed
     with caplog.at_level(logging.WARNING):
         assert find_latest_complete(ck) == good
     text = caplog.text
     assert "step_00000004" in text and "no COMPLETE.json" in text
-    assert "step_00000003" in text and "missing file train_state.pt" in text
+    assert "step_00000003" in text and "missing file train_state.json" in text
     assert "step_00000002" in text and "truncated" in text
     CheckpointManager(ck, keep=5, async_save=False, is_main=True)
     assert not (ck / ".tmp-step_00000005").exists()

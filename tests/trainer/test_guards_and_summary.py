@@ -177,7 +177,7 @@ def test_signal_during_the_last_step_finishes_the_run(corpus, tmp_path):
 
     def signal_in_last_step():
         if trainer.progress.step == 2:
-            trainer._signal = signal.SIGTERM
+            trainer.preemption.signum = signal.SIGTERM
         return train_step()
 
     trainer.train_step = signal_in_last_step

@@ -27,7 +27,7 @@ def make_checkpoints(ckpt_dir: Path, steps: list[int]) -> None:
     for step in steps:
         tmp = ckpt_dir / f".tmp-{checkpoint_name(step)}"
         tmp.mkdir(parents=True)
-        (tmp / "train_state.pt").write_bytes(b"x" * step)
+        (tmp / "train_state.json").write_bytes(b"x" * step)
         commit(tmp, ckpt_dir / checkpoint_name(step))
 
 
@@ -40,10 +40,10 @@ def worker(rank: int, port: int, corpus: str, root: str) -> None:
     try:
         # Each rank looks at its own copy of the run directory: rank 0 sees step 4, rank 1 only step 2.
         view = root_dir / f"view{rank}"
-        result["resume"] = str(choose_resume_checkpoint(view, "", rank == 0))
+        result["resume"] = str(choose_resume_checkpoint(view, ""))
         bad = str(root_dir / "missing") if rank == 0 else str(view / checkpoint_name(2))
         try:
-            choose_resume_checkpoint(view, bad, rank == 0)
+            choose_resume_checkpoint(view, bad)
             result["bad_resume_from"] = "accepted"
         except ConfigError as e:
             result["bad_resume_from"] = str(e)

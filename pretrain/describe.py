@@ -1,5 +1,6 @@
-"""`python -m pretrain.inspect --arch A --size S [--seq-len 8192] [--json]`: parameters, FLOPs per
-token and inference-cache size of presets, from the same config `build_model` uses."""
+"""`python -m pretrain.describe --arch A --size S [--ratio 1:3] [--placement front] [--seq-len 8192]
+[--json]`: layer pattern, parameters, FLOPs per token and inference-cache size of presets, from the
+same config `build_model` uses."""
 
 from __future__ import annotations
 
@@ -11,14 +12,22 @@ from pretrain.model.presets import ARCHS, SIZES, model_config
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pretrain.inspect", description=__doc__)
-    ap.add_argument("--arch", default="all", choices=("all", *ARCHS))
-    ap.add_argument("--size", default="1b", choices=SIZES)
-    ap.add_argument("--seq-len", type=int, default=8192)
+    ap = argparse.ArgumentParser(prog="python -m pretrain.describe", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--arch", default="all", choices=("all", *ARCHS), help="preset, or all of them")
+    ap.add_argument("--size", default="1b", choices=SIZES, help="preset size")
+    ap.add_argument("--ratio", help="hybrids: attention:Mamba blocks, e.g. 1:3 (preset's when omitted)")
+    ap.add_argument("--placement", help="hybrids: front/middle/end (inter), scatter/cluster/sandwich (intra)")
+    ap.add_argument("--seq-len", type=int, default=8192, help="sequence length of the FLOPs and cache figures")
     ap.add_argument("--json", action="store_true", help="one JSON object (a list for --arch all)")
     args = ap.parse_args(argv)
     archs = ARCHS if args.arch == "all" else (args.arch,)
-    rows = [{"arch": a, "size": args.size, **report(model_config(a, args.size), args.seq_len)} for a in archs]
+    try:
+        rows = [{"arch": a, "size": args.size,
+                 **report(model_config(a, args.size, ratio=args.ratio, placement=args.placement), args.seq_len)}
+                for a in archs]
+    except ValueError as e:
+        ap.error(str(e))
     if args.json:
         print(json.dumps(rows if args.arch == "all" else rows[0], indent=2))
         return

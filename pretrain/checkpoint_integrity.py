@@ -1,0 +1,105 @@
+"""What proves a checkpoint whole: COMPLETE.json lists every file with its size and xxh3-128 hash.
+
+The marker is written last, after every rank's files are on disk, and the directory is renamed
+into place only then (see `pretrain.checkpoint`). Checking sizes finds truncation and missing files
+at once; hashes find same-size damage (garbage written over a block, a bad disk sector) that
+would otherwise load silently and train on NaNs, or crash unpickling DCP's `.metadata`.
+
+Hashing is split over ranks: a checkpoint's files are assigned round-robin by sorted name, each
+rank hashes its share, and the verdicts are combined (`pretrain.checkpoint`), so verifying a
+checkpoint costs about its size / (ranks x disk bandwidth).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+MARKER = "COMPLETE.json"
+MARKER_FORMAT = 2  # 1: sizes only (no checksums); such checkpoints are reported and passed over
+HASH = "xxh3_128"
+_CHUNK = 8 << 20
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint directory that does not verify; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    digest: str
+
+
+def file_digest(path: Path) -> str:
+    """xxh3-128 of a file, read in 8 MiB chunks (~10 GB/s from page cache on one core)."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_marker(directory: Path, records: dict[str, FileRecord]) -> None:
+    files = {name: {"size": r.size, HASH: r.digest} for name, r in sorted(records.items())}
+    (directory / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "files": files}, indent=1))
+
+
+def read_marker(directory: Path) -> dict[str, FileRecord]:
+    """The marker's records; CheckpointDamaged when it is missing, garbled or of an older format."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        raise CheckpointDamaged(f"no {MARKER} (save never finished)")
+    try:
+        table = json.loads(marker.read_text())
+        if table.get("format") != MARKER_FORMAT:
+            raise CheckpointDamaged(f"{MARKER} has format {table.get('format')!r}, not {MARKER_FORMAT} "
+                                    "(written without checksums by an older version)")
+        records = {}
+        for name, entry in table["files"].items():
+            size, digest = entry["size"], entry[HASH]
+            if not isinstance(size, int) or not isinstance(digest, str) or "/" in name:
+                raise TypeError(f"bad entry for {name!r}")
+            records[name] = FileRecord(size, digest)
+        return records
+    except CheckpointDamaged:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise CheckpointDamaged(f"unreadable {MARKER} ({type(e).__name__}: {e})") from None
+
+
+def check_sizes(directory: Path, records: dict[str, FileRecord]) -> None:
+    """Every listed file present with its size: cheap, and catches truncation and deletion."""
+    for name, record in records.items():
+        f = directory / name
+        if not f.is_file():
+            raise CheckpointDamaged(f"missing file {name}")
+        size = f.stat().st_size
+        if size != record.size:
+            raise CheckpointDamaged(f"file {name} has {size} bytes, expected {record.size} (truncated)")
+
+
+def share(names: Iterable[str], part: int, parts: int) -> list[str]:
+    """This rank's files to hash: round-robin over the sorted names."""
+    return [n for i, n in enumerate(sorted(names)) if i % parts == part]
+
+
+def check_digests(directory: Path, records: dict[str, FileRecord], names: Iterable[str]) -> None:
+    for name in names:
+        if file_digest(directory / name) != records[name].digest:
+            raise CheckpointDamaged(f"file {name} does not match its checksum (damaged)")
+
+
+def verify_share(directory: Path, part: int = 0, parts: int = 1, checksums: bool = True) -> str | None:
+    """None when the marker, all sizes and this share's hashes check out, else the reason."""
+    try:
+        records = read_marker(directory)
+        check_sizes(directory, records)
+        if checksums:
+            check_digests(directory, records, share(records, part, parts))
+    except CheckpointDamaged as e:
+        return str(e)
+    return None
