@@ -1,12 +1,16 @@
 """Convert checkpoints to and from Hugging Face `transformers` format.
 
-    python -m pretrain.hf export --checkpoint RUN/checkpoints/step_00001000 --out HF_DIR
+    python -m pretrain.hf export --checkpoint RUN/checkpoints/step_00001000 --out HF_DIR [--tokenizer T]
     python -m pretrain.hf import --hf HF_DIR --out DIR
 
-The export is safetensors + config.json that `AutoModelForCausalLM.from_pretrained(HF_DIR)` loads
-offline. The import writes a weights-only checkpoint: start a run from it with
-`--checkpoint.init_from=DIR` (fresh optimizer and schedule). The architecture mapping itself
-lives in the model zoo (`pretrain.model.hf`); this module only moves files.
+The export is safetensors, config.json, generation_config.json and the run's tokenizer
+(tokenizer.json + tokenizer_config.json), so that `AutoModelForCausalLM.from_pretrained(HF_DIR)` and
+`AutoTokenizer.from_pretrained(HF_DIR)` load offline and agree on the BOS/EOS ids. The tokenizer is
+the one recorded for the run's data (checkpoint config.toml -> data.sources -> manifest.json), or
+`--tokenizer` ('byte', a tokenizer.json or a prepared data dir). The import writes a weights-only
+checkpoint: start a run from it with `--checkpoint.init_from=DIR` (fresh optimizer and schedule).
+Every failure is one line on stderr and exit status 2. The architecture mapping itself lives in the
+model zoo (`pretrain.model.hf`); this module moves files and tokenizers.
 """
 from __future__ import annotations
 
@@ -14,35 +18,173 @@ import argparse
 import json
 import shutil
 import sys
+import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pretrain.checkpoint import MODEL_CONFIG_FILE, commit, load_model_weights, model_config_json, save_model_weights
+from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, commit, load_model_weights, model_config_json,
+                                 save_model_weights)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipeline.tokenizer import Tokenizer
+    from pretrain.model import HybridLM, ModelConfig
+
+PROG = "python -m pretrain.hf"
+EXIT_USAGE = 2
+TOKENIZER_HELP = "'byte', a tokenizer.json or a prepared data dir"
 
 
-def load_model(checkpoint: Path):
-    """Our model with the weights of `checkpoint` (any number of ranks wrote it)."""
+class CliError(Exception):
+    """Bad input the user can fix: `main` prints it as one line and exits with status 2."""
+
+
+def require_transformers() -> None:
+    """The export and import need transformers>=5 (its config names: rope_parameters, layer_types)."""
+    try:
+        import transformers
+    except ImportError:
+        raise CliError("transformers is not installed; pip install 'hybrid-pretrain[hf]' (transformers>=5)") from None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise CliError(f"transformers {transformers.__version__} is too old; pip install 'transformers>=5'")
+
+
+def read_model_config(checkpoint: Path) -> ModelConfig:
+    """The ModelConfig a checkpoint directory's weights belong to."""
     from pretrain.model import ModelConfig
-    from pretrain.model.lm import HybridLM
 
+    if not checkpoint.is_dir():
+        raise CliError(f"{checkpoint}: no such directory; --checkpoint takes RUN_DIR/checkpoints/step_NNNNNNNN")
     cfg_file = checkpoint / MODEL_CONFIG_FILE
     if not cfg_file.is_file():
-        raise SystemExit(f"{cfg_file}: missing; --checkpoint must be a step_* directory written by pretrain")
-    model = HybridLM(ModelConfig.from_dict(json.loads(cfg_file.read_text())))
+        steps = sorted([*checkpoint.glob("step_*"), *checkpoint.glob("checkpoints/step_*")])
+        hint = f", e.g. {steps[-1]}" if steps else ""
+        raise CliError(f"{checkpoint}: not a checkpoint (no {MODEL_CONFIG_FILE}); pass a step_* directory{hint}")
+    try:
+        return ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CliError(f"{cfg_file}: not a model config ({e}); the checkpoint is damaged") from None
+
+
+def read_run_config(checkpoint: Path) -> dict[str, Any]:
+    """The run config saved beside the weights; empty for a weights-only checkpoint (`import` output)."""
+    path = checkpoint / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise CliError(f"{path}: invalid TOML ({e}); the checkpoint is damaged") from None
+
+
+def load_model(checkpoint: Path) -> HybridLM:
+    """Our model with the weights of `checkpoint` (any number of ranks wrote it)."""
+    from pretrain.model.lm import HybridLM
+
+    model = HybridLM(read_model_config(checkpoint))
     state = model.state_dict()
     try:
         load_model_weights(checkpoint, state)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    except ValueError as e:  # incomplete checkpoint or weights of another model: names the file
+        raise CliError(str(e)) from None
     model.load_state_dict(state)
     return model
 
 
-def export(checkpoint: Path, out: Path) -> Path:
+def refuse_unexportable(checkpoint: Path, cfg: ModelConfig, run_config: dict[str, Any]) -> None:
+    """Fail before loading any weights when transformers has no counterpart of the model."""
+    from pretrain.model.hf import EXPORTABLE, export_refusal
+
+    why = export_refusal(cfg)
+    if why is not None:
+        arch = run_config.get("model", {}).get("arch")
+        what = f"arch {arch} (pattern {cfg.pattern})" if arch else f"pattern {cfg.pattern}"
+        raise CliError(f"{checkpoint}: {what} does not export to Hugging Face: {why}; exportable: {EXPORTABLE}")
+
+
+def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | None) -> Tokenizer:
+    """`override`, else the tokenizer the run's first data source was prepared with (a mixture's
+    sources share one: the loader checks that at start)."""
+    from data_pipeline.errors import DataInputError
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.config import parse_source
+
+    if override is not None:
+        try:
+            return load_tokenizer(override)
+        except DataInputError as e:  # names the file, the field and the fix
+            raise CliError(f"--tokenizer {e}") from None
+    where = checkpoint / CONFIG_FILE
+    sources = run_config.get("data", {}).get("sources")
+    if not sources:
+        raise CliError(f"{where}: missing or no data.sources, so the run's tokenizer is unknown; "
+                       f"pass --tokenizer ({TOKENIZER_HELP})")
+    source = parse_source(sources[0])[0]
+    try:
+        return load_tokenizer(source)
+    except DataInputError as e:
+        raise CliError(f"{where}: data.sources[0] {source!r}: the run's tokenizer is unreadable ({e.path}: "
+                       f"{e.problem}); run from the training run's directory or pass --tokenizer ({TOKENIZER_HELP})"
+                       ) from None
+
+
+def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer encoding text as prepare did, with BOS prepended (the loader starts
+    every training document with BOS). The byte tokenizer has no tokenizer.json: it becomes an
+    equivalent one (a BPE of the 256 byte tokens, no merges, byte fallback) with BOS/EOS after them,
+    whose special tokens are never matched in text (bytes only, as `ByteTokenizer.encode`)."""
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipeline.tokenizer import ByteTokenizer
+
+    is_bytes = isinstance(tok, ByteTokenizer)
+    if is_bytes:
+        backend = Backend(models.BPE(vocab={f"<0x{b:02X}>": b for b in range(256)}, merges=[], byte_fallback=True))
+        backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        backend.add_special_tokens([AddedToken("<|bos|>", special=True), AddedToken("<|eos|>", special=True)])
+    else:
+        backend = Backend.from_file(str(tok.path))
+    bos, eos = backend.id_to_token(tok.bos_id), backend.id_to_token(tok.eos_id)
+    # No pad token of our own: EOS pads (padded positions are masked, so which id does not matter).
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos,
+                                   add_bos_token=True, split_special_tokens=is_bytes)
+
+
+def require_new(out: Path) -> None:
+    if out.exists():
+        raise CliError(f"{out}: already exists; choose a new --out directory")
+
+
+def new_dir(out: Path) -> Path:
+    """The temporary sibling that becomes `out` once complete (an interrupted export leaves no `out`)."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> Tokenizer:
+    """Write the HF model and tokenizer of `checkpoint` to `out`; returns the tokenizer used.
+    Everything that can be refused is checked before the weights are read."""
     from pretrain.model.hf import to_hf
 
-    hf_model = to_hf(load_model(checkpoint).eval())
-    hf_model.save_pretrained(out, safe_serialization=True)
-    return out
+    cfg, run_config = read_model_config(checkpoint), read_run_config(checkpoint)
+    refuse_unexportable(checkpoint, cfg, run_config)
+    tok = run_tokenizer(checkpoint, run_config, tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CliError(f"{checkpoint / MODEL_CONFIG_FILE}: vocab_size={cfg.vocab_size} but the tokenizer has "
+                       f"{tok.vocab_size} ids; pass the run's own tokenizer to --tokenizer")
+    require_new(out)
+    hf = to_hf(load_model(checkpoint).eval())
+    for config in (hf.config, hf.generation_config):
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.eos_id
+    tmp = new_dir(out)
+    hf.save_pretrained(tmp)
+    hf_tokenizer(tok).save_pretrained(tmp)
+    tmp.rename(out)
+    return tok
 
 
 def import_(hf_dir: Path, out: Path) -> Path:
@@ -50,12 +192,14 @@ def import_(hf_dir: Path, out: Path) -> Path:
 
     from pretrain.model.hf import from_hf
 
-    model = from_hf(AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True))
-    if out.exists():
-        raise SystemExit(f"{out}: already exists; choose a new --out directory")
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if not (hf_dir / "config.json").is_file():
+        raise CliError(f"{hf_dir}: no config.json; --hf takes a directory written by save_pretrained")
+    require_new(out)
+    try:
+        model = from_hf(AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True))
+    except (OSError, ValueError) as e:  # unreadable files, or an architecture we cannot express
+        raise CliError(f"{hf_dir}: {e}") from None
+    tmp = new_dir(out)
     save_model_weights(tmp, model.state_dict())
     (tmp / MODEL_CONFIG_FILE).write_text(model_config_json(model.config))
     commit(tmp, out)
@@ -63,21 +207,32 @@ def import_(hf_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.hf", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="checkpoint -> Hugging Face directory")
-    e.add_argument("--checkpoint", type=Path, required=True)
-    e.add_argument("--out", type=Path, required=True)
+    e = sub.add_parser("export", help="checkpoint -> Hugging Face directory (model + tokenizer)")
+    e.add_argument("--checkpoint", type=Path, required=True, help="RUN_DIR/checkpoints/step_NNNNNNNN")
+    e.add_argument("--out", type=Path, required=True, help="new directory")
+    e.add_argument("--tokenizer", help=f"{TOKENIZER_HELP}; default: the one the run's data was prepared with")
     i = sub.add_parser("import", help="Hugging Face directory -> weights-only checkpoint")
     i.add_argument("--hf", type=Path, required=True)
     i.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    if args.cmd == "export":
-        print(f"exported to {export(args.checkpoint, args.out)}")
-    else:
-        out = import_(args.hf, args.out)
-        print(f"imported to {out}; train from it with --checkpoint.init_from={out} "
-              f"(model settings must match {out / MODEL_CONFIG_FILE})")
+    try:
+        require_transformers()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if args.cmd == "export":
+            tok = export(args.checkpoint, args.out, args.tokenizer)
+            print(f"exported to {args.out} (model and {tok.identity.kind} tokenizer: vocab {tok.vocab_size}, "
+                  f"bos {tok.bos_id}, eos {tok.eos_id})")
+        else:
+            out = import_(args.hf, args.out)
+            print(f"imported to {out}; train from it with --checkpoint.init_from={out} "
+                  f"(model settings must match {out / MODEL_CONFIG_FILE})")
+    except (CliError, OSError) as err:  # OSError: a file we could not write or read, named in its text
+        print(f"{PROG} {args.cmd}: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

@@ -37,8 +37,8 @@ _SYMBOLS = {v: k for k, v in _LAYER_TYPES.items()}
 # Mamba2 parameters: Granite name -> ours (conv1d.weight is [conv_dim, 1, k], ours [conv_dim, k]).
 # What `to_hf` maps, for messages that refuse the rest (intra-hybrid and MoE export are planned).
 EXPORTABLE_ARCHS = ("llama", "mamba2", "inter_hybrid")
-EXPORTABLE = (f"{', '.join(EXPORTABLE_ARCHS)}: patterns of global attention 'A' and Mamba2 'M' blocks with a "
-              "dense SwiGLU FFN")
+EXPORTABLE = (f"{', '.join(EXPORTABLE_ARCHS)} (patterns of global attention 'A' and Mamba2 'M' blocks with a "
+              "dense SwiGLU FFN)")
 _MAMBA_KEYS = {"in_proj.weight": "in_proj.weight", "conv1d.weight": "conv_weight",
                "conv1d.bias": "conv_bias", "dt_bias": "dt_bias", "A_log": "A_log", "D": "D",
                "norm.weight": "norm.weight", "out_proj.weight": "out_proj.weight"}
@@ -94,14 +94,12 @@ def export_refusal(cfg: ModelConfig) -> str | None:
     """Why `cfg` has no transformers counterpart (every reason, '; '-joined), or None if it has one."""
     why = []
     if cfg.moe is not None:
-        why.append("MoE FFN (sigmoid router with aux-loss-free bias, shared + top-k routed experts) not "
-                   "supported yet (Granite's MoE routes with a softmax over the top-k logits)")
+        # Granite's MoE routes with a softmax over the top-k logits and has no router bias.
+        why.append("MoE FFN (sigmoid router, shared + routed experts) not supported yet")
     if "H" in cfg.blocks:
-        why.append("intra-layer hybrid blocks ('H': attention and Mamba2 in parallel in one mixer) not "
-                   "supported yet")
+        why.append("intra-layer hybrid 'H' blocks (attention and Mamba2 in one mixer) not supported yet")
     if "S" in cfg.blocks:
-        why.append("sliding-window attention with attention-sink tokens ('S' blocks) has no transformers "
-                   "counterpart")
+        why.append("sliding-window attention with sinks ('S' blocks) has no transformers counterpart")
     if "M" in cfg.blocks and cfg.d_ssm % cfg.d_model:
         why.append(f"GraniteMoeHybrid's Mamba width is an integer mamba_expand * hidden_size, and "
                    f"d_ssm={cfg.d_ssm} is not a multiple of d_model={cfg.d_model}")

@@ -1,5 +1,12 @@
-"""`python -m pretrain.hf export/import`: a trained checkpoint leaves and re-enters through transformers."""
+"""`python -m pretrain.hf export/import`: a trained checkpoint leaves and re-enters through transformers
+with its tokenizer, and every refusal or failure is one line on stderr with exit status 2."""
 from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,19 +15,45 @@ from pretrain.hf import load_model, main
 from pretrain.trainer import Trainer
 from trainer_helpers import tiny_config, weights
 
+pytest.importorskip("transformers")
+TEXT = "def f(x):\n    return 'é' + x  # <|eos|> <|bos|>"
+
+
+def train(tmp_path_factory, corpus: Path, arch: str) -> Path:
+    run_dir = tmp_path_factory.mktemp(arch)
+    Trainer(tiny_config(run_dir, corpus, 2, "--arch", arch)).train()
+    return run_dir / "checkpoints" / "step_00000002"
+
 
 @pytest.fixture(scope="module")
 def llama_checkpoint(corpus, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("llama")
-    Trainer(tiny_config(run_dir, corpus, 2, "--arch", "llama")).train()
-    return run_dir / "checkpoints" / "step_00000002"
+    return train(tmp_path_factory, corpus, "llama")
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer.json (the demo's kind: <|bos|> 0, <|eos|> 1, <|pad|> 2), 300 ids."""
+    from data_pipeline.demo_corpus import stdlib_sources, train_bpe
+
+    return train_bpe(stdlib_sources(100_000), 300, tmp_path_factory.mktemp("bpe") / "tokenizer.json")
+
+
+def export(checkpoint: Path, out: Path, *extra: str) -> int:
+    return main(["export", "--checkpoint", str(checkpoint), "--out", str(out), *extra])
+
+
+def error_line(capsys) -> str:
+    """The one stderr line of a failed command (no traceback, no usage text)."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m pretrain.hf "), err
+    return err
 
 
 def test_export_loads_offline_in_transformers_with_identical_logits(llama_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "hf"
-    assert main(["export", "--checkpoint", str(llama_checkpoint), "--out", str(out)]) == 0
+    assert export(llama_checkpoint, out) == 0
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     ours = load_model(llama_checkpoint).eval()
@@ -30,9 +63,126 @@ def test_export_loads_offline_in_transformers_with_identical_logits(llama_checkp
     assert diff < 1e-4
 
 
+def assert_special_ids(out: Path, bos: int, eos: int) -> None:
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((out / name).read_text())
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (bos, eos, eos), name
+
+
+def test_export_writes_the_runs_byte_tokenizer_and_its_ids(llama_checkpoint, tmp_path):
+    """The run trained on byte-tokenized data (BOS 256, EOS 257, no tokenizer.json): the export finds
+    that in the data's manifest and writes an equivalent tokenizer.json that prepends BOS like the loader."""
+    from transformers import AutoTokenizer
+
+    from data_pipeline.tokenizer import ByteTokenizer
+
+    out = tmp_path / "hf"
+    assert export(llama_checkpoint, out) == 0
+    byte = ByteTokenizer()
+    assert_special_ids(out, byte.bos_id, byte.eos_id)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ids = tok(TEXT).input_ids
+    assert ids == [byte.bos_id, *byte.encode(TEXT)]
+    assert tok.decode(ids, skip_special_tokens=True) == TEXT
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (byte.bos_id, byte.eos_id, byte.eos_id)
+
+
+def test_export_with_a_tokenizer_json(bpe_tokenizer, tmp_path):
+    """A weights-only checkpoint (`import` output) has no run config: the export asks for --tokenizer,
+    then ships that tokenizer.json with its own BOS/EOS ids."""
+    from transformers import AutoTokenizer
+
+    from data_pipeline.tokenizer import JsonTokenizer
+    from pretrain.model import build_model
+    from pretrain.model.hf import to_hf
+
+    to_hf(build_model("llama", "tiny", vocab_size=300)).save_pretrained(tmp_path / "src")
+    assert main(["import", "--hf", str(tmp_path / "src"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert export(tmp_path / "ckpt", tmp_path / "hf") == 2
+    assert export(tmp_path / "ckpt", tmp_path / "hf", "--tokenizer", str(bpe_tokenizer)) == 0
+    ours = JsonTokenizer(bpe_tokenizer)
+    assert (ours.bos_id, ours.eos_id) == (0, 1)
+    assert_special_ids(tmp_path / "hf", ours.bos_id, ours.eos_id)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ids = tok(TEXT).input_ids
+    assert ids == [ours.bos_id, *ours.encode(TEXT)]
+    assert tok.decode(ids[1:]) == ours.decode(ids[1:])
+
+
+def test_export_of_hybrid_moe_names_what_exports(corpus, tmp_path_factory, tmp_path, capsys):
+    """The README trains hybrid_moe (intra-hybrid + MoE): its export is refused in one line that says
+    why and which archs export, before any weights are read."""
+    checkpoint = train(tmp_path_factory, corpus, "hybrid_moe")
+    capsys.readouterr()
+    assert export(checkpoint, tmp_path / "hf") == 2
+    err = error_line(capsys)
+    assert "arch hybrid_moe" in err and "MoE FFN" in err and "intra-layer hybrid" in err
+    assert "exportable: llama, mamba2, inter_hybrid" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def damaged_copy(checkpoint: Path, tmp_path: Path, damage) -> Path:
+    copy = tmp_path / "damaged" / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    damage(copy)
+    return copy
+
+
+def truncate_weights(path: Path) -> None:
+    for f in path.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+
+
+def move_data(corpus: Path):
+    def damage(path: Path) -> None:
+        config = path / "config.toml"
+        config.write_text(config.read_text().replace(str(corpus), "/moved/corpus"))
+    return damage
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_dir", "no such directory"),
+    ("run_dir", r"not a checkpoint .*pass a step_\* directory, e.g. .*step_00000002"),
+    ("incomplete", "not a complete checkpoint"),
+    ("out_exists", "already exists"),
+    ("no_transformers", r"transformers is not installed; pip install"),
+    ("data_moved", r"config.toml: data.sources\[0\] '/moved/corpus': .*no such file.*pass --tokenizer"),
+    ("bad_tokenizer", "--tokenizer /no/tokenizer.json: tokenizer: no such file"),
+    ("tokenizer_too_big", "vocab_size=258 but the tokenizer has 300 ids"),
+    ("import_not_hf", "no config.json"),
+])
+def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, corpus, bpe_tokenizer, tmp_path,
+                                             monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = ["export", "--checkpoint", str(llama_checkpoint), "--out", str(out)]
+    if case == "missing_dir":
+        argv[2] = str(tmp_path / "nope")
+    elif case == "run_dir":
+        argv[2] = str(llama_checkpoint.parents[1])
+    elif case == "incomplete":
+        argv[2] = str(damaged_copy(llama_checkpoint, tmp_path, truncate_weights))
+    elif case == "out_exists":
+        out.mkdir()
+    elif case == "no_transformers":
+        monkeypatch.setitem(sys.modules, "transformers", None)
+    elif case == "data_moved":
+        argv[2] = str(damaged_copy(llama_checkpoint, tmp_path, move_data(corpus)))
+    elif case == "bad_tokenizer":
+        argv += ["--tokenizer", "/no/tokenizer.json"]
+    elif case == "tokenizer_too_big":
+        argv += ["--tokenizer", str(bpe_tokenizer)]
+    elif case == "import_not_hf":
+        argv = ["import", "--hf", str(llama_checkpoint), "--out", str(out)]
+    existed = out.exists()
+    assert main(argv) == 2
+    err = error_line(capsys)
+    assert re.search(expected, err), err
+    assert out.exists() == existed and not list(tmp_path.glob(".tmp-*"))
+
+
 def test_import_round_trip_and_init_from(llama_checkpoint, corpus, tmp_path):
     hf_dir, imported = tmp_path / "hf", tmp_path / "imported"
-    main(["export", "--checkpoint", str(llama_checkpoint), "--out", str(hf_dir)])
+    assert export(llama_checkpoint, hf_dir) == 0
     assert main(["import", "--hf", str(hf_dir), "--out", str(imported)]) == 0
     a, b = weights(llama_checkpoint), weights(imported)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -47,6 +197,7 @@ def test_import_round_trip_and_init_from(llama_checkpoint, corpus, tmp_path):
 def test_init_from_a_different_model_names_the_tensors(llama_checkpoint, corpus, tmp_path):
     from pretrain.config import ConfigError
 
-    trainer = Trainer(tiny_config(tmp_path, corpus, 1, "--arch", "mamba2", f"--checkpoint.init_from={llama_checkpoint}"))
+    trainer = Trainer(tiny_config(tmp_path, corpus, 1, "--arch", "mamba2",
+                                  f"--checkpoint.init_from={llama_checkpoint}"))
     with pytest.raises(ConfigError, match="init_from.*do not fit.*blocks"):
         trainer.resume()
