@@ -15,23 +15,20 @@ from dataclasses import dataclass
 BLOCK_SYMBOLS = {"A": "attention", "S": "sliding-window attention", "M": "mamba2", "H": "intra-hybrid"}
 STAGE_BOUNDARY = "|"
 
-INTER_PLACEMENTS = ("front", "middle", "end")
+INTER_PLACEMENTS = ("middle", "front", "end")
 INTRA_PLACEMENTS = ("scatter", "cluster", "sandwich")
+PAPER_RATIOS = ("1:0", "1:1", "1:3", "1:5", "1:12", "0:1")  # attention:Mamba sweep (T3, T17)
 
-# The paper's published layouts (1-indexed positions of the non-Mamba blocks), keyed by
-# (n_blocks, n_special, placement). They are data from the paper, used where the paper gives one;
-# every other case is computed by `place`.
+# The paper's published layouts (1-indexed positions of the non-Mamba blocks) that `place` would
+# not compute, keyed by (n_blocks, n_special, placement): data from the paper, used where it gives
+# one. Its other layouts (1B 1:1 {2, 4, ..., 14}, 1:12 {7}, intra scatter {5, 9}, sandwich
+# {1, 13}) are what `place` computes.
 PAPER_LAYOUTS: dict[tuple[int, int, str], tuple[int, ...]] = {
     (13, 2, "middle"): (4, 8),      # 1B inter 1:5 (T17)
     (13, 2, "front"): (1, 8),
     (13, 2, "end"): (4, 11),
     (13, 3, "middle"): (3, 7, 11),  # 1B inter 1:3
-    (14, 7, "middle"): (2, 4, 6, 8, 10, 12, 14),  # 1B inter 1:1
-    (13, 1, "middle"): (7,),        # 1B inter 1:12
-    (13, 1, "front"): (1,),
-    (13, 2, "scatter"): (5, 9),     # 1B intra 1:5 (T21)
-    (13, 2, "cluster"): (9, 10),
-    (13, 2, "sandwich"): (1, 13),
+    (13, 2, "cluster"): (9, 10),    # 1B intra 1:5 (T21)
 }
 
 
@@ -73,17 +70,64 @@ def parse_pattern(pattern: str) -> Pattern:
 def parse_ratio(ratio: str) -> tuple[int, int]:
     """'1:5' -> (1, 5): special (attention / intra) blocks to Mamba blocks."""
     try:
-        a, m = (int(v) for v in ratio.split(":"))
+        a, m = (int(v) for v in str(ratio).split(":"))
     except ValueError:
-        raise ValueError(f"ratio '{ratio}' is not 'A:M' with integers, e.g. '1:5'") from None
+        a = m = -1
     if a < 0 or m < 0 or a + m == 0:
-        raise ValueError(f"ratio '{ratio}' needs non-negative parts, not both zero")
+        raise ValueError(f"ratio {ratio!r} is invalid: use 'A:M', two non-negative integers not both 0 "
+                         f"(the paper's: {', '.join(PAPER_RATIOS)})")
     return a, m
 
 
-def count_special(ratio: str, n_blocks: int) -> int:
+def ratio_counts(ratio: str, n_blocks: int) -> tuple[int, ...]:
+    """The special-block counts among `n_blocks` nearest the ratio: one, or two when it falls
+    half-way; at least one block of each kind the ratio names."""
     a, m = parse_ratio(ratio)
-    return max(1, int(n_blocks * a / (a + m) + 0.5)) if a else 0
+    if a and m and n_blocks < 2:
+        raise ValueError(f"ratio '{ratio}' needs at least 2 blocks, not {n_blocks}")
+    if not (a and m):
+        return (n_blocks if a else 0,)
+    low, rest = divmod(n_blocks * a, a + m)  # n_blocks * a / (a + m) = low + rest / (a + m)
+    nearest = [low] if 2 * rest < a + m else [low + 1] if 2 * rest > a + m else [low, low + 1]
+    return tuple(sorted({min(n_blocks - 1, max(1, k)) for k in nearest}))
+
+
+def count_special(ratio: str, n_blocks: int) -> int:
+    """Special blocks among a fixed `n_blocks` (a half-way ratio takes the larger count)."""
+    return ratio_counts(ratio, n_blocks)[-1]
+
+
+def sized_counts(ratio: str, special_params: int, other_params: int, target: int,
+                 outside: int = 0) -> tuple[int, int]:
+    """(blocks, special blocks) of the stack whose parameter count is nearest `target`, special
+    blocks as near the ratio as whole blocks allow (`ratio_counts`). Blocks differ in size (an
+    attention block is smaller than a Mamba one), so a ratio's depth follows from its mix: how the
+    paper kept every ratio at its model size (1B: 1:1 has 14 blocks, 1:5 13, attention-only 16).
+    Ties go to the shallower stack, then to more special blocks."""
+    if min(special_params, other_params) <= 0:
+        raise ValueError("block parameter counts must be positive")
+    a, m = parse_ratio(ratio)
+    stacks: list[tuple[int, int, int]] = []  # (distance, n, -k): sorts in the order of preference
+    n = 2 if a and m else 1
+    while True:
+        sizes = {k: outside + k * special_params + (n - k) * other_params for k in ratio_counts(ratio, n)}
+        # the smallest stack grows by at least one block per step: no deeper one can be nearer
+        if stacks and min(sizes.values()) - target > min(stacks)[0]:
+            _, n_best, minus_k = min(stacks)
+            return n_best, -minus_k
+        stacks += [(abs(size - target), n, -k) for k, size in sizes.items()]
+        n += 1
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k of n blocks spread evenly: the n-k others split as evenly as possible before, between and
+    after them (a half rounds up), so two are never adjacent and none is first while k <= n-k.
+    With more, the others are spread instead (k = n-k+1 alternates from the first block)."""
+    others = n - k
+    if k > others:
+        taken = set(_spread(n, others))
+        return [p for p in range(1, n + 1) if p not in taken]
+    return [i + max(i, int(i * others / (k + 1) + 0.5)) for i in range(1, k + 1)]
 
 
 def place(n_blocks: int, n_special: int, placement: str) -> tuple[int, ...]:
@@ -93,18 +137,17 @@ def place(n_blocks: int, n_special: int, placement: str) -> tuple[int, ...]:
     to start at the first / finish at the last block; cluster: adjacent, centred; sandwich: split
     between the first and the last blocks.
     """
+    if placement not in INTER_PLACEMENTS + INTRA_PLACEMENTS:
+        raise ValueError(f"placement {placement!r} is invalid: use one of {', '.join(INTER_PLACEMENTS)} "
+                         f"(inter-layer) or {', '.join(INTRA_PLACEMENTS)} (intra-layer)")
     if not 0 <= n_special <= n_blocks:
         raise ValueError(f"cannot place {n_special} blocks among {n_blocks}")
     if (n_blocks, n_special, placement) in PAPER_LAYOUTS:
         return PAPER_LAYOUTS[(n_blocks, n_special, placement)]
-    if n_special == 0:
+    n, k = n_blocks, n_special
+    if k == 0:
         return ()
-    if n_special == n_blocks:
-        return tuple(range(1, n_blocks + 1))
-    k, n = n_special, n_blocks
-    spread = [int((i + 1) * (n + 1) / (k + 1) + 0.5) for i in range(k)]
-    if placement in ("middle", "scatter"):
-        return tuple(spread)
+    spread = _spread(n, k)
     if placement == "front":
         return tuple(p - spread[0] + 1 for p in spread)
     if placement == "end":
@@ -115,13 +158,20 @@ def place(n_blocks: int, n_special: int, placement: str) -> tuple[int, ...]:
     if placement == "sandwich":
         head = (k + 1) // 2
         return (*range(1, head + 1), *range(n - (k - head) + 1, n + 1))
-    raise ValueError(f"unknown placement '{placement}': use one of {INTER_PLACEMENTS + INTRA_PLACEMENTS}")
+    return tuple(spread)  # middle, scatter
 
 
-def hybrid_pattern(ratio: str, n_blocks: int, placement: str = "middle", special: str = "A") -> str:
-    """Pattern for a ratio of `special` blocks ('A', 'S' or 'H') to Mamba blocks."""
-    positions = set(place(n_blocks, count_special(ratio, n_blocks), placement))
-    return "".join(special if i in positions else "M" for i in range(1, n_blocks + 1))
+def layout(n_blocks: int, n_special: int, placement: str, special: str = "A", other: str = "M") -> str:
+    """Pattern of `n_special` `special` blocks ('A' or 'H') placed among `n_blocks`, the rest
+    `other` ('M', or 'S' for the sliding-window baseline's global:local layers)."""
+    positions = set(place(n_blocks, n_special, placement))
+    return "".join(special if i in positions else other for i in range(1, n_blocks + 1))
+
+
+def hybrid_pattern(ratio: str, n_blocks: int, placement: str = "middle", special: str = "A",
+                   other: str = "M") -> str:
+    """Pattern for a ratio of `special` to `other` blocks at a fixed depth."""
+    return layout(n_blocks, count_special(ratio, n_blocks), placement, special, other)
 
 
 def with_stages(pattern: str, n_stages: int) -> str:
