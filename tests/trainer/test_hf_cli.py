@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("transformers")
 from pretrain.hf import load_model, main
 from pretrain.trainer import Trainer
 from trainer_helpers import tiny_config, weights
 
-pytest.importorskip("transformers")
 TEXT = "def f(x):\n    return 'é' + x  # <|eos|> <|bos|>"
 
 
@@ -150,6 +150,7 @@ def move_data(corpus: Path):
     ("bad_tokenizer", "--tokenizer /no/tokenizer.json: tokenizer: no such file"),
     ("tokenizer_too_big", "vocab_size=258 but the tokenizer has 300 ids"),
     ("import_not_hf", "no config.json"),
+    ("import_gpt2", "from_hf supports LlamaForCausalLM and GraniteMoeHybridForCausalLM, not GPT2LMHeadModel"),
 ])
 def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, corpus, bpe_tokenizer, tmp_path,
                                              monkeypatch, capsys):
@@ -173,6 +174,11 @@ def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, c
         argv += ["--tokenizer", str(bpe_tokenizer)]
     elif case == "import_not_hf":
         argv = ["import", "--hf", str(llama_checkpoint), "--out", str(out)]
+    elif case == "import_gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)).save_pretrained(tmp_path / "gpt2")
+        argv = ["import", "--hf", str(tmp_path / "gpt2"), "--out", str(out)]
     existed = out.exists()
     assert main(argv) == 2
     err = error_line(capsys)
