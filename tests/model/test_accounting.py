@@ -1,13 +1,14 @@
 """Accounting against PAPER.md (T8 parameter counts, T2 FLOPs column and cache at 8K) and against
 the model itself."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 
-from pretrain.accounting import count_params, flops_per_token, report
+from pretrain.accounting import block_params, count_params, flops_per_token, report
 from pretrain.model import build_model, model_config
 
 PAPER_NON_EMB = {  # PAPER T8 and the hybrid paragraph, billions
@@ -62,6 +63,18 @@ def test_param_count_equals_built_model():
     counts = count_params(model.config)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["embedding"] == model.embed.weight.numel()
+
+
+@pytest.mark.parametrize("arch,size,overrides", [("intra_hybrid", "1b", {}), ("hybrid_moe", "tiny", {}),
+                                                ("swa", "tiny", {"tie_embeddings": False})])
+def test_block_params_add_up_to_the_built_model(arch, size, overrides):
+    """Per-block counts (what the ratio sweep's depth search sums) equal a whole meta build."""
+    cfg = model_config(arch, size, **overrides)
+    counts = block_params(cfg)
+    assert set(counts.per_block) == {"A", "S", "M", "H"}
+    for pattern in ("AMHS", "MMAMM", "HSSA|MM", cfg.pattern):
+        built = count_params(dataclasses.replace(cfg, pattern=pattern))["non_embedding"]
+        assert counts.non_embedding(pattern) == built, pattern
 
 
 def test_attention_flops_follow_sequence_length():
