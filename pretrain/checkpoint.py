@@ -207,7 +207,11 @@ class CheckpointManager:
         again right before reading, so nothing changed since is ever unpickled or trusted."""
         _check_before_reading(path, (DCP_METADATA, TRAIN_STATE))
         _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
-        state = json.loads((path / TRAIN_STATE).read_text())
+        try:
+            state = json.loads((path / TRAIN_STATE).read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # sealed with its hash, so written by something else
+            raise CheckpointDamaged(f"{path}: {TRAIN_STATE} is not JSON ({type(e).__name__}); this checkpoint "
+                                    "was not written by pretrain/main.py: resume from another one") from None
         ranks = state.pop("ranks")
         return state, ranks
 

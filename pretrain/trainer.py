@@ -164,12 +164,18 @@ def batch_fixes(cfg: JobConfig, dp_size: int) -> str:
     accumulation steps), a global batch that is a multiple of one micro-step, or none at all."""
     t, seq = cfg.train, cfg.data.seq_len
     per_micro = t.micro_batch_size * seq * dp_size
-    micro = [f"{m} ({t.global_batch_tokens // (m * seq * dp_size)} accumulation steps)"
-             for m in range(t.micro_batch_size - 1, 0, -1) if t.global_batch_tokens % (m * seq * dp_size) == 0]
+
+    def accumulation(micro_batch: int, tokens: int) -> str:
+        n = tokens // (micro_batch * seq * dp_size)
+        return f"{n} accumulation step{'s' * (n > 1)}"
+
+    micro = [f"{m} ({accumulation(m, t.global_batch_tokens)})" for m in range(t.micro_batch_size - 1, 0, -1)
+             if t.global_batch_tokens % (m * seq * dp_size) == 0]
     up = -(-t.global_batch_tokens // per_micro) * per_micro
     fixes = ([f"lower train.micro_batch_size to {' or '.join(micro[:3])}"] if micro else []) + [
-        f"set train.global_batch_tokens to a multiple of {per_micro} (e.g. {up}: {up // per_micro} accumulation "
-        "steps)", f"or set it to 0 (one micro-batch per rank per step, {per_micro} tokens)"]
+        f"set train.global_batch_tokens to a multiple of {per_micro} (e.g. {up}: "
+        f"{accumulation(t.micro_batch_size, up)})",
+        f"or set it to 0 (one micro-batch per rank per step, {per_micro} tokens)"]
     return "fix: " + "; ".join(fixes)
 
 

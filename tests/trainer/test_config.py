@@ -1,7 +1,16 @@
-"""Config: defaults < TOML < CLI, type checks, and errors that name the key."""
+"""Config: defaults < TOML < CLI, type checks, errors that name the key, exact TOML round trips."""
+import dataclasses
+import random
+import string
+import subprocess
+import sys
+import typing
+
 import pytest
 
-from pretrain.config import ConfigError, JobConfig, parse_args, parse_source, to_toml
+from pretrain.config import ConfigError, JobConfig, parse_args, parse_source, to_toml, validate
+from pretrain.main import main
+from trainer_helpers import REPO
 
 
 def test_cli_overrides_toml_and_shortcuts(tmp_path):
@@ -33,10 +42,28 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     (["--bogus=1"], "--bogus"),
     (["--optim=1"], "--optim"),
     (["--train=1"], "--train"),
+    (["--optim.lr=nan"], "optim.lr"),
+    (["--optim.lr=inf"], "optim.lr"),
+    (["--optim.weight_decay=-inf"], "optim.weight_decay"),
+    (["--optim.beta1=1"], "optim.beta1"),
+    (["--optim.beta2=-0.1"], "optim.beta2"),
+    (["--optim.eps=0"], "optim.eps"),
+    (["--train.seed=-1"], "train.seed"),
+    (["--train.steps=1e400"], "train.steps"),
+    (["--logging.peak_tflops=nan"], "logging.peak_tflops"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         parse_args(argv)
+
+
+@pytest.mark.parametrize("bad", ["--optim.lr=nan", "--optim.beta2=1.5", "--optim.eps=-1e-8", "--train.seed=-3",
+                                 "--train.steps=1e400"])
+def test_bad_values_exit_2_at_start_with_one_line(bad, capsys):
+    assert main([bad, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config") or err.startswith("error: command line")
+    assert err.count("\n") == 1 and bad.split("=")[0][2:] in err
 
 
 def test_toml_errors_name_the_file_and_key(tmp_path):
@@ -59,3 +86,73 @@ def test_sources_with_weights():
 def test_defaults_validate():
     from pretrain.config import validate
     validate(JobConfig())
+
+
+def random_value(tp, rng: random.Random, depth: int = 0):
+    """A value of type `tp` with the awkward cases TOML writers get wrong: quotes, backslashes,
+    newlines, unicode, tiny and huge floats, nested tables."""
+    if tp is bool:
+        return rng.random() < 0.5
+    if tp is int:
+        return rng.choice([0, 1, -1, 2**40, rng.randrange(-10**6, 10**6)])
+    if tp is float:
+        return rng.choice([0.0, -0.0, 1e-300, 1.7976931348623157e308, rng.uniform(-1e3, 1e3), 1 / 3])
+    if tp is str:
+        alphabet = string.printable + "éü→🙂\"\\'"
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+    if typing.get_origin(tp) is list:
+        return [random_value(str, rng) for _ in range(rng.randrange(0, 3))]
+    if typing.get_origin(tp) is dict:  # model.overrides: nested tables, dotted keys, lists
+        table = {}
+        for _ in range(rng.randrange(0, 4)):
+            key = rng.choice(["d_model", "intra.fusion", "moe", "rope", "name with space"])
+            kind = rng.choice([int, float, str, bool, list, dict] if depth < 2 else [int, str])
+            table[key] = (random_value(typing.Any, rng, depth + 1) if kind is dict else
+                          [rng.randrange(9) for _ in range(3)] if kind is list else random_value(kind, rng))
+        return table
+    return random_value(dict[str, typing.Any], rng, depth)
+
+
+def random_config(rng: random.Random) -> JobConfig:
+    def fill(obj):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if dataclasses.is_dataclass(hints[f.name]):
+                fill(getattr(obj, f.name))
+            elif rng.random() < 0.7:
+                setattr(obj, f.name, random_value(hints[f.name], rng))
+        return obj
+    return fill(JobConfig())
+
+
+def test_any_config_round_trips_through_its_toml_exactly(tmp_path):
+    """Property test over 300 generated configs (values need not validate: the writer must not care)."""
+    rng = random.Random(8)
+    path = tmp_path / "c.toml"
+    for i in range(300):
+        cfg = random_config(rng)
+        path.write_text(to_toml(cfg))
+        from pretrain.config import apply_toml
+        again = JobConfig()
+        apply_toml(again, path)
+        assert again == cfg, (i, to_toml(cfg))
+
+
+def test_nested_model_overrides_survive_a_resumed_run(tmp_path):
+    """The checkpoint's config.toml with a nested override reads back (it was written as Python repr)."""
+    cfg, _ = parse_args(["--model.overrides.intra.fusion=concat", "--arch", "intra_hybrid"])
+    cfg.model.overrides["moe"] = {"n_experts": 4, "top_k": 1}
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    again, _ = parse_args(["--config", str(path)])
+    assert again == cfg and again.model.overrides["moe"] == {"n_experts": 4, "top_k": 1}
+    validate(again)
+
+
+def test_help_lists_every_arch_and_size():
+    from pretrain.model.presets import ARCHS, SIZES
+
+    out = subprocess.run([sys.executable, "pretrain/main.py", "--help"], capture_output=True, text=True, cwd=REPO,
+                         check=True).stdout
+    flat = " ".join(out.split())
+    assert all(a in flat for a in ARCHS) and all(s in flat for s in SIZES)

@@ -96,8 +96,14 @@ def test_dry_run_checks_the_layout_of_a_large_launch(capsys, monkeypatch):
     assert main(args) == 0
     assert "data streams         128" in capsys.readouterr().out
     assert main([*args, "--train.global_batch_tokens=65536"]) == 2
-    assert "train.global_batch_tokens=65536 is not a multiple of micro_batch_size*seq_len*dp=262144" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train.global_batch_tokens=65536 is not a multiple of 128 data-parallel ranks x" in err
+    # every fix is proposed, and each one works: smaller micro-batches, a larger global batch, or none
+    assert "lower train.micro_batch_size to 2 (1 accumulation step) or 1 (2 accumulation steps)" in err
+    assert "a multiple of 262144 (e.g. 262144: 1 accumulation step)" in err and "set it to 0" in err
+    for fix in ("--train.micro_batch_size=2", "--train.micro_batch_size=1", "--train.global_batch_tokens=262144",
+                "--train.global_batch_tokens=0"):
+        assert main([*args, "--train.global_batch_tokens=65536", fix]) == 0, fix
     assert main([*args, "--data.num_streams=64"]) == 2
     assert "data.num_streams=64 is not divisible by the 128 data-parallel ranks" in capsys.readouterr().err
 

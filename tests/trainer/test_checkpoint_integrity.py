@@ -1,0 +1,233 @@
+"""Damaged checkpoints: each kind of damage is found, resume falls back to the previous checkpoint
+that verifies (one warning naming the bad file), the run ends bit for bit as an undamaged run did,
+and the damaged step is saved again when its step comes round. Nothing in a checkpoint runs code."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import CheckpointManager, verify_checkpoint
+from pretrain.checkpoint_integrity import CheckpointDamaged, FileRecord, file_digest, read_marker, write_marker
+from pretrain.summary import read_summary
+from pretrain.trainer import Trainer
+from trainer_helpers import losses, tiny_config
+
+STEPS = 6
+DAMAGED_STEP = "step_00000004"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The undamaged run (checkpoints at steps 2, 4, 6) and its final weights."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    trainer = Trainer(tiny_config(run_dir, corpus, STEPS))
+    trainer.train()
+    return run_dir, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def overwrite(path: Path, data: bytes, offset: int = 0) -> None:
+    """Write `data` over the file's bytes at `offset`: the size stays the same."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def garbage(path: Path, n: int = 4096) -> None:
+    """Up to n random bytes written over the middle of the file."""
+    size = path.stat().st_size
+    n = min(n, size)
+    overwrite(path, os.urandom(n), (size - n) // 2)
+
+
+def distcp(ckpt: Path) -> Path:
+    return max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def damage(kind: str) -> Callable[[Path], str]:
+    """Damage a checkpoint directory; return the name of the file damaged."""
+    def truncated(ckpt: Path) -> str:
+        f = distcp(ckpt)
+        f.write_bytes(f.read_bytes()[:-10])
+        return f.name
+
+    def deleted(ckpt: Path) -> str:
+        (ckpt / "train_state.json").unlink()
+        return "train_state.json"
+
+    def same_size_garbage(name: str) -> Callable[[Path], str]:
+        def do(ckpt: Path) -> str:
+            f = distcp(ckpt) if name == "distcp" else ckpt / name
+            garbage(f)
+            return f.name
+        return do
+
+    kinds = {"truncated .distcp": truncated, "deleted train_state.json": deleted,
+             **{f"garbage in {n}": same_size_garbage(n)
+                for n in ("distcp", ".metadata", "train_state.json", "config.toml", "model_config.json",
+                          "COMPLETE.json")}}
+    return kinds[kind]
+
+
+KINDS = ["truncated .distcp", "deleted train_state.json", "garbage in distcp", "garbage in .metadata",
+         "garbage in train_state.json", "garbage in config.toml", "garbage in model_config.json",
+         "garbage in COMPLETE.json"]
+
+
+def copy_checkpoints(reference_dir: Path, run_dir: Path, steps: tuple[int, ...]) -> Path:
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in steps:
+        shutil.copytree(reference_dir / "checkpoints" / f"step_{step:08d}", ckpts / f"step_{step:08d}")
+    return ckpts
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_newest_checkpoint_falls_back_and_the_run_ends_bitwise_equal(kind, reference, corpus, tmp_path,
+                                                                            caplog):
+    reference_dir, reference_weights = reference
+    ckpts = copy_checkpoints(reference_dir, tmp_path, (2, 4))
+    bad_file = damage(kind)(ckpts / DAMAGED_STEP)
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(tiny_config(tmp_path, corpus, STEPS))
+        summary = trainer.train()
+    warning = next(r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage())
+    assert DAMAGED_STEP in warning and bad_file in warning and "\n" not in warning
+    assert trainer.last_checkpoint == ckpts / "step_00000006" and summary["status"] == "finished"
+    assert losses(tmp_path) == {s: v for s, v in losses(reference_dir).items() if s > 2}
+    weights = trainer.model.state_dict()
+    assert all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights)
+    assert verify_checkpoint(ckpts / DAMAGED_STEP) is None  # saved again when step 4 came round
+
+
+def test_preempted_run_replaces_the_damaged_step_it_saves(reference, corpus, tmp_path):
+    """A signal at step 4 after falling back from a damaged step 4: the save writes step 4 again
+    and summary.json names it only because it now verifies."""
+    reference_dir, _ = reference
+    ckpts = copy_checkpoints(reference_dir, tmp_path, (2, 4))
+    garbage(distcp(ckpts / DAMAGED_STEP))
+    trainer = Trainer(tiny_config(tmp_path, corpus, STEPS))
+    train_step = trainer.train_step
+
+    def signal_in_step_4():
+        if trainer.progress.step == 3:
+            trainer.preemption.signum = signal.SIGTERM
+        return train_step()
+
+    trainer.train_step = signal_in_step_4
+    with pytest.raises(Exception, match="signal"):
+        trainer.train()
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "preempted" and summary["checkpoint"] == str(ckpts / DAMAGED_STEP)
+    assert verify_checkpoint(ckpts / DAMAGED_STEP) is None
+
+
+def save_tiny(mgr: CheckpointManager, step: int, value: float) -> Path:
+    return mgr.save(step, {"model": {"w": torch.full((256,), value)}}, {"rng": step}, {"step": step},
+                    {"config.toml": "x = 1\n"})
+
+
+def test_save_over_a_damaged_directory_writes_it_again(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=False, is_main=True)
+    path = save_tiny(mgr, 1, 1.0)
+    garbage(path / "config.toml")
+    assert "config.toml" in verify_checkpoint(path)
+    assert save_tiny(mgr, 1, 2.0) == path and verify_checkpoint(path) is None
+    target = {"model": {"w": torch.zeros(256)}}
+    mgr.load(path, target)
+    assert torch.equal(target["model"]["w"], torch.full((256,), 2.0))
+    assert not list((tmp_path / "ck").glob(".tmp-*"))
+    assert save_tiny(mgr, 1, 3.0) == path  # an intact directory is kept as it is
+    mgr.load(path, target)
+    assert torch.equal(target["model"]["w"], torch.full((256,), 2.0))
+
+
+class _CreatesFile:
+    """A pickle payload that creates a file when unpickled."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def crafted_pickle(size: int, sentinel: Path) -> bytes:
+    payload = pickle.dumps(_CreatesFile(sentinel))
+    assert len(payload) <= size
+    return payload + b"\0" * (size - len(payload))  # the unpickler stops at STOP: same size, same effect
+
+
+def reseal(ckpt: Path) -> None:
+    """What an attacker who can also rewrite the marker would do: make the hashes match again."""
+    records = read_marker(ckpt)
+    write_marker(ckpt, {n: FileRecord((ckpt / n).stat().st_size, file_digest(ckpt / n)) for n in records})
+
+
+def test_crafted_dcp_metadata_is_never_unpickled(reference, corpus, tmp_path):
+    """DCP's .metadata is a pickle: a replaced one fails its hash before DCP reads it."""
+    reference_dir, _ = reference
+    ckpts = copy_checkpoints(reference_dir, tmp_path, (2, 4))
+    sentinel, metadata = tmp_path / "code_ran", ckpts / DAMAGED_STEP / ".metadata"
+    metadata.write_bytes(crafted_pickle(metadata.stat().st_size, sentinel))
+    trainer = Trainer(tiny_config(tmp_path, corpus, 4))
+    trainer.train()
+    assert trainer._resumed_from == ckpts / "step_00000002" and not sentinel.exists()
+
+
+def test_crafted_train_state_runs_no_code_even_with_a_matching_marker(reference, corpus, tmp_path):
+    reference_dir, _ = reference
+    ckpts = copy_checkpoints(reference_dir, tmp_path, (2,))
+    sentinel, state = tmp_path / "code_ran", ckpts / "step_00000002" / "train_state.json"
+    state.write_bytes(crafted_pickle(state.stat().st_size, sentinel))
+    reseal(ckpts / "step_00000002")
+    trainer = Trainer(tiny_config(tmp_path, corpus, 4))
+    with pytest.raises(CheckpointDamaged, match="train_state.json is not JSON"):
+        trainer.train()
+    assert not sentinel.exists()
+
+
+def test_load_rechecks_files_changed_after_verification(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=False, is_main=True)
+    path = save_tiny(mgr, 1, 1.0)
+    assert verify_checkpoint(path) is None
+    garbage(path / ".metadata", 16)
+    with pytest.raises(CheckpointDamaged, match=r"\.metadata does not match its checksum"):
+        mgr.load(path, {"model": {"w": torch.zeros(256)}})
+
+
+def test_resume_warns_when_the_thread_count_changed(reference, corpus, tmp_path, caplog):
+    """Bitwise resume needs the same CPU thread count (reductions split by thread): say so."""
+    reference_dir, _ = reference
+    copy_checkpoints(reference_dir, tmp_path, (2,))
+    state = json.loads((tmp_path / "checkpoints/step_00000002/train_state.json").read_text())
+    saved_threads = state["runtime"]["num_threads"]
+    assert saved_threads == torch.get_num_threads() and {"torch", "cuda", "python"} <= set(state["runtime"])
+    trainer = Trainer(tiny_config(tmp_path, corpus, 4))
+    torch.set_num_threads(saved_threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING):
+            trainer.resume()
+    finally:
+        torch.set_num_threads(saved_threads)
+    assert f"num_threads: {saved_threads} -> {saved_threads + 1}" in caplog.text
+
+
+def test_rerun_of_a_finished_run_says_so_and_trains_nothing(reference, corpus, tmp_path, caplog):
+    reference_dir, reference_weights = reference
+    copy_checkpoints(reference_dir, tmp_path, (6,))
+    with caplog.at_level(logging.INFO):
+        summary = Trainer(tiny_config(tmp_path, corpus, STEPS)).train()
+    assert "already finished at step 6" in caplog.text
+    assert summary["status"] == "finished" and summary["step"] == STEPS and read_summary(tmp_path)["step"] == STEPS
+    assert not (tmp_path / "metrics.jsonl").exists() or not losses(tmp_path)
