@@ -3,71 +3,90 @@
     python -m launch.render slurm --nodes 16 --run-dir /shared/runs/r1 -- --arch hybrid_moe --size 1b --data /shared/data/dclm
     python -m launch.render k8s --nodes 2 --image REGISTRY/hybrid-pretrain:latest --run-dir /runs/r1 -- --config configs/hybrid_moe_1b.toml
 
-Both requeue a preempted run (the trainer exits 75 after checkpointing) and auto-resume from
-the newest complete checkpoint in the run directory.
+Both start one torchrun per node (c10d rendezvous), requeue a preempted run (the trainers exit
+75 after checkpointing) and auto-resume from the newest complete checkpoint in the run directory,
+on any number of nodes. Every value is checked against what the scheduler accepts.
 """
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
-from pathlib import Path, PurePosixPath
-from string import Template
+from pathlib import Path
+from typing import NoReturn
 
-REQUEUE_EXIT_CODE = 75  # pretrain.trainer.EXIT_PREEMPTED; launch/ does not import pretrain/
-TEMPLATES = Path(__file__).parent / "templates"
+from launch.k8s import K8sOptions, render_k8s
+from launch.slurm import SlurmOptions, render_slurm
+from launch.spec import REQUEUE_EXIT_CODE, LaunchSpec
+from launch.validate import LaunchError, int_in_range
+
+__all__ = ["REQUEUE_EXIT_CODE", "build_parser", "main", "render"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.render", description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog="python -m launch.render", description=__doc__.split("\n\n")[0],
+                       epilog="Arguments after -- are passed to pretrain/main.py.")
+    count, at_least_0 = int_in_range(1), int_in_range(0)
     p.add_argument("target", choices=("slurm", "k8s"))
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=count, required=True)
+    p.add_argument("--gpus-per-node", type=at_least_0, default=8, help="0: CPU nodes (give --procs-per-node)")
+    p.add_argument("--procs-per-node", type=count, help="trainers per node (default: one per GPU)")
+    p.add_argument("--cpus-per-rank", type=count, default=12, help="CPUs requested per trainer")
     p.add_argument("--job-name", default="pretrain")
     p.add_argument("--run-dir", required=True, help="shared directory every node can write")
-    p.add_argument("--workdir", default=".", help="repository root on the nodes / in the image")
-    p.add_argument("--python", default="python", help="slurm: the interpreter with the project installed")
-    p.add_argument("--partition", default="", help="slurm partition (omitted when empty)")
+    p.add_argument("--workdir", help="repository root on the nodes (slurm default: the submit directory) / "
+                                     "in the image (k8s default: the image's WORKDIR)")
+    p.add_argument("--python", default="python", help="the interpreter with the project installed")
+    p.add_argument("--master-port", type=int_in_range(1, 65535), default=29500, help="c10d rendezvous port")
+    p.add_argument("--omp-threads", type=count, default=8)
+    p.add_argument("--grace-s", type=count, default=300,
+                   help="seconds the trainers get to checkpoint after a preemption signal")
+    p.add_argument("--partition", default="", help="slurm partition(s) (omitted when empty)")
     p.add_argument("--time", default="24:00:00", help="slurm time limit per allocation")
-    p.add_argument("--cpus-per-task", type=int, default=12)
-    p.add_argument("--signal-lead-s", type=int, default=300, help="slurm: USR1 this long before the limit")
+    p.add_argument("--signal-lead-s", type=at_least_0, default=300, help="slurm: USR1 this long before the limit")
     p.add_argument("--image", default="hybrid-pretrain:latest", help="k8s container image")
     p.add_argument("--namespace", default="default")
-    p.add_argument("--pvc", default="runs", help="k8s ReadWriteMany claim holding the run directory")
+    p.add_argument("--pvc", default="runs", help="k8s ReadWriteMany claim holding data and run directory")
     p.add_argument("--run-mount", default="/runs", help="k8s mount path of the claim")
-    p.add_argument("--backoff-limit", type=int, default=3)
-    p.add_argument("--grace-s", type=int, default=300, help="k8s terminationGracePeriodSeconds")
-    p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--omp-threads", type=int, default=8)
+    p.add_argument("--backoff-limit", type=at_least_0, default=3, help="k8s: failures tolerated (not preemptions)")
+    p.add_argument("--shm-gib", type=count, default=64, help="k8s: size of the /dev/shm memory volume")
     p.add_argument("--out", help="write here instead of stdout")
-    p.epilog = "Arguments after -- are passed to pretrain/main.py."
     return p
 
 
+def spec_from_args(args: argparse.Namespace, train_args: list[str]) -> LaunchSpec:
+    nproc = args.procs_per_node or args.gpus_per_node
+    if not nproc:
+        raise LaunchError("--gpus-per-node 0 (CPU nodes): give --procs-per-node, the number of trainers per node")
+    return LaunchSpec(job_name=args.job_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      nproc_per_node=nproc, cpus_per_rank=args.cpus_per_rank, run_dir=args.run_dir,
+                      python=args.python, master_port=args.master_port, omp_threads=args.omp_threads,
+                      grace_s=args.grace_s, train_args=tuple(train_args), workdir=args.workdir)
+
+
 def render(args: argparse.Namespace, train_args: list[str]) -> str:
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        raise SystemExit("launch.render: --nodes and --gpus-per-node must be >= 1")
-    if any(a == "--run-dir" or a.startswith("--run-dir=") for a in train_args):
-        raise SystemExit("launch.render: give --run-dir to the renderer, not after --; it is used by both")
-    if args.target == "k8s" and not PurePosixPath(args.run_dir).is_relative_to(args.run_mount):
-        raise SystemExit(f"launch.render: --run-dir {args.run_dir} must lie under --run-mount {args.run_mount} "
-                         "(the shared volume); fix one of them")
-    values = {k: v for k, v in vars(args).items()}
-    values.update(
-        train_args=" ".join(shlex.quote(a) for a in train_args),
-        run_dir=shlex.quote(args.run_dir),
-        partition_line=f"#SBATCH --partition={args.partition}\n" if args.partition else "",
-        requeue_code=REQUEUE_EXIT_CODE,
-    )
-    name = "slurm.sbatch" if args.target == "slurm" else "k8s.yaml"
-    return Template((TEMPLATES / name).read_text()).substitute(values)
+    spec = spec_from_args(args, train_args)
+    if args.target == "slurm":
+        return render_slurm(spec, SlurmOptions(partition=args.partition, time=args.time,
+                                               signal_lead_s=args.signal_lead_s))
+    return render_k8s(spec, K8sOptions(image=args.image, namespace=args.namespace, pvc=args.pvc,
+                                       run_mount=args.run_mount, backoff_limit=args.backoff_limit,
+                                       shm_gib=args.shm_gib))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    args = build_parser().parse_args(argv[:split])
-    text = render(args, argv[split + 1:])
+    parser = build_parser()
+    args = parser.parse_args(argv[:split])
+    try:
+        text = render(args, argv[split + 1:])
+    except LaunchError as e:
+        parser.error(str(e))
     if args.out:
         Path(args.out).write_text(text)
     else:

@@ -1,46 +1,80 @@
+"""What the rendered Slurm script and Kubernetes manifests contain and how they decide to requeue."""
 import os
-import shutil
-import subprocess
 
 import pytest
-import yaml
 
 from launch.render import REQUEUE_EXIT_CODE, main
+from launch_helpers import container, manifests, render, run_pod_stubbed, run_slurm_script
+
+TRAIN = ["--arch", "hybrid_moe", "--size", "1b", "--optim.lr=6e-4"]
 
 
-def render(tmp_path, argv):
-    out = tmp_path / "out"
-    assert main([argv[0], "--out", str(out), *argv[1:]]) == 0
-    return out.read_text()
+def sbatch_options(text: str) -> list[str]:
+    """The #SBATCH options sbatch reads: those before the first line that is not a comment."""
+    options = []
+    for line in text.splitlines()[1:]:
+        if line and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            options.append(line.removeprefix("#SBATCH "))
+    return options
 
 
-def test_slurm_script_is_valid_bash_and_requeues(tmp_path):
-    text = render(tmp_path, ["slurm", "--nodes", "4", "--partition", "gpu", "--run-dir", "/shared/r 1",
-                             "--", "--arch", "hybrid_moe", "--size", "1b", "--optim.lr=6e-4"])
-    assert "#SBATCH --nodes=4" in text and "#SBATCH --ntasks-per-node=8" in text
-    assert "#SBATCH --partition=gpu" in text and "#SBATCH --signal=USR1@" in text and "--requeue" in text
-    assert "pretrain/main.py --run-dir '/shared/r 1' --arch hybrid_moe --size 1b --optim.lr=6e-4" in text
-    assert f'"$rc" -eq {REQUEUE_EXIT_CODE}' in text and "scontrol requeue" in text
-    if shutil.which("bash"):
-        script = tmp_path / "job.sbatch"
-        script.write_text(text)
-        subprocess.run(["bash", "-n", str(script)], check=True)
+def test_slurm_script_requests_one_torchrun_per_node(tmp_path):
+    text = render(tmp_path, ["slurm", "--nodes", "4", "--partition", "gpu", "--time", "2-00:00:00",
+                             "--run-dir", "/shared/r 1", "--", *TRAIN])
+    assert sbatch_options(text) == [
+        "--job-name=pretrain", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=96", "--gpus-per-node=8",
+        "--partition=gpu", "--time=2-00:00:00", "--requeue", "--open-mode=append",
+        '--output="/shared/r 1/slurm-%j.out"', "--signal=USR1@300"]
+    assert "export RUN_DIR='/shared/r 1'" in text and "TRAIN_ARGS=(--arch hybrid_moe --size 1b --optim.lr=6e-4)" in text
 
 
-def test_k8s_manifest_parses_and_maps_exit_codes(tmp_path):
-    text = render(tmp_path, ["k8s", "--nodes", "2", "--gpus-per-node", "4", "--image", "img:1",
-                             "--run-dir", "/runs/r1", "--", "--config", "configs/hybrid_moe_1b.toml"])
-    service, job = list(yaml.safe_load_all(text))
-    assert service["kind"] == "Service" and job["kind"] == "Job"
+def test_slurm_script_starts_torchrun_with_the_rendezvous_from_slurm(tmp_path):
+    run_dir = tmp_path / "run dir"
+    text = render(tmp_path, ["slurm", "--nodes", "2", "--gpus-per-node", "0", "--procs-per-node", "3",
+                             "--python", "/opt/py env/bin/python", "--master-port", "1234", "--run-dir", str(run_dir),
+                             "--", *TRAIN])
+    ran = run_slurm_script(text, tmp_path, SLURM_JOB_NUM_NODES="2")
+    assert ran.returncode == 0, ran.output
+    assert ran.argv[1:] == [
+        "--ntasks-per-node=1", "--cpus-per-task=12", "--kill-on-bad-exit=1",
+        "/opt/py env/bin/python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=3",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=node1:1234", "--rdzv-id=42",
+        "pretrain/main.py", "--run-dir", str(run_dir), *TRAIN]
+    assert "--gpus-per-node" not in " ".join(sbatch_options(text))  # a CPU job asks for no GPUs
+
+
+def test_k8s_job_maps_exit_codes_and_requests_resources(tmp_path):
+    text = render(tmp_path, ["k8s", "--nodes", "2", "--gpus-per-node", "4", "--image", "reg.io/img:1",
+                             "--run-dir", "/runs/r1", "--workdir", "/workspace", "--", *TRAIN])
+    service, job = manifests(text)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": "pretrain"}
     spec = job["spec"]
     assert spec["completions"] == spec["parallelism"] == 2 and spec["completionMode"] == "Indexed"
-    rules = spec["podFailurePolicy"]["rules"]
-    assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [REQUEUE_EXIT_CODE] for r in rules)
-    assert any(r["action"] == "Ignore" and r.get("onPodConditions") for r in rules)
-    container = spec["template"]["spec"]["containers"][0]
-    assert container["image"] == "img:1" and container["resources"]["limits"]["nvidia.com/gpu"] == 4
-    assert "--nnodes 2 --nproc-per-node 4" in container["args"][0]
-    assert "pretrain/main.py --run-dir /runs/r1 --config configs/hybrid_moe_1b.toml" in container["args"][0]
+    assert spec["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    rules = {(r["action"], tuple(r["onExitCodes"]["values"]) if "onExitCodes" in r else "conditions")
+             for r in spec["podFailurePolicy"]["rules"]}
+    assert rules == {("Ignore", "conditions"), ("Ignore", (REQUEUE_EXIT_CODE,)), ("FailJob", (2, 3))}
+    c = container(job)
+    assert c["image"] == "reg.io/img:1" and c["workingDir"] == "/workspace" and c["args"] == TRAIN
+    assert c["resources"] == {"requests": {"cpu": "48", "nvidia.com/gpu": 4}, "limits": {"nvidia.com/gpu": 4}}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert mounts == {"run": "/runs", "dshm": "/dev/shm"}
+    assert volumes["run"]["persistentVolumeClaim"] == {"claimName": "runs"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+
+
+def test_k8s_pod_starts_torchrun_with_the_rendezvous_on_pod_0(tmp_path):
+    text = render(tmp_path, ["k8s", "--nodes", "3", "--gpus-per-node", "2", "--job-name", "hm1b",
+                             "--master-port", "1234", "--run-dir", "/runs/r1", "--", *TRAIN])
+    ran = run_pod_stubbed(manifests(text)[1], tmp_path, run_dir=str(tmp_path / "run"))
+    assert ran.returncode == 0, ran.output
+    assert ran.argv[1:] == [
+        "-m", "torch.distributed.run", "--nnodes=3", "--nproc-per-node=2", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=hm1b-0.hm1b:1234", "--rdzv-id=hm1b", "--rdzv-conf=is_host=1",
+        "pretrain/main.py", "--run-dir", str(tmp_path / "run"), *TRAIN]
 
 
 def test_requeue_code_is_the_trainers_preemption_exit_code():
@@ -49,31 +83,28 @@ def test_requeue_code_is_the_trainers_preemption_exit_code():
     assert REQUEUE_EXIT_CODE == EXIT_PREEMPTED
 
 
-@pytest.mark.parametrize("argv", [
-    ["k8s", "--nodes", "1", "--run-dir", "/elsewhere/r1"],
-    ["slurm", "--nodes", "1", "--run-dir", "/r", "--", "--run-dir", "/x"],
-    ["slurm", "--nodes", "0", "--run-dir", "/r"],
+@pytest.mark.parametrize("argv, names", [
+    (["k8s", "--nodes", "1", "--run-dir", "/elsewhere/r1"], "--run-mount"),
+    (["slurm", "--nodes", "1", "--run-dir", "/r", "--", "--run-dir", "/x"], "--run-dir"),
+    (["slurm", "--nodes", "0", "--run-dir", "/r"], "--nodes"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "0", "--run-dir", "/r"], "--procs-per-node"),
+    (["slurm", "--nodes", "1", "--procs-per-node", "2", "--run-dir", "/r"], "--gpus-per-node"),
+    (["slurm", "--nodes", "1", "--time", "5", "--run-dir", "/r"], "--signal-lead-s"),
+    (["slurm", "--nodes", "1", "--run-dir", "relative/r"], "--run-dir"),
+    (["k8s", "--nodes", "1", "--run-dir", "/runs/r", "--workdir", "repo"], "--workdir"),
+    (["k8s", "--nodes", "100", "--job-name", "j" * 61, "--run-dir", "/runs/r"], "--job-name"),
+    (["k8s", "--nodes", "1", "--master-port", "70000", "--run-dir", "/runs/r"], "--master-port"),
 ])
-def test_bad_arguments_are_refused(tmp_path, argv):
-    with pytest.raises(SystemExit):
+def test_bad_arguments_are_refused_with_one_line(tmp_path, argv, names):
+    with pytest.raises(SystemExit) as e:
         main([argv[0], "--out", str(tmp_path / "x"), *argv[1:]])
-
-
-def fake_commands(tmp_path, name, body):
-    """A directory to put first on PATH with one fake command (a bash script)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    cmd = bin_dir / name
-    cmd.write_text("#!/bin/bash\n" + body)
-    cmd.chmod(0o755)
-    return bin_dir
-
-
-SUMMARY_WRITER = 'mkdir -p "$RUN_DIR" && printf \'{\\n  "status": "%s"\\n}\\n\' "$STATUS" > "$RUN_DIR/summary.json"\n'
+    message = str(e.value.code)
+    assert "\n" not in message and names in message, message
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("status, trainer_rc, stale_summary, requeued", [
-    ("preempted", 137, False, True),  # srun killed the other ranks after rank 0's exit 75: summary decides
+    ("preempted", 1, False, True),    # torchrun reports the workers' exit 75 as 1: the summary decides
     ("preempted", 75, False, True),
     ("", 75, False, True),            # no summary (rank 0 killed before writing): the exit code still counts
     ("failed", 1, False, False),
@@ -85,18 +116,13 @@ def test_slurm_requeue_follows_the_run_summary(tmp_path, status, trainer_rc, sta
         run_dir.mkdir()
         (run_dir / "summary.json").write_text('{\n  "status": "preempted"\n}\n')
         os.utime(run_dir / "summary.json", (0, 0))
-    script = tmp_path / "job.sbatch"
-    script.write_text(render(tmp_path, ["slurm", "--nodes", "1", "--run-dir", str(run_dir), "--", "--arch", "llama"]))
-    bin_dir = fake_commands(tmp_path, "srun", (SUMMARY_WRITER if status else "") + f"exit {trainer_rc}\n")
-    fake_commands(tmp_path, "scontrol", 'if [ "$1" = show ]; then echo node1; else echo "$@" >> "$CALLS"; fi\n')
-    calls = tmp_path / "calls"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUN_DIR": str(run_dir), "STATUS": status,
-           "CALLS": str(calls), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node1"}
-    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    text = render(tmp_path, ["slurm", "--nodes", "1", "--run-dir", str(run_dir), "--", "--arch", "llama"])
+    ran = run_slurm_script(text, tmp_path, srun_rc=trainer_rc, status=status)
+    calls = tmp_path / "scontrol-calls"
     if requeued:
-        assert proc.returncode == 0 and calls.read_text().split() == ["requeue", "42"], proc.stdout + proc.stderr
+        assert ran.returncode == 0 and calls.read_text().split() == ["requeue", "42"], ran.output
     else:
-        assert proc.returncode == trainer_rc and not calls.exists(), proc.stdout + proc.stderr
+        assert ran.returncode == trainer_rc and not calls.exists(), ran.output
 
 
 @pytest.mark.parametrize("status, torchrun_rc, expect_rc", [
@@ -104,14 +130,7 @@ def test_slurm_requeue_follows_the_run_summary(tmp_path, status, trainer_rc, sta
     ("failed", 1, 1),
     ("finished", 0, 0),
 ])
-def test_k8s_container_exit_code_follows_the_run_summary(tmp_path, status, torchrun_rc, expect_rc):
-    run_dir = "/runs/r1"
-    text = render(tmp_path, ["k8s", "--nodes", "1", "--run-dir", run_dir, "--", "--arch", "llama"])
-    container = list(yaml.safe_load_all(text))[1]["spec"]["template"]["spec"]["containers"][0]
-    local_run = tmp_path / "run"
-    command = container["args"][0].replace(run_dir, str(local_run))  # the shared volume, here a local dir
-    bin_dir = fake_commands(tmp_path, "torchrun", SUMMARY_WRITER + f"exit {torchrun_rc}\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUN_DIR": str(local_run), "STATUS": status,
-           "JOB_COMPLETION_INDEX": "0"}
-    proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == expect_rc, proc.stdout + proc.stderr
+def test_k8s_pod_exit_code_follows_the_run_summary(tmp_path, status, torchrun_rc, expect_rc):
+    text = render(tmp_path, ["k8s", "--nodes", "1", "--run-dir", "/runs/r1", "--", "--arch", "llama"])
+    ran = run_pod_stubbed(manifests(text)[1], tmp_path, torchrun_rc, status, run_dir=str(tmp_path / "run"))
+    assert ran.returncode == expect_rc, ran.output
