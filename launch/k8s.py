@@ -4,7 +4,7 @@ An Indexed Job (one pod per node, pod i reachable as JOB-i.JOB through a headles
 pods each run one torchrun; the trainers meet at a c10d rendezvous hosted by pod 0. A
 podFailurePolicy recreates pods that were preempted or evicted (DisruptionTarget) or that exited
 75 (checkpoint saved, requeue me) without counting them against backoffLimit, and fails the Job on
-2 (bad configuration) and 3 (stopped by a guard). Needs Kubernetes >= 1.28 and a ReadWriteMany
+2 (bad configuration) and 3 (stopped by a guard). Needs Kubernetes >= 1.29 and a ReadWriteMany
 PersistentVolumeClaim holding data and run directory (every rank writes its checkpoint shards).
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def build_manifests(spec: LaunchSpec, opts: K8sOptions) -> list[dict[str, Any]]:
             "completionMode": "Indexed", "completions": spec.nodes, "parallelism": spec.nodes,
             "backoffLimit": opts.backoff_limit,
             "podFailurePolicy": {"rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 _exit_code_rule("Ignore", [REQUEUE_EXIT_CODE]),
                 _exit_code_rule("FailJob", [2, 3]),
             ]},

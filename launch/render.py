@@ -16,19 +16,21 @@ from typing import NoReturn
 
 from launch.k8s import K8sOptions, render_k8s
 from launch.slurm import SlurmOptions, render_slurm
-from launch.spec import REQUEUE_EXIT_CODE, LaunchSpec
+from launch.spec import LaunchSpec
 from launch.validate import LaunchError, int_in_range
 
-__all__ = ["REQUEUE_EXIT_CODE", "build_parser", "main", "render"]
+PROG = "python -m launch.render"
 
 
 class _OneLineParser(argparse.ArgumentParser):
+    """Errors in one line (argparse prints the usage first)."""
+
     def error(self, message: str) -> NoReturn:
         raise SystemExit(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m launch.render", description=__doc__.split("\n\n")[0],
+    p = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        epilog="Arguments after -- are passed to pretrain/main.py.")
     count, at_least_0 = int_in_range(1), int_in_range(0)
     p.add_argument("target", choices=("slurm", "k8s"))
@@ -68,25 +70,34 @@ def spec_from_args(args: argparse.Namespace, train_args: list[str]) -> LaunchSpe
                       grace_s=args.grace_s, train_args=tuple(train_args), workdir=args.workdir)
 
 
+def slurm_options(args: argparse.Namespace) -> SlurmOptions:
+    return SlurmOptions(partition=args.partition, time=args.time, signal_lead_s=args.signal_lead_s)
+
+
+def k8s_options(args: argparse.Namespace) -> K8sOptions:
+    return K8sOptions(image=args.image, namespace=args.namespace, pvc=args.pvc, run_mount=args.run_mount,
+                      backoff_limit=args.backoff_limit, shm_gib=args.shm_gib)
+
+
 def render(args: argparse.Namespace, train_args: list[str]) -> str:
     spec = spec_from_args(args, train_args)
     if args.target == "slurm":
-        return render_slurm(spec, SlurmOptions(partition=args.partition, time=args.time,
-                                               signal_lead_s=args.signal_lead_s))
-    return render_k8s(spec, K8sOptions(image=args.image, namespace=args.namespace, pvc=args.pvc,
-                                       run_mount=args.run_mount, backoff_limit=args.backoff_limit,
-                                       shm_gib=args.shm_gib))
+        return render_slurm(spec, slurm_options(args))
+    return render_k8s(spec, k8s_options(args))
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The renderer's options, and the trainer's arguments (those after --)."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    return build_parser().parse_args(argv[:split]), argv[split + 1:]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv[:split])
+    args, train_args = parse(list(sys.argv[1:] if argv is None else argv))
     try:
-        text = render(args, argv[split + 1:])
+        text = render(args, train_args)
     except LaunchError as e:
-        parser.error(str(e))
+        raise SystemExit(f"{PROG}: {e}") from None
     if args.out:
         Path(args.out).write_text(text)
     else:

@@ -34,7 +34,8 @@ class LaunchSpec:
 
     def __post_init__(self) -> None:
         if any(a == "--run-dir" or a.startswith("--run-dir=") for a in self.train_args):
-            raise LaunchError("--run-dir: give it to the renderer, not after --; the launcher and the trainers share it")
+            raise LaunchError("--run-dir: give it to the renderer, not after --; the launchers and the trainers "
+                              "share it")
         if self.gpus_per_node and self.nproc_per_node != self.gpus_per_node:
             raise LaunchError(f"--procs-per-node {self.nproc_per_node}: one trainer per GPU, so it must equal "
                               f"--gpus-per-node {self.gpus_per_node}; leave it out")

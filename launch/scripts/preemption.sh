@@ -12,7 +12,8 @@ trap 'rm -f "$launch_started"' EXIT
 run_to_exit() {
   "$@" &
   launch_pid=$!
-  trap 'echo "launch: SIGTERM, passed on; waiting for the trainers to checkpoint"; kill -TERM "$launch_pid" 2>/dev/null' TERM
+  trap 'echo "launch: SIGTERM, passed on; waiting for the trainers to checkpoint"
+        kill -TERM "$launch_pid" 2>/dev/null' TERM
   while :; do
     wait "$launch_pid"
     launch_rc=$?

@@ -7,7 +7,8 @@ mkdir -p "$RUN_DIR" || exit 1
 # on the allocation's first node. A job requeued or resubmitted on another number of nodes
 # (sbatch --nodes=N) resumes: the trainers reshard the newest checkpoint.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s) x $NPROC_PER_NODE rank(s); rendezvous $MASTER_ADDR:$MASTER_PORT"
+echo "launch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s)" \
+  "x $NPROC_PER_NODE rank(s); rendezvous $MASTER_ADDR:$MASTER_PORT"
 # srun steps do not inherit --cpus-per-task from the batch script (Slurm 22.05+): pass it on.
 run_to_exit srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \
   "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$NPROC_PER_NODE" \

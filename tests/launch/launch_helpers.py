@@ -2,11 +2,13 @@
 rendered Slurm script or pod command the way the scheduler would (with stubs for srun and torchrun)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import kubernetes_validate
 import yaml
 
 from launch.render import main
@@ -69,6 +71,28 @@ def run_slurm_script(text: str, tmp_path: Path, srun_rc: int = 0, status: str = 
     return run_stubbed(["bash", str(script)], tmp_path, stubs, {**SLURM_ENV, "STATUS": status, **env})
 
 
+def sbatch_options(text: str) -> list[str]:
+    """The #SBATCH options sbatch reads: those before the first line that is not a comment."""
+    options = []
+    for line in text.splitlines()[1:]:
+        if line and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            options.append(line.removeprefix("#SBATCH "))
+    return options
+
+
+# The oldest Kubernetes the manifests support (podFailurePolicy on by default, its schema final)
+# and the newest whose schema kubernetes-validate bundles (offline).
+K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
+
+
+def validate_manifest(doc: dict) -> None:
+    """Raises unless doc matches the Kubernetes API schema of its kind, unknown fields refused."""
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
 def manifests(text: str) -> tuple[dict, dict]:
     service, job = yaml.safe_load_all(text)
     return service, job
@@ -91,3 +115,15 @@ def run_pod_stubbed(job: dict, tmp_path: Path, torchrun_rc: int = 0, status: str
     cmd, env = pod_command(job)
     env.update(JOB_COMPLETION_INDEX="0", STATUS=status, **({"RUN_DIR": run_dir} if run_dir else {}))
     return run_stubbed(cmd, tmp_path, {"python": RECORD_ARGV + SUMMARY_WRITER + f"exit {torchrun_rc}\n"}, env)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps in RUN_DIR/metrics.jsonl, in order; a line still being written is left out."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            continue
+    return steps

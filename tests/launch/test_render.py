@@ -3,21 +3,11 @@ import os
 
 import pytest
 
-from launch.render import REQUEUE_EXIT_CODE, main
-from launch_helpers import container, manifests, render, run_pod_stubbed, run_slurm_script
+from launch.render import main
+from launch.spec import REQUEUE_EXIT_CODE
+from launch_helpers import container, manifests, render, run_pod_stubbed, run_slurm_script, sbatch_options
 
 TRAIN = ["--arch", "hybrid_moe", "--size", "1b", "--optim.lr=6e-4"]
-
-
-def sbatch_options(text: str) -> list[str]:
-    """The #SBATCH options sbatch reads: those before the first line that is not a comment."""
-    options = []
-    for line in text.splitlines()[1:]:
-        if line and not line.startswith("#"):
-            break
-        if line.startswith("#SBATCH "):
-            options.append(line.removeprefix("#SBATCH "))
-    return options
 
 
 def test_slurm_script_requests_one_torchrun_per_node(tmp_path):
