@@ -1,14 +1,25 @@
-"""Raw inputs: finding them, checking them at start, and reading documents out of them.
+"""Raw inputs: finding them, probing them at start, and reading documents out of them.
 
-Every problem that can be seen before tokenizing (missing path, empty input, unknown text field)
-raises DataInputError at once; per-document problems are counted by reason and skipped.
+One policy for bad input. A problem with the options (missing path, unknown file type, a
+--text-field the data does not have, half a Megatron pair) raises DataInputError at once. Damage
+in the data is skipped and counted by kind, never silently:
+
+- a record (jsonl line, parquet row, text file, Megatron document): `bad_utf8`, `bad_json`,
+  `missing_field`, `empty_docs` (and, after tokenizing, `out_of_range_ids`);
+- a whole file (a FileProblem): `empty_files` (no records), `damaged_files` (unreadable: bad
+  compression, not parquet, a Megatron index that does not fit its .bin), `truncated_files` (the
+  data stops mid-stream: a compressed stream or the last line is cut). The documents before a
+  cut are kept (they decode intact) and the file is always named with how many that was; a file
+  damaged mid-stream (e.g. a failed checksum) is dropped whole, as what decoded before is suspect.
+
+With strict=True any of these skips raises a one-line DataInputError naming the file instead.
 """
 from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +28,67 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import DataInputError
-from data_pipeline.megatron_indexed import iter_megatron_documents, megatron_prefix
+from data_pipeline.megatron_indexed import iter_megatron_documents, megatron_prefix, read_index
 
 FORMATS = ("jsonl", "parquet", "text", "megatron")
+FILE_KINDS = ("empty_files", "damaged_files", "truncated_files")
+RECORD_REASONS = {"bad_utf8": "not valid UTF-8", "bad_json": "not valid JSON",
+                  "missing_field": "no string in the text field", "empty_docs": "an empty document",
+                  "out_of_range_ids": "a token id outside the vocabulary"}
+READ_CHUNK = 1 << 20  # compressed/raw bytes per read
+PROBE_LINES = 100  # a jsonl file none of whose first this many non-blank lines is JSON is damaged
+STRICT_FIX = "repair or re-fetch the file, or remove it from --input (without --strict it is skipped and reported)"
+
+
+class PortableInputError(DataInputError):
+    """A DataInputError that survives pickling, so a worker process's error reaches the parent whole."""
+
+    def __reduce__(self):
+        return self.__class__, (self.path, self.field, self.problem, self.fix)
+
+
+def portable(exc: DataInputError) -> PortableInputError:
+    return exc if isinstance(exc, PortableInputError) else PortableInputError(exc.path, exc.field, exc.problem, exc.fix)
+
+
+class FileProblem(Exception):
+    """A whole input file, or the rest of it, is unusable. `kind` is one of FILE_KINDS."""
+
+    def __init__(self, kind: str, detail: str, docs_read: int = 0):
+        super().__init__(kind, detail, docs_read)
+        detail = " ".join(detail.split())  # a library's message may span lines: reports are one line each
+        self.kind, self.detail, self.docs_read = kind, detail if len(detail) <= 300 else detail[:297] + "...", docs_read
+
+    @property
+    def problem(self) -> str:
+        """One line for warnings, the summary and the manifest; says what was kept."""
+        n = self.docs_read
+        if self.kind == "truncated_files":
+            if not n:
+                return f"TRUNCATED before its first document ({self.detail}); skipped"
+            return (f"TRUNCATED after {n} documents ({self.detail}); the {n} documents before the cut were kept, "
+                    "the rest of the file is lost")
+        if self.kind == "damaged_files":  # what decoded before damage is not trusted: the whole file goes
+            return f"damaged ({self.detail}{f', found after {n} documents' if n else ''}); skipped, the whole file"
+        return f"empty ({self.detail}); skipped"
+
+    @property
+    def docs_kept(self) -> int:
+        return self.docs_read if self.kind == "truncated_files" else 0
+
+    def record(self, path: Path) -> dict:
+        """What the job record holds for this file (the manifest lists it, less `kind`, under that kind)."""
+        return {"kind": self.kind, "path": str(path), "problem": self.problem, "docs_kept": self.docs_kept}
+
+    def strict_error(self, path: Path) -> PortableInputError:
+        what = {"truncated_files": f"truncated after {self.docs_read} documents ({self.detail})",
+                "damaged_files": f"damaged ({self.detail})", "empty_files": f"empty ({self.detail})"}[self.kind]
+        return PortableInputError(path, self.kind, f"{what} (--strict)", STRICT_FIX)
+
+
+def strict_record_error(path: Path, where: str, reason: str) -> PortableInputError:
+    return PortableInputError(path, where, f"{RECORD_REASONS.get(reason, reason)} ({reason}; --strict)",
+                              "repair or remove that record, or drop --strict to skip and count it")
 
 
 @dataclass(frozen=True)
@@ -50,9 +119,8 @@ def resolve_inputs(patterns: list[str], input_format: str = "auto") -> list[Inpu
     """Expand globs/dirs into a sorted, de-duplicated list; every pattern must match something."""
     found: dict[Path, InputFile] = {}
     for pattern in patterns:
-        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
-        if paths and paths[0].is_dir() and len(paths) == 1:
-            paths = sorted(p for p in paths[0].rglob("*") if p.is_file())
+        matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
+        paths = [f for p in matched for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])]
         if not paths or not all(p.exists() for p in paths):
             raise DataInputError(pattern, "--input", "matches no file", "check the path or glob")
         for p in paths:
@@ -61,85 +129,233 @@ def resolve_inputs(patterns: list[str], input_format: str = "auto") -> list[Inpu
             found[key] = InputFile(key, fmt)
     if not found:
         raise DataInputError(patterns, "--input", "no inputs given", "pass at least one path or glob")
-    for inp in found.values():
-        if inp.size == 0:
-            raise DataInputError(inp.path, "--input", "empty file", "remove it from the inputs")
     return [found[k] for k in sorted(found)]
 
 
-def _open_text_stream(path: Path) -> io.BufferedIOBase:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.name.endswith(".zst"):
+# --- byte streams: every way a compressed file can be cut or damaged becomes a FileProblem ---------
+
+def _plain_chunks(f) -> Iterator[bytes]:
+    while data := f.read(READ_CHUNK):
+        yield data
+
+
+def _gzip_chunks(f) -> Iterator[bytes]:
+    g = gzip.GzipFile(fileobj=f, mode="rb")
+    while data := g.read1(READ_CHUNK):
+        yield data
+
+
+def _zstd_chunks(f) -> Iterator[bytes]:
+    """Frame by frame, so a stream that ends inside a frame is seen (a stream reader ends silently)."""
+    import zstandard
+
+    dctx, frame = zstandard.ZstdDecompressor(), None
+    while data := f.read(READ_CHUNK):
+        while data:
+            frame = frame or dctx.decompressobj()
+            out = frame.decompress(data)
+            if out:
+                yield out
+            data, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
+    if frame is not None:
+        raise FileProblem("truncated_files", "the zstd stream ends inside a frame")
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a file, raising FileProblem for a cut or damaged stream."""
+    try:
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        zstd_error: type[Exception] = zstandard.ZstdError
+    except ImportError:  # pragma: no cover - a dependency
+        zstd_error = zlib.error
+    name = path.name
+    reader = _gzip_chunks if name.endswith(".gz") else _zstd_chunks if name.endswith(".zst") else _plain_chunks
+    try:
+        with open(path, "rb") as f:
+            yield from reader(f)
+    except EOFError:
+        raise FileProblem("truncated_files", "the gzip stream ends inside a member") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise FileProblem("damaged_files", f"gzip: {exc}") from None
+    except zstd_error as exc:
+        raise FileProblem("damaged_files", f"zstd: {exc}") from None
+    except OSError as exc:
+        raise FileProblem("damaged_files", f"read error: {exc}") from None
 
 
-def check_text_field(inp: InputFile, text_field: str) -> None:
-    """Fail at start if the first record of a jsonl file, or a parquet schema, lacks the field."""
-    if inp.format == "jsonl":
-        with _open_text_stream(inp.path) as f:
-            first = f.readline()
+def _iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(1-based line number, line without its newline, whether a newline ended it)."""
+    rest: list[bytes] = []
+    lineno = 0
+    for chunk in _chunks(path):
+        parts = chunk.split(b"\n")
+        if len(parts) == 1:
+            rest.append(chunk)
+            continue
+        rest.append(parts[0])
+        lineno += 1
+        yield lineno, b"".join(rest), True
+        for line in parts[1:-1]:
+            lineno += 1
+            yield lineno, line, True
+        rest = [parts[-1]]
+    tail = b"".join(rest)
+    if tail:
+        yield lineno + 1, tail, False
+
+
+# --- start: what can be seen before tokenizing -------------------------------------------------------
+
+def probe_input(inp: InputFile, text_field: str) -> FileProblem | None:
+    """Raise DataInputError for a problem with the options; return the FileProblem that makes this
+    file skipped (empty, unreadable, cut before its first record), or None when it looks usable."""
+    if inp.format == "megatron":
+        for suffix in (".bin", ".idx"):
+            if not Path(str(inp.path) + suffix).is_file():
+                raise DataInputError(str(inp.path) + suffix, "path", "missing half of a Megatron dataset",
+                                     "pass a PREFIX with both PREFIX.bin and PREFIX.idx")
         try:
-            record = json.loads(first)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataInputError(inp.path, "line 1", f"not JSON ({exc})", "one JSON object per line") from None
-        if not isinstance(record, dict) or text_field not in record:
-            keys = list(record) if isinstance(record, dict) else type(record).__name__
-            raise DataInputError(inp.path, f"--text-field {text_field!r}", f"absent from line 1 (keys: {keys})",
-                                 "pass --text-field with one of those keys")
-    elif inp.format == "parquet":
+            index = read_index(inp.path)
+        except ValueError as exc:
+            if Path(str(inp.path) + ".idx").stat().st_size == 0 and inp.size == 0:
+                return FileProblem("empty_files", "empty .bin and .idx")
+            return FileProblem("damaged_files", f"Megatron index: {exc}")
+        if index.bin_bytes_needed > inp.size:
+            return FileProblem("damaged_files", f"the .bin has {inp.size} bytes, its index needs "
+                                                f"{index.bin_bytes_needed} (a truncated .bin)")
+        return FileProblem("empty_files", "no documents in the index") if index.num_docs == 0 else None
+    if inp.size == 0:
+        return FileProblem("empty_files", "0 bytes")
+    if inp.format == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        names = pq.ParquetFile(inp.path).schema_arrow.names
+        try:
+            meta = pq.ParquetFile(inp.path)
+            names, rows = meta.schema_arrow.names, meta.metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            return FileProblem("damaged_files", f"not a readable parquet file ({exc})")
         if text_field not in names:
             raise DataInputError(inp.path, f"--text-field {text_field!r}", f"not a column (columns: {names})",
                                  "pass --text-field with one of those columns")
+        return FileProblem("empty_files", "no rows") if rows == 0 else None
+    if inp.format == "jsonl":
+        return _probe_jsonl(inp.path, text_field)
+    return None
 
 
-def iter_documents(inp: InputFile, text_field: str, skipped: Counter) -> Iterator[str | np.ndarray]:
-    """Yield texts (or token arrays, for Megatron); count and skip unusable records in `skipped`."""
+def _probe_jsonl(path: Path, text_field: str) -> FileProblem | None:
+    """Check the field on the first JSON record (bad lines before it are left to the per-line policy)."""
+    bad = 0
+    try:
+        for lineno, line, _ in _iter_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                bad += 1
+                if bad == PROBE_LINES:
+                    return FileProblem("damaged_files", f"none of the first {PROBE_LINES} lines is JSON")
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                keys = list(record) if isinstance(record, dict) else type(record).__name__
+                raise DataInputError(path, f"--text-field {text_field!r}", f"absent from line {lineno} (keys: {keys})",
+                                     "pass --text-field with one of those keys")
+            return None
+    except FileProblem as problem:
+        return problem
+    return None if bad else FileProblem("empty_files", "no records")
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+def iter_documents(inp: InputFile, text_field: str, skipped: Counter, strict: bool = False
+                   ) -> Iterator[str | np.ndarray]:
+    """Yield texts (or token arrays, for Megatron); count and skip unusable records in `skipped`
+    (strict: raise on the first). A cut or damaged file raises FileProblem once the documents
+    before the damage are yielded; its `docs_read` says how many that was."""
+    for _, doc in iter_located_documents(inp, text_field, skipped, strict):
+        yield doc
+
+
+def iter_located_documents(inp: InputFile, text_field: str, skipped: Counter, strict: bool = False
+                           ) -> Iterator[tuple[str, str | np.ndarray]]:
+    """iter_documents, each document with where it is in the file ("line 7", "row 3", "document 2")."""
+    n = 0
+    try:
+        for raw, where in _iter_raw(inp, text_field, skipped, strict):
+            if isinstance(raw, np.ndarray):
+                doc = raw
+            elif not isinstance(raw, str):
+                _skip(inp, where, "missing_field", skipped, strict)
+                continue
+            elif not raw.strip():
+                _skip(inp, where, "empty_docs", skipped, strict)
+                continue
+            elif not _is_valid_unicode(raw):
+                _skip(inp, where, "bad_utf8", skipped, strict)
+                continue
+            else:
+                doc = raw
+            n += 1
+            yield where, doc
+    except FileProblem as problem:
+        problem.docs_read = n
+        raise
+
+
+def _skip(inp: InputFile, where: str, reason: str, skipped: Counter, strict: bool) -> None:
+    if strict:
+        raise strict_record_error(inp.path, where, reason)
+    skipped[reason] += 1
+
+
+def _iter_raw(inp: InputFile, text_field: str, skipped: Counter, strict: bool) -> Iterator[tuple[object, str]]:
+    """(raw value, where it is) per record; unusable lines are counted here."""
     if inp.format == "megatron":
-        yield from iter_megatron_documents(inp.path)
-        return
-    for raw in _iter_raw(inp, text_field, skipped):
-        if not isinstance(raw, str):
-            skipped["missing_field"] += 1
-        elif not raw.strip():
-            skipped["empty_docs"] += 1
-        elif not _is_valid_unicode(raw):
-            skipped["bad_utf8"] += 1
-        else:
-            yield raw
-
-
-def _iter_raw(inp: InputFile, text_field: str, skipped: Counter) -> Iterator[object]:
-    if inp.format == "text":
         try:
-            yield inp.path.read_bytes().decode("utf-8")
+            for i, doc in enumerate(iter_megatron_documents(inp.path)):
+                yield doc, f"document {i}"
+        except (ValueError, IndexError, OSError) as exc:
+            raise FileProblem("damaged_files", f"Megatron data: {exc}") from None
+    elif inp.format == "text":
+        try:
+            data = inp.path.read_bytes()
+        except OSError as exc:
+            raise FileProblem("damaged_files", f"read error: {exc}") from None
+        try:
+            yield data.decode("utf-8"), "the file"
         except UnicodeDecodeError:
-            skipped["bad_utf8"] += 1
+            _skip(inp, "the file", "bad_utf8", skipped, strict)
     elif inp.format == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(inp.path).iter_batches(batch_size=4096, columns=[text_field]):
-            yield from batch.column(0).to_pylist()
+        row = 0
+        try:
+            for batch in pq.ParquetFile(inp.path).iter_batches(batch_size=4096, columns=[text_field]):
+                for value in batch.column(0).to_pylist():
+                    yield value, f"row {row}"
+                    row += 1
+        except (pa.ArrowException, OSError) as exc:
+            raise FileProblem("damaged_files", f"parquet: {exc}") from None
     else:
-        with _open_text_stream(inp.path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except UnicodeDecodeError:
-                    skipped["bad_utf8"] += 1
-                    continue
-                except json.JSONDecodeError:
-                    skipped["bad_json"] += 1
-                    continue
-                yield record.get(text_field) if isinstance(record, dict) else None
+        for lineno, line, complete in _iter_lines(inp.path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                _skip(inp, f"line {lineno}", "bad_utf8", skipped, strict)
+                continue
+            except json.JSONDecodeError:
+                if not complete:  # the file stops inside its last record
+                    raise FileProblem("truncated_files", f"line {lineno}, the last, stops mid-record") from None
+                _skip(inp, f"line {lineno}", "bad_json", skipped, strict)
+                continue
+            yield (record.get(text_field) if isinstance(record, dict) else None), f"line {lineno}"
 
 
 def _is_valid_unicode(text: str) -> bool:

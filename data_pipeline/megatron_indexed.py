@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from data_pipeline.errors import DataInputError
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
                7: np.float32, 8: np.uint16}
+_HEADER_BYTES = 34  # magic (9), version (8), dtype code (1), sequence and document counts (8 + 8)
 
 
 def megatron_prefix(path: Path) -> Path:
@@ -35,24 +37,64 @@ def _have_megatron_core() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class IndexLayout:
+    """What an MMIDIDX v1 `.idx` says: the token dtype and the three arrays (views of the file)."""
+
+    dtype: np.dtype
+    sequence_lengths: np.ndarray  # int32, one per sequence
+    sequence_pointers: np.ndarray  # int64 byte offsets into .bin
+    document_indices: np.ndarray  # int64, sequence index where each document starts, then n_seq
+
+    @property
+    def num_docs(self) -> int:
+        return max(len(self.document_indices) - 1, 0)
+
+    @property
+    def bin_bytes_needed(self) -> int:
+        """End of the last sequence in .bin (Megatron's builder writes sequences in order)."""
+        if not len(self.sequence_lengths):
+            return 0
+        return int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+
+
+def read_index(prefix: Path) -> IndexLayout:
+    """Parse and sanity-check `PREFIX.idx`; ValueError saying what is wrong when it is damaged."""
+    idx = Path(str(prefix) + ".idx")
+    if idx.stat().st_size < _HEADER_BYTES:
+        raise ValueError(f"{idx.stat().st_size} bytes, shorter than the {_HEADER_BYTES}-byte header")
+    raw = np.memmap(idx, mode="r", dtype=np.uint8)
+    if bytes(raw[:9]) != INDEX_HEADER:
+        raise ValueError("not a Megatron MMIDIDX index (bad magic)")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", bytes(raw[9:_HEADER_BYTES]))
+    if version != 1 or code not in DTYPE_CODES:
+        raise ValueError(f"version {version}, dtype code {code}: not MMIDIDX version 1")
+    need = _HEADER_BYTES + 12 * n_seq + 8 * n_doc
+    if raw.size < need:
+        raise ValueError(f"{raw.size} bytes, its header promises {need} (a truncated .idx)")
+    off = _HEADER_BYTES
+    layout = IndexLayout(np.dtype(DTYPE_CODES[code]), np.frombuffer(raw, np.int32, n_seq, off),
+                         np.frombuffer(raw, np.int64, n_seq, off + 4 * n_seq),
+                         np.frombuffer(raw, np.int64, n_doc, off + 12 * n_seq))
+    doc_idx = layout.document_indices
+    if n_doc and (doc_idx[0] != 0 or doc_idx[-1] != n_seq):
+        raise ValueError(f"document indices run {doc_idx[0]}..{doc_idx[-1]}, not 0..{n_seq}")
+    return layout
+
+
 class _FallbackIndexedDataset:
     """The subset of megatron-core's IndexedDataset that conversion needs, from the file format."""
 
     def __init__(self, prefix: Path):
-        idx = Path(str(prefix) + ".idx")
-        raw = np.memmap(idx, mode="r", dtype=np.uint8)
-        if bytes(raw[:9]) != INDEX_HEADER:
-            raise DataInputError(idx, "header", "not a Megatron MMIDIDX index",
-                                 "pass the PREFIX of a Megatron .bin/.idx pair")
-        version, code, n_seq, n_doc = struct.unpack("<QBQQ", bytes(raw[9:34]))
-        if version != 1 or code not in DTYPE_CODES:
-            raise DataInputError(idx, "version/dtype", f"version {version}, dtype code {code}",
-                                 "re-export with Megatron's IndexedDatasetBuilder (version 1)")
-        self.dtype = np.dtype(DTYPE_CODES[code])
-        off = 34
-        self.sequence_lengths = np.frombuffer(raw, np.int32, n_seq, off)
-        self.sequence_pointers = np.frombuffer(raw, np.int64, n_seq, off + 4 * n_seq)
-        self.document_indices = np.frombuffer(raw, np.int64, n_doc, off + 12 * n_seq)
+        try:
+            layout = read_index(prefix)
+        except ValueError as exc:
+            raise DataInputError(str(prefix) + ".idx", "index", str(exc),
+                                 "pass the PREFIX of a Megatron .bin/.idx pair (MMIDIDX version 1)") from None
+        self.dtype = layout.dtype
+        self.sequence_lengths = layout.sequence_lengths
+        self.sequence_pointers = layout.sequence_pointers
+        self.document_indices = layout.document_indices
         self._bin = np.memmap(str(prefix) + ".bin", mode="r", dtype=np.uint8)
 
     def __getitem__(self, i: int) -> np.ndarray:

@@ -3,6 +3,10 @@
 Work is cut into jobs (consecutive input files up to `job_bytes`); each job writes its own shards
 and, last, a small record in `.jobs/`. A re-run skips jobs whose record and shards exist, so an
 interrupted prepare resumes; the manifest is written once all jobs are done, atomically.
+
+Damaged input (data_pipeline.inputs has the policy) is skipped, counted by kind and named in the
+summary and the manifest (`skipped`, `skipped_files`); a truncated file is always reported with
+the number of documents read before the cut. `--strict` makes any skip a one-line error (exit 2).
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.errors import DataInputError
-from data_pipeline.inputs import FORMATS, InputFile, check_text_field, iter_documents, resolve_inputs
-from data_pipeline.manifest import Manifest, ShardInfo, dtype_for_vocab, write_atomic, write_manifest
+from data_pipeline.inputs import (FILE_KINDS, FORMATS, FileProblem, InputFile, iter_located_documents,
+                                  portable, probe_input, resolve_inputs, strict_record_error)
+from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo, dtype_for_vocab, write_atomic, write_manifest
 from data_pipeline.shard_io import ShardWriter
 from data_pipeline.split import is_validation
 from data_pipeline.tokenizer import TOKENIZER_FILE, JsonTokenizer, Tokenizer, load_tokenizer
@@ -46,6 +51,7 @@ class PrepareConfig:
     input_format: str = "auto"
     job_bytes: int = 256 << 20  # raw input bytes per job: the unit of parallelism and of resume
     progress: bool = True
+    strict: bool = False  # any skipped record or file is an error (not in the settings: output is the same)
 
 
 @dataclass(frozen=True)
@@ -67,46 +73,104 @@ def plan_jobs(inputs: list[InputFile], job_bytes: int) -> list[Job]:
     return [Job(i, tuple(g)) for i, g in enumerate(groups)]
 
 
+class _DamagedMidJob(Exception):
+    """A file turned out damaged after some of it was written: the job starts over without it."""
+
+    def __init__(self, inp: InputFile, problem: FileProblem, found: dict[InputFile, FileProblem]):
+        super().__init__(inp, problem, found)
+        self.inp, self.problem, self.found = inp, problem, found  # found: damaged files the attempt skipped
+
+
 def run_job(job: Job, cfg: PrepareConfig, tok: Tokenizer) -> dict:
-    """Tokenize one job's documents into train/val shards; return the record written to .jobs/."""
+    """Tokenize one job's documents into train/val shards; return the record written to .jobs/.
+
+    A file found damaged mid-stream (not merely cut) is dropped whole: the job's shards so far are
+    deleted and the job runs again without it, so its output is that of a run without the file.
+    """
+    excluded: dict[InputFile, FileProblem] = {}
+    while True:
+        try:
+            return _run_job_once(job, cfg, tok, excluded)
+        except _DamagedMidJob as exc:
+            log.warning("%s: %s; job %05d starts over without it", exc.inp.path, exc.problem.problem, job.index)
+            excluded |= exc.found | {exc.inp: exc.problem}
+
+
+def _run_job_once(job: Job, cfg: PrepareConfig, tok: Tokenizer, excluded: dict[InputFile, FileProblem]) -> dict:
     out, prefix = Path(cfg.out), f"{job.index:05d}"
     dtype = dtype_for_vocab(tok.vocab_size)
     writers = {s: ShardWriter(out, prefix, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
-    skipped: Counter = Counter()
+    skipped: Counter = Counter(p.kind for p in excluded.values())
+    files = [p.record(inp.path) for inp, p in excluded.items()]  # damaged / truncated inputs of this job
+    by_input = {str(inp.path): {p.kind: 1} for inp, p in excluded.items()}  # per input file: its skips
+    damaged: dict[InputFile, FileProblem] = {}  # found in this attempt, nothing of them written
     n_docs = 0
 
-    def flush(batch: list[str | np.ndarray]) -> None:
+    def flush(inp: InputFile, batch: list[tuple[str, str | np.ndarray]]) -> None:
         nonlocal n_docs
-        texts = [d for d in batch if isinstance(d, str)]
+        texts = [d for _, d in batch if isinstance(d, str)]
         encoded = iter(tok.encode_batch(texts)) if texts else iter(())
-        for doc in batch:
+        for where, doc in batch:
             ids = np.asarray(next(encoded) if isinstance(doc, str) else _strip_eos(doc, tok.eos_id), np.int64)
-            if ids.size == 0:
-                skipped["empty_docs"] += 1
-            elif ids.min() < 0 or ids.max() >= tok.vocab_size:
-                skipped["out_of_range_ids"] += 1
+            reason = ("empty_docs" if ids.size == 0 else
+                      "out_of_range_ids" if ids.min() < 0 or ids.max() >= tok.vocab_size else None)
+            if reason and cfg.strict:
+                raise strict_record_error(inp.path, f"{where} (after tokenizing)", reason)
+            if reason:
+                skipped[reason] += 1
             else:
                 split = "val" if is_validation(doc, cfg.val_fraction) else "train"
                 writers[split].write(f"{prefix}-{n_docs:09d}", ids)
                 n_docs += 1
 
     for inp in job.inputs:
+        if inp in excluded:
+            continue
         before = Counter(skipped)
-        batch: list[str | np.ndarray] = []
-        for doc in iter_documents(inp, cfg.text_field, skipped):
-            batch.append(doc)
-            if len(batch) == ENCODE_BATCH:
-                flush(batch)
-                batch = []
-        flush(batch)
+        batch: list[tuple[str, str | np.ndarray]] = []
+        problem = None
+        try:
+            for located in iter_located_documents(inp, cfg.text_field, skipped, cfg.strict):
+                batch.append(located)
+                if len(batch) == ENCODE_BATCH:
+                    flush(inp, batch)
+                    batch = []
+        except FileProblem as exc:
+            if cfg.strict:
+                raise exc.strict_error(inp.path) from None
+            problem = exc
+        if problem is not None and problem.kind == "damaged_files" and (n_docs or skipped != before):
+            for w in writers.values():  # some of this job's output may come from the damaged file
+                w.close()
+                for shard in w.finished:
+                    (out / shard.name).unlink(missing_ok=True)
+            raise _DamagedMidJob(inp, problem, damaged)
+        flush(inp, batch)
         if skipped != before:
             log.warning("%s: skipped documents %s", inp.path, dict(skipped - before))
+        if problem is not None:
+            if problem.kind == "damaged_files":
+                damaged[inp] = problem
+            skipped[problem.kind] += 1
+            files.append(problem.record(inp.path))
+            log.warning("%s: %s", inp.path, problem.problem)
+        if skipped != before:
+            by_input[str(inp.path)] = dict(skipped - before)
     for w in writers.values():
         w.close()
     shards = [asdict(s) for w in writers.values() for s in w.finished]
-    record = {"inputs": [str(i.path) for i in job.inputs], "shards": shards, "skipped": dict(skipped)}
+    record = {"inputs": [str(i.path) for i in job.inputs], "shards": shards, "skipped": dict(skipped),
+              "files": sorted(files, key=lambda f: f["path"]), "skipped_by_input": by_input}
     write_atomic(out / JOBS_DIR / f"{prefix}.json", json.dumps(record))
     return record
+
+
+def _run_job_in_worker(job: Job, cfg: PrepareConfig, tok: Tokenizer) -> dict:
+    """run_job in a pool process: a DataInputError must survive the trip back to the parent."""
+    try:
+        return run_job(job, cfg, tok)
+    except DataInputError as exc:
+        raise portable(exc) from None
 
 
 def _strip_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
@@ -131,13 +195,57 @@ def _check_settings(out: Path, settings: dict) -> None:
     write_atomic(path, json.dumps(settings, indent=1))
 
 
+def _probe_all(inputs: list[InputFile], cfg: PrepareConfig) -> dict[InputFile, FileProblem]:
+    """Check every input before any work: option problems raise; empty/unreadable files are set aside."""
+    problems: dict[InputFile, FileProblem] = {}
+    for inp in inputs:
+        problem = probe_input(inp, cfg.text_field)
+        if problem is None:
+            continue
+        if cfg.strict:
+            raise problem.strict_error(inp.path)
+        log.warning("%s: %s", inp.path, problem.problem)
+        problems[inp] = problem
+    if len(problems) == len(inputs):
+        counts = Counter(p.kind for p in problems.values())
+        first = next(iter(problems))
+        raise DataInputError(cfg.inputs, "--input", f"every input file was skipped ({dict(counts)}; e.g. "
+                             f"{first.path}: {problems[first].problem})", "check the files' contents and --format")
+    return problems
+
+
+def _strict_check_resumed(records: dict[int, dict]) -> None:
+    """--strict over jobs an earlier, non-strict run finished: their skips count too."""
+    for index in sorted(records):
+        r = records[index]
+        if r["skipped"]:
+            by_input = r.get("skipped_by_input") or {", ".join(r["inputs"]): r["skipped"]}
+            path, skips = next(iter(by_input.items()))
+            raise DataInputError(path, "skipped", f"{skips} in job {index:05d}, done by an earlier run without "
+                                 "--strict (--strict)", "repair the file and prepare into a fresh --out, "
+                                 "or drop --strict to accept the skips")
+
+
+def _skipped_files(start: dict[InputFile, FileProblem], records: dict[int, dict]) -> dict[str, list[dict]]:
+    """Skipped, cut or damaged files by kind, each {path, problem, docs_kept}, sorted by path."""
+    found = [p.record(inp.path) for inp, p in start.items()] + [f for r in records.values() for f in r.get("files", [])]
+    out: dict[str, list[dict]] = {}
+    for f in sorted(found, key=lambda f: f["path"]):
+        out.setdefault(f["kind"], []).append({k: v for k, v in f.items() if k != "kind"})
+    return {k: out[k] for k in FILE_KINDS if k in out}
+
+
 def prepare(cfg: PrepareConfig) -> Manifest:
     """Validate everything up front, run pending jobs (in parallel), then write the manifest."""
     if cfg.input_format not in ("auto", *FORMATS):
         raise DataInputError(cfg.input_format, "--format", "unknown", f"use one of auto, {', '.join(FORMATS)}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise DataInputError(cfg.val_fraction, "--val-fraction", "not in [0, 1)", "pass e.g. 0.005")
+    for name, value in (("--shard-tokens", cfg.shard_tokens), ("--job-bytes", cfg.job_bytes)):
+        if value < 1:
+            raise DataInputError(value, name, "not positive", "pass a positive integer")
     inputs = resolve_inputs(cfg.inputs, cfg.input_format)
-    for inp in inputs:
-        check_text_field(inp, cfg.text_field)
+    start_problems = _probe_all(inputs, cfg)
     tok = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out)
     (out / JOBS_DIR).mkdir(parents=True, exist_ok=True)
@@ -148,60 +256,108 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     if isinstance(tok, JsonTokenizer) and tok.path.resolve() != (out / TOKENIZER_FILE).resolve():
         shutil.copyfile(tok.path, out / TOKENIZER_FILE)
 
-    jobs = plan_jobs(inputs, cfg.job_bytes)
+    jobs = plan_jobs([i for i in inputs if i not in start_problems], cfg.job_bytes)
     records = {j.index: r for j in jobs if (r := _job_done(out, j)) is not None}
+    if cfg.strict:
+        _strict_check_resumed(records)
     pending = [j for j in jobs if j.index not in records]
     bar = tqdm(total=sum(i.size for j in pending for i in j.inputs), unit="B", unit_scale=True,
                desc=f"prepare {out.name}", disable=not cfg.progress or not pending, file=sys.stderr)
-    if cfg.workers <= 1 or len(pending) <= 1:
-        for job in pending:
-            records[job.index] = run_job(job, cfg, tok)
-            bar.update(sum(i.size for i in job.inputs))
-    else:
-        with ProcessPoolExecutor(min(cfg.workers, len(pending)), mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, j, cfg, tok): j for j in pending}
-            for fut in as_completed(futures):
-                records[futures[fut].index] = fut.result()
-                bar.update(sum(i.size for i in futures[fut].inputs))
-    bar.close()
+    try:
+        if cfg.workers <= 1 or len(pending) <= 1:
+            for job in pending:
+                records[job.index] = run_job(job, cfg, tok)
+                bar.update(sum(i.size for i in job.inputs))
+        else:
+            with ProcessPoolExecutor(min(cfg.workers, len(pending)), mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_run_job_in_worker, j, cfg, tok): j for j in pending}
+                try:
+                    for fut in as_completed(futures):
+                        records[futures[fut].index] = fut.result()
+                        bar.update(sum(i.size for i in futures[fut].inputs))
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)  # running jobs finish (and can be resumed)
+                    raise
+    finally:
+        bar.close()  # ends the bar's line, so an error prints on its own
 
-    skipped: Counter = Counter()
+    skipped: Counter = Counter(p.kind for p in start_problems.values())
     shards: list[ShardInfo] = []
     for index in sorted(records):
         skipped.update(records[index]["skipped"])
         shards += [ShardInfo(**s) for s in records[index]["shards"]]
+    skipped_files = _skipped_files(start_problems, records)
     if not any(s.split == "train" and s.num_docs for s in shards):
         raise DataInputError(cfg.inputs, "--input", f"no usable documents (skipped: {dict(skipped)})",
                              "check --text-field, --format and the files' contents")
     manifest = Manifest(tokenizer=tok.identity, dtype=dtype_for_vocab(tok.vocab_size), val_fraction=cfg.val_fraction,
                         shards=sorted(shards, key=lambda s: s.name), skipped=dict(sorted(skipped.items())),
-                        inputs=[str(i.path) for i in inputs])
+                        inputs=[str(i.path) for i in inputs], skipped_files=skipped_files)
     write_manifest(out, manifest)
+    if skipped_files:  # a recap in this process: workers' warnings may have scrolled by
+        log.warning("prepare %s: input files skipped or cut: %s; they are listed in the summary and under "
+                    "skipped_files in %s", out, {k: len(v) for k, v in skipped_files.items()}, MANIFEST_FILE)
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input", nargs="+", required=True, help="files, dirs or globs")
-    p.add_argument("--tokenizer", required=True, help="path/to/tokenizer.json or 'byte'")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--shard-tokens", type=int, default=PrepareConfig.shard_tokens)
-    p.add_argument("--val-fraction", type=float, default=PrepareConfig.val_fraction)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), dest="input_format")
-    p.add_argument("--job-bytes", type=int, default=PrepareConfig.job_bytes)
-    a = p.parse_args(argv)
-    try:
-        m = prepare(PrepareConfig(a.input, a.tokenizer, a.out, a.text_field, a.shard_tokens, a.val_fraction,
-                                  a.workers, a.input_format, a.job_bytes))
-    except DataInputError as exc:
-        sys.exit(f"error: {exc}")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; a required option says so instead of "None"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required:
+            return f"{action.help} (required)"
+        return super()._get_help_string(action)
+
+
+def summary_lines(m: Manifest, limit: int = 20) -> list[str]:
+    """What the CLI prints at the end: per split, what was skipped, and every skipped/cut file by kind."""
+    lines = []
     for split in ("train", "val"):
         sh = m.split_shards(split)
-        print(f"{split}: {len(sh)} shards, {sum(s.num_docs for s in sh)} docs, {sum(s.num_tokens for s in sh)} tokens")
+        lines.append(f"{split}: {len(sh)} shards, {sum(s.num_docs for s in sh)} docs, "
+                     f"{sum(s.num_tokens for s in sh)} tokens")
     if m.skipped:
-        print(f"skipped: {m.skipped}")
+        lines.append(f"skipped: {m.skipped}")
+    for kind, files in m.skipped_files.items():
+        lines.append(f"{kind} ({len(files)}):")
+        lines += [f"  {f['path']}: {f['problem']}" for f in files[:limit]]
+        if len(files) > limit:
+            lines.append(f"  ... and {len(files) - limit} more (manifest.json: skipped_files)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", formatter_class=_HelpFormatter,
+                                description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="input files, directories (read recursively) or quoted globs: .jsonl[.gz|.zst], "
+                        ".parquet, .txt, Megatron PREFIX.bin/.idx")
+    p.add_argument("--tokenizer", required=True, help="path/to/tokenizer.json, or 'byte' for the byte tokenizer")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output dir for shards + manifest.json; re-running into it resumes an interrupted prepare")
+    p.add_argument("--text-field", default="text", help="the JSON key / parquet column holding the text")
+    p.add_argument("--shard-tokens", type=int, default=PrepareConfig.shard_tokens,
+                   help="tokens per shard before rolling over to the next")
+    p.add_argument("--val-fraction", type=float, default=PrepareConfig.val_fraction,
+                   help="fraction of documents (chosen by content hash) in the validation split")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes, one job each at a time (default: this machine's CPU count, %(default)s)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), dest="input_format",
+                   help="input format; auto detects it from each file name")
+    p.add_argument("--job-bytes", type=int, default=PrepareConfig.job_bytes,
+                   help="raw input bytes per job: the unit of parallelism and of resume")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with a one-line error (exit 2) at the first skipped record or file (empty, "
+                        "damaged, truncated, bad line) instead of skipping, counting and reporting it")
+    a = p.parse_args(argv)
+    try:
+        m = prepare(PrepareConfig(inputs=a.input, tokenizer=a.tokenizer, out=a.out, text_field=a.text_field,
+                                  shard_tokens=a.shard_tokens, val_fraction=a.val_fraction, workers=a.workers,
+                                  input_format=a.input_format, job_bytes=a.job_bytes, strict=a.strict))
+    except DataInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print("\n".join(summary_lines(m)))
 
 
 if __name__ == "__main__":

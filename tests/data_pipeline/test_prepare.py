@@ -156,7 +156,7 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
     assert m.skipped == {"bad_utf8": 3, "bad_json": 1, "empty_docs": 1, "missing_field": 1}
 
 
-@pytest.mark.parametrize("case", ["missing_path", "empty_glob", "empty_file", "unknown_tokenizer",
+@pytest.mark.parametrize("case", ["missing_path", "empty_glob", "only_empty_files", "unknown_tokenizer",
                                   "jsonl_field", "parquet_field", "unknown_ext", "no_usable_docs"])
 def test_bad_input_fails_at_start_with_one_line(tmp_path, case):
     good = write_jsonl(tmp_path / "good.jsonl", DOCS)
@@ -165,9 +165,10 @@ def test_bad_input_fails_at_start_with_one_line(tmp_path, case):
         inputs = [tmp_path / "nope.jsonl"]
     elif case == "empty_glob":
         inputs = [tmp_path / "*.parquet"]
-    elif case == "empty_file":
+    elif case == "only_empty_files":  # one empty file is skipped (test_damaged_inputs.py); all of them is an error
         (tmp_path / "empty.jsonl").write_text("")
-        inputs = [good, tmp_path / "empty.jsonl"]
+        (tmp_path / "empty.txt").write_text("")
+        inputs = [tmp_path / "empty.jsonl", tmp_path / "empty.txt"]
     elif case == "unknown_tokenizer":
         kw["tokenizer"] = str(tmp_path / "missing-tokenizer.json")
     elif case == "jsonl_field":
