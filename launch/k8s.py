@@ -110,7 +110,11 @@ def build_manifests(spec: LaunchSpec, opts: K8sOptions) -> list[dict[str, Any]]:
 
 class _BlockDumper(yaml.SafeDumper):
     """Multi-line strings (the pod's script) as readable `|` blocks; PyYAML falls back to a quoted
-    scalar by itself whenever a block could not hold the string exactly."""
+    scalar by itself whenever a block could not hold the string exactly. No anchors/aliases for
+    the objects the two manifests share: each reads on its own."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 _BlockDumper.add_representer(
