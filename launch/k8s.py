@@ -18,7 +18,7 @@ from launch.spec import REQUEUE_EXIT_CODE, LaunchSpec, node_script
 from launch.validate import (ABS_PATH, K8S_IMAGE, K8S_JOB_NAME, K8S_NAMESPACE, K8S_PVC, check_under)
 
 CONTAINER = "trainer"
-API_VERSIONS = {"Service": "v1", "Job": "batch/v1"}
+EXIT_MARGIN_S = 30  # after torchrun's wait of --grace-s, time for the pod's shell to report its exit code
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,12 @@ def build_manifests(spec: LaunchSpec, opts: K8sOptions) -> list[dict[str, Any]]:
     name = spec.job_name
     metadata = {"name": name, "namespace": opts.namespace}
     service = {
-        "apiVersion": API_VERSIONS["Service"], "kind": "Service", "metadata": metadata,
+        "apiVersion": "v1", "kind": "Service", "metadata": metadata,
         # Pod DNS names must resolve before the pods are ready: the rendezvous needs them to start.
         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"job-name": name}},
     }
     job = {
-        "apiVersion": API_VERSIONS["Job"], "kind": "Job", "metadata": metadata,
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
         "spec": {
             "completionMode": "Indexed", "completions": spec.nodes, "parallelism": spec.nodes,
             "backoffLimit": opts.backoff_limit,
@@ -95,7 +95,7 @@ def build_manifests(spec: LaunchSpec, opts: K8sOptions) -> list[dict[str, Any]]:
                 "spec": {
                     "subdomain": name,
                     "restartPolicy": "Never",
-                    "terminationGracePeriodSeconds": spec.grace_s,
+                    "terminationGracePeriodSeconds": spec.grace_s + EXIT_MARGIN_S,
                     "containers": [_container(spec, opts)],
                     "volumes": [
                         {"name": "run", "persistentVolumeClaim": {"claimName": opts.pvc}},

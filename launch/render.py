@@ -1,7 +1,9 @@
-"""Render a Slurm batch script or a Kubernetes manifest for a multi-node training run.
+r"""Render a Slurm batch script or a Kubernetes manifest for a multi-node training run.
 
-    python -m launch.render slurm --nodes 16 --run-dir /shared/runs/r1 -- --arch hybrid_moe --size 1b --data /shared/data/dclm
-    python -m launch.render k8s --nodes 2 --image REGISTRY/hybrid-pretrain:latest --run-dir /runs/r1 -- --config configs/hybrid_moe_1b.toml
+    python -m launch.render slurm --nodes 16 --partition gpu --run-dir /shared/runs/r1 --out job.sbatch \
+        -- --config configs/hybrid_moe_1b.toml --data /shared/dclm
+    python -m launch.render k8s --nodes 2 --image REGISTRY/hybrid-pretrain:TAG --run-dir /runs/r1 \
+        -- --config configs/hybrid_moe_1b.toml --data /runs/data/dclm | kubectl apply -f -
 
 Both start one torchrun per node (c10d rendezvous), requeue a preempted run (the trainers exit
 75 after checkpointing) and auto-resume from the newest complete checkpoint in the run directory,

@@ -48,6 +48,10 @@ def test_k8s_job_maps_exit_codes_and_requests_resources(tmp_path):
     assert rules == {("Ignore", "conditions"), ("Ignore", (REQUEUE_EXIT_CODE,)), ("FailJob", (2, 3))}
     c = container(job)
     assert c["image"] == "reg.io/img:1" and c["workingDir"] == "/workspace" and c["args"] == TRAIN
+    # torchrun waits --grace-s for the trainers' checkpoint; the pod gets 30 s more to report its exit.
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300" and "SIGUSR1" in env["PET_SIGNALS_TO_HANDLE"]
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 330
     assert c["resources"] == {"requests": {"cpu": "48", "nvidia.com/gpu": 4}, "limits": {"nvidia.com/gpu": 4}}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
