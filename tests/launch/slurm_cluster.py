@@ -2,14 +2,18 @@
 
 Everything lives in one temporary directory (configuration, munge key and socket, state, logs)
 and runs on free ports, so it touches no system-wide Slurm or munge set-up; the daemons run in
-the foreground as children of the test and are stopped, jobs first, when it ends.
+the foreground as children of the test and are stopped, jobs first, when it ends, also when it
+fails. Should the test process itself be killed, the daemons get SIGTERM with it, but a job
+running at that moment keeps its slurmstepd/srun processes, which then need killing by hand.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import socket
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -35,6 +39,11 @@ def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "slurmd must run as root to start jobs; run the test as root (CI does)"
     return None
+
+
+def _die_with_parent() -> None:
+    """In the daemon, before exec: SIGTERM when the test process dies, even by SIGKILL (Linux)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -113,7 +122,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
     def _daemon(self, name: str, *args: str) -> None:
         log = open(self.root / "log" / f"{name}.stdio", "w")
         cmd = [_find(name) or name, *args]
-        self.daemons.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        self.daemons.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                             preexec_fn=_die_with_parent))
         log.close()
 
     def _wait_for(self, ready: Callable[[], bool], what: str, timeout_s: float) -> None:
