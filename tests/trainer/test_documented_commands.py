@@ -48,8 +48,8 @@ def trainer_launch(command: str) -> tuple[list[str], int] | None:
             world = int(env.get("WORLD_SIZE", "1"))
         return args, world
     if "launch.render" in words and "--" in words:
-        nodes, gpus = int(option(words, "--nodes", "1")), int(option(words, "--gpus-per-node", "8"))
-        return words[words.index("--") + 1:], nodes * gpus
+        per_node = option(words, "--procs-per-node", option(words, "--gpus-per-node", "8"))
+        return words[words.index("--") + 1:], int(option(words, "--nodes", "1")) * int(per_node)
     return None
 
 
