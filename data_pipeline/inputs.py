@@ -40,17 +40,6 @@ PROBE_LINES = 100  # a jsonl file none of whose first this many non-blank lines 
 STRICT_FIX = "repair or re-fetch the file, or remove it from --input (without --strict it is skipped and reported)"
 
 
-class PortableInputError(DataInputError):
-    """A DataInputError that survives pickling, so a worker process's error reaches the parent whole."""
-
-    def __reduce__(self):
-        return self.__class__, (self.path, self.field, self.problem, self.fix)
-
-
-def portable(exc: DataInputError) -> PortableInputError:
-    return exc if isinstance(exc, PortableInputError) else PortableInputError(exc.path, exc.field, exc.problem, exc.fix)
-
-
 class FileProblem(Exception):
     """A whole input file, or the rest of it, is unusable. `kind` is one of FILE_KINDS."""
 
@@ -80,14 +69,14 @@ class FileProblem(Exception):
         """What the job record holds for this file (the manifest lists it, less `kind`, under that kind)."""
         return {"kind": self.kind, "path": str(path), "problem": self.problem, "docs_kept": self.docs_kept}
 
-    def strict_error(self, path: Path) -> PortableInputError:
+    def strict_error(self, path: Path) -> DataInputError:
         what = {"truncated_files": f"truncated after {self.docs_read} documents ({self.detail})",
                 "damaged_files": f"damaged ({self.detail})", "empty_files": f"empty ({self.detail})"}[self.kind]
-        return PortableInputError(path, self.kind, f"{what} (--strict)", STRICT_FIX)
+        return DataInputError(path, self.kind, f"{what} (--strict)", STRICT_FIX)
 
 
-def strict_record_error(path: Path, where: str, reason: str) -> PortableInputError:
-    return PortableInputError(path, where, f"{RECORD_REASONS.get(reason, reason)} ({reason}; --strict)",
+def strict_record_error(path: Path, where: str, reason: str) -> DataInputError:
+    return DataInputError(path, where, f"{RECORD_REASONS.get(reason, reason)} ({reason}; --strict)",
                               "repair or remove that record, or drop --strict to skip and count it")
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data_pipeline.errors import DataInputError
 from data_pipeline.inputs import (FILE_KINDS, FORMATS, FileProblem, InputFile, iter_located_documents,
-                                  portable, probe_input, resolve_inputs, strict_record_error)
+                                  probe_input, resolve_inputs, strict_record_error)
 from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo, dtype_for_vocab, write_atomic, write_manifest
 from data_pipeline.shard_io import ShardWriter
 from data_pipeline.split import is_validation
@@ -165,14 +165,6 @@ def _run_job_once(job: Job, cfg: PrepareConfig, tok: Tokenizer, excluded: dict[I
     return record
 
 
-def _run_job_in_worker(job: Job, cfg: PrepareConfig, tok: Tokenizer) -> dict:
-    """run_job in a pool process: a DataInputError must survive the trip back to the parent."""
-    try:
-        return run_job(job, cfg, tok)
-    except DataInputError as exc:
-        raise portable(exc) from None
-
-
 def _strip_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     """Megatron corpora made with --append-eod end documents with EOS; the loader adds its own."""
     return tokens[:-1] if tokens.size and tokens[-1] == eos_id else tokens
@@ -270,7 +262,7 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                 bar.update(sum(i.size for i in job.inputs))
         else:
             with ProcessPoolExecutor(min(cfg.workers, len(pending)), mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_run_job_in_worker, j, cfg, tok): j for j in pending}
+                futures = {pool.submit(run_job, j, cfg, tok): j for j in pending}
                 try:
                     for fut in as_completed(futures):
                         records[futures[fut].index] = fut.result()
