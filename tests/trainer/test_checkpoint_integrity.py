@@ -8,7 +8,6 @@ import logging
 import os
 import pickle
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pretrain.checkpoint import CheckpointManager, verify_checkpoint
 from pretrain.checkpoint_integrity import CheckpointDamaged, FileRecord, file_digest, read_marker, write_marker
 from pretrain.summary import read_summary
 from pretrain.trainer import Trainer
-from trainer_helpers import losses, tiny_config
+from trainer_helpers import losses, signal_during_step, tiny_config
 
 STEPS = 6
 DAMAGED_STEP = "step_00000004"
@@ -117,14 +116,7 @@ def test_preempted_run_replaces_the_damaged_step_it_saves(reference, corpus, tmp
     ckpts = copy_checkpoints(reference_dir, tmp_path, (2, 4))
     garbage(distcp(ckpts / DAMAGED_STEP))
     trainer = Trainer(tiny_config(tmp_path, corpus, STEPS))
-    train_step = trainer.train_step
-
-    def signal_in_step_4():
-        if trainer.progress.step == 3:
-            trainer.preemption.signum = signal.SIGTERM
-        return train_step()
-
-    trainer.train_step = signal_in_step_4
+    signal_during_step(trainer, 4)
     with pytest.raises(Exception, match="signal"):
         trainer.train()
     summary = read_summary(tmp_path)

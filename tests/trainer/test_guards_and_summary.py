@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import types
 from concurrent.futures import Future
 
@@ -15,7 +14,7 @@ from pretrain.checkpoint import find_latest_complete, verify_checkpoint
 from pretrain.main import main
 from pretrain.summary import read_summary
 from pretrain.trainer import EXIT_STOPPED, Trainer, TrainingStopped
-from trainer_helpers import losses, tiny_config
+from trainer_helpers import losses, signal_during_step, tiny_config
 
 
 def poison_loss(trainer: Trainer, bad_steps: set[int] | None = None, from_step: int | None = None) -> None:
@@ -179,14 +178,7 @@ def test_compiled_blocks_same_curve_and_checkpoint_keys(corpus, tmp_path):
 def test_signal_during_the_last_step_finishes_the_run(corpus, tmp_path):
     """SIGTERM while the last step runs: the run is complete, so no preemption exit (75) and requeue."""
     trainer = Trainer(tiny_config(tmp_path, corpus, 3))
-    train_step = trainer.train_step
-
-    def signal_in_last_step():
-        if trainer.progress.step == 2:
-            trainer.preemption.signum = signal.SIGTERM
-        return train_step()
-
-    trainer.train_step = signal_in_last_step
+    signal_during_step(trainer, 3)
     summary = trainer.train()
     assert summary["status"] == "finished" and summary["exit_code"] == 0 and summary["step"] == 3
     assert summary["checkpoint"].endswith("step_00000003")

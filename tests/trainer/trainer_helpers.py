@@ -65,3 +65,17 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     from pretrain.hf import load_model
 
     return load_model(checkpoint).state_dict()
+
+
+def signal_during_step(trainer, step: int) -> None:
+    """Make `trainer` record SIGTERM while it runs step `step` (1-based), as a signal handler would."""
+    import signal
+
+    train_step = trainer.train_step
+
+    def step_with_signal():
+        if trainer.progress.step == step - 1:
+            trainer.preemption.signum = signal.SIGTERM
+        return train_step()
+
+    trainer.train_step = step_with_signal
