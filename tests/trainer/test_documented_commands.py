@@ -95,3 +95,10 @@ def test_documented_model_report_runs(doc, command, capsys):
     words = shlex.split(command)
     describe.main(words[words.index("pretrain.describe") + 1:])
     assert "pattern" in capsys.readouterr().out
+
+
+def test_readme_enters_the_environment_before_its_first_python_command():
+    """In a fresh clone `python` has no torch: the README must say how to enter .venv first."""
+    readme = (REPO / "README.md").read_text()
+    first_python = min(readme.index(line) for line in shell_lines(REPO / "README.md") if line.startswith("python"))
+    assert readme.index("source .venv/bin/activate") < first_python

@@ -104,3 +104,35 @@ def test_sigterm_while_importing_exits_for_requeue(corpus, tmp_path):
     summary = read_summary(run_dir)
     assert summary["status"] == "preempted" and "SIGTERM during start-up" in summary["error"]
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_sigterm_while_building_the_model_exits_for_requeue(corpus, tmp_path, monkeypatch):
+    """A signal during start-up (here: the model build) raises at once - the process may be in a long
+    build or a rendezvous - and main() still writes summary.json "preempted" and returns 75."""
+    import os
+
+    import pretrain.main as entry
+    import pretrain.trainer as trainer_module
+    from pretrain.preemption import PREEMPTION_SIGNALS, PreemptionWatch
+
+    watch, build = PreemptionWatch(), trainer_module.build_model_from_config
+    built = []
+
+    def build_then_signal(cfg, device="cpu"):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while building
+        built.append(device)
+        return build(cfg, device)
+
+    monkeypatch.setattr(entry, "PREEMPTION", watch)
+    monkeypatch.setattr(trainer_module, "build_model_from_config", build_then_signal)
+    previous = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+    watch.install()
+    try:
+        code = entry.main(tiny_args(tmp_path, corpus, STEPS))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    summary = read_summary(tmp_path)
+    assert code == EXIT_PREEMPTED and not built  # the handler raised inside the build
+    assert summary["status"] == "preempted" and summary["checkpoint"] is None
+    assert not (tmp_path / "metrics.jsonl").exists()
