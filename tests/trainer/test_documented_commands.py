@@ -99,6 +99,6 @@ def test_documented_model_report_runs(doc, command, capsys):
 
 def test_readme_enters_the_environment_before_its_first_python_command():
     """In a fresh clone `python` has no torch: the README must say how to enter .venv first."""
-    readme = (REPO / "README.md").read_text()
-    first_python = min(readme.index(line) for line in shell_lines(REPO / "README.md") if line.startswith("python"))
-    assert readme.index("source .venv/bin/activate") < first_python
+    lines = (REPO / "README.md").read_text().splitlines()
+    first_python = next(i for i, line in enumerate(lines) if line.startswith("python "))
+    assert any("source .venv/bin/activate" in line for line in lines[:first_python])
