@@ -1,0 +1,66 @@
+"""`python -m pretrain.evaluate compare OUT_A OUT_B ...`: the architectures side by side, the way the
+paper's T2 sets them: one row per checkpoint (parameters, training FLOPs, NLL, bits per byte,
+long-context and decode figures, few-shot average), the same figures drawn together."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pretrain.evaluation.runner import RESULTS_FILE, draw
+from pretrain.hf import CliError
+
+COLUMNS = ("label", "pattern", "params (non-emb)", "train FLOPs", "val NLL", "bits/byte", "NLL <= train len",
+           "NLL > train len", "NIAH acc", "cache MiB", "decode tok/s", "few-shot avg")
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    file = path / RESULTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CliError(f"{path}: no {RESULTS_FILE}; pass directories written by `python -m pretrain.evaluate --out`")
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise CliError(f"{file}: not JSON ({e}); run the evaluation again") from None
+
+
+def merge(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every checkpoint of every results file; a label seen twice gets its directory's name."""
+    entries = [(p, e) for p in paths for e in read_results(p)["checkpoints"]]
+    labels = [e["label"] for _, e in entries]
+    return [{**e, "label": f"{e['label']} [{p.name}]"} if labels.count(e["label"]) > 1 else e for p, e in entries]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def row(e: dict[str, Any]) -> list[str]:
+    nll, pos, niah, inf, few = (e.get(k) or {} for k in ("nll", "positions", "niah", "inference", "fewshot"))
+    last = inf["points"][-1] if inf.get("points") else {}
+    cache = last.get("cache_bytes") / 2**20 / inf["batch"] if last else None
+    return [e["label"], e.get("pattern", "-"), _fmt(e.get("non_embedding_params"), ",d"),
+            _fmt(e.get("train_flops"), ".2e"), _fmt(nll.get("nll"), ".4f"), _fmt(nll.get("bits_per_byte"), ".4f"),
+            _fmt(pos.get("nll_within_train_length"), ".4f"), _fmt(pos.get("nll_beyond_train_length"), ".4f"),
+            _fmt(niah.get("mean_accuracy"), ".2f"), _fmt(cache, ".3g"), _fmt(last.get("tokens_per_s"), ".1f"),
+            _fmt(few.get("average"), ".4f")]
+
+
+def markdown_table(entries: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(e)) + " |" for e in entries]
+    return "\n".join(lines) + "\n"
+
+
+def compare(paths: list[Path], out: Path) -> str:
+    """Writes compare.json, compare.md and the joint figures into `out`; returns the table."""
+    entries = merge(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(entries)
+    notes = ("cache MiB: per sequence at the longest decoded length, as measured (dtype of the run); "
+             "decode tok/s: batch tokens/s at that length.\n")
+    (out / "compare.md").write_text(table + "\n" + notes)
+    (out / "compare.json").write_text(json.dumps({"inputs": [str(p) for p in paths], "columns": COLUMNS,
+                                                  "rows": [row(e) for e in entries], "checkpoints": entries,
+                                                  "plots": draw(entries, out)}, indent=1) + "\n")
+    return table

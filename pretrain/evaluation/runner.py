@@ -1,0 +1,114 @@
+"""Runs the chosen suites over every checkpoint and writes `results.json` and the PNGs beside it."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.accounting import flops_per_token
+from pretrain.evaluation import plots
+from pretrain.evaluation.subject import Subject
+
+SUITES = ("nll", "positions", "niah", "inference", "fewshot")
+DEFAULT_SUITES = ("nll", "positions", "niah", "inference")
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class Options:
+    """Every knob of every suite (the command line's options, with their defaults)."""
+
+    data: str | None = None  # prepared dir; default: each run's first data source
+    seq_len: int | None = None  # nll window; default: the training length
+    batch_size: int = 8
+    nll_batches: int | None = None  # None: the whole split
+    positions_multiple: float = 3.0  # of the training length (the paper: 24K after 8K)
+    positions_docs: int = 8
+    niah_lengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # multiples of the training length
+    niah_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    niah_trials: int = 2
+    inference_batch: int = 4
+    inference_prompt: int | None = None  # default: training length / 16 (512 at 8K)
+    inference_totals: tuple[int, ...] | None = None  # default: training length x 1/4 .. 4 (2K-32K at 8K)
+    fewshot_tasks: tuple[str, ...] = ()
+    fewshot_limit: int | None = None
+    seed: int = 0
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device, dtype: torch.dtype) -> Any:
+    from data_pipeline.tokenizer import load_tokenizer
+
+    model, train_len = subject.model, subject.train_seq_len
+    data_dir = subject.data_dir(opts.data)
+    if suite == "nll":
+        from pretrain.evaluation.nll import run_nll
+
+        return run_nll(model, data_dir, load_tokenizer(data_dir), opts.seq_len or train_len, opts.batch_size,
+                       opts.nll_batches, device, dtype)
+    if suite == "positions":
+        from pretrain.evaluation.positions import run_positions
+
+        return run_positions(model, data_dir, train_len, opts.positions_multiple, opts.positions_docs, device, dtype)
+    if suite == "niah":
+        from pretrain.evaluation.niah import run_niah
+
+        lengths = [int(round(m * train_len)) for m in opts.niah_lengths]
+        return run_niah(model, data_dir, load_tokenizer(data_dir), lengths, list(opts.niah_depths),
+                        opts.niah_trials, opts.seed, device, dtype)
+    if suite == "inference":
+        from pretrain.evaluation.inference import run_inference
+
+        prompt = opts.inference_prompt or max(1, train_len // 16)
+        totals = list(opts.inference_totals or (int(train_len * m) for m in (0.25, 0.5, 1, 2, 4)))
+        return run_inference(model, opts.inference_batch, prompt, totals, opts.seed, device, dtype)
+    from pretrain.evaluation.fewshot import run_fewshot
+
+    return run_fewshot(subject, data_dir, list(opts.fewshot_tasks), opts.fewshot_limit, device, dtype)
+
+
+def draw(entries: list[dict[str, Any]], out: Path) -> dict[str, str]:
+    """Every figure the results support: name -> file name (relative to `out`)."""
+    files: dict[str, Path] = {}
+
+    def by_label(suite: str) -> dict[str, Any]:
+        return {e["label"]: e[suite] for e in entries if suite in e}
+
+    if nll := by_label("nll"):
+        files["nll"] = plots.plot_bars({k: v["nll"] for k, v in nll.items()}, "validation NLL (nats/token)",
+                                       out / "nll.png")
+    if pos := by_label("positions"):
+        files["positions"] = plots.plot_positions(pos, out / "positions.png")
+    for label, r in by_label("niah").items():
+        files[f"niah/{label}"] = plots.plot_niah(label, r, out / f"niah_{slug(label)}.png")
+    if inf := by_label("inference"):
+        files["inference"] = plots.plot_inference(inf, out / "inference.png")
+    return {name: path.name for name, path in files.items()}
+
+
+def evaluate(subjects: list[Subject], suites: list[str], opts: Options, out: Path, device: torch.device,
+             dtype: torch.dtype, log=print) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for subject in subjects:
+        fpt = flops_per_token(subject.model.config, subject.train_seq_len)
+        entry: dict[str, Any] = {"label": subject.label, **subject.info, "train_seq_len": subject.train_seq_len,
+                                 "flops_per_token": fpt["total"],
+                                 "train_flops": fpt["total"] * subject.info["tokens_seen"]
+                                 if subject.info["tokens_seen"] else None}
+        for suite in suites:
+            log(f"{subject.label}: {suite} ...")
+            entry[suite] = run_suites(subject, suite, opts, device, dtype)
+        entries.append(entry)
+    results = {"suites": suites, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+               "options": asdict(opts), "checkpoints": entries}
+    results["plots"] = draw(entries, out)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    return results

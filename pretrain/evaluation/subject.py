@@ -1,0 +1,87 @@
+"""What is evaluated: one checkpoint with its model, run config, data and tokenizer.
+
+`--checkpoint` takes a step directory (any parallel layout: `pretrain.hf.load_model` reshards) or a
+run directory (its newest checkpoint that verifies), so a sweep's run dirs can be passed as they are.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.hf import CliError, load_model, read_run_config
+
+TRAIN_STATE_FILE = "train_state.json"
+
+
+@dataclass
+class Subject:
+    checkpoint: Path
+    model: Any  # HybridLM
+    run_config: dict[str, Any]
+    label: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_seq_len(self) -> int:
+        seq_len = self.run_config.get("data", {}).get("seq_len")
+        if not seq_len:
+            raise CliError(f"{self.checkpoint}: config.toml has no data.seq_len; pass --seq-len")
+        return int(seq_len)
+
+    def data_dir(self, override: str | None) -> Path:
+        """The prepared dir to evaluate on: `override`, else the run's first data source."""
+        if override:
+            return Path(override)
+        sources = self.run_config.get("data", {}).get("sources") or []
+        if not sources:
+            raise CliError(f"{self.checkpoint}: config.toml names no data.sources; pass --data PREPARED_DIR")
+        from pretrain.config import parse_source
+
+        return Path(parse_source(sources[0])[0])
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory as given, or the newest verified checkpoint of a run directory."""
+    from pretrain.checkpoint import MODEL_CONFIG_FILE, find_latest_complete
+
+    if (path / MODEL_CONFIG_FILE).is_file():
+        return path
+    for ckpt_dir in (path / "checkpoints", path):
+        if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
+            found = find_latest_complete(ckpt_dir)
+            if found is None:
+                raise CliError(f"{ckpt_dir}: no checkpoint verifies; pass a step_* directory that does")
+            return found
+    raise CliError(f"{path}: neither a checkpoint (no {MODEL_CONFIG_FILE}) nor a run dir with checkpoints/step_*; "
+                   "--checkpoint takes RUN_DIR or RUN_DIR/checkpoints/step_NNNNNNNN")
+
+
+def load_subject(path: Path, device: torch.device) -> Subject:
+    ckpt = resolve_checkpoint(path)
+    model = load_model(ckpt).to(device).eval()
+    run_config = read_run_config(ckpt)
+    from pretrain.accounting import count_params
+
+    cfg = model.config
+    state_file = ckpt / TRAIN_STATE_FILE
+    progress = json.loads(state_file.read_text()).get("progress", {}) if state_file.is_file() else {}
+    model_section = run_config.get("model", {})
+    info = {"checkpoint": str(ckpt), "arch": model_section.get("arch"), "size": model_section.get("size"),
+            "pattern": cfg.pattern, "moe": cfg.moe is not None, "step": progress.get("step"),
+            "tokens_seen": progress.get("tokens_seen"), **{f"{k}_params": v for k, v in count_params(cfg).items()}}
+    return Subject(ckpt, model, run_config, info=info)
+
+
+def label_subjects(subjects: list[Subject]) -> None:
+    """Labels for tables and legends: the arch, made unique with the run and step where needed."""
+    base = [s.info["arch"] or s.checkpoint.parent.parent.name for s in subjects]
+    for s, b in zip(subjects, base):
+        s.label = b if base.count(b) == 1 else f"{b} ({s.checkpoint.parent.parent.name}/{s.checkpoint.name})"
+    labels = [s.label for s in subjects]
+    for s in subjects:
+        if labels.count(s.label) > 1:
+            s.label = str(s.checkpoint)

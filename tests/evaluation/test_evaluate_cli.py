@@ -1,0 +1,89 @@
+"""`python -m pretrain.evaluate`: every suite on two tiny checkpoints (dense and MoE), one JSON and
+the figures, the comparison, and one-line errors."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import MICRO_BATCH, REPO, TRAIN_SEQ_LEN, VAL_BATCHES
+from image_checks import assert_nonempty_png
+
+from pretrain.evaluate import main
+
+SMALL = ["--positions-docs", "2", "--niah-lengths", "2,3", "--niah-depths", "0,1", "--niah-trials", "1",
+         "--inference-batch", "2", "--inference-totals", "8,16"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    step_dir = sorted((runs["hybrid_moe"] / "checkpoints").glob("step_*"))[-1]
+    assert main(["--checkpoint", str(runs["inter_hybrid"]), str(step_dir), "--out", str(out),
+                 "--batch-size", str(MICRO_BATCH), "--nll-batches", str(VAL_BATCHES), *SMALL]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_hold_every_suite_for_every_checkpoint(evaluated, runs):
+    out, results = evaluated
+    assert [e["label"] for e in results["checkpoints"]] == ["inter_hybrid", "hybrid_moe"]
+    for entry, run in zip(results["checkpoints"], runs.values()):
+        summary = json.loads((run / "summary.json").read_text())
+        # the trainer's own validation (same split, window, batch and batch count) is the reference
+        assert entry["nll"]["nll"] == pytest.approx(summary["last_val_nll"], rel=1e-5)
+        assert entry["nll"]["tokens"] == VAL_BATCHES * MICRO_BATCH * TRAIN_SEQ_LEN
+        assert entry["tokens_seen"] == summary["tokens_seen"] and entry["train_seq_len"] == TRAIN_SEQ_LEN
+        pos = entry["positions"]
+        assert pos["length"] == 3 * TRAIN_SEQ_LEN and len(pos["bin_nll"]) == 64
+        assert all(math.isfinite(v) for v in pos["bin_nll"])
+        assert len(entry["niah"]["accuracy"]) == 2 and len(entry["niah"]["accuracy"][0]) == 2
+        assert [p["total"] for p in entry["inference"]["points"]] == [8, 16]
+    assert set(results["plots"]) == {"nll", "positions", "inference", "niah/inter_hybrid", "niah/hybrid_moe"}
+    for name in results["plots"].values():
+        assert_nonempty_png(out / name)
+
+
+def test_bits_per_byte_count_the_text_bytes(evaluated):
+    """Byte tokenizer: every non-special target token is one byte, so bpb = nll x tokens / ln 2 / bytes
+    with bytes <= tokens (BOS/EOS targets decode to nothing)."""
+    nll = evaluated[1]["checkpoints"][0]["nll"]
+    assert nll["tokens"] - 2 * nll["tokens"] // 20 <= nll["bytes"] <= nll["tokens"]
+    assert nll["bits_per_byte"] == pytest.approx(nll["nll"] * nll["tokens"] / math.log(2) / nll["bytes"])
+
+
+def test_compare_sets_the_runs_side_by_side(evaluated, runs, tmp_path):
+    out, _ = evaluated
+    single = tmp_path / "single"
+    assert main(["--checkpoint", str(runs["inter_hybrid"]), "--suite", "nll", "--out", str(single),
+                 "--nll-batches", "1"]) == 0
+    assert main(["compare", str(out), str(single), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and "pattern" not in line]
+    # inter_hybrid appears in both inputs, so both of its rows carry their directory's name
+    assert [r.split(" | ")[0] for r in rows] == [f"| inter_hybrid [{out.name}]", "| hybrid_moe",
+                                                  "| inter_hybrid [single]"]
+    cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert cmp["rows"][1][4] == f"{evaluated[1]['checkpoints'][1]['nll']['nll']:.4f}"
+    for name in cmp["plots"].values():
+        assert_nonempty_png(tmp_path / "cmp" / name)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--suite", "nll,bogus"], "unknown ['bogus']"),
+    (["--niah-depths", "0,1.5"], "--niah-depths"),
+    (["--inference-totals", "2"], "must exceed the prompt"),
+])
+def test_bad_options_are_one_line(runs, tmp_path, args, says):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--checkpoint", str(runs["inter_hybrid"]),
+                           "--out", str(tmp_path), "--suite", "inference", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_missing_checkpoint_names_the_path(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nope") in err and "step_" in err and len(err.strip().splitlines()) == 1
