@@ -5,6 +5,8 @@
 # (CUDA RNG, fused AdamW and bf16 autocast paths); 3) 1B hybrid_moe, sequence 8192, micro-batch 2,
 # activation checkpointing, no checkpoint writes: tokens/s and MFU in OUT/hm1b/metrics.jsonl.
 set -euo pipefail
+# The GPU box runs from a copy of the checkout without installing it: the repository root is the package root.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${1:-runs/train_gpu}
 STEPS=${STEPS:-300}
 mkdir -p "$OUT"
