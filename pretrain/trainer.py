@@ -25,11 +25,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-from parallel.activation_checkpoint import apply_activation_checkpointing
-from parallel.compile import compile_blocks
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
-from parallel.fsdp import apply_fsdp
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, find_latest_complete,
@@ -38,6 +35,7 @@ from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import Preempted, PreemptionWatch
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
+from pretrain.model.parallelize import parallelize_hybrid
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
 
@@ -256,13 +254,8 @@ class Trainer:
         self.model = build_model_from_config(cfg, device="meta")
         template = copy.deepcopy(self.model)  # unsharded, unwrapped: init_sharded's full modules
         self.model_config = self.model.config
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(self.model.blocks)
-        if cfg.train.compile:
-            compile_blocks(self.model.blocks)
-        if self.mesh is not None:
-            apply_fsdp(self.model, self.model.blocks, self.mesh.fsdp_mesh(),
-                       param_dtype=self.compute_dtype, reduce_dtype=torch.float32, forward_methods=("loss",))
+        parallelize_hybrid(self.model, self.mesh, param_dtype=self.compute_dtype,
+                           activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
         init_sharded(self.model, template, self.device)
         self.moe_layers = list(self.model.moe_layers())
         self.optimizer = self._build_optimizer()

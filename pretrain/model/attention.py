@@ -31,10 +31,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.v_head_dim, d_model, bias=False) if project_out else None
 
-    @property
-    def out_width(self) -> int:
-        return self.n_heads * self.v_head_dim
-
     def reset_parameters(self) -> None:
         for lin in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(lin.weight, std=self.init_std)
@@ -43,13 +39,13 @@ class Attention(nn.Module):
 
     def values(self, x: Tensor) -> Tensor:
         """V heads [b, l, n_kv_heads, v_head_dim] (shared with the Mamba branch under value sharing)."""
-        return self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.v_head_dim))
+        return self.v_proj(x).unflatten(-1, (-1, self.v_head_dim))
 
     def forward(self, x: Tensor, positions: Tensor, state: dict | None = None, v: Tensor | None = None) -> Tensor:
         """x [b, l, d]; positions [l] absolute; `state` (a dict) is the KV cache, updated in place."""
-        b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.n_heads, self.qk_head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, l, self.n_kv_heads, self.qk_head_dim).transpose(1, 2)
+        b, l = x.shape[:2]
+        q = self.q_proj(x).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
+        k = self.k_proj(x).view(b, l, -1, self.qk_head_dim).transpose(1, 2)
         v = (v if v is not None else self.values(x)).transpose(1, 2)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope, positions.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -64,7 +60,7 @@ class Attention(nn.Module):
                 keep = (k_pos < self.n_sink) | (k_pos > positions[-1] - self.window)
                 state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
         y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)
-        y = y.transpose(1, 2).reshape(b, l, self.out_width)
+        y = y.transpose(1, 2).flatten(2)
         return self.o_proj(y) if self.o_proj is not None else y
 
 

@@ -40,10 +40,5 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg)
 
     def forward(self, x: Tensor, positions: Tensor, state: dict | None = None) -> Tensor:
-        h = self.mixer_norm(x)
-        if self.symbol == "M":
-            h = self.mixer(h, state)
-        else:
-            h = self.mixer(h, positions, state)
-        x = x + h
+        x = x + self.mixer(self.mixer_norm(x), positions, state)
         return x + self.ffn(self.ffn_norm(x))

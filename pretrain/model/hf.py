@@ -34,14 +34,17 @@ from pretrain.model.lm import HybridLM
 # Granite's names for the two mixers; ours are 'A' and 'M'.
 _LAYER_TYPES = {"A": "full_attention", "M": "linear_attention"}
 _SYMBOLS = {v: k for k, v in _LAYER_TYPES.items()}
-# Mamba2 parameters: Granite name -> ours (conv1d.weight is [conv_dim, 1, k], ours [conv_dim, k]).
 # What `to_hf` maps, for messages that refuse the rest (intra-hybrid and MoE export are planned).
 EXPORTABLE_ARCHS = ("llama", "mamba2", "inter_hybrid")
 EXPORTABLE = (f"{', '.join(EXPORTABLE_ARCHS)} (patterns of global attention 'A' and Mamba2 'M' blocks with a "
               "dense SwiGLU FFN)")
-_MAMBA_KEYS = {"in_proj.weight": "in_proj.weight", "conv1d.weight": "conv_weight",
-               "conv1d.bias": "conv_bias", "dt_bias": "dt_bias", "A_log": "A_log", "D": "D",
-               "norm.weight": "norm.weight", "out_proj.weight": "out_proj.weight"}
+# Mamba2 parameters: Granite name -> ours, concatenated in order (Granite packs in_proj rows as
+# [z, x, B, C, dt] and conv1d channels as [x, B, C]; conv1d.weight is [conv_dim, 1, k], ours [., k]).
+_MAMBA_KEYS = {"in_proj.weight": tuple(f"{p}_proj.weight" for p in "z x B C dt".split()),
+               "conv1d.weight": ("conv_x.weight", "conv_B.weight", "conv_C.weight"),
+               "conv1d.bias": ("conv_x.bias", "conv_B.bias", "conv_C.bias"), "dt_bias": ("dt_bias",),
+               "A_log": ("A_log",), "D": ("D",), "norm.weight": ("norm.weight",),
+               "out_proj.weight": ("out_proj.weight",)}
 
 
 def to_hf(model: HybridLM) -> PreTrainedModel:
@@ -125,9 +128,9 @@ def _key_map(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
         if symbol == "A":
             for p in "qkvo":
                 keys[f"{hf}self_attn.{p}_proj.weight"] = (f"{ours}mixer.{p}_proj.weight",)
-        else:  # 'M': same in_proj packing [z, x, B, C, dt] on both sides
+        else:  # 'M'
             for k, v in _MAMBA_KEYS.items():
-                keys[f"{hf}mamba.{k}"] = (f"{ours}mixer.{v}",)
+                keys[f"{hf}mamba.{k}"] = tuple(f"{ours}mixer.{name}" for name in v)
     return keys
 
 

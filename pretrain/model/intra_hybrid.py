@@ -118,7 +118,7 @@ class IntraHybrid(nn.Module):
             v = self.attn.values(x)  # [b, l, kv, head_dim] -> every query head's value for the SSM
             shared_v = v.repeat_interleave(ic.attn_heads // ic.kv_heads, dim=2).flatten(2)
         y_attn = self.norm_attn(self.attn(x, positions, attn_state, v=v))
-        y_ssm = self.norm_ssm(self.ssm(x, ssm_state, x=shared_v))
+        y_ssm = self.norm_ssm(self.ssm(x, positions, ssm_state, x=shared_v))
         if ic.scaling == "diff":
             y_attn = y_attn * self.diff_lambda()
         else:

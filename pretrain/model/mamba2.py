@@ -1,16 +1,36 @@
-"""Mamba2 (SSD) mixer: in_proj -> [z, x, B, C, dt]; causal conv over (x, B, C); SiLU; SSD scan;
-D skip; gated group-local RMSNorm; out_proj. Conv and SSM states for decoding."""
+"""Mamba2 (SSD) mixer: projections to z, x, B, C, dt; causal conv over (x, B, C); SiLU; SSD scan;
+D skip; gated group-local RMSNorm; out_proj. Conv and SSM states for decoding.
+
+The projection and the conv are stored as one module per part (z, x, B, C, dt; conv over x, B, C)
+rather than Mamba's packed `in_proj` / `conv1d`, so that each part has one clean placement under
+tensor parallelism: z, x, dt and the x-conv shard by SSM head, B and C by group (replicated when
+n_groups does not divide over the ranks, e.g. the paper's n_groups = 1). Without TP the parts run
+as one GEMM and one conv, exactly as the packed layout did; `convert_packed_mamba` reads weights
+saved in the packed layout.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from parallel.tensor_parallel import grad_all_reduce, local
 from pretrain.model.norms import GatedRMSNorm
 from pretrain.model.ops import causal_conv1d, ssd_scan
+
+
+class ShortConv(nn.Module):
+    """The weights of a depthwise causal conv over `dim` channels (applied by the owner, which
+    runs the x, B and C convs as one kernel)."""
+
+    def __init__(self, dim: int, d_conv: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, d_conv))
+        self.bias = nn.Parameter(torch.empty(dim))
 
 
 class Mamba2(nn.Module):
@@ -18,8 +38,15 @@ class Mamba2(nn.Module):
 
     Variants used by the intra-hybrid mixer: `gated_norm=False` returns y * SiLU(z) without the
     norm (the hybrid normalises branches itself), `project_out=False` skips out_proj, and
-    `external_x=True` takes x from the caller (value sharing) so in_proj does not produce it.
+    `external_x=True` takes x from the caller (value sharing) so no x projection exists.
+
+    Under tensor parallelism (`parallel.tensor_parallel`) every per-head tensor is this rank's
+    shard: shapes below are read from the local tensors, never from the global head counts.
+    `tp_group` is set when B and C are replicated over the TP ranks (their gradients, partial per
+    rank, are summed over it).
     """
+
+    PARTS = ("z", "x", "B", "C", "dt")
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, d_state: int, n_groups: int = 1,
                  d_conv: int = 4, chunk_size: int = 256, a_init_range: tuple[float, float] = (0.01, 2.0),
@@ -29,67 +56,119 @@ class Mamba2(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.d_state, self.n_groups = n_heads, head_dim, d_state, n_groups
         self.d_ssm = n_heads * head_dim
-        self.chunk_size, self.external_x = chunk_size, external_x
+        self.chunk_size, self.external_x, self.d_conv = chunk_size, external_x, d_conv
         self.a_init_range, self.dt_min, self.dt_max = a_init_range, dt_min, dt_max
         self.init_std, self.out_init_std = init_std, out_init_std
         self.conv_dim = self.d_ssm + 2 * n_groups * d_state
-        x_rows = 0 if external_x else self.d_ssm
-        self.in_proj = nn.Linear(d_model, self.d_ssm + x_rows + 2 * n_groups * d_state + n_heads, bias=False)
-        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, d_conv))
-        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
+        self.bc_tp_group: dist.ProcessGroup | None = None
+        gn = n_groups * d_state
+        self.z_proj = nn.Linear(d_model, self.d_ssm, bias=False)
+        self.x_proj = None if external_x else nn.Linear(d_model, self.d_ssm, bias=False)
+        self.B_proj = nn.Linear(d_model, gn, bias=False)
+        self.C_proj = nn.Linear(d_model, gn, bias=False)
+        self.dt_proj = nn.Linear(d_model, n_heads, bias=False)
+        self.conv_x, self.conv_B, self.conv_C = ShortConv(self.d_ssm, d_conv), ShortConv(gn, d_conv), ShortConv(gn, d_conv)
         self.dt_bias = nn.Parameter(torch.empty(n_heads))
         self.A_log = nn.Parameter(torch.empty(n_heads))
         self.D = nn.Parameter(torch.empty(n_heads))
         self.norm = GatedRMSNorm(self.d_ssm, norm_eps, n_groups) if gated_norm else None
         self.out_proj = nn.Linear(self.d_ssm, d_model, bias=False) if project_out else None
+        self.register_load_state_dict_pre_hook(_split_packed_on_load)
 
+    def projections(self) -> list[nn.Linear]:
+        """The input projections in the packed order [z, x, B, C, dt] (x absent when external)."""
+        return [p for p in (self.z_proj, self.x_proj, self.B_proj, self.C_proj, self.dt_proj) if p is not None]
+
+    def convs(self) -> list[ShortConv]:
+        return [self.conv_x, self.conv_B, self.conv_C]
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.in_proj.weight, std=self.init_std)
-        bound = 1 / math.sqrt(self.conv_weight.shape[1])  # nn.Conv1d's default for depthwise
-        nn.init.uniform_(self.conv_weight, -bound, bound)
-        nn.init.uniform_(self.conv_bias, -bound, bound)
+        # Drawn as the packed tensors and split, so the initial weights do not depend on the layout.
+        projs = self.projections()
+        packed = torch.empty(sum(p.weight.shape[0] for p in projs), projs[0].weight.shape[1])
+        nn.init.normal_(packed, std=self.init_std)
+        for p, w in zip(projs, packed.split([p.weight.shape[0] for p in projs])):
+            p.weight.copy_(w)
+        bound = 1 / math.sqrt(self.d_conv)  # nn.Conv1d's default for depthwise
+        weight, bias = torch.empty(self.conv_dim, self.d_conv), torch.empty(self.conv_dim)
+        nn.init.uniform_(weight, -bound, bound)
+        nn.init.uniform_(bias, -bound, bound)
+        sizes = [c.bias.shape[0] for c in self.convs()]
+        for c, w, b in zip(self.convs(), weight.split(sizes), bias.split(sizes)):
+            c.weight.copy_(w)
+            c.bias.copy_(b)
         lo, hi = math.log(self.dt_min), math.log(self.dt_max)
-        with torch.no_grad():
-            dt = torch.exp(torch.rand(self.n_heads) * (hi - lo) + lo).clamp(min=1e-4)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-            self.A_log.copy_(torch.empty(self.n_heads).uniform_(*self.a_init_range).log())
+        dt = torch.exp(torch.rand(self.n_heads) * (hi - lo) + lo).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log.copy_(torch.empty(self.n_heads).uniform_(*self.a_init_range).log())
         nn.init.ones_(self.D)
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.out_proj is not None:
             nn.init.normal_(self.out_proj.weight, std=self.out_init_std)
 
-    def forward(self, u: Tensor, state: dict | None = None, x: Tensor | None = None) -> Tensor:
-        """u [b, l, d_model] -> [b, l, d_model] (or [b, l, d_ssm] unprojected).
+    def _project(self, u: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, [x, B, C] before the conv, dt): one GEMM for all parts."""
+        weights = [local(p.weight) for p in self.projections()]
+        sizes = [w.shape[0] for w in weights]
+        parts = F.linear(u, torch.cat(weights) if len(weights) > 1 else weights[0]).split(sizes, dim=-1)
+        z, dt = parts[0], parts[-1]
+        xbc = torch.cat(([x] if self.external_x else []) + list(parts[1:-1]), dim=-1)
+        return z, xbc, dt
+
+    def forward(self, u: Tensor, positions: Tensor | None = None, state: dict | None = None,
+                x: Tensor | None = None) -> Tensor:
+        """u [b, l, d_model] -> [b, l, d_model] (or [b, l, d_ssm] unprojected); positions unused
+        (the scan is position-free), taken for the common mixer signature.
 
         `state` {"conv": [b, conv_dim, d_conv-1], "ssm": [b, h, p, n]} is read and updated in place;
         `x` [b, l, d_ssm] is the shared value when `external_x`.
         """
         b, l, _ = u.shape
-        gn = self.n_groups * self.d_state
-        proj = self.in_proj(u)
-        if self.external_x:
-            z, bc, dt = proj.split([self.d_ssm, 2 * gn, self.n_heads], dim=-1)
-            xbc = torch.cat([x, bc], dim=-1)
-        else:
-            z, xbc, dt = proj.split([self.d_ssm, self.conv_dim, self.n_heads], dim=-1)
+        z, xbc, dt = self._project(u, x)
         xbc_t = xbc.transpose(1, 2)
         conv_state = state.get("conv") if state is not None else None
-        xbc = causal_conv1d(xbc_t, self.conv_weight, self.conv_bias, conv_state).transpose(1, 2)
-        xs, Bm, Cm = xbc.split([self.d_ssm, gn, gn], dim=-1)
-        xs = xs.reshape(b, l, self.n_heads, self.head_dim)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
-        y, final_state = ssd_scan(xs, dt, A, Bm.reshape(b, l, self.n_groups, self.d_state),
-                                  Cm.reshape(b, l, self.n_groups, self.d_state), self.chunk_size,
-                                  state.get("ssm") if state is not None else None)
-        y = (y + xs * self.D.to(xs.dtype)[:, None]).reshape(b, l, self.d_ssm)
+        weight = torch.cat([local(c.weight) for c in self.convs()])
+        bias = torch.cat([local(c.bias) for c in self.convs()])
+        xbc = causal_conv1d(xbc_t, weight, bias, conv_state).transpose(1, 2)
+        gn = local(self.conv_B.bias).shape[0]
+        xs, Bm, Cm = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
+        if self.bc_tp_group is not None:  # replicated B/C feed only this rank's heads
+            Bm, Cm = grad_all_reduce(Bm, self.bc_tp_group), grad_all_reduce(Cm, self.bc_tp_group)
+        xs = xs.reshape(b, l, -1, self.head_dim)
+        dt = F.softplus(dt.float() + local(self.dt_bias).float())
+        A = -torch.exp(local(self.A_log).float())
+        y, final_state = ssd_scan(xs, dt, A, Bm.reshape(b, l, -1, self.d_state), Cm.reshape(b, l, -1, self.d_state),
+                                  self.chunk_size, state.get("ssm") if state is not None else None)
+        y = (y + xs * local(self.D).to(xs.dtype)[:, None]).flatten(2)
         if state is not None:
-            prev = conv_state if conv_state is not None else xbc_t.new_zeros(b, self.conv_dim, self.conv_weight.shape[1] - 1)
-            state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.conv_weight.shape[1] - 1):]
+            prev = conv_state if conv_state is not None else xbc_t.new_zeros(b, xbc_t.shape[1], self.d_conv - 1)
+            state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.d_conv - 1):]
             state["ssm"] = final_state
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y) if self.out_proj is not None else y
+
+
+def _split_packed_on_load(module: Mamba2, state_dict: dict, prefix: str, *args) -> None:
+    """Weights saved before the split (packed `in_proj.weight`, `conv_weight`, `conv_bias`) load."""
+    convert_packed_mamba(state_dict, prefix, module.d_ssm, module.n_groups * module.d_state, module.external_x)
+
+
+def convert_packed_mamba(state: dict[str, Tensor], prefix: str, d_ssm: int, gn: int, external_x: bool) -> None:
+    """Rewrite one Mamba2 mixer's packed tensors under `prefix` in `state` into the split names, in
+    place: in_proj rows [z, x, B, C, dt] (x absent when external) and conv channels [x, B, C]."""
+    if prefix + "in_proj.weight" not in state:
+        return
+    packed = state.pop(prefix + "in_proj.weight")
+    names = [n for n in Mamba2.PARTS if not (external_x and n == "x")]
+    rows = {"z": d_ssm, "x": d_ssm, "B": gn, "C": gn}
+    parts = packed.split([rows.get(n, packed.shape[0] - sum(rows[m] for m in names[:-1])) for n in names])
+    state.update({f"{prefix}{n}_proj.weight": w for n, w in zip(names, parts)})
+    for kind in ("weight", "bias"):
+        conv = state.pop(f"{prefix}conv_{kind}")
+        for n, w in zip("xBC", conv.split([d_ssm, gn, gn])):
+            state[f"{prefix}conv_{n}.{kind}"] = w
 
 
 def mamba2_from_config(cfg, layer_id: int) -> Mamba2:

@@ -24,6 +24,17 @@ def group_rms_norm(x: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> 
     return (x.reshape(shape) * weight.float()).type_as(weight)
 
 
+def sharded_rms_norm(x: Tensor, weight: Tensor, eps: float, full_width: int, group) -> Tensor:
+    """RMSNorm of a tensor whose last dim is this rank's slice of one `full_width` normalisation
+    group: the sum of squares is summed over `group` (tensor parallelism), so the result equals the
+    unsharded norm's slice exactly."""
+    from parallel.tensor_parallel import all_reduce_sum
+
+    x = x.float()
+    ss = all_reduce_sum(x.pow(2).sum(-1, keepdim=True), group)
+    return (x * torch.rsqrt(ss / full_width + eps) * weight.float()).type_as(weight)
+
+
 def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
     return group_rms_norm(y.float() * F.silu(z.float()), weight, eps, n_groups)
 
