@@ -91,3 +91,26 @@ def test_damaged_header_is_a_corrupt_shard(tmp_path, where):
     with pytest.raises(ShardError) as err:
         read_shard(path, "uint16")
     assert err.value.reason == "corrupt_shards"
+
+
+def test_a_reopened_shard_is_hashed_once_and_a_rewritten_one_again(tmp_path, monkeypatch):
+    """Every stream part and every epoch reopens its shard: hash and index it once per process,
+    but check a file that changed since (new size or mtime) again."""
+    import hashlib
+    import os
+
+    import data_pipeline.shard_io as shard_io
+
+    path, info = write_shard(tmp_path, DOCS)
+    hashed, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(shard_io.hashlib, "sha256", lambda data: hashed.append(path) or sha256(data))
+    for _ in range(3):
+        assert docs_of(read_shard(path, "uint16", info)) == DOCS
+    assert len(hashed) == 1
+    data = bytearray(path.read_bytes())
+    data[-600] ^= 0xFF  # inside the last document's tokens: same size, new mtime
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ShardError, match="sha256"):
+        read_shard(path, "uint16", info)
+    assert len(hashed) == 2
