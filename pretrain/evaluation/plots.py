@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -28,7 +28,7 @@ def plot_positions(results: dict[str, dict[str, Any]], path: Path) -> Path:
         ax.axvline(r["train_seq_len"], color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.set(xlabel="token position", ylabel="NLL (nats/token)", title="Loss per position (dashed: training length)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_niah(label: str, r: dict[str, Any], path: Path) -> Path:
@@ -39,7 +39,7 @@ def plot_niah(label: str, r: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(len(r["depths"])), [f"{d:.0%}" for d in r["depths"]])
     ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=f"needle in a haystack: {label}")
     fig.colorbar(im, ax=ax, label="accuracy")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_inference(results: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -56,7 +56,7 @@ def plot_inference(results: dict[str, dict[str, Any]], path: Path) -> Path:
     speed.set(xlabel="total length (tokens)", ylabel="decode tokens/s", title="decode speed")
     memory.set(xlabel="total length (tokens)", ylabel="cache MiB (measured)", title="inference cache")
     speed.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(values: dict[str, float], ylabel: str, path: Path) -> Path:
@@ -67,4 +67,4 @@ def plot_bars(values: dict[str, float], ylabel: str, path: Path) -> Path:
     low = min(values.values())
     ax.set_ylim(low - 0.1 * abs(low) - 1e-3, max(values.values()) * 1.02 + 1e-3)
     ax.set(ylabel=ylabel)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,101 @@
+"""Each suite against an independent computation: per-position loss from full logits, needles
+placed where asked and scored right by an oracle, the live decode cache against accounting."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.manifest import read_manifest
+from data_pipeline.tokenizer import ByteTokenizer
+from pretrain.evaluation.documents import iter_documents, long_windows
+from pretrain.evaluation.inference import run_inference
+from pretrain.evaluation.niah import NEEDLE, QUESTION, answer_of, haystack_tokens, make_sample, run_niah
+from pretrain.evaluation.positions import run_positions
+from pretrain.hf import load_model
+from pretrain.model import build_model
+
+CPU, FP32 = torch.device("cpu"), torch.float32
+
+
+@pytest.fixture(scope="module")
+def model(runs):
+    return load_model(sorted((runs["inter_hybrid"] / "checkpoints").glob("step_*"))[-1]).eval()
+
+
+def test_positions_equal_full_logits_cross_entropy(model, corpus):
+    r = run_positions(model, corpus, train_seq_len=40, multiple=2.0, docs=2, device=CPU, dtype=FP32)
+    windows, source = long_windows(corpus, 80, 2)
+    assert source == r["source"] == "documents" and r["length"] == 80
+    tokens = torch.from_numpy(windows)
+    with torch.no_grad():
+        nll = F.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none").mean(0)
+    want = [float(nll[a:b].mean()) for a, b in zip(r["bin_start"], r["bin_end"])]
+    assert r["bin_nll"] == pytest.approx(want, rel=1e-5)
+    assert r["nll_within_train_length"] == pytest.approx(float(nll[:40].mean()), rel=1e-5)
+    assert r["nll_beyond_train_length"] == pytest.approx(float(nll[40:].mean()), rel=1e-5)
+
+
+def test_long_windows_are_document_prefixes_or_packed(corpus):
+    bos = read_manifest(corpus).bos_id
+    docs = list(iter_documents(corpus))
+    windows, source = long_windows(corpus, 100, 3)
+    assert source == "documents"
+    for w in windows:
+        assert w[0] == bos and any(len(d) >= 100 and np.array_equal(d[:100], w[1:]) for d in docs)
+    longest = max(len(d) for d in docs)
+    packed, source = long_windows(corpus, longest + 5, 2)
+    assert source == "packed" and packed.shape == (2, longest + 6)
+
+
+def test_needle_sits_at_its_depth_in_a_context_of_the_asked_length(corpus):
+    tok, rng = ByteTokenizer(), random.Random(0)
+    hay = haystack_tokens(corpus, 400)
+    for depth in (0.0, 0.3, 1.0):
+        s = make_sample(tok, hay, 400, depth, rng)
+        city = tok.decode(s.tokens[s.needle_start:].tolist()).split("magic ")[1].split(" number")[0]
+        needle = tok.encode(NEEDLE.format(city=city, number=s.number))
+        question = tok.encode(QUESTION.format(city=city))
+        assert len(s.tokens) == 400 and s.tokens[0] == tok.bos_id and len(s.number) == 7
+        assert s.tokens[s.needle_start:s.needle_start + len(needle)].tolist() == needle
+        assert s.tokens[-len(question):].tolist() == question
+        assert s.needle_start - 1 == round(depth * (400 - 1 - len(needle) - len(question)))
+
+
+class Oracle(torch.nn.Module):
+    """Answers with the number of the needle it finds in the prompt (or a wrong one)."""
+
+    def __init__(self, wrong: bool = False):
+        super().__init__()
+        self.tok, self.wrong = ByteTokenizer(), wrong
+
+    def generate(self, prompt, max_new_tokens):
+        number = answer_of(self.tok.decode(prompt[0].tolist()).split("number is: ")[1])
+        said = str(int(number) + 1) if self.wrong else number
+        new = torch.tensor([self.tok.encode(" " + said)[:max_new_tokens]])
+        return torch.cat([prompt, new], dim=1)
+
+
+@pytest.mark.parametrize("wrong, accuracy", [(False, 1.0), (True, 0.0)])
+def test_niah_scores_the_answer(corpus, wrong, accuracy):
+    r = run_niah(Oracle(wrong), corpus, ByteTokenizer(), [200, 300], [0.0, 0.5, 1.0], 2, 0, CPU, FP32)
+    assert r["accuracy"] == [[accuracy] * 2] * 3 and r["mean_accuracy"] == accuracy
+    assert answer_of(" 1234567.") == "1234567" and answer_of("none") == ""
+
+
+@pytest.mark.parametrize("arch", ["llama", "mamba2", "hybrid_moe"])
+def test_decode_cache_matches_accounting(arch):
+    """fp32 on CPU: the live cache holds exactly the elements `pretrain.accounting` counts, so its
+    bf16 figure (the paper's T2 column) is the measured cache at 2 bytes per element."""
+    torch.manual_seed(0)
+    m = build_model(arch, "tiny").eval()
+    r = run_inference(m, batch=2, prompt_len=4, totals=[12, 6, 20], seed=0, device=CPU, dtype=FP32)
+    assert [p["total"] for p in r["points"]] == [6, 12, 20]
+    for p in r["points"]:
+        assert p["cache_bytes"] == 4 * p["cache_elements_predicted"] > 0
+        assert p["tokens_per_s"] > 0 and p["decode_s"] > 0
+    grows = r["points"][-1]["cache_bytes"] > r["points"][0]["cache_bytes"]
+    assert grows == (arch != "mamba2")  # attention keeps every key; Mamba2's state is fixed-size
