@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train the plan's points (resumable), or render cluster jobs")
     r.add_argument("plan", type=Path)
     r.add_argument("--nproc-per-node", type=int, default=1, help="local: torchrun processes per point")
-    r.add_argument("--render", choices=("slurm", "k8s"), help="write launch.render jobs + submit.sh instead")
-    r.add_argument("launch_args", nargs="*", help="after --: launch.render options (--nodes 1 --partition gpu)")
+    r.add_argument("--render", choices=("slurm", "k8s"),
+                   help="write launch.render jobs + submit.sh instead; launch.render options follow --")
     f = sub.add_parser("fit", help="isoFLOP parabolas and power laws -> fit.json, isoflop.png, laws.png")
     f.add_argument("plan", type=Path)
     f.add_argument("--out", type=Path, help="default: the plan directory")
@@ -124,8 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.hf import CliError
     from pretrain.scaling.plan import PlanError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:cut])
+    args.launch_args = argv[cut + 1:]
     try:
+        if args.launch_args and not (args.cmd == "run" and args.render):
+            raise PlanError(f"arguments after -- ({' '.join(args.launch_args)}) are launch.render options; "
+                            "they go with `run PLAN --render slurm|k8s`")
         if args.cmd == "plan":
             cmd_plan(args)
         elif args.cmd == "run":

@@ -1,0 +1,91 @@
+"""`python -m pretrain.scaling plan` rules and `run --render`: the paper's LRs at its sizes, batches
+that give every point its minimum steps, tokens from the accounting's FLOPs per token, one-line
+errors, and cluster jobs rendered through launch.render for the unfinished points only."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_pipeline.manifest import read_manifest
+from pretrain.accounting import count_params, flops_per_token
+from pretrain.model.presets import model_config
+from pretrain.scaling.__main__ import main
+from pretrain.scaling.plan import read_plan
+from pretrain.scaling.rules import PAPER_LR, batch_tokens, peak_lr
+
+
+def test_lr_rule_is_the_papers_at_its_sizes_and_monotone_between():
+    for params, lr in PAPER_LR:
+        assert peak_lr(params) == pytest.approx(lr)
+    assert peak_lr(1e6) == pytest.approx(6e-3) and peak_lr(1e11) == pytest.approx(3e-4)
+    grid = [peak_lr(n) for n in (1e8, 2e8, 3.5e8, 6e8, 9.7e8, 2e9)]
+    assert grid == sorted(grid, reverse=True)
+
+
+def test_batch_rule_halves_until_the_minimum_steps():
+    assert batch_tokens(1e12, 1 << 19, 8192, 100) == 1 << 19
+    assert batch_tokens(100 * (1 << 17), 1 << 19, 8192, 100) == 1 << 17
+    assert batch_tokens(10, 1 << 19, 8192, 100) == 8192  # never below one micro-batch window
+    with pytest.raises(ValueError, match="not a multiple"):
+        batch_tokens(1e9, 1000, 8192, 100)
+
+
+@pytest.fixture
+def plan(tmp_path, corpus, capsys):
+    out = tmp_path / "plan"
+    assert main(["plan", "--archs", "llama", "inter_hybrid_moe", "--sizes", "tiny", "tiny:d_model=96,d_ffn=288",
+                 "--budgets", "1e11", "--data", str(corpus), "--out", str(out), "--seq-len", "64",
+                 "--micro-batch-size", "2", "--batch-tokens", "1024", "--min-steps", "10",
+                 "--flops-per-gpu-s", "1e9"]) == 0
+    return out, capsys.readouterr().out
+
+
+def test_plan_points_follow_the_accounting(plan, corpus):
+    out, printed = plan
+    _, points = read_plan(out)
+    assert [p.id for p in points] == ["llama-tiny-1e11", "llama-tiny_d_model_96_d_ffn_288-1e11",
+                                      "inter_hybrid_moe-tiny-1e11", "inter_hybrid_moe-tiny_d_model_96_d_ffn_288-1e11"]
+    moe = points[2]
+    assert moe.params < moe.total_params  # MoE: active parameters, the routed experts not taken count less
+    vocab = read_manifest(corpus).vocab_size
+    for p, (arch, width) in zip(points, [("llama", {}), ("llama", {"d_model": 96, "d_ffn": 288}),
+                                         ("inter_hybrid_moe", {}), ("inter_hybrid_moe", {"d_model": 96, "d_ffn": 288})]):
+        cfg = model_config(arch, "tiny", vocab_size=vocab, **width)
+        assert p.flops_per_token == flops_per_token(cfg, 64)["total"]
+        assert p.params == count_params(cfg)["active_non_embedding"]
+    for p in points:
+        assert p.steps == round(1e11 / p.flops_per_token / p.batch_tokens) and p.steps >= 10
+        assert p.lr == pytest.approx(peak_lr(p.params))
+    hours = sum(p.flops for p in points) / 1e9 / 3600
+    assert f"cost: {hours:,.2f} GPU-hours" in printed and "4 runs" in printed
+
+
+def test_render_slurm_jobs_for_unfinished_points(plan):
+    out, _ = plan
+    _, points = read_plan(out)
+    done = points[1]
+    (out / "runs" / done.id).mkdir(parents=True)
+    (out / "runs" / done.id / "summary.json").write_text(json.dumps({"status": "finished", "step": done.steps}))
+    assert main(["run", str(out), "--render", "slurm", "--", "--nodes", "1", "--gpus-per-node", "1",
+                 "--partition", "gpu"]) == 0
+    submit = (out / "slurm" / "submit.sh").read_text()
+    assert [line.split()[1] for line in submit.splitlines() if line.startswith("sbatch")] == \
+        [f"{p.id}.sbatch" for p in points if p is not done]
+    job = (out / "slurm" / f"{points[0].id}.sbatch").read_text()
+    assert points[0].config in job and points[0].run_dir in job and "#SBATCH --partition=gpu" in job
+
+
+@pytest.mark.parametrize("args, says", [
+    (["plan", "--archs", "llama", "--sizes", "tiny:d_model", "--budgets", "1e11"], "is not FIELD=VALUE"),
+    (["plan", "--archs", "gpt", "--sizes", "tiny", "--budgets", "1e11"], "unknown --arch 'gpt'"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "-1"], "budgets are positive"),
+    (["fit", "NOPLAN"], "no plan.json"),
+    (["run", "NOPLAN", "--", "--nodes", "1"], "launch.render options"),
+])
+def test_bad_input_is_one_line(tmp_path, corpus, capsys, args, says):
+    if args[0] == "plan":
+        args = [*args, "--data", str(corpus), "--out", str(tmp_path / "p")]
+    assert main([a.replace("NOPLAN", str(tmp_path / "none")) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
