@@ -68,6 +68,10 @@ class ParallelMesh:
         such as MoE expert loads, are summed over; tp/pp/cp peers saw the same batch)."""
         return self.dp.get_group()
 
+    def tp_mesh(self) -> DeviceMesh | None:
+        """The tensor-parallel mesh, or None when tp = 1."""
+        return self.world["tp"] if self.world["tp"].size() > 1 else None
+
     def fsdp_mesh(self) -> DeviceMesh:
         """The mesh FSDP shards over: dp_shard alone, or (dp_replicate, dp_shard) for HSDP."""
         if self.world["dp_replicate"].size() > 1:

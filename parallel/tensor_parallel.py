@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torch.distributed.tensor import DTensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 
 
 def local(t: Tensor) -> Tensor:
@@ -56,3 +58,58 @@ def grad_all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
 def all_reduce_sum(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Sum over `group`, differentiable (e.g. a norm's sum of squares over a sharded width)."""
     return _AllReduceSum.apply(x, group)
+
+
+def local_replicated(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """This rank's copy of a parameter replicated over `group` but used for rank-local work (this
+    rank's heads or tokens): its gradient, partial on each rank, is summed over `group`."""
+    return local(t) if group is None else grad_all_reduce(local(t), group)
+
+
+def linear(x: Tensor, lin: nn.Linear) -> Tensor:
+    """`lin(x)` on local tensors: a TP-sharded weight contributes its shard."""
+    return F.linear(x, local(lin.weight), None if lin.bias is None else local(lin.bias))
+
+
+def shard_parameters(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement]) -> None:
+    """Turn each named parameter (dotted, relative to `module`) into a DTensor with its placement on
+    the 1-D `mesh`; every other parameter becomes a replicated DTensor, so that all parameters of
+    the model live on one mesh (FSDP2 and grad clipping need that). Works on meta tensors."""
+    for name, param in list(module.named_parameters()):
+        if isinstance(param, DTensor):
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        placement = placements.get(name, Replicate())
+        shard = distribute_tensor(param.data, mesh, [placement], src_data_rank=None)
+        setattr(owner, leaf, nn.Parameter(shard, requires_grad=param.requires_grad))
+    unknown = set(placements) - {n for n, _ in module.named_parameters()}
+    if unknown:
+        raise ValueError(f"shard_parameters: {type(module).__name__} has no parameters {sorted(unknown)}")
+
+
+def gather_sequence(x: Tensor) -> Tensor:
+    """A sequence-sharded activation (DTensor Shard(1)) as this rank's full local copy; its
+    gradient is declared partial (each rank's local work contributes a part) and reduce-scattered."""
+    if not isinstance(x, DTensor):
+        return x
+    return x.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
+
+
+def reduce_scatter_sequence(y: Tensor, mesh: DeviceMesh) -> DTensor:
+    """A rank's partial output (e.g. of a row-parallel projection) summed over the TP ranks and
+    sharded on the sequence (dim 1) again; the gradient is gathered back."""
+    return DTensor.from_local(y, mesh, [Partial()], run_check=False).redistribute(placements=[Shard(1)])
+
+
+def sequence_parallel_region(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Hooks that make `module` (which computes on local tensors and returns a partial sum) take
+    and return sequence-sharded DTensors: all-gather in, reduce-scatter out."""
+    def gather_input(_module, args):
+        return (gather_sequence(args[0]), *args[1:])
+
+    def scatter_output(_module, _args, out):
+        return reduce_scatter_sequence(out, mesh)
+
+    module.register_forward_pre_hook(gather_input)
+    module.register_forward_hook(scatter_output)

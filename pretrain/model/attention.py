@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from torch.distributed.tensor import Placement, Shard
+
+from parallel.tensor_parallel import linear
 from pretrain.model.config import RopeConfig
 from pretrain.model.ops import attention
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -37,15 +40,25 @@ class Attention(nn.Module):
         if self.o_proj is not None:
             nn.init.normal_(self.o_proj.weight, std=self.out_init_std)
 
+    def shard_for_tp(self, tp: int, group=None) -> dict[str, Placement]:
+        """Heads split over the TP ranks: Q/K/V column-parallel, the output row-parallel."""
+        if self.n_kv_heads % tp:
+            raise ValueError(f"parallel.tp={tp} must divide the attention's n_kv_heads={self.n_kv_heads} "
+                             "(each rank keeps whole K/V heads); choose a tp that divides it")
+        plan: dict[str, Placement] = {f"{p}_proj.weight": Shard(0) for p in "qkv"}
+        if self.o_proj is not None:
+            plan["o_proj.weight"] = Shard(1)
+        return plan
+
     def values(self, x: Tensor) -> Tensor:
         """V heads [b, l, n_kv_heads, v_head_dim] (shared with the Mamba branch under value sharing)."""
-        return self.v_proj(x).unflatten(-1, (-1, self.v_head_dim))
+        return linear(x, self.v_proj).unflatten(-1, (-1, self.v_head_dim))
 
     def forward(self, x: Tensor, positions: Tensor, state: dict | None = None, v: Tensor | None = None) -> Tensor:
         """x [b, l, d]; positions [l] absolute; `state` (a dict) is the KV cache, updated in place."""
         b, l = x.shape[:2]
-        q = self.q_proj(x).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
-        k = self.k_proj(x).view(b, l, -1, self.qk_head_dim).transpose(1, 2)
+        q = linear(x, self.q_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
+        k = linear(x, self.k_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)
         v = (v if v is not None else self.values(x)).transpose(1, 2)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope, positions.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -61,7 +74,7 @@ class Attention(nn.Module):
                 state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
         y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)
         y = y.transpose(1, 2).flatten(2)
-        return self.o_proj(y) if self.o_proj is not None else y
+        return linear(y, self.o_proj) if self.o_proj is not None else y
 
 
 def attention_from_config(cfg, sliding: bool, layer_id: int) -> Attention:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import Placement, Shard
+
+from parallel.tensor_parallel import linear
 
 
 class SwiGLU(nn.Module):
@@ -19,5 +22,11 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w3.weight, std=self.init_std)
         nn.init.normal_(self.w2.weight, std=self.out_init_std)
 
+    def shard_for_tp(self, tp: int, group=None) -> dict[str, Placement]:
+        """Hidden units split over the TP ranks: w1/w3 column-parallel, w2 row-parallel."""
+        if self.w1.weight.shape[0] % tp:
+            raise ValueError(f"parallel.tp={tp} must divide the FFN width {self.w1.weight.shape[0]}")
+        return {"w1.weight": Shard(0), "w3.weight": Shard(0), "w2.weight": Shard(1)}
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)

@@ -11,7 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import Placement, Shard
+
+from parallel.tensor_parallel import linear, local, local_replicated
 
 from pretrain.model.attention import Attention
 from pretrain.model.config import IntraConfig, ModelConfig
@@ -33,6 +37,7 @@ class BranchScale(nn.Module):
     def __init__(self, kind: str, width: int, d_model: int):
         super().__init__()
         self.kind = kind
+        self.tp_group: dist.ProcessGroup | None = None  # the scalar's gradient is summed over TP
         if kind == "scalar":
             self.weight = nn.Parameter(torch.ones(1))
         elif kind == "vector":
@@ -46,11 +51,17 @@ class BranchScale(nn.Module):
         elif self.kind == "gate":
             nn.init.normal_(self.gate.weight, std=init_std)
 
+    def shard_for_tp(self, group: dist.ProcessGroup) -> dict[str, Placement]:
+        self.tp_group = group
+        return {"vector": {"weight": Shard(0)}, "gate": {"gate.weight": Shard(0)}}.get(self.kind, {})
+
     def forward(self, y: Tensor, x: Tensor) -> Tensor:
-        if self.kind in ("scalar", "vector"):
-            return y * self.weight
+        if self.kind == "scalar":
+            return y * local_replicated(self.weight, self.tp_group)
+        if self.kind == "vector":
+            return y * local(self.weight)
         if self.kind == "gate":
-            return y * torch.sigmoid(self.gate(x))
+            return y * torch.sigmoid(linear(x, self.gate))
         return y
 
 
@@ -62,13 +73,15 @@ class DiffLambda(nn.Module):
         super().__init__()
         self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_id)
         self.q1, self.k1, self.q2, self.k2 = (nn.Parameter(torch.empty(dim)) for _ in range(4))
+        self.tp_group: dist.ProcessGroup | None = None  # replicated; gradients summed over TP
 
     def reset_parameters(self, init_std: float) -> None:
         for p in (self.q1, self.k1, self.q2, self.k2):
             nn.init.normal_(p, std=0.1)
 
     def forward(self) -> Tensor:
-        return torch.exp((self.q1 * self.k1).sum()) - torch.exp((self.q2 * self.k2).sum()) + self.lambda_init
+        q1, k1, q2, k2 = (local_replicated(p, self.tp_group) for p in (self.q1, self.k1, self.q2, self.k2))
+        return torch.exp((q1 * k1).sum()) - torch.exp((q2 * k2).sum()) + self.lambda_init
 
 
 class IntraHybrid(nn.Module):
@@ -109,6 +122,31 @@ class IntraHybrid(nn.Module):
             if hasattr(self, name):
                 nn.init.normal_(getattr(self, name).weight, std=self.out_init_std)
 
+    def shard_for_tp(self, tp: int, group: dist.ProcessGroup) -> dict[str, Placement]:
+        """Both branches by their own heads (per-head GroupNorm stays local; a branch RMSNorm
+        all-reduces its sum of squares); output projections row-parallel."""
+        ic = self.cfg
+        if ic.out_proj == "unified" and ic.fusion == "concat":
+            raise ValueError("parallel.tp > 1 does not support intra.fusion='concat' with intra.out_proj='unified' "
+                             "(the concatenated heads do not match the projection's column shards); use "
+                             "intra.out_proj='separate'")
+        plan = {f"attn.{k}": v for k, v in self.attn.shard_for_tp(tp, group).items()}
+        plan.update({f"ssm.{k}": v for k, v in self.ssm.shard_for_tp(tp, group).items()})
+        for name in ("norm_attn", "norm_ssm"):
+            norm = getattr(self, name)
+            if isinstance(norm, RMSNorm):
+                norm.tp_group = group
+            plan.update({f"{name}.{p}": Shard(0) for p, _ in norm.named_parameters()})
+        for name in ("scale_attn", "scale_ssm"):
+            if hasattr(self, name):
+                plan.update({f"{name}.{k}": v for k, v in getattr(self, name).shard_for_tp(group).items()})
+        if hasattr(self, "diff_lambda"):
+            self.diff_lambda.tp_group = group
+        for name in ("out_proj", "out_ssm", "out_attn"):
+            if hasattr(self, name):
+                plan[f"{name}.weight"] = Shard(1)
+        return plan
+
     def forward(self, x: Tensor, positions: Tensor, state: dict | None = None) -> Tensor:
         ic = self.cfg
         attn_state = state.setdefault("attn", {}) if state is not None else None
@@ -124,11 +162,11 @@ class IntraHybrid(nn.Module):
         else:
             y_attn, y_ssm = self.scale_attn(y_attn, x), self.scale_ssm(y_ssm, x)
         if ic.out_proj == "separate":
-            y_ssm, y_attn = self.out_ssm(y_ssm), self.out_attn(y_attn)
+            y_ssm, y_attn = linear(y_ssm, self.out_ssm), linear(y_attn, self.out_attn)
         if ic.fusion == "add":
             fused = y_ssm + y_attn
         elif ic.fusion == "subtract":
             fused = y_ssm - y_attn
         else:
             fused = torch.cat([y_ssm, y_attn], dim=-1)
-        return self.out_proj(fused) if ic.out_proj == "unified" else fused
+        return linear(fused, self.out_proj) if ic.out_proj == "unified" else fused

@@ -7,6 +7,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from parallel.tensor_parallel import gather_sequence, local
 from pretrain.model.block import Block
 from pretrain.model.config import ModelConfig
 from pretrain.model.moe import MoE
@@ -23,6 +27,7 @@ class HybridLM(nn.Module):
             self.blocks = nn.ModuleList(Block(cfg, sym, i) for i, sym in enumerate(cfg.blocks))
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tp_mesh: DeviceMesh | None = None  # set by parallelize_hybrid under tensor parallelism
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -64,11 +69,22 @@ class HybridLM(nn.Module):
 
     def forward(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
         """tokens [b, l] -> logits [b, l, vocab]. Use `loss` for training (never full fp32 logits)."""
-        return self.hidden_states(tokens, cache) @ self.head_weight.t()
+        h = self.hidden_states(tokens, cache)
+        if self.tp_mesh is None:
+            return h @ self.head_weight.t()
+        logits = gather_sequence(h) @ local(self.head_weight).t()  # this rank's vocabulary slice
+        return DTensor.from_local(logits, self.tp_mesh, [Shard(2)], run_check=False).full_tensor()
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy (+ MoE auxiliary losses when enabled)."""
-        loss = chunked_cross_entropy(self.hidden_states(tokens), self.head_weight, targets)
+        """Mean next-token cross-entropy (+ MoE auxiliary losses when enabled). Under tensor
+        parallelism the head is vocabulary-parallel and the loss too (no rank holds all logits)."""
+        h = self.hidden_states(tokens)
+        if self.tp_mesh is None:
+            loss = chunked_cross_entropy(h, self.head_weight, targets)
+        else:
+            weight = local(self.head_weight)
+            loss = chunked_cross_entropy(gather_sequence(h), weight, targets, group=self.tp_mesh.get_group(),
+                                         vocab_start=self.tp_mesh.get_local_rank() * weight.shape[0])
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss

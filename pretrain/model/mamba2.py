@@ -18,9 +18,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parallel.tensor_parallel import grad_all_reduce, local
+from torch.distributed.tensor import Placement, Replicate, Shard
+
+from parallel.tensor_parallel import linear, local, local_replicated
 from pretrain.model.norms import GatedRMSNorm
 from pretrain.model.ops import causal_conv1d, ssd_scan
+from pretrain.model.ops.precision import wide
 
 
 class ShortConv(nn.Module):
@@ -40,10 +43,8 @@ class Mamba2(nn.Module):
     norm (the hybrid normalises branches itself), `project_out=False` skips out_proj, and
     `external_x=True` takes x from the caller (value sharing) so no x projection exists.
 
-    Under tensor parallelism (`parallel.tensor_parallel`) every per-head tensor is this rank's
-    shard: shapes below are read from the local tensors, never from the global head counts.
-    `tp_group` is set when B and C are replicated over the TP ranks (their gradients, partial per
-    rank, are summed over it).
+    Under tensor parallelism (`shard_for_tp`) every per-head tensor is this rank's shard: shapes
+    below are read from the local tensors, never from the global head counts.
     """
 
     PARTS = ("z", "x", "B", "C", "dt")
@@ -60,7 +61,7 @@ class Mamba2(nn.Module):
         self.a_init_range, self.dt_min, self.dt_max = a_init_range, dt_min, dt_max
         self.init_std, self.out_init_std = init_std, out_init_std
         self.conv_dim = self.d_ssm + 2 * n_groups * d_state
-        self.bc_tp_group: dist.ProcessGroup | None = None
+        self.bc_tp_group: dist.ProcessGroup | None = None  # set when B/C are replicated over TP ranks
         gn = n_groups * d_state
         self.z_proj = nn.Linear(d_model, self.d_ssm, bias=False)
         self.x_proj = None if external_x else nn.Linear(d_model, self.d_ssm, bias=False)
@@ -108,9 +109,40 @@ class Mamba2(nn.Module):
         if self.out_proj is not None:
             nn.init.normal_(self.out_proj.weight, std=self.out_init_std)
 
+    def shard_for_tp(self, tp: int, group: dist.ProcessGroup) -> dict[str, Placement]:
+        """z, x, dt, the x-conv, dt_bias, A_log, D and the norm by SSM head; out_proj row-parallel;
+        B and C (and their convs) by group when n_groups % tp == 0, else (n_groups = 1) replicated
+        and computed on every rank, their gradients summed over `group`. A gated norm whose one
+        group spans the ranks all-reduces its sum of squares, so it stays exact."""
+        if self.n_heads % tp:
+            raise ValueError(f"parallel.tp={tp} must divide the Mamba2 heads ({self.n_heads}); choose a tp "
+                             "that divides them")
+        if self.n_groups % tp and self.n_groups != 1:
+            raise ValueError(f"parallel.tp={tp}: Mamba2 n_groups={self.n_groups} must be 1 or a multiple of tp")
+        bc: Placement = Shard(0) if self.n_groups % tp == 0 else Replicate()
+        self.bc_tp_group = None if isinstance(bc, Shard) else group
+        plan: dict[str, Placement] = {n: Shard(0) for n in ("z_proj.weight", "dt_proj.weight", "conv_x.weight",
+                                                              "conv_x.bias", "dt_bias", "A_log", "D")}
+        if self.x_proj is not None:
+            plan["x_proj.weight"] = Shard(0)
+        for name in ("B_proj.weight", "C_proj.weight", "conv_B.weight", "conv_B.bias", "conv_C.weight", "conv_C.bias"):
+            plan[name] = bc
+        if self.norm is not None:
+            plan["norm.weight"] = Shard(0)
+            if self.n_groups % tp:
+                self.norm.tp_group = group
+        if self.out_proj is not None:
+            plan["out_proj.weight"] = Shard(1)
+        return plan
+
+    def _w(self, p: Tensor, part: str) -> Tensor:
+        """This rank's tensor of a parameter; B/C parts replicated over TP sum their gradients."""
+        return local_replicated(p, self.bc_tp_group) if part in "BC" else local(p)
+
     def _project(self, u: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(z, [x, B, C] before the conv, dt): one GEMM for all parts."""
-        weights = [local(p.weight) for p in self.projections()]
+        parts = [n for n in self.PARTS if not (self.external_x and n == "x")]
+        weights = [self._w(p.weight, n) for p, n in zip(self.projections(), parts, strict=True)]
         sizes = [w.shape[0] for w in weights]
         parts = F.linear(u, torch.cat(weights) if len(weights) > 1 else weights[0]).split(sizes, dim=-1)
         z, dt = parts[0], parts[-1]
@@ -129,16 +161,14 @@ class Mamba2(nn.Module):
         z, xbc, dt = self._project(u, x)
         xbc_t = xbc.transpose(1, 2)
         conv_state = state.get("conv") if state is not None else None
-        weight = torch.cat([local(c.weight) for c in self.convs()])
-        bias = torch.cat([local(c.bias) for c in self.convs()])
+        weight = torch.cat([self._w(c.weight, n) for c, n in zip(self.convs(), "xBC")])
+        bias = torch.cat([self._w(c.bias, n) for c, n in zip(self.convs(), "xBC")])
         xbc = causal_conv1d(xbc_t, weight, bias, conv_state).transpose(1, 2)
         gn = local(self.conv_B.bias).shape[0]
         xs, Bm, Cm = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
-        if self.bc_tp_group is not None:  # replicated B/C feed only this rank's heads
-            Bm, Cm = grad_all_reduce(Bm, self.bc_tp_group), grad_all_reduce(Cm, self.bc_tp_group)
         xs = xs.reshape(b, l, -1, self.head_dim)
-        dt = F.softplus(dt.float() + local(self.dt_bias).float())
-        A = -torch.exp(local(self.A_log).float())
+        dt = F.softplus(wide(dt) + wide(local(self.dt_bias)))
+        A = -torch.exp(wide(local(self.A_log)))
         y, final_state = ssd_scan(xs, dt, A, Bm.reshape(b, l, -1, self.d_state), Cm.reshape(b, l, -1, self.d_state),
                                   self.chunk_size, state.get("ssm") if state is not None else None)
         y = (y + xs * local(self.D).to(xs.dtype)[:, None]).flatten(2)
@@ -147,7 +177,7 @@ class Mamba2(nn.Module):
             state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.d_conv - 1):]
             state["ssm"] = final_state
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
-        return self.out_proj(y) if self.out_proj is not None else y
+        return linear(y, self.out_proj) if self.out_proj is not None else y
 
 
 def _split_packed_on_load(module: Mamba2, state_dict: dict, prefix: str, *args) -> None:

@@ -8,12 +8,17 @@ dropped: routed experts run as one grouped GEMM over tokens sorted by expert.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import Placement
+
+from parallel.tensor_parallel import local_replicated
 
 from pretrain.model.config import MoEConfig
 from pretrain.model.ffn import SwiGLU
 from pretrain.model.ops import grouped_mm
+from pretrain.model.ops.precision import wide
 
 
 class MoE(nn.Module):
@@ -32,6 +37,7 @@ class MoE(nn.Module):
         # need no checkpointing.
         self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.long), persistent=False)
         self.aux_loss: Tensor | None = None
+        self.tp_group: dist.ProcessGroup | None = None  # see shard_for_tp
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.router.weight, std=self.init_std)
@@ -43,9 +49,23 @@ class MoE(nn.Module):
         self.expert_bias.zero_()
         self.tokens_per_expert.zero_()
 
+    def shard_for_tp(self, tp: int, group: dist.ProcessGroup) -> dict[str, Placement]:
+        """Shared experts like SwiGLU; routed experts and router replicated (expert parallelism
+        shards them). Each TP rank routes only its own 1/tp of the sequence (the tokens sequence
+        parallelism gives it), so routed work is not repeated; the replicated weights' gradients
+        and the expert loads are partial per rank and summed over `group`."""
+        if self.cfg.aux_loss_coef > 0:
+            raise ValueError("parallel.tp > 1 needs moe.aux_loss_coef = 0 (the balance loss would be computed per "
+                             "TP rank); use the aux-loss-free bias balancing")
+        self.tp_group = group
+        plan: dict[str, Placement] = {}
+        for i, shared in enumerate(self.shared):
+            plan.update({f"shared.{i}.{k}": v for k, v in shared.shard_for_tp(tp, group).items()})
+        return plan
+
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [t, d] -> (expert ids [t, k], gate weights [t, k], router scores [t, E])."""
-        scores = torch.sigmoid(self.router(x).float())
+        scores = torch.sigmoid(wide(F.linear(x, local_replicated(self.router.weight, self.tp_group))))
         _, ids = torch.topk(scores + self.expert_bias, self.cfg.top_k, dim=-1)
         gates = scores.gather(-1, ids)
         if self.cfg.top_k > 1:
@@ -53,6 +73,17 @@ class MoE(nn.Module):
         return ids, gates, scores
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [b, l, d]. Under TP, x is every rank's full copy and the output a partial sum."""
+        shared = sum(s(x) for s in self.shared) if len(self.shared) else 0
+        if self.tp_group is None:
+            return self.routed(x) + shared
+        rank, size = dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group)
+        part = x.shape[1] // size
+        routed = self.routed(x[:, rank * part:(rank + 1) * part])
+        return F.pad(routed, (0, 0, rank * part, x.shape[1] - (rank + 1) * part)) + shared
+
+    def routed(self, x: Tensor) -> Tensor:
+        """The routed experts' output for x [..., d]."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, gates, scores = self.route(x)
@@ -67,12 +98,10 @@ class MoE(nn.Module):
         token_of = order // self.cfg.top_k
         xs = x[token_of]
         offsets = counts.cumsum(0)
-        h = F.silu(grouped_mm(xs, self.w1, offsets)) * grouped_mm(xs, self.w3, offsets)
-        ys = grouped_mm(h, self.w2, offsets) * gates.flatten()[order, None].to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, ys)
-        for s in self.shared:
-            out = out + s(x)
-        return out.reshape(shape)
+        w1, w2, w3 = (local_replicated(w, self.tp_group) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(grouped_mm(xs, w1, offsets)) * grouped_mm(xs, w3, offsets)
+        ys = grouped_mm(h, w2, offsets) * gates.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys).reshape(shape)
 
     def _aux_loss(self, scores: Tensor, counts: Tensor) -> Tensor:
         """Switch-style balance loss: E * sum_e (fraction routed to e) * (mean normalised score of e)."""

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from parallel.tensor_parallel import local
+from pretrain.model.ops.precision import wide
 from pretrain.model.ops.gated_norm import gated_rms_norm, group_rms_norm, sharded_rms_norm
 
 
@@ -41,7 +42,7 @@ class GatedRMSNorm(RMSNorm):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
         if self.tp_group is not None:
-            return sharded_rms_norm(y.float() * F.silu(z.float()), local(self.weight), self.eps, self.group_width,
+            return sharded_rms_norm(wide(y) * F.silu(wide(z)), local(self.weight), self.eps, self.group_width,
                                     self.tp_group)
         return gated_rms_norm(y, z, local(self.weight), self.eps, self._local_groups(y))
 
@@ -61,7 +62,7 @@ class HeadGroupNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        x = x.float().reshape(-1, shape[-1] // self.head_width, self.head_width)  # local heads under TP
+        x = wide(x).reshape(-1, shape[-1] // self.head_width, self.head_width)  # local heads under TP
         x = F.layer_norm(x, x.shape[-1:], eps=self.eps).reshape(shape)
         weight = local(self.weight)
-        return (x * weight.float() + local(self.bias).float()).type_as(weight)
+        return (x * wide(weight) + wide(local(self.bias))).type_as(weight)

@@ -1,27 +1,60 @@
 """The one function that applies every parallelism to a HybridLM, in TorchTitan's order:
 tensor/sequence parallel -> activation checkpointing -> compile -> FSDP2.
 
-It sits beside the model because it knows the block symbols; the mechanisms live in `parallel/`.
+It sits beside the model because it knows the model's parts; the mechanisms live in `parallel/`.
+Each mixer and FFN declares its own TP placements (`shard_for_tp`, next to its code), whatever its
+block symbol (A/S attention, M Mamba2, H intra-hybrid; SwiGLU or MoE).
 """
 from __future__ import annotations
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel, parallelize_module
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import compile_blocks
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh
+from parallel.tensor_parallel import sequence_parallel_region, shard_parameters
 from pretrain.model.lm import HybridLM
 
 
 def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtype: torch.dtype = torch.float32,
-                       activation_checkpointing: bool = False, compile: bool = False) -> HybridLM:
-    """Wrap `model` in place (built on meta or materialised) and return it. `mesh` None: one process."""
+                       reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
+                       compile: bool = False) -> HybridLM:
+    """Wrap `model` in place (built on meta or materialised) and return it. `mesh` None: one process.
+    `param_dtype` is what FSDP computes in, `reduce_dtype` what it reduces gradients in."""
+    tp_mesh = mesh.tp_mesh() if mesh is not None else None
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh)
     if activation_checkpointing:
         apply_activation_checkpointing(model.blocks)
     if compile:
         compile_blocks(model.blocks)
     if mesh is not None:
-        apply_fsdp(model, model.blocks, mesh.fsdp_mesh(), param_dtype=param_dtype, reduce_dtype=torch.float32,
+        apply_fsdp(model, model.blocks, mesh.fsdp_mesh(), param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                    forward_methods=("loss",))
     return model
+
+
+def apply_tensor_parallel(model: HybridLM, tp_mesh: DeviceMesh) -> None:
+    """Tensor + sequence parallelism: between blocks the residual stream, the norms and the
+    embedding output are sharded on the sequence; every mixer and FFN all-gathers its input,
+    computes on its heads / hidden units, and reduce-scatters its output. The embedding and the
+    (tied or separate) head are vocabulary-parallel, and so is the loss."""
+    tp, group = tp_mesh.size(), tp_mesh.get_group()
+    if model.config.vocab_size % tp:
+        raise ValueError(f"parallel.tp={tp} must divide the vocabulary size {model.config.vocab_size} "
+                         "(vocabulary-parallel embedding and loss); pad the vocabulary or change tp")
+    parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                                 use_local_output=False))
+    if model.head is not None:
+        shard_parameters(model.head, tp_mesh, {"weight": Shard(0)})
+    parallelize_module(model.norm, tp_mesh, SequenceParallel())
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, {"mixer_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
+        for part in (block.mixer, block.ffn):
+            shard_parameters(part, tp_mesh, part.shard_for_tp(tp, group))
+            sequence_parallel_region(part, tp_mesh)
+    model.tp_mesh = tp_mesh

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from pretrain.model.config import RopeConfig
+from pretrain.model.ops.precision import wide
 
 
 @functools.lru_cache(maxsize=64)
@@ -29,7 +30,7 @@ def rope_inv_freq(head_dim: int, cfg: RopeConfig, device: torch.device | None = 
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -38,4 +39,4 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [b, h, l, d]; cos/sin [l, d]."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    return (wide(x) * cos + wide(rotated) * sin).type_as(x)

@@ -1,5 +1,10 @@
 """Cross-entropy of `hidden @ weight.T` over a large vocabulary without materialising all logits.
 
+Under tensor parallelism (`group` given) `weight` is this rank's slice of the vocabulary rows,
+starting at `vocab_start`: the softmax's max and normaliser and the target's logit are all-reduced
+over the group per chunk (loss parallelism: full logits never exist on any rank), each rank's
+weight gradient is its own rows', and its hidden gradient is its part of a sum over the group.
+
 Rows are processed in chunks; each chunk's gradients (w.r.t. hidden and weight) are computed in
 the forward pass, right after its logits, and the logits are freed. A chunk holds about
 `CHUNK_LOGITS` logits whatever the vocabulary (1,024 rows at 128K: ~1.3 GiB of temporaries at
@@ -9,8 +14,11 @@ peak, where [16K tokens, 128K] fp32 logits would be 8 GB), and nothing is recomp
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from pretrain.model.ops.precision import wide
 
 CHUNK_LOGITS = 1 << 27  # logits per chunk: large GEMMs, bounded temporaries
 
@@ -21,43 +29,65 @@ def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ign
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
+def _log_softmax(logits: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """log_softmax over the last dim, which is split over `group` when one is given."""
+    if group is None:
+        return logits.log_softmax(-1)
+    peak = logits.max(-1, keepdim=True).values
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - peak
+    norm = shifted.exp().sum(-1, keepdim=True)
+    dist.all_reduce(norm, group=group)
+    return shifted - norm.log()
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, ignore_index: int,
-                needs_grad: bool) -> Tensor:
+                needs_grad: bool, group: dist.ProcessGroup | None, vocab_start: int) -> Tensor:
         valid = targets != ignore_index
+        work = wide(hidden[:0]).dtype  # fp32, or fp64 for an fp64 model
         count = valid.sum().clamp(min=1)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=work) if needs_grad else None
+        total = hidden.new_zeros((), dtype=work)
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t, v = (a[start:start + chunk_rows] for a in (hidden, targets, valid))
+            mine = v  # rows whose target logit is in this rank's slice of the vocabulary
+            if group is not None:
+                t = t - vocab_start
+                mine = v & (t >= 0) & (t < weight.shape[0])
             # No boolean indexing: a host sync per chunk would stall the GPU's queue.
-            target, keep = t.where(v, 0).unsqueeze(1), v.unsqueeze(1).float()
-            log_probs = (h @ weight.t()).float().log_softmax(-1)
-            total -= log_probs.gather(1, target).squeeze(1).where(v, 0).sum()
+            target, keep = t.where(mine, 0).unsqueeze(1), v.unsqueeze(1).to(work)
+            log_probs = _log_softmax(wide(h @ weight.t()), group)
+            total -= log_probs.gather(1, target).squeeze(1).where(mine, 0).sum()
             if needs_grad:  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-                g = log_probs.exp_().scatter_add_(1, target, -keep).mul_(keep / count).to(h.dtype)
+                onehot = mine.unsqueeze(1).to(work)
+                g = log_probs.exp_().scatter_add_(1, target, -onehot).mul_(keep / count).to(h.dtype)
                 grad_hidden[start:start + chunk_rows] = g @ weight.to(h.dtype)
-                grad_weight += (g.t() @ h).float()
+                grad_weight += (g.t() @ h).to(work)
                 del g  # free this chunk's temporaries before the next chunk's logits
             del log_probs
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
+        if group is not None:
+            dist.all_reduce(total, group=group)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None, None
+        return grad_hidden * grad_out, (grad_weight * grad_out).to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None,
-                          ignore_index: int = -100) -> Tensor:
+                          ignore_index: int = -100, group: dist.ProcessGroup | None = None,
+                          vocab_start: int = 0) -> Tensor:
     """hidden [..., d], weight [V, d], targets [...] -> mean CE over non-ignored targets.
     Gradients are only computed when autograd will ask for them (not under no_grad / eval).
-    `chunk_rows` defaults to CHUNK_LOGITS / V rows."""
+    `chunk_rows` defaults to CHUNK_LOGITS / V rows (of this rank's slice). With `group`, weight is
+    rows [vocab_start, vocab_start + V) of the vocabulary (see the module docstring)."""
     chunk_rows = chunk_rows or max(1, CHUNK_LOGITS // weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                            chunk_rows, ignore_index, needs_grad)
+                                            chunk_rows, ignore_index, needs_grad, group, vocab_start)

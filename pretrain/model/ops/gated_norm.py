@@ -13,15 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
+from pretrain.model.ops.precision import wide
 from pretrain.model.ops.ssd import _mamba_chunk_scan
 
 
 def group_rms_norm(x: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
     """RMSNorm over each of `n_groups` equal slices of the last dim, in fp32 (1 group = plain RMSNorm)."""
     shape = x.shape
-    x = x.float().reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
+    x = wide(x).reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return (x.reshape(shape) * weight.float()).type_as(weight)
+    return (x.reshape(shape) * wide(weight)).type_as(weight)
 
 
 def sharded_rms_norm(x: Tensor, weight: Tensor, eps: float, full_width: int, group) -> Tensor:
@@ -30,13 +31,13 @@ def sharded_rms_norm(x: Tensor, weight: Tensor, eps: float, full_width: int, gro
     unsharded norm's slice exactly."""
     from parallel.tensor_parallel import all_reduce_sum
 
-    x = x.float()
+    x = wide(x)
     ss = all_reduce_sum(x.pow(2).sum(-1, keepdim=True), group)
-    return (x * torch.rsqrt(ss / full_width + eps) * weight.float()).type_as(weight)
+    return (x * torch.rsqrt(ss / full_width + eps) * wide(weight)).type_as(weight)
 
 
 def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
-    return group_rms_norm(y.float() * F.silu(z.float()), weight, eps, n_groups)
+    return group_rms_norm(wide(y) * F.silu(wide(z)), weight, eps, n_groups)
 
 
 @functools.cache

@@ -1,0 +1,81 @@
+"""Shared worker for the parallel-layout tests: the same tiny model in 1 process and under a
+layout of N gloo processes; loss, every gradient and 3 optimizer steps compared."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from parallel.distributed import destroy_distributed
+from parallel.mesh import ParallelDims, build_mesh
+from pretrain.model import build_model
+from pretrain.model.parallelize import parallelize_hybrid
+
+SEQ = 32
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def batch(vocab: int, step: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (4, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
+
+
+def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, steps: int = 3) -> dict:
+    """Losses of `steps` AdamW steps and the first step's relative error of every gradient
+    (|g - g_ref| / |g_ref|, per tensor)."""
+    torch.manual_seed(0)
+    ref = build_model(arch, "tiny", **overrides).to(dtype)
+    model = copy.deepcopy(ref)
+    mesh = build_mesh(dims.resolve(dist.get_world_size()), "cpu")
+    parallelize_hybrid(model, mesh, param_dtype=dtype, reduce_dtype=dtype)
+    dp_rank, dp_size = mesh.dp_coordinate()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
+    out = {"ref": [], "par": [], "grad_rel": {}}
+    for step in range(steps):
+        tokens = batch(ref.config.vocab_size, step)
+        rows = tokens.shape[0] // dp_size
+        mine = tokens[dp_rank * rows:(dp_rank + 1) * rows]
+        loss_ref = ref.loss(tokens[:, :-1], tokens[:, 1:])
+        loss_ref.backward()
+        loss = model.loss(mine[:, :-1], mine[:, 1:])
+        loss.backward()
+        loss_sum = loss.detach().clone()
+        dist.all_reduce(loss_sum, group=mesh.dp_group())
+        out["ref"].append(loss_ref.item())
+        out["par"].append(loss_sum.item() / dp_size)
+        if step == 0:
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            out["grad_rel"] = {n: rel(full(grads[n]), p.grad) for n, p in ref.named_parameters()}
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    return out
+
+
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for name, arch, overrides, dims, dtype in cases:
+            try:
+                results[name] = compare(arch, overrides, ParallelDims(**dims), getattr(torch, dtype))
+            except Exception:  # noqa: BLE001 - reported by the test, per case
+                results[name] = {"error": traceback.format_exc()}
+    finally:
+        if rank == 0:
+            Path(out_dir, "results.json").write_text(json.dumps(results))
+        destroy_distributed()
