@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total lengths (default: training length x 0.25,0.5,1,2,4)")
     p.add_argument("--fewshot-tasks", default=",".join(d.fewshot_tasks), help="lm-eval task names")
     p.add_argument("--fewshot-limit", type=int, default=d.fewshot_limit, help="examples per task (default: all)")
+    p.add_argument("--fewshot-include", default=d.fewshot_include, help="directory of local lm-eval task YAMLs")
     p.add_argument("--seed", type=int, default=d.seed)
     return p
 

@@ -36,6 +36,7 @@ class Options:
     inference_totals: tuple[int, ...] | None = None  # default: training length x 1/4 .. 4 (2K-32K at 8K)
     fewshot_tasks: tuple[str, ...] = ()
     fewshot_limit: int | None = None
+    fewshot_include: str | None = None  # a directory of local lm-eval task YAMLs
     seed: int = 0
 
 
@@ -71,7 +72,8 @@ def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device
         return run_inference(model, opts.inference_batch, prompt, totals, opts.seed, device, dtype)
     from pretrain.evaluation.fewshot import run_fewshot
 
-    return run_fewshot(subject, data_dir, list(opts.fewshot_tasks), opts.fewshot_limit, device, dtype)
+    return run_fewshot(subject, data_dir, list(opts.fewshot_tasks), opts.fewshot_limit, opts.fewshot_include,
+                       device, dtype)
 
 
 def draw(entries: list[dict[str, Any]], out: Path) -> dict[str, str]:

@@ -1,0 +1,95 @@
+"""`fewshot` suite: our checkpoints under lm-evaluation-harness (the paper's LAMBADA, HellaSwag, PIQA,
+ARC-e/c, OpenBookQA). `Scorer` answers the harness's three request kinds with our model and
+tokenizer and needs no lm_eval; `pretrain.evaluation.harness` wraps it as an lm_eval model class
+(`--model hybrid`), imported only when the suite runs (`pip install 'hybrid-pretrain[eval]'`).
+
+Token handling follows the harness's own HF model: BOS starts every sequence (as in training), a
+context's trailing spaces move to the continuation, and the continuation's tokens are those of
+encode(context + continuation) past encode(context), so the split does not depend on where the
+tokenizer merges across the boundary. Sequences longer than `max_length` keep their last tokens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.tokenizer import Tokenizer
+from pretrain.evaluation.scoring import autocast
+from pretrain.hf import CliError
+
+
+class Scorer:
+    def __init__(self, model, tokenizer: Tokenizer, max_length: int, batch_size: int = 8,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+        self.model, self.tok, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
+        self.device, self.dtype = device, dtype
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        stripped = context.rstrip(" ")
+        continuation = context[len(stripped):] + continuation
+        whole = self.tok.encode(stripped + continuation)
+        ctx = self.tok.encode(stripped)
+        return [self.tok.bos_id, *whole[:len(ctx)]], whole[len(ctx):]
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding gives the continuation)."""
+        rows = [(ctx + cont)[-(self.max_length + 1):] for ctx, cont in pairs]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            width = len(rows[chunk[0]]) - 1
+            inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, i in enumerate(chunk):
+                inputs[j, :len(rows[i]) - 1] = torch.tensor(rows[i][:-1])
+            with autocast(self.device, self.dtype):
+                hidden = self.model.hidden_states(inputs.to(self.device))
+            for j, i in enumerate(chunk):
+                n_in, n_cont = len(rows[i]) - 1, len(pairs[i][1])
+                logits = (hidden[j, n_in - n_cont:n_in] @ self.model.head_weight.t()).float()
+                target = torch.tensor(rows[i][-n_cont:], device=logits.device)
+                logp = F.log_softmax(logits, dim=-1)
+                out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all()))
+        return out
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.score([self.encode_pair(ctx, cont) for ctx, cont in requests])
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
+        """Log-likelihood of whole texts: disjoint windows of `max_length` tokens, each conditioned on
+        the token before it (BOS for the first)."""
+        totals = []
+        for text in texts:
+            tokens = [self.tok.bos_id, *self.tok.encode(text)]
+            windows = [(tokens[s - 1:s], tokens[s:s + self.max_length]) for s in range(1, len(tokens), self.max_length)]
+            totals.append(sum(lp for lp, _ in self.score(windows)))
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, context: str, until: list[str], max_new_tokens: int) -> str:
+        """Greedy continuation of `context`, cut before the first of the `until` strings."""
+        ids = [self.tok.bos_id, *self.tok.encode(context)][-max(1, self.max_length - max_new_tokens):]
+        prompt = torch.tensor([ids], device=self.device)
+        with autocast(self.device, self.dtype):
+            out = self.model.generate(prompt, max_new_tokens=max_new_tokens)
+        text = self.tok.decode(out[0, len(ids):].tolist())
+        cuts = [text.index(u) for u in until if u and u in text]
+        return text[:min(cuts)] if cuts else text
+
+
+def run_fewshot(subject, data_dir: Path, tasks: list[str], limit: int | None, include: str | None,
+                device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """lm-eval's metrics per task, and their mean accuracy ('average', the paper's few-shot column)."""
+    try:
+        from pretrain.evaluation.harness import evaluate_tasks
+    except ImportError as e:
+        raise CliError(f"--suite fewshot needs lm-evaluation-harness ({e}); pip install 'hybrid-pretrain[eval]'") \
+            from None
+    from data_pipeline.tokenizer import load_tokenizer
+
+    scorer = Scorer(subject.model, load_tokenizer(data_dir), subject.train_seq_len, device=device, dtype=dtype)
+    return evaluate_tasks(scorer, tasks, limit, include)

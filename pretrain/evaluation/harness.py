@@ -1,0 +1,92 @@
+"""lm-evaluation-harness over our checkpoints. Importing this module registers the model class as
+`hybrid` (alias `ours`) in lm_eval's registry; lm_eval has no plugin hook for models, so its CLI
+runs through this module, which takes the same arguments as `lm_eval`:
+
+    python -m pretrain.evaluation.harness --model ours --model_args checkpoint=RUN_DIR \
+        --tasks lambada_openai,hellaswag,piqa,arc_easy,arc_challenge,openbookqa
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from pretrain.evaluation.fewshot import Scorer
+
+
+@register_model("hybrid", "ours")
+class HybridHarnessLM(LM):
+    """model_args: checkpoint (run or step dir), data (prepared dir with the tokenizer; default the
+    run's), dtype (fp32 | bf16), max_length (default: the training length)."""
+
+    def __init__(self, checkpoint: str | None = None, data: str | None = None, dtype: str = "auto",
+                 max_length: int | None = None, batch_size: int | str = 8, device: str | None = None,
+                 scorer: Scorer | None = None, **_ignored: Any):
+        super().__init__()
+        if scorer is None:
+            scorer = scorer_for(checkpoint, data, dtype, max_length, batch_size, device)
+        self.scorer = scorer
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self.scorer.loglikelihood([r.args[:2] for r in requests])
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for r in requests:
+            context, kwargs = r.args
+            until = kwargs.get("until") or []
+            out.append(self.scorer.generate_until(context, [until] if isinstance(until, str) else list(until),
+                                                  int(kwargs.get("max_gen_toks", 256))))
+        return out
+
+
+def scorer_for(checkpoint: str | None, data: str | None, dtype: str, max_length: int | None,
+               batch_size: int | str, device: str | None) -> Scorer:
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.evaluation.subject import load_subject
+    from pretrain.hf import CliError
+
+    if not checkpoint:
+        raise CliError("--model_args needs checkpoint=RUN_DIR (or a step_* dir)")
+    if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+        if device:  # lm_eval's CLI passes --device, default cuda: on a CPU machine, run on the CPU as its HF model does
+            print(f"device {device} is not available; evaluating on the CPU", file=sys.stderr)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    subject = load_subject(Path(checkpoint), dev)
+    dt = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda") else torch.float32
+    batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
+    tok = load_tokenizer(subject.data_dir(data))
+    return Scorer(subject.model, tok, int(max_length or subject.train_seq_len), batch, dev, dt)
+
+
+def evaluate_tasks(scorer: Scorer, tasks: list[str], limit: int | None, include: str | None) -> dict[str, Any]:
+    """Run lm-eval's tasks; {"tasks": {task: {metric: value}}, "average": mean of the tasks' acc}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include) if include else TaskManager()
+    result = simple_evaluate(model=HybridHarnessLM(scorer=scorer), tasks=tasks, limit=limit, task_manager=manager,
+                             log_samples=False)
+    metrics = {task: {k.split(",")[0]: v for k, v in values.items()
+                      if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
+               for task, values in result["results"].items()}
+    accs = [m["acc"] for m in metrics.values() if "acc" in m]
+    return {"tasks": metrics, "average": sum(accs) / len(accs) if accs else None, "limit": limit}
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
