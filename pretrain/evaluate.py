@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, help="prepared dir to evaluate on (default: each run's first source)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on cuda")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="nll window (default: the training length)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="training length the suites scale from, and the nll window (default: the run's data.seq_len)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="nll sequences per batch")
     p.add_argument("--nll-batches", type=int, default=d.nll_batches, help="limit (default: the whole split)")
     p.add_argument("--positions-multiple", type=float, default=d.positions_multiple,
@@ -76,8 +77,9 @@ def check_options(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--suite {args.suite!r}: unknown {unknown}; choose from {','.join(SUITES)}")
     if not all(0 <= d <= 1 for d in args.niah_depths):
         raise ValueError(f"--niah-depths {args.niah_depths}: depths are fractions in [0, 1]")
-    for name in ("batch_size", "positions_docs", "niah_trials", "inference_batch"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "positions_docs", "niah_trials", "inference_batch", "seq_len", "nll_batches",
+                 "inference_prompt", "fewshot_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.positions_multiple <= 0 or min(args.niah_lengths) <= 0:
         raise ValueError("--positions-multiple and --niah-lengths must be positive")
@@ -100,7 +102,7 @@ def run(argv: list[str]) -> None:
         else torch.float32
     opts = Options(**{k: v for k, v in vars(args).items() if k in Options.__dataclass_fields__})
     opts.fewshot_tasks = tuple(t for t in args.fewshot_tasks.split(",") if t)
-    subjects = [load_subject(path, device) for path in args.checkpoint]
+    subjects = [load_subject(path, device, args.seq_len) for path in args.checkpoint]
     label_subjects(subjects)
     results = evaluate(subjects, suites, opts, args.out, device, dtype, log=lambda m: print(m, flush=True))
     print(f"wrote {args.out / 'results.json'} and {len(results['plots'])} figures")

@@ -23,7 +23,7 @@ class Options:
     """Every knob of every suite (the command line's options, with their defaults)."""
 
     data: str | None = None  # prepared dir; default: each run's first data source
-    seq_len: int | None = None  # nll window; default: the training length
+    seq_len: int | None = None  # the training length (and nll window); default: the run's data.seq_len
     batch_size: int = 8
     nll_batches: int | None = None  # None: the whole split
     positions_multiple: float = 3.0  # of the training length (the paper: 24K after 8K)
@@ -52,7 +52,7 @@ def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device
     if suite == "nll":
         from pretrain.evaluation.nll import run_nll
 
-        return run_nll(model, data_dir, load_tokenizer(data_dir), opts.seq_len or train_len, opts.batch_size,
+        return run_nll(model, data_dir, load_tokenizer(data_dir), train_len, opts.batch_size,
                        opts.nll_batches, device, dtype)
     if suite == "positions":
         from pretrain.evaluation.positions import run_positions

@@ -24,12 +24,15 @@ class Subject:
     run_config: dict[str, Any]
     label: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    seq_len: int | None = None  # overrides the run's training length
 
     @property
     def train_seq_len(self) -> int:
-        seq_len = self.run_config.get("data", {}).get("seq_len")
+        """The length the model was trained at: what the long-context suites scale from."""
+        seq_len = self.seq_len or self.run_config.get("data", {}).get("seq_len")
         if not seq_len:
-            raise CliError(f"{self.checkpoint}: config.toml has no data.seq_len; pass --seq-len")
+            raise CliError(f"{self.checkpoint}: no config.toml with data.seq_len (a weights-only checkpoint?); "
+                           "pass --seq-len TRAINING_LENGTH")
         return int(seq_len)
 
     def data_dir(self, override: str | None) -> Path:
@@ -60,7 +63,7 @@ def resolve_checkpoint(path: Path) -> Path:
                    "--checkpoint takes RUN_DIR or RUN_DIR/checkpoints/step_NNNNNNNN")
 
 
-def load_subject(path: Path, device: torch.device) -> Subject:
+def load_subject(path: Path, device: torch.device, seq_len: int | None = None) -> Subject:
     ckpt = resolve_checkpoint(path)
     model = load_model(ckpt).to(device).eval()
     run_config = read_run_config(ckpt)
@@ -73,7 +76,7 @@ def load_subject(path: Path, device: torch.device) -> Subject:
     info = {"checkpoint": str(ckpt), "arch": model_section.get("arch"), "size": model_section.get("size"),
             "pattern": cfg.pattern, "moe": cfg.moe is not None, "step": progress.get("step"),
             "tokens_seen": progress.get("tokens_seen"), **{f"{k}_params": v for k, v in count_params(cfg).items()}}
-    return Subject(ckpt, model, run_config, info=info)
+    return Subject(ckpt, model, run_config, info=info, seq_len=seq_len)
 
 
 def label_subjects(subjects: list[Subject]) -> None:

@@ -49,8 +49,9 @@ def test_plan_points_follow_the_accounting(plan, corpus):
     moe = points[2]
     assert moe.params < moe.total_params  # MoE: active parameters, the routed experts not taken count less
     vocab = read_manifest(corpus).vocab_size
-    for p, (arch, width) in zip(points, [("llama", {}), ("llama", {"d_model": 96, "d_ffn": 288}),
-                                         ("inter_hybrid_moe", {}), ("inter_hybrid_moe", {"d_model": 96, "d_ffn": 288})]):
+    wide = {"d_model": 96, "d_ffn": 288}
+    for p, (arch, width) in zip(points, [("llama", {}), ("llama", wide), ("inter_hybrid_moe", {}),
+                                         ("inter_hybrid_moe", wide)]):
         cfg = model_config(arch, "tiny", vocab_size=vocab, **width)
         assert p.flops_per_token == flops_per_token(cfg, 64)["total"]
         assert p.params == count_params(cfg)["active_non_embedding"]
