@@ -5,12 +5,27 @@ memory to about one unsharded block.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard
+
+
+def balanced_shard_placement(n_shards: int) -> Callable[[nn.Parameter], Shard | None]:
+    """FSDP shards dim 0 by default; a tensor with fewer rows than ranks (stacked experts
+    [E, d, h] with E < ranks) would then sit on E ranks and leave the rest empty. Such a tensor is
+    sharded on its largest dim instead (tensor-parallel shards keep dim 0: FSDP2 composes with TP
+    only there)."""
+    def placement(param: nn.Parameter) -> Shard | None:
+        if param.shape[0] >= n_shards or param.ndim == 1:
+            return None
+        if isinstance(param, DTensor) and any(p.is_shard() for p in param.placements):
+            return None
+        return Shard(max(range(param.ndim), key=lambda d: param.shape[d]))
+    return placement
 
 
 def apply_fsdp(
@@ -29,12 +44,14 @@ def apply_fsdp(
     gather the root's parameters the way forward() does.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    placement = balanced_shard_placement(mesh.size())
     blocks = list(blocks)
     for i, block in enumerate(blocks):
         # The last block is gathered again by the root's backward anyway; keep it unsharded.
-        fully_shard(block, mesh=mesh, mp_policy=mp,
+        fully_shard(block, mesh=mesh, mp_policy=mp, shard_placement_fn=placement,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, shard_placement_fn=placement,
+                reshard_after_forward=reshard_after_forward)
     for name in forward_methods:
         register_fsdp_forward_method(model, name)
     return model

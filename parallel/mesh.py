@@ -53,11 +53,14 @@ class ParallelDims:
 
 @dataclass
 class ParallelMesh:
-    """The world mesh with every named dimension, and the flattened data-parallel mesh
-    (dp_replicate x dp_shard) that the loader and loss averaging use."""
+    """The world mesh with every named dimension, the flattened data-parallel mesh
+    (dp_replicate x dp_shard) that the loader uses, and dp x cp: the ranks that see different
+    tokens (loss averaging, expert loads; FSDP shards over dp_shard x cp)."""
 
     world: DeviceMesh
     dp: DeviceMesh
+    dp_cp: DeviceMesh
+    dp_shard_cp: DeviceMesh
 
     def dp_coordinate(self) -> tuple[int, int]:
         """(dp_rank, dp_size) for the data loader: tp/pp/cp peers share a coordinate."""
@@ -68,15 +71,26 @@ class ParallelMesh:
         such as MoE expert loads, are summed over; tp/pp/cp peers saw the same batch)."""
         return self.dp.get_group()
 
+    def tokens_group(self) -> dist.ProcessGroup:
+        """The ranks that see different tokens (dp x cp): a per-token mean or count sums over them."""
+        return self.dp_cp.get_group()
+
     def tp_mesh(self) -> DeviceMesh | None:
         """The tensor-parallel mesh, or None when tp = 1."""
         return self.world["tp"] if self.world["tp"].size() > 1 else None
 
+    def cp_mesh(self) -> DeviceMesh | None:
+        """The context-parallel mesh, or None when cp = 1."""
+        return self.world["cp"] if self.world["cp"].size() > 1 else None
+
     def fsdp_mesh(self) -> DeviceMesh:
-        """The mesh FSDP shards over: dp_shard alone, or (dp_replicate, dp_shard) for HSDP."""
+        """The mesh FSDP shards over: dp_shard (x cp: context-parallel ranks hold the same
+        parameters and average their gradients like data-parallel ones), with dp_replicate in front
+        for HSDP."""
+        cp = self.world["cp"].size() > 1
         if self.world["dp_replicate"].size() > 1:
-            return self.world["dp_replicate", "dp_shard"]
-        return self.world["dp_shard"]
+            return self.world["dp_replicate", "dp_shard_cp" if cp else "dp_shard"]
+        return self.dp_shard_cp if cp else self.world["dp_shard"]
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh | None:
@@ -85,4 +99,6 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh | None:
         return None
     world = init_device_mesh(device_type, dims.sizes(), mesh_dim_names=MESH_DIMS)
     dp = world["dp_replicate", "dp_shard"]._flatten("dp")
-    return ParallelMesh(world=world, dp=dp)
+    dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    dp_shard_cp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return ParallelMesh(world=world, dp=dp, dp_cp=dp_cp, dp_shard_cp=dp_shard_cp)

@@ -99,6 +99,8 @@ class LoggingSection:
 class ParallelSection:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: all ranks not used by other dimensions
+    tp: int = 1  # tensor + sequence parallel ranks (within a node: they talk every layer)
+    cp: int = 1  # context parallel ranks: each holds 1/cp of every sequence (long context)
 
 
 @dataclass
@@ -250,6 +252,14 @@ def validate(cfg: JobConfig) -> None:
         parse_source(src)
     if cfg.parallel.dp_replicate < 1 or (cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1):
         bad("parallel.dp_shard", "must be >= 1 (or -1 for all remaining ranks) and dp_replicate >= 1")
+    for key in ("tp", "cp"):
+        if getattr(cfg.parallel, key) < 1:
+            bad(f"parallel.{key}", f"= {getattr(cfg.parallel, key)} must be >= 1; fix the value")
+    tp, cp = cfg.parallel.tp, cfg.parallel.cp
+    split = tp * (2 * cp if cp > 1 else 1)  # CP: 2 chunks per rank (load balance), then TP's sequence shards
+    if cfg.data.seq_len % split:
+        bad("data.seq_len", f"= {cfg.data.seq_len} must be a multiple of {split} (parallel.tp={tp} sequence shards"
+                            f"{f' of 2 x parallel.cp={cp} chunks' if cp > 1 else ''}); fix one of them")
 
 
 def parse_source(src: str) -> tuple[str, float]:
@@ -282,6 +292,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", help="checkpoint directory to resume from (checkpoint.resume_from)")
     p.add_argument("--dry-run", action="store_true",
                    help="build on the meta device, print config, parameters, FLOPs and memory, exit")
+    p.add_argument("--world-size", type=int, metavar="N",
+                   help="with --dry-run: lay the run out on N ranks (fake process group, meta tensors) and print "
+                        "each representative rank's parameter/gradient/optimizer bytes and the collectives per step")
+    p.add_argument("--rank", type=int, action="append", metavar="R",
+                   help="with --world-size: a rank to report (repeatable; default: the first and the last)")
     return p
 
 

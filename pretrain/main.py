@@ -24,39 +24,40 @@ from pretrain.config import ConfigError, JobConfig, parse_args, to_toml
 from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
 from pretrain.summary import write_summary
+from pretrain.layout import activation_bytes_per_token_per_dim, layout_report
 from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, build_model_from_config,
-                              grad_accum_steps, resolve_num_streams)
+                              grad_accum_steps, parallel_dims, resolve_num_streams)
 
 log = logging.getLogger("pretrain")
 EXIT_CONFIG = 2
 
 
-def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: int, dp_shard: int) -> dict[str, float]:
-    """Rough per-GPU memory: fp32 params+grads+AdamW moments sharded over dp_shard, plus the
-    activations of one micro-batch under bf16 autocast, calibrated on the H200 peaks of the 1B
-    presets (docs/benchmarks.md): ~90 bytes per token per d_model per block without activation
-    checkpointing (llama measured 69, the Mamba2 and MoE hybrids 90); with it, the fp32 block
-    inputs (4 bytes) plus one block being recomputed (~60; 1B hybrid_moe measured 107 in all)."""
-    states = 16 * n_params / dp_shard
-    per_token = 4 * n_layers + 60 if cfg.train.activation_checkpointing else 90 * n_layers
-    activations = per_token * cfg.train.micro_batch_size * cfg.data.seq_len * d_model
+def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: int, dims: ParallelDims) -> dict[str, float]:
+    """Rough per-GPU memory: fp32 params+grads+AdamW moments split over dp_shard x cp x tp (an
+    upper bound on the split: replicated tensors are not split by tp; `--world-size` reports the
+    exact shards), plus the activations of one micro-batch under bf16 autocast
+    (`activation_bytes_per_token_per_dim`), split over tp x cp."""
+    states = 16 * n_params / (dims.dp_shard * dims.cp * dims.tp)
+    per_token = activation_bytes_per_token_per_dim(n_layers, cfg.train.activation_checkpointing)
+    activations = per_token * cfg.train.micro_batch_size * cfg.data.seq_len * d_model / (dims.tp * dims.cp)
     return {"states_gib": states / 2**30, "activations_gib": activations / 2**30,
             "total_gib": (states + activations) / 2**30}
 
 
-def dry_run(cfg: JobConfig) -> int:
-    """Build on the meta device (no memory, no data read beyond manifests) and report sizes."""
+def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | None = None) -> int:
+    """Build on the meta device (no memory, no data read beyond manifests) and report sizes; with
+    `world_size`, also the layout on that many ranks (see pretrain.layout)."""
     from pretrain.accounting import count_params, flops_per_token
 
     model = build_model_from_config(cfg, device="meta")
     mcfg = model.config
     counts = count_params(mcfg)
-    # Estimate for the launch this would be: torchrun's WORLD_SIZE, else the parallel sizes given.
+    # Estimate for the launch this would be: --world-size, torchrun's WORLD_SIZE, else the parallel sizes given.
     p = cfg.parallel
-    world = int(os.environ.get("WORLD_SIZE", p.dp_replicate * p.dp_shard if p.dp_shard > 0 else 1))
-    dims = ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard).resolve(world)
+    world = world_size or int(os.environ.get("WORLD_SIZE", p.dp_replicate * max(p.dp_shard, 1) * p.cp * p.tp))
+    dims = parallel_dims(cfg, world)
     n_params = counts["total"]
-    mem = estimate_memory_gib(n_params, cfg, len(model.blocks), mcfg.d_model, dims.dp_shard)
+    mem = estimate_memory_gib(n_params, cfg, len(model.blocks), mcfg.d_model, dims)
     print(to_toml(cfg))
     print(f"pattern              {mcfg.pattern}")
     print(f"parameters           {n_params:,} (non-embedding {counts['non_embedding']:,}, "
@@ -65,13 +66,21 @@ def dry_run(cfg: JobConfig) -> int:
     print(f"FLOPs per token      {flops['total']:.4g} training fwd+bwd at seq_len {cfg.data.seq_len} "
           f"({flops['non_embedding']:.4g} without the LM head)")
     print(f"memory per GPU       ~{mem['total_gib']:.1f} GiB (states {mem['states_gib']:.1f} + activations "
-          f"{mem['activations_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}")
+          f"{mem['activations_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}, cp {dims.cp}, tp {dims.tp}")
     dp = dims.dp
     accum = grad_accum_steps(cfg, dp)
     print(f"batch                {accum * dp * cfg.train.micro_batch_size * cfg.data.seq_len:,} tokens per step "
           f"({dp} data-parallel ranks x micro-batch {cfg.train.micro_batch_size} x {accum} accumulation steps)")
     streams = resolve_num_streams(cfg.data.num_streams, dp)
     print(f"data streams         {streams} (a resumed run keeps its checkpoint's count)")
+    if world_size:
+        bad = [r for r in ranks or [] if not 0 <= r < world_size]
+        if bad:
+            raise ConfigError(f"command line: --rank {bad[0]} is not a rank of --world-size {world_size}; use 0..{world_size - 1}")
+        try:
+            print(layout_report(cfg, world_size, ranks or sorted({0, world_size - 1}), accum))
+        except ValueError as e:  # a model dimension the layout cannot split
+            raise ConfigError(f"config: {e}") from None
     return 0
 
 
@@ -90,8 +99,10 @@ def write_startup_preempted_summary(cfg: JobConfig, error: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv)
+        if args.world_size is not None and not args.dry_run:
+            raise ConfigError("command line: --world-size only goes with --dry-run; add --dry-run")
         if args.dry_run:
-            return dry_run(cfg)
+            return dry_run(cfg, args.world_size, args.rank)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG

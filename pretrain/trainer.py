@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from parallel.context_parallel import shard_index
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
 from parallel.init import init_sharded
@@ -112,6 +113,15 @@ def build_model_from_config(cfg: JobConfig, device: str | torch.device = "cpu") 
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"config: model (arch={m.arch!r}, size={m.size!r}, ratio={m.ratio!r}, "
                           f"placement={m.placement!r}, overrides={m.overrides}): {e}") from None
+
+
+def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
+    """The parallel layout of `cfg` on `world_size` ranks (the trainer's and the dry run's)."""
+    p = cfg.parallel
+    try:
+        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp).resolve(world_size)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
 
 
 def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
@@ -231,8 +241,7 @@ class Trainer:
         if not cfg.data.sources:
             raise ConfigError("config: data.sources is empty; pass --data DIR (a prepared data directory)")
 
-        dims = ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard)
-        self.dims = dims.resolve(self.dist.world_size)
+        self.dims = parallel_dims(cfg, self.dist.world_size)
         self.mesh = build_mesh(self.dims, self.device.type)
         self.dp_rank, self.dp_size = self.mesh.dp_coordinate() if self.mesh else (0, 1)
         self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from)
@@ -254,8 +263,11 @@ class Trainer:
         self.model = build_model_from_config(cfg, device="meta")
         template = copy.deepcopy(self.model)  # unsharded, unwrapped: init_sharded's full modules
         self.model_config = self.model.config
-        parallelize_hybrid(self.model, self.mesh, param_dtype=self.compute_dtype,
-                           activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
+        try:
+            parallelize_hybrid(self.model, self.mesh, param_dtype=self.compute_dtype,
+                               activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
+        except ValueError as e:  # a model dimension the layout cannot split: names the field and the fix
+            raise ConfigError(f"config: {e}") from None
         init_sharded(self.model, template, self.device)
         self.moe_layers = list(self.model.moe_layers())
         self.optimizer = self._build_optimizer()
@@ -387,10 +399,10 @@ class Trainer:
         for _ in range(self.grad_accum):
             tokens = self._next_batch()
             with self._autocast():
-                loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
+                loss = self._loss(tokens)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
-        loss_val = all_reduce_scalar(float(loss_sum) / self.grad_accum, "sum", self._reduce_device()) / self.dp_size
+        loss_val = self._dp_mean(float(loss_sum) / self.grad_accum)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
@@ -416,15 +428,36 @@ class Trainer:
         p.tokens_seen += self.tokens_per_step
         return {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": grad_norm_val}
 
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's loss on a [b, L+1] window batch; under context parallelism on this rank's
+        (load-balanced) shard of the sequence, with its positions."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        cp_mesh = self.mesh.cp_mesh() if self.mesh is not None else None
+        if cp_mesh is None:
+            return self.model.loss(inputs, targets)
+        positions = shard_index(inputs.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), inputs.device)
+        return self.model.loss(inputs[:, positions], targets[:, positions], positions)
+
+    def _dp_mean(self, value: float) -> float:
+        """Mean over the ranks that saw different tokens (dp x cp; tp peers hold the same value)."""
+        if self.mesh is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._reduce_device())
+        return float(all_reduce_sum_(t, self.mesh.tokens_group())) / self.mesh.dp_cp.size()
+
     @torch.no_grad()
     def _update_moe_bias(self) -> None:
         """Aux-loss-free balancing on the expert loads of the whole global batch: every layer's
         token counts, summed over the data-parallel group in one all-reduce, so every rank applies
-        the same bias update (tp/pp/cp peers saw the same tokens and are not summed over)."""
+        the same bias update (pp peers saw the same tokens and are not summed over; CP and TP ranks
+        each routed a part of the sequence and are)."""
         if not self.moe_layers:
             return
         counts = [layer.tokens_per_expert for layer in self.moe_layers]
-        total = all_reduce_sum_(torch.cat(counts), self.mesh.dp_group() if self.mesh is not None else None)
+        total = all_reduce_sum_(torch.cat(counts), self.mesh.tokens_group() if self.mesh is not None else None)
+        tp_mesh = self.mesh.tp_mesh() if self.mesh is not None else None
+        if tp_mesh is not None:  # each TP rank routed its own part of the sequence
+            all_reduce_sum_(total, tp_mesh.get_group())
         self._moe_load = list(total.split([c.numel() for c in counts]))
         for layer, load in zip(self.moe_layers, self._moe_load):
             layer.update_bias(load)
@@ -443,8 +476,8 @@ class Trainer:
         for batch in batches[:n]:
             tokens = batch["tokens"].to(self.device)
             with self._autocast():
-                loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
-            numel = tokens[:, 1:].numel()
+                loss = self._loss(tokens)
+            numel = tokens[:, 1:].numel() // self.dims.cp  # this rank's share of the targets
             total += float(loss) * numel
             count += numel
         self.model.train()
@@ -473,9 +506,9 @@ class Trainer:
         self.preemption.training()
         if self.is_main:
             log.info("resolved config:\n%s", to_toml(cfg))
-            log.info("model %s/%s pattern %s | %s | dp=%d grad_accum=%d tokens/step=%d | %.3g FLOPs/token",
+            log.info("model %s/%s pattern %s | %s | dp=%d tp=%d cp=%d grad_accum=%d tokens/step=%d | %.3g FLOPs/token",
                      cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"), self.device,
-                     self.dp_size, self.grad_accum, self.tokens_per_step, self.flops_per_token)
+                     self.dp_size, self.dims.tp, self.dims.cp, self.grad_accum, self.tokens_per_step, self.flops_per_token)
         status, error = "finished", None
         try:
             if not resumed and cfg.train.val_every > 0:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from torch.distributed.tensor import Placement, Shard
 
+from parallel.context_parallel import all_gather_sequence
 from parallel.tensor_parallel import linear
 from pretrain.model.config import RopeConfig
 from pretrain.model.ops import attention
@@ -33,6 +34,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * qk_head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.v_head_dim, d_model, bias=False) if project_out else None
+        self.cp_group = None  # context parallelism: keys/values are gathered from these ranks
 
     def reset_parameters(self) -> None:
         for lin in (self.q_proj, self.k_proj, self.v_proj):
@@ -63,6 +65,9 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope, positions.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_pos = positions
+        if self.cp_group is not None:  # this rank's queries see every rank's keys, at their positions
+            k, v = (all_gather_sequence(t, self.cp_group, dim=2) for t in (k, v))
+            k_pos = all_gather_sequence(positions, self.cp_group, dim=0)
         if state is not None:
             if "k" in state:
                 k = torch.cat([state["k"], k], dim=2)

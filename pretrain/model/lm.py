@@ -57,9 +57,13 @@ class HybridLM(nn.Module):
         plan.append((self.norm, self.norm.reset_parameters))
         return plan
 
-    def hidden_states(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, cache: InferenceCache | None = None,
+                      positions: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states. `positions` [l]: the tokens' absolute positions, given under
+        context parallelism (a rank's shard of the sequence); default 0.. (or after the cache)."""
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        if positions is None:
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, cache.layers[i] if cache is not None else None)
@@ -75,10 +79,11 @@ class HybridLM(nn.Module):
         logits = gather_sequence(h) @ local(self.head_weight).t()  # this rank's vocabulary slice
         return DTensor.from_local(logits, self.tp_mesh, [Shard(2)], run_check=False).full_tensor()
 
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
+    def loss(self, tokens: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
         """Mean next-token cross-entropy (+ MoE auxiliary losses when enabled). Under tensor
-        parallelism the head is vocabulary-parallel and the loss too (no rank holds all logits)."""
-        h = self.hidden_states(tokens)
+        parallelism the head is vocabulary-parallel and the loss too (no rank holds all logits);
+        under context parallelism tokens/targets/positions are this rank's shard."""
+        h = self.hidden_states(tokens, positions=positions)
         if self.tp_mesh is None:
             loss = chunked_cross_entropy(h, self.head_weight, targets)
         else:

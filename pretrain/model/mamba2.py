@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from torch.distributed.tensor import Placement, Replicate, Shard
 
+from parallel.context_parallel import all_gather_sequence, head_slice, heads_to_sequence, sequence_to_heads, \
+    to_natural_order
 from parallel.tensor_parallel import linear, local, local_replicated
 from pretrain.model.norms import GatedRMSNorm
 from pretrain.model.ops import causal_conv1d, ssd_scan
@@ -62,6 +64,7 @@ class Mamba2(nn.Module):
         self.init_std, self.out_init_std = init_std, out_init_std
         self.conv_dim = self.d_ssm + 2 * n_groups * d_state
         self.bc_tp_group: dist.ProcessGroup | None = None  # set when B/C are replicated over TP ranks
+        self.cp_group: dist.ProcessGroup | None = None  # context parallelism (see _to_heads)
         gn = n_groups * d_state
         self.z_proj = nn.Linear(d_model, self.d_ssm, bias=False)
         self.x_proj = None if external_x else nn.Linear(d_model, self.d_ssm, bias=False)
@@ -157,27 +160,70 @@ class Mamba2(nn.Module):
         `state` {"conv": [b, conv_dim, d_conv-1], "ssm": [b, h, p, n]} is read and updated in place;
         `x` [b, l, d_ssm] is the shared value when `external_x`.
         """
-        b, l, _ = u.shape
+        b = u.shape[0]
         z, xbc, dt = self._project(u, x)
+        if self.cp_group is not None:
+            xbc, dt = self._to_heads(xbc, dt)
+        l = xbc.shape[1]
         xbc_t = xbc.transpose(1, 2)
         conv_state = state.get("conv") if state is not None else None
-        weight = torch.cat([self._w(c.weight, n) for c, n in zip(self.convs(), "xBC")])
-        bias = torch.cat([self._w(c.bias, n) for c, n in zip(self.convs(), "xBC")])
+        weight = torch.cat([self._conv_part(c.weight, n) for c, n in zip(self.convs(), "xBC")])
+        bias = torch.cat([self._conv_part(c.bias, n) for c, n in zip(self.convs(), "xBC")])
         xbc = causal_conv1d(xbc_t, weight, bias, conv_state).transpose(1, 2)
         gn = local(self.conv_B.bias).shape[0]
         xs, Bm, Cm = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
         xs = xs.reshape(b, l, -1, self.head_dim)
-        dt = F.softplus(wide(dt) + wide(local(self.dt_bias)))
-        A = -torch.exp(wide(local(self.A_log)))
-        y, final_state = ssd_scan(xs, dt, A, Bm.reshape(b, l, -1, self.d_state), Cm.reshape(b, l, -1, self.d_state),
-                                  self.chunk_size, state.get("ssm") if state is not None else None)
-        y = (y + xs * local(self.D).to(xs.dtype)[:, None]).flatten(2)
+        Bm, Cm = (self._groups_for_heads(t.reshape(b, l, -1, self.d_state)) for t in (Bm, Cm))
+        dt = F.softplus(wide(dt) + wide(self._per_head(self.dt_bias)))
+        A = -torch.exp(wide(self._per_head(self.A_log)))
+        y, final_state = ssd_scan(xs, dt, A, Bm, Cm, self.chunk_size, state.get("ssm") if state is not None else None)
+        y = y + xs * self._per_head(self.D).to(xs.dtype)[:, None]
+        if self.cp_group is not None:
+            y = heads_to_sequence(y, self.cp_group)
+        y = y.flatten(2)
         if state is not None:
             prev = conv_state if conv_state is not None else xbc_t.new_zeros(b, xbc_t.shape[1], self.d_conv - 1)
             state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.d_conv - 1):]
             state["ssm"] = final_state
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return linear(y, self.out_proj) if self.out_proj is not None else y
+
+    # ---- context parallelism: the scan runs on every token for a share of the heads ----------
+    def enable_cp(self, group: dist.ProcessGroup, tp: int) -> None:
+        """Switch to head-sharded scans over `group` (Megatron-core's all-to-all approach; the
+        state-passing alternative is not built). Heads per rank: n_heads / (tp * cp)."""
+        cp = dist.get_world_size(group)
+        if self.n_heads % (tp * cp):
+            raise ValueError(f"parallel.tp={tp} x parallel.cp={cp} must divide the Mamba2 heads ({self.n_heads}); "
+                             "choose sizes whose product divides them")
+        local_groups = self.n_groups // tp if self.n_groups % tp == 0 else 1
+        if local_groups > 1 and local_groups % cp:
+            raise ValueError(f"parallel.cp={cp} must divide the Mamba2 groups per TP rank ({local_groups}); "
+                             "change n_groups or parallel.cp")
+        self.cp_group = group
+
+    def _to_heads(self, xbc: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's tokens of every local head -> every token of this rank's share of heads;
+        B and C (per group, not per head) are gathered whole."""
+        gn = local(self.conv_B.bias).shape[0]
+        xs, bc = xbc.split([xbc.shape[-1] - 2 * gn, 2 * gn], dim=-1)
+        xs = sequence_to_heads(xs.unflatten(-1, (-1, self.head_dim)), self.cp_group).flatten(2)
+        dt = sequence_to_heads(dt.unsqueeze(-1), self.cp_group).squeeze(-1)
+        bc = to_natural_order(all_gather_sequence(bc, self.cp_group), self.cp_group)
+        return torch.cat([xs, bc], dim=-1), dt
+
+    def _per_head(self, p: Tensor) -> Tensor:
+        t = local(p)
+        return head_slice(t, self.cp_group) if self.cp_group is not None else t
+
+    def _conv_part(self, p: Tensor, part: str) -> Tensor:
+        return self._per_head(p) if part == "x" else self._w(p, part)
+
+    def _groups_for_heads(self, t: Tensor) -> Tensor:
+        """B or C [b, l, groups, n] restricted to the groups of this rank's share of heads (CP)."""
+        if self.cp_group is None or t.shape[2] == 1:
+            return t
+        return head_slice(t.transpose(0, 2), self.cp_group).transpose(0, 2)
 
 
 def _split_packed_on_load(module: Mamba2, state_dict: dict, prefix: str, *args) -> None:

@@ -1,5 +1,5 @@
 """The one function that applies every parallelism to a HybridLM, in TorchTitan's order:
-tensor/sequence parallel -> activation checkpointing -> compile -> FSDP2.
+tensor/sequence parallel -> context parallel -> activation checkpointing -> compile -> FSDP2.
 
 It sits beside the model because it knows the model's parts; the mechanisms live in `parallel/`.
 Each mixer and FFN declares its own TP placements (`shard_for_tp`, next to its code), whatever its
@@ -17,7 +17,9 @@ from parallel.compile import compile_blocks
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh
 from parallel.tensor_parallel import sequence_parallel_region, shard_parameters
+from pretrain.model.attention import Attention
 from pretrain.model.lm import HybridLM
+from pretrain.model.mamba2 import Mamba2
 
 
 def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtype: torch.dtype = torch.float32,
@@ -28,6 +30,9 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
     tp_mesh = mesh.tp_mesh() if mesh is not None else None
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh)
+    cp_mesh = mesh.cp_mesh() if mesh is not None else None
+    if cp_mesh is not None:
+        apply_context_parallel(model, cp_mesh, tp_mesh.size() if tp_mesh is not None else 1)
     if activation_checkpointing:
         apply_activation_checkpointing(model.blocks)
     if compile:
@@ -58,3 +63,14 @@ def apply_tensor_parallel(model: HybridLM, tp_mesh: DeviceMesh) -> None:
             shard_parameters(part, tp_mesh, part.shard_for_tp(tp, group))
             sequence_parallel_region(part, tp_mesh)
     model.tp_mesh = tp_mesh
+
+
+def apply_context_parallel(model: HybridLM, cp_mesh: DeviceMesh, tp: int) -> None:
+    """Every attention (also the intra-hybrid's branch) gathers keys/values over the CP ranks;
+    every Mamba2 scan runs head-sharded over them. Token-wise layers need nothing."""
+    group = cp_mesh.get_group()
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.cp_group = group
+        elif isinstance(module, Mamba2):
+            module.enable_cp(group, tp)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from parallel.context_parallel import shard_index
 from parallel.distributed import destroy_distributed
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.model import build_model
@@ -41,6 +42,8 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, 
     mesh = build_mesh(dims.resolve(dist.get_world_size()), "cpu")
     parallelize_hybrid(model, mesh, param_dtype=dtype, reduce_dtype=dtype)
     dp_rank, dp_size = mesh.dp_coordinate()
+    cp_rank, cp = mesh.world["cp"].get_local_rank(), mesh.world["cp"].size()
+    positions = shard_index(SEQ, cp, cp_rank)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
     out = {"ref": [], "par": [], "grad_rel": {}}
     for step in range(steps):
@@ -49,12 +52,12 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, 
         mine = tokens[dp_rank * rows:(dp_rank + 1) * rows]
         loss_ref = ref.loss(tokens[:, :-1], tokens[:, 1:])
         loss_ref.backward()
-        loss = model.loss(mine[:, :-1], mine[:, 1:])
+        loss = model.loss(mine[:, :-1][:, positions], mine[:, 1:][:, positions], positions)
         loss.backward()
         loss_sum = loss.detach().clone()
-        dist.all_reduce(loss_sum, group=mesh.dp_group())
+        dist.all_reduce(loss_sum, group=mesh.tokens_group())
         out["ref"].append(loss_ref.item())
-        out["par"].append(loss_sum.item() / dp_size)
+        out["par"].append(loss_sum.item() / (dp_size * cp))
         if step == 0:
             grads = {n: p.grad for n, p in model.named_parameters()}
             out["grad_rel"] = {n: rel(full(grads[n]), p.grad) for n, p in ref.named_parameters()}

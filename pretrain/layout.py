@@ -1,0 +1,154 @@
+"""The dry run of a large launch's parallel layout, without its GPUs.
+
+`layout_report` builds the real device mesh on torch's fake process group (collectives return at
+once, no peers exist) and applies the real TP / CP / FSDP wrapping (`parallelize_hybrid`) to the
+model on the meta device, one representative rank at a time. Memory is read from the local shard
+shapes that rank would hold; activations are an estimate; collectives per step are derived from
+the same shapes and the layout's group sizes.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from parallel.mesh import MESH_DIMS, ParallelDims, ParallelMesh, build_mesh
+from pretrain.config import JobConfig
+
+GIB = 2**30
+ACT_BYTES = 2  # bf16 activations and gathered parameters (training on GPUs)
+
+
+def activation_bytes_per_token_per_dim(n_layers: int, checkpointing: bool) -> int:
+    """Bytes of activations kept per token per d_model for the whole stack, calibrated on H200
+    peaks of the 1B presets on one GPU (docs/benchmarks.md): ~90 per block without activation
+    checkpointing (llama 69, the Mamba2/MoE hybrids 90); with it, the fp32 block inputs (4 per
+    block) plus one block being recomputed (~60; 1B hybrid_moe measured 107 in all)."""
+    return 4 * n_layers + 60 if checkpointing else 90 * n_layers
+
+
+@dataclass
+class RankMemory:
+    params: int  # elements this rank holds (fp32 master weights)
+    expected: float  # the same, counted as total / shards of each parameter
+    largest_block: int  # elements of the largest block this rank gathers (FSDP) for compute
+    activations: float  # bytes per micro-batch (estimate)
+
+    def lines(self) -> list[str]:
+        p = self.params * 4
+        return [f"  parameters   {self.params:,} elements: fp32 weights {p / GIB:.2f} GiB + gradients {p / GIB:.2f} GiB"
+                f" + AdamW moments {2 * p / GIB:.2f} GiB = {4 * p / GIB:.2f} GiB"
+                f" (total / shards per tensor: {self.expected:,.0f}, {100 * (self.params / self.expected - 1):+.2f}%)",
+                f"  gathered     largest block unsharded for compute (bf16): {self.largest_block * ACT_BYTES / GIB:.2f} GiB"
+                f" (x2 with prefetch)",
+                f"  activations  ~{self.activations / GIB:.2f} GiB per micro-batch (estimate: 1-GPU calibration / (tp x cp))"]
+
+
+@contextlib.contextmanager
+def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
+    """This process as rank `rank` of `world_size` on torch's fake backend."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _local_numel(module: nn.Module) -> int:
+    return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
+
+
+def _shards(p: torch.Tensor, only: str | None = None) -> int:
+    """How many ranks split this parameter: the product of the mesh sizes it is sharded over
+    (only the mesh dimension named `only`, when given)."""
+    if not isinstance(p, DTensor):
+        return 1
+    n = 1
+    for name, size, placement in zip(p.device_mesh.mesh_dim_names, p.device_mesh.shape, p.placements):
+        split = placement.is_shard() or isinstance(placement, _StridedShard)  # FSDP over TP: strided
+        n *= size if split and only in (None, name) else 1
+    return n
+
+
+def _gathered_numel(module: nn.Module) -> int:
+    """Elements of `module` once FSDP has gathered them (still split by tensor parallelism)."""
+    return sum(p.numel() // _shards(p, "tp") for p in module.parameters())
+
+
+def rank_memory(model: nn.Module, cfg: JobConfig, dims: ParallelDims) -> RankMemory:
+    params = _local_numel(model)
+    expected = sum(p.numel() / _shards(p) for p in model.parameters())
+    largest = max(_gathered_numel(b) for b in model.blocks)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    per = activation_bytes_per_token_per_dim(len(model.blocks), cfg.train.activation_checkpointing)
+    return RankMemory(params, expected, largest, per * tokens * model.config.d_model / (dims.tp * dims.cp))
+
+
+def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum: int) -> list[tuple[str, int, int, int]]:
+    """(kind, group size, count per step, bytes each) of one optimizer step on one rank."""
+    mc, mb, seq = model.config, cfg.train.micro_batch_size, cfg.data.seq_len
+    tp, cp, fsdp = dims.tp, dims.cp, dims.dp_shard * dims.cp
+    out: list[tuple[str, int, int, int]] = []
+
+    def add(kind: str, group: int, count: int, nbytes: float) -> None:
+        if group > 1 and count > 0:
+            out.append((kind, group, count * grad_accum, int(nbytes)))
+
+    blocks = list(model.blocks)
+    n = sum(_gathered_numel(b) for b in blocks) / len(blocks)  # FSDP: per block, gather for forward
+    add("FSDP all-gather params (bf16, per block)", fsdp, 2 * len(blocks), n * ACT_BYTES)  # and again for backward
+    add("FSDP reduce-scatter grads (fp32, per block)", fsdp, len(blocks), n * 4)
+    stream = mb * seq // cp * mc.d_model * ACT_BYTES  # one sequence-parallel activation, gathered size
+    add("TP all-gather activations (SP, fwd + bwd)", tp, 4 * len(blocks) + 1, stream)
+    add("TP reduce-scatter activations (SP, fwd + bwd)", tp, 4 * len(blocks) + 1, stream)
+    attn = [b.symbol for b in blocks].count("A") + [b.symbol for b in blocks].count("S")
+    hyb = [b.symbol for b in blocks].count("H")
+    mamba = [b.symbol for b in blocks].count("M")
+    if attn + hyb:
+        heads, dim = (mc.n_kv_heads, mc.head_dim) if attn else (mc.intra.kv_heads, mc.intra.qk_head_dim)
+        kv = mb * seq * heads // tp * dim * ACT_BYTES
+        add("CP all-gather K,V (fwd) / reduce-scatter (bwd)", cp, 4 * (attn + hyb), kv)
+    if mamba + hyb:
+        d_ssm = mc.d_ssm if mamba else mc.intra.ssm_width
+        a2a = mb * seq // cp * d_ssm // tp * ACT_BYTES
+        add("CP all-to-all Mamba2 x and y (fwd + bwd)", cp, 4 * (mamba + hyb), a2a)
+        add("CP all-gather Mamba2 B,C (fwd) / reduce-scatter (bwd)", cp, 2 * (mamba + hyb),
+            mb * seq * 2 * mc.n_groups * mc.d_state * ACT_BYTES)
+    if dims.dp_replicate > 1:
+        out.append(("HSDP all-reduce grads (fp32)", dims.dp_replicate, 1, _local_numel(model) * 4))
+    return out
+
+
+def coordinate(mesh: ParallelMesh) -> str:
+    return ", ".join(f"{d} {mesh.world[d].get_local_rank()}" for d in MESH_DIMS)
+
+
+def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum: int) -> str:
+    """What every representative rank of a `world_size`-rank launch of `cfg` holds and sends."""
+    from pretrain.model.parallelize import parallelize_hybrid
+    from pretrain.trainer import build_model_from_config, parallel_dims
+
+    dims = parallel_dims(cfg, world_size)
+    lines = [f"layout               {world_size} ranks = " + " x ".join(f"{d} {s}" for d, s in zip(MESH_DIMS, dims.sizes()))]
+    for rank in ranks:
+        with fake_process_group(rank, world_size):
+            mesh = build_mesh(dims, "cpu")
+            model = build_model_from_config(cfg, device="meta")
+            parallelize_hybrid(model, mesh, param_dtype=torch.bfloat16)
+            lines.append(f"rank {rank} ({coordinate(mesh)})")
+            lines += rank_memory(model, cfg, dims).lines()
+            if rank == ranks[0]:
+                rows = collectives(model, cfg, dims, grad_accum)
+    lines.append(f"collectives per optimizer step on every rank ({grad_accum} micro-batch(es)):")
+    lines.append(f"  {'kind':54s} {'group':>5s} {'count':>6s} {'MiB each':>9s} {'GiB total':>10s}")
+    for kind, group, count, nbytes in rows:
+        lines.append(f"  {kind:54s} {group:5d} {count:6d} {nbytes / 2**20:9.1f} {count * nbytes / GIB:10.2f}")
+    return "\n".join(lines)
