@@ -1,8 +1,10 @@
 """The trainer under tensor and context parallelism (gloo, torchrun): tp=2, tp=2 x fsdp=2, cp=2 and
-tp=2 x cp=2 runs follow the single-process loss curve, and a checkpoint saved at tp=2 x fsdp=2
-resumes on one process and at cp=2 with the same next-step losses (DCP reshards the layout)."""
+tp=2 x cp=2 (with activation checkpointing) runs follow the single-process training and validation
+losses, and a checkpoint saved at tp=2 x fsdp=2 resumes on one process and at cp=2 with the same
+next-step losses (DCP reshards the layout)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,14 @@ def args(run_dir: Path, corpus: Path, dp: int, *extra: str) -> list[str]:
     # The same global batch every way; the tiny intra-hybrid gets 2 K/V heads and 4 SSM heads so
     # that tp x cp can split them.
     return tiny_args(run_dir, corpus, STEPS, f"--train.micro_batch_size={GLOBAL_ROWS // dp}",
+                     "--train.val_every=2", "--train.val_batches=2",
                      "--model.overrides.intra.kv_heads=2", "--model.overrides.intra.attn_heads=4",
                      "--model.overrides.intra.ssm_heads=4", *extra)
+
+
+def val_nll(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val/nll"] for r in records if "val/nll" in r}
 
 
 def assert_close_curves(run_dir: Path, reference: Path, steps: range) -> None:
@@ -27,6 +35,8 @@ def assert_close_curves(run_dir: Path, reference: Path, steps: range) -> None:
     assert sorted(got) == list(steps)
     for step in steps:
         assert got[step][-1] == pytest.approx(ref[step][0], rel=1e-5), step
+    got_val, ref_val = val_nll(run_dir), val_nll(reference)
+    assert got_val and all(got_val[s] == pytest.approx(ref_val[s], rel=1e-5) for s in got_val), (got_val, ref_val)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +73,10 @@ def test_cp2_matches_single_process(corpus, single, tmp_path):
     assert_close_curves(tmp_path, single, range(1, STEPS + 1))
 
 
-def test_tp2_cp2_matches_single_process(corpus, single, tmp_path):
-    assert "dp=1 tp=2 cp=2" in run_to_end(args(tmp_path, corpus, 1, "--parallel.tp=2", "--parallel.cp=2"), nproc=4)
+def test_tp2_cp2_with_activation_checkpointing_matches_single_process(corpus, single, tmp_path):
+    out = run_to_end(args(tmp_path, corpus, 1, "--parallel.tp=2", "--parallel.cp=2",
+                          "--train.activation_checkpointing=true"), nproc=4)
+    assert "dp=1 tp=2 cp=2" in out
     assert_close_curves(tmp_path, single, range(1, STEPS + 1))
 
 
