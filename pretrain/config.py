@@ -293,10 +293,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="build on the meta device, print config, parameters, FLOPs and memory, exit")
     p.add_argument("--world-size", type=int, metavar="N",
-                   help="with --dry-run: lay the run out on N ranks (fake process group, meta tensors) and print "
-                        "each representative rank's parameter/gradient/optimizer bytes and the collectives per step")
+                   help="with --dry-run: lay the run out on N ranks (default: WORLD_SIZE; fake process group, meta "
+                        "tensors) and print each representative rank's parameter/gradient/optimizer bytes and the "
+                        "collectives per step")
     p.add_argument("--rank", type=int, action="append", metavar="R",
-                   help="with --world-size: a rank to report (repeatable; default: the first and the last)")
+                   help="with a dry run of several ranks: a rank to report (repeatable; default: the first and last)")
     return p
 
 

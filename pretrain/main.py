@@ -46,7 +46,7 @@ def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: i
 
 def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | None = None) -> int:
     """Build on the meta device (no memory, no data read beyond manifests) and report sizes; with
-    `world_size`, also the layout on that many ranks (see pretrain.layout)."""
+    more than one rank (`world_size`, else WORLD_SIZE), also the layout on them (pretrain.layout)."""
     from pretrain.accounting import count_params, flops_per_token
 
     model = build_model_from_config(cfg, device="meta")
@@ -73,12 +73,12 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
           f"({dp} data-parallel ranks x micro-batch {cfg.train.micro_batch_size} x {accum} accumulation steps)")
     streams = resolve_num_streams(cfg.data.num_streams, dp)
     print(f"data streams         {streams} (a resumed run keeps its checkpoint's count)")
-    if world_size:
-        bad = [r for r in ranks or [] if not 0 <= r < world_size]
+    if world > 1:  # the layout of a multi-rank launch: --world-size, or torchrun's / a WORLD_SIZE= prefix
+        bad = [r for r in ranks or [] if not 0 <= r < world]
         if bad:
-            raise ConfigError(f"command line: --rank {bad[0]} is not a rank of --world-size {world_size}; use 0..{world_size - 1}")
+            raise ConfigError(f"command line: --rank {bad[0]} is not a rank of world size {world}; use 0..{world - 1}")
         try:
-            print(layout_report(cfg, world_size, ranks or sorted({0, world_size - 1}), accum))
+            print(layout_report(cfg, world, ranks or sorted({0, world - 1}), accum))
         except ValueError as e:  # a model dimension the layout cannot split
             raise ConfigError(f"config: {e}") from None
     return 0

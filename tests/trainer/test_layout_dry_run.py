@@ -31,7 +31,7 @@ def test_16x8_config_dry_runs_at_128_ranks(config, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--world-size", "128", "--rank", "128"], "--rank 128"),
+    (["--world-size", "128", "--rank", "128"], "--rank 128 is not a rank of world size 128"),
     (["--world-size", "102"], "does not divide world size 102"),
     (["--world-size", "128", "--parallel.tp=3"], "data.seq_len"),
 ])
