@@ -1,5 +1,5 @@
 """Tensor + sequence parallelism and context parallelism, alone and composed with each other and
-with FSDP2, on gloo against the same model in one process, for every mixer (attention global and
+with FSDP2 / HSDP, on gloo against the same model in one process, for every mixer (attention global and
 sliding-window + sinks over a sequence longer than window + sinks, Mamba2 with 1 and 2 groups,
 intra-hybrid and its TP-relevant variants) and FFN (SwiGLU, MoE): in fp64 every gradient agrees to
 1e-10 (the layout is exact), in fp32 the losses of 3 AdamW steps to 1e-5 and every gradient to fp32
@@ -44,7 +44,7 @@ def check(results: dict) -> None:
 
 
 def cases(dims: dict, dtype: str, archs: list) -> list:
-    return [(f"{dtype} {arch} {overrides}", arch, overrides, dims, dtype) for arch, overrides in archs]
+    return [(f"{dtype} {dims} {arch} {overrides}", arch, overrides, dims, dtype) for arch, overrides in archs]
 
 
 def test_tp2_matches_one_process(tmp_path):
@@ -52,10 +52,12 @@ def test_tp2_matches_one_process(tmp_path):
     check(run(2, cases({"tp": 2}, "float64", ARCHS + intra) + cases({"tp": 2}, "float32", ARCHS), tmp_path))
 
 
-def test_tp2_fsdp2_matches_one_process(tmp_path):
+def test_tp2_fsdp2_and_hsdp_matches_one_process(tmp_path):
     # 1 routed expert: FSDP shards the stacked experts on another dim than the (too short) first
     few_experts = [("hybrid_moe", {"intra": KV2, "moe": {"n_experts": 1}})]
-    check(run(4, cases({"tp": 2}, "float64", ARCHS + few_experts) + cases({"tp": 2}, "float32", ARCHS[:1]), tmp_path))
+    hsdp = [{"dp_replicate": 2, "tp": 2}, {"dp_replicate": 2, "cp": 2}]
+    check(run(4, cases({"tp": 2}, "float64", ARCHS + few_experts) + cases({"tp": 2}, "float32", ARCHS[:1])
+              + [c for dims in hsdp for c in cases(dims, "float64", ARCHS[-1:])], tmp_path))
 
 
 def test_cp2_matches_one_process(tmp_path):
