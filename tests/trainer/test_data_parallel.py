@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer_helpers import losses, run_to_end, tiny_args
+from curves import assert_close_curves
+from trainer_helpers import run_to_end, tiny_args
 
 STEPS = 8
 pytestmark = pytest.mark.slow
@@ -30,13 +31,6 @@ def double(corpus, tmp_path_factory) -> Path:
     # Async saves here: ranks agree each step whether every rank's write has finished, then commit.
     run_to_end(args(run_dir, corpus, 2, "--checkpoint.async_save=true"), nproc=2)
     return run_dir
-
-
-def assert_close_curves(run_dir: Path, reference: Path, steps: range) -> None:
-    got, ref = losses(run_dir), losses(reference)
-    assert sorted(got) == list(steps)
-    for step in steps:
-        assert got[step][-1] == pytest.approx(ref[step][0], rel=1e-5), step
 
 
 def test_two_process_fsdp_matches_single_process(single, double):

@@ -4,12 +4,12 @@ losses, and a checkpoint saved at tp=2 x fsdp=2 resumes on one process and at cp
 next-step losses (DCP reshards the layout)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from trainer_helpers import losses, run_to_end, tiny_args
+import curves
+from trainer_helpers import run_to_end, tiny_args
 
 STEPS = 4
 pytestmark = pytest.mark.slow
@@ -25,18 +25,8 @@ def args(run_dir: Path, corpus: Path, dp: int, *extra: str) -> list[str]:
                      "--model.overrides.intra.ssm_heads=4", *extra)
 
 
-def val_nll(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["val/nll"] for r in records if "val/nll" in r}
-
-
 def assert_close_curves(run_dir: Path, reference: Path, steps: range) -> None:
-    got, ref = losses(run_dir), losses(reference)
-    assert sorted(got) == list(steps)
-    for step in steps:
-        assert got[step][-1] == pytest.approx(ref[step][0], rel=1e-5), step
-    got_val, ref_val = val_nll(run_dir), val_nll(reference)
-    assert got_val and all(got_val[s] == pytest.approx(ref_val[s], rel=1e-5) for s in got_val), (got_val, ref_val)
+    curves.assert_close_curves(run_dir, reference, steps, validation=True)
 
 
 @pytest.fixture(scope="module")
