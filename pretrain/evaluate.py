@@ -108,13 +108,17 @@ def run(argv: list[str]) -> None:
     print(f"wrote {args.out / 'results.json'} and {len(results['plots'])} figures")
 
 
-def run_compare(argv: list[str]) -> None:
-    from pretrain.evaluation.compare import compare
-
+def compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PROG} compare", description="side-by-side table and figures")
     p.add_argument("results", type=Path, nargs="+", help="directories written by --out")
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def run_compare(argv: list[str]) -> None:
+    from pretrain.evaluation.compare import compare
+
+    args = compare_parser().parse_args(argv)
     print(compare(args.results, args.out), end="")
     print(f"wrote {args.out / 'compare.md'}, compare.json and the figures")
 

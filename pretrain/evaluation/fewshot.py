@@ -5,8 +5,9 @@ tokenizer and needs no lm_eval; `pretrain.evaluation.harness` wraps it as an lm_
 
 Token handling follows the harness's own HF model: BOS starts every sequence (as in training), a
 context's trailing spaces move to the continuation, and the continuation's tokens are those of
-encode(context + continuation) past encode(context), so the split does not depend on where the
-tokenizer merges across the boundary. Sequences longer than `max_length` keep their last tokens.
+encode(context + continuation) past encode(context), so the split follows the tokenizer's merges
+across the boundary. Where a merge crosses it (encode(context) is not a prefix of the whole), the
+two are encoded apart. Sequences longer than `max_length` keep their last tokens.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ class Scorer:
         continuation = context[len(stripped):] + continuation
         whole = self.tok.encode(stripped + continuation)
         ctx = self.tok.encode(stripped)
-        return [self.tok.bos_id, *whole[:len(ctx)]], whole[len(ctx):]
+        if whole[:len(ctx)] != ctx or len(whole) == len(ctx):
+            return [self.tok.bos_id, *ctx], self.tok.encode(continuation)
+        return [self.tok.bos_id, *ctx], whole[len(ctx):]
 
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -49,7 +52,10 @@ class Scorer:
             with autocast(self.device, self.dtype):
                 hidden = self.model.hidden_states(inputs.to(self.device))
             for j, i in enumerate(chunk):
-                n_in, n_cont = len(rows[i]) - 1, len(pairs[i][1])
+                n_in, n_cont = len(rows[i]) - 1, min(len(pairs[i][1]), len(rows[i]) - 1)
+                if n_cont == 0:  # an empty continuation is certain
+                    out[i] = (0.0, True)
+                    continue
                 logits = (hidden[j, n_in - n_cont:n_in] @ self.model.head_weight.t()).float()
                 target = torch.tensor(rows[i][-n_cont:], device=logits.device)
                 logp = F.log_softmax(logits, dim=-1)

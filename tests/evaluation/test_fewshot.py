@@ -62,6 +62,24 @@ def test_loglikelihood_equals_the_full_forward(scorer):
         assert logp == pytest.approx(want[0], rel=1e-4, abs=1e-4) and greedy == want[1]
 
 
+class MergingTokenizer(ByteTokenizer):
+    """Bytes, but "ab" is one token (id 200): a merge that can cross a context/continuation boundary."""
+
+    def encode(self, text: str) -> list[int]:
+        return [t for part in text.split("ab") for t in (*part.encode(), 200)][:-1]
+
+
+def test_a_merge_across_the_boundary_and_an_empty_continuation(scorer):
+    merging = Scorer(scorer.model, MergingTokenizer(), max_length=64)
+    bos = merging.tok.bos_id
+    assert merging.encode_pair("xab", "cd") == ([bos, ord("x"), 200], [ord("c"), ord("d")])  # split of the whole
+    assert merging.encode_pair("xa", "b") == ([bos, ord("x"), ord("a")], [ord("b")])  # "ab" merged across: apart
+    (logp, greedy), = merging.loglikelihood([("xa", "b")])
+    assert logp == pytest.approx(reference_loglikelihood(scorer.model, [bos, ord("x"), ord("a"), ord("b")], 1)[0],
+                                 rel=1e-4) and logp < 0
+    assert merging.loglikelihood([("xa", "")]) == [(0.0, True)]
+
+
 def test_rolling_loglikelihood_is_the_whole_texts(scorer):
     text = "def main():\n    return 0\n"
     tokens = [scorer.tok.bos_id, *text.encode()]
