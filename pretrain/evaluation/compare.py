@@ -25,10 +25,19 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 def merge(paths: list[Path]) -> list[dict[str, Any]]:
-    """Every checkpoint of every results file; a label seen twice gets its directory's name."""
-    entries = [(p, e) for p in paths for e in read_results(p)["checkpoints"]]
-    labels = [e["label"] for _, e in entries]
-    return [{**e, "label": f"{e['label']} [{p.name}]"} if labels.count(e["label"]) > 1 else e for p, e in entries]
+    """One entry per checkpoint over every results file, suites run separately joined (a suite
+    present in several inputs: the later input's); a label two checkpoints share gets the run name."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for entry in read_results(path)["checkpoints"]:
+            merged.setdefault(entry["checkpoint"], {}).update(entry)
+    entries = list(merged.values())
+    labels = [e["label"] for e in entries]
+    for e in entries:
+        if labels.count(e["label"]) > 1:
+            step = Path(e["checkpoint"])
+            e["label"] = f"{e['label']} ({step.parent.parent.name}/{step.name})"
+    return entries
 
 
 def _fmt(value: Any, spec: str) -> str:

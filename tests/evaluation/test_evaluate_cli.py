@@ -53,19 +53,20 @@ def test_bits_per_byte_count_the_text_bytes(evaluated):
     assert nll["bits_per_byte"] == pytest.approx(nll["nll"] * nll["tokens"] / math.log(2) / nll["bytes"])
 
 
-def test_compare_sets_the_runs_side_by_side(evaluated, runs, tmp_path):
-    out, _ = evaluated
+def test_compare_joins_suites_per_checkpoint(evaluated, runs, tmp_path):
+    out, results = evaluated
     single = tmp_path / "single"
     assert main(["--checkpoint", str(runs["inter_hybrid"]), "--suite", "nll", "--out", str(single),
                  "--nll-batches", "1"]) == 0
     assert main(["compare", str(out), str(single), "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
-    rows = [line for line in table if line.startswith("| ") and "pattern" not in line]
-    # inter_hybrid appears in both inputs, so both of its rows carry their directory's name
-    assert [r.split(" | ")[0] for r in rows] == [f"| inter_hybrid [{out.name}]", "| hybrid_moe",
-                                                  "| inter_hybrid [single]"]
+    assert [line.split(" | ")[0] for line in table if line.startswith("| ") and "pattern" not in line] == \
+        ["| inter_hybrid", "| hybrid_moe"]
     cmp = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert cmp["rows"][1][4] == f"{evaluated[1]['checkpoints'][1]['nll']['nll']:.4f}"
+    later = json.loads((single / "results.json").read_text())["checkpoints"][0]
+    inter, moe = cmp["checkpoints"]
+    assert inter["nll"] == later["nll"] and inter["positions"] == results["checkpoints"][0]["positions"]
+    assert cmp["rows"][0][4] == f"{later['nll']['nll']:.4f}" and cmp["rows"][1][4] == f"{moe['nll']['nll']:.4f}"
     for name in cmp["plots"].values():
         assert_nonempty_png(tmp_path / "cmp" / name)
 
