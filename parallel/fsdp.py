@@ -17,14 +17,13 @@ from torch.distributed.tensor import DTensor, Shard
 def balanced_shard_placement(n_shards: int) -> Callable[[nn.Parameter], Shard | None]:
     """FSDP shards dim 0 by default; a tensor with fewer rows than ranks (stacked experts
     [E, d, h] with E < ranks) would then sit on E ranks and leave the rest empty. Such a tensor is
-    sharded on its largest dim instead (tensor-parallel shards keep dim 0: FSDP2 composes with TP
-    only there)."""
+    sharded on its largest dim that splits evenly instead (tensor-parallel shards keep dim 0: FSDP2
+    composes with TP only there)."""
     def placement(param: nn.Parameter) -> Shard | None:
-        if param.shape[0] >= n_shards or param.ndim == 1:
+        if param.shape[0] >= n_shards or (isinstance(param, DTensor) and any(p.is_shard() for p in param.placements)):
             return None
-        if isinstance(param, DTensor) and any(p.is_shard() for p in param.placements):
-            return None
-        return Shard(max(range(param.ndim), key=lambda d: param.shape[d]))
+        even = [d for d in range(1, param.ndim) if param.shape[d] % n_shards == 0]  # FSDP2 needs even shards off dim 0
+        return Shard(max(even, key=lambda d: param.shape[d])) if even else None
     return placement
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from torch.distributed.tensor import Placement, Shard
 
-from parallel.context_parallel import all_gather_sequence
+from parallel.context_parallel import all_gather_sequence, to_natural_order
 from parallel.tensor_parallel import linear
 from pretrain.model.config import RopeConfig
-from pretrain.model.ops import attention
+from pretrain.model.ops import attention, causal_suffix_attention
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -64,22 +65,51 @@ class Attention(nn.Module):
         v = (v if v is not None else self.values(x)).transpose(1, 2)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope, positions.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_pos = positions
-        if self.cp_group is not None:  # this rank's queries see every rank's keys, at their positions
-            k, v = (all_gather_sequence(t, self.cp_group, dim=2) for t in (k, v))
-            k_pos = all_gather_sequence(positions, self.cp_group, dim=0)
-        if state is not None:
-            if "k" in state:
-                k = torch.cat([state["k"], k], dim=2)
-                v = torch.cat([state["v"], v], dim=2)
-                k_pos = torch.cat([state["pos"], positions])
-            state["k"], state["v"], state["pos"] = k, v, k_pos
-            if self.window is not None:  # later queries see only sinks + window: drop the rest
-                keep = (k_pos < self.n_sink) | (k_pos > positions[-1] - self.window)
-                state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
-        y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)
+        if self.cp_group is not None:
+            y = self._context_parallel(q, k, v, positions)
+        else:
+            k, v, k_pos = self._with_cache(k, v, positions, state)
+            y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)
         y = y.transpose(1, 2).flatten(2)
         return linear(y, self.o_proj) if self.o_proj is not None else y
+
+    def _with_cache(self, k: Tensor, v: Tensor, positions: Tensor, state: dict | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values and key positions including the cached ones; the cache (when given) is
+        updated in place."""
+        k_pos = positions
+        if state is None:
+            return k, v, k_pos
+        if "k" in state:
+            k = torch.cat([state["k"], k], dim=2)
+            v = torch.cat([state["v"], v], dim=2)
+            k_pos = torch.cat([state["pos"], positions])
+        state["k"], state["v"], state["pos"] = k, v, k_pos
+        if self.window is not None:  # later queries see only sinks + window: drop the rest
+            keep = (k_pos < self.n_sink) | (k_pos > positions[-1] - self.window)
+            state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
+        return k, v, k_pos
+
+    def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """This rank's queries (chunks r and 2cp-1-r of `shard_index`) over every rank's keys and
+        values, gathered with their positions. Each query chunk is contiguous, so it attends to the
+        keys up to its end only: lower-right causal for global attention; for a sliding window, the
+        sinks and the window before the chunk (at most chunk + window keys, masked by position)."""
+        rank, cp = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
+        k, v = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=2), self.cp_group, dim=2) for t in (k, v))
+        k_pos = to_natural_order(all_gather_sequence(positions, self.cp_group, dim=0), self.cp_group, dim=0)
+        chunk = q.shape[2] // 2
+        out = []
+        for i, chunk_id in enumerate((rank, 2 * cp - 1 - rank)):
+            qc, end = q[:, :, i * chunk:(i + 1) * chunk], (chunk_id + 1) * chunk
+            if self.window is None:
+                out.append(causal_suffix_attention(qc, k[:, :, :end], v[:, :, :end]))
+                continue
+            start = max(0, end - chunk - self.window + 1)
+            keys = torch.cat([torch.arange(min(self.n_sink, start), device=q.device),
+                              torch.arange(start, end, device=q.device)])
+            out.append(attention(qc, k[:, :, keys], v[:, :, keys], positions[i * chunk:(i + 1) * chunk], k_pos[keys],
+                                 self.window, self.n_sink))
+        return torch.cat(out, dim=2)
 
 
 def attention_from_config(cfg, sliding: bool, layer_id: int) -> Attention:

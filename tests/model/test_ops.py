@@ -162,3 +162,14 @@ def test_chunked_cross_entropy_skips_gradient_work_without_grad(monkeypatch):
     torch.testing.assert_close(value, cross_entropy_reference(h, w, t))
     chunked_cross_entropy(h, w, t, chunk_rows=4)
     assert seen == [False, True]
+
+
+def test_causal_suffix_attention_matches_the_position_masked_reference():
+    """A context-parallel query chunk: the last 5 of 12 positions over all 12 keys (GQA 4:2)."""
+    from pretrain.model.ops import causal_suffix_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 12, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    want = attention_reference(q, k, v, torch.arange(7, 12), torch.arange(12))
+    torch.testing.assert_close(causal_suffix_attention(q, k, v), want)

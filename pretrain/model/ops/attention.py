@@ -12,8 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
+from pretrain.model.ops.precision import wide
 
 
 def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, n_sink: int) -> Tensor:
@@ -37,9 +39,20 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
                         window: int | None = None, n_sink: int = 0) -> Tensor:
     """q [b,h,lq,dq], k [b,kv,lk,dq], v [b,kv,lk,dv] -> [b,h,lq,dv]; explicit softmax in fp32."""
     k, v = expand_kv(k, v, q.shape[1])
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bhqd,bhkd->bhqk", wide(q), wide(k)) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window, n_sink), -torch.inf)
-    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v.float()).to(q.dtype)
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), wide(v)).to(q.dtype)
+
+
+def causal_suffix_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of the last lq of lk consecutive positions over all lk keys (a context-
+    parallel query chunk over the keys up to its end): SDPA's lower-right causal bias, which the
+    flash and memory-efficient kernels take, instead of a [lq, lk] mask."""
+    lq, lk = q.shape[2], k.shape[2]
+    if q.is_cuda and not wants_fast_kernel(q):
+        return attention_reference(q, k, v, torch.arange(lk - lq, lk, device=q.device), torch.arange(lk, device=q.device))
+    k, v = expand_kv(k, v, q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
