@@ -20,6 +20,9 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from parallel.mesh import MESH_DIMS, ParallelDims, ParallelMesh, build_mesh
 from pretrain.config import JobConfig
+from pretrain.model.attention import Attention
+from pretrain.model.mamba2 import Mamba2
+from pretrain.model.moe import MoE
 
 GIB = 2**30
 ACT_BYTES = 2  # bf16 activations and gathered parameters (training on GPUs)
@@ -93,38 +96,51 @@ def rank_memory(model: nn.Module, cfg: JobConfig, dims: ParallelDims) -> RankMem
 
 
 def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum: int) -> list[tuple[str, int, int, int]]:
-    """(kind, group size, count per step, bytes each) of one optimizer step on one rank."""
-    mc, mb, seq = model.config, cfg.train.micro_batch_size, cfg.data.seq_len
+    """(kind, group size, count per step, bytes each on average) of one optimizer step on one rank,
+    read off the wrapped model's modules: FSDP per block and root, TP's sequence gathers and
+    scatters per mixer and FFN (again in recompute under activation checkpointing), gradient sums
+    of replicated weights that serve rank-local work, CP's K/V gathers and Mamba2 exchanges."""
+    mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     tp, cp, fsdp = dims.tp, dims.cp, dims.dp_shard * dims.cp
-    out: list[tuple[str, int, int, int]] = []
+    fwd = 2 if cfg.train.activation_checkpointing else 1  # forward collectives run again in recompute
+    rows: dict[tuple[str, int], list[float]] = {}  # (kind, group) -> [count, total bytes]
 
     def add(kind: str, group: int, count: int, nbytes: float) -> None:
         if group > 1 and count > 0:
-            out.append((kind, group, count * grad_accum, int(nbytes)))
+            row = rows.setdefault((kind, group), [0, 0.0])
+            row[0] += count
+            row[1] += count * nbytes
 
     blocks = list(model.blocks)
-    n = sum(_gathered_numel(b) for b in blocks) / len(blocks)  # FSDP: per block, gather for forward
-    add("FSDP all-gather params (bf16, per block)", fsdp, 2 * len(blocks), n * ACT_BYTES)  # and again for backward
-    add("FSDP reduce-scatter grads (fp32, per block)", fsdp, len(blocks), n * 4)
-    stream = mb * seq // cp * mc.d_model * ACT_BYTES  # one sequence-parallel activation, gathered size
-    add("TP all-gather activations (SP, fwd + bwd)", tp, 4 * len(blocks) + 1, stream)
-    add("TP reduce-scatter activations (SP, fwd + bwd)", tp, 4 * len(blocks) + 1, stream)
-    attn = [b.symbol for b in blocks].count("A") + [b.symbol for b in blocks].count("S")
-    hyb = [b.symbol for b in blocks].count("H")
-    mamba = [b.symbol for b in blocks].count("M")
-    if attn + hyb:
-        heads, dim = (mc.n_kv_heads, mc.head_dim) if attn else (mc.intra.kv_heads, mc.intra.qk_head_dim)
-        kv = mb * seq * heads // tp * dim * ACT_BYTES
-        add("CP all-gather K,V (fwd) / reduce-scatter (bwd)", cp, 4 * (attn + hyb), kv)
-    if mamba + hyb:
-        d_ssm = mc.d_ssm if mamba else mc.intra.ssm_width
-        a2a = mb * seq // cp * d_ssm // tp * ACT_BYTES
-        add("CP all-to-all Mamba2 x and y (fwd + bwd)", cp, 4 * (mamba + hyb), a2a)
-        add("CP all-gather Mamba2 B,C (fwd) / reduce-scatter (bwd)", cp, 2 * (mamba + hyb),
-            mb * seq * 2 * mc.n_groups * mc.d_state * ACT_BYTES)
-    if dims.dp_replicate > 1:
-        out.append(("HSDP all-reduce grads (fp32)", dims.dp_replicate, 1, _local_numel(model) * 4))
-    return out
+    root = _gathered_numel(model) - sum(_gathered_numel(b) for b in blocks)
+    for i, b in enumerate(blocks):  # the last block stays gathered for backward
+        add("FSDP all-gather params (bf16)", fsdp, 2 if i < len(blocks) - 1 else 1, _gathered_numel(b) * ACT_BYTES)
+        add("FSDP reduce-scatter grads (fp32)", fsdp, 1, _gathered_numel(b) * 4)
+    add("FSDP all-gather params (bf16)", fsdp, 2, root * ACT_BYTES)
+    add("FSDP reduce-scatter grads (fp32)", fsdp, 1, root * 4)
+    add("HSDP all-reduce grads (fp32)", dims.dp_replicate, 1, _local_numel(model) * 4)
+    stream = mb * seq // cp * model.config.d_model * ACT_BYTES  # a sequence-parallel activation, gathered
+    for kind in ("TP all-gather activations (SP)", "TP reduce-scatter activations (SP)"):
+        add(kind, tp, (fwd + 1) * 2 * len(blocks) + 2, stream)  # mixer + FFN per block; embedding, loss
+    replicated = 0
+    for m in model.modules():
+        if isinstance(m, Mamba2) and m.bc_tp_group is not None:
+            replicated += sum(p.numel() for part in (m.B_proj, m.C_proj, m.conv_B, m.conv_C) for p in part.parameters())
+        elif isinstance(m, MoE) and m.tp_group is not None:
+            replicated += m.router.weight.numel() + m.w1.numel() + m.w2.numel() + m.w3.numel()
+        if isinstance(m, Attention) and m.cp_group is not None:
+            kv = mb * seq * m.n_kv_heads // tp * (m.qk_head_dim + m.v_head_dim) * ACT_BYTES / 2
+            add("CP all-gather K, V", cp, 2 * fwd, kv)
+            add("CP reduce-scatter K, V grads", cp, 2, kv)
+        if isinstance(m, Mamba2) and m.cp_group is not None:
+            local = mb * seq // cp // tp * ACT_BYTES
+            bc = mb * seq * 2 * m.n_groups * m.d_state // (tp if m.bc_tp_group is None else 1) * ACT_BYTES
+            for nbytes in (local * m.d_ssm, local * m.n_heads, local * m.d_ssm):  # x and dt in, y out
+                add("CP all-to-all Mamba2 x, dt, y", cp, fwd + 1, nbytes)
+            add("CP all-gather Mamba2 B, C", cp, fwd, bc)
+            add("CP reduce-scatter Mamba2 B, C grads", cp, 1, bc)
+    add("TP all-reduce grads of replicated weights on local work", tp, 1, replicated * ACT_BYTES)
+    return [(kind, group, int(count) * grad_accum, int(total / count)) for (kind, group), (count, total) in rows.items()]
 
 
 def coordinate(mesh: ParallelMesh) -> str:
@@ -148,7 +164,7 @@ def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum:
             if rank == ranks[0]:
                 rows = collectives(model, cfg, dims, grad_accum)
     lines.append(f"collectives per optimizer step on every rank ({grad_accum} micro-batch(es)):")
-    lines.append(f"  {'kind':54s} {'group':>5s} {'count':>6s} {'MiB each':>9s} {'GiB total':>10s}")
+    lines.append(f"  {'kind':56s} {'group':>5s} {'count':>6s} {'MiB each':>9s} {'GiB total':>10s}")
     for kind, group, count, nbytes in rows:
-        lines.append(f"  {kind:54s} {group:5d} {count:6d} {nbytes / 2**20:9.1f} {count * nbytes / GIB:10.2f}")
+        lines.append(f"  {kind:56s} {group:5d} {count:6d} {nbytes / 2**20:9.1f} {count * nbytes / GIB:10.2f}")
     return "\n".join(lines)
