@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from torch.distributed.tensor import Placement, Replicate, Shard
 
 from parallel.context_parallel import all_gather_sequence, head_slice, heads_to_sequence, sequence_to_heads, \
@@ -90,12 +89,14 @@ class Mamba2(nn.Module):
     def reset_parameters(self) -> None:
         # Drawn as the packed tensors and split, so the initial weights do not depend on the layout.
         projs = self.projections()
-        packed = torch.empty(sum(p.weight.shape[0] for p in projs), projs[0].weight.shape[1])
+        w = projs[0].weight
+        packed = torch.empty(sum(p.weight.shape[0] for p in projs), w.shape[1], device=w.device, dtype=w.dtype)
         nn.init.normal_(packed, std=self.init_std)
         for p, w in zip(projs, packed.split([p.weight.shape[0] for p in projs])):
             p.weight.copy_(w)
         bound = 1 / math.sqrt(self.d_conv)  # nn.Conv1d's default for depthwise
-        weight, bias = torch.empty(self.conv_dim, self.d_conv), torch.empty(self.conv_dim)
+        like = {"device": self.conv_x.weight.device, "dtype": self.conv_x.weight.dtype}
+        weight, bias = torch.empty(self.conv_dim, self.d_conv, **like), torch.empty(self.conv_dim, **like)
         nn.init.uniform_(weight, -bound, bound)
         nn.init.uniform_(bias, -bound, bound)
         sizes = [c.bias.shape[0] for c in self.convs()]
