@@ -253,3 +253,16 @@ def mamba2_from_config(cfg, layer_id: int) -> Mamba2:
     return Mamba2(cfg.d_model, cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state, cfg.n_groups, cfg.d_conv,
                   cfg.chunk_size, cfg.a_init_range, cfg.dt_min, cfg.dt_max, cfg.norm_eps,
                   init_std=cfg.init_std, out_init_std=cfg.out_init_std)
+
+
+def convert_packed_state(state: dict[str, Tensor], cfg) -> None:
+    """Convert every Mamba2 mixer's packed tensors in a whole model's `state` (keys as
+    `HybridLM.state_dict()`, e.g. read from a checkpoint saved before the split) to the split
+    names, in place, from the ModelConfig `cfg` alone."""
+    for i, symbol in enumerate(cfg.blocks):
+        if symbol == "M":
+            convert_packed_mamba(state, f"blocks.{i}.mixer.", cfg.d_ssm, cfg.n_groups * cfg.d_state, False)
+        elif symbol == "H":
+            ic = cfg.intra
+            convert_packed_mamba(state, f"blocks.{i}.mixer.ssm.", ic.ssm_width, cfg.n_groups * ic.d_state,
+                                 ic.value_sharing)

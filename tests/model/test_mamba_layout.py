@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.model import build_model
-from pretrain.model.mamba2 import Mamba2
+from pretrain.model.mamba2 import Mamba2, convert_packed_state
 
 
 def packed_state(model) -> dict[str, torch.Tensor]:
@@ -32,3 +32,13 @@ def test_packed_checkpoint_loads_into_split_layout(arch, overrides):
     fresh.load_state_dict(old)
     tokens = torch.randint(0, 512, (2, 24))
     assert torch.equal(fresh(tokens), saved(tokens))
+
+
+@pytest.mark.parametrize("arch", ["hybrid_moe", "inter_hybrid"])
+def test_packed_state_converts_from_the_config_alone(arch):
+    """What a checkpoint loader needs: the split state from the packed one without module instances."""
+    model = build_model(arch, "tiny", intra={"value_sharing": True})
+    state = packed_state(model)
+    convert_packed_state(state, model.config)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
