@@ -37,23 +37,29 @@ def plot_niah(label: str, r: dict[str, Any], path: Path) -> Path:
     im = ax.imshow(r["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(r["lengths"])), [str(n) for n in r["lengths"]])
     ax.set_yticks(range(len(r["depths"])), [f"{d:.0%}" for d in r["depths"]])
+    for i, row in enumerate(r["accuracy"]):
+        for j, acc in enumerate(row):
+            ax.text(j, i, f"{acc:.2f}", ha="center", va="center", fontsize=8)
     ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=f"needle in a haystack: {label}")
     fig.colorbar(im, ax=ax, label="accuracy")
     return save_figure(fig, path)
 
 
 def plot_inference(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Decode tokens/s and cache MiB vs total length, one line per checkpoint."""
+    """Decode tokens/s (solid: up to each total; dotted: median step) and cache MiB vs total length."""
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
     for label, r in results.items():
         totals = [p["total"] for p in r["points"]]
-        speed.plot(totals, [p["tokens_per_s"] for p in r["points"]], marker="o", label=label)
+        line, = speed.plot(totals, [p["tokens_per_s"] for p in r["points"]], marker="o", label=label)
+        speed.plot(totals, [p["median_step_tokens_per_s"] for p in r["points"]], linestyle=":",
+                   color=line.get_color())
         memory.plot(totals, [p["cache_bytes"] / 2**20 for p in r["points"]], marker="o", label=label)
     for ax in (speed, memory):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    speed.set(xlabel="total length (tokens)", ylabel="decode tokens/s", title="decode speed")
+    speed.set(xlabel="total length (tokens)", ylabel="decode tokens/s",
+              title="decode speed (dotted: from the median step)")
     memory.set(xlabel="total length (tokens)", ylabel="cache MiB (measured)", title="inference cache")
     speed.legend(fontsize=8)
     return save_figure(fig, path)

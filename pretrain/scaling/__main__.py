@@ -109,12 +109,18 @@ def cmd_fit(args: argparse.Namespace) -> None:
     (out / "fit.json").write_text(json.dumps({"plan": str(args.plan), "missing": missing, "fits": fits,
                                               "plots": files}, indent=1) + "\n")
     for arch, f in fits.items():
+        for curve in f["isoflop"]:
+            opt = curve["optimum"]
+            if opt is None:
+                print(f"{arch}: C={curve['budget']:.3g}: no optimum ({curve['why']})")
+            else:
+                where = "" if opt["inside_grid"] else " (outside the sizes tried: left out of the laws)"
+                print(f"{arch}: C={curve['budget']:.3g}: N_opt {opt['params']:.3g}, D_opt {opt['tokens']:.3g}, "
+                      f"{opt['tokens_per_param']:.1f} tokens/parameter, NLL {opt['nll']:.4f}{where}")
         for key, law in (("N_opt", f["n_opt"]), ("D_opt", f["d_opt"])):
             if law:
                 err = f" +- {law['exponent_stderr']:.3f}" if law["exponent_stderr"] is not None else ""
                 print(f"{arch}: {key} ~ C^{law['exponent']:.3f}{err}")
-        for budget, tpp in f["tokens_per_param"].items():
-            print(f"{arch}: C={budget}: {tpp:.1f} tokens/parameter at the optimum")
     if missing:
         print(f"not finished (left out of the fit): {', '.join(missing)}")
     print(f"wrote {out / 'fit.json'}, {out / 'isoflop.png'}, {out / 'laws.png'}")

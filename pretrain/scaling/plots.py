@@ -43,5 +43,6 @@ def plot_laws(fits: dict[str, Any], path: Path) -> Path:
                         label=f"{arch}: C^{law['exponent']:.3f}")
     for ax, what in zip(axes, ("N_opt (parameters)", "D_opt (tokens)")):
         ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=what)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no law without two budgets whose optimum is inside the grid
+            ax.legend(fontsize=8)
     return save_figure(fig, path)
