@@ -11,7 +11,7 @@ from pretrain.evaluation.runner import RESULTS_FILE, draw
 from pretrain.hf import CliError
 
 COLUMNS = ("label", "pattern", "params (non-emb)", "train FLOPs", "val NLL", "bits/byte", "NLL <= train len",
-           "NLL > train len", "NIAH acc", "cache MiB", "decode tok/s", "few-shot avg")
+           "NLL > train len", "NIAH acc", "cache MiB", "decode tok/s", "median-step tok/s", "few-shot avg")
 
 
 def read_results(path: Path) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def row(e: dict[str, Any]) -> list[str]:
             _fmt(e.get("train_flops"), ".2e"), _fmt(nll.get("nll"), ".4f"), _fmt(nll.get("bits_per_byte"), ".4f"),
             _fmt(pos.get("nll_within_train_length"), ".4f"), _fmt(pos.get("nll_beyond_train_length"), ".4f"),
             _fmt(niah.get("mean_accuracy"), ".2f"), _fmt(cache, ".3g"), _fmt(last.get("tokens_per_s"), ".1f"),
-            _fmt(few.get("average"), ".4f")]
+            _fmt(last.get("median_step_tokens_per_s"), ".1f"), _fmt(few.get("average"), ".4f")]
 
 
 def markdown_table(entries: list[dict[str, Any]]) -> str:
@@ -67,7 +67,7 @@ def compare(paths: list[Path], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(entries)
     notes = ("cache MiB: per sequence at the longest decoded length, as measured (dtype of the run); "
-             "decode tok/s: batch tokens/s at that length.\n")
+             "decode tok/s: batch tokens/s up to that length; median-step tok/s: from the median decode step there.\n")
     (out / "compare.md").write_text(table + "\n" + notes)
     (out / "compare.json").write_text(json.dumps({"inputs": [str(p) for p in paths], "columns": COLUMNS,
                                                   "rows": [row(e) for e in entries], "checkpoints": entries,
