@@ -6,7 +6,7 @@ import torch
 
 from pretrain.model import build_model
 from pretrain.model.mamba2 import Mamba2
-from pretrain.model.ops import (attention, chunked_cross_entropy, cross_entropy_reference, gated_rms_norm,
+from pretrain.model.ops import (attention, causal_suffix_attention, chunked_cross_entropy, cross_entropy_reference, gated_rms_norm,
                                 grouped_mm, reference_kernels, ssd_scan)
 from pretrain.model.ops.gated_norm import _rmsnorm_fn
 from pretrain.model.ops.ssd import _mamba_chunk_scan
@@ -66,6 +66,18 @@ def test_sdpa_matches_reference_bf16(window):
     out = attention(q, k, v, pos, pos, window, 64)
     with reference_kernels():
         ref = attention(q, k, v, pos, pos, window, 64)
+    assert rel(out, ref) < 1e-2
+
+
+def test_causal_suffix_attention_matches_reference_bf16():
+    """Context parallel's query chunk (the last 1024 of 3072 positions over all keys) through SDPA's
+    lower-right causal bias on the GPU kernels, against the position-masked reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 16, 1024, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 3072, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    out = causal_suffix_attention(q, k, v)
+    with reference_kernels():
+        ref = causal_suffix_attention(q, k, v)
     assert rel(out, ref) < 1e-2
 
 
