@@ -21,11 +21,13 @@ from pretrain.evaluation.fewshot import Scorer
 @register_model("hybrid", "ours")
 class HybridHarnessLM(LM):
     """model_args: checkpoint (run or step dir), data (prepared dir with the tokenizer; default the
-    run's), dtype (fp32 | bf16), max_length (default: the training length)."""
+    run's), dtype (fp32 | bf16), max_length (default: the training length). batch_size, device and
+    max_batch_size come from lm_eval's own options (an 'auto' batch size is 8; max_batch_size is
+    unused: batches are padded to their longest sequence)."""
 
     def __init__(self, checkpoint: str | None = None, data: str | None = None, dtype: str = "auto",
                  max_length: int | None = None, batch_size: int | str = 8, device: str | None = None,
-                 scorer: Scorer | None = None, **_ignored: Any):
+                 max_batch_size: int | None = None, scorer: Scorer | None = None):
         super().__init__()
         if scorer is None:
             scorer = scorer_for(checkpoint, data, dtype, max_length, batch_size, device)

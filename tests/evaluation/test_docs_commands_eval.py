@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from eval_helpers import REPO
 
 DOCS = [REPO / "docs" / "evaluation.md", REPO / "docs" / "scaling.md"]
 TOOLS = ("pretrain.evaluate", "pretrain.scaling", "pretrain.evaluation.harness")

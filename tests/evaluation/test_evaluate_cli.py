@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MICRO_BATCH, REPO, TRAIN_SEQ_LEN, VAL_BATCHES
+from eval_helpers import MICRO_BATCH, REPO, TRAIN_SEQ_LEN, VAL_BATCHES
 from image_checks import assert_nonempty_png
 
 from pretrain.evaluate import main

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO
+from eval_helpers import REPO
 
 from data_pipeline.tokenizer import ByteTokenizer
 from pretrain.evaluation.fewshot import Scorer

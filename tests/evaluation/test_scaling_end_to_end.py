@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
+from eval_helpers import REPO
 from image_checks import assert_nonempty_png
 
 from pretrain.scaling.__main__ import main
