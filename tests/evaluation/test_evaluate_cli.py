@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from eval_helpers import MICRO_BATCH, REPO, TRAIN_SEQ_LEN, VAL_BATCHES
+from eval_helpers import MICRO_BATCH, REPO, TRAIN_SEQ_LEN, VAL_BATCHES, train_tiny
 from image_checks import assert_nonempty_png
 
 from pretrain.evaluate import main
@@ -43,6 +43,18 @@ def test_results_hold_every_suite_for_every_checkpoint(evaluated, runs):
     assert set(results["plots"]) == {"nll", "positions", "inference", "niah/inter_hybrid", "niah/hybrid_moe"}
     for name in results["plots"].values():
         assert_nonempty_png(out / name)
+
+
+def test_a_checkpoint_written_by_two_ranks(corpus, tmp_path):
+    """FSDP over 2 gloo ranks wrote the checkpoint in shards; the evaluation loads it whole and its
+    NLL equals the validation the two ranks computed together."""
+    run = train_tiny(tmp_path / "dp2", corpus, "hybrid_moe", steps=4, nproc=2)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    assert len(list((run / "checkpoints").glob("step_*/*.distcp"))) == 2  # one shard file per rank
+    assert main(["--checkpoint", str(run), "--suite", "nll", "--out", str(tmp_path / "ev"),
+                 "--batch-size", str(2 * MICRO_BATCH), "--nll-batches", str(VAL_BATCHES)]) == 0
+    nll = json.loads((tmp_path / "ev" / "results.json").read_text())["checkpoints"][0]["nll"]["nll"]
+    assert nll == pytest.approx(json.loads((run / "summary.json").read_text())["last_val_nll"], rel=1e-5)
 
 
 def test_bits_per_byte_count_the_text_bytes(evaluated):
