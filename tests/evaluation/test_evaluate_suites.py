@@ -65,6 +65,20 @@ def test_needle_sits_at_its_depth_in_a_context_of_the_asked_length(corpus):
         assert s.needle_start - 1 == round(depth * (400 - 1 - len(needle) - len(question)))
 
 
+def test_needle_with_a_bpe_tokenizer(corpus, tmp_path):
+    """A tokenizer.json (byte-level BPE trained here): the same placement, needle and question whole."""
+    from data_pipeline.demo_corpus import stdlib_sources, train_bpe
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(train_bpe(stdlib_sources(200_000), 600, tmp_path / "tokenizer.json"))
+    hay = np.asarray(tok.encode(" ".join(["the quick brown fox jumps over the lazy dog"] * 60)))
+    s = make_sample(tok, hay, 150, 0.5, random.Random(1))
+    text = tok.decode(s.tokens[s.needle_start:].tolist())
+    assert len(s.tokens) == 150 and s.tokens[0] == tok.bos_id
+    assert text.startswith(" The special magic ") and f"number is: {s.number}." in text
+    assert text.rstrip().endswith("number is:")
+
+
 class Oracle(torch.nn.Module):
     """Answers with the number of the needle it finds in the prompt (or a wrong one)."""
 
