@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 from eval_helpers import REPO
