@@ -13,6 +13,7 @@ all-gathers them into its train state). Under DCP, save per-rank dicts under a p
 """
 from __future__ import annotations
 
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ class _WindowProducer(IterableDataset):
             yield item
 
 
+def _ignore_preemption_signals(_worker_id: int) -> None:
+    """Schedulers signal every process of a job (slurmstepd, a pod's TERM): a worker that died of
+    it would fail the training process before it could save. The trainer acts on the signal and
+    stops its workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _check_shape(seq_len: int, batch_size: int) -> None:
     if seq_len < 1 or batch_size < 1:
         raise DataInputError("loader", "seq_len/batch_size", f"{seq_len}/{batch_size}", "both must be >= 1")
@@ -104,8 +113,8 @@ class TrainLoader:
         cfg = self.cfg
         producer = _WindowProducer(self.sources, cfg, self.streams, dict(self._states))
         workers = min(cfg.num_workers, len(self.streams))
-        items = iter(DataLoader(producer, batch_size=None, num_workers=workers, prefetch_factor=2)
-                     if workers > 0 else producer)
+        items = iter(DataLoader(producer, batch_size=None, num_workers=workers, prefetch_factor=2,
+                                worker_init_fn=_ignore_preemption_signals) if workers > 0 else producer)
         buffers: dict[int, deque] = {s: deque() for s in self.streams}
         rows, global_batch = self.global_rows, cfg.dp_size * cfg.batch_size
         while True:

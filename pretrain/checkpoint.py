@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, broadcast_object, new_cpu_group
-from pretrain.checkpoint_integrity import (MARKER, CheckpointDamaged, FileRecord, check_digests, file_digest,
-                                           read_marker, share, verify_share, write_marker)
+from pretrain.checkpoint_integrity import (MARKER, CheckpointDamaged, FileRecord, file_digest, share, verify_share,
+                                           write_marker)
 
 log = logging.getLogger(__name__)
 _SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
@@ -49,7 +50,6 @@ def _quiet_dcp(fn, *args, **kwargs):
 TRAIN_STATE = "train_state.json"
 CONFIG_FILE = "config.toml"
 MODEL_CONFIG_FILE = "model_config.json"
-DCP_METADATA = ".metadata"
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 
@@ -82,17 +82,40 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class NoIntactCheckpoint(ValueError):
+    """A run directory has checkpoints but none of them verifies: starting from step 0 in it would
+    overwrite them one by one, so the run stops and says what to do."""
+
+
 def find_latest_complete(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are reported and passed over. Collective
-    when distributed: rank 0 lists the candidates (ranks may see a shared directory differently)."""
+    """The newest checkpoint that verifies; damaged ones are reported and passed over; None when
+    there are none. Collective when distributed: rank 0 lists the candidates (ranks may see a
+    shared directory differently)."""
     candidates = broadcast_object([str(p) for p in reversed(list_checkpoints(ckpt_dir))])
+    reasons = []
     for candidate in candidates:
         path = Path(candidate)
         reason = verify_checkpoint(path)
         if reason is None:
             return path
         log.warning("skipping checkpoint %s: %s; trying the previous one", path, reason)
+        reasons.append(f"{path.name}: {reason}")
+    if candidates:
+        raise NoIntactCheckpoint(
+            f"{ckpt_dir}: none of its {len(candidates)} checkpoints verifies (newest: {reasons[0]}); resume from "
+            "an intact one with --resume-from, or move the directory aside to start fresh")
     return None
+
+
+def finish_interrupted_commits(ckpt_dir: Path) -> None:
+    """A crash inside `commit` can leave a sealed `.tmp-step_X` (its marker written) beside, or
+    instead of, `step_X`: finish the swap when it verifies. Called by the run that owns the
+    directory (rank 0), before anything lists or cleans it."""
+    for tmp in sorted(ckpt_dir.glob(".tmp-step_*")) if ckpt_dir.is_dir() else []:
+        if (tmp / MARKER).is_file() and verify_share(tmp) is None:
+            final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
+            log.warning("finishing the commit of %s that a crash interrupted", final)
+            _swap_into_place(tmp, final)
 
 
 @dataclass
@@ -132,16 +155,11 @@ class CheckpointManager:
         JSON-serialisable. Returns the path the checkpoint has once committed: at once for a sync
         save; for an async one in a later `poll()` or `wait()`.
 
-        A directory of this step that already verifies is kept (a resumed run reaching a step it
-        saved before); one that does not (damaged, or from an older format) is written again."""
+        A directory of this step that exists already is replaced once the new one is sealed: it is
+        damaged (resume passed over it) or from another trajectory (a run resumed from an older
+        step), and in neither case the state of this run."""
         self.wait()
         final = self.dir / checkpoint_name(step)
-        if broadcast_object(final.exists()):
-            reason = verify_checkpoint(final)
-            if reason is None:
-                self.committed = final
-                return final
-            log.warning("checkpoint %s does not verify (%s); saving step %d again in its place", final, reason, step)
         tmp = self.dir / f".tmp-{final.name}"
         rank_states = all_gather_objects(rank_state)
         if self.is_main:
@@ -184,28 +202,41 @@ class CheckpointManager:
         barrier()  # every rank's shards are on disk
         names = broadcast_object(sorted(p.name for p in pending.tmp.iterdir() if p.is_file()) if self.is_main else None)
         rank, world = _rank_and_world()
-        hashed = {n: FileRecord((pending.tmp / n).stat().st_size, file_digest(pending.tmp / n))
-                  for n in share(names, rank, world)}
+        try:
+            hashed: dict[str, FileRecord] | str = {
+                n: FileRecord((pending.tmp / n).stat().st_size, file_digest(pending.tmp / n))
+                for n in share(names, rank, world)}
+        except OSError as e:  # every rank must reach the gather, and every rank must stop
+            hashed = f"rank {rank}: {type(e).__name__}: {e}"
         parts = all_gather_objects(hashed)
+        failed = [p for p in parts if isinstance(p, str)]
+        if failed:
+            raise OSError(f"checkpoint {pending.final} could not be sealed ({failed[0]}); it was not committed")
         if self.is_main:
             commit(pending.tmp, pending.final, {n: r for part in parts for n, r in part.items()})
-            self._prune()
+            self._prune(pending.final)
             log.info("checkpoint saved: %s", pending.final)
         barrier()
         self.committed = pending.final
 
-    def _prune(self) -> None:
-        """Keep the newest `keep` committed checkpoints (marker and sizes: hashing them all at
-        every save would cost more than the save)."""
-        complete = [p for p in list_checkpoints(self.dir) if verify_share(p, checksums=False) is None]
-        for old in complete[:-self.keep]:
+    def _prune(self, committed: Path) -> None:
+        """Keep the `keep` newest committed checkpoints up to the one just committed (marker and
+        sizes: hashing them all at every save would cost more than the save). Directories of later
+        steps - damaged ones resume passed over, another trajectory's - are not this run's state:
+        they neither count nor go until this run saves those steps itself."""
+        mine = [p for p in list_checkpoints(self.dir)
+                if p.name <= committed.name and verify_share(p, checksums=False) is None]
+        for old in mine[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, dcp_state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Load DCP tensors in place into `dcp_state`; return (shared state, list of per-rank states).
-        `path` must have passed `verify_checkpoint`; the two files that are parsed here are hashed
-        again right before reading, so nothing changed since is ever unpickled or trusted."""
-        _check_before_reading(path, (DCP_METADATA, TRAIN_STATE))
+        Collective. The checkpoint is verified again right before reading (DCP unpickles
+        `.metadata` and the non-tensor optimizer state in the `.distcp` files), so nothing that
+        changed since it was chosen is ever unpickled or trusted."""
+        reason = verify_checkpoint(path)
+        if reason is not None:
+            raise CheckpointDamaged(f"{path}: {reason}; it changed after it was chosen for resume")
         _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
         try:
             state = json.loads((path / TRAIN_STATE).read_text())
@@ -214,13 +245,6 @@ class CheckpointManager:
                                     "was not written by pretrain/main.py: resume from another one") from None
         ranks = state.pop("ranks")
         return state, ranks
-
-
-def _check_before_reading(path: Path, names: tuple[str, ...]) -> None:
-    try:
-        check_digests(path, read_marker(path), names)
-    except (CheckpointDamaged, KeyError, OSError) as e:
-        raise CheckpointDamaged(f"{path}: {e}; it changed after it was verified") from None
 
 
 def commit(tmp: Path, final: Path, records: dict[str, FileRecord] | None = None) -> None:
@@ -232,7 +256,13 @@ def commit(tmp: Path, final: Path, records: dict[str, FileRecord] | None = None)
     write_marker(tmp, records)
     _fsync_path(tmp / MARKER)
     _fsync_path(tmp)
-    replaced = final.with_name(f".tmp-replaced-{final.name}")
+    _swap_into_place(tmp, final)
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename a sealed directory to `final`, moving one already there aside first: a crash leaves
+    the sealed `.tmp-` directory, which `finish_interrupted_commits` completes."""
+    replaced = final.with_name(f".tmp-replaced-{final.name}-{os.getpid()}-{time.time_ns()}")
     if final.exists():
         os.rename(final, replaced)
     os.rename(tmp, final)

@@ -102,4 +102,6 @@ def verify_share(directory: Path, part: int = 0, parts: int = 1, checksums: bool
             check_digests(directory, records, share(records, part, parts))
     except CheckpointDamaged as e:
         return str(e)
+    except OSError as e:  # an unreadable sector, a vanished or forbidden file: as damaged, never a crash
+        return f"cannot read {Path(e.filename).name if e.filename else 'a file'} ({type(e).__name__}: {e.strerror})"
     return None

@@ -11,6 +11,7 @@ import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str):  # "2e6" is an integer; "1.5e0" is not (Decimal: no float rounding)
+                exact = Decimal(value)
+                if exact != exact.to_integral_value():
+                    raise ValueError
+                return int(exact)
+            return int(value)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -153,7 +159,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, InvalidOperation):
         pass
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{source}: {key}={value!r} is not a valid {name}; fix the value")
@@ -217,6 +223,8 @@ def validate(cfg: JobConfig) -> None:
     for key, v in _leaves(cfg.to_dict()):
         if isinstance(v, float) and not math.isfinite(v):
             bad(key, f"= {v} must be a finite number; fix the value")
+        if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63 and "overrides" not in key:
+            bad(key, f"= {v} does not fit 64 bits; fix the value")
     positive = {"data.seq_len": cfg.data.seq_len, "train.steps": cfg.train.steps,
                 "train.micro_batch_size": cfg.train.micro_batch_size, "optim.lr": cfg.optim.lr,
                 "optim.eps": cfg.optim.eps,

@@ -18,7 +18,7 @@ if __name__ == "__main__":
 import logging
 from pathlib import Path
 
-from parallel.distributed import destroy_distributed, init_distributed
+from parallel.distributed import DistInfo, destroy_distributed, init_distributed
 from parallel.mesh import ParallelDims
 from pretrain.config import ConfigError, JobConfig, parse_args, to_toml
 from pretrain.metrics import setup_logging
@@ -84,16 +84,41 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     return 0
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun's RANK, a bare srun's SLURM_PROCID),
+    known before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def write_startup_preempted_summary(cfg: JobConfig, error: str) -> None:
     """summary.json for a signal before the first step (rank 0; nothing new was saved), so the
     launcher requeues the job as it would after a preemption mid-run."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launch_rank() != 0:
         return
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     write_summary(Path(cfg.run_dir), {
         "status": "preempted", "exit_code": EXIT_PREEMPTED, "error": error, "step": None,
         "total_steps": cfg.train.steps, "checkpoint": None, "arch": cfg.model.arch, "size": cfg.model.size,
         "run_dir": cfg.run_dir})
+
+
+def exit_code(e: BaseException, cfg: JobConfig, info: DistInfo | None) -> int:
+    """The documented exit code of a run that ended with `e`, after saying why."""
+    if isinstance(e, PreemptedAtStartUp):
+        log.warning("preempted (%s) before the first step; exit code %d asks the launcher to requeue",
+                    e, EXIT_PREEMPTED)
+        write_startup_preempted_summary(cfg, str(e))
+        return EXIT_PREEMPTED
+    if isinstance(e, Preempted):  # mid-run: the trainer saved a checkpoint and wrote summary.json
+        return EXIT_PREEMPTED
+    if isinstance(e, TrainingStopped):
+        return EXIT_STOPPED
+    if isinstance(e, ConfigError):
+        log.error("%s", e)
+        return EXIT_CONFIG
+    rank, world = (info.rank, info.world_size) if info else (launch_rank(), 0)
+    log.error("rank %d of %d failed: %s: %s", rank, world, type(e).__name__, e, exc_info=e)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,24 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(Path(cfg.run_dir), info.rank)
         Trainer(cfg, info, PREEMPTION).train()
         return 0
-    except PreemptedAtStartUp as e:
-        PREEMPTION.training()  # a second signal must not interrupt writing the summary
-        log.warning("preempted (%s) before the first step; exit code %d asks the launcher to requeue",
-                    e, EXIT_PREEMPTED)
-        write_startup_preempted_summary(cfg, str(e))
-        return EXIT_PREEMPTED
-    except Preempted:  # mid-run: the trainer saved a checkpoint and wrote summary.json
-        return EXIT_PREEMPTED
-    except TrainingStopped:
-        return EXIT_STOPPED
-    except ConfigError as e:
-        log.error("%s", e)
-        return EXIT_CONFIG
-    except Exception as e:  # noqa: BLE001 - report which rank failed and why, then exit non-zero
-        rank, world = (info.rank, info.world_size) if info else (int(os.environ.get("RANK", "0")), 0)
-        log.exception("rank %d of %d failed: %s: %s", rank, world, type(e).__name__, e)
-        return 1
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - every ending gets its documented exit code
+        PREEMPTION.training()  # from here a signal is only recorded: it must not break the exit path
+        return exit_code(e, cfg, info)
     finally:
+        PREEMPTION.training()
         destroy_distributed()
 
 

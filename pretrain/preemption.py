@@ -22,8 +22,9 @@ class Preempted(Exception):
     """SIGTERM/SIGUSR1 arrived; whatever could be saved was saved."""
 
 
-class PreemptedAtStartUp(Preempted):
-    """SIGTERM/SIGUSR1 before the first training step; nothing new to save."""
+class PreemptedAtStartUp(BaseException):
+    """SIGTERM/SIGUSR1 before the first training step; nothing new to save. A BaseException, so
+    that no `except Exception` on the way (an optional import probed, a cleanup) swallows it."""
 
 
 class PreemptionWatch:

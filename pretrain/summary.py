@@ -14,7 +14,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Atomic write (temp file + rename): a reader never sees half a summary. NaN/inf (e.g. no
     validation yet) become null, so strict JSON readers (jq, JavaScript) accept the file."""
     path = Path(run_dir) / SUMMARY_FILE
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # several writers never share a temp file
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
     tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)

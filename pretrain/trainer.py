@@ -30,7 +30,8 @@ from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, 
                                   init_distributed)
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
-from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, find_latest_complete,
+from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
+                                 find_latest_complete, finish_interrupted_commits,
                                  load_model_weights, model_config_json, verify_checkpoint)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
@@ -146,7 +147,12 @@ def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str) -> Path | None:
     resuming from different steps would train on silently)."""
     resume_from = broadcast_object(resume_from)  # rank 0's word, should the ranks' configs differ
     if not resume_from:
-        return find_latest_complete(ckpt_dir)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            finish_interrupted_commits(ckpt_dir)  # the others wait in find_latest_complete's broadcast
+        try:
+            return find_latest_complete(ckpt_dir)
+        except NoIntactCheckpoint as e:
+            raise ConfigError(f"checkpoint: {e}") from None
     reason = verify_checkpoint(Path(resume_from))
     if reason is not None:
         raise ConfigError(f"config: checkpoint.resume_from={resume_from} does not verify ({reason}); point it "

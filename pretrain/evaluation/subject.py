@@ -49,13 +49,16 @@ class Subject:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory as given, or the newest verified checkpoint of a run directory."""
-    from pretrain.checkpoint import MODEL_CONFIG_FILE, find_latest_complete
+    from pretrain.checkpoint import MODEL_CONFIG_FILE, NoIntactCheckpoint, find_latest_complete
 
     if (path / MODEL_CONFIG_FILE).is_file():
         return path
     for ckpt_dir in (path / "checkpoints", path):
         if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
-            found = find_latest_complete(ckpt_dir)
+            try:
+                found = find_latest_complete(ckpt_dir)
+            except NoIntactCheckpoint as e:
+                raise CliError(f"{e}; or pass a step_* directory") from None
             if found is None:
                 raise CliError(f"{ckpt_dir}: no checkpoint verifies; pass a step_* directory that does")
             return found

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointManager, verify_checkpoint
+from pretrain.checkpoint import CheckpointManager, find_latest_complete, verify_checkpoint
 from pretrain.checkpoint_integrity import CheckpointDamaged, FileRecord, file_digest, read_marker, write_marker
 from pretrain.summary import read_summary
 from pretrain.trainer import Trainer
@@ -129,7 +129,7 @@ def save_tiny(mgr: CheckpointManager, step: int, value: float) -> Path:
                     {"config.toml": "x = 1\n"})
 
 
-def test_save_over_a_damaged_directory_writes_it_again(tmp_path):
+def test_save_over_an_existing_directory_writes_it_again(tmp_path):
     mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=False, is_main=True)
     path = save_tiny(mgr, 1, 1.0)
     garbage(path / "config.toml")
@@ -139,9 +139,9 @@ def test_save_over_a_damaged_directory_writes_it_again(tmp_path):
     mgr.load(path, target)
     assert torch.equal(target["model"]["w"], torch.full((256,), 2.0))
     assert not list((tmp_path / "ck").glob(".tmp-*"))
-    assert save_tiny(mgr, 1, 3.0) == path  # an intact directory is kept as it is
+    assert save_tiny(mgr, 1, 3.0) == path  # an intact one too: it holds another trajectory's state
     mgr.load(path, target)
-    assert torch.equal(target["model"]["w"], torch.full((256,), 2.0))
+    assert torch.equal(target["model"]["w"], torch.full((256,), 3.0))
 
 
 class _CreatesFile:
@@ -223,3 +223,61 @@ def test_rerun_of_a_finished_run_says_so_and_trains_nothing(reference, corpus, t
     assert "already finished at step 6" in caplog.text
     assert summary["status"] == "finished" and summary["step"] == STEPS and read_summary(tmp_path)["step"] == STEPS
     assert not (tmp_path / "metrics.jsonl").exists() or not losses(tmp_path)
+
+
+def test_an_unreadable_file_is_damage_not_a_crash(tmp_path, monkeypatch):
+    """A bad sector (EIO) while hashing: that checkpoint is passed over like any damaged one."""
+    import errno
+
+    import pretrain.checkpoint_integrity as integrity
+
+    mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=False, is_main=True)
+    good, unreadable = save_tiny(mgr, 1, 1.0), save_tiny(mgr, 2, 2.0)
+    digest = integrity.file_digest
+
+    def failing_disk(path: Path) -> str:
+        if path.parent == unreadable and path.suffix == ".distcp":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return digest(path)
+
+    monkeypatch.setattr(integrity, "file_digest", failing_disk)
+    assert "cannot read" in verify_checkpoint(unreadable) and "Input/output error" in verify_checkpoint(unreadable)
+    assert find_latest_complete(tmp_path / "ck") == good
+
+
+def test_pruning_keeps_what_this_run_saved_over_stale_newer_steps(tmp_path):
+    """keep=1 after resuming past a damaged newer step: the step this run just saved stays; the
+    stale one is not this run's state and is replaced only when this run saves that step."""
+    ck = tmp_path / "ck"
+    stale = save_tiny(CheckpointManager(ck, keep=1, async_save=False, is_main=True), 4, 4.0)
+    garbage(stale / "config.toml")
+    mgr = CheckpointManager(ck, keep=1, async_save=False, is_main=True)
+    saved = save_tiny(mgr, 2, 2.0)
+    assert mgr.committed == saved and verify_checkpoint(saved) is None and stale.is_dir()
+    assert save_tiny(mgr, 4, 4.5) == stale and verify_checkpoint(stale) is None and not saved.exists()
+
+
+def test_a_commit_interrupted_between_its_renames_is_finished(tmp_path):
+    """A crash after the old directory was moved aside and before the sealed one took its name."""
+    from pretrain.trainer import choose_resume_checkpoint
+
+    ck = tmp_path / "ck"
+    path = save_tiny(CheckpointManager(ck, keep=3, async_save=False, is_main=True), 1, 1.0)
+    path.rename(ck / f".tmp-{path.name}")  # sealed, not yet renamed
+    (ck / f".tmp-replaced-{path.name}-1-2").mkdir()
+    (ck / ".tmp-step_00000002").mkdir()  # a save that never sealed: nothing to finish
+    assert choose_resume_checkpoint(ck, "") == path and verify_checkpoint(path) is None
+    CheckpointManager(ck, keep=3, async_save=False, is_main=True)  # cleans the rest
+    assert sorted(p.name for p in ck.iterdir()) == [path.name]
+
+
+def test_a_run_whose_checkpoints_all_fail_stops_instead_of_starting_over(tmp_path):
+    """Starting from step 0 would overwrite the damaged checkpoints one by one: stop, exit 2."""
+    from pretrain.config import ConfigError
+    from pretrain.trainer import choose_resume_checkpoint
+
+    mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=False, is_main=True)
+    for step in (1, 2):
+        garbage(save_tiny(mgr, step, step) / "train_state.json")
+    with pytest.raises(ConfigError, match="none of its 2 checkpoints verifies .*step_00000002"):
+        choose_resume_checkpoint(tmp_path / "ck", "")

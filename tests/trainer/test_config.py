@@ -50,6 +50,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     (["--optim.eps=0"], "optim.eps"),
     (["--train.seed=-1"], "train.seed"),
     (["--train.steps=1e400"], "train.steps"),
+    (["--train.steps=1.5e0"], "train.steps"),
+    (["--train.seed=18446744073709551616"], "train.seed"),
     (["--logging.peak_tflops=nan"], "logging.peak_tflops"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, needle):

@@ -136,3 +136,19 @@ def test_sigterm_while_building_the_model_exits_for_requeue(corpus, tmp_path, mo
     assert code == EXIT_PREEMPTED and not built  # the handler raised inside the build
     assert summary["status"] == "preempted" and summary["checkpoint"] is None
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_sigterm_to_every_process_with_loader_workers_saves_and_exits_for_requeue(corpus, tmp_path):
+    """Schedulers signal the whole job (slurmstepd, a pod's TERM), data-loader workers included: a
+    worker killed by it must not fail the run before it saves."""
+    import os
+
+    run_dir = tmp_path / "group"
+    proc = launch(tiny_args(run_dir, corpus, STEPS, "--data.num_workers=2", "--checkpoint.every=0"),
+                  start_new_session=True)
+    assert wait_for_step(proc, run_dir, 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "preempted" and verify_checkpoint(Path(summary["checkpoint"])) is None
