@@ -1,7 +1,7 @@
 """Process-group set-up from whichever launcher started us (torchrun, Slurm srun, or nothing).
 
-Slurm jobs launch one task per GPU with `srun` directly (no torchrun agent in between) so that
-Slurm's preemption signal reaches the trainer itself and its exit code reaches the batch script.
+The launch scripts (launch/) start one torchrun per node, which sets the torchrun variables; a
+bare `srun python pretrain/main.py` (one task per GPU) works too, its SLURM_* variables translated.
 """
 from __future__ import annotations
 
