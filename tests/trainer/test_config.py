@@ -158,3 +158,16 @@ def test_help_lists_every_arch_and_size():
                          check=True).stdout
     flat = " ".join(out.split())
     assert all(a in flat for a in ARCHS) and all(s in flat for s in SIZES)
+
+
+def test_model_ratio_and_placement_keys_build_the_sweep_layout():
+    """A sweep sets two keys, never a hand-written pattern; the layout lands in the model config."""
+    from pretrain.trainer import build_model_from_config
+
+    cfg, _ = parse_args(["--arch", "inter_hybrid", "--size", "1b", "--model.ratio=1:1"])
+    assert build_model_from_config(cfg, device="meta").config.pattern == "MA" * 7
+    cfg, _ = parse_args(["--arch", "inter_hybrid", "--size", "1b", "--model.ratio=1:5", "--model.placement=front"])
+    assert build_model_from_config(cfg, device="meta").config.pattern == "AMMMMMMAMMMMM"
+    cfg, _ = parse_args(["--arch", "inter_hybrid", "--model.placement=cluster"])
+    with pytest.raises(ConfigError, match="placement 'cluster'"):
+        build_model_from_config(cfg, device="meta")
