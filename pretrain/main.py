@@ -54,7 +54,10 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     counts = count_params(mcfg)
     # Estimate for the launch this would be: --world-size, torchrun's WORLD_SIZE, else the parallel sizes given.
     p = cfg.parallel
-    world = world_size or int(os.environ.get("WORLD_SIZE", p.dp_replicate * max(p.dp_shard, 1) * p.cp * p.tp))
+    env_world = os.environ.get("WORLD_SIZE", str(p.dp_replicate * max(p.dp_shard, 1) * p.cp * p.tp))
+    if world_size is None and not (env_world.isdigit() and int(env_world) >= 1):
+        raise ConfigError(f"environment: WORLD_SIZE={env_world!r} is not a rank count >= 1; unset it or fix it")
+    world = world_size or int(env_world)
     dims = parallel_dims(cfg, world)
     n_params = counts["total"]
     mem = estimate_memory_gib(n_params, cfg, len(model.blocks), mcfg.d_model, dims)

@@ -259,3 +259,10 @@ def test_validation_nll_is_the_cross_entropy_of_the_validation_batches(corpus, t
             total += float(F.cross_entropy(logits.flatten(0, 1).double(), tokens[:, 1:].flatten(), reduction="sum"))
             count += tokens[:, 1:].numel()
     assert count == 3 * 4 * 32 and nll == pytest.approx(total / count, rel=1e-6)
+
+
+@pytest.mark.parametrize("value", ["0", "abc"])
+def test_dry_run_with_a_bad_world_size_is_one_line(value, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    assert main(["--dry-run", "--arch", "llama", "--size", "tiny"]) == 2
+    assert "WORLD_SIZE" in capsys.readouterr().err
