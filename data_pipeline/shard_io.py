@@ -97,19 +97,21 @@ def read_shard(path: Path, dtype: str, info: ShardInfo | None = None, verify: bo
     With the manifest's `info`, a size or document count that differs is corruption (a truncated
     tar can parse cleanly), and with `verify` a sha256 that differs is a checksum mismatch.
     A shard is reopened by every stream that reads a part of it and again each epoch: the index
-    and verdict of the last few shards are kept per process, keyed by the file's size and mtime,
-    so each is hashed and indexed once (a rewritten file is checked again).
+    and verdict of the last few shards are kept per process, keyed by the file's identity (device,
+    inode, size, mtime, ctime: `cp -p` keeps mtime, not ctime), so each is hashed and indexed once
+    and a replaced or rewritten file is checked again.
     """
     try:
         stat = os.stat(path)
     except OSError:
         return _index_shard(path, dtype, info, verify)  # raises: missing
     fields = None if info is None else astuple(info)
-    return _cached_shard(str(path), stat.st_size, stat.st_mtime_ns, dtype, fields, verify)
+    identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return _cached_shard(str(path), identity, dtype, fields, verify)
 
 
 @lru_cache(maxsize=16)
-def _cached_shard(path: str, _size: int, _mtime_ns: int, dtype: str, info_fields: tuple | None,
+def _cached_shard(path: str, _identity: tuple[int, ...], dtype: str, info_fields: tuple | None,
                   verify: bool) -> ShardDocs:
     return _index_shard(Path(path), dtype, ShardInfo(*info_fields) if info_fields else None, verify)
 
