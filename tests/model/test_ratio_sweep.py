@@ -2,7 +2,6 @@
 keeps the model at its size, the published layouts come out exact, and `ratio`/`placement` are all
 the trainer has to pass. Configs and meta-device counts only: nothing here allocates weights."""
 
-
 import pytest
 
 from pretrain.accounting import block_params, count_params
