@@ -5,13 +5,15 @@ into place only then (see `pretrain.checkpoint`). Checking sizes finds truncatio
 at once; hashes find same-size damage (garbage written over a block, a bad disk sector) that
 would otherwise load silently and train on NaNs, or crash unpickling DCP's `.metadata`.
 
-Hashing is split over ranks: a checkpoint's files are assigned round-robin by sorted name, each
-rank hashes its share, and the verdicts are combined (`pretrain.checkpoint`), so verifying a
-checkpoint costs about its size / (ranks x disk bandwidth).
+Hashing is split over ranks: each rank hashes the DCP shard files it wrote (`__{rank}_*.distcp`,
+still in its node's page cache right after a save, and local reads on a resume with the same world
+size), the other files go round-robin, and the verdicts are combined (`pretrain.checkpoint`), so
+verifying a checkpoint costs about its size / (ranks x disk bandwidth).
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ MARKER = "COMPLETE.json"
 MARKER_FORMAT = 2  # 1: sizes only (no checksums); such checkpoints are reported and passed over
 HASH = "xxh3_128"
 _CHUNK = 8 << 20
+_DCP_SHARD = re.compile(r"__(\d+)_\d+\.distcp")
 
 
 class CheckpointDamaged(ValueError):
@@ -83,8 +86,17 @@ def check_sizes(directory: Path, records: dict[str, FileRecord]) -> None:
 
 
 def share(names: Iterable[str], part: int, parts: int) -> list[str]:
-    """This rank's files to hash: round-robin over the sorted names."""
-    return [n for i, n in enumerate(sorted(names)) if i % parts == part]
+    """This rank's files to hash: the DCP shards rank `part` wrote (`__{part}_*.distcp`; with a
+    different world size, by writer rank modulo `parts`), then the other files round-robin over
+    their sorted names. Every file lands in exactly one share."""
+    mine, others = [], []
+    for name in sorted(names):
+        m = _DCP_SHARD.fullmatch(name)
+        if m is None:
+            others.append(name)
+        elif int(m.group(1)) % parts == part:
+            mine.append(name)
+    return mine + [n for i, n in enumerate(others) if i % parts == part]
 
 
 def check_digests(directory: Path, records: dict[str, FileRecord], names: Iterable[str]) -> None:

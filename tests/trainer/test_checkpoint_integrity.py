@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pretrain.checkpoint import CheckpointManager, find_latest_complete, verify_checkpoint
-from pretrain.checkpoint_integrity import CheckpointDamaged, FileRecord, file_digest, read_marker, write_marker
+from pretrain.checkpoint_integrity import (CheckpointDamaged, FileRecord, file_digest, read_marker, share,
+                                          write_marker)
 from pretrain.summary import read_summary
 from pretrain.trainer import Trainer
 from trainer_helpers import losses, signal_during_step, tiny_config
@@ -281,3 +282,12 @@ def test_a_run_whose_checkpoints_all_fail_stops_instead_of_starting_over(tmp_pat
         garbage(save_tiny(mgr, step, step) / "train_state.json")
     with pytest.raises(ConfigError, match="none of its 2 checkpoints verifies .*step_00000002"):
         choose_resume_checkpoint(tmp_path / "ck", "")
+
+
+@pytest.mark.parametrize("parts", [1, 3, 4, 8])
+def test_each_rank_hashes_the_shards_it_wrote_and_every_file_once(parts):
+    names = [f"__{r}_0.distcp" for r in range(4)] + [".metadata", "train_state.json", "config.toml", "COMPLETE.json"]
+    shares = [share(names, part, parts) for part in range(parts)]
+    assert sorted(n for s in shares for n in s) == sorted(names)
+    for part, mine in enumerate(shares):
+        assert {n for n in mine if n.endswith(".distcp")} == {f"__{r}_0.distcp" for r in range(4) if r % parts == part}

@@ -1,0 +1,77 @@
+"""Calibration of the dry run's activation estimate (`pretrain.layout`) against measured peaks.
+
+    python benchmarks/activation_memory.py [--out activation_memory.json] [--archs llama,mamba2]
+
+One GPU, paper 1B presets, bf16 autocast over fp32 weights (as the trainer runs without FSDP
+mixed precision). For each architecture, micro-batch and sequence length, with and without
+activation checkpointing: one warm-up step leaves the gradients allocated, then the peak of a
+forward + backward above the memory held before it is what the step's activations (and the
+kernels' workspaces) cost. The table prints it next to the estimate and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from pretrain.layout import activation_bytes_per_token_per_dim
+from pretrain.model import build_model
+
+GIB = 2**30
+SHAPES = [(1, 4096), (1, 8192), (2, 8192), (1, 16384)]
+
+
+def measure(arch: str, micro_batch: int, seq: int, checkpointing: bool) -> dict:
+    torch.manual_seed(0)
+    model = build_model(arch, "1b", device="cuda")
+    if checkpointing:
+        apply_activation_checkpointing(model.blocks)
+    tokens = torch.randint(0, model.config.vocab_size, (micro_batch, seq + 1), device="cuda")
+
+    def forward_backward() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+
+    forward_backward()  # gradients stay allocated from here on
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    forward_backward()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    per = activation_bytes_per_token_per_dim(len(model.blocks), checkpointing)
+    estimate = per * micro_batch * seq * model.config.d_model
+    return {"arch": arch, "micro_batch": micro_batch, "seq": seq, "checkpointing": checkpointing,
+            "measured_gib": measured / GIB, "estimate_gib": estimate / GIB, "ratio": estimate / measured,
+            "measured_bytes_per_token_per_dim": measured / (micro_batch * seq * model.config.d_model)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="activation_memory.json")
+    ap.add_argument("--archs", default="llama,mamba2,intra_hybrid,hybrid_moe")
+    args = ap.parse_args()
+    rows = []
+    for arch in args.archs.split(","):
+        for checkpointing in (False, True):
+            for micro_batch, seq in SHAPES:
+                try:
+                    rows.append(measure(arch, micro_batch, seq, checkpointing))
+                except torch.OutOfMemoryError:
+                    rows.append({"arch": arch, "micro_batch": micro_batch, "seq": seq,
+                                 "checkpointing": checkpointing, "error": "OOM"})
+                torch.cuda.empty_cache()
+                with open(args.out, "w") as f:
+                    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+    print(f"{'arch':<14}{'ckpt':>5}{'mb':>4}{'seq':>7}{'measured GiB':>14}{'estimate GiB':>14}{'est/meas':>10}")
+    for r in rows:
+        head = f"{r['arch']:<14}{'yes' if r['checkpointing'] else 'no':>5}{r['micro_batch']:>4}{r['seq']:>7}"
+        print(head + (f"{'OOM':>14}" if "error" in r else
+                      f"{r['measured_gib']:>14.2f}{r['estimate_gib']:>14.2f}{r['ratio']:>10.2f}"))
+
+
+if __name__ == "__main__":
+    main()
