@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     info = None
     try:
-        PREEMPTION.start_up()
+        PREEMPTION.start_up(on_stuck=lambda reason: write_startup_preempted_summary(cfg, reason))
         device_type = None if cfg.train.device == "auto" else cfg.train.device
         info = init_distributed(device_type)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

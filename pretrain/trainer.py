@@ -35,7 +35,7 @@ from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManag
                                  load_model_weights, model_config_json, verify_checkpoint)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
-from pretrain.preemption import Preempted, PreemptionWatch
+from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
 from pretrain.model.parallelize import parallelize_hybrid
 from pretrain.schedule import build_scheduler
@@ -44,8 +44,7 @@ from pretrain.summary import write_summary
 T = TypeVar("T")
 log = logging.getLogger("pretrain")
 
-# Exit codes the launchers act on (documented in docs/training.md).
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; requeue the job
+# Exit codes the launchers act on (documented in docs/training.md); 75 is EXIT_PREEMPTED.
 EXIT_STOPPED = 3  # stopped by a guard (repeated non-finite steps); needs a human, do not requeue
 
 

@@ -106,6 +106,37 @@ def test_sigterm_while_importing_exits_for_requeue(corpus, tmp_path):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+def listening(port: int) -> bool:
+    """Whether some process listens on TCP `port` (Linux: /proc/net/tcp and tcp6, state 0A)."""
+    rows = [r for table in ("tcp", "tcp6") for r in Path(f"/proc/net/{table}").read_text().splitlines()[1:]]
+    return any(int(r.split()[1].split(":")[1], 16) == port and r.split()[3] == "0A" for r in rows)
+
+
+def test_sigterm_while_blocked_in_the_rendezvous_exits_for_requeue(corpus, tmp_path):
+    """Rank 0 of 2 waits in C++ for a rank that never comes (a node still starting), where Python
+    cannot run its signal handler: the watcher thread still ends it with exit 75 and summary.json
+    "preempted" within seconds, not when the rendezvous times out minutes later."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "waiting"
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = launch(tiny_args(run_dir, corpus, STEPS), env=env)
+    while not listening(port):  # the store is up: rank 0 now waits for rank 1
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    assert time.monotonic() - sent < 30
+    summary = read_summary(run_dir)
+    assert summary["status"] == "preempted" and "SIGTERM during start-up" in summary["error"]
+
+
 def test_sigterm_while_building_the_model_exits_for_requeue(corpus, tmp_path, monkeypatch):
     """A signal during start-up (here: the model build) raises at once - the process may be in a long
     build or a rendezvous - and main() still writes summary.json "preempted" and returns 75."""

@@ -28,9 +28,9 @@ def tiny_config(run_dir: Path, corpus: Path, steps: int, *extra: str):
     return cfg
 
 
-def launch(args: list[str], nproc: int = 1, **popen_kw) -> subprocess.Popen:
+def launch(args: list[str], nproc: int = 1, env: dict[str, str] | None = None, **popen_kw) -> subprocess.Popen:
     """Start pretrain/main.py as a script (1 process) or under torchrun (gloo, nproc processes)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, str(MAIN), *args]
     else:
