@@ -1,13 +1,17 @@
 """Hugging Face interop: `to_hf(model)` and `from_hf(hf_model)`, both function-preserving.
 
-Attention-only stacks map to `LlamaForCausalLM`; stacks with Mamba2 blocks ('M', optionally with
+Every architecture exports. Those transformers has a class for keep it (native); the rest (intra-
+layer hybrids, sliding-window attention with sinks, MoE, Mamba widths Granite cannot express) export
+as `HybridForCausalLM`, self-contained modeling code in `pretrain/hf_remote/` that `save_pretrained`
+copies next to the weights (`auto_map`, loaded with `trust_remote_code=True`). Its parameters keep our
+names inside each block; `_remote_name` maps the outer ones.
+
+Native: attention-only stacks map to `LlamaForCausalLM`; stacks with Mamba2 blocks ('M', optionally with
 'A') map to `GraniteMoeHybridForCausalLM`, whose decoder layer has our block shape (pre-norm mixer
 + residual, pre-norm gated MLP + residual). Granite is made an identity of ours by fixing its
 multipliers (embedding, residual, logits 1; attention 1/sqrt(head_dim)), disabling routed
 experts (`num_local_experts=0`: the shared MLP is our dense SwiGLU) and giving it our RoPE
-(Llama 3 scaling via `rope_type="llama3"`). Intra-layer hybrids, sliding-window attention with
-sinks and MoE have no transformers counterpart: `export_refusal` says why, and `to_hf` raises
-`ValueError` with that reason.
+(Llama 3 scaling via `rope_type="llama3"`). `native_refusal` says why a model has no native class.
 
 Targets transformers 5.x config conventions (`rope_parameters`, `layer_types` of
 "full_attention" / "linear_attention").
@@ -15,6 +19,7 @@ Targets transformers 5.x config conventions (`rope_parameters`, `layer_types` of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -28,16 +33,18 @@ from transformers import (
     PreTrainedModel,
 )
 
+from pretrain.hf_remote.configuration_hybrid import MODEL_TYPE, HybridConfig
+from pretrain.hf_remote.modeling_hybrid import HybridForCausalLM
 from pretrain.model.config import ModelConfig, RopeConfig
 from pretrain.model.lm import HybridLM
 
 # Granite's names for the two mixers; ours are 'A' and 'M'.
 _LAYER_TYPES = {"A": "full_attention", "M": "linear_attention"}
 _SYMBOLS = {v: k for k, v in _LAYER_TYPES.items()}
-# What `to_hf` maps, for messages that refuse the rest (intra-hybrid and MoE export are planned).
-EXPORTABLE_ARCHS = ("llama", "mamba2", "inter_hybrid")
-EXPORTABLE = (f"{', '.join(EXPORTABLE_ARCHS)} (patterns of global attention 'A' and Mamba2 'M' blocks with a "
-              "dense SwiGLU FFN)")
+# The presets that export to native transformers classes (the others export as remote code).
+NATIVE_ARCHS = ("llama", "mamba2", "inter_hybrid")
+# Our outer module names -> the remote model's (blocks.{i} -> model.layers.{i}); block internals are alike.
+_REMOTE_OUTER = {"embed": "model.embed_tokens", "norm": "model.norm", "head": "lm_head", "blocks": "model.layers"}
 # Mamba2 parameters: Granite name -> ours, concatenated in order (Granite packs in_proj rows as
 # [z, x, B, C, dt] and conv1d channels as [x, B, C]; conv1d.weight is [conv_dim, 1, k], ours [., k]).
 _MAMBA_KEYS = {"in_proj.weight": tuple(f"{p}_proj.weight" for p in "z x B C dt".split()),
@@ -47,9 +54,14 @@ _MAMBA_KEYS = {"in_proj.weight": tuple(f"{p}_proj.weight" for p in "z x B C dt".
                "out_proj.weight": ("out_proj.weight",)}
 
 
-def to_hf(model: HybridLM) -> PreTrainedModel:
-    """A transformers model computing the same logits as `model` (same device, dtype and mode)."""
+def to_hf(model: HybridLM, remote: bool | None = None) -> PreTrainedModel:
+    """A transformers model computing the same logits as `model` (same device, dtype and mode): the
+    native class where transformers has one, else (or with `remote=True`) `HybridForCausalLM`."""
     cfg = model.config
+    if remote is None:
+        remote = native_refusal(cfg) is not None
+    if remote:
+        return _to_remote(model)
     config = hf_config(cfg)
     model_class = LlamaForCausalLM if isinstance(config, LlamaConfig) else GraniteMoeHybridForCausalLM
     hf: PreTrainedModel = model_class(config)
@@ -62,25 +74,51 @@ def to_hf(model: HybridLM) -> PreTrainedModel:
     return hf.to(device=weight.device, dtype=weight.dtype).train(model.training)
 
 
+def _to_remote(model: HybridLM) -> HybridForCausalLM:
+    # save_pretrained then writes auto_map and copies configuration_hybrid.py / modeling_hybrid.py.
+    HybridConfig.register_for_auto_class()
+    HybridForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    with torch.device("meta"):
+        hf = HybridForCausalLM(remote_config(model.config))
+    hf.load_state_dict({_remote_name(k): v.detach().clone() for k, v in model.state_dict().items()},
+                       strict=True, assign=True)
+    return hf.train(model.training)
+
+
+def remote_config(cfg: ModelConfig) -> HybridConfig:
+    """The remote model's config: our fields as they are, plus the expanded block symbols."""
+    return HybridConfig(blocks=list(cfg.blocks), **cfg.to_dict())
+
+
+def _remote_name(name: str) -> str:
+    """Our parameter or buffer name -> the remote model's (the one place to change with lm.py's names)."""
+    outer, _, rest = name.partition(".")
+    return f"{_REMOTE_OUTER[outer]}.{rest}"
+
+
 def hf_config(cfg: ModelConfig) -> PreTrainedConfig:
-    """The `LlamaConfig` or `GraniteMoeHybridConfig` of `cfg`; `ValueError` when there is none."""
-    why = export_refusal(cfg)
+    """The native `LlamaConfig` or `GraniteMoeHybridConfig` of `cfg`; `ValueError` when there is none."""
+    why = native_refusal(cfg)
     if why is not None:
-        raise ValueError(f"model not representable in transformers: {why}; exportable: {EXPORTABLE}")
+        raise ValueError(f"no native transformers class: {why}; native: {', '.join(NATIVE_ARCHS)} "
+                         "(to_hf exports the rest as remote code)")
     if set(cfg.blocks) == {"A"}:
         return LlamaConfig(**_common_hf_config(cfg), mlp_bias=False)
     return _granite_config(cfg)
 
 
 def from_hf(hf_model: PreTrainedModel) -> HybridLM:
-    """Our HybridLM for a `LlamaForCausalLM` or `GraniteMoeHybridForCausalLM` (weights copied)."""
+    """Our HybridLM for a `LlamaForCausalLM`, `GraniteMoeHybridForCausalLM` or exported remote-code
+    `HybridForCausalLM` (weights copied)."""
+    if getattr(hf_model.config, "model_type", None) == MODEL_TYPE:
+        return _from_remote(hf_model)
     if isinstance(hf_model, LlamaForCausalLM):
         cfg = _from_llama_config(hf_model.config)
     elif isinstance(hf_model, GraniteMoeHybridForCausalLM):
         cfg = _from_granite_config(hf_model.config)
     else:
-        raise ValueError(f"from_hf supports LlamaForCausalLM and GraniteMoeHybridForCausalLM, "
-                         f"not {type(hf_model).__name__}")
+        raise ValueError(f"from_hf supports LlamaForCausalLM, GraniteMoeHybridForCausalLM and our exported "
+                         f"HybridForCausalLM, not {type(hf_model).__name__}")
     with torch.device("meta"):
         model = HybridLM(cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -93,14 +131,26 @@ def from_hf(hf_model: PreTrainedModel) -> HybridLM:
     return model.train(hf_model.training)
 
 
-def export_refusal(cfg: ModelConfig) -> str | None:
-    """Why `cfg` has no transformers counterpart (every reason, '; '-joined), or None if it has one."""
+def _from_remote(hf_model: PreTrainedModel) -> HybridLM:
+    c = hf_model.config
+    cfg = ModelConfig.from_dict({f.name: getattr(c, f.name) for f in dataclasses.fields(ModelConfig)})
+    _need(list(cfg.blocks) == list(c.blocks), f"pattern {cfg.pattern!r} does not expand to blocks {c.blocks}")
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    theirs = hf_model.state_dict()
+    state = {k: theirs[_remote_name(k)].detach().clone() for k in model.state_dict()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.train(hf_model.training)
+
+
+def native_refusal(cfg: ModelConfig) -> str | None:
+    """Why `cfg` has no native transformers class (every reason, '; '-joined), or None if it has one."""
     why = []
     if cfg.moe is not None:
         # Granite's MoE routes with a softmax over the top-k logits and has no router bias.
-        why.append("MoE FFN (sigmoid router, shared + routed experts) not supported yet")
+        why.append("MoE FFN (sigmoid router with a balancing bias, shared + routed experts)")
     if "H" in cfg.blocks:
-        why.append("intra-layer hybrid 'H' blocks (attention and Mamba2 in one mixer) not supported yet")
+        why.append("intra-layer hybrid 'H' blocks (attention and Mamba2 in one mixer)")
     if "S" in cfg.blocks:
         why.append("sliding-window attention with sinks ('S' blocks) has no transformers counterpart")
     if "M" in cfg.blocks and cfg.d_ssm % cfg.d_model:
