@@ -5,10 +5,14 @@
 
 The export is safetensors, config.json, generation_config.json and the run's tokenizer
 (tokenizer.json + tokenizer_config.json), so that `AutoModelForCausalLM.from_pretrained(HF_DIR)` and
-`AutoTokenizer.from_pretrained(HF_DIR)` load offline and agree on the BOS/EOS ids. The tokenizer is
+`AutoTokenizer.from_pretrained(HF_DIR)` load offline and agree on the BOS/EOS ids. Architectures
+without a native transformers class also get their modeling code (configuration_hybrid.py,
+modeling_hybrid.py): load those with `trust_remote_code=True`. The tokenizer is
 the one recorded for the run's data (checkpoint config.toml -> data.sources -> manifest.json), or
 `--tokenizer` ('byte', a tokenizer.json or a prepared data dir). The import writes a weights-only
-checkpoint: start a run from it with `--checkpoint.init_from=DIR` (fresh optimizer and schedule).
+checkpoint: start a run from it with `--checkpoint.init_from=DIR` (fresh optimizer and schedule);
+an export with our modeling code is read with this repository's copy of it (the directory's code
+is never run).
 Every failure is one line on stderr and exit status 2. The architecture mapping itself lives in the
 model zoo (`pretrain.model.hf`); this module moves files and tokenizers.
 """
@@ -92,17 +96,6 @@ def load_model(checkpoint: Path) -> HybridLM:
     return model
 
 
-def refuse_unexportable(checkpoint: Path, cfg: ModelConfig, run_config: dict[str, Any]) -> None:
-    """Fail before loading any weights when transformers has no counterpart of the model."""
-    from pretrain.model.hf import EXPORTABLE, export_refusal
-
-    why = export_refusal(cfg)
-    if why is not None:
-        arch = run_config.get("model", {}).get("arch")
-        what = f"arch {arch} (pattern {cfg.pattern})" if arch else f"pattern {cfg.pattern}"
-        raise CliError(f"{checkpoint}: {what} does not export to Hugging Face: {why}; exportable: {EXPORTABLE}")
-
-
 def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | None) -> Tokenizer:
     """`override`, else the tokenizer the run's first data source was prepared with (a mixture's
     sources share one: the loader checks that at start)."""
@@ -165,13 +158,13 @@ def new_dir(out: Path) -> Path:
     return tmp
 
 
-def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> Tokenizer:
-    """Write the HF model and tokenizer of `checkpoint` to `out`; returns the tokenizer used.
+def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[Tokenizer, str]:
+    """Write the HF model and tokenizer of `checkpoint` to `out`; returns the tokenizer used and the
+    transformers class name (HybridForCausalLM: our modeling code is written beside the weights).
     Everything that can be refused is checked before the weights are read."""
     from pretrain.model.hf import to_hf
 
     cfg, run_config = read_model_config(checkpoint), read_run_config(checkpoint)
-    refuse_unexportable(checkpoint, cfg, run_config)
     tok = run_tokenizer(checkpoint, run_config, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise CliError(f"{checkpoint / MODEL_CONFIG_FILE}: vocab_size={cfg.vocab_size} but the tokenizer has "
@@ -184,19 +177,27 @@ def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> Tokeniz
     hf.save_pretrained(tmp)
     hf_tokenizer(tok).save_pretrained(tmp)
     tmp.rename(out)
-    return tok
+    return tok, type(hf).__name__
 
 
 def import_(hf_dir: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
+    from pretrain.hf_remote.configuration_hybrid import MODEL_TYPE
+    from pretrain.hf_remote.modeling_hybrid import HybridForCausalLM
     from pretrain.model.hf import from_hf
 
-    if not (hf_dir / "config.json").is_file():
+    config = hf_dir / "config.json"
+    if not config.is_file():
         raise CliError(f"{hf_dir}: no config.json; --hf takes a directory written by save_pretrained")
-    require_new(out)
     try:
-        model = from_hf(AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True))
+        ours = json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (ValueError, AttributeError) as e:
+        raise CliError(f"{config}: not a JSON object ({e})") from None
+    require_new(out)
+    loader = HybridForCausalLM if ours else AutoModelForCausalLM  # our export: our own copy of its code
+    try:
+        model = from_hf(loader.from_pretrained(hf_dir, local_files_only=True))
     except (OSError, ValueError) as e:  # unreadable files, or an architecture we cannot express
         raise CliError(f"{hf_dir}: {e}") from None
     tmp = new_dir(out)
@@ -223,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
         if args.cmd == "export":
-            tok = export(args.checkpoint, args.out, args.tokenizer)
-            print(f"exported to {args.out} (model and {tok.identity.kind} tokenizer: vocab {tok.vocab_size}, "
-                  f"bos {tok.bos_id}, eos {tok.eos_id})")
+            tok, model_class = export(args.checkpoint, args.out, args.tokenizer)
+            remote = model_class == "HybridForCausalLM"
+            code = " with its modeling code: load with trust_remote_code=True" if remote else ""
+            print(f"exported to {args.out} ({model_class}{code}; {tok.identity.kind} tokenizer: vocab "
+                  f"{tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id})")
         else:
             out = import_(args.hf, args.out)
             print(f"imported to {out}; train from it with --checkpoint.init_from={out} "

@@ -26,7 +26,8 @@ class HybridConfig(PretrainedConfig):
                  dt_max: float = 0.1, intra: dict | None = None, moe: dict | None = None, **kwargs):
         self.blocks = list(blocks or ["A"])
         self.pattern, self.vocab_size, self.d_model, self.d_ffn = pattern, vocab_size, d_model, d_ffn
-        self.norm_eps, self.tie_embeddings, self.init_std, self.max_seq_len = norm_eps, tie_embeddings, init_std, max_seq_len
+        self.norm_eps, self.tie_embeddings, self.init_std = norm_eps, tie_embeddings, init_std
+        self.max_seq_len = max_seq_len
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope = dict(rope or {"theta": 500000.0, "factor": None})
         self.window, self.n_sink, self.swa_rope_theta = window, n_sink, swa_rope_theta

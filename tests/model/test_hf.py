@@ -1,6 +1,7 @@
-"""Hugging Face interop: to_hf / from_hf preserve the function against transformers' own forward,
-round-trip exactly, survive save_pretrained -> AutoModelForCausalLM without a warning from
-transformers, and refuse what they cannot express."""
+"""Hugging Face interop with native transformers classes: to_hf / from_hf preserve the function
+against transformers' own forward, round-trip exactly, survive save_pretrained -> AutoModelForCausalLM
+without a warning from transformers, and send what has no native class to the remote-code export
+(tests/model/test_hf_remote.py)."""
 
 import logging
 
@@ -12,7 +13,8 @@ from transformers import (AutoModelForCausalLM, GraniteMoeHybridConfig, GraniteM
                           LlamaConfig, LlamaForCausalLM)
 
 from pretrain.model import ARCHS, SIZES, build_model, model_config
-from pretrain.model.hf import EXPORTABLE_ARCHS, export_refusal, from_hf, hf_config, to_hf
+from pretrain.hf_remote.modeling_hybrid import HybridForCausalLM
+from pretrain.model.hf import NATIVE_ARCHS, from_hf, hf_config, native_refusal, to_hf
 
 SUPPORTED = ("llama", "mamba2", "inter_hybrid")
 LENGTHS = (32, 21)  # a multiple of the chunk size (16 tiny, 8 below) and not
@@ -153,26 +155,29 @@ def test_hf_generate_matches_ours(arch):
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in SUPPORTED])
-def test_unrepresentable_presets_raise(arch):
-    with pytest.raises(ValueError, match="not representable in transformers: .*; exportable: llama, mamba2, "
-                                         "inter_hybrid"):
-        to_hf(build_model(arch, "tiny"))
+def test_presets_without_a_native_class_export_as_remote_code(arch):
+    model = build_model(arch, "tiny")
+    with pytest.raises(ValueError, match="no native transformers class: .*; native: llama, mamba2, inter_hybrid"):
+        hf_config(model.config)
+    assert isinstance(to_hf(model), HybridForCausalLM)
 
 
-def test_exportable_archs_are_the_ones_to_hf_maps():
-    """EXPORTABLE_ARCHS names the supported presets in refusals: it must match what export_refusal lets pass."""
-    assert [a for a in ARCHS if export_refusal(model_config(a, "tiny")) is None] == list(EXPORTABLE_ARCHS) \
+def test_native_archs_are_the_ones_native_refusal_lets_pass():
+    """NATIVE_ARCHS names the native presets in messages: it must match what native_refusal lets pass."""
+    assert [a for a in ARCHS if native_refusal(model_config(a, "tiny")) is None] == list(NATIVE_ARCHS) \
         == list(SUPPORTED)
 
 
 def test_refusal_gives_every_reason():
-    why = export_refusal(model_config("hybrid_moe", "tiny"))
+    why = native_refusal(model_config("hybrid_moe", "tiny"))
     assert "MoE FFN" in why and "intra-layer hybrid" in why
 
 
-def test_mamba_width_must_be_a_multiple_of_d_model():
-    with pytest.raises(ValueError, match="not representable in transformers: .*d_ssm=96"):
-        to_hf(build_model("mamba2", "tiny", d_ssm=96))
+def test_mamba_width_not_a_multiple_of_d_model_exports_as_remote_code():
+    model = build_model("mamba2", "tiny", d_ssm=96)
+    with pytest.raises(ValueError, match="no native transformers class: .*d_ssm=96"):
+        hf_config(model.config)
+    assert isinstance(to_hf(model), HybridForCausalLM)
 
 
 @pytest.mark.parametrize("overrides, why", [
@@ -184,3 +189,105 @@ def test_mamba_width_must_be_a_multiple_of_d_model():
 def test_from_hf_rejects_what_we_cannot_express(overrides, why):
     with pytest.raises(ValueError, match=f"not representable as a HybridLM: .*{why}"):
         from_hf(native_granite(**overrides))
+
+
+# ---- remote-code export (pretrain/hf_remote): every preset, dense and MoE --------------------------
+REMOTE_LENGTH = 37  # past the tiny SWA window (16) and not a multiple of the chunk size (16)
+PROMPT, NEW = 12, 14  # generation runs past the window too, so the trimmed SWA cache is used
+
+
+def rel_diff(model, hf, tokens) -> float:
+    with torch.no_grad():
+        ours = model(tokens)
+        return ((hf(tokens).logits - ours).abs().max() / ours.abs().max()).item()
+
+
+def assert_generates_like_ours(model, hf, tokens):
+    """Greedy generation with the cache equals HybridLM.generate, tokens and the logits that chose them
+    (rel 1e-4: random tiny models' greedy tokens alone hide small state errors), and the cache is
+    really used: after the prompt, every forward call gets one new token."""
+    prompt = tokens[:, :PROMPT]
+    seen = []
+    hook = hf.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                        with_kwargs=True)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, min_new_tokens=NEW,
+                         do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True)
+    hook.remove()
+    assert seen == [PROMPT] + [1] * (NEW - 1)
+    ours, logits = model.generate(prompt, NEW, return_logits=True)
+    assert torch.equal(theirs.sequences, ours)
+    their_logits = torch.stack(theirs.logits, dim=1)
+    assert ((their_logits - logits).abs().max() / logits.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_remote_code_export_of_every_preset(arch, tmp_path, transformers_log, recwarn):
+    """Saved with its code, loaded by AutoModelForCausalLM(trust_remote_code=True) from the copied files
+    (the native presets forced to remote code as well): the logits equal ours (rel 1e-4, fp32), greedy
+    generation with the cache equals HybridLM.generate, and from_hf gives back the same weights."""
+    model = tiny(arch)
+    to_hf(model, remote=True).save_pretrained(tmp_path)
+    assert {"configuration_hybrid.py", "modeling_hybrid.py"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, local_files_only=True).eval()
+    assert type(loaded).__module__.startswith("transformers_modules.")  # the exported copy, not pretrain's
+    assert [r.getMessage() for r in transformers_log.records] == []
+    assert [str(w.message) for w in recwarn] == []
+    tokens = torch.randint(0, model.config.vocab_size, (2, REMOTE_LENGTH), generator=torch.Generator().manual_seed(3))
+    assert rel_diff(model, loaded, tokens) < 1e-4
+    assert_generates_like_ours(model, loaded, tokens)
+    assert_same_state(from_hf(loaded), model)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("intra_hybrid", {"intra.norm": "rms", "intra.scaling": "scalar", "intra.fusion": "add"}),
+    ("intra_hybrid", {"intra.norm": "none", "intra.scaling": "vector", "intra.fusion": "concat"}),
+    ("intra_hybrid", {"intra.scaling": "gate", "intra.out_proj": "unified", "intra.value_sharing": True}),
+    ("intra_hybrid", {"intra.scaling": "diff", "intra.fusion": "concat", "intra.out_proj": "unified"}),
+    ("hybrid_moe", {"moe.top_k": 2, "moe.n_shared": 0, "moe.d_expert": 48, "n_groups": 2,
+                    "tie_embeddings": False, "rope": {"factor": None}}),
+    ("swa_moe", {"window": 8, "n_sink": 0}),
+    ("mamba2", {"d_ssm": 96}),  # no native class: Granite's Mamba width is a multiple of d_model
+])
+def test_remote_code_variants(arch, overrides):
+    """The ablation switches of the intra-hybrid mixer, MoE top-2 without shared experts, grouped B/C,
+    an untied head, unscaled RoPE and a window without sinks, in memory."""
+    model = tiny(arch, **overrides)
+    hf = to_hf(model).eval()
+    assert isinstance(hf, HybridForCausalLM)
+    tokens = torch.randint(0, model.config.vocab_size, (2, REMOTE_LENGTH), generator=torch.Generator().manual_seed(4))
+    assert rel_diff(model, hf, tokens) < 1e-4
+    assert_generates_like_ours(model, hf, tokens)
+    assert_same_state(from_hf(hf), model)
+
+
+def test_remote_code_loss_and_padding():
+    """`labels` give our next-token loss; a padded attention mask is refused (the model takes no padding)."""
+    model = tiny("hybrid_moe")
+    hf = to_hf(model).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens, labels=tokens).loss, model.loss(tokens[:, :-1], tokens[:, 1:]), rtol=1e-5)
+        mask = torch.ones_like(tokens)
+        mask[0, 0] = 0
+        with pytest.raises(ValueError, match="attention_mask has padding"):
+            hf(tokens, attention_mask=mask)
+
+
+def test_remote_code_imports_only_torch_and_transformers():
+    """The files copied into an export must load where only torch and transformers are installed."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import pretrain.hf_remote
+
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
+    for path in Path(pretrain.hf_remote.__file__).parent.glob("*_hybrid.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            assert all(n.split(".")[0] in allowed for n in names), f"{path.name} imports {names}"
