@@ -3,8 +3,10 @@ with its tokenizer, and every refusal or failure is one line on stderr with exit
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,22 @@ pytest.importorskip("transformers")
 from pretrain.hf import load_model, main
 from pretrain.trainer import Trainer
 from trainer_helpers import tiny_config, weights
+
+# Loads an export where this project cannot be imported, as on a machine with transformers + torch only.
+STANDALONE = """
+import sys
+import torch
+for name in ("pretrain", "parallel", "data_pipeline"):
+    sys.modules[name] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer
+hf_dir, result = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, local_files_only=True).eval()
+ids = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)("def f(x):", return_tensors="pt").input_ids
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+torch.save({"ids": ids, "logits": logits, "generated": generated}, result)
+"""
 
 TEXT = "def f(x):\n    return 'é' + x  # <|eos|> <|bos|>"
 
@@ -109,16 +127,31 @@ def test_export_with_a_tokenizer_json(bpe_tokenizer, tmp_path):
     assert tok.decode(ids[1:]) == ours.decode(ids[1:])
 
 
-def test_export_of_hybrid_moe_names_what_exports(corpus, tmp_path_factory, tmp_path, capsys):
-    """The README trains hybrid_moe (intra-hybrid + MoE): its export is refused in one line that says
-    why and which archs export, before any weights are read."""
+def test_export_of_hybrid_moe_runs_without_this_project(corpus, tmp_path_factory, tmp_path, capsys):
+    """The README trains hybrid_moe (intra-hybrid + MoE), which transformers has no class for: the export
+    ships its modeling code, and a Python that cannot import this project loads it, computes our logits
+    and generates our tokens greedily; `import` takes it back to the same weights."""
     checkpoint = train(tmp_path_factory, corpus, "hybrid_moe")
+    out = tmp_path / "hf"
     capsys.readouterr()
-    assert export(checkpoint, tmp_path / "hf") == 2
-    err = error_line(capsys)
-    assert "arch hybrid_moe" in err and "MoE FFN" in err and "intra-layer hybrid" in err
-    assert "exportable: llama, mamba2, inter_hybrid" in err
-    assert not (tmp_path / "hf").exists()
+    assert export(checkpoint, out) == 0
+    assert "(HybridForCausalLM with its modeling code: load with trust_remote_code=True;" in capsys.readouterr().out
+    auto_map = json.loads((out / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_hybrid.HybridForCausalLM"
+    assert (out / "modeling_hybrid.py").is_file() and (out / "configuration_hybrid.py").is_file()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-c", STANDALONE, str(out), str(tmp_path / "result.pt")], cwd=tmp_path, env=env,
+                   check=True, timeout=300)
+    result = torch.load(tmp_path / "result.pt")
+    ours = load_model(checkpoint).eval()
+    with torch.no_grad():
+        logits = ours(result["ids"])
+    assert ((result["logits"] - logits).abs().max() / logits.abs().max()).item() < 1e-4
+    assert torch.equal(result["generated"], ours.generate(result["ids"], 8))
+    assert main(["import", "--hf", str(out), "--out", str(tmp_path / "imported")]) == 0
+    a, b = weights(checkpoint), weights(tmp_path / "imported")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def damaged_copy(checkpoint: Path, tmp_path: Path, damage) -> Path:
@@ -150,7 +183,8 @@ def move_data(corpus: Path):
     ("bad_tokenizer", "--tokenizer /no/tokenizer.json: tokenizer: no such file"),
     ("tokenizer_too_big", "vocab_size=258 but the tokenizer has 300 ids"),
     ("import_not_hf", "no config.json"),
-    ("import_gpt2", "from_hf supports LlamaForCausalLM and GraniteMoeHybridForCausalLM, not GPT2LMHeadModel"),
+    ("import_gpt2", "from_hf supports LlamaForCausalLM, GraniteMoeHybridForCausalLM and our exported "
+                    "HybridForCausalLM, not GPT2LMHeadModel"),
 ])
 def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, corpus, bpe_tokenizer, tmp_path,
                                              monkeypatch, capsys):
