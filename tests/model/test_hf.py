@@ -291,3 +291,30 @@ def test_remote_code_imports_only_torch_and_transformers():
             else:
                 continue
             assert all(n.split(".")[0] in allowed for n in names), f"{path.name} imports {names}"
+
+
+def test_remote_code_kernels_equal_ours():
+    """The mirrored pure-PyTorch pieces against the originals, where the tiny presets do not reach:
+    Llama 3 RoPE frequencies of a 1B head (its blended band), and the SSD scan with an initial state,
+    two B/C groups and a partial last chunk, followed by decoding steps."""
+    from pretrain.hf_remote import modeling_hybrid as remote
+    from pretrain.model.config import RopeConfig
+    from pretrain.model.ops.ssd import ssd_scan_reference, ssd_step
+    from pretrain.model.rope import rope_inv_freq
+
+    for rope in (RopeConfig(), RopeConfig(theta=10000.0, factor=8.0, original_context=64), RopeConfig(factor=None)):
+        fields = (rope.theta, rope.factor, rope.low_freq_factor, rope.high_freq_factor, rope.original_context)
+        assert torch.equal(remote.rope_inv_freq(64, *fields), rope_inv_freq(64, rope))
+    g = torch.Generator().manual_seed(6)
+    b, l, h, p, n = 2, 21, 4, 8, 5
+    x = torch.randn(b, l, h, p, generator=g)
+    B, C = torch.randn(b, l, 2, n, generator=g), torch.randn(b, l, 2, n, generator=g)
+    dt, A = torch.rand(b, l, h, generator=g), -torch.rand(h, generator=g)
+    state = torch.randn(b, h, p, n, generator=g)
+    y, final = remote.ssd_scan(x, dt, A, B, C, 8, state)
+    y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, 8, state)
+    assert torch.allclose(y, y_ref, atol=1e-6) and torch.allclose(final, final_ref, atol=1e-6)
+    for t in range(3):
+        step = [v[:, t:t + 1] for v in (x, dt)] + [A] + [v[:, t:t + 1] for v in (B, C)]
+        (y, final), (y_ref, final_ref) = remote.ssd_step(*step, final), ssd_step(*step, final_ref)
+        assert torch.allclose(y, y_ref, atol=1e-6) and torch.allclose(final, final_ref, atol=1e-6)

@@ -49,6 +49,11 @@ def llama_checkpoint(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def hybrid_moe_checkpoint(corpus, tmp_path_factory):
+    return train(tmp_path_factory, corpus, "hybrid_moe")
+
+
+@pytest.fixture(scope="module")
 def bpe_tokenizer(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer.json (the demo's kind: <|bos|> 0, <|eos|> 1, <|pad|> 2), 300 ids."""
     from data_pipeline.demo_corpus import stdlib_sources, train_bpe
@@ -127,12 +132,11 @@ def test_export_with_a_tokenizer_json(bpe_tokenizer, tmp_path):
     assert tok.decode(ids[1:]) == ours.decode(ids[1:])
 
 
-def test_export_of_hybrid_moe_runs_without_this_project(corpus, tmp_path_factory, tmp_path, capsys):
+def test_export_of_hybrid_moe_runs_without_this_project(hybrid_moe_checkpoint, tmp_path, capsys):
     """The README trains hybrid_moe (intra-hybrid + MoE), which transformers has no class for: the export
     ships its modeling code, and a Python that cannot import this project loads it, computes our logits
     and generates our tokens greedily; `import` takes it back to the same weights."""
-    checkpoint = train(tmp_path_factory, corpus, "hybrid_moe")
-    out = tmp_path / "hf"
+    checkpoint, out = hybrid_moe_checkpoint, tmp_path / "hf"
     capsys.readouterr()
     assert export(checkpoint, out) == 0
     assert "(HybridForCausalLM with its modeling code: load with trust_remote_code=True;" in capsys.readouterr().out
@@ -152,6 +156,23 @@ def test_export_of_hybrid_moe_runs_without_this_project(corpus, tmp_path_factory
     assert main(["import", "--hf", str(out), "--out", str(tmp_path / "imported")]) == 0
     a, b = weights(checkpoint), weights(tmp_path / "imported")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_documented_hf_commands_run(hybrid_moe_checkpoint, corpus, tmp_path, monkeypatch):
+    """Every `python -m pretrain.hf` command of README.md and docs/*.md runs as written, in document
+    order (imports read the earlier exports), with --checkpoint pointed at a trained tiny checkpoint and
+    a --tokenizer data directory at the test corpus."""
+    from test_documented_commands import DOCS, shell_lines
+
+    commands = [line.split()[3:] for doc in DOCS for line in shell_lines(doc)
+                if line.startswith("python -m pretrain.hf ")]
+    assert {c[0] for c in commands} == {"export", "import"}
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        for flag, value in (("--checkpoint", hybrid_moe_checkpoint), ("--tokenizer", corpus)):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = str(value)
+        assert main(argv) == 0, argv
 
 
 def damaged_copy(checkpoint: Path, tmp_path: Path, damage) -> Path:
