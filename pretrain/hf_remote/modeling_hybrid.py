@@ -536,6 +536,15 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return HybridCausalLMOutput(loss=loss, logits=logits, hybrid_cache=hybrid_cache)
 
     # ---- generation: our own cache object, passed between steps under `hybrid_cache` ------------
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, greedy or sampled. Beam search would need the cache reordered
+        across beams, which transformers does only for its own cache names: refused, not silently wrong."""
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
+            raise ValueError("num_beams > 1: this model's cache does not support beam search; "
+                             "use greedy or sampled decoding")
+        return super().generate(*args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False

@@ -260,8 +260,9 @@ def test_remote_code_variants(arch, overrides):
     assert_same_state(from_hf(hf), model)
 
 
-def test_remote_code_loss_and_padding():
-    """`labels` give our next-token loss; a padded attention mask is refused (the model takes no padding)."""
+def test_remote_code_loss_uncached_generation_and_refusals():
+    """`labels` give our next-token loss; generation without the cache gives the cached tokens; a padded
+    attention mask and beam search are refused (the model takes no padding, its cache no beams)."""
     model = tiny("hybrid_moe")
     hf = to_hf(model).eval()
     tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
@@ -271,6 +272,10 @@ def test_remote_code_loss_and_padding():
         mask[0, 0] = 0
         with pytest.raises(ValueError, match="attention_mask has padding"):
             hf(tokens, attention_mask=mask)
+    uncached = hf.generate(tokens, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, model.generate(tokens, 5))
+    with pytest.raises(ValueError, match="does not support beam search"):
+        hf.generate(tokens, max_new_tokens=2, num_beams=2)
 
 
 def test_remote_code_imports_only_torch_and_transformers():
