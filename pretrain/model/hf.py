@@ -140,6 +140,11 @@ def _from_remote(hf_model: PreTrainedModel) -> HybridLM:
     theirs = hf_model.state_dict()
     state = {k: theirs[_remote_name(k)].detach().clone() for k in model.state_dict()}
     model.load_state_dict(state, strict=True, assign=True)
+    device = hf_model.model.embed_tokens.weight.device
+    for module in model.modules():  # non-persistent buffers (MoE load counts) start at zero
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:
+                setattr(module, name, torch.zeros_like(buf, device=device))
     return model.train(hf_model.training)
 
 

@@ -25,11 +25,13 @@ MAMBA_FIELDS = ("d_ssm", "ssm_head_dim", "d_state", "n_groups", "d_conv", "chunk
 
 
 def jitter(model):
-    """Perturb every parameter so norms, D, biases are not all alike: a swapped mapping shows."""
+    """Perturb every saved float tensor, parameters and persistent buffers (MoE expert biases), so
+    norms, D, biases are not all alike: a swapped or dropped mapping shows."""
     torch.manual_seed(1)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+        for t in model.state_dict().values():  # shares storage with the model
+            if t.is_floating_point():
+                t.add_(torch.randn_like(t) * 0.05)
     return model.eval()
 
 
@@ -235,7 +237,10 @@ def test_remote_code_export_of_every_preset(arch, tmp_path, transformers_log, re
     tokens = torch.randint(0, model.config.vocab_size, (2, REMOTE_LENGTH), generator=torch.Generator().manual_seed(3))
     assert rel_diff(model, loaded, tokens) < 1e-4
     assert_generates_like_ours(model, loaded, tokens)
-    assert_same_state(from_hf(loaded), model)
+    back = from_hf(loaded)
+    assert_same_state(back, model)
+    assert not any(b.is_meta for b in back.buffers())
+    back.train().loss(tokens[:, :-1], tokens[:, 1:]).backward()  # trainable as it comes back
 
 
 @pytest.mark.parametrize("arch, overrides", [
