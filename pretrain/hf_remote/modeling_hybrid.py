@@ -442,33 +442,40 @@ class HybridPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """A fresh model's init (from a config, not from the exported weights), as in training."""
-        std = self.config.init_std
+        """A fresh model's init (from a config, not from the exported weights), as in training.
+        Tensors transformers flags as loaded from the checkpoint are left alone."""
+        def init(t: Tensor, value) -> None:
+            if not getattr(t, "_is_hf_initialized", False):
+                t.copy_(value(t) if callable(value) else value)
+
+        std, c = self.config.init_std, self.config
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, (RMSNorm, HeadGroupNorm)):
-            nn.init.ones_(module.weight)
+            init(module.weight, lambda t: torch.randn_like(t) * std)
+        elif isinstance(module, (RMSNorm, HeadGroupNorm)) or (isinstance(module, BranchScale) and module.kind in
+                                                              ("scalar", "vector")):
+            init(module.weight, 1.0)
             if isinstance(module, HeadGroupNorm):
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, BranchScale) and module.kind in ("scalar", "vector"):
-            nn.init.ones_(module.weight)
+                init(module.bias, 0.0)
         elif isinstance(module, DiffLambda):
             for p in (module.q1, module.k1, module.q2, module.k2):
-                nn.init.normal_(p, std=0.1)
+                init(p, lambda t: torch.randn_like(t) * 0.1)
         elif isinstance(module, ShortConv):
             bound = 1 / math.sqrt(module.weight.shape[-1])
-            nn.init.uniform_(module.weight, -bound, bound)
-            nn.init.uniform_(module.bias, -bound, bound)
+            for p in (module.weight, module.bias):
+                init(p, lambda t: torch.empty_like(t).uniform_(-bound, bound))
         elif isinstance(module, Mamba2):
-            lo, hi = math.log(self.config.dt_min), math.log(self.config.dt_max)
-            dt = torch.exp(torch.rand_like(module.dt_bias) * (hi - lo) + lo).clamp(min=1e-4)
-            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            module.A_log.copy_(torch.empty_like(module.A_log).uniform_(*self.config.a_init_range).log())
-            nn.init.ones_(module.D)
+            def dt_bias(t: Tensor) -> Tensor:  # inverse softplus of dt, log-uniform in [dt_min, dt_max]
+                lo, hi = math.log(c.dt_min), math.log(c.dt_max)
+                dt = torch.exp(torch.rand_like(t) * (hi - lo) + lo).clamp(min=1e-4)
+                return dt + torch.log(-torch.expm1(-dt))
+
+            init(module.dt_bias, dt_bias)
+            init(module.A_log, lambda t: torch.empty_like(t).uniform_(*c.a_init_range).log())
+            init(module.D, 1.0)
         elif isinstance(module, MoE):
             for w in (module.w1, module.w3, module.w2):
-                nn.init.normal_(w, std=std)
-            module.expert_bias.zero_()
+                init(w, lambda t: torch.randn_like(t) * std)
+            init(module.expert_bias, 0.0)
 
 
 class HybridModel(HybridPreTrainedModel):

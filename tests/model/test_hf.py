@@ -328,3 +328,23 @@ def test_remote_code_kernels_equal_ours():
         step = [v[:, t:t + 1] for v in (x, dt)] + [A] + [v[:, t:t + 1] for v in (B, C)]
         (y, final), (y_ref, final_ref) = remote.ssd_step(*step, final), ssd_step(*step, final_ref)
         assert torch.allclose(y, y_ref, atol=1e-6) and torch.allclose(final, final_ref, atol=1e-6)
+
+
+def test_remote_model_from_a_config_is_initialised_as_in_training():
+    """A fresh HybridForCausalLM (fine-tuning from scratch, no weights) gets the training init, not the
+    uninitialised memory its Mamba2 / MoE parameters are created with."""
+    from pretrain.model.hf import remote_config
+
+    torch.manual_seed(0)
+    hf = HybridForCausalLM(remote_config(model_config("hybrid_moe", "tiny")))
+    state = hf.state_dict()
+    lo, hi = (torch.tensor(r).log().item() for r in hf.config.a_init_range)
+    for name, t in state.items():
+        assert torch.isfinite(t).all(), name
+        if name.endswith("A_log"):
+            assert lo <= t.min() and t.max() <= hi, name
+        elif name.endswith((".D", "norm.weight")):
+            assert torch.equal(t, torch.ones_like(t)), name
+        elif name.endswith(("w1", "w2", "w3", "proj.weight")):
+            assert 0.01 < t.std() < 0.03, name
+    assert torch.isfinite(hf(torch.randint(0, 512, (1, 9))).logits).all()
