@@ -528,7 +528,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, hybrid_cache: HybridCache | None = None,
                 use_cache: bool | None = None, labels: Tensor | None = None, **kwargs) -> HybridCausalLMOutput:
         """input_ids [b, l] -> logits [b, l, vocab]; with `labels`, the mean next-token loss (-100
-        ignored). `hybrid_cache` is read and advanced in place; a new one is made if `use_cache`."""
+        ignored). `hybrid_cache` is read and advanced in place; a new one is made if `use_cache`. Other
+        keywords transformers passes (return_dict, output_* flags) are accepted and ignored."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("attention_mask has padding: this model takes unpadded sequences; "
                              "batch prompts of one length or generate one prompt at a time")
