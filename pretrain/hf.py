@@ -7,14 +7,13 @@ The export is safetensors, config.json, generation_config.json and the run's tok
 (tokenizer.json + tokenizer_config.json), so that `AutoModelForCausalLM.from_pretrained(HF_DIR)` and
 `AutoTokenizer.from_pretrained(HF_DIR)` load offline and agree on the BOS/EOS ids. Architectures
 without a native transformers class also get their modeling code (configuration_hybrid.py,
-modeling_hybrid.py): load those with `trust_remote_code=True`. The tokenizer is
-the one recorded for the run's data (checkpoint config.toml -> data.sources -> manifest.json), or
-`--tokenizer` ('byte', a tokenizer.json or a prepared data dir). The import writes a weights-only
-checkpoint: start a run from it with `--checkpoint.init_from=DIR` (fresh optimizer and schedule);
-an export with our modeling code is read with this repository's copy of it (the directory's code
-is never run).
-Every failure is one line on stderr and exit status 2. The architecture mapping itself lives in the
-model zoo (`pretrain.model.hf`); this module moves files and tokenizers.
+modeling_hybrid.py): load those with `trust_remote_code=True`. The tokenizer is the one recorded
+for the run's data (checkpoint config.toml -> data.sources -> manifest.json), or `--tokenizer`
+('byte', a tokenizer.json or a prepared data dir). The import writes a weights-only checkpoint:
+start a run from it with `--checkpoint.init_from=DIR` (fresh optimizer and schedule); an export
+with our modeling code is read with this repository's copy of that code (the directory's code is
+never run). Every failure is one line on stderr and exit status 2. The architecture mapping itself
+lives in the model zoo (`pretrain.model.hf`); this module moves files and tokenizers.
 """
 from __future__ import annotations
 

@@ -204,6 +204,7 @@ def move_data(corpus: Path):
     ("bad_tokenizer", "--tokenizer /no/tokenizer.json: tokenizer: no such file"),
     ("tokenizer_too_big", "vocab_size=258 but the tokenizer has 300 ids"),
     ("import_not_hf", "no config.json"),
+    ("import_bad_json", r"config.json: not a JSON object"),
     ("import_gpt2", "from_hf supports LlamaForCausalLM, GraniteMoeHybridForCausalLM and our exported "
                     "HybridForCausalLM, not GPT2LMHeadModel"),
 ])
@@ -229,6 +230,10 @@ def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, c
         argv += ["--tokenizer", str(bpe_tokenizer)]
     elif case == "import_not_hf":
         argv = ["import", "--hf", str(llama_checkpoint), "--out", str(out)]
+    elif case == "import_bad_json":
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text("[1, 2]")
+        argv = ["import", "--hf", str(tmp_path / "bad"), "--out", str(out)]
     elif case == "import_gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
