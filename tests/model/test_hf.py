@@ -348,3 +348,15 @@ def test_remote_model_from_a_config_is_initialised_as_in_training():
         elif name.endswith(("w1", "w2", "w3", "proj.weight")):
             assert 0.01 < t.std() < 0.03, name
     assert torch.isfinite(hf(torch.randint(0, 512, (1, 9))).logits).all()
+
+
+def test_remote_code_in_bf16():
+    """Exported in the model's dtype; bf16 follows ours (norms, RoPE, softmax, SSM in fp32 alike)."""
+    model = tiny("hybrid_moe").to(torch.bfloat16)
+    hf = to_hf(model).eval()
+    assert hf.dtype == torch.bfloat16
+    tokens = torch.randint(0, model.config.vocab_size, (2, REMOTE_LENGTH), generator=torch.Generator().manual_seed(7))
+    assert rel_diff(model, hf, tokens) < 1e-2
+    prompt = tokens[:, :PROMPT]
+    assert torch.equal(hf.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False),
+                       model.generate(prompt, 6))
