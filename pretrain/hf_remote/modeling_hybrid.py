@@ -442,7 +442,8 @@ class HybridPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """A fresh model's init (from a config, not from the exported weights), as in training.
+        """A fresh model's init (built from a config, not loaded): training's distributions, except
+        that every projection draws with init_std (training scales the residual-writing ones down).
         Tensors transformers flags as loaded from the checkpoint are left alone."""
         def init(t: Tensor, value) -> None:
             if not getattr(t, "_is_hf_initialized", False):

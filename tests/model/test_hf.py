@@ -330,9 +330,9 @@ def test_remote_code_kernels_equal_ours():
         assert torch.allclose(y, y_ref, atol=1e-6) and torch.allclose(final, final_ref, atol=1e-6)
 
 
-def test_remote_model_from_a_config_is_initialised_as_in_training():
-    """A fresh HybridForCausalLM (fine-tuning from scratch, no weights) gets the training init, not the
-    uninitialised memory its Mamba2 / MoE parameters are created with."""
+def test_remote_model_from_a_config_is_initialised():
+    """A fresh HybridForCausalLM (trained from scratch, no weights) gets training's init distributions,
+    not the uninitialised memory its Mamba2 / MoE parameters are created with."""
     from pretrain.model.hf import remote_config
 
     torch.manual_seed(0)
