@@ -1,4 +1,6 @@
-"""Causal depthwise conv1d (Mamba2's short conv over x, B, C) with an optional carried-in state."""
+"""Causal depthwise conv1d (Mamba2's short conv over x, B, C) with an optional carried-in state and
+optional per-token document ids (`seq_idx` [b, l]): an output sees only inputs of its own
+document (a carried-in state belongs to the first token's document)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,21 @@ from pretrain.model.ops.dispatch import wants_fast_kernel
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
-                            state: Tensor | None = None) -> Tensor:
+                            state: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """x [b, d, l], weight [d, w]; `state` [b, d, w-1] holds the previous inputs (zeros if None).
 
     Returns SiLU(conv(x)) [b, d, l].
     """
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
-    y = F.conv1d(torch.cat([prev.to(x.dtype), x], dim=-1), weight[:, None, :], bias, groups=x.shape[1])
-    return F.silu(y)
+    padded = torch.cat([prev.to(x.dtype), x], dim=-1)
+    if seq_idx is None:
+        return F.silu(F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1]))
+    # windows [b, d, l, w] with the taps outside the output's document zeroed
+    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1).unfold(1, w, 1)  # [b, l, w]
+    taps = padded.unfold(2, w, 1) * (docs == seq_idx[..., None])[:, None].to(x.dtype)
+    y = (taps * weight[:, None, :]).sum(-1)
+    return F.silu(y if bias is None else y + bias[:, None])
 
 
 @functools.cache
@@ -32,9 +40,15 @@ def _causal_conv1d_fn():
     return causal_conv1d_fn
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None) -> Tensor:
-    """Dispatching conv: causal-conv1d's CUDA kernel when installed (no carried state), else the reference."""
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None,
+                  seq_idx: Tensor | None = None) -> Tensor:
+    """Dispatching conv: causal-conv1d's CUDA kernel when installed (no carried state), else the
+    reference. The kernel takes `seq_idx` (int32) only in channel-last layout (x.stride(1) == 1)."""
     kernel = _causal_conv1d_fn() if wants_fast_kernel(x) and state is None else None
     if kernel is None:
-        return causal_conv1d_reference(x, weight, bias, state)
-    return kernel(x, weight, bias, activation="silu")
+        return causal_conv1d_reference(x, weight, bias, state, seq_idx)
+    if seq_idx is None:
+        return kernel(x, weight, bias, activation="silu")
+    if x.stride(1) != 1:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return kernel(x, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(), activation="silu")
