@@ -24,11 +24,14 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
     if seq_idx is None:
         return F.silu(F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1]))
-    # windows [b, d, l, w] with the taps outside the output's document zeroed
-    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1).unfold(1, w, 1)  # [b, l, w]
-    taps = padded.unfold(2, w, 1) * (docs == seq_idx[..., None])[:, None].to(x.dtype)
-    y = (taps * weight[:, None, :]).sum(-1)
-    return F.silu(y if bias is None else y + bias[:, None])
+    # tap j reads the input w-1-j steps back; it counts only inside the output's document
+    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)
+    l = x.shape[-1]
+    y = bias[:, None].to(x.dtype) if bias is not None else 0
+    for j in range(w):
+        same = (docs[:, j:j + l] == seq_idx)[:, None].to(x.dtype)
+        y = y + weight[:, j, None] * padded[..., j:j + l] * same
+    return F.silu(y)
 
 
 @functools.cache
