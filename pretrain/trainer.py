@@ -219,7 +219,8 @@ def check_document_masking(cfg: JobConfig, path: Path | None, is_main: bool) -> 
             saved = bool(tomllib.loads((path / CONFIG_FILE).read_text())["data"].get("document_masking", False))
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"config: cannot read data.document_masking from {path / CONFIG_FILE} "
-                              f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py wrote") from None
+                              f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py "
+                              "wrote") from None
         if saved != cfg.data.document_masking:
             raise ConfigError(f"config: data.document_masking={str(cfg.data.document_masking).lower()} but checkpoint "
                               f"{path} was trained with {str(saved).lower()}; drop the change, or set "

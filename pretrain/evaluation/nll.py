@@ -43,6 +43,7 @@ def run_nll(model, data_dir: Path, tokenizer: Tokenizer, seq_len: int, batch_siz
     if tokens_scored == 0:
         raise CliError(f"{data_dir}: the validation split holds less than one batch of {batch_size} x {seq_len} "
                        "tokens; lower --batch-size/--seq-len or prepare with a larger --val-fraction")
-    return {"data": str(data_dir), "seq_len": seq_len, "document_masking": document_masking, "batches": batches, "tokens": tokens_scored,
+    return {"data": str(data_dir), "seq_len": seq_len, "document_masking": document_masking, "batches": batches,
+            "tokens": tokens_scored,
             "bytes": n_bytes, "nll": total / tokens_scored,
             "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None}

@@ -25,7 +25,8 @@ def token_nll(model, inputs: Tensor, targets: Tensor, doc_starts: Tensor | None 
     """NLL in nats of each target token [b, l] (fp32), the head applied chunk by chunk.
     `doc_starts` [b, l] (True at each document's first input token): rows of packed documents
     scored with document masking, each document as if alone."""
-    hidden = model.hidden_states(inputs, positions=PackedDocs.from_starts(doc_starts) if doc_starts is not None else None)
+    docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
+    hidden = model.hidden_states(inputs, positions=docs)
     head = model.head_weight
     out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
     for start in range(0, hidden.shape[1], LOGIT_CHUNK):

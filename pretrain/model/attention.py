@@ -103,7 +103,8 @@ class Attention(nn.Module):
         q_pos, q_doc = docs.positions, docs.doc
         if self.cp_group is not None:
             rank, cp = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
-            k, v = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=2), self.cp_group, dim=2) for t in (k, v))
+            k, v = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=2), self.cp_group, dim=2)
+                    for t in (k, v))
             k_pos, k_doc = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=1), self.cp_group, dim=1)
                             for t in (q_pos, q_doc))
             chunk, out = q.shape[2] // 2, []
