@@ -4,6 +4,7 @@ boundary); a masked run trains; resuming with the setting changed fails in one l
 import pytest
 import torch
 
+from data_pipeline.loader import build_train_loader
 from pretrain.config import ConfigError
 from pretrain.model.packed import PackedDocs
 from pretrain.trainer import Trainer
@@ -13,7 +14,8 @@ from trainer_helpers import losses, tiny_config
 
 def test_masked_training_and_resume_guard(corpus, tmp_path):
     masked = Trainer(tiny_config(tmp_path / "masked", corpus, 2, "--data.document_masking=true"))
-    batch = next(b for b in masked.train_loader if b["doc_starts"][:, 1:-1].any())  # a boundary inside a window
+    loader = build_train_loader([(str(corpus), 1.0)], 32, 4, num_streams=8, emit_doc_boundaries=True)
+    batch = next(b for b in loader if b["doc_starts"][:, 1:-1].any())  # a boundary inside a window
     tokens, starts = batch["tokens"], batch["doc_starts"]
     with torch.no_grad():
         expected = masked.model.loss(tokens[:, :-1], tokens[:, 1:], PackedDocs.from_starts(starts[:, :-1]))

@@ -94,9 +94,11 @@ FLEX_MIN_QUERIES = 128  # FlexAttention's block size: shorter queries (decoding)
 
 
 @functools.cache
-def _compiled_flex() -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+def _compiled_flex() -> tuple[Callable, Callable]:
+    """Compiled flex_attention and create_block_mask (the latter never materialises the [lq, lk]
+    mask; a new batch's mask_mod closure reuses the compiled code)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
 
 
 def document_mask_mod(q_pos: Tensor, k_pos: Tensor, q_doc: Tensor, k_doc: Tensor, window: int | None,
@@ -117,16 +119,16 @@ def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
     documents) is built once per shape and mask in `block_masks` (a batch's PackedDocs cache)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    attend, make_mask = _compiled_flex() if compiled else (flex_attention, create_block_mask)
     b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
     key = ("flex", window, n_sink, lq, lk, q.device)
     block_mask = block_masks.get(key) if block_masks is not None else None
     if block_mask is None:
-        block_mask = create_block_mask(document_mask_mod(q_pos, k_pos, q_doc, k_doc, window, n_sink), b, None,
-                                       lq, lk, device=q.device)
+        block_mask = make_mask(document_mask_mod(q_pos, k_pos, q_doc, k_doc, window, n_sink), b, None, lq, lk,
+                               device=q.device)
         if block_masks is not None:
             block_masks[key] = block_mask
-    fn = _compiled_flex() if compiled else flex_attention
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, q_doc: Tensor,
