@@ -94,9 +94,10 @@ def test_causal_conv1d_seq_idx_matches_reference_bf16():
     assert rel(out, ref) < 1e-2
 
 
-# tiny, with kernel-sized heads, window and chunk (documents of random_starts are shorter and longer)
+# tiny, with kernel-sized heads, window and chunk (documents of random_starts are shorter and longer);
+# the intra-hybrid's head dims are not powers of 2, like the 1B's (Q/K 72, V 144)
 MODEL_DIMS = dict(head_dim=64, window=512, n_sink=64, chunk_size=256, ssm_head_dim=64,
-                  intra={"head_dim": 64, "qk_head_dim": 64})
+                  intra={"head_dim": 48, "qk_head_dim": 24})
 
 
 @pytest.mark.parametrize("arch", ["llama", "swa", "mamba2", "intra_hybrid"])
