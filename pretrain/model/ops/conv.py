@@ -22,16 +22,27 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
-    if seq_idx is None:
-        return F.silu(F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1]))
-    # tap j reads the input w-1-j steps back; it counts only inside the output's document
-    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)
-    l = x.shape[-1]
-    y = bias[:, None].to(x.dtype) if bias is not None else 0
-    for j in range(w):
-        same = (docs[:, j:j + l] == seq_idx)[:, None].to(x.dtype)
-        y = y + weight[:, j, None] * padded[..., j:j + l] * same
+    y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
+    if seq_idx is not None:
+        y = _recompute_after_starts(y, padded, weight, bias, seq_idx)
     return F.silu(y)
+
+
+def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
+    """Only the w-1 outputs from each document start reach back into the previous document: those
+    few are recomputed with the taps outside their document dropped (cuDNN's conv does the rest;
+    one sync for the indices instead of w masked passes over the whole [b, d, l])."""
+    w = weight.shape[-1]
+    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))  # [b, l], True where a document starts
+    reach = F.pad(starts, (w - 2, 0)).unfold(1, w - 1, 1).any(-1)  # a start among the last w-1 positions
+    rows, t = reach.nonzero(as_tuple=True)  # each affected output once
+    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1).unfold(1, w, 1)  # [b, l, w]
+    same = (docs[rows, t] == seq_idx[rows, t][:, None]).to(y.dtype)  # [n, w]
+    taps = padded.unfold(2, w, 1)[rows, :, t]  # [n, d, w]
+    fixed = (taps * same[:, None, :] * weight).sum(-1)
+    if bias is not None:
+        fixed = fixed + bias
+    return y.transpose(1, 2).index_put((rows, t), fixed).transpose(1, 2)
 
 
 @functools.cache
