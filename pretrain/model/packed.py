@@ -44,8 +44,3 @@ class PackedDocs:
         return PackedDocs(self.positions[:, -1:] + 1, self.doc[:, -1:])
 
 
-
-def as_seq_idx(doc: Tensor) -> Tensor:
-    """A [b, l] document index as mamba-ssm's `seq_idx`: int32, counted from the row's first
-    document (its kernels give a carried-in state to sequence 0)."""
-    return (doc - doc[:, :1]).to(torch.int32)

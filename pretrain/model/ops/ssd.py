@@ -125,7 +125,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     kernel = _mamba_chunk_scan() if wants_fast_kernel(x) else None
     if kernel is None:
         return ssd_scan_reference(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
-    if seq_idx is not None:
+    if seq_idx is not None:  # int32, counted from 0: the kernel gives the initial state to sequence 0
         seq_idx = (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
     y, final_state = kernel(x, dt, A, B, C, chunk_size, initial_states=initial_state, seq_idx=seq_idx,
                             return_final_states=True)
