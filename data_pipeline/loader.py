@@ -94,7 +94,8 @@ def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 class TrainLoader:
-    """Endless iterable of {"tokens": LongTensor[batch_size, seq_len + 1]} (+ "doc_starts": BoolTensor)."""
+    """Endless iterable of {"tokens": LongTensor[batch_size, seq_len + 1]} (+ "doc_starts": BoolTensor of
+    the same shape, True at each document's BOS, with `emit_doc_boundaries`: document masking)."""
 
     def __init__(self, sources: list[Source], cfg: LoaderConfig):
         _check_shape(cfg.seq_len, cfg.batch_size)

@@ -1,8 +1,10 @@
 """Packing documents into windows of seq_len + 1 tokens: [BOS] doc [EOS] [BOS] doc [EOS] ...
 
-Documents cross window boundaries and attention crosses documents (the paper's recipe). Windows
-overlap by one token (window n ends with the token window n+1 starts with), so every token is a
-prediction target exactly once. `doc_starts` marks BOS positions for document-masked attention.
+Documents cross window boundaries and, by default, attention and the Mamba2 state cross documents
+(the paper's recipe). Windows overlap by one token (window n ends with the token window n+1 starts
+with), so every token is a prediction target exactly once. `doc_starts` marks BOS positions: with
+data.document_masking the model turns them into per-token document ids and positions restarting
+at each document (pretrain/model/packed.py), so no document sees another.
 """
 from __future__ import annotations
 

@@ -44,6 +44,11 @@ class DataSection:
     # the data-parallel size. 0: the run's own - a resumed run keeps its checkpoint's count, a
     # fresh one takes lcm(64, dp size) (64 up to 64 ranks, 128 for 16 nodes x 8 GPUs).
     num_streams: int = 0
+    # true: no attention or Mamba2 state flows from one packed document into the next (positions
+    # restart per document); false: the paper's cross-document packing. Recorded in the
+    # checkpoint: a resume that changes it fails unless allow_document_masking_change is true.
+    document_masking: bool = False
+    allow_document_masking_change: bool = False
 
 
 @dataclass

@@ -37,6 +37,7 @@ from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
+from pretrain.model.packed import PackedDocs
 from pretrain.model.parallelize import parallelize_hybrid
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
@@ -207,6 +208,26 @@ def checkpoint_num_streams(path: Path | None, is_main: bool) -> int | None:
     return rank0_decides(read, is_main)
 
 
+def check_document_masking(cfg: JobConfig, path: Path | None, is_main: bool) -> None:
+    """A resumed run keeps its checkpoint's data.document_masking (the loss would change meaning
+    mid-run) unless data.allow_document_masking_change; checkpoints without the key had it off."""
+    if path is None or cfg.data.allow_document_masking_change:
+        return
+
+    def read() -> None:
+        try:
+            saved = bool(tomllib.loads((path / CONFIG_FILE).read_text())["data"].get("document_masking", False))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"config: cannot read data.document_masking from {path / CONFIG_FILE} "
+                              f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py "
+                              "wrote") from None
+        if saved != cfg.data.document_masking:
+            raise ConfigError(f"config: data.document_masking={str(cfg.data.document_masking).lower()} but checkpoint "
+                              f"{path} was trained with {str(saved).lower()}; drop the change, or set "
+                              "data.allow_document_masking_change=true to switch mid-run")
+    rank0_decides(read, is_main)
+
+
 def resolve_num_streams(configured: int, dp_size: int, saved: int | None = None) -> int:
     """data.num_streams of this run: a resumed checkpoint's `saved` count (the data order must not
     change mid-run), else as configured, else lcm(64, dp_size). The dp size must divide it."""
@@ -252,6 +273,7 @@ class Trainer:
         self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from)
         num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size,
                                           checkpoint_num_streams(self._resume_path, self.is_main))
+        check_document_masking(cfg, self._resume_path, self.is_main)
         self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams))
         self.grad_accum = grad_accum_steps(cfg, self.dp_size)
         self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len
@@ -284,7 +306,7 @@ class Trainer:
         self.train_loader = build_train_loader(
             self.sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank=self.dp_rank,
             dp_size=self.dp_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-            num_streams=cfg.data.num_streams)
+            num_streams=cfg.data.num_streams, emit_doc_boundaries=cfg.data.document_masking)
         self._train_iter = None
 
         from pretrain.accounting import flops_per_token
@@ -392,19 +414,20 @@ class Trainer:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     # ---- the loop -----------------------------------------------------------------------------
-    def _next_batch(self) -> torch.Tensor:
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """tokens [b, L+1] (+ doc_starts under data.document_masking) on the device."""
         if self._train_iter is None:
             self._train_iter = iter(self.train_loader)
-        return next(self._train_iter)["tokens"].to(self.device, non_blocking=True)
+        return {k: v.to(self.device, non_blocking=True) for k, v in next(self._train_iter).items()}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; skipped when loss or grad is non-finite."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for _ in range(self.grad_accum):
-            tokens = self._next_batch()
+            batch = self._next_batch()
             with self._autocast():
-                loss = self._loss(tokens)
+                loss = self._loss(batch["tokens"], batch.get("doc_starts"))
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
         loss_val = self._dp_mean(float(loss_sum) / self.grad_accum)
@@ -433,15 +456,18 @@ class Trainer:
         p.tokens_seen += self.tokens_per_step
         return {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": grad_norm_val}
 
-    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _loss(self, tokens: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
         """The model's loss on a [b, L+1] window batch; under context parallelism on this rank's
-        (load-balanced) shard of the sequence, with its positions."""
+        (load-balanced) shard of the sequence, with its positions. `doc_starts` [b, L+1]: the
+        windows' document starts, for document masking (positions then restart per document)."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        docs = PackedDocs.from_starts(doc_starts[:, :-1]) if doc_starts is not None else None
         cp_mesh = self.mesh.cp_mesh() if self.mesh is not None else None
-        if cp_mesh is None:
-            return self.model.loss(inputs, targets)
+        if cp_mesh is None:  # masking off: the call as without document masking
+            return self.model.loss(inputs, targets) if docs is None else self.model.loss(inputs, targets, docs)
         positions = shard_index(inputs.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), inputs.device)
-        return self.model.loss(inputs[:, positions], targets[:, positions], positions)
+        return self.model.loss(inputs[:, positions], targets[:, positions],
+                               positions if docs is None else docs.select(positions))
 
     def _dp_mean(self, value: float) -> float:
         """Mean over the ranks that saw different tokens (dp x cp; tp peers hold the same value)."""
@@ -475,13 +501,15 @@ class Trainer:
         self.model.eval()
         batches = list(build_val_loader(self.sources, self.cfg.data.seq_len, self.cfg.train.micro_batch_size,
                                         dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                        max_batches=self.cfg.train.val_batches))
+                                        max_batches=self.cfg.train.val_batches,
+                                        emit_doc_boundaries=self.cfg.data.document_masking))
         n = int(all_reduce_scalar(float(len(batches)), "min", self._reduce_device()))
         total, count = 0.0, 0
         for batch in batches[:n]:
             tokens = batch["tokens"].to(self.device)
+            doc_starts = batch["doc_starts"].to(self.device) if "doc_starts" in batch else None
             with self._autocast():
-                loss = self._loss(tokens)
+                loss = self._loss(tokens, doc_starts)
             numel = tokens[:, 1:].numel() // self.dims.cp  # this rank's share of the targets
             total += float(loss) * numel
             count += numel

@@ -23,11 +23,11 @@ from pretrain.model.lm import InferenceCache
 
 
 def cache_bytes(obj: Any) -> int:
-    """Bytes of the decoding state (the int64 key positions kept for masking, 'pos', excluded)."""
+    """Bytes of the decoding state (the int64 key positions / document ids kept for masking excluded)."""
     if isinstance(obj, Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(cache_bytes(v) for k, v in obj.items() if k != "pos")
+        return sum(cache_bytes(v) for k, v in obj.items() if k not in ("pos", "doc"))
     if isinstance(obj, list):
         return sum(cache_bytes(v) for v in obj)
     return 0

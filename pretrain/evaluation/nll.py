@@ -1,6 +1,7 @@
 """`nll` suite: next-token NLL (nats/token) and bits per byte on a prepared split.
 
-Bits per byte divide the summed NLL by the UTF-8 bytes the target tokens decode to (special tokens
+With `document_masking` (a run trained with data.document_masking) every packed document is
+scored as if alone. Bits per byte divide the summed NLL by the UTF-8 bytes the target tokens decode to (special tokens
 count zero bytes), so models with different tokenizers compare on the same text.
 """
 from __future__ import annotations
@@ -24,14 +25,17 @@ def text_bytes(tokens: torch.Tensor, tokenizer: Tokenizer, special: set[int]) ->
 
 
 def run_nll(model, data_dir: Path, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-            max_batches: int | None, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    loader = build_val_loader([(str(data_dir), 1.0)], seq_len, batch_size, max_batches=max_batches)
+            max_batches: int | None, device: torch.device, dtype: torch.dtype,
+            document_masking: bool = False) -> dict[str, Any]:
+    loader = build_val_loader([(str(data_dir), 1.0)], seq_len, batch_size, max_batches=max_batches,
+                              emit_doc_boundaries=document_masking)
     special = {tokenizer.bos_id, tokenizer.eos_id}
     total, tokens_scored, n_bytes, batches = 0.0, 0, 0, 0
     for batch in loader:
         tokens = batch["tokens"].to(device)
+        starts = batch["doc_starts"][:, :-1].to(device) if document_masking else None
         with autocast(device, dtype):
-            nll = token_nll(model, tokens[:, :-1], tokens[:, 1:])
+            nll = token_nll(model, tokens[:, :-1], tokens[:, 1:], starts)
         total += float(nll.double().sum())
         tokens_scored += nll.numel()
         n_bytes += text_bytes(batch["tokens"][:, 1:], tokenizer, special)
@@ -39,6 +43,7 @@ def run_nll(model, data_dir: Path, tokenizer: Tokenizer, seq_len: int, batch_siz
     if tokens_scored == 0:
         raise CliError(f"{data_dir}: the validation split holds less than one batch of {batch_size} x {seq_len} "
                        "tokens; lower --batch-size/--seq-len or prepare with a larger --val-fraction")
-    return {"data": str(data_dir), "seq_len": seq_len, "batches": batches, "tokens": tokens_scored,
+    return {"data": str(data_dir), "seq_len": seq_len, "document_masking": document_masking, "batches": batches,
+            "tokens": tokens_scored,
             "bytes": n_bytes, "nll": total / tokens_scored,
             "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None}

@@ -53,7 +53,7 @@ def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device
         from pretrain.evaluation.nll import run_nll
 
         return run_nll(model, data_dir, load_tokenizer(data_dir), train_len, opts.batch_size,
-                       opts.nll_batches, device, dtype)
+                       opts.nll_batches, device, dtype, subject.document_masking)
     if suite == "positions":
         from pretrain.evaluation.positions import run_positions
 

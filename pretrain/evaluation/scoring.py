@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pretrain.model.packed import PackedDocs
+
 LOGIT_CHUNK = 1024  # positions per head matmul
 
 
@@ -19,9 +21,12 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 @torch.no_grad()
-def token_nll(model, inputs: Tensor, targets: Tensor) -> Tensor:
-    """NLL in nats of each target token [b, l] (fp32), the head applied chunk by chunk."""
-    hidden = model.hidden_states(inputs)
+def token_nll(model, inputs: Tensor, targets: Tensor, doc_starts: Tensor | None = None) -> Tensor:
+    """NLL in nats of each target token [b, l] (fp32), the head applied chunk by chunk.
+    `doc_starts` [b, l] (True at each document's first input token): rows of packed documents
+    scored with document masking, each document as if alone."""
+    docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
+    hidden = model.hidden_states(inputs, positions=docs)
     head = model.head_weight
     out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
     for start in range(0, hidden.shape[1], LOGIT_CHUNK):

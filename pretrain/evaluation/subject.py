@@ -35,6 +35,11 @@ class Subject:
                            "pass --seq-len TRAINING_LENGTH")
         return int(seq_len)
 
+    @property
+    def document_masking(self) -> bool:
+        """Whether the run trained with data.document_masking (packed NLL is then scored the same way)."""
+        return bool(self.run_config.get("data", {}).get("document_masking", False))
+
     def data_dir(self, override: str | None) -> Path:
         """The prepared dir to evaluate on: `override`, else the run's first data source."""
         if override:

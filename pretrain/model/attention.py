@@ -12,7 +12,8 @@ from torch.distributed.tensor import Placement, Shard
 from parallel.context_parallel import all_gather_sequence, to_natural_order
 from parallel.tensor_parallel import linear
 from pretrain.model.config import RopeConfig
-from pretrain.model.ops import attention, causal_suffix_attention
+from pretrain.model.ops import attention, causal_suffix_attention, document_attention
+from pretrain.model.packed import PackedDocs
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -57,15 +58,21 @@ class Attention(nn.Module):
         """V heads [b, l, n_kv_heads, v_head_dim] (shared with the Mamba branch under value sharing)."""
         return linear(x, self.v_proj).unflatten(-1, (-1, self.v_head_dim))
 
-    def forward(self, x: Tensor, positions: Tensor, state: dict | None = None, v: Tensor | None = None) -> Tensor:
-        """x [b, l, d]; positions [l] absolute; `state` (a dict) is the KV cache, updated in place."""
+    def forward(self, x: Tensor, positions: Tensor | PackedDocs, state: dict | None = None,
+                v: Tensor | None = None) -> Tensor:
+        """x [b, l, d]; positions [l] absolute, or PackedDocs (attention within documents);
+        `state` (a dict) is the KV cache, updated in place."""
         b, l = x.shape[:2]
         q = linear(x, self.q_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
         k = linear(x, self.k_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)
         v = (v if v is not None else self.values(x)).transpose(1, 2)
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.qk_head_dim, self.rope, positions.device))
+        docs = positions if isinstance(positions, PackedDocs) else None
+        rope_pos = docs.positions if docs is not None else positions
+        cos, sin = rope_cos_sin(rope_pos, rope_inv_freq(self.qk_head_dim, self.rope, rope_pos.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cp_group is not None:
+        if docs is not None:
+            y = self._documents(q, k, v, docs, state)
+        elif self.cp_group is not None:
             y = self._context_parallel(q, k, v, positions)
         else:
             k, v, k_pos = self._with_cache(k, v, positions, state)
@@ -88,6 +95,32 @@ class Attention(nn.Module):
             keep = (k_pos < self.n_sink) | (k_pos > positions[-1] - self.window)
             state["k"], state["v"], state["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
         return k, v, k_pos
+
+    def _documents(self, q: Tensor, k: Tensor, v: Tensor, docs: PackedDocs, state: dict | None) -> Tensor:
+        """Attention within documents. Under CP every rank's keys, values, key positions and
+        document ids are gathered; each query chunk attends to the keys up to its end. With a KV
+        cache, the cache keeps the keys' in-document positions and document ids (untrimmed)."""
+        q_pos, q_doc = docs.positions, docs.doc
+        if self.cp_group is not None:
+            rank, cp = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
+            k, v = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=2), self.cp_group, dim=2)
+                    for t in (k, v))
+            k_pos, k_doc = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=1), self.cp_group, dim=1)
+                            for t in (q_pos, q_doc))
+            chunk, out = q.shape[2] // 2, []
+            for i, chunk_id in enumerate((rank, 2 * cp - 1 - rank)):
+                mine, end = slice(i * chunk, (i + 1) * chunk), (chunk_id + 1) * chunk
+                out.append(document_attention(q[:, :, mine], k[:, :, :end], v[:, :, :end], q_pos[:, mine],
+                                              k_pos[:, :end], q_doc[:, mine], k_doc[:, :end], self.window,
+                                              self.n_sink, docs.kernel_cache))
+            return torch.cat(out, dim=2)
+        k_pos, k_doc = q_pos, q_doc
+        if state is not None:
+            if "k" in state:
+                k, v = torch.cat([state["k"], k], dim=2), torch.cat([state["v"], v], dim=2)
+                k_pos, k_doc = torch.cat([state["pos"], q_pos], dim=1), torch.cat([state["doc"], q_doc], dim=1)
+            state["k"], state["v"], state["pos"], state["doc"] = k, v, k_pos, k_doc
+        return document_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, self.window, self.n_sink, docs.kernel_cache)
 
     def _context_parallel(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """This rank's queries (chunks r and 2cp-1-r of `shard_index`) over every rank's keys and

@@ -12,6 +12,7 @@ from pretrain.model.intra_hybrid import IntraHybrid
 from pretrain.model.mamba2 import mamba2_from_config
 from pretrain.model.moe import MoE
 from pretrain.model.norms import RMSNorm
+from pretrain.model.packed import PackedDocs
 
 
 def build_mixer(cfg: ModelConfig, symbol: str, layer_id: int) -> nn.Module:
@@ -39,6 +40,6 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor, state: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | PackedDocs, state: dict | None = None) -> Tensor:
         x = x + self.mixer(self.mixer_norm(x), positions, state)
         return x + self.ffn(self.ffn_norm(x))

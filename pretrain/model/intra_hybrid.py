@@ -21,6 +21,7 @@ from pretrain.model.attention import Attention
 from pretrain.model.config import IntraConfig, ModelConfig
 from pretrain.model.mamba2 import Mamba2
 from pretrain.model.norms import HeadGroupNorm, RMSNorm
+from pretrain.model.packed import PackedDocs
 
 
 def branch_norm(kind: str, width: int, n_heads: int, eps: float) -> nn.Module:
@@ -147,7 +148,8 @@ class IntraHybrid(nn.Module):
                 plan[f"{name}.weight"] = Shard(1)
         return plan
 
-    def forward(self, x: Tensor, positions: Tensor, state: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | PackedDocs, state: dict | None = None) -> Tensor:
+        """Both branches see the same positions (PackedDocs: both stay within documents)."""
         ic = self.cfg
         attn_state = state.setdefault("attn", {}) if state is not None else None
         ssm_state = state.setdefault("ssm", {}) if state is not None else None

@@ -16,6 +16,7 @@ from pretrain.model.config import ModelConfig
 from pretrain.model.moe import MoE
 from pretrain.model.norms import RMSNorm
 from pretrain.model.ops import chunked_cross_entropy
+from pretrain.model.packed import PackedDocs
 
 
 class HybridLM(nn.Module):
@@ -58,9 +59,10 @@ class HybridLM(nn.Module):
         return plan
 
     def hidden_states(self, tokens: Tensor, cache: InferenceCache | None = None,
-                      positions: Tensor | None = None) -> Tensor:
+                      positions: Tensor | PackedDocs | None = None) -> Tensor:
         """Final-norm hidden states. `positions` [l]: the tokens' absolute positions, given under
-        context parallelism (a rank's shard of the sequence); default 0.. (or after the cache)."""
+        context parallelism (a rank's shard of the sequence); default 0.. (or after the cache).
+        PackedDocs instead: rows of packed documents, each token seeing only its own document."""
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
@@ -71,18 +73,19 @@ class HybridLM(nn.Module):
             cache.length += tokens.shape[1]
         return self.norm(x)
 
-    def forward(self, tokens: Tensor, cache: InferenceCache | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, cache: InferenceCache | None = None,
+                positions: Tensor | PackedDocs | None = None) -> Tensor:
         """tokens [b, l] -> logits [b, l, vocab]. Use `loss` for training (never full fp32 logits)."""
-        h = self.hidden_states(tokens, cache)
+        h = self.hidden_states(tokens, cache, positions)
         if self.tp_mesh is None:
             return h @ self.head_weight.t()
         logits = gather_sequence(h) @ local(self.head_weight).t()  # this rank's vocabulary slice
         return DTensor.from_local(logits, self.tp_mesh, [Shard(2)], run_check=False).full_tensor()
 
-    def loss(self, tokens: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
+    def loss(self, tokens: Tensor, targets: Tensor, positions: Tensor | PackedDocs | None = None) -> Tensor:
         """Mean next-token cross-entropy (+ MoE auxiliary losses when enabled). Under tensor
         parallelism the head is vocabulary-parallel and the loss too (no rank holds all logits);
-        under context parallelism tokens/targets/positions are this rank's shard."""
+        under context parallelism tokens/targets/positions (or PackedDocs) are this rank's shard."""
         h = self.hidden_states(tokens, positions=positions)
         if self.tp_mesh is None:
             loss = chunked_cross_entropy(h, self.head_weight, targets)
@@ -101,27 +104,31 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 return_logits: bool = False, doc_starts: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
-        new token [b, max_new_tokens, vocab].
+        new token [b, max_new_tokens, vocab]. `doc_starts` [b, l] (bool, True at each document's
+        first token): rows of several packed documents, each row continuing its last document as
+        if it had been prompted alone.
         """
         cache = InferenceCache(len(self.blocks))
-        logits = self(prompt, cache)[:, -1]
+        docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
+        logits = self(prompt, cache, docs)[:, -1]
         out, chosen = [prompt], []
         for _ in range(max_new_tokens):
             chosen.append(logits)
             nxt = sample(logits, temperature, top_k, generator)
             out.append(nxt)
-            logits = self(nxt, cache)[:, -1]
+            docs = docs.next_token() if docs is not None else None
+            logits = self(nxt, cache, docs)[:, -1]
         tokens = torch.cat(out, dim=1)
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
 
 
 class InferenceCache:
     """Per-layer decoding state (KV for attention, conv + SSM for Mamba2) and the tokens seen.
-    `numel` counts the state's elements (not the int64 key positions kept for masking)."""
+    `numel` counts the state's elements (not the int64 key positions / document ids kept for masking)."""
 
     def __init__(self, n_layers: int):
         self.layers: list[dict] = [{} for _ in range(n_layers)]
@@ -131,7 +138,7 @@ class InferenceCache:
         def size(obj) -> int:
             if isinstance(obj, Tensor):
                 return obj.numel()
-            return sum(size(v) for k, v in obj.items() if k != "pos") if isinstance(obj, dict) else 0
+            return sum(size(v) for k, v in obj.items() if k not in ("pos", "doc")) if isinstance(obj, dict) else 0
         return sum(size(layer) for layer in self.layers)
 
 

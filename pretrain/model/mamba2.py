@@ -25,6 +25,7 @@ from parallel.tensor_parallel import linear, local, local_replicated
 from pretrain.model.norms import GatedRMSNorm
 from pretrain.model.ops import causal_conv1d, ssd_scan
 from pretrain.model.ops.precision import wide
+from pretrain.model.packed import PackedDocs
 
 
 class ShortConv(nn.Module):
@@ -153,31 +154,36 @@ class Mamba2(nn.Module):
         xbc = torch.cat(([x] if self.external_x else []) + list(parts[1:-1]), dim=-1)
         return z, xbc, dt
 
-    def forward(self, u: Tensor, positions: Tensor | None = None, state: dict | None = None,
+    def forward(self, u: Tensor, positions: Tensor | PackedDocs | None = None, state: dict | None = None,
                 x: Tensor | None = None) -> Tensor:
         """u [b, l, d_model] -> [b, l, d_model] (or [b, l, d_ssm] unprojected); positions unused
-        (the scan is position-free), taken for the common mixer signature.
+        (the scan is position-free), taken for the common mixer signature; PackedDocs reset the
+        conv and the scan at each document start.
 
         `state` {"conv": [b, conv_dim, d_conv-1], "ssm": [b, h, p, n]} is read and updated in place;
         `x` [b, l, d_ssm] is the shared value when `external_x`.
         """
         b = u.shape[0]
         z, xbc, dt = self._project(u, x)
+        seq_idx = positions.doc if isinstance(positions, PackedDocs) else None
         if self.cp_group is not None:
             xbc, dt = self._to_heads(xbc, dt)
+            if seq_idx is not None:  # the scan sees every token: every rank's document ids
+                seq_idx = to_natural_order(all_gather_sequence(seq_idx, self.cp_group), self.cp_group)
         l = xbc.shape[1]
         xbc_t = xbc.transpose(1, 2)
         conv_state = state.get("conv") if state is not None else None
         weight = torch.cat([self._conv_part(c.weight, n) for c, n in zip(self.convs(), "xBC")])
         bias = torch.cat([self._conv_part(c.bias, n) for c, n in zip(self.convs(), "xBC")])
-        xbc = causal_conv1d(xbc_t, weight, bias, conv_state).transpose(1, 2)
+        xbc = causal_conv1d(xbc_t, weight, bias, conv_state, seq_idx).transpose(1, 2)
         gn = local(self.conv_B.bias).shape[0]
         xs, Bm, Cm = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
         xs = xs.reshape(b, l, -1, self.head_dim)
         Bm, Cm = (self._groups_for_heads(t.reshape(b, l, -1, self.d_state)) for t in (Bm, Cm))
         dt = F.softplus(wide(dt) + wide(self._per_head(self.dt_bias)))
         A = -torch.exp(wide(self._per_head(self.A_log)))
-        y, final_state = ssd_scan(xs, dt, A, Bm, Cm, self.chunk_size, state.get("ssm") if state is not None else None)
+        y, final_state = ssd_scan(xs, dt, A, Bm, Cm, self.chunk_size, state.get("ssm") if state is not None else None,
+                                  seq_idx)
         y = y + xs * self._per_head(self.D).to(xs.dtype)[:, None]
         if self.cp_group is not None:
             y = heads_to_sequence(y, self.cp_group)
@@ -185,6 +191,9 @@ class Mamba2(nn.Module):
         if state is not None:
             prev = conv_state if conv_state is not None else xbc_t.new_zeros(b, xbc_t.shape[1], self.d_conv - 1)
             state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.d_conv - 1):]
+            if seq_idx is not None:  # only the last document's inputs carry over into decoding
+                docs = torch.cat([seq_idx[:, :1].expand(-1, self.d_conv - 1), seq_idx], dim=1)[:, -(self.d_conv - 1):]
+                state["conv"] = state["conv"] * (docs == seq_idx[:, -1:])[:, None].to(xbc_t.dtype)
             state["ssm"] = final_state
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return linear(y, self.out_proj) if self.out_proj is not None else y

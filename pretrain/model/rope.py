@@ -30,13 +30,16 @@ def rope_inv_freq(head_dim: int, cfg: RopeConfig, device: torch.device | None = 
 
 
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
+    """cos/sin [l, d] for positions [l]; [b, 1, l, d] (per row, broadcast over heads) for [b, l]."""
+    freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq
+    if positions.dim() == 2:
+        freqs = freqs[:, None]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [b, h, l, d]; cos/sin [l, d]."""
+    """x [b, h, l, d]; cos/sin [l, d] or [b, 1, l, d]."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (wide(x) * cos + wide(rotated) * sin).type_as(x)

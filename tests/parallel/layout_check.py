@@ -16,6 +16,7 @@ from parallel.context_parallel import shard_index
 from parallel.distributed import destroy_distributed
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.model import build_model
+from pretrain.model.packed import PackedDocs
 from pretrain.model.parallelize import parallelize_hybrid
 
 SEQ = 32
@@ -33,9 +34,23 @@ def batch(vocab: int, step: int) -> torch.Tensor:
     return torch.randint(0, vocab, (4, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
 
 
-def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, steps: int = 3) -> dict:
+# Document starts of the document-masking cases, per row of `batch`: at cp=2 the shards are chunks
+# of 8 (rank 0: 0-7 and 24-31); boundaries on shard edges (8, 16, 24), documents spanning edges,
+# documents shorter than the conv width, one longer than the SWA window (16).
+DOC_STARTS = [[0, 8, 11, 29, 31], [0, 2, 16, 24], [0, 5, 13, 30], [0, 1, 3, 24]]
+
+
+def doc_starts(rows: int) -> torch.Tensor:
+    starts = torch.zeros(rows, SEQ + 1, dtype=torch.bool)
+    for r in range(rows):
+        starts[r, DOC_STARTS[r % len(DOC_STARTS)]] = True
+    return starts
+
+
+def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, steps: int = 3,
+            document_masking: bool = False) -> dict:
     """Losses of `steps` AdamW steps and the first step's relative error of every gradient
-    (|g - g_ref| / |g_ref|, per tensor)."""
+    (|g - g_ref| / |g_ref|, per tensor); with `document_masking`, over packed documents."""
     torch.manual_seed(0)
     ref = build_model(arch, "tiny", **overrides).to(dtype)
     model = copy.deepcopy(ref)
@@ -50,9 +65,14 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, 
         tokens = batch(ref.config.vocab_size, step)
         rows = tokens.shape[0] // dp_size
         mine = tokens[dp_rank * rows:(dp_rank + 1) * rows]
-        loss_ref = ref.loss(tokens[:, :-1], tokens[:, 1:])
+        ref_pos = my_pos = None
+        if document_masking:
+            starts = doc_starts(tokens.shape[0])[:, :-1]
+            ref_pos = PackedDocs.from_starts(starts)
+            my_pos = PackedDocs.from_starts(starts[dp_rank * rows:(dp_rank + 1) * rows]).select(positions)
+        loss_ref = ref.loss(tokens[:, :-1], tokens[:, 1:], ref_pos)
         loss_ref.backward()
-        loss = model.loss(mine[:, :-1][:, positions], mine[:, 1:][:, positions], positions)
+        loss = model.loss(mine[:, :-1][:, positions], mine[:, 1:][:, positions], my_pos or positions)
         loss.backward()
         loss_sum = loss.detach().clone()
         dist.all_reduce(loss_sum, group=mesh.tokens_group())
@@ -73,9 +93,10 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
     torch.set_num_threads(1)
     results = {}
     try:
-        for name, arch, overrides, dims, dtype in cases:
+        for name, arch, overrides, dims, dtype, *masking in cases:  # optional 6th: document masking
             try:
-                results[name] = compare(arch, overrides, ParallelDims(**dims), getattr(torch, dtype))
+                results[name] = compare(arch, overrides, ParallelDims(**dims), getattr(torch, dtype),
+                                        document_masking=bool(masking and masking[0]))
             except Exception:  # noqa: BLE001 - reported by the test, per case
                 results[name] = {"error": traceback.format_exc()}
     finally:

@@ -3,11 +3,18 @@
 Keys carry their absolute positions so one mask rule serves training, prefill and decoding from a
 trimmed (window + sinks) cache: query i sees key j iff j <= i and (no window, or i - j < window,
 or j < n_sink).
+
+Document masking adds per-row document ids [b, l] to queries and keys (positions are then [b, l]
+and restart in each document): key j is visible only inside the query's document, and the sinks
+are each document's first tokens. On CUDA that runs as FlexAttention with a document mask_mod,
+whose block mask skips the blocks between documents (never a dense [l, l] mask at training length).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +25,22 @@ from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.precision import wide
 
 
-def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, n_sink: int) -> Tensor:
-    """Boolean [lq, lk] mask, True where attention is allowed."""
-    diff = q_pos[:, None] - k_pos[None, :]
+def attention_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, n_sink: int,
+                   q_doc: Tensor | None = None, k_doc: Tensor | None = None) -> Tensor:
+    """Boolean [lq, lk] mask ([b, lq, lk] for [b, l] positions), True where attention is allowed;
+    with document ids, only inside the query's document."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
     allowed = diff >= 0
     if window is not None:
-        allowed &= (diff < window) | (k_pos[None, :] < n_sink)
+        allowed &= (diff < window) | (k_pos[..., None, :] < n_sink)
+    if q_doc is not None:
+        allowed &= q_doc[..., :, None] == k_doc[..., None, :]
     return allowed
+
+
+def _heads_mask(mask: Tensor) -> Tensor:
+    """A [lq, lk] or per-row [b, lq, lk] mask broadcast over heads."""
+    return mask[:, None] if mask.dim() == 3 else mask
 
 
 def expand_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
@@ -36,11 +52,12 @@ def expand_kv(k: Tensor, v: Tensor, n_heads: int) -> tuple[Tensor, Tensor]:
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
-                        window: int | None = None, n_sink: int = 0) -> Tensor:
+                        window: int | None = None, n_sink: int = 0,
+                        q_doc: Tensor | None = None, k_doc: Tensor | None = None) -> Tensor:
     """q [b,h,lq,dq], k [b,kv,lk,dq], v [b,kv,lk,dv] -> [b,h,lq,dv]; explicit softmax in fp32."""
     k, v = expand_kv(k, v, q.shape[1])
     scores = torch.einsum("bhqd,bhkd->bhqk", wide(q), wide(k)) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window, n_sink), -torch.inf)
+    scores = scores.masked_fill(~_heads_mask(attention_mask(q_pos, k_pos, window, n_sink, q_doc, k_doc)), -torch.inf)
     return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), wide(v)).to(q.dtype)
 
 
@@ -71,3 +88,58 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
         mask, causal = attention_mask(q_pos, k_pos, window, n_sink), False
     k, v = expand_kv(k, v, q.shape[1])  # explicit: cuDNN attention (fastest on H200) takes no GQA
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+FLEX_MIN_QUERIES = 128  # FlexAttention's block size: shorter queries (decoding) take a small dense mask
+
+
+@functools.cache
+def _compiled_flex() -> tuple[Callable, Callable]:
+    """Compiled flex_attention and create_block_mask (the latter never materialises the [lq, lk]
+    mask; a new batch's mask_mod closure reuses the compiled code)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
+
+
+def document_mask_mod(q_pos: Tensor, k_pos: Tensor, q_doc: Tensor, k_doc: Tensor, window: int | None,
+                      n_sink: int) -> Callable:
+    """`attention_mask`'s rule with documents as a FlexAttention mask_mod."""
+    def mask_mod(b, h, qi, ki):
+        same = (q_doc[b, qi] == k_doc[b, ki]) & (q_pos[b, qi] >= k_pos[b, ki])
+        if window is None:
+            return same
+        return same & ((q_pos[b, qi] - k_pos[b, ki] < window) | (k_pos[b, ki] < n_sink))
+    return mask_mod
+
+
+def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, q_doc: Tensor,
+                            k_doc: Tensor, window: int | None, n_sink: int, block_masks: dict | None = None,
+                            compiled: bool = True) -> Tensor:
+    """FlexAttention with the document mask; the block mask (which skips the blocks between
+    documents) is built once per shape and mask in `block_masks` (a batch's PackedDocs cache)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    attend, make_mask = _compiled_flex() if compiled else (flex_attention, create_block_mask)
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    key = ("flex", window, n_sink, lq, lk, q.device)
+    block_mask = block_masks.get(key) if block_masks is not None else None
+    if block_mask is None:
+        block_mask = make_mask(document_mask_mod(q_pos, k_pos, q_doc, k_doc, window, n_sink), b, None, lq, lk,
+                               device=q.device)
+        if block_masks is not None:
+            block_masks[key] = block_mask
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, q_doc: Tensor,
+                       k_doc: Tensor, window: int | None = None, n_sink: int = 0,
+                       block_masks: dict | None = None) -> Tensor:
+    """Attention within documents: positions and document ids [b, l]. FlexAttention on CUDA for
+    training and prefill; SDPA with the (small) mask for decoding and on CPU."""
+    if q.is_cuda and not wants_fast_kernel(q):
+        return attention_reference(q, k, v, q_pos, k_pos, window, n_sink, q_doc, k_doc)
+    if q.is_cuda and q.shape[2] >= FLEX_MIN_QUERIES:
+        return flex_document_attention(q, k, v, q_pos, k_pos, q_doc, k_doc, window, n_sink, block_masks)
+    mask = _heads_mask(attention_mask(q_pos, k_pos, window, n_sink, q_doc, k_doc))
+    k, v = expand_kv(k, v, q.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -1,4 +1,6 @@
-"""Causal depthwise conv1d (Mamba2's short conv over x, B, C) with an optional carried-in state."""
+"""Causal depthwise conv1d (Mamba2's short conv over x, B, C) with an optional carried-in state and
+optional per-token document ids (`seq_idx` [b, l]): an output sees only inputs of its own
+document (a carried-in state belongs to the first token's document)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,35 @@ from pretrain.model.ops.dispatch import wants_fast_kernel
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
-                            state: Tensor | None = None) -> Tensor:
+                            state: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """x [b, d, l], weight [d, w]; `state` [b, d, w-1] holds the previous inputs (zeros if None).
 
     Returns SiLU(conv(x)) [b, d, l].
     """
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
-    y = F.conv1d(torch.cat([prev.to(x.dtype), x], dim=-1), weight[:, None, :], bias, groups=x.shape[1])
+    padded = torch.cat([prev.to(x.dtype), x], dim=-1)
+    y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
+    if seq_idx is not None:
+        y = _recompute_after_starts(y, padded, weight, bias, seq_idx)
     return F.silu(y)
+
+
+def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
+    """Only the w-1 outputs from each document start reach back into the previous document: those
+    few are recomputed with the taps outside their document dropped (cuDNN's conv does the rest;
+    one sync for the indices instead of w masked passes over the whole [b, d, l])."""
+    w = weight.shape[-1]
+    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))  # [b, l], True where a document starts
+    reach = F.pad(starts, (w - 2, 0)).unfold(1, w - 1, 1).any(-1)  # a start among the last w-1 positions
+    rows, t = reach.nonzero(as_tuple=True)  # each affected output once
+    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1).unfold(1, w, 1)  # [b, l, w]
+    same = (docs[rows, t] == seq_idx[rows, t][:, None]).to(y.dtype)  # [n, w]
+    taps = padded.unfold(2, w, 1)[rows, :, t]  # [n, d, w]
+    fixed = (taps * same[:, None, :] * weight).sum(-1)
+    if bias is not None:
+        fixed = fixed + bias
+    return y.transpose(1, 2).index_put((rows, t), fixed).transpose(1, 2)
 
 
 @functools.cache
@@ -32,9 +54,15 @@ def _causal_conv1d_fn():
     return causal_conv1d_fn
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None) -> Tensor:
-    """Dispatching conv: causal-conv1d's CUDA kernel when installed (no carried state), else the reference."""
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None,
+                  seq_idx: Tensor | None = None) -> Tensor:
+    """Dispatching conv: causal-conv1d's CUDA kernel when installed (no carried state), else the
+    reference. The kernel takes `seq_idx` (int32) only in channel-last layout (x.stride(1) == 1)."""
     kernel = _causal_conv1d_fn() if wants_fast_kernel(x) and state is None else None
     if kernel is None:
-        return causal_conv1d_reference(x, weight, bias, state)
-    return kernel(x, weight, bias, activation="silu")
+        return causal_conv1d_reference(x, weight, bias, state, seq_idx)
+    if seq_idx is None:
+        return kernel(x, weight, bias, activation="silu")
+    if x.stride(1) != 1:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return kernel(x, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(), activation="silu")

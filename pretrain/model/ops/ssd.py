@@ -2,7 +2,9 @@
 
 Recurrence per head h (state [P, N]):  S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T,  y_t = S_t C_t.
 The reference follows mamba-ssm's `ssd_minimal_discrete`, extended to any length (padding with
-dt = 0 leaves the state untouched), ngroups >= 1 and an initial state.
+dt = 0 leaves the state untouched), ngroups >= 1, an initial state and per-token document ids
+(`seq_idx` [b, l], mamba-ssm's argument): the state resets at each document start, i.e. a token
+sees only inputs of its own document (the initial state belongs to the first token's document).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def segsum(x: Tensor) -> Tensor:
 
 
 def ssd_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                       initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x [b,l,h,p], dt [b,l,h] (positive), A [h] (negative), B/C [b,l,g,n], state [b,h,p,n].
 
     Returns y [b,l,h,p] (x's dtype) and the final state [b,h,p,n] (fp32 or fp64). Half-precision
@@ -53,19 +55,30 @@ def ssd_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, c
 
     # 1. within-chunk outputs (the quadratic, attention-like part)
     decay = torch.exp(segsum(A_dt))
+    if seq_idx is not None:  # documents: every decay between two documents is zero
+        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1).reshape(b, 1, c, chunk_size)
+        state_doc = torch.cat([seq[..., 0, :1], seq[..., -1]], dim=-1)  # initial state, end of each chunk
+        decay = decay * (seq[..., :, None] == seq[..., None, :])
     y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, X)
     # 2. state at the end of each chunk, from that chunk's inputs alone
     decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (seq == seq[..., -1:])
     states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
     # 3. carry states across chunks (a scan over c, done as a c x c matrix)
     if initial_state is None:
         initial_state = torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device)
     states = torch.cat([initial_state[:, None].to(work), states], dim=1)
     chunk_decay = torch.exp(segsum(F.pad(A_cum[..., -1], (1, 0))))
+    if seq_idx is not None:
+        chunk_decay = chunk_decay * (state_doc[..., :, None] == state_doc[..., None, :])
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     states, final_state = states[:, :-1], states[:, -1]
     # 4. contribution of the carried-in state to each position
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cum))
+    carried = torch.exp(A_cum)
+    if seq_idx is not None:
+        carried = carried * (seq == state_doc[..., :-1, None])
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, carried)
     y = (y_diag + y_off).reshape(b, c * chunk_size, h, p)[:, :l]
     return y.to(out_dtype), final_state
 
@@ -104,14 +117,16 @@ def _mamba_chunk_scan():
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dispatching SSD scan: Triton on CUDA when mamba-ssm is installed, else the reference;
-    a single step (decoding) runs the recurrence directly."""
+    a single step (decoding, within the state's document) runs the recurrence directly."""
     if x.shape[1] == 1:
         return ssd_step(x, dt, A, B, C, initial_state)
     kernel = _mamba_chunk_scan() if wants_fast_kernel(x) else None
     if kernel is None:
-        return ssd_scan_reference(x, dt, A, B, C, chunk_size, initial_state)
-    y, final_state = kernel(x, dt, A, B, C, chunk_size, initial_states=initial_state,
+        return ssd_scan_reference(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
+    if seq_idx is not None:  # int32, counted from 0: the kernel gives the initial state to sequence 0
+        seq_idx = (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
+    y, final_state = kernel(x, dt, A, B, C, chunk_size, initial_states=initial_state, seq_idx=seq_idx,
                             return_final_states=True)
     return y, final_state

@@ -1,0 +1,46 @@
+"""Document structure of packed rows, for document-masked training (`data.document_masking`).
+
+Passed to the model (and by every block to its mixer) in place of the positions tensor, so mixer
+signatures keep one shape: a mixer given `PackedDocs` keeps every token inside its document
+(attention block-causal per document, RoPE positions restarting at 0, the Mamba2 conv and scan
+reset at each document start); given a positions tensor it runs exactly as without masking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class PackedDocs:
+    """`positions` [b, l]: each token's position within its document; `doc` [b, l]: its document's
+    index in the row (non-decreasing along the row; only equality is used). A carried-in state
+    (KV / conv / SSM cache) belongs to the document of the row's first token. `kernel_cache` holds
+    per-batch kernel metadata (FlexAttention block masks), built once and shared by the layers."""
+
+    positions: Tensor
+    doc: Tensor
+    kernel_cache: dict = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def from_starts(starts: Tensor) -> PackedDocs:
+        """From a [b, l] bool mask of document starts (the loader's `doc_starts`, BOS positions).
+        The first token starts a document whether marked or not (a window may begin mid-document)."""
+        starts = starts.clone()
+        starts[:, 0] = True
+        doc = starts.long().cumsum(1) - 1
+        index = torch.arange(starts.shape[1], device=starts.device).expand_as(doc)
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
+        return PackedDocs(index - first, doc)
+
+    def select(self, index: Tensor) -> PackedDocs:
+        """The tokens at `index` (e.g. a context-parallel rank's shard_index)."""
+        return PackedDocs(self.positions[:, index], self.doc[:, index])
+
+    def next_token(self) -> PackedDocs:
+        """The decoding step after the last token: same document, next position."""
+        return PackedDocs(self.positions[:, -1:] + 1, self.doc[:, -1:])
+
+

@@ -1,0 +1,130 @@
+"""Document masking's fast paths against the references on the same GPU (CUDA only; skipped on
+CI): FlexAttention with the document mask (global, sliding window + sinks, a CP query chunk),
+mamba-ssm's Triton SSD with `seq_idx`, causal-conv1d with `seq_idx` when installed, and whole
+models (llama, mamba2, intra_hybrid) in bf16 with masking on; packed equals documents alone."""
+
+import pytest
+import torch
+
+from pretrain.model import build_model
+from pretrain.model.ops import causal_conv1d, document_attention, reference_kernels, ssd_scan
+from pretrain.model.ops.conv import _causal_conv1d_fn
+from pretrain.model.ops.ssd import _mamba_chunk_scan
+from pretrain.model.packed import PackedDocs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def random_starts(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Document starts of random lengths (many shorter than 4, some longer than 512), on chunk edges too."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(rows, length, dtype=torch.bool)
+    for r in range(rows):
+        pos = 0
+        while pos < length:
+            starts[r, pos] = True
+            pos += int(torch.randint(1, 4, (1,), generator=g)) if torch.rand(1, generator=g) < 0.3 \
+                else int(torch.randint(4, 1500, (1,), generator=g))
+        starts[r, [256, 1024]] = True  # on SSD chunk / CP shard edges
+    return starts.cuda()
+
+
+@pytest.mark.parametrize("window", [None, 512])
+def test_flex_document_attention_matches_reference_bf16(window):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 16, 4096, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 4, 4096, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    docs = PackedDocs.from_starts(random_starts(2, 4096))
+    pos, doc = docs.positions, docs.doc
+    grad_out = torch.randn(2, 16, 4096, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def run():
+        out = document_attention(q, k, v, pos, pos, doc, doc, window, 64, {})
+        out.backward(grad_out)
+        grads = [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        return out.detach(), grads
+
+    out, grads = run()
+    with reference_kernels():
+        ref, ref_grads = run()
+    assert rel(out, ref) < 1e-2
+    assert all(rel(a, b) < 2e-2 for a, b in zip(grads, ref_grads))
+    # a context-parallel query chunk: the last 1024 queries of 3072 over the keys up to its end
+    sl = slice(2048, 3072)
+    with torch.no_grad():
+        chunk = document_attention(q[:, :, sl], k[:, :, :3072], v[:, :, :3072], pos[:, sl], pos[:, :3072],
+                                   doc[:, sl], doc[:, :3072], window, 64, {})
+    assert rel(chunk, ref[:, :, sl]) < 1e-2
+
+
+def test_ssd_triton_seq_idx_matches_reference_fp32():
+    assert _mamba_chunk_scan() is not None, "mamba-ssm Triton SSD kernel failed to import"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, l, h, p, n = 2, 3000, 8, 64, 64
+    x = torch.randn(b, l, h, p, device="cuda", generator=g)
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h, device="cuda", generator=g) - 2)
+    A = -torch.rand(h, device="cuda", generator=g) * 2
+    B, C = (torch.randn(b, l, 2, n, device="cuda", generator=g) for _ in range(2))
+    s0 = torch.randn(b, h, p, n, device="cuda", generator=g)
+    seq_idx = PackedDocs.from_starts(random_starts(b, l)).doc
+    for init in (None, s0):
+        y, s = ssd_scan(x, dt, A, B, C, 256, init, seq_idx)
+        with reference_kernels():
+            y_ref, s_ref = ssd_scan(x, dt, A, B, C, 256, init, seq_idx)
+        assert rel(y, y_ref) < 5e-3 and rel(s, s_ref) < 5e-3
+
+
+@pytest.mark.skipif(_causal_conv1d_fn() is None, reason="causal-conv1d is not installed")
+def test_causal_conv1d_seq_idx_matches_reference_bf16():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 2000, 256, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+    w = torch.randn(256, 4, device="cuda", generator=g, dtype=torch.bfloat16)
+    bias = torch.randn(256, device="cuda", generator=g, dtype=torch.bfloat16)
+    seq_idx = PackedDocs.from_starts(random_starts(2, 2000)).doc
+    out = causal_conv1d(x, w, bias, None, seq_idx)
+    with reference_kernels():
+        ref = causal_conv1d(x, w, bias, None, seq_idx)
+    assert rel(out, ref) < 1e-2
+
+
+# tiny, with kernel-sized heads, window and chunk (documents of random_starts are shorter and longer);
+# the intra-hybrid's head dims are not powers of 2, like the 1B's (Q/K 72, V 144)
+MODEL_DIMS = dict(head_dim=64, window=512, n_sink=64, chunk_size=256, ssm_head_dim=64,
+                  intra={"head_dim": 48, "qk_head_dim": 24})
+
+
+@pytest.mark.parametrize("arch", ["llama", "swa", "mamba2", "intra_hybrid"])
+def test_masked_model_fast_matches_reference_and_documents_alone_bf16(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny", device="cuda", **MODEL_DIMS)
+    starts = random_starts(2, 2048)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 2049), device="cuda")
+    docs = PackedDocs.from_starts(starts)
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:], docs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return loss.detach(), grads
+
+    loss, grads = run()
+    with reference_kernels():
+        loss_ref, grads_ref = run()
+    assert abs(loss.item() - loss_ref.item()) < 1e-2 * abs(loss_ref.item())
+    worst = max(grads, key=lambda n: rel(grads[n], grads_ref[n]))
+    assert rel(grads[worst], grads_ref[worst]) < 3e-2, worst
+    # packed (fast kernels) against every document of row 0 alone
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = model(tokens[:1, :-1], positions=PackedDocs.from_starts(starts[:1])).float()
+        bounds = torch.nonzero(starts[0]).flatten().tolist() + [2048]
+        alone = torch.cat([model(tokens[:1, lo:hi]).float() for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+    assert rel(packed, alone) < 2e-2
