@@ -101,20 +101,30 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 return_logits: bool = False, static_cache: bool = True) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
-        new token [b, max_new_tokens, vocab].
+        new token [b, max_new_tokens, vocab]. `static_cache` decodes from preallocated caches with
+        a shape-static step (`pretrain.model.decode.Decoder`, a CUDA graph on GPU from 32 new
+        tokens on); False grows an `InferenceCache` (the reference; tensor parallelism uses it).
         """
-        cache = InferenceCache(len(self.blocks))
-        logits = self(prompt, cache)[:, -1]
+        if static_cache and self.tp_mesh is None:
+            from pretrain.model.decode import Decoder  # decode imports this module's neighbours
+
+            decoder = Decoder(self, prompt.shape[0], prompt.shape[1] + max_new_tokens,
+                              cuda_graph=prompt.is_cuda and max_new_tokens >= 32)
+            first, step = decoder.prefill, decoder.step
+        else:
+            cache = InferenceCache(len(self.blocks))
+            first = step = lambda t: self(t, cache)[:, -1]
+        logits = first(prompt)
         out, chosen = [prompt], []
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             chosen.append(logits)
-            nxt = sample(logits, temperature, top_k, generator)
-            out.append(nxt)
-            logits = self(nxt, cache)[:, -1]
+            out.append(sample(logits, temperature, top_k, generator))
+            if i + 1 < max_new_tokens:
+                logits = step(out[-1])
         tokens = torch.cat(out, dim=1)
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
 
