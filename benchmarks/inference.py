@@ -125,6 +125,31 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
     return result
 
 
+@torch.no_grad()
+def attention_kernels(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """One decode query over a static cache of S slots at the 1B llama layer's shapes (32 query
+    heads, 8 KV heads, dim 64): our grouped matmul-softmax (`decode_attention`), SDPA on the whole
+    cache with a boolean mask (GQA expanded, the kernels that take a mask), and SDPA on exactly
+    the S keys without a mask (what the dynamic cache calls; there each step's new length
+    re-plans cuDNN, here the length repeats so the plan is cached)."""
+    import torch.nn.functional as F
+
+    from pretrain.model.ops.decode_attention import decode_attention
+
+    rows = []
+    for s in args.lengths:
+        q = torch.randn(args.batch, 32, 1, 64, device=device, dtype=dtype)
+        k, v = (torch.randn(args.batch, 8, s, 64, device=device, dtype=dtype) for _ in range(2))
+        k_pos, q_pos = torch.arange(s, device=device), torch.tensor([s - 1], device=device)
+        mask = torch.ones(1, 1, 1, s, dtype=torch.bool, device=device)
+        ke, ve = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        kernels = {"decode_attention": lambda: decode_attention(q, k, v, q_pos, k_pos),
+                   "sdpa_masked": lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask),
+                   "sdpa_exact_length": lambda: F.scaled_dot_product_attention(q, ke, ve)}
+        rows.append({"slots": s, **{f"{name}_us": 1e6 * timed_steps(fn, device, 3, 50) for name, fn in kernels.items()}})
+    return rows
+
+
 def _hf_static_cache(config, batch: int, length: int, device: torch.device, dtype: torch.dtype):
     from transformers import StaticCache
 
@@ -205,7 +230,10 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"{'model':<22}{'total':>7}{'tokens/s':>11}{'step ms':>9}{'x paper':>9}{'bound ms':>10}"
+    lines = [f"one query's attention, {k['slots']} slots: "
+             + ", ".join(f"{n.removesuffix('_us')} {t:.0f} us" for n, t in k.items() if n != "slots")
+             for k in results.get("attention_kernels", [])]
+    lines += [f"{'model':<22}{'total':>7}{'tokens/s':>11}{'step ms':>9}{'x paper':>9}{'bound ms':>10}"
              f"{'of bound':>10}{'cache MiB':>11}"]
     for row in results["rows"]:
         if "error" in row:
@@ -237,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-compile", action="store_true", help="torch.compile(mode='reduce-overhead') the HF step")
     ap.add_argument("--no-graph", action="store_true", help="our decode step eager (no CUDA graph)")
     ap.add_argument("--profile", action="store_true", help="per model, where a step's time goes (longest length)")
+    ap.add_argument("--attention-kernels", action="store_true", help="also time one decode query's attention kernels")
     ap.add_argument("--replot", default=None, help="draw the PNG from this JSON and exit")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -262,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         (a, lambda a=a: bench_ours(a, args, device, dtype)) for a in args.archs.split(",")]
     if not args.no_hf:
         jobs.append(("transformers_llama", lambda: bench_hf_llama(args, device, dtype)))
+    if args.attention_kernels:
+        results["attention_kernels"] = attention_kernels(args, device, dtype)
     for name, job in jobs:
         try:
             results["rows"].append(job())

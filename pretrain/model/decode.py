@@ -41,6 +41,7 @@ class Decoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
+        self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
 
     @property
     def length(self) -> int:
@@ -72,10 +73,10 @@ class Decoder:
         self.tokens.copy_(tokens)
         self.position.fill_(n)
         span = self.span(n + 1)
-        if self.use_graph:
-            graph, out = self.capture(span)
-            graph.replay()
-            logits = out.clone()
+        captured = self.capture(span) if self.use_graph else None
+        if captured is not None:
+            captured[0].replay()
+            logits = captured[1].clone()
         else:
             self.cache.set_span(span)
             logits = self._logits(self.tokens, self.position)
@@ -86,18 +87,30 @@ class Decoder:
         """Capture now the graphs that steps up to total `length` will use (keeps capture out of a
         timed loop)."""
         for span in sorted({self.span(n) for n in range(self.cache.length + 1, length + 1)}):
-            self.capture(span)
+            if self.capture(span) is None:
+                return
 
-    def capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        """The graph of a step attending to `span` global slots (captured on first use). The first
-        capture is preceded by one eager warm-up step on a side stream, as CUDA graphs need; it
-        writes K/V at the current length's slot (the next step overwrites it) and the recurrent
-        states are restored after it."""
+    def capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+        """The graph of a step attending to `span` global slots (captured on first use), or None
+        when the step cannot be captured (an op that synchronises with the host, e.g. the MoE's
+        bincount): then every step runs eagerly and `graph_error` says why. The first capture is
+        preceded by one eager warm-up step on a side stream, as CUDA graphs need; it writes K/V at
+        the current length's slot (the next step overwrites it) and the recurrent states are
+        restored after it."""
         if span in self.graphs:
             return self.graphs[span]
+        length = self.cache.length  # the Python forward counts the warm-up and captured tokens
+        try:
+            return self._capture(span)
+        except RuntimeError as e:
+            self.use_graph, self.graph_error = False, str(e).splitlines()[0]
+            return None
+        finally:
+            self.cache.length = length
+
+    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         self.cache.set_span(span)
         self.position.fill_(self.cache.length)
-        length = self.cache.length
         with self._capture_autocast():
             if not self.graphs:
                 saved = [t.clone() for t in self.cache.recurrent()]
@@ -112,7 +125,6 @@ class Decoder:
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._logits(self.tokens, self.position)
         self._pool = self._pool or graph.pool()
-        self.cache.length = length
         self.graphs[span] = (graph, out)
         return graph, out
 
