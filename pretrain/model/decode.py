@@ -3,8 +3,8 @@ on CUDA it is captured once as a CUDA graph and replayed (no per-step Python, la
 re-planning).
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
-multiple of `span_step`: one graph per span in use (a few per 1K of context, sharing one memory
-pool), instead of always reading the whole preallocated cache. Positions are tensors the graph
+multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
+memory pool), instead of always reading the whole preallocated cache. Positions are tensors the graph
 reads, never Python numbers baked into it.
 """
 
@@ -15,7 +15,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from pretrain.model.static_cache import StaticCache
+from pretrain.model.static_cache import StaticCache, chunk_of
 
 
 def activation_dtype(model, device: torch.device) -> torch.dtype:
@@ -34,8 +34,9 @@ class Decoder:
             raise ValueError("decode: the static decoder runs on one device; use generate(static_cache=False) "
                              "under tensor parallelism")
         device = model.embed.weight.device
-        self.model, self.span_step = model, span_step
-        self.cache = StaticCache(model, batch, max_len, activation_dtype(model, device), device)
+        self.model, self.span_step, chunk = model, span_step, chunk_of(span_step)
+        self.cache = StaticCache(model, batch, max_len, activation_dtype(model, device), device, chunk)
+        self.capacity = -(-max_len // chunk) * chunk  # of the global caches: spans are whole chunks
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the graphs' inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -63,7 +64,7 @@ class Decoder:
         return logits
 
     def span(self, length: int) -> int:
-        return min(self.cache.max_len, -(-length // self.span_step) * self.span_step)
+        return min(self.capacity, -(-length // self.span_step) * self.span_step)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append `tokens` [b, 1]; logits of the next token [b, vocab] (a fresh tensor)."""

@@ -14,21 +14,35 @@ from torch import Tensor
 EMPTY = 2 ** 62  # key position of an empty slot: later than any query, so the causal mask hides it
 
 
-class StaticKV:
-    """K [b, kv, cap, dq], V [b, kv, cap, dv] and each slot's key position [cap] (EMPTY when unused).
+def chunk_of(n: int, cap: int = 256) -> int:
+    """The largest power of two <= `cap` dividing `n` (n > 0)."""
+    return min(n & -n, cap)
 
-    Heads-major layout (not [b, cap, kv, d]): one query's scores are a contiguous batched GEMV per
-    KV head. Global attention keeps position p in slot p; a sliding window keeps the `n_sink` first
-    positions in slots 0..n_sink-1 and position p >= n_sink in slot n_sink + (p - n_sink) % window,
-    so the cache never holds more than window + sinks keys. Masking reads the slots' positions.
+
+class StaticKV:
+    """K [C, b, kv, c, dq], V [C, b, kv, c, dv] in chunks of `c` slots, and each slot's key
+    position [C * c] (EMPTY when unused).
+
+    Chunk-major, so that the first `span` slots are one contiguous block: a decode step reads them
+    as C * b * kv small matrices (split-K attention, `decode_attention`) without a copy. Global
+    attention keeps position p in slot p (capacity `max_len` rounded up to whole chunks); a sliding
+    window keeps the `n_sink` first positions in slots 0..n_sink-1 and position p >= n_sink in slot
+    n_sink + (p - n_sink) % window, so it never holds more than window + sinks keys. Masking reads
+    the slots' positions.
     """
 
     def __init__(self, batch: int, kv_heads: int, qk_dim: int, v_dim: int, max_len: int,
-                 window: int | None, n_sink: int, dtype: torch.dtype, device: torch.device):
+                 window: int | None, n_sink: int, dtype: torch.dtype, device: torch.device, chunk: int = 256):
         self.window, self.n_sink = window, n_sink
-        self.capacity = max_len if window is None else min(max_len, window + n_sink)
-        self.k = torch.zeros(batch, kv_heads, self.capacity, qk_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(batch, kv_heads, self.capacity, v_dim, dtype=dtype, device=device)
+        if window is None:
+            self.chunk = chunk
+            self.capacity = -(-max_len // chunk) * chunk
+        else:
+            self.capacity = window + n_sink
+            self.chunk = chunk_of(self.capacity)
+        n = self.capacity // self.chunk
+        self.k = torch.zeros(n, batch, kv_heads, self.chunk, qk_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(n, batch, kv_heads, self.chunk, v_dim, dtype=dtype, device=device)
         self.pos = torch.full((self.capacity,), EMPTY, dtype=torch.long, device=device)
         self.span = self.capacity  # slots a decode step attends to (a static shape per CUDA graph)
         self.filled = False
@@ -40,9 +54,9 @@ class StaticKV:
         return torch.where(positions < self.n_sink, positions, ring)
 
     def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write k, v [b, kv, l, d] at `positions` [l]; return the keys, values and key positions the
-        queries attend to: a prefill (first call) attends to its own keys, a decode step to the
-        cache's first `span` slots."""
+        """Write k, v [b, kv, l, d] at `positions` [l]. A prefill (first call) returns its own keys,
+        values and positions to attend to; a decode step returns the cache's first `span` slots as
+        K [C, b, kv, c, dq], V [C, b, kv, c, dv] and their positions [span]."""
         if not self.filled:  # prefill from an empty cache: positions 0..l-1
             if self.window is None and positions.numel() > self.capacity:
                 raise ValueError(f"decode: the prompt ({positions.numel()} tokens) exceeds the static cache's "
@@ -54,18 +68,21 @@ class StaticKV:
             self.filled = True
             return k, v, positions
         self._write(k, v, positions)
-        return self.k[:, :, :self.span], self.v[:, :, :self.span], self.pos[:self.span]
+        n = self.span // self.chunk
+        return self.k[:n], self.v[:n], self.pos[:self.span]
 
     def _write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         slots = self.slot(positions)
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        index = (slots // self.chunk, slots % self.chunk)
+        for cache, new in ((self.k, k), (self.v, v)):  # [C, c, b, kv, d] views, indexed by (chunk, offset)
+            cache.permute(0, 3, 1, 2, 4).index_put_(index, new.permute(2, 0, 1, 3).to(cache.dtype))
         self.pos.index_copy_(0, slots, positions)
 
     def used_bytes(self) -> int:
         """Bytes of K and V in occupied slots (measured from the slots' positions)."""
         used = int((self.pos != EMPTY).sum())
-        return used * (self.k[:, :, 0].numel() * self.k.element_size() + self.v[:, :, 0].numel() * self.v.element_size())
+        per_slot = sum(t[0, :, :, 0].numel() * t.element_size() for t in (self.k, self.v))
+        return used * per_slot
 
     def allocated_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
@@ -100,14 +117,15 @@ class SSMState:
 
 class StaticCache:
     """Every layer's static state for `batch` sequences of up to `max_len` tokens, in `dtype` (the
-    activations' dtype: K/V and conv states are stored as computed). Used through `Decoder`."""
+    activations' dtype: K/V and conv states are stored as computed), global K/V in chunks of
+    `chunk` slots. Used through `Decoder`."""
 
-    def __init__(self, model, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, chunk: int = 256):
         cfg, ic = model.config, model.config.intra
         self.max_len, self.length = max_len, 0
 
         def kv(heads: int, qk: int, vd: int, window: int | None = None) -> StaticKV:
-            return StaticKV(batch, heads, qk, vd, max_len, window, cfg.n_sink if window else 0, dtype, device)
+            return StaticKV(batch, heads, qk, vd, max_len, window, cfg.n_sink if window else 0, dtype, device, chunk)
 
         def ssm(heads: int, head_dim: int, d_state: int) -> SSMState:
             conv_dim = heads * head_dim + 2 * cfg.n_groups * d_state

@@ -69,8 +69,8 @@ def test_cache_bytes_match_accounting(arch):
     assert dec.cache.used_bytes() == 2 * 4 * cache_elements(model.config, 59)
     if arch == "swa":
         cfg = model.config
-        assert {s.capacity for s in dec.cache.states()} == {60, cfg.window + cfg.n_sink}
-    fresh = Decoder(model, 2, 60)
+        assert {s.capacity for s in dec.cache.states()} == {64, cfg.window + cfg.n_sink}  # whole chunks of 8
+    fresh = Decoder(model, 2, 60, span_step=8)
     fresh.cache.pretend_length(37)
     assert fresh.cache.used_bytes() == 2 * 4 * cache_elements(model.config, 37)
     assert fresh.cache.allocated_bytes() == dec.cache.allocated_bytes()
@@ -89,7 +89,8 @@ def test_decode_attention_matches_reference():
     for window, sinks in ((None, 0), (9, 12)):
         keep = k_pos != EMPTY
         want = attention_reference(q, k[:, :, keep], v[:, :, keep], q_pos, k_pos[keep], window, sinks)
-        got = decode_attention(q, k, v, q_pos, k_pos, window, sinks)
+        chunked = (t.unflatten(2, (s // 4, 4)).permute(2, 0, 1, 3, 4).contiguous() for t in (k, v))  # StaticKV layout
+        got = decode_attention(q, *chunked, q_pos, k_pos, window, sinks)
         assert (got - want).abs().max() < 1e-12
 
 
