@@ -2,7 +2,7 @@
 at total lengths 1K-32K, our five architectures and transformers' LlamaForCausalLM in one run.
 
     python benchmarks/inference.py --out runs/inference                 # H200: 1B presets, bf16
-    python benchmarks/inference.py --device cpu --preset tiny --prompt 16 --lengths 32,64 --out /tmp/inf
+    python benchmarks/inference.py --device cpu --preset tiny --prompt 8 --lengths 24,40 --warmup 1 --steps 2 --out /tmp/inference
     python benchmarks/inference.py --replot runs/inference/inference.json --out runs/inference
 
 Each length is timed in steady state: after the real prefill of the prompt, the cache is set to
@@ -12,8 +12,9 @@ values), then `--warmup` steps and `--steps` timed steps (one synchronisation pe
 below the paper's rate averaged over the whole generation (a conservative comparison). Memory
 bound per step: (bytes of every weight + bytes of cache read) / `--bandwidth` (4.8 TB/s, H200
 HBM3e); the table prints each row's fraction of it. transformers' Llama decodes with its own
-`StaticCache` sized to each total (what `generate(cache_implementation="static")` allocates),
-eager unless `--hf-compile`. Writes inference.json and inference.png (matplotlib) under --out.
+`StaticCache` sized to each total (as `generate(cache_implementation="static")` allocates it;
+rounded up to 256 slots like ours, as unaligned sizes fall onto slow cuBLAS kernels), eager unless
+`--hf-compile`. Writes inference.json and inference.png (matplotlib) under --out.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def bench_hf_llama(args: argparse.Namespace, device: torch.device, dtype: torch.
         # changed in transformers 5 (past_key_values -> cache). The cache writes after the prompt;
         # a step reads all its max_cache_len slots (the mask hides the later ones) whatever the
         # position, so its cost is that of the context `total`.
-        cache = _hf_static_cache(config, args.batch, total - 1 + extra, device, dtype)
+        slots = -(-(total - 1 + extra) // 256) * 256
+        cache = _hf_static_cache(config, args.batch, slots, device, dtype)
         nxt = model(prompt, None, None, cache, use_cache=True).logits[:, -1:].argmax(-1)
         pos = [total - 1]
 
@@ -195,7 +197,7 @@ def bench_hf_llama(args: argparse.Namespace, device: torch.device, dtype: torch.
 
         step_s = timed_steps(step, device, args.warmup, args.steps)
         used = args.batch * kv_bytes_per_token * total
-        allocated = args.batch * kv_bytes_per_token * (total - 1 + extra)
+        allocated = args.batch * kv_bytes_per_token * slots
         points.append(point(total, args.batch, step_s, weights, used, allocated, args.bandwidth, PAPER_T13["llama"]))
     return {"model": "transformers_llama" + ("_compiled" if args.hf_compile else ""), "kind": "peer",
             "weight_bytes": weights, "points": points,

@@ -3,7 +3,7 @@ our llama vs transformers' LlamaForCausalLM, our mamba2 vs mamba-ssm's MambaLMHe
 mixer + gated MLP), at the same dims, timed by the same function (`gpu_model.time_train_step`).
 
     python benchmarks/peers.py --out runs/peers                               # H200: 1B, seq 8192, batch 2
-    python benchmarks/peers.py --device cpu --preset tiny --seq 64 --out /tmp/peers
+    python benchmarks/peers.py --device cpu --preset tiny --seq 32 --warmup 1 --iters 1 --out /tmp/peers
 
 Ratios are ours / peer from this run only. mamba-ssm is imported through its Triton kernels (a
 placeholder stands in for its compiled `selective_scan_cuda`, see shared/GPU.md); where it is not

@@ -22,10 +22,12 @@ def load(name: str):
 
 
 def test_inference_benchmark_tiny_cpu(tmp_path, capsys):
+    """The documented CPU command (docs/benchmarks.md), every row."""
     load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "24,40",
-                            "--warmup", "1", "--steps", "2", "--archs", "llama,swa,intra_hybrid", "--out", str(tmp_path)])
+                            "--warmup", "1", "--steps", "2", "--out", str(tmp_path)])
     r = json.loads((tmp_path / "inference.json").read_text())
-    assert [row["model"] for row in r["rows"]] == ["llama", "swa", "intra_hybrid", "transformers_llama"]
+    assert [row["model"] for row in r["rows"]] == ["llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid",
+                                                   "transformers_llama"]
     for row in r["rows"]:
         assert "error" not in row, row
         assert [p["total"] for p in row["points"]] == [24, 40]
@@ -33,7 +35,8 @@ def test_inference_benchmark_tiny_cpu(tmp_path, capsys):
             assert p["tokens_per_s"] > 0 and 0 < p["bound_fraction"] and p["cache_bytes"] > 0
     llama, swa = r["rows"][0]["points"], r["rows"][1]["points"]
     assert llama[1]["cache_bytes"] > llama[0]["cache_bytes"]  # global KV grows with the context
-    assert r["rows"][3]["points"][0]["cache_bytes"] == llama[0]["cache_bytes"]  # same layout, fp32
+    assert r["rows"][5]["points"][0]["cache_bytes"] == llama[0]["cache_bytes"]  # same layout, fp32
+    assert r["rows"][2]["points"][0]["cache_bytes"] == r["rows"][2]["points"][1]["cache_bytes"]  # Mamba2: fixed
     assert swa[1]["cache_bytes"] < llama[1]["cache_bytes"]  # 2 of 4 tiny SWA layers keep window + sinks
     assert_nonempty_png(tmp_path / "inference.png")
     assert "transformers_llama" in capsys.readouterr().out
@@ -46,6 +49,7 @@ def test_inference_benchmark_rejects_close_lengths(tmp_path):
 
 
 def test_peers_benchmark_tiny_cpu(tmp_path):
+    """The documented CPU command (docs/benchmarks.md)."""
     load("peers").main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--warmup", "1", "--iters", "1",
                         "--out", str(tmp_path)])
     r = json.loads((tmp_path / "peers.json").read_text())
