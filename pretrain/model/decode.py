@@ -1,5 +1,5 @@
 """Static-cache decoding: one batched prefill, then a one-token step whose shapes never change, so
-on CUDA it is captured once as a CUDA graph and replayed (no per-step Python, launches or
+on CUDA it is captured once as a CUDA graph and replayed (no per-layer Python or launches, no
 re-planning).
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
@@ -34,6 +34,10 @@ class Decoder:
             raise ValueError("decode: the static decoder runs on one device; use generate(static_cache=False) "
                              "under tensor parallelism")
         device = model.embed.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"decode: cuda_graph=True needs the model on a CUDA device (it is on {device})")
+        if span_step < 1:
+            raise ValueError(f"decode: span_step must be >= 1 (got {span_step})")
         self.model, self.span_step, chunk = model, span_step, chunk_of(span_step)
         self.cache = StaticCache(model, batch, max_len, activation_dtype(model, device), device, chunk)
         self.capacity = -(-max_len // chunk) * chunk  # of the global caches: spans are whole chunks
@@ -43,10 +47,6 @@ class Decoder:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
 
     def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""

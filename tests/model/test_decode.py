@@ -104,3 +104,5 @@ def test_decoder_errors_are_clear():
         dec.step(torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="prefill runs once"):
         dec.prefill(torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        Decoder(model, 1, 8, cuda_graph=True)
