@@ -120,7 +120,8 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
         points.append(point(total, args.batch, step_s, weights, cache, dec.cache.allocated_bytes(), args.bandwidth,
                             PAPER_T13.get(arch, {})))
     result = {"model": arch, "kind": "ours", "pattern": model.config.pattern, "weight_bytes": weights,
-              "prefill_s_reference_kernels": prefill_s, "graph_capture_s": capture_s, "cuda_graph": dec.use_graph, "points": points}
+              "prefill_s_reference_kernels": prefill_s, "graph_capture_s": capture_s, "cuda_graph": dec.use_graph,
+              "graph_error": dec.graph_error, "points": points}
     if args.profile:
         dec.cache.pretend_length(lengths[-1] - 1)
         result["profile_at"] = lengths[-1]
@@ -150,7 +151,8 @@ def attention_kernels(args: argparse.Namespace, device: torch.device, dtype: tor
         kernels = {"decode_attention": lambda: decode_attention(q, kc, vc, q_pos, k_pos),
                    "sdpa_masked": lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask),
                    "sdpa_exact_length": lambda: F.scaled_dot_product_attention(q, ke, ve)}
-        rows.append({"slots": s, **{f"{name}_us": 1e6 * timed_steps(fn, device, 3, 50) for name, fn in kernels.items()}})
+        rows.append({"slots": s, **{f"{name}_us": 1e6 * timed_steps(fn, device, 3, 50)
+                                    for name, fn in kernels.items()}})
     return rows
 
 

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 results["rows"][name] = run_row(name, args, device)
             except Exception as e:  # a missing package or an OOM: said, not hidden
-                results["rows"][name] = {"model": name, "error": f"unavailable: {type(e).__name__}: {e}".splitlines()[0][:200]}
+                why = f"unavailable: {type(e).__name__}: {e}".splitlines()[0][:200]
+                results["rows"][name] = {"model": name, "error": why}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         a, b = results["rows"][ours], results["rows"][peer]

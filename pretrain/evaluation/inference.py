@@ -86,6 +86,7 @@ def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: i
     # timings on a shared CPU depend on what else runs: the load beside them says how much
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"batch": batch, "prompt": prompt_len, "prefill_s": prefill_s, "points": points,
-            "cuda_graph": decoder.use_graph, "graph_capture_s": capture_s, "cache_allocated_bytes": allocated,
+            "cuda_graph": decoder.use_graph, "graph_error": decoder.graph_error, "graph_capture_s": capture_s,
+            "cache_allocated_bytes": allocated,
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "peak_memory_bytes": peak,
             "cpu_load_1min": load, "cpu_threads": torch.get_num_threads()}

@@ -173,7 +173,9 @@ class StaticCache:
         positions = torch.arange(length)
         for s in self.states():
             if isinstance(s, StaticKV):
-                keep = positions if s.window is None else positions[(positions < s.n_sink) | (positions > length - 1 - s.window)]
+                keep = positions
+                if s.window is not None:
+                    keep = positions[(positions < s.n_sink) | (positions > length - 1 - s.window)]
                 keep = keep.to(s.pos.device)
                 s.pos.index_copy_(0, s.slot(keep), keep)
             s.filled = True
