@@ -83,7 +83,8 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
         state = x.new_zeros(b, h, p, B.shape[-1], dtype=work)
     # decay, then the rank-1 input as a batched GEMM accumulated in place: two passes over the state
     state = state.to(work) * torch.exp(dt0 * A.to(work))[..., None, None]
-    state.view(b * h, p, -1).baddbmm_((dt0[..., None] * x[:, 0].to(work)).reshape(b * h, p, 1), Bh.reshape(b * h, 1, -1))
+    dt_x = (dt0[..., None] * x[:, 0].to(work)).reshape(b * h, p, 1)
+    state.view(b * h, p, -1).baddbmm_(dt_x, Bh.reshape(b * h, 1, -1))
     y = torch.einsum("bhpn,bhn->bhp", state, Ch)
     return y[:, None].to(x.dtype), state
 
