@@ -256,15 +256,15 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"one query's attention, {k['slots']} slots: "
              + ", ".join(f"{n.removesuffix('_us')} {t:.0f} us" for n, t in k.items() if n != "slots")
              for k in results.get("attention_kernels", [])]
-    lines += [f"{'model':<22}{'total':>7}{'tokens/s':>11}{'step ms':>9}{'x paper':>9}{'bound ms':>10}"
+    lines += [f"{'model':<28}{'total':>7}{'tokens/s':>11}{'step ms':>9}{'x paper':>9}{'bound ms':>10}"
              f"{'of bound':>10}{'cache MiB':>11}"]
     for row in results["rows"]:
         if "error" in row:
-            lines.append(f"{row['model']:<22}unavailable: {row['error']}")
+            lines.append(f"{row['model']:<28}unavailable: {row['error']}")
             continue
         for p in row["points"]:
             vs = f"{p['vs_paper']:.2f}x" if p["vs_paper"] else "-"
-            lines.append(f"{row['model']:<22}{p['total']:>7}{p['tokens_per_s']:>11,.0f}{p['step_ms']:>9.2f}{vs:>9}"
+            lines.append(f"{row['model']:<28}{p['total']:>7}{p['tokens_per_s']:>11,.0f}{p['step_ms']:>9.2f}{vs:>9}"
                          f"{p['bound_ms']:>10.2f}{p['bound_fraction']:>10.0%}{p['cache_bytes'] / 2**20:>11,.1f}")
         for k in row.get("profile", []):
             lines.append(f"    {k['share']:>5.0%} {k['us_per_step']:>8.0f} us  {k['name']}")
