@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from pretrain.accounting import flops_per_token
 from pretrain.model import build_model
@@ -25,17 +28,28 @@ PEAK_FLOPS = 764e12
 
 
 def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of `fn` over `iters` runs after `warmup`."""
+    """Median milliseconds of `fn` over `iters` runs after `warmup` (CUDA events)."""
+    return step_time_ms(fn, torch.device("cuda"), warmup, iters)
+
+
+def step_time_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of `fn` over `iters` runs after `warmup`: CUDA events on a GPU, the wall
+    clock on the CPU."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -58,28 +72,46 @@ def mamba_mixer_timings() -> dict[str, float]:
     return out
 
 
-def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = build_model(arch, "1b", device="cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
+def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], vocab: int,
+                    batch: int = 2, seq: int = 8192, device: torch.device | str = "cuda", warmup: int = 3,
+                    iters: int = 6, after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One training step of any model as shared/GPU.md times it: `loss_fn(inputs, targets)` under
+    bf16 autocast on a GPU (fp32 on the CPU), backward, fused AdamW (plain on the CPU), median of
+    `iters` after `warmup`. The same function times our models and the peers."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+
+    ms = step_time_ms(step, device, warmup, iters)
+    return {"step_ms": ms, "tokens_per_s": batch * seq / (ms / 1e3),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
+def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str = "1b",
+                          device: str = "cuda", warmup: int = 3, iters: int = 6) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = build_model(arch, size, device=device)
+
+    def update_bias():
         for moe in model.moe_layers():
             moe.update_bias()
 
-    ms = cuda_time(step, warmup=3, iters=6)
-    tok_s = batch * seq / (ms / 1e3)
+    timing = time_train_step(model, model.loss, model.config.vocab_size, batch, seq, device, warmup, iters,
+                             after_step=update_bias)
     fpt = flops_per_token(model.config, seq)["total"]
-    result = {"arch": arch, "step_ms": ms, "tokens_per_s": tok_s, "mfu": tok_s * fpt / PEAK_FLOPS,
-              "flops_per_token": fpt, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    return result
+    return {"arch": arch, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS, "flops_per_token": fpt}
 
 
 def main() -> None:

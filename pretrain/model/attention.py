@@ -13,8 +13,10 @@ from parallel.context_parallel import all_gather_sequence, to_natural_order
 from parallel.tensor_parallel import linear
 from pretrain.model.config import RopeConfig
 from pretrain.model.ops import attention, causal_suffix_attention, document_attention
+from pretrain.model.ops.decode_attention import decode_attention
 from pretrain.model.packed import PackedDocs
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from pretrain.model.static_cache import StaticKV
 
 
 class Attention(nn.Module):
@@ -58,10 +60,10 @@ class Attention(nn.Module):
         """V heads [b, l, n_kv_heads, v_head_dim] (shared with the Mamba branch under value sharing)."""
         return linear(x, self.v_proj).unflatten(-1, (-1, self.v_head_dim))
 
-    def forward(self, x: Tensor, positions: Tensor | PackedDocs, state: dict | None = None,
+    def forward(self, x: Tensor, positions: Tensor | PackedDocs, state: dict | StaticKV | None = None,
                 v: Tensor | None = None) -> Tensor:
         """x [b, l, d]; positions [l] absolute, or PackedDocs (attention within documents);
-        `state` (a dict) is the KV cache, updated in place."""
+        `state` is the KV cache (a dict that grows, or a preallocated `StaticKV`), updated in place."""
         b, l = x.shape[:2]
         q = linear(x, self.q_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
         k = linear(x, self.k_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)
@@ -74,6 +76,10 @@ class Attention(nn.Module):
             y = self._documents(q, k, v, docs, state)
         elif self.cp_group is not None:
             y = self._context_parallel(q, k, v, positions)
+        elif isinstance(state, StaticKV):
+            decoding = state.filled
+            k, v, k_pos = state.update(k, v, positions)
+            y = (decode_attention if decoding else attention)(q, k, v, positions, k_pos, self.window, self.n_sink)
         else:
             k, v, k_pos = self._with_cache(k, v, positions, state)
             y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)

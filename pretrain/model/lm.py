@@ -104,24 +104,42 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False, doc_starts: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 return_logits: bool = False, static_cache: bool = True,
+                 doc_starts: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
-        new token [b, max_new_tokens, vocab]. `doc_starts` [b, l] (bool, True at each document's
-        first token): rows of several packed documents, each row continuing its last document as
-        if it had been prompted alone.
+        new token [b, max_new_tokens, vocab]. `static_cache` decodes from preallocated caches with
+        a shape-static step (`pretrain.model.decode.Decoder`, a CUDA graph on GPU from 32 new
+        tokens on); False grows an `InferenceCache` (the reference; tensor parallelism uses it).
+        `doc_starts` [b, l] (bool, True at each document's first token): rows of several packed
+        documents, each row continuing its last document as if it had been prompted alone (on
+        the growing cache).
         """
-        cache = InferenceCache(len(self.blocks))
         docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
-        logits = self(prompt, cache, docs)[:, -1]
+        if static_cache and self.tp_mesh is None and docs is None:
+            from pretrain.model.decode import Decoder  # decode imports this module's neighbours
+
+            decoder = Decoder(self, prompt.shape[0], prompt.shape[1] + max_new_tokens,
+                              cuda_graph=prompt.is_cuda and max_new_tokens >= 32)
+            first, step = decoder.prefill, decoder.step
+        else:
+            cache = InferenceCache(len(self.blocks))
+
+            def first(tokens: Tensor) -> Tensor:
+                return self(tokens, cache, docs)[:, -1]
+
+            def step(token: Tensor) -> Tensor:
+                nonlocal docs
+                docs = docs.next_token() if docs is not None else None
+                return self(token, cache, docs)[:, -1]
+        logits = first(prompt)
         out, chosen = [prompt], []
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             chosen.append(logits)
-            nxt = sample(logits, temperature, top_k, generator)
-            out.append(nxt)
-            docs = docs.next_token() if docs is not None else None
-            logits = self(nxt, cache, docs)[:, -1]
+            out.append(sample(logits, temperature, top_k, generator))
+            if i + 1 < max_new_tokens:
+                logits = step(out[-1])
         tokens = torch.cat(out, dim=1)
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
 

@@ -149,7 +149,10 @@ class Mamba2(nn.Module):
         parts = [n for n in self.PARTS if not (self.external_x and n == "x")]
         weights = [self._w(p.weight, n) for p, n in zip(self.projections(), parts, strict=True)]
         sizes = [w.shape[0] for w in weights]
-        parts = F.linear(u, torch.cat(weights) if len(weights) > 1 else weights[0]).split(sizes, dim=-1)
+        if u.shape[1] == 1:  # decoding: one GEMV per part, not a copy of every weight per token
+            parts = [F.linear(u, w) for w in weights]
+        else:
+            parts = F.linear(u, torch.cat(weights) if len(weights) > 1 else weights[0]).split(sizes, dim=-1)
         z, dt = parts[0], parts[-1]
         xbc = torch.cat(([x] if self.external_x else []) + list(parts[1:-1]), dim=-1)
         return z, xbc, dt

@@ -94,8 +94,10 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     dt0 = dt[:, 0].to(work)  # [b,h]
     if state is None:
         state = x.new_zeros(b, h, p, B.shape[-1], dtype=work)
-    state = state.to(work) * torch.exp(dt0 * A.to(work))[..., None, None] \
-        + (dt0[..., None] * x[:, 0].to(work))[..., None] * Bh[:, :, None, :]
+    # decay, then the rank-1 input as a batched GEMM accumulated in place: two passes over the state
+    state = state.to(work) * torch.exp(dt0 * A.to(work))[..., None, None]
+    dt_x = (dt0[..., None] * x[:, 0].to(work)).reshape(b * h, p, 1)
+    state.view(b * h, p, -1).baddbmm_(dt_x, Bh.reshape(b * h, 1, -1))
     y = torch.einsum("bhpn,bhn->bhp", state, Ch)
     return y[:, None].to(x.dtype), state
 

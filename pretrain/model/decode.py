@@ -1,0 +1,137 @@
+"""Static-cache decoding: one batched prefill, then a one-token step whose shapes never change, so
+on CUDA it is captured once as a CUDA graph and replayed (no per-layer Python or launches, no
+re-planning).
+
+The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
+multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
+memory pool), instead of always reading the whole preallocated cache. Positions are tensors the graph
+reads, never Python numbers baked into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from pretrain.model.static_cache import StaticCache, chunk_of
+
+
+def activation_dtype(model, device: torch.device) -> torch.dtype:
+    """What the mixers compute K/V and conv inputs in: the autocast dtype, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.embed.weight.dtype
+
+
+class Decoder:
+    """Decode `batch` sequences of up to `max_len` tokens with `model` (a HybridLM, not tensor-
+    parallel). `cuda_graph` None: on CUDA devices. Run under the same autocast as the prefill."""
+
+    def __init__(self, model, batch: int, max_len: int, cuda_graph: bool | None = None, span_step: int = 1024):
+        if model.tp_mesh is not None:
+            raise ValueError("decode: the static decoder runs on one device; use generate(static_cache=False) "
+                             "under tensor parallelism")
+        device = model.embed.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"decode: cuda_graph=True needs the model on a CUDA device (it is on {device})")
+        if span_step < 1:
+            raise ValueError(f"decode: span_step must be >= 1 (got {span_step})")
+        self.model, self.span_step, chunk = model, span_step, chunk_of(span_step)
+        self.cache = StaticCache(model, batch, max_len, activation_dtype(model, device), device, chunk)
+        self.capacity = -(-max_len // chunk) * chunk  # of the global caches: spans are whole chunks
+        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the graphs' inputs
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._pool = None
+        self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
+
+    def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""
+        h = self.model.hidden_states(tokens, self.cache, positions)[:, -1]
+        return h @ self.model.head_weight.t()
+
+    def prefill(self, prompt: Tensor) -> Tensor:
+        """Fill the caches with the prompt [b, l] in one forward; logits of its last token [b, vocab]."""
+        if self.cache.length:
+            raise ValueError("decode: prefill runs once, on an empty cache")
+        if prompt.shape[1] > self.cache.max_len:
+            raise ValueError(f"decode: the prompt ({prompt.shape[1]} tokens) exceeds max_len {self.cache.max_len}")
+        logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device))
+        self.cache.length = prompt.shape[1]
+        return logits
+
+    def span(self, length: int) -> int:
+        return min(self.capacity, -(-length // self.span_step) * self.span_step)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Append `tokens` [b, 1]; logits of the next token [b, vocab] (a fresh tensor)."""
+        n = self.cache.length
+        if n >= self.cache.max_len:
+            raise ValueError(f"decode: the static cache is full (max_len {self.cache.max_len})")
+        self.tokens.copy_(tokens)
+        self.position.fill_(n)
+        span = self.span(n + 1)
+        captured = self.capture(span) if self.use_graph else None
+        if captured is not None:
+            captured[0].replay()
+            logits = captured[1].clone()
+        else:
+            self.cache.set_span(span)
+            logits = self._logits(self.tokens, self.position)
+        self.cache.length = n + 1
+        return logits
+
+    def capture_until(self, length: int) -> None:
+        """Capture now the graphs that steps up to total `length` will use (keeps capture out of a
+        timed loop)."""
+        for span in sorted({self.span(n) for n in range(self.cache.length + 1, length + 1)}):
+            if self.capture(span) is None:
+                return
+
+    def capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+        """The graph of a step attending to `span` global slots (captured on first use), or None
+        when the step cannot be captured (an op that synchronises with the host, e.g. the MoE's
+        bincount): then every step runs eagerly and `graph_error` says why. The first capture is
+        preceded by one eager warm-up step on a side stream, as CUDA graphs need; it writes K/V at
+        the current length's slot (the next step overwrites it) and the recurrent states are
+        restored after it."""
+        if span in self.graphs:
+            return self.graphs[span]
+        length = self.cache.length  # the Python forward counts the warm-up and captured tokens
+        try:
+            return self._capture(span)
+        except RuntimeError as e:
+            self.use_graph, self.graph_error = False, str(e).splitlines()[0]
+            return None
+        finally:
+            self.cache.length = length
+
+    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        self.cache.set_span(span)
+        self.position.fill_(self.cache.length)
+        with self._capture_autocast():
+            if not self.graphs:
+                saved = [t.clone() for t in self.cache.recurrent()]
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._logits(self.tokens, self.position)
+                torch.cuda.current_stream().wait_stream(side)
+                for t, s in zip(self.cache.recurrent(), saved):
+                    t.copy_(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._logits(self.tokens, self.position)
+        self._pool = self._pool or graph.pool()
+        self.graphs[span] = (graph, out)
+        return graph, out
+
+    def _capture_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast's weight-cast cache must be off while capturing (its copies would be freed
+        under the graph)."""
+        if not torch.is_autocast_enabled("cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)

@@ -1,0 +1,108 @@
+"""Static-cache decoding against the full forward (every position) and the dynamic cache."""
+
+import pytest
+import torch
+
+from pretrain.accounting import cache_elements
+from pretrain.model import build_model
+from pretrain.model.decode import Decoder
+from pretrain.model.ops import attention_reference
+from pretrain.model.ops.decode_attention import decode_attention
+from pretrain.model.static_cache import EMPTY
+
+ARCHS = ["llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid", "hybrid_moe"]
+
+
+def decode_all(model, tokens, prompt_len, span_step=8):
+    """Logits at positions prompt_len-1 .. l-2 from the static decoder fed `tokens` [b, l]."""
+    dec = Decoder(model, tokens.shape[0], tokens.shape[1], span_step=span_step)
+    out = [dec.prefill(tokens[:, :prompt_len])]
+    out += [dec.step(tokens[:, i:i + 1]) for i in range(prompt_len, tokens.shape[1] - 1)]
+    return torch.stack(out, dim=1), dec
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_equals_full_forward_at_every_position(arch, dtype, tol):
+    """Tiny SWA: window 16 + 4 sinks, 45 tokens (the ring wraps twice); spans of 8 slots, so
+    steps also attend to empty slots of a partly filled span."""
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny").eval().to(dtype)
+    tokens = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        for prompt_len in (1, 23):  # decode from one token (every position is a step) and after a prefill
+            got, _ = decode_all(model, tokens, prompt_len)
+            want = full[:, prompt_len - 1:-1]
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err < tol, (prompt_len, err)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_static_generate_equals_dynamic(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny").eval()
+    prompt = torch.randint(0, 512, (3, 21), generator=torch.Generator().manual_seed(2))
+    static, static_logits = model.generate(prompt, 30, return_logits=True)
+    dynamic, dynamic_logits = model.generate(prompt, 30, return_logits=True, static_cache=False)
+    assert torch.equal(static, dynamic)
+    torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_intra_value_sharing_decodes():
+    torch.manual_seed(0)
+    model = build_model("intra_hybrid", "tiny", pattern="MHM", intra={"value_sharing": True}).eval().double()
+    tokens = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        got, _ = decode_all(model, tokens, 5)
+        assert (got - model(tokens)[:, 4:-1]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("arch", ["llama", "swa", "mamba2", "intra_hybrid"])
+def test_cache_bytes_match_accounting(arch):
+    """Occupied bytes (counted from the slots' positions) are what `pretrain.accounting` predicts at
+    every length; the allocation is fixed (SWA: window + sinks slots)."""
+    model = build_model(arch, "tiny").eval()
+    tokens = torch.randint(0, 512, (2, 60))
+    with torch.no_grad():
+        _, dec = decode_all(model, tokens, 10)
+    assert dec.cache.used_bytes() == 2 * 4 * cache_elements(model.config, 59)
+    if arch == "swa":
+        cfg = model.config
+        assert {s.capacity for s in dec.cache.states()} == {64, cfg.window + cfg.n_sink}  # whole chunks of 8
+    fresh = Decoder(model, 2, 60, span_step=8)
+    fresh.cache.pretend_length(37)
+    assert fresh.cache.used_bytes() == 2 * 4 * cache_elements(model.config, 37)
+    assert fresh.cache.allocated_bytes() == dec.cache.allocated_bytes()
+
+
+def test_decode_attention_matches_reference():
+    """GQA folded into rows, sliding window with sinks, empty slots masked by position."""
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, s, d, dv = 2, 6, 2, 24, 8, 12
+    q = torch.randn(b, h, 3, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, kv, s, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, kv, s, dv, generator=g, dtype=torch.float64)
+    k_pos = torch.randperm(s, generator=g) + 10
+    k_pos[5] = EMPTY
+    q_pos = torch.tensor([28, 29, 33])
+    for window, sinks in ((None, 0), (9, 12)):
+        keep = k_pos != EMPTY
+        want = attention_reference(q, k[:, :, keep], v[:, :, keep], q_pos, k_pos[keep], window, sinks)
+        chunked = (t.unflatten(2, (s // 4, 4)).permute(2, 0, 1, 3, 4).contiguous() for t in (k, v))  # StaticKV layout
+        got = decode_attention(q, *chunked, q_pos, k_pos, window, sinks)
+        assert (got - want).abs().max() < 1e-12
+
+
+def test_decoder_errors_are_clear():
+    model = build_model("llama", "tiny").eval()
+    dec = Decoder(model, 1, 8)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        dec.prefill(torch.zeros(1, 9, dtype=torch.long))
+    dec.prefill(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache is full"):
+        dec.step(torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="prefill runs once"):
+        dec.prefill(torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        Decoder(model, 1, 8, cuda_graph=True)

@@ -1,0 +1,62 @@
+"""The decode and peer benchmarks' CPU smoke modes (tiny models): every row measured or said
+unavailable, the JSON and the T13-style PNG written."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "evaluation"))
+from image_checks import assert_nonempty_png  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_benchmark_tiny_cpu(tmp_path, capsys):
+    """The documented CPU command (docs/benchmarks.md), every row."""
+    load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "24,40",
+                            "--warmup", "1", "--steps", "2", "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "inference.json").read_text())
+    assert [row["model"] for row in r["rows"]] == ["llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid",
+                                                   "transformers_llama"]
+    for row in r["rows"]:
+        assert "error" not in row, row
+        assert [p["total"] for p in row["points"]] == [24, 40]
+        for p in row["points"]:
+            assert p["tokens_per_s"] > 0 and 0 < p["bound_fraction"] and p["cache_bytes"] > 0
+    llama, swa = r["rows"][0]["points"], r["rows"][1]["points"]
+    assert llama[1]["cache_bytes"] > llama[0]["cache_bytes"]  # global KV grows with the context
+    assert r["rows"][5]["points"][0]["cache_bytes"] == llama[0]["cache_bytes"]  # same layout, fp32
+    assert r["rows"][2]["points"][0]["cache_bytes"] == r["rows"][2]["points"][1]["cache_bytes"]  # Mamba2: fixed
+    assert swa[1]["cache_bytes"] < llama[1]["cache_bytes"]  # 2 of 4 tiny SWA layers keep window + sinks
+    assert_nonempty_png(tmp_path / "inference.png")
+    assert "transformers_llama" in capsys.readouterr().out
+
+
+def test_inference_benchmark_rejects_close_lengths(tmp_path):
+    with pytest.raises(SystemExit, match="--lengths must exceed"):
+        load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "12",
+                                "--out", str(tmp_path)])
+
+
+def test_peers_benchmark_tiny_cpu(tmp_path):
+    """The documented CPU command (docs/benchmarks.md)."""
+    load("peers").main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--warmup", "1", "--iters", "1",
+                        "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "peers.json").read_text())
+    for name in ("llama", "transformers_llama", "mamba2"):
+        assert r["rows"][name]["tokens_per_s"] > 0
+    assert r["rows"]["llama"]["params"] == r["rows"]["transformers_llama"]["params"]  # same dims
+    mamba_ssm_installed = importlib.util.find_spec("mamba_ssm") is not None
+    assert ("error" in r["rows"]["mamba_ssm_mamba2"]) != mamba_ssm_installed
+    mamba_ratio = {"mamba2/mamba_ssm_mamba2"} if mamba_ssm_installed else set()
+    assert set(r["ratios"]) == {"llama/transformers_llama"} | mamba_ratio
