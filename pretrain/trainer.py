@@ -120,7 +120,8 @@ def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
     """The parallel layout of `cfg` on `world_size` ranks (the trainer's and the dry run's)."""
     p = cfg.parallel
     try:
-        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp).resolve(world_size)
+        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
+                            ep=p.ep).resolve(world_size)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
 
