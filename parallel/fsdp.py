@@ -17,13 +17,22 @@ from torch.distributed.tensor import DTensor, Shard
 
 def balanced_shard_placement(n_shards: int) -> Callable[[nn.Parameter], Shard | None]:
     """FSDP shards dim 0 by default; a tensor with fewer rows than ranks (stacked experts
-    [E, d, h] with E < ranks) would then sit on E ranks and leave the rest empty. Such a tensor is
-    sharded on its largest dim that splits evenly instead (tensor-parallel shards keep dim 0: FSDP2
-    composes with TP only there)."""
+    [E, d, h] with E < ranks, or E/ep experts per expert-parallel rank) would then sit on a few
+    ranks and leave the rest empty. Such a tensor is sharded on its largest dim that splits evenly
+    instead. Tensor-parallel shards keep dim 0 (FSDP2 composes with TP only there); an
+    expert-parallel shard on dim 0 (mesh dim "ep") may move to another dim."""
     def placement(param: nn.Parameter) -> Shard | None:
-        if param.shape[0] >= n_shards or (isinstance(param, DTensor) and any(p.is_shard() for p in param.placements)):
+        rows, sharded = param.shape[0], set()
+        if isinstance(param, DTensor):
+            for name, size, p in zip(param.device_mesh.mesh_dim_names, param.device_mesh.shape, param.placements):
+                if p.is_shard():
+                    if name != "ep":
+                        return None
+                    sharded.add(p.dim)
+                    rows //= size if p.dim == 0 else 1
+        if rows >= n_shards:
             return None
-        even = [d for d in range(1, param.ndim) if param.shape[d] % n_shards == 0]  # FSDP2 needs even shards off dim 0
+        even = [d for d in range(1, param.ndim) if d not in sharded and param.shape[d] % n_shards == 0]
         return Shard(max(even, key=lambda d: param.shape[d])) if even else None
     return placement
 
