@@ -122,8 +122,9 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
         dense = _gathered_numel(b) - experts
         add("FSDP all-gather params (bf16)", fsdp, 2 if i < len(blocks) - 1 else 1, dense * ACT_BYTES)
         add("FSDP reduce-scatter grads (fp32)", fsdp, 1, dense * 4)
-        add("EP experts: FSDP all-gather params over efsdp (bf16)", efsdp, 2, experts * ACT_BYTES)
-        add("EP experts: FSDP reduce-scatter grads over efsdp (fp32)", efsdp, 1, experts * 4)
+        if experts:
+            add("EP experts: FSDP all-gather params over efsdp (bf16)", efsdp, 2, experts * ACT_BYTES)
+            add("EP experts: FSDP reduce-scatter grads over efsdp (fp32)", efsdp, 1, experts * 4)
     add("FSDP all-gather params (bf16)", fsdp, 2, root * ACT_BYTES)
     add("FSDP reduce-scatter grads (fp32)", fsdp, 1, root * 4)
     add("HSDP all-reduce grads (fp32)", dims.dp_replicate, 1, _local_numel(model) * 4)
