@@ -115,7 +115,8 @@ def expert_meshes(mesh: ParallelMesh, ep: int) -> tuple[DeviceMesh, DeviceMesh]:
     neighbouring dp_shard ranks, exchange tokens); efsdp gets dp_replicate in front for HSDP. Both
     share the world mesh as root, as FSDP2 needs to compose them."""
     if not hasattr(DeviceMesh, "_unflatten"):
-        raise RuntimeError("parallel.ep > 1 needs DeviceMesh._unflatten (torch >= 2.10); upgrade torch or set ep = 1")
+        raise RuntimeError("parallel.ep > 1 needs DeviceMesh._unflatten, which this torch lacks; upgrade torch or "
+                           "set parallel.ep=1")
     size = mesh.dp_shard_cp.size()
     if mesh.world["dp_replicate"].size() > 1:
         sparse = mesh.world["dp_replicate", "dp_shard_cp"]._unflatten(1, (size // ep, ep), ("efsdp", "ep"))

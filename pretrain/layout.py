@@ -141,7 +141,8 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
             # rows leaving a rank for the other ep ranks (balanced routing: (ep-1)/ep of them),
             # there and back, forward (again in recompute) and backward
             sent = mb * seq // (cp * tp) * m.cfg.top_k * (dims.ep - 1) / dims.ep
-            add("EP all-to-all expert rows (dispatch, combine)", dims.ep, 2 * (fwd + 1), sent * model.config.d_model * ACT_BYTES)
+            add("EP all-to-all expert rows (dispatch, combine)", dims.ep, 2 * (fwd + 1),
+                sent * model.config.d_model * ACT_BYTES)
         if isinstance(m, Attention) and m.cp_group is not None:
             kv = mb * seq * m.n_kv_heads // tp * (m.qk_head_dim + m.v_head_dim) * ACT_BYTES / 2
             add("CP all-gather K, V", cp, 2 * fwd, kv)
@@ -168,8 +169,9 @@ def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum:
     from pretrain.trainer import build_model_from_config, parallel_dims
 
     dims = parallel_dims(cfg, world_size)
+    experts = f" (experts: ep {dims.ep} x efsdp {dims.dp_shard * dims.cp // dims.ep} of dp_shard x cp)"
     lines = [f"layout               {world_size} ranks = " + " x ".join(f"{d} {s}" for d, s in zip(MESH_DIMS, dims.sizes()))
-             + (f" (experts: ep {dims.ep} x efsdp {dims.dp_shard * dims.cp // dims.ep} of dp_shard x cp)" if dims.ep > 1 else "")]
+             + (experts if dims.ep > 1 else "")]
     for rank in ranks:
         with fake_process_group(rank, world_size):
             mesh = build_mesh(dims, "cpu")

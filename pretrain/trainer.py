@@ -29,8 +29,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from parallel.context_parallel import shard_index
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
-from parallel.init import init_sharded
 from parallel.grad_norm import clip_grad_norm_
+from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
@@ -553,9 +553,10 @@ class Trainer:
         self.preemption.training()
         if self.is_main:
             log.info("resolved config:\n%s", to_toml(cfg))
-            log.info("model %s/%s pattern %s | %s | dp=%d tp=%d cp=%d ep=%d grad_accum=%d tokens/step=%d | %.3g FLOPs/token",
-                     cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"), self.device,
-                     self.dp_size, self.dims.tp, self.dims.cp, self.dims.ep, self.grad_accum, self.tokens_per_step, self.flops_per_token)
+            log.info("model %s/%s pattern %s | %s | dp=%d tp=%d cp=%d ep=%d grad_accum=%d tokens/step=%d | "
+                     "%.3g FLOPs/token", cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"),
+                     self.device, self.dp_size, self.dims.tp, self.dims.cp, self.dims.ep, self.grad_accum,
+                     self.tokens_per_step, self.flops_per_token)
         status, error = "finished", None
         try:
             if not resumed and cfg.train.val_every > 0:

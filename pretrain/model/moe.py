@@ -145,7 +145,7 @@ class MoE(nn.Module):
         else:
             local_xs, local_counts, handle = dispatch_tokens(xs, counts, self.ep_group)
             ys, received = combine_tokens(self.experts(local_xs, local_counts), handle), local_xs.shape[0]
-        if self.training:
+        if self.training and not _recomputing():
             self.tokens_per_expert += counts
             self.tokens_received += received
         # combine: gate each row and sum the k rows of every token
@@ -178,6 +178,12 @@ class MoE(nn.Module):
         into the next bias update."""
         self.tokens_per_expert.zero_()
         self.tokens_received.zero_()
+
+
+def _recomputing() -> bool:
+    """True inside a backward pass: activation checkpointing runs the forward again there, and its
+    routing must not be counted twice."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _nest_expert_weights_on_load(_module, state: dict, prefix: str, *_args) -> None:

@@ -22,7 +22,6 @@ from parallel.tensor_parallel import sequence_parallel_region, shard_parameters
 from pretrain.model.attention import Attention
 from pretrain.model.lm import HybridLM
 from pretrain.model.mamba2 import Mamba2
-from pretrain.model.moe import MoE
 
 
 def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtype: torch.dtype = torch.float32,

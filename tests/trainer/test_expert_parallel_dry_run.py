@@ -25,7 +25,8 @@ def test_3b_ep_config_dry_run(capsys):
     a2a = re.search(r"EP all-to-all expert rows \(dispatch, combine\) +4 +(\d+) +([\d.]+)", out)
     # every one of the 22 blocks has an MoE FFN: x 4 micro-batches x (2 forward + 2 recompute + 2
     # backward); each 32768 tokens / (cp 4 x tp 2) x top-1 x 3/4 leaving the rank x d_model 3072 x 2 bytes
-    assert a2a and int(a2a[1]) == 22 * 4 * 6 and float(a2a[2]) == pytest.approx(4096 * 0.75 * 3072 * 2 / 2**20, rel=1e-3)
+    assert a2a and int(a2a[1]) == 22 * 4 * 6, out
+    assert float(a2a[2]) == pytest.approx(4096 * 0.75 * 3072 * 2 / 2**20, rel=1e-3)
     assert "EP experts: FSDP all-gather params over efsdp (bf16)        16" in out
 
 
