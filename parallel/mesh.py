@@ -1,9 +1,9 @@
 """The device mesh: one named dimension per parallelism, sized 1 when unused.
 
-Only the data-parallel dimensions carry more than one rank today; tensor, pipeline, context
-and expert parallelism plug in here by giving their dimension a size, without the trainer's
-loop changing. `ep` borrows ranks from the data-parallel dimensions (as in TorchTitan), so it is
-not part of the world-size product.
+Tensor, pipeline, context and expert parallelism plug in here by giving their dimension a size,
+without the trainer's loop changing. `ep` borrows ranks from dp_shard x cp (as in TorchTitan), so
+it is not part of the world-size product: those ranks are split into ep x efsdp, where the routed
+experts are sharded over ep and FSDP-sharded over efsdp (the remaining data ranks).
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ class ParallelDims:
         if others * dp_shard != world_size:
             raise ValueError(f"parallel: pp*dp_replicate*dp_shard*cp*tp={others * dp_shard} != world size "
                              f"{world_size}; set parallel.dp_shard=-1 or fix the sizes")
-        if (self.dp_replicate * dp_shard * self.cp) % self.ep:
-            raise ValueError(f"parallel.ep={self.ep} must divide dp_replicate*dp_shard*cp; change parallel.ep")
+        if self.ep < 1 or (dp_shard * self.cp) % self.ep:
+            raise ValueError(f"parallel.ep={self.ep} must be >= 1 and divide dp_shard*cp={dp_shard * self.cp} "
+                             "(expert ranks are borrowed from them); change parallel.ep")
         return ParallelDims(self.pp, self.dp_replicate, dp_shard, self.cp, self.tp, self.ep)
 
     @property
@@ -61,6 +62,8 @@ class ParallelMesh:
     dp: DeviceMesh
     dp_cp: DeviceMesh
     dp_shard_cp: DeviceMesh
+    ep: DeviceMesh | None = None  # expert-parallel ranks (a slice of dp_shard x cp), None when ep = 1
+    efsdp: DeviceMesh | None = None  # what the routed experts are FSDP-sharded over under ep > 1
 
     def dp_coordinate(self) -> tuple[int, int]:
         """(dp_rank, dp_size) for the data loader: tp/pp/cp peers share a coordinate."""
@@ -101,4 +104,22 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh | None:
     dp = world["dp_replicate", "dp_shard"]._flatten("dp")
     dp_cp = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
     dp_shard_cp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
-    return ParallelMesh(world=world, dp=dp, dp_cp=dp_cp, dp_shard_cp=dp_shard_cp)
+    mesh = ParallelMesh(world=world, dp=dp, dp_cp=dp_cp, dp_shard_cp=dp_shard_cp)
+    if dims.ep > 1:
+        mesh.ep, mesh.efsdp = expert_meshes(mesh, dims.ep)
+    return mesh
+
+
+def expert_meshes(mesh: ParallelMesh, ep: int) -> tuple[DeviceMesh, DeviceMesh]:
+    """(ep, efsdp): dp_shard x cp unflattened into efsdp x ep, ep innermost (cp peers, then
+    neighbouring dp_shard ranks, exchange tokens); efsdp gets dp_replicate in front for HSDP. Both
+    share the world mesh as root, as FSDP2 needs to compose them."""
+    if not hasattr(DeviceMesh, "_unflatten"):
+        raise RuntimeError("parallel.ep > 1 needs DeviceMesh._unflatten, which this torch lacks; upgrade torch or "
+                           "set parallel.ep=1")
+    size = mesh.dp_shard_cp.size()
+    if mesh.world["dp_replicate"].size() > 1:
+        sparse = mesh.world["dp_replicate", "dp_shard_cp"]._unflatten(1, (size // ep, ep), ("efsdp", "ep"))
+        return sparse["ep"], sparse["dp_replicate", "efsdp"]
+    sparse = mesh.dp_shard_cp._unflatten(0, (size // ep, ep), ("efsdp", "ep"))
+    return sparse["ep"], sparse["efsdp"]

@@ -44,7 +44,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     inactive = 0
     if cfg.moe is not None:
         unused = 1 - cfg.moe.top_k / cfg.moe.n_experts
-        inactive = int(sum((m.w1.numel() + m.w2.numel() + m.w3.numel()) * unused for m in model.moe_layers()))
+        inactive = int(sum(sum(w.numel() for w in m.experts.parameters()) * unused for m in model.moe_layers()))
     non_embedding = total - embedding
     return {"non_embedding": non_embedding, "embedding": embedding, "total": total,
             "active_non_embedding": non_embedding - inactive}

@@ -107,6 +107,7 @@ class ParallelSection:
     dp_shard: int = -1  # -1: all ranks not used by other dimensions
     tp: int = 1  # tensor + sequence parallel ranks (within a node: they talk every layer)
     cp: int = 1  # context parallel ranks: each holds 1/cp of every sequence (long context)
+    ep: int = 1  # expert parallel ranks, borrowed from dp_shard x cp: each holds 1/ep of every MoE layer's experts
 
 
 @dataclass
@@ -265,7 +266,7 @@ def validate(cfg: JobConfig) -> None:
         parse_source(src)
     if cfg.parallel.dp_replicate < 1 or (cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1):
         bad("parallel.dp_shard", "must be >= 1 (or -1 for all remaining ranks) and dp_replicate >= 1")
-    for key in ("tp", "cp"):
+    for key in ("tp", "cp", "ep"):
         if getattr(cfg.parallel, key) < 1:
             bad(f"parallel.{key}", f"= {getattr(cfg.parallel, key)} must be >= 1; fix the value")
     tp, cp = cfg.parallel.tp, cfg.parallel.cp

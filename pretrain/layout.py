@@ -82,8 +82,8 @@ def _shards(p: torch.Tensor, only: str | None = None) -> int:
 
 
 def _gathered_numel(module: nn.Module) -> int:
-    """Elements of `module` once FSDP has gathered them (still split by tensor parallelism)."""
-    return sum(p.numel() // _shards(p, "tp") for p in module.parameters())
+    """Elements of `module` once FSDP has gathered them (still split by tensor and expert parallelism)."""
+    return sum(p.numel() // (_shards(p, "tp") * _shards(p, "ep")) for p in module.parameters())
 
 
 def rank_memory(model: nn.Module, cfg: JobConfig, dims: ParallelDims) -> RankMemory:
@@ -99,7 +99,10 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
     """(kind, group size, count per step, bytes each on average) of one optimizer step on one rank,
     read off the wrapped model's modules: FSDP per block and root, TP's sequence gathers and
     scatters per mixer and FFN (again in recompute under activation checkpointing), gradient sums
-    of replicated weights that serve rank-local work, CP's K/V gathers and Mamba2 exchanges."""
+    of replicated weights that serve rank-local work, CP's K/V gathers and Mamba2 exchanges, and
+    under expert parallelism the experts' own FSDP group and the all-to-all of the routed rows
+    (bytes sent to other ranks, assuming balanced routing; the per-expert counts exchanged first
+    are a few bytes)."""
     mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     tp, cp, fsdp = dims.tp, dims.cp, dims.dp_shard * dims.cp
     fwd = 2 if cfg.train.activation_checkpointing else 1  # forward collectives run again in recompute
@@ -113,9 +116,15 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
 
     blocks = list(model.blocks)
     root = _gathered_numel(model) - sum(_gathered_numel(b) for b in blocks)
+    efsdp = fsdp // dims.ep
     for i, b in enumerate(blocks):  # the last block stays gathered for backward
-        add("FSDP all-gather params (bf16)", fsdp, 2 if i < len(blocks) - 1 else 1, _gathered_numel(b) * ACT_BYTES)
-        add("FSDP reduce-scatter grads (fp32)", fsdp, 1, _gathered_numel(b) * 4)
+        experts = sum(_gathered_numel(m.experts) for m in b.modules() if isinstance(m, MoE)) if dims.ep > 1 else 0
+        dense = _gathered_numel(b) - experts
+        add("FSDP all-gather params (bf16)", fsdp, 2 if i < len(blocks) - 1 else 1, dense * ACT_BYTES)
+        add("FSDP reduce-scatter grads (fp32)", fsdp, 1, dense * 4)
+        if experts:
+            add("EP experts: FSDP all-gather params over efsdp (bf16)", efsdp, 2, experts * ACT_BYTES)
+            add("EP experts: FSDP reduce-scatter grads over efsdp (fp32)", efsdp, 1, experts * 4)
     add("FSDP all-gather params (bf16)", fsdp, 2, root * ACT_BYTES)
     add("FSDP reduce-scatter grads (fp32)", fsdp, 1, root * 4)
     add("HSDP all-reduce grads (fp32)", dims.dp_replicate, 1, _local_numel(model) * 4)
@@ -126,8 +135,14 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
     for m in model.modules():
         if isinstance(m, Mamba2) and m.bc_tp_group is not None:
             replicated += sum(p.numel() for part in (m.B_proj, m.C_proj, m.conv_B, m.conv_C) for p in part.parameters())
-        elif isinstance(m, MoE) and m.tp_group is not None:
-            replicated += m.router.weight.numel() + m.w1.numel() + m.w2.numel() + m.w3.numel()
+        if isinstance(m, MoE) and m.tp_group is not None:
+            replicated += m.router.weight.numel() + _gathered_numel(m.experts)
+        if isinstance(m, MoE) and m.ep_group is not None:
+            # rows leaving a rank for the other ep ranks (balanced routing: (ep-1)/ep of them),
+            # there and back, forward (again in recompute) and backward
+            sent = mb * seq // (cp * tp) * m.cfg.top_k * (dims.ep - 1) / dims.ep
+            add("EP all-to-all expert rows (dispatch, combine)", dims.ep, 2 * (fwd + 1),
+                sent * model.config.d_model * ACT_BYTES)
         if isinstance(m, Attention) and m.cp_group is not None:
             kv = mb * seq * m.n_kv_heads // tp * (m.qk_head_dim + m.v_head_dim) * ACT_BYTES / 2
             add("CP all-gather K, V", cp, 2 * fwd, kv)
@@ -144,7 +159,8 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
 
 
 def coordinate(mesh: ParallelMesh) -> str:
-    return ", ".join(f"{d} {mesh.world[d].get_local_rank()}" for d in MESH_DIMS)
+    ep = f", ep {mesh.ep.get_local_rank()}" if mesh.ep is not None else ""
+    return ", ".join(f"{d} {mesh.world[d].get_local_rank()}" for d in MESH_DIMS) + ep
 
 
 def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum: int) -> str:
@@ -153,7 +169,9 @@ def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum:
     from pretrain.trainer import build_model_from_config, parallel_dims
 
     dims = parallel_dims(cfg, world_size)
-    lines = [f"layout               {world_size} ranks = " + " x ".join(f"{d} {s}" for d, s in zip(MESH_DIMS, dims.sizes()))]
+    experts = f" (experts: ep {dims.ep} x efsdp {dims.dp_shard * dims.cp // dims.ep} of dp_shard x cp)"
+    lines = [f"layout               {world_size} ranks = " + " x ".join(f"{d} {s}" for d, s in zip(MESH_DIMS, dims.sizes()))
+             + (experts if dims.ep > 1 else "")]
     for rank in ranks:
         with fake_process_group(rank, world_size):
             mesh = build_mesh(dims, "cpu")

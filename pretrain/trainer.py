@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from parallel.context_parallel import shard_index
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
+from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
@@ -120,7 +122,8 @@ def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
     """The parallel layout of `cfg` on `world_size` ranks (the trainer's and the dry run's)."""
     p = cfg.parallel
     try:
-        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp).resolve(world_size)
+        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
+                            ep=p.ep).resolve(world_size)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
 
@@ -322,6 +325,7 @@ class Trainer:
         self.progress = TrainProgress()
         self._resumed_from: Path | None = None
         self._moe_load: list[torch.Tensor] = []
+        self._ep_rank_rows: tuple[float, float] | None = None  # see _ep_rank_rows_max_and_mean
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -432,10 +436,7 @@ class Trainer:
             loss_sum += loss.detach().float()
         loss_val = self._dp_mean(float(loss_sum) / self.grad_accum)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm_val = float(grad_norm)
+        grad_norm_val = float(clip_grad_norm_(self.model.parameters(), max_norm))
         lr = self.scheduler.get_last_lr()[0]
         p = self.progress
         if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
@@ -490,8 +491,21 @@ class Trainer:
         if tp_mesh is not None:  # each TP rank routed its own part of the sequence
             all_reduce_sum_(total, tp_mesh.get_group())
         self._moe_load = list(total.split([c.numel() for c in counts]))
+        if self.dims.ep > 1:
+            self._ep_rank_rows = self._ep_rank_rows_max_and_mean()
         for layer, load in zip(self.moe_layers, self._moe_load):
             layer.update_bias(load)
+
+    def _ep_rank_rows_max_and_mean(self) -> tuple[float, float]:
+        """Under expert parallelism: the most rows any rank's experts computed in this step (the
+        capacity a fixed buffer would need; nothing is dropped) and the mean over ranks, for the
+        worst layer."""
+        received = torch.stack([layer.tokens_received for layer in self.moe_layers]).double()
+        most = received.clone()
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        mean = all_reduce_sum_(received, None) / self.dist.world_size
+        worst = int(torch.argmax(most / mean.clamp(min=1)))
+        return float(most[worst]), float(mean[worst])
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -539,9 +553,10 @@ class Trainer:
         self.preemption.training()
         if self.is_main:
             log.info("resolved config:\n%s", to_toml(cfg))
-            log.info("model %s/%s pattern %s | %s | dp=%d tp=%d cp=%d grad_accum=%d tokens/step=%d | %.3g FLOPs/token",
-                     cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"), self.device,
-                     self.dp_size, self.dims.tp, self.dims.cp, self.grad_accum, self.tokens_per_step, self.flops_per_token)
+            log.info("model %s/%s pattern %s | %s | dp=%d tp=%d cp=%d ep=%d grad_accum=%d tokens/step=%d | "
+                     "%.3g FLOPs/token", cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"),
+                     self.device, self.dp_size, self.dims.tp, self.dims.cp, self.dims.ep, self.grad_accum,
+                     self.tokens_per_step, self.flops_per_token)
         status, error = "finished", None
         try:
             if not resumed and cfg.train.val_every > 0:
@@ -610,6 +625,9 @@ class Trainer:
                "train/tokens_seen": float(self.progress.tokens_seen),
                "train/bad_steps": float(self.progress.bad_steps_total)}
         out.update(moe_balance_scalars(self._moe_load))
+        if self._ep_rank_rows is not None:
+            most, mean = self._ep_rank_rows
+            out.update({"moe/ep_rank_rows_max": most, "moe/ep_rank_rows_max_over_mean": most / max(mean, 1.0)})
         for k, v in self.train_loader.metrics().items():
             # Skip counters are per rank (its own streams): sum them; proportions stay rank 0's.
             total = all_reduce_scalar(float(v), "sum", self._reduce_device()) if k.startswith("skipped/") else v

@@ -1,5 +1,6 @@
 """The one function that applies every parallelism to a HybridLM, in TorchTitan's order:
-tensor/sequence parallel -> context parallel -> activation checkpointing -> compile -> FSDP2.
+expert parallel -> tensor/sequence parallel -> context parallel -> activation checkpointing ->
+compile -> FSDP2.
 
 It sits beside the model because it knows the model's parts; the mechanisms live in `parallel/`.
 Each mixer and FFN declares its own TP placements (`shard_for_tp`, next to its code), whatever its
@@ -14,6 +15,7 @@ from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel,
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import compile_blocks
+from parallel.expert_parallel import shard_experts
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh
 from parallel.tensor_parallel import sequence_parallel_region, shard_parameters
@@ -27,6 +29,9 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
                        compile: bool = False) -> HybridLM:
     """Wrap `model` in place (built on meta or materialised) and return it. `mesh` None: one process.
     `param_dtype` is what FSDP computes in, `reduce_dtype` what it reduces gradients in."""
+    ep_mesh = mesh.ep if mesh is not None else None
+    if ep_mesh is not None:
+        apply_expert_parallel(model, ep_mesh)
     tp_mesh = mesh.tp_mesh() if mesh is not None else None
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh)
@@ -38,9 +43,22 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
     if compile:
         compile_blocks(model.blocks)
     if mesh is not None:
+        experts = [(m.experts, mesh.efsdp) for m in model.moe_layers()] if ep_mesh is not None else []
         apply_fsdp(model, model.blocks, mesh.fsdp_mesh(), param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                   forward_methods=("loss",))
+                   forward_methods=("loss",), own_mesh=experts)
     return model
+
+
+def apply_expert_parallel(model: HybridLM, ep_mesh: DeviceMesh) -> None:
+    """Every MoE's routed experts sharded over the ep ranks, its tokens exchanged with them by
+    all-to-all; router and shared experts stay dense (data-parallel, TP-sharded under TP)."""
+    layers = list(model.moe_layers())
+    if not layers:
+        raise ValueError(f"parallel.ep={ep_mesh.size()} needs an MoE model (arch ending in _moe, or hybrid_moe); "
+                         "set parallel.ep=1")
+    for moe in layers:
+        shard_experts(moe.experts, ep_mesh)
+        moe.ep_group = moe.experts.ep_group = ep_mesh.get_group()
 
 
 def apply_tensor_parallel(model: HybridLM, tp_mesh: DeviceMesh) -> None:

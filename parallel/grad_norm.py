@@ -1,0 +1,38 @@
+"""Global gradient-norm clipping over parameters that live on different device meshes.
+
+`torch.nn.utils.clip_grad_norm_` runs one foreach norm over all gradients, which DTensor refuses
+across meshes (expert-parallel experts are on an efsdp x ep mesh, the rest on the FSDP mesh). Here
+each mesh's gradients get their own norm, made global with `full_tensor()`, and the norms combine.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+
+def _by_mesh(grads: list[Tensor]) -> list[list[Tensor]]:
+    groups: dict[object, list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    return list(groups.values())
+
+
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> Tensor:
+    """Clip the gradients' global 2-norm to `max_norm` in place; returns the norm before clipping
+    (a plain tensor, identical on every rank)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = []
+    for group in _by_mesh(grads):
+        norm = torch.nn.utils.get_total_norm(group, 2.0)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1:
+        for group in _by_mesh(grads):
+            torch._foreach_mul_(group, coef)
+    return total
