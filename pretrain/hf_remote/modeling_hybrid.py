@@ -354,6 +354,26 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights [E, in, out]; each token row runs through its experts."""
+
+    def __init__(self, d_model: int, d_expert: int, n_experts: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+
+    def forward(self, flat: Tensor, ids: Tensor, gates: Tensor) -> Tensor:
+        out = torch.zeros_like(flat)
+        for e in range(self.w1.shape[0]):
+            token, slot = (ids == e).nonzero(as_tuple=True)
+            if token.numel():
+                xe = flat[token]
+                h = F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])
+                out.index_add_(0, token, (h @ self.w2[e]) * gates[token, slot, None].to(flat.dtype))
+        return out
+
+
 class MoE(nn.Module):
     """Shared experts + top-k of E routed SwiGLU experts; sigmoid scores, `expert_bias` (learnt
     during training by load balancing) added to the scores only to choose the experts."""
@@ -362,9 +382,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
-        self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
-        self.w2 = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+        self.experts = RoutedExperts(d_model, d_expert, n_experts)
         self.shared = nn.ModuleList(SwiGLU(d_model, d_expert) for _ in range(n_shared))
         self.register_buffer("expert_bias", torch.zeros(n_experts))
 
@@ -376,14 +394,7 @@ class MoE(nn.Module):
         gates = scores.gather(-1, ids)
         if self.top_k > 1:
             gates = gates / gates.sum(-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        for e in range(self.w1.shape[0]):
-            token, slot = (ids == e).nonzero(as_tuple=True)
-            if token.numel():
-                xe = flat[token]
-                h = F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])
-                out.index_add_(0, token, (h @ self.w2[e]) * gates[token, slot, None].to(x.dtype))
-        return out.reshape(shape) + sum(s(x) for s in self.shared)
+        return self.experts(flat, ids, gates).reshape(shape) + sum(s(x) for s in self.shared)
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -473,9 +484,10 @@ class HybridPreTrainedModel(PreTrainedModel):
             init(module.dt_bias, dt_bias)
             init(module.A_log, lambda t: torch.empty_like(t).uniform_(*c.a_init_range).log())
             init(module.D, 1.0)
-        elif isinstance(module, MoE):
+        elif isinstance(module, RoutedExperts):
             for w in (module.w1, module.w3, module.w2):
                 init(w, lambda t: torch.randn_like(t) * std)
+        elif isinstance(module, MoE):
             init(module.expert_bias, 0.0)
 
 
