@@ -10,7 +10,8 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
-    """Wrap every block in place; call before FSDP so each sharded unit is a wrapped block."""
-    for i, block in enumerate(blocks):
-        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+def apply_activation_checkpointing(blocks: nn.Module) -> None:
+    """Wrap every block of the container (ModuleList or ModuleDict) in place; call before FSDP
+    so each sharded unit is a wrapped block."""
+    for name, block in list(blocks.named_children()):
+        blocks.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def compile_blocks(blocks: nn.ModuleList) -> None:
-    """Compile every block in place; apply after activation checkpointing, before FSDP."""
-    for block in blocks:
+def compile_blocks(blocks: nn.Module) -> None:
+    """Compile every block of the container in place; apply after activation checkpointing, before FSDP."""
+    for block in blocks.children():
         block.compile()

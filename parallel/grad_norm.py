@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
@@ -20,17 +21,21 @@ def _by_mesh(grads: list[Tensor]) -> list[list[Tensor]]:
     return list(groups.values())
 
 
-def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> Tensor:
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> Tensor:
     """Clip the gradients' global 2-norm to `max_norm` in place; returns the norm before clipping
-    (a plain tensor, identical on every rank)."""
+    (a plain tensor, identical on every rank). `pp_group`: the pipeline ranks holding the other
+    stages, whose norms combine too (every stage clips alike and agrees on a non-finite norm)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = []
+    norms = [torch.zeros(())]
     for group in _by_mesh(grads):
         norm = torch.nn.utils.get_total_norm(group, 2.0)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[-1].device) for n in norms]))
+    if pp_group is not None:
+        square = total.double() ** 2
+        dist.all_reduce(square, group=pp_group)
+        total = square.sqrt().to(total.dtype)
     coef = max_norm / (float(total) + 1e-6)
     if coef < 1:
         for group in _by_mesh(grads):

@@ -28,8 +28,8 @@ class InitMismatchError(RuntimeError):
 def init_sharded(model: nn.Module, template: nn.Module, device: torch.device | str) -> None:
     """Allocate `model`'s (possibly DTensor) parameters on `device` and initialise them.
 
-    `model` and `template` expose `init_plan()` -> [(module, init)] with the same steps; the
-    model may be wrapped (FSDP, activation checkpointing, compile), the template must be whole.
+    `model` and `template` expose `init_plan()` -> [(module, init)] with the same steps (the
+    model's module None where it lacks that module: a pipeline stage); the model may be wrapped (FSDP, activation checkpointing, compile), the template must be whole.
     Raises if a parameter or buffer of `model` is in no step, or if the ranks drew differently.
     """
     model.to_empty(device=device)
@@ -39,8 +39,13 @@ def init_sharded(model: nn.Module, template: nn.Module, device: torch.device | s
     for (full_module, init), (target_module, _) in zip(template.init_plan(), model.init_plan(), strict=True):
         full_module.to_empty(device=device)
         init()
-        for target in _copy_module(full_module, target_module, checksum):
-            uncovered.pop(id(target), None)
+        full = list(itertools.chain(full_module.named_parameters(), full_module.named_buffers()))
+        if checksum is not None:  # of everything drawn, also what a pipeline stage does not keep
+            for _, tensor in full:
+                checksum += tensor.sum(dtype=torch.float64)
+        if target_module is not None:  # None: a pipeline stage lacks the module, it only draws like the whole model
+            for target in _copy_module(full, target_module):
+                uncovered.pop(id(target), None)
         full_module.to_empty(device="meta")  # release it before the next step
     if uncovered:
         raise RuntimeError(f"init_sharded: no init_plan step covers {sorted(uncovered.values())}")
@@ -48,22 +53,19 @@ def init_sharded(model: nn.Module, template: nn.Module, device: torch.device | s
         _check_ranks_agree(checksum)
 
 
-def _copy_module(full_module: nn.Module, target_module: nn.Module,
-                 checksum: torch.Tensor | None) -> list[torch.Tensor]:
-    """Copy each full tensor's shard into the target module (adding it to `checksum` when one is
-    kept); returns the targets written."""
+def _copy_module(full: list[tuple[str, torch.Tensor]], target_module: nn.Module) -> list[torch.Tensor]:
+    """Copy each full tensor (named relative to the module) or its shard into the target module;
+    returns the targets written."""
     written = []
-    for name, full in itertools.chain(full_module.named_parameters(), full_module.named_buffers()):
+    for name, tensor in full:
         owner, _, leaf = name.rpartition(".")
         target = getattr(target_module.get_submodule(owner) if owner else target_module, leaf)
-        if checksum is not None:
-            checksum += full.sum(dtype=torch.float64)
         local = target
         if isinstance(target, DTensor):
             # Every rank computed the same full tensor: take the local shard without communication.
-            full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+            tensor = distribute_tensor(tensor, target.device_mesh, target.placements, src_data_rank=None).to_local()
             local = target.to_local()
-        local.copy_(full)
+        local.copy_(tensor)
         written.append(target)
     return written
 

@@ -82,6 +82,10 @@ class ParallelMesh:
         """The tensor-parallel mesh, or None when tp = 1."""
         return self.world["tp"] if self.world["tp"].size() > 1 else None
 
+    def pp_mesh(self) -> DeviceMesh | None:
+        """The pipeline-parallel mesh (the ranks holding the other stages), or None when pp = 1."""
+        return self.world["pp"] if self.world["pp"].size() > 1 else None
+
     def cp_mesh(self) -> DeviceMesh | None:
         """The context-parallel mesh, or None when cp = 1."""
         return self.world["cp"] if self.world["cp"].size() > 1 else None

@@ -33,7 +33,7 @@ def _numel(module: nn.Module) -> int:
 
 
 def _embedding_params(model: Any) -> int:
-    return model.embed.weight.numel() + (model.head.weight.numel() if model.head is not None else 0)
+    return model.embed.weight.numel() + (0 if model.head.tied else model.head.weight.numel())
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
@@ -66,7 +66,7 @@ class BlockParams:
 def block_params(cfg: ModelConfig) -> BlockParams:
     """Measured from one meta-device model holding a block of every symbol."""
     model = _meta_model(dataclasses.replace(cfg, pattern="".join(BLOCK_SYMBOLS)))
-    per_block = {block.symbol: _numel(block) for block in model.blocks}
+    per_block = {block.symbol: _numel(block) for block in model.blocks.values()}
     return BlockParams(per_block, _numel(model) - _embedding_params(model) - sum(per_block.values()))
 
 
@@ -92,21 +92,31 @@ def _ssd_flops(heads: int, head_dim: int, d_state: int, n_groups: int, chunk: in
     return 3 * fwd
 
 
+def _symbol_sequence_flops(cfg: ModelConfig, sym: str, seq_len: int) -> float:
+    ic = cfg.intra
+    if sym in "AS":
+        window = cfg.window if sym == "S" else None
+        visible = mean_visible_keys(seq_len, window, cfg.n_sink if window else 0)
+        return _attention_flops(cfg.n_heads, cfg.head_dim, cfg.head_dim, visible)
+    if sym == "M":
+        return _ssd_flops(cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state, cfg.n_groups, cfg.chunk_size)
+    return (_attention_flops(ic.attn_heads, ic.qk_head_dim, ic.head_dim, mean_visible_keys(seq_len, None, 0))
+            + _ssd_flops(ic.ssm_heads, ic.head_dim, ic.d_state, cfg.n_groups, cfg.chunk_size))
+
+
 def sequence_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """The FLOPs per token that depend on sequence length (attention and SSD), fwd+bwd."""
-    flops = 0.0
-    ic = cfg.intra
-    for sym in cfg.blocks:
-        if sym in "AS":
-            window = cfg.window if sym == "S" else None
-            visible = mean_visible_keys(seq_len, window, cfg.n_sink if window else 0)
-            flops += _attention_flops(cfg.n_heads, cfg.head_dim, cfg.head_dim, visible)
-        elif sym == "M":
-            flops += _ssd_flops(cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state, cfg.n_groups, cfg.chunk_size)
-        elif sym == "H":
-            flops += _attention_flops(ic.attn_heads, ic.qk_head_dim, ic.head_dim, mean_visible_keys(seq_len, None, 0))
-            flops += _ssd_flops(ic.ssm_heads, ic.head_dim, ic.d_state, cfg.n_groups, cfg.chunk_size)
-    return flops
+    return sum(_symbol_sequence_flops(cfg, sym, seq_len) for sym in cfg.blocks)
+
+
+def block_flops_per_token(cfg: ModelConfig, seq_len: int) -> list[float]:
+    """Training FLOPs per token of each block, in pattern order (6 per active matmul parameter
+    plus its sequence terms): what pipeline stages are balanced on."""
+    per_symbol = block_params(cfg).per_block
+    moe_inactive = 0.0
+    if cfg.moe is not None:
+        moe_inactive = 3 * cfg.d_model * cfg.d_expert * (cfg.moe.n_experts - cfg.moe.top_k)
+    return [6 * (per_symbol[sym] - moe_inactive) + _symbol_sequence_flops(cfg, sym, seq_len) for sym in cfg.blocks]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, params: dict[str, int] | None = None) -> dict[str, float]:

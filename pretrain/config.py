@@ -108,6 +108,9 @@ class ParallelSection:
     tp: int = 1  # tensor + sequence parallel ranks (within a node: they talk every layer)
     cp: int = 1  # context parallel ranks: each holds 1/cp of every sequence (long context)
     ep: int = 1  # expert parallel ranks, borrowed from dp_shard x cp: each holds 1/ep of every MoE layer's experts
+    pp: int = 1  # pipeline stages' ranks: each holds a contiguous part of the blocks (docs/parallelism.md)
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | zbv | dualpipev (torch.distributed.pipelining)
+    pp_microbatches: int = 0  # pipeline microbatches per train.micro_batch_size batch; 0: pp
 
 
 @dataclass
@@ -266,9 +269,15 @@ def validate(cfg: JobConfig) -> None:
         parse_source(src)
     if cfg.parallel.dp_replicate < 1 or (cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1):
         bad("parallel.dp_shard", "must be >= 1 (or -1 for all remaining ranks) and dp_replicate >= 1")
-    for key in ("tp", "cp", "ep"):
+    for key in ("tp", "cp", "ep", "pp"):
         if getattr(cfg.parallel, key) < 1:
             bad(f"parallel.{key}", f"= {getattr(cfg.parallel, key)} must be >= 1; fix the value")
+    from parallel.pipeline import SCHEDULES
+
+    if cfg.parallel.pp_schedule not in SCHEDULES:
+        bad("parallel.pp_schedule", f"= {cfg.parallel.pp_schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
+    if cfg.parallel.pp_microbatches < 0:
+        bad("parallel.pp_microbatches", f"= {cfg.parallel.pp_microbatches} must be >= 1 (0: parallel.pp)")
     tp, cp = cfg.parallel.tp, cfg.parallel.cp
     split = tp * (2 * cp if cp > 1 else 1)  # CP: 2 chunks per rank (load balance), then TP's sequence shards
     if cfg.data.seq_len % split:

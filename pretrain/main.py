@@ -33,11 +33,11 @@ EXIT_CONFIG = 2
 
 
 def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: int, dims: ParallelDims) -> dict[str, float]:
-    """Rough per-GPU memory: fp32 params+grads+AdamW moments split over dp_shard x cp x tp (an
+    """Rough per-GPU memory: fp32 params+grads+AdamW moments split over pp x dp_shard x cp x tp (an
     upper bound on the split: replicated tensors are not split by tp; `--world-size` reports the
     exact shards), plus the activations of one micro-batch under bf16 autocast
     (`activation_bytes_per_token_per_dim`), split over tp x cp."""
-    states = 16 * n_params / (dims.dp_shard * dims.cp * dims.tp)
+    states = 16 * n_params / (dims.pp * dims.dp_shard * dims.cp * dims.tp)
     per_token = activation_bytes_per_token_per_dim(n_layers, cfg.train.activation_checkpointing)
     activations = per_token * cfg.train.micro_batch_size * cfg.data.seq_len * d_model / (dims.tp * dims.cp)
     return {"states_gib": states / 2**30, "activations_gib": activations / 2**30,
@@ -54,7 +54,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     counts = count_params(mcfg)
     # Estimate for the launch this would be: --world-size, torchrun's WORLD_SIZE, else the parallel sizes given.
     p = cfg.parallel
-    env_world = os.environ.get("WORLD_SIZE", str(p.dp_replicate * max(p.dp_shard, 1) * p.cp * p.tp))
+    env_world = os.environ.get("WORLD_SIZE", str(p.pp * p.dp_replicate * max(p.dp_shard, 1) * p.cp * p.tp))
     if world_size is None and not (env_world.isdigit() and int(env_world) >= 1):
         raise ConfigError(f"environment: WORLD_SIZE={env_world!r} is not a rank count >= 1; unset it or fix it")
     world = world_size or int(env_world)

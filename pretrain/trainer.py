@@ -32,6 +32,7 @@ from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, 
 from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
+from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
                                  load_model_weights, model_config_json, verify_checkpoint)
@@ -39,8 +40,10 @@ from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
+from pretrain.model.config import ModelConfig
+from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs
-from pretrain.model.parallelize import parallelize_hybrid
+from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
 
@@ -122,8 +125,34 @@ def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
     """The parallel layout of `cfg` on `world_size` ranks (the trainer's and the dry run's)."""
     p = cfg.parallel
     try:
-        return ParallelDims(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
+        return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
                             ep=p.ep).resolve(world_size)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+
+
+def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[int, int], ...], int]:
+    """(every pipeline stage's [start, end) blocks, stages per pp rank) of a parallel.pp > 1 run:
+    the pattern's `|` marks, else stages balanced by the accounting's FLOPs per block (the head's
+    on the last stage). Refuses, naming the field, what the layout cannot run."""
+    from pretrain.accounting import block_flops_per_token
+    from pretrain.model.pattern import STAGE_BOUNDARY, parse_pattern, pipeline_stages
+
+    p = cfg.parallel
+    microbatches = p.pp_microbatches or p.pp
+    try:
+        check_schedule(p.pp_schedule, p.pp, microbatches, cfg.train.micro_batch_size)
+        if model_cfg.tie_embeddings:
+            raise ValueError("parallel.pp > 1 needs untied embeddings (the embedding sits on the first stage, the head "
+                             "on the last): set model.overrides.tie_embeddings=false")
+        if model_cfg.moe is not None and model_cfg.moe.aux_loss_coef > 0:
+            raise ValueError("parallel.pp > 1 needs moe.aux_loss_coef = 0 (aux-loss-free balancing; the balance loss "
+                             "of earlier stages would not reach the last stage's loss)")
+        marked = len(parse_pattern(model_cfg.pattern).stages) if STAGE_BOUNDARY in model_cfg.pattern else None
+        per_rank = stages_per_rank(p.pp_schedule, marked, p.pp)
+        costs = block_flops_per_token(model_cfg, cfg.data.seq_len)
+        costs[-1] += 6 * model_cfg.d_model * model_cfg.vocab_size  # the head (and loss) on the last stage
+        return pipeline_stages(model_cfg.pattern, p.pp * per_rank, costs), per_rank
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
 
@@ -293,9 +322,14 @@ class Trainer:
         self.model = build_model_from_config(cfg, device="meta")
         template = copy.deepcopy(self.model)  # unsharded, unwrapped: init_sharded's full modules
         self.model_config = self.model.config
+        self.pipeline: Pipeline | None = None
+        wrap = dict(param_dtype=self.compute_dtype, activation_checkpointing=cfg.train.activation_checkpointing,
+                    compile=cfg.train.compile)
         try:
-            parallelize_hybrid(self.model, self.mesh, param_dtype=self.compute_dtype,
-                               activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
+            if self.dims.pp > 1:
+                self.model, self.pipeline = self._build_pipeline(wrap)
+            else:
+                parallelize_hybrid(self.model, self.mesh, **wrap)
         except ValueError as e:  # a model dimension the layout cannot split: names the field and the fix
             raise ConfigError(f"config: {e}") from None
         init_sharded(self.model, template, self.device)
@@ -328,6 +362,22 @@ class Trainer:
         self._ep_rank_rows: tuple[float, float] | None = None  # see _ep_rank_rows_max_and_mean
 
     # ---- set-up helpers -------------------------------------------------------------------
+    def _build_pipeline(self, wrap: dict[str, Any]) -> tuple[nn.Module, Pipeline]:
+        """This rank's stages, built on meta with only their blocks and wrapped like a whole model;
+        `self.model` becomes the module holding them all (global parameter names)."""
+        cfg = self.cfg
+        stages, per_rank = pipeline_plan(cfg, self.model_config)
+        pp_mesh = self.mesh.pp_mesh()
+        ids = local_stage_ids(cfg.parallel.pp_schedule, pp_mesh.get_local_rank(), self.dims.pp, per_rank)
+        model = pipeline_model(self.model_config, stages, ids)
+        model, modules = parallelize_hybrid(model, self.mesh, stages=stages, stage_ids=ids, **wrap)
+        pipeline = build_pipeline(modules, ids, len(stages), cfg.parallel.pp_schedule,
+                                  cfg.parallel.pp_microbatches or self.dims.pp, pp_mesh.get_group(), self.device)
+        if self.is_main:
+            log.info("pipeline: %d stages %s, %s, %d microbatches", len(stages), stages, cfg.parallel.pp_schedule,
+                     pipeline.microbatches)
+        return model, pipeline
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; matrices decay, vectors (norms, biases, gains) do not."""
         o = self.cfg.optim
@@ -430,13 +480,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for _ in range(self.grad_accum):
             batch = self._next_batch()
-            with self._autocast():
-                loss = self._loss(batch["tokens"], batch.get("doc_starts"))
-            (loss / self.grad_accum).backward()
+            if self.pipeline is not None:
+                loss = self._pipeline_loss(batch["tokens"], train=True)
+            else:
+                with self._autocast():
+                    loss = self._loss(batch["tokens"], batch.get("doc_starts"))
+                (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
         loss_val = self._dp_mean(float(loss_sum) / self.grad_accum)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm_val = float(clip_grad_norm_(self.model.parameters(), max_norm))
+        pp_group = self.mesh.pp_mesh().get_group() if self.pipeline is not None else None
+        grad_norm_val = float(clip_grad_norm_(self.model.parameters(), max_norm, pp_group))
         lr = self.scheduler.get_last_lr()[0]
         p = self.progress
         if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
@@ -469,6 +523,22 @@ class Trainer:
         positions = shard_index(inputs.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), inputs.device)
         return self.model.loss(inputs[:, positions], targets[:, positions],
                                positions if docs is None else docs.select(positions))
+
+    def _pipeline_loss(self, tokens: torch.Tensor, train: bool) -> torch.Tensor:
+        """One batch through the pipeline (forward and backward when `train`): the inputs feed the
+        first stage, the targets (and CP positions, one row per sample) every stage, used by the
+        last. Returns the batch's mean loss on every pipeline rank (the last stage's, shared)."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        cp_mesh = self.mesh.cp_mesh()
+        if cp_mesh is None:
+            positions = torch.arange(inputs.shape[1], device=inputs.device)
+        else:
+            positions = shard_index(inputs.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), inputs.device)
+            inputs, targets = inputs[:, positions], targets[:, positions]
+        loss = self.pipeline.run(inputs, targets, train, self.grad_accum,
+                                 positions=positions.expand(inputs.shape[0], -1))
+        shared = loss if loss is not None else torch.zeros((), device=self.device)
+        return all_reduce_sum_(shared.float().reshape(1), self.mesh.pp_mesh().get_group())[0]
 
     def _dp_mean(self, value: float) -> float:
         """Mean over the ranks that saw different tokens (dp x cp; tp peers hold the same value)."""
@@ -507,6 +577,17 @@ class Trainer:
         worst = int(torch.argmax(most / mean.clamp(min=1)))
         return float(most[worst]), float(mean[worst])
 
+    def _all_stages_moe_load(self) -> list[torch.Tensor]:
+        """Every MoE layer's last load in layer order; under pipeline parallelism gathered from the
+        ranks holding the other stages (each updates only its own layers' bias)."""
+        if self.pipeline is None:
+            return self._moe_load
+        ids = [int(key) for key, block in self.model.blocks.items() for m in block.modules() if isinstance(m, MoE)]
+        group = self.mesh.pp_mesh().get_group()
+        stages: list[Any] = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(stages, list(zip(ids, [t.cpu() for t in self._moe_load])), group=group)
+        return [load for _, load in sorted((pair for stage in stages for pair in stage), key=lambda pair: pair[0])]
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean NLL per token over the validation split (same number of batches on every rank)."""
@@ -522,8 +603,11 @@ class Trainer:
         for batch in batches[:n]:
             tokens = batch["tokens"].to(self.device)
             doc_starts = batch["doc_starts"].to(self.device) if "doc_starts" in batch else None
-            with self._autocast():
-                loss = self._loss(tokens, doc_starts)
+            if self.pipeline is not None:
+                loss = self._pipeline_loss(tokens, train=False)
+            else:
+                with self._autocast():
+                    loss = self._loss(tokens, doc_starts)
             numel = tokens[:, 1:].numel() // self.dims.cp  # this rank's share of the targets
             total += float(loss) * numel
             count += numel
@@ -553,9 +637,9 @@ class Trainer:
         self.preemption.training()
         if self.is_main:
             log.info("resolved config:\n%s", to_toml(cfg))
-            log.info("model %s/%s pattern %s | %s | dp=%d tp=%d cp=%d ep=%d grad_accum=%d tokens/step=%d | "
+            log.info("model %s/%s pattern %s | %s | dp=%d tp=%d cp=%d ep=%d pp=%d grad_accum=%d tokens/step=%d | "
                      "%.3g FLOPs/token", cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"),
-                     self.device, self.dp_size, self.dims.tp, self.dims.cp, self.dims.ep, self.grad_accum,
+                     self.device, self.dp_size, self.dims.tp, self.dims.cp, self.dims.ep, self.dims.pp, self.grad_accum,
                      self.tokens_per_step, self.flops_per_token)
         status, error = "finished", None
         try:
@@ -624,7 +708,7 @@ class Trainer:
         out = {"perf/tokens_per_s": tps, "perf/mfu": mfu, "perf/memory_gib": memory_gib(self.device),
                "train/tokens_seen": float(self.progress.tokens_seen),
                "train/bad_steps": float(self.progress.bad_steps_total)}
-        out.update(moe_balance_scalars(self._moe_load))
+        out.update(moe_balance_scalars(self._all_stages_moe_load()))
         if self._ep_rank_rows is not None:
             most, mean = self._ep_rank_rows
             out.update({"moe/ep_rank_rows_max": most, "moe/ep_rank_rows_max_over_mean": most / max(mean, 1.0)})

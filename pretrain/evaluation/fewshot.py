@@ -56,7 +56,7 @@ class Scorer:
                 if n_cont == 0:  # an empty continuation is certain
                     out[i] = (0.0, True)
                     continue
-                logits = (hidden[j, n_in - n_cont:n_in] @ self.model.head_weight.t()).float()
+                logits = self.model.head(hidden[j, n_in - n_cont:n_in]).float()
                 target = torch.tensor(rows[i][-n_cont:], device=logits.device)
                 logp = F.log_softmax(logits, dim=-1)
                 out[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logits.argmax(-1) == target).all()))

@@ -27,10 +27,9 @@ def token_nll(model, inputs: Tensor, targets: Tensor, doc_starts: Tensor | None 
     scored with document masking, each document as if alone."""
     docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
     hidden = model.hidden_states(inputs, positions=docs)
-    head = model.head_weight
     out = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)
     for start in range(0, hidden.shape[1], LOGIT_CHUNK):
         sl = slice(start, start + LOGIT_CHUNK)
-        logits = (hidden[:, sl] @ head.t()).float()
+        logits = model.head(hidden[:, sl]).float()
         out[:, sl] = F.cross_entropy(logits.transpose(1, 2), targets[:, sl], reduction="none")
     return out

@@ -51,7 +51,7 @@ class Decoder:
     def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""
         h = self.model.hidden_states(tokens, self.cache, positions)[:, -1]
-        return h @ self.model.head_weight.t()
+        return self.model.head(h)
 
     def prefill(self, prompt: Tensor) -> Tensor:
         """Fill the caches with the prompt [b, l] in one forward; logits of its last token [b, vocab]."""

@@ -1,8 +1,13 @@
-"""HybridLM: embedding -> blocks (from the layer pattern) -> final norm -> tied head."""
+"""HybridLM: embedding -> blocks (from the layer pattern) -> final norm -> head (tied or not).
+
+A pipeline stage is a HybridLM holding only some blocks, keyed by their global layer id, so
+parameter names - and checkpoints - are the same whatever the stage split: the embedding sits on
+the first stage, the final norm, head and loss on the last.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -19,80 +24,147 @@ from pretrain.model.ops import chunked_cross_entropy
 from pretrain.model.packed import PackedDocs
 
 
+class LMHead(nn.Module):
+    """The projection to vocabulary logits and the loss. Tied, it holds no weight of its own and
+    reads the embedding's at call time (whatever tensor parallelism or FSDP made of it), so a
+    checkpoint holds the tied weight once, as `embed.weight`. Under tensor parallelism the weight
+    is vocabulary-sharded (the tied one by the embedding's own vocabulary-parallel plan) and the
+    loss is vocabulary-parallel: no rank holds all logits."""
+
+    def __init__(self, d_model: int, vocab_size: int, tied_to: nn.Embedding | None = None):
+        super().__init__()
+        self._tied_to = (tied_to,) if tied_to is not None else ()  # a tuple: not a submodule
+        if tied_to is None:
+            self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.tp_mesh: DeviceMesh | None = None  # set by parallelize_hybrid under tensor parallelism
+
+    @property
+    def tied(self) -> bool:
+        return bool(self._tied_to)
+
+    def projection(self) -> Tensor:
+        return self._tied_to[0].weight if self.tied else self.weight
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Final hidden states [b, l, d] -> full logits [b, l, vocab]."""
+        if self.tp_mesh is None:
+            return h @ self.projection().t()
+        logits = gather_sequence(h) @ local(self.projection()).t()  # this rank's vocabulary slice
+        return DTensor.from_local(logits, self.tp_mesh, [Shard(2)], run_check=False).full_tensor()
+
+    def loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy, in chunks (never full fp32 logits)."""
+        if self.tp_mesh is None:
+            return chunked_cross_entropy(h, self.projection(), targets)
+        weight = local(self.projection())
+        return chunked_cross_entropy(gather_sequence(h), weight, targets, group=self.tp_mesh.get_group(),
+                                     vocab_start=self.tp_mesh.get_local_rank() * weight.shape[0])
+
+
 class HybridLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The whole model, or one pipeline stage of it: `layers` (global block ids, default all),
+    `first` (holds the embedding) and `last` (holds the final norm, head and loss)."""
+
+    def __init__(self, cfg: ModelConfig, layers: Iterable[int] | None = None, first: bool = True, last: bool = True):
         super().__init__()
         self.config = cfg
+        layers = range(cfg.n_layers) if layers is None else sorted(layers)
+        if cfg.tie_embeddings and first != last:
+            raise ValueError("model.tie_embeddings=true needs the embedding and the head in one pipeline stage: set "
+                             "model.overrides.tie_embeddings=false to use parallel.pp > 1")
         with torch.random.fork_rng(devices=[]):  # constructors' default inits must not move the RNG
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-            self.blocks = nn.ModuleList(Block(cfg, sym, i) for i, sym in enumerate(cfg.blocks))
-            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model) if first else None
+            self.blocks = nn.ModuleDict({str(i): Block(cfg, cfg.blocks[i], i) for i in layers})
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if last else None
+            self.head = LMHead(cfg.d_model, cfg.vocab_size, self.embed if cfg.tie_embeddings else None) if last else None
         self.tp_mesh: DeviceMesh | None = None  # set by parallelize_hybrid under tensor parallelism
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
-    @property
-    def head_weight(self) -> Tensor:
-        return self.embed.weight if self.head is None else self.head.weight
+    def stage(self, layers: Iterable[int], first: bool, last: bool) -> HybridLM:
+        """A pipeline stage made of this model's own modules (shared, not copied): this rank's
+        stages can then be checkpointed, optimised and clipped as one model with global names."""
+        view = HybridLM.__new__(HybridLM)
+        nn.Module.__init__(view)
+        view.config, view.tp_mesh = self.config, self.tp_mesh
+        view.embed = self.embed if first else None
+        view.blocks = nn.ModuleDict({str(i): self.blocks[str(i)] for i in layers})
+        view.norm, view.head = (self.norm, self.head) if last else (None, None)
+        return view
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter from torch's current RNG, in module order, so a model
         built on the meta device and materialised with `to_empty` starts like an eager one."""
-        for _, init in self.init_plan():
-            init()
+        for module, init in self.init_plan():
+            if module is not None:
+                init()
 
-    def init_plan(self) -> list[tuple[nn.Module, Callable[[], None]]]:
-        """The initialisation as ordered (module, init) steps. The order fixes what each module
-        draws from the RNG; a step touches only its module, so a sharded model can be
-        materialised one full module at a time (`parallel.init.init_sharded`). The steps look
-        parameters up when run, not when planned (`to_empty` replaces them)."""
-        std = self.config.init_std
-        plan: list[tuple[nn.Module, Callable[[], None]]] = [
+    def init_plan(self) -> list[tuple[nn.Module | None, Callable[[], None]]]:
+        """The initialisation as ordered (module, init) steps - those of the whole model, in
+        its order, with module None where a pipeline stage lacks the module: every stage draws
+        the RNG as the whole model does and keeps its own part. A step touches only its module,
+        so a sharded model can be materialised one full module at a time
+        (`parallel.init.init_sharded`). The steps look parameters up when run, not when planned
+        (`to_empty` replaces them)."""
+        cfg, std = self.config, self.config.init_std
+        plan: list[tuple[nn.Module | None, Callable[[], None]]] = [
             (self.embed, lambda: nn.init.normal_(self.embed.weight, std=std))]
-        if self.head is not None:
+        if not cfg.tie_embeddings:
             plan.append((self.head, lambda: nn.init.normal_(self.head.weight, std=std)))
-        for block in self.blocks:
-            plan += [(m, m.reset_parameters) for m in (block.mixer_norm, block.mixer, block.ffn_norm, block.ffn)]
-        plan.append((self.norm, self.norm.reset_parameters))
+        for i in range(cfg.n_layers):
+            block = self.blocks[str(i)] if str(i) in self.blocks else None
+            parts = ("mixer_norm", "mixer", "ffn_norm", "ffn")
+            plan += [(getattr(block, name), getattr(block, name).reset_parameters) if block is not None else (None, _noop)
+                     for name in parts]
+        plan.append((self.norm, self.norm.reset_parameters if self.norm is not None else _noop))
         return plan
 
     def hidden_states(self, tokens: Tensor, cache: InferenceCache | None = None,
                       positions: Tensor | PackedDocs | None = None) -> Tensor:
-        """Final-norm hidden states. `positions` [l]: the tokens' absolute positions, given under
-        context parallelism (a rank's shard of the sequence); default 0.. (or after the cache).
-        PackedDocs instead: rows of packed documents, each token seeing only its own document."""
+        """Final-norm hidden states (a later pipeline stage: takes the previous stage's hidden
+        states for `tokens`; an earlier one returns its last block's output, plain under tensor
+        parallelism so that it can cross to the next stage). `positions` [l] (or [b, l], rows
+        equal, as a pipeline schedule splits every input on the batch): the tokens' absolute
+        positions, given under context parallelism (a rank's shard of the sequence); default 0..
+        (or after the cache). PackedDocs instead: rows of packed documents, each token seeing only
+        its own document."""
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens)
-        for i, block in enumerate(self.blocks):
-            x = block(x, positions, cache.layers[i] if cache is not None else None)
+        elif isinstance(positions, Tensor) and positions.ndim == 2:
+            positions = positions[0]
+        if self.embed is not None:
+            x = self.embed(tokens)
+        elif self.tp_mesh is not None:  # the previous stage's sequence shard
+            x = DTensor.from_local(tokens, self.tp_mesh, [Shard(1)], run_check=False)
+        else:
+            x = tokens
+        for key, block in self.blocks.items():
+            x = block(x, positions, cache.layers[int(key)] if cache is not None else None)
         if cache is not None:
             cache.length += tokens.shape[1]
+        if self.norm is None:
+            return local(x)
         return self.norm(x)
 
     def forward(self, tokens: Tensor, cache: InferenceCache | None = None,
-                positions: Tensor | PackedDocs | None = None) -> Tensor:
-        """tokens [b, l] -> logits [b, l, vocab]. Use `loss` for training (never full fp32 logits)."""
+                positions: Tensor | PackedDocs | None = None, *, targets: Tensor | None = None) -> Tensor:
+        """tokens [b, l] -> logits [b, l, vocab], or with `targets` the loss (`loss`). A pipeline
+        stage without the head returns its hidden states (the next stage's input)."""
         h = self.hidden_states(tokens, cache, positions)
-        if self.tp_mesh is None:
-            return h @ self.head_weight.t()
-        logits = gather_sequence(h) @ local(self.head_weight).t()  # this rank's vocabulary slice
-        return DTensor.from_local(logits, self.tp_mesh, [Shard(2)], run_check=False).full_tensor()
+        if self.head is None:
+            return h
+        return self.head(h) if targets is None else self._loss(h, targets)
 
     def loss(self, tokens: Tensor, targets: Tensor, positions: Tensor | PackedDocs | None = None) -> Tensor:
         """Mean next-token cross-entropy (+ MoE auxiliary losses when enabled). Under tensor
         parallelism the head is vocabulary-parallel and the loss too (no rank holds all logits);
         under context parallelism tokens/targets/positions (or PackedDocs) are this rank's shard."""
-        h = self.hidden_states(tokens, positions=positions)
-        if self.tp_mesh is None:
-            loss = chunked_cross_entropy(h, self.head_weight, targets)
-        else:
-            weight = local(self.head_weight)
-            loss = chunked_cross_entropy(gather_sequence(h), weight, targets, group=self.tp_mesh.get_group(),
-                                         vocab_start=self.tp_mesh.get_local_rank() * weight.shape[0])
+        return self(tokens, positions=positions, targets=targets)
+
+    def _loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        loss = self.head.loss(h, targets)
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss
@@ -124,7 +196,7 @@ class HybridLM(nn.Module):
                               cuda_graph=prompt.is_cuda and max_new_tokens >= 32)
             first, step = decoder.prefill, decoder.step
         else:
-            cache = InferenceCache(len(self.blocks))
+            cache = InferenceCache(self.config.n_layers)
 
             def first(tokens: Tensor) -> Tensor:
                 return self(tokens, cache, docs)[:, -1]
@@ -142,6 +214,10 @@ class HybridLM(nn.Module):
                 logits = step(out[-1])
         tokens = torch.cat(out, dim=1)
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
+
+
+def _noop() -> None:
+    """The init step of a module a pipeline stage does not hold."""
 
 
 class InferenceCache:

@@ -8,6 +8,8 @@ block symbol (A/S attention, M Mamba2, H intra-hybrid; SwiGLU or MoE).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -20,15 +22,23 @@ from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh
 from parallel.tensor_parallel import sequence_parallel_region, shard_parameters
 from pretrain.model.attention import Attention
+from pretrain.model.config import ModelConfig
 from pretrain.model.lm import HybridLM
 from pretrain.model.mamba2 import Mamba2
+from pretrain.model.moe import MoE
 
 
 def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtype: torch.dtype = torch.float32,
                        reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                       compile: bool = False) -> HybridLM:
+                       compile: bool = False, stages: Sequence[tuple[int, int]] | None = None,
+                       stage_ids: Sequence[int] = ()) -> HybridLM | tuple[HybridLM, list[HybridLM]]:
     """Wrap `model` in place (built on meta or materialised) and return it. `mesh` None: one process.
-    `param_dtype` is what FSDP computes in, `reduce_dtype` what it reduces gradients in."""
+    `param_dtype` is what FSDP computes in, `reduce_dtype` what it reduces gradients in.
+
+    Under pipeline parallelism `model` holds this rank's pipeline stages (`pipeline_model`):
+    `stages` are every stage's [start, end) blocks and `stage_ids` this rank's; returns the model
+    and one stage module per id, made of the model's (wrapped) modules."""
+    n_stages = len(stages) if stages is not None else 1
     ep_mesh = mesh.ep if mesh is not None else None
     if ep_mesh is not None:
         apply_expert_parallel(model, ep_mesh)
@@ -42,11 +52,28 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
         apply_activation_checkpointing(model.blocks)
     if compile:
         compile_blocks(model.blocks)
-    if mesh is not None:
+    if mesh is not None and stages is None:
         experts = [(m.experts, mesh.efsdp) for m in model.moe_layers()] if ep_mesh is not None else []
-        apply_fsdp(model, model.blocks, mesh.fsdp_mesh(), param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                   forward_methods=("loss",), own_mesh=experts)
-    return model
+        apply_fsdp(model, model.blocks.values(), mesh.fsdp_mesh(), param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                   own_mesh=experts)
+    if stages is None:
+        return model
+    views = [model.stage(range(*stages[i]), i == 0, i == n_stages - 1) for i in stage_ids]
+    if mesh is not None:
+        # Every part is its own FSDP unit (the embedding and head too), so each stage is a root
+        # without parameters of its own; blocks stay gathered between the microbatches of a step.
+        mp = dict(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        for unit in (model.embed, model.norm):
+            if unit is not None:
+                apply_fsdp(unit, (), mesh.fsdp_mesh(), reshard_after_forward=False, **mp)
+        if model.head is not None:  # never tied under pipeline parallelism
+            apply_fsdp(model.head, (), mesh.fsdp_mesh(), reshard_after_forward=False, forward_methods=("loss",), **mp)
+        for block in model.blocks.values():
+            experts = [(m.experts, mesh.efsdp) for m in block.modules() if isinstance(m, MoE)] if ep_mesh is not None else []
+            apply_fsdp(block, (), mesh.fsdp_mesh(), reshard_after_forward=False, own_mesh=experts, **mp)
+        for view in views:
+            apply_fsdp(view, (), mesh.fsdp_mesh(), reshard_after_forward=False, **mp)
+    return model, views
 
 
 def apply_expert_parallel(model: HybridLM, ep_mesh: DeviceMesh) -> None:
@@ -70,12 +97,15 @@ def apply_tensor_parallel(model: HybridLM, tp_mesh: DeviceMesh) -> None:
     if model.config.vocab_size % tp:
         raise ValueError(f"parallel.tp={tp} must divide the vocabulary size {model.config.vocab_size} "
                          "(vocabulary-parallel embedding and loss); pad the vocabulary or change tp")
-    parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
-                                                                 use_local_output=False))
+    if model.embed is not None:
+        parallelize_module(model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                                     use_local_output=False))
     if model.head is not None:
-        shard_parameters(model.head, tp_mesh, {"weight": Shard(0)})
-    parallelize_module(model.norm, tp_mesh, SequenceParallel())
-    for block in model.blocks:
+        if not model.head.tied:  # the tied head reads the embedding's vocabulary shard
+            shard_parameters(model.head, tp_mesh, {"weight": Shard(0)})
+        model.head.tp_mesh = tp_mesh
+        parallelize_module(model.norm, tp_mesh, SequenceParallel())
+    for block in model.blocks.values():
         parallelize_module(block, tp_mesh, {"mixer_norm": SequenceParallel(), "ffn_norm": SequenceParallel()})
         for part in (block.mixer, block.ffn):
             shard_parameters(part, tp_mesh, part.shard_for_tp(tp, group))
@@ -92,3 +122,11 @@ def apply_context_parallel(model: HybridLM, cp_mesh: DeviceMesh, tp: int) -> Non
             module.cp_group = group
         elif isinstance(module, Mamba2):
             module.enable_cp(group, tp)
+
+
+def pipeline_model(cfg: ModelConfig, stages: Sequence[tuple[int, int]], stage_ids: Sequence[int]) -> HybridLM:
+    """This rank's pipeline stages as one model on the meta device: their blocks (global ids),
+    the embedding when it holds the first stage, the final norm and head when it holds the last."""
+    layers = [i for s in stage_ids for i in range(*stages[s])]
+    with torch.device("meta"):
+        return HybridLM(cfg, layers, first=0 in stage_ids, last=len(stages) - 1 in stage_ids)

@@ -10,6 +10,7 @@ as in the paper's tables.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 BLOCK_SYMBOLS = {"A": "attention", "S": "sliding-window attention", "M": "mamba2", "H": "intra-hybrid"}
@@ -181,3 +182,46 @@ def with_stages(pattern: str, n_stages: int) -> str:
         raise ValueError(f"cannot split {len(blocks)} blocks into {n_stages} pipeline stages")
     bounds = [round(i * len(blocks) / n_stages) for i in range(n_stages + 1)]
     return STAGE_BOUNDARY.join("".join(blocks[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+
+def balance_stages(costs: Sequence[float], n_stages: int) -> tuple[tuple[int, int], ...]:
+    """[start, end) block ranges of `n_stages` contiguous stages minimising the costliest stage
+    (then, among equal maxima, the earliest split): hybrid blocks differ a lot in cost (attention
+    vs Mamba2 vs MoE), so equal block counts are not balanced. Exact (dynamic programming)."""
+    n = len(costs)
+    if not 1 <= n_stages <= n:
+        raise ValueError(f"cannot split {n} blocks into {n_stages} pipeline stages; lower parallel.pp "
+                         "(x virtual stages per rank) to at most the number of blocks")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][j]: the smallest max-stage cost of the first j blocks in k stages; cut[k][j]: its last start
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n_stages + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                cost = max(best[k - 1][i], prefix[j] - prefix[i])
+                if cost < best[k][j] - 1e-9 * abs(best[k][j] if best[k][j] < inf else 0):
+                    best[k][j], cut[k][j] = cost, i
+    bounds, j = [n], n
+    for k in range(n_stages, 0, -1):
+        j = cut[k][j]
+        bounds.append(j)
+    bounds.reverse()
+    return tuple(zip(bounds, bounds[1:]))
+
+
+def pipeline_stages(pattern: str, n_stages: int, costs: Sequence[float]) -> tuple[tuple[int, int], ...]:
+    """The pipeline's stages: the pattern's `|` marks when it has any (they must make exactly
+    `n_stages` stages), else `balance_stages` over the blocks' `costs`."""
+    parsed = parse_pattern(pattern)
+    if STAGE_BOUNDARY not in pattern:
+        return balance_stages(costs, n_stages)
+    if len(parsed.stages) != n_stages:
+        raise ValueError(f"layer pattern '{pattern}' marks {len(parsed.stages)} pipeline stages but the layout needs "
+                         f"{n_stages} (parallel.pp x virtual stages per rank); move the '{STAGE_BOUNDARY}' marks, "
+                         "or drop them to balance the stages by FLOPs")
+    return parsed.stages

@@ -10,7 +10,7 @@ from pretrain.model import build_model
 
 def mixer(arch: str, symbol: str, **overrides):
     model = build_model(arch, "tiny", device="meta", **overrides)
-    return next(b.mixer for b in model.blocks if b.symbol == symbol)
+    return next(b.mixer for b in model.blocks.values() if b.symbol == symbol)
 
 
 def test_mamba2_bc_replicated_for_one_group_sharded_for_two():

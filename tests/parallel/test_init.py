@@ -47,14 +47,14 @@ def test_unsharded_wrapped_model_equals_eager_build(arch, overrides):
 
 def init_and_save(rank: int, world: int, replicate: int, out: str) -> None:
     mesh = build_mesh(ParallelDims(dp_replicate=replicate).resolve(world), "cpu").fsdp_mesh()
-    model = materialised("hybrid_moe", lambda m: apply_fsdp(m, m.blocks, mesh))
+    model = materialised("hybrid_moe", lambda m: apply_fsdp(m, m.blocks.values(), mesh))
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
     state.update(model.named_buffers())
     torch.manual_seed(rank)  # ranks that draw differently must be caught
     model = build_model("hybrid_moe", "tiny", device="meta")
-    apply_fsdp(model, model.blocks, mesh)
+    apply_fsdp(model, model.blocks.values(), mesh)
     try:
         init_sharded(model, build_model("hybrid_moe", "tiny", device="meta"), "cpu")
         mismatch = "not detected"

@@ -1,0 +1,195 @@
+"""Pipeline-parallel machinery on torch.distributed.pipelining: which schedule, which stages a
+pipeline rank holds, the schedule's bubble, and running one batch through the stages.
+
+The model side (what a stage holds) is the caller's; here a stage is any module whose forward
+takes the previous stage's output (the first stage: the batch's inputs), takes keyword inputs
+that every stage receives (split on the batch like the inputs), and, on the last stage, returns
+the microbatch's mean loss.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.pipelining as pipelining
+import torch.nn as nn
+from torch import Tensor
+
+# name -> (torch class, layout of a rank's stages: "loop" r, r+pp, ... or "v" r and 2pp-1-r)
+SCHEDULES: dict[str, tuple[str, str]] = {
+    "1f1b": ("Schedule1F1B", "loop"),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop"),
+    "zbv": ("ScheduleZBVZeroBubble", "v"),
+    "dualpipev": ("ScheduleDualPipeV", "v"),
+}
+
+
+def available_schedules() -> list[str]:
+    """The schedules this torch provides (DualPipeV appeared after ZBV)."""
+    return [name for name, (cls, _) in SCHEDULES.items() if hasattr(pipelining, cls)]
+
+
+def stages_per_rank(schedule: str, marked_stages: int | None, pp: int) -> int:
+    """Stages each pipeline rank holds: 1 for 1F1B, 2 for the V schedules, and for interleaved
+    1F1B the pattern's marked stages per rank (2 when unmarked)."""
+    if schedule == "1f1b":
+        return 1
+    if SCHEDULES[schedule][1] == "v":
+        return 2
+    return marked_stages // pp if marked_stages else 2
+
+
+def check_schedule(schedule: str, pp: int, microbatches: int, local_batch: int) -> None:
+    """Refuse, with the config field and the fix, what a schedule cannot run."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallel.pp_schedule={schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
+    if schedule not in available_schedules():
+        raise ValueError(f"parallel.pp_schedule={schedule!r} needs torch.distributed.pipelining."
+                         f"{SCHEDULES[schedule][0]}, which torch {torch.__version__} lacks: use one of "
+                         f"{', '.join(available_schedules())}")
+    if microbatches < pp:
+        raise ValueError(f"parallel.pp_microbatches={microbatches} must be >= parallel.pp={pp} (else the pipeline "
+                         "never fills); raise it")
+    if schedule in ("interleaved_1f1b", "zbv") and microbatches % pp:
+        raise ValueError(f"parallel.pp_microbatches={microbatches} must be a multiple of parallel.pp={pp} for "
+                         f"parallel.pp_schedule={schedule}")
+    if schedule == "dualpipev" and microbatches < 2 * pp:
+        raise ValueError(f"parallel.pp_microbatches={microbatches} must be >= 2 x parallel.pp={2 * pp} for "
+                         "parallel.pp_schedule=dualpipev")
+    if local_batch % microbatches:
+        raise ValueError(f"parallel.pp_microbatches={microbatches} must divide train.micro_batch_size={local_batch} "
+                         "(each pipeline microbatch is a slice of it); change one of them")
+
+
+def local_stage_ids(schedule: str, pp_rank: int, pp: int, per_rank: int) -> list[int]:
+    """The global stage indices pipeline rank `pp_rank` holds, in execution order."""
+    if SCHEDULES[schedule][1] == "v":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + v * pp for v in range(per_rank)]
+
+
+def bubble_fraction(schedule: str, pp: int, microbatches: int, per_rank: int) -> float:
+    """Textbook idle fraction of a rank's step for equal forward and backward times per stage:
+    1F1B (p-1)/(m+p-1), with v stages per rank (p-1)/(v m+p-1). The zero-bubble V schedules do
+    better than this by filling the warm-up with weight-gradient work: `action_table_idle` reads
+    what their actual action order leaves idle."""
+    p, m, v = pp, microbatches, per_rank
+    if schedule == "1f1b":
+        return (p - 1) / (m + p - 1)
+    return (p - 1) / (v * m + p - 1)
+
+
+def action_table_idle(schedule: str, pp: int, microbatches: int, per_rank: int,
+                      group: dist.ProcessGroup) -> list[float] | None:
+    """Each pp rank's idle fraction in torch's own action table of a multi-stage schedule (one
+    time slot per forward, backward, input- or weight-gradient action: equal costs); None for 1F1B,
+    which keeps no table (its textbook figure is exact). Builds placeholder stages on `group` (a
+    process group of pp ranks, e.g. the fake backend's); nothing is sent."""
+    if schedule == "1f1b":
+        return None
+    rank = dist.get_rank(group)
+    stages = [pipelining.PipelineStage(nn.Identity(), i, pp * per_rank, torch.device("cpu"), group=group)
+              for i in local_stage_ids(schedule, rank, pp, per_rank)]
+    order = getattr(pipelining, SCHEDULES[schedule][0])(stages, n_microbatches=microbatches,
+                                                        loss_fn=lambda out, _: out).pipeline_order
+    return [1 - sum(a is not None for a in order[r]) / len(order[r]) for r in range(pp)]
+
+
+@dataclass
+class Pipeline:
+    """This rank's stages and the schedule that runs them."""
+
+    modules: list[nn.Module]  # this rank's stage modules, in `stage_ids` order
+    stage_ids: list[int]
+    n_stages: int
+    schedule: object  # a torch.distributed.pipelining schedule
+    microbatches: int
+    loss_scale: list[float]  # what the schedule's loss function multiplies each microbatch loss by
+    owners: list[int]  # the pp rank (in `group`) holding each stage
+    group: dist.ProcessGroup
+    device: torch.device
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+    def run(self, inputs: Tensor, targets: Tensor, train: bool, accumulation: int = 1, **kwargs: Tensor) -> Tensor | None:
+        """One batch through the pipeline: forward and backward when `train` (the gradients are
+        those of the batch's mean loss divided by `accumulation`, added to what is there), else
+        forward only (`forward_only`). `targets` and `kwargs` reach every stage as keyword inputs
+        (the last stage computes its loss from them: no full logits leave it). Returns the
+        batch's mean loss on the rank holding the last stage, None on the others."""
+        if not train:
+            return self.forward_only(inputs, targets=targets, **kwargs)
+        losses: list[Tensor] = []
+        self.loss_scale[0] = 1 / (self.microbatches * accumulation)
+        args = (inputs,) if self.has_first else ()
+        extra = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
+        self.schedule.step(*args, target=targets if self.has_last else None, losses=losses if self.has_last else None,
+                           targets=targets, **extra, **kwargs)
+        if not self.has_last:
+            return None
+        return torch.stack([loss.detach() for loss in losses]).float().mean() / self.loss_scale[0]
+
+    @torch.no_grad()
+    def forward_only(self, inputs: Tensor, **kwargs: Tensor) -> Tensor | None:
+        """The whole batch stage after stage, without the schedule: with no backward there is
+        nothing to overlap, and torch's V schedules cannot run forward only (their `eval` asks
+        for backward buffers in torch 2.13). Returns the last stage's output on its rank."""
+        me, x = dist.get_rank(self.group), inputs
+        for s, owner in enumerate(self.owners):
+            if owner != me:
+                continue
+            if s > 0 and self.owners[s - 1] != me:
+                x = _recv(dist.get_global_rank(self.group, self.owners[s - 1]), self.group, self.device)
+            x = self.modules[self.stage_ids.index(s)](x, **kwargs)
+            if s < self.n_stages - 1 and self.owners[s + 1] != me:
+                _send(x, dist.get_global_rank(self.group, self.owners[s + 1]), self.group)
+        return x.float() if self.has_last else None
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _send(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
+    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape] + [0] * (6 - t.ndim), dtype=torch.int64)
+    dist.send(header.to(t.device), dst=dst, group=group)
+    dist.send(t.contiguous(), dst=dst, group=group)
+
+
+def _recv(src: int, group: dist.ProcessGroup, device: torch.device) -> Tensor:
+    header = torch.empty(8, dtype=torch.int64, device=device)
+    dist.recv(header, src=src, group=group)
+    code, ndim, *shape = header.tolist()
+    out = torch.empty(shape[:ndim], dtype=_DTYPES[code], device=device)
+    dist.recv(out, src=src, group=group)
+    return out
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def build_pipeline(modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule: str, microbatches: int,
+                   group: dist.ProcessGroup, device: torch.device) -> Pipeline:
+    """Wrap this rank's stage modules (`stage_ids` from `local_stage_ids`) in the schedule. The last
+    stage's output is its microbatch's mean loss; the schedule's loss function only scales it
+    (scale_grads off: gradients are scaled here, so that accumulation over batches stays exact)."""
+    stages = [pipelining.PipelineStage(m, i, n_stages, device, group=group) for m, i in zip(modules, stage_ids)]
+    pp, per_rank = dist.get_world_size(group), len(stage_ids)
+    owners = {s: r for r in range(pp) for s in local_stage_ids(schedule, r, pp, per_rank)}
+    scale = [1.0]
+
+    def loss_fn(output: Tensor, _target: object) -> Tensor:
+        return output * scale[0]
+
+    cls = getattr(pipelining, SCHEDULES[schedule][0])
+    sched = cls(stages[0] if schedule == "1f1b" else stages, n_microbatches=microbatches, loss_fn=loss_fn,
+                scale_grads=False)
+    return Pipeline(modules, stage_ids, n_stages, sched, microbatches, scale, [owners[s] for s in range(n_stages)], group, device)

@@ -1,0 +1,101 @@
+"""Shared worker for the pipeline-parallel tests: the same tiny model in 1 process and split into
+pipeline stages over N gloo processes (alone or with FSDP / TP / CP), each optimizer step
+accumulating two pipeline batches; the loss and every gradient of the first step, the global
+gradient norm and the losses of 3 clipped AdamW steps compared."""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from layout_check import SEQ, full, rel
+from parallel.context_parallel import shard_index
+from parallel.distributed import destroy_distributed
+from parallel.grad_norm import clip_grad_norm_
+from parallel.init import init_sharded
+from parallel.mesh import ParallelDims, build_mesh
+from parallel.pipeline import build_pipeline, local_stage_ids, stages_per_rank
+from pretrain.model import build_model
+from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
+from pretrain.model.pattern import parse_pattern
+
+
+def compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, microbatches: int,
+            steps: int = 3) -> dict:
+    """Losses of `steps` AdamW steps (grad-clipped by the global norm) and the first step's worst
+    relative gradient error over this rank's parameters."""
+    torch.manual_seed(0)
+    ref = build_model(arch, "tiny", tie_embeddings=False, **overrides)
+    template = build_model(arch, "tiny", device="meta", tie_embeddings=False, **overrides)
+    cfg = ref.config
+    mesh = build_mesh(dims.resolve(dist.get_world_size()), "cpu")
+    pp_mesh = mesh.pp_mesh()
+    per_rank = stages_per_rank(schedule, None, pp_mesh.size())
+    stages = parse_pattern(cfg.pattern).stages
+    ids = local_stage_ids(schedule, pp_mesh.get_local_rank(), pp_mesh.size(), per_rank)
+    model, modules = parallelize_hybrid(pipeline_model(cfg, stages, ids), mesh, stages=stages, stage_ids=ids)
+    torch.manual_seed(0)
+    init_sharded(model, template, "cpu")
+    pipe = build_pipeline(modules, ids, len(stages), schedule, microbatches, pp_mesh.get_group(), torch.device("cpu"))
+    dp_rank, dp_size = mesh.dp_coordinate()
+    cp_rank, cp = mesh.world["cp"].get_local_rank(), mesh.world["cp"].size()
+    positions = shard_index(SEQ, cp, cp_rank)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
+    out = {"ref": [], "par": [], "grad_rel": {}}
+    tokens = torch.randint(0, cfg.vocab_size, (8, SEQ + 1), generator=torch.Generator().manual_seed(99))
+    mine = tokens[dp_rank * 8 // dp_size:(dp_rank + 1) * 8 // dp_size]
+    with torch.no_grad():  # validation: forward only
+        loss = pipe.run(mine[:, :-1][:, positions], mine[:, 1:][:, positions], False,
+                        positions=positions.expand(mine.shape[0], -1))
+        out["eval"] = [ref.loss(tokens[:, :-1], tokens[:, 1:]).item(), share(loss, mesh)]
+    for step in range(steps):
+        tokens = torch.randint(0, cfg.vocab_size, (8, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
+        rows = tokens.shape[0] // dp_size
+        mine = tokens[dp_rank * rows:(dp_rank + 1) * rows]
+        loss_ref = ref.loss(tokens[:, :-1], tokens[:, 1:])
+        loss_ref.backward()
+        loss_sum = torch.zeros(())
+        for half in mine.chunk(2):  # gradient accumulation over two pipeline batches
+            loss = pipe.run(half[:, :-1][:, positions], half[:, 1:][:, positions], True, accumulation=2,
+                            positions=positions.expand(half.shape[0], -1))
+            loss_sum += 0 if loss is None else loss / 2
+        out["ref"].append(loss_ref.item())
+        out["par"].append(share(loss_sum, mesh))
+        if step == 0:
+            ref_grads = dict(ref.named_parameters())
+            out["grad_rel"] = {n: rel(full(p.grad), ref_grads[n].grad) for n, p in model.named_parameters()}
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        norm = clip_grad_norm_(model.parameters(), 1.0, pp_mesh.get_group())
+        out.setdefault("norm_rel", []).append(abs(norm.item() - norm_ref.item()) / norm_ref.item())
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    return out
+
+
+def share(loss: torch.Tensor | None, mesh) -> float:
+    """The mean over every dp x cp rank's last stage (each counted tp times) of a loss that only
+    last-stage ranks hold."""
+    total = torch.zeros(1) if loss is None else loss.detach().reshape(1).clone()
+    dist.all_reduce(total)
+    return total.item() / (mesh.dp_cp.size() * mesh.world["tp"].size())
+
+
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for name, arch, overrides, dims, schedule, microbatches in cases:
+            try:
+                results[name] = compare(arch, overrides, ParallelDims(**dims), schedule, microbatches)
+            except Exception:  # noqa: BLE001 - reported by the test, per case
+                results[name] = {"error": traceback.format_exc()}
+    finally:
+        Path(out_dir, f"results{rank}.json").write_text(json.dumps(results))
+        destroy_distributed()

@@ -1,0 +1,41 @@
+"""The trainer under pipeline parallelism (gloo, torchrun): pp=2 (1F1B over the pattern's marked
+stages, 2 microbatches, 2 accumulation steps, activation checkpointing) follows the single-process training and validation
+losses, and its checkpoint (each stage's parameters under their global names) resumes on one
+process with the same next-step losses (DCP reshards the layout). The MoE load metrics cover every
+stage's layers (gathered over the pipeline ranks) and equal the single process's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import curves
+from trainer_helpers import run_to_end, tiny_args
+
+STEPS = 4
+pytestmark = pytest.mark.slow
+
+
+def args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return tiny_args(run_dir, corpus, STEPS, "--train.micro_batch_size=2", "--train.global_batch_tokens=128",
+                     "--train.val_every=2", "--train.val_batches=2", "--model.overrides.tie_embeddings=false",
+                     "--model.overrides.pattern=MA|MM", "--optim.grad_clip=0.05", *extra)
+
+
+def test_pp2_matches_one_process_and_resumes_on_one(corpus, tmp_path):
+    single, pp2, resumed = tmp_path / "single", tmp_path / "pp2", tmp_path / "resumed"
+    run_to_end(args(single, corpus))
+    out = run_to_end(args(pp2, corpus, "--parallel.pp=2", "--parallel.pp_microbatches=2",
+                          "--train.activation_checkpointing=true"), nproc=2)
+    assert "pp=2 grad_accum=2" in out and "pipeline: 2 stages ((0, 2), (2, 4)), 1f1b, 2 microbatches" in out
+    curves.assert_close_curves(pp2, single, range(1, STEPS + 1), validation=True)
+    loads = [moe_loads(run) for run in (pp2, single)]
+    assert len(loads[0]) == 4 and loads[0] == pytest.approx(loads[1], rel=1e-5)  # one per block, both stages
+    run_to_end(args(resumed, corpus, f"--resume-from={pp2 / 'checkpoints/step_00000002'}"))
+    curves.assert_close_curves(resumed, single, range(3, STEPS + 1))
+
+
+def moe_loads(run_dir: Path) -> dict[str, float]:
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in line][-1]
+    return {k: v for k, v in last.items() if k.startswith("moe/max_over_mean_load/")}
