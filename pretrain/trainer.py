@@ -145,6 +145,9 @@ def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[i
         if model_cfg.tie_embeddings:
             raise ValueError("parallel.pp > 1 needs untied embeddings (the embedding sits on the first stage, the head "
                              "on the last): set model.overrides.tie_embeddings=false")
+        if cfg.data.document_masking:
+            raise ValueError("parallel.pp > 1 does not carry the documents of packed rows across stages yet: set "
+                             "data.document_masking=false or parallel.pp=1")
         if model_cfg.moe is not None and model_cfg.moe.aux_loss_coef > 0:
             raise ValueError("parallel.pp > 1 needs moe.aux_loss_coef = 0 (aux-loss-free balancing; the balance loss "
                              "of earlier stages would not reach the last stage's loss)")
