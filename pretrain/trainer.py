@@ -32,6 +32,7 @@ from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, 
 from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
+from parallel.mixed_precision import cast_parameters
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
                                  load_model_weights, model_config_json, verify_checkpoint)
@@ -339,10 +340,11 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                  fused=self.device.type == "cuda")
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        # FSDP's MixedPrecisionPolicy casts parameters itself; autocast only for unsharded bf16.
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """FSDP's MixedPrecisionPolicy casts parameters itself; one process casts them once per
+        step likewise (not autocast's casts per op). Hold it over forward and backward."""
         if self.mesh is None and self.compute_dtype != torch.float32:
-            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+            return cast_parameters(self.model, self.compute_dtype)
         return contextlib.nullcontext()
 
     # ---- checkpoint state ---------------------------------------------------------------------
@@ -430,9 +432,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for _ in range(self.grad_accum):
             batch = self._next_batch()
-            with self._autocast():
+            with self._precision():
                 loss = self._loss(batch["tokens"], batch.get("doc_starts"))
-            (loss / self.grad_accum).backward()
+                (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
         loss_val = self._dp_mean(float(loss_sum) / self.grad_accum)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -522,7 +524,7 @@ class Trainer:
         for batch in batches[:n]:
             tokens = batch["tokens"].to(self.device)
             doc_starts = batch["doc_starts"].to(self.device) if "doc_starts" in batch else None
-            with self._autocast():
+            with self._precision():
                 loss = self._loss(tokens, doc_starts)
             numel = tokens[:, 1:].numel() // self.dims.cp  # this rank's share of the targets
             total += float(loss) * numel

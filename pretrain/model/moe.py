@@ -132,7 +132,9 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, gates, scores = self.router(x, self.expert_bias)
-        counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_experts)
+        # a scatter, not bincount: its output shape does not depend on the data (no graph break)
+        counts = torch.zeros(self.cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, ids.flatten(), torch.ones_like(ids.flatten()))
         self.aux_loss = None
         if self.training and self.cfg.aux_loss_coef > 0:
             self.aux_loss = self._aux_loss(scores, counts)

@@ -4,13 +4,12 @@ document (a carried-in state belongs to the first token's document)."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
+from pretrain.model.ops.library import has_causal_conv1d
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -45,24 +44,11 @@ def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Ten
     return y.transpose(1, 2).index_put((rows, t), fixed).transpose(1, 2)
 
 
-@functools.cache
-def _causal_conv1d_fn():
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:  # causal-conv1d is optional (it needs a CUDA build)
-        return None
-    return causal_conv1d_fn
-
-
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None,
                   seq_idx: Tensor | None = None) -> Tensor:
-    """Dispatching conv: causal-conv1d's CUDA kernel when installed (no carried state), else the
-    reference. The kernel takes `seq_idx` (int32) only in channel-last layout (x.stride(1) == 1)."""
-    kernel = _causal_conv1d_fn() if wants_fast_kernel(x) and state is None else None
-    if kernel is None:
+    """Dispatching conv: causal-conv1d's CUDA kernel (a custom op, see library.py) when installed
+    (no carried state), else the reference. The kernel takes `seq_idx` (int32) only in channel-last
+    layout (x.stride(1) == 1)."""
+    if not (wants_fast_kernel(x) and state is None and seq_idx is None and has_causal_conv1d()):
         return causal_conv1d_reference(x, weight, bias, state, seq_idx)
-    if seq_idx is None:
-        return kernel(x, weight, bias, activation="silu")
-    if x.stride(1) != 1:
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
-    return kernel(x, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(), activation="silu")
+    return torch.ops.pretrain.causal_conv1d(x, weight, bias)
