@@ -11,6 +11,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
-    """Wrap every block in place; call before FSDP so each sharded unit is a wrapped block."""
+    """Wrap every block in place (after compile: see pretrain/model/parallelize.py); call before
+    FSDP so each sharded unit is a wrapped block."""
     for i, block in enumerate(blocks):
         blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def compile_blocks(blocks: nn.ModuleList) -> None:
-    """Compile every block in place; apply after activation checkpointing, before FSDP."""
+def compile_blocks(blocks: nn.ModuleList, backend: str = "inductor") -> None:
+    """Compile every block in place; apply before activation checkpointing (which then recomputes
+    the compiled forward) and before FSDP."""
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
