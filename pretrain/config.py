@@ -82,6 +82,7 @@ class TrainSection:
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
     activation_checkpointing: bool = False  # recompute each block in backward (memory for ~1/3 more compute)
     compile: bool = False  # torch.compile each block
+    fp8: str = "none"  # none | tensorwise | rowwise: torchao float8 for the large linears (CUDA sm >= 8.9)
 
 
 @dataclass
@@ -262,6 +263,8 @@ def validate(cfg: JobConfig) -> None:
         allowed = ("auto", "cpu", "cuda") if key == "train.device" else ("auto", "bf16", "fp32")
         if v not in allowed:
             bad(key, f"= {v!r} must be one of {', '.join(allowed)}")
+    if cfg.train.fp8 not in ("none", "tensorwise", "rowwise"):
+        bad("train.fp8", f"= {cfg.train.fp8!r} must be one of none, tensorwise, rowwise")
     for src in cfg.data.sources:
         parse_source(src)
     if cfg.parallel.dp_replicate < 1 or (cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1):

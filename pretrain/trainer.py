@@ -32,6 +32,7 @@ from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, 
 from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
+from parallel.float8 import float8_unavailable, precompute_float8_scales
 from parallel.mixed_precision import cast_parameters
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
@@ -287,6 +288,10 @@ class Trainer:
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
+        fp8_problem = float8_unavailable(cfg.train.fp8, self.device)
+        if fp8_problem:
+            raise ConfigError(f"config: {fp8_problem}")
+
         _seed_everything(cfg.train.seed)
         # Built and wrapped on meta, then materialised one module at a time on the device: no
         # rank ever holds the whole model, and the initial weights are those of an unsharded
@@ -296,7 +301,8 @@ class Trainer:
         self.model_config = self.model.config
         try:
             parallelize_hybrid(self.model, self.mesh, param_dtype=self.compute_dtype,
-                               activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile)
+                               activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile,
+                               fp8=cfg.train.fp8)
         except ValueError as e:  # a model dimension the layout cannot split: names the field and the fix
             raise ConfigError(f"config: {e}") from None
         init_sharded(self.model, template, self.device)
@@ -443,6 +449,8 @@ class Trainer:
         p = self.progress
         if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
             self.optimizer.step()
+            if self.mesh is not None:
+                precompute_float8_scales(self.model, self.cfg.train.fp8)
             self._update_moe_bias()
             p.bad_steps_consecutive = 0
             p.last_train_loss = loss_val
