@@ -114,12 +114,15 @@ def test_gpu_custom_ops_fake_shapes():
     kernels, which compile relies on for shapes and dtypes, answer on meta tensors."""
     b, l, h, p, g, n = 2, 40, 4, 8, 1, 16
     meta = {"device": "meta"}
-    x, dt = torch.empty(b, l, h, p, dtype=torch.bfloat16, **meta), torch.empty(b, l, h, **meta)
+    # x as Mamba2 passes it: a transposed conv output (not contiguous); outputs are contiguous
+    x, dt = torch.empty(b, h * p, l, dtype=torch.bfloat16, **meta).transpose(1, 2).unflatten(2, (h, p)), torch.empty(b, l, h, **meta)
     A, B = torch.empty(h, **meta), torch.empty(b, l, g, n, dtype=torch.bfloat16, **meta)
     y, state = torch.ops.pretrain.ssd_scan(x, dt, A, B, B, 16, None, None)
-    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    assert y.shape == x.shape and y.dtype == torch.bfloat16 and y.is_contiguous() and not x.is_contiguous()
     assert state.shape == (b, h, p, n) and state.dtype == torch.float32
     grads = torch.ops.pretrain.ssd_scan_backward(y, state, x, dt, A, B, B, y, 16, None, None)
     assert [t.shape for t in grads[:5]] == [x.shape, dt.shape, A.shape, B.shape, B.shape] and grads[5].numel() == 0
-    xc = torch.empty(b, 24, l, **meta)
-    assert torch.ops.pretrain.causal_conv1d(xc, torch.empty(24, 4, **meta), None).shape == xc.shape
+    assert all(t.is_contiguous() for t in grads)
+    xc = torch.empty(b, l, 24, **meta).transpose(1, 2)
+    yc = torch.ops.pretrain.causal_conv1d(xc, torch.empty(24, 4, **meta), None)
+    assert yc.shape == xc.shape and yc.is_contiguous()

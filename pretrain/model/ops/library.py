@@ -1,7 +1,9 @@
 """The GPU kernels as `torch.library` custom ops, so a compiled block traces them as single opaque
 nodes (fake kernels give the output shapes) instead of breaking its graph at their Python code.
 
-Each op wraps a kernel package's own forward and backward functions (`register_autograd`):
+Each op wraps a kernel package's own forward and backward functions (`register_autograd`) and
+returns contiguous tensors, which its fake kernel states (the kernels' own output layouts follow
+their inputs' strides, which Inductor may change: the fake must not guess them).
 mamba-ssm's Triton SSD scan, causal-conv1d's CUDA conv, and `torch._grouped_mm` (with a loop over
 experts on other devices, so the MoE's dispatch compiles on CPU too). Whether a package is there
 is decided once, outside tracing (`assume_constant_result`), so dynamo never traces an import.
@@ -79,13 +81,13 @@ def ssd_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     `seq_idx` [b,l] int32 (document index per token) stops the state at document boundaries."""
     fwd, _ = _mamba_ssd_functions()
     y, _, _, _, _, final_state, *_ = fwd(x, dt, A, B, C, chunk_size, initial_states=initial_state, seq_idx=seq_idx)
-    return y, final_state.float()
+    return y.contiguous(), final_state.float().contiguous()
 
 
 @register_fake("pretrain::ssd_scan")
 def _(x, dt, A, B, C, chunk_size, initial_state=None, seq_idx=None):
     b, _, h, p = x.shape
-    return torch.empty_like(x), x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
 
 
 @custom_op("pretrain::ssd_scan_backward", mutates_args=(), device_types="cuda")
@@ -96,15 +98,15 @@ def ssd_scan_backward_op(dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tenso
     _, bwd = _mamba_ssd_functions()
     dx, ddt, dA, dB, dC, _, _, _, dinit = bwd(dy, x, dt, A, B, C, y, chunk_size, initial_states=initial_state,
                                               dfinal_states=dfinal, seq_idx=seq_idx)
-    grads = [g.to(t.dtype) for g, t in zip((dx, ddt, dA, dB, dC), (x, dt, A, B, C))]
-    dinit = dinit.to(initial_state.dtype) if initial_state is not None else None
+    grads = [g.to(t.dtype).contiguous() for g, t in zip((dx, ddt, dA, dB, dC), (x, dt, A, B, C))]
+    dinit = dinit.to(initial_state.dtype).contiguous() if initial_state is not None else None
     return (*grads, _or_empty(dinit, x))
 
 
 @register_fake("pretrain::ssd_scan_backward")
 def _(dy, dfinal, x, dt, A, B, C, y, chunk_size, initial_state, seq_idx):
-    dinit = torch.empty_like(initial_state) if initial_state is not None else x.new_empty(0)
-    return (*(torch.empty_like(t) for t in (x, dt, A, B, C)), dinit)
+    dinit = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
+    return (*(t.new_empty(t.shape) for t in (x, dt, A, B, C)), dinit)
 
 
 def _ssd_setup(ctx, inputs, output) -> None:
@@ -130,12 +132,12 @@ register_autograd("pretrain::ssd_scan", _ssd_backward, setup_context=_ssd_setup)
 def causal_conv1d_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """SiLU(causal depthwise conv(x)) for x [b, d, l], weight [d, w]; no carried-in state."""
     fwd, _ = _causal_conv1d_functions()
-    return fwd(x, weight, bias, None, None, None, True)
+    return fwd(x, weight, bias, None, None, None, True).contiguous()
 
 
 @register_fake("pretrain::causal_conv1d")
 def _(x, weight, bias):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @custom_op("pretrain::causal_conv1d_backward", mutates_args=(), device_types="cuda")
@@ -143,12 +145,12 @@ def causal_conv1d_backward_op(dy: Tensor, x: Tensor, weight: Tensor,
                               bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = _causal_conv1d_functions()
     dx, dweight, dbias, _ = bwd(x, weight, bias, dy, None, None, None, None, False, True)
-    return dx, dweight.to(weight.dtype), _or_empty(dbias, weight)
+    return dx.contiguous(), dweight.to(weight.dtype).contiguous(), _or_empty(dbias, weight)
 
 
 @register_fake("pretrain::causal_conv1d_backward")
 def _(dy, x, weight, bias):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
 
 
 def _conv_setup(ctx, inputs, output) -> None:
