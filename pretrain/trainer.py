@@ -302,7 +302,7 @@ class Trainer:
         try:
             parallelize_hybrid(self.model, self.mesh, param_dtype=self.compute_dtype,
                                activation_checkpointing=cfg.train.activation_checkpointing, compile=cfg.train.compile,
-                               fp8=cfg.train.fp8)
+                               fp8=cfg.train.fp8, ac_mode=cfg.train.ac_mode)
         except ValueError as e:  # a model dimension the layout cannot split: names the field and the fix
             raise ConfigError(f"config: {e}") from None
         init_sharded(self.model, template, self.device)

@@ -32,10 +32,11 @@ from pretrain.model.moe import MoE
 
 def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtype: torch.dtype = torch.float32,
                        reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                       compile: bool = False, fp8: str = "none") -> HybridLM:
+                       compile: bool = False, fp8: str = "none", ac_mode: str = "full") -> HybridLM:
     """Wrap `model` in place (built on meta or materialised) and return it. `mesh` None: one process.
     `param_dtype` is what FSDP computes in, `reduce_dtype` what it reduces gradients in; `fp8`
-    ("none" | "tensorwise" | "rowwise") converts the large linears to torchao float8."""
+    ("none" | "tensorwise" | "rowwise") converts the large linears to torchao float8; `ac_mode`
+    ("full" | "selective") is the activation checkpointing kind when it is on."""
     ep_mesh = mesh.ep if mesh is not None else None
     if ep_mesh is not None:
         apply_expert_parallel(model, ep_mesh)
@@ -52,7 +53,10 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
     if compile:
         compile_blocks(model.blocks)
     if activation_checkpointing:
-        apply_activation_checkpointing(model.blocks)
+        if compile and ac_mode == "selective":
+            raise ValueError("train.ac_mode=selective runs eagerly only (its policy cannot see inside a compiled "
+                             "block); use train.ac_mode=full with train.compile, or turn compile off")
+        apply_activation_checkpointing(model.blocks, ac_mode)
     if mesh is not None:
         experts = [(m.experts, mesh.efsdp) for m in model.moe_layers()] if ep_mesh is not None else []
         apply_fsdp(model, model.blocks, mesh.fsdp_mesh(), param_dtype=param_dtype, reduce_dtype=reduce_dtype,
