@@ -124,5 +124,5 @@ def test_gpu_custom_ops_fake_shapes():
     assert [t.shape for t in grads[:5]] == [x.shape, dt.shape, A.shape, B.shape, B.shape] and grads[5].numel() == 0
     assert all(t.is_contiguous() for t in grads)
     xc = torch.empty(b, l, 24, **meta).transpose(1, 2)
-    yc = torch.ops.pretrain.causal_conv1d(xc, torch.empty(24, 4, **meta), None)
+    yc = torch.ops.pretrain.causal_conv1d(xc, torch.empty(24, 4, **meta), None, torch.empty(b, l, dtype=torch.int32, **meta))
     assert yc.shape == xc.shape and yc.is_contiguous()

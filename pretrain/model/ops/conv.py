@@ -49,6 +49,10 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor 
     """Dispatching conv: causal-conv1d's CUDA kernel (a custom op, see library.py) when installed
     (no carried state), else the reference. The kernel takes `seq_idx` (int32) only in channel-last
     layout (x.stride(1) == 1)."""
-    if not (wants_fast_kernel(x) and state is None and seq_idx is None and has_causal_conv1d()):
+    if not (wants_fast_kernel(x) and state is None and has_causal_conv1d()):
         return causal_conv1d_reference(x, weight, bias, state, seq_idx)
-    return torch.ops.pretrain.causal_conv1d(x, weight, bias)
+    if seq_idx is not None:
+        if x.stride(1) != 1:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    return torch.ops.pretrain.causal_conv1d(x, weight, bias, seq_idx)

@@ -129,40 +129,43 @@ register_autograd("pretrain::ssd_scan", _ssd_backward, setup_context=_ssd_setup)
 
 
 @custom_op("pretrain::causal_conv1d", mutates_args=(), device_types="cuda")
-def causal_conv1d_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """SiLU(causal depthwise conv(x)) for x [b, d, l], weight [d, w]; no carried-in state."""
+def causal_conv1d_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None = None) -> Tensor:
+    """SiLU(causal depthwise conv(x)) for x [b, d, l], weight [d, w]; no carried-in state.
+    `seq_idx` [b, l] int32 (x channel-last then): no tap crosses a document start."""
     fwd, _ = _causal_conv1d_functions()
-    return fwd(x, weight, bias, None, None, None, True).contiguous()
+    return fwd(x, weight, bias, seq_idx, None, None, True).contiguous()
 
 
 @register_fake("pretrain::causal_conv1d")
-def _(x, weight, bias):
+def _(x, weight, bias, seq_idx=None):
     return x.new_empty(x.shape)
 
 
 @custom_op("pretrain::causal_conv1d_backward", mutates_args=(), device_types="cuda")
-def causal_conv1d_backward_op(dy: Tensor, x: Tensor, weight: Tensor,
-                              bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def causal_conv1d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
+                              seq_idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     _, bwd = _causal_conv1d_functions()
-    dx, dweight, dbias, _ = bwd(x, weight, bias, dy, None, None, None, None, False, True)
+    dx, dweight, dbias, _ = bwd(x, weight, bias, dy, seq_idx, None, None, None, False, True)
     return dx.contiguous(), dweight.to(weight.dtype).contiguous(), _or_empty(dbias, weight)
 
 
 @register_fake("pretrain::causal_conv1d_backward")
-def _(dy, x, weight, bias):
+def _(dy, x, weight, bias, seq_idx):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
 
 
 def _conv_setup(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
+    x, weight, bias, seq_idx = inputs
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, bias)
+    ctx.save_for_backward(x, weight, bias, seq_idx)
 
 
 def _conv_backward(ctx, dy: Tensor):
-    x, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = causal_conv1d_backward_op(dy.contiguous(), x, weight, bias)
-    return dx, dweight, dbias if ctx.has_bias else None
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    # the gradient in x's layout (channel-last when x is, as the kernel reads them alike)
+    dy = dy.transpose(1, 2).contiguous().transpose(1, 2) if x.stride(1) == 1 else dy.contiguous()
+    dx, dweight, dbias = causal_conv1d_backward_op(dy, x, weight, bias, seq_idx)
+    return dx, dweight, dbias if ctx.has_bias else None, None
 
 
 register_autograd("pretrain::causal_conv1d", _conv_backward, setup_context=_conv_setup)
