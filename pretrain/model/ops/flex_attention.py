@@ -27,14 +27,6 @@ def window_block_mask(length: int, window: int, n_sink: int, device: torch.devic
     return create_block_mask(_window_mask_mod(window, n_sink), None, None, length, length, device=device)
 
 
-@functools.cache
-def _compiled_flex():
-    """flex_attention is a reference loop unless compiled (into one Triton kernel)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 def flex_available() -> bool:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
@@ -49,7 +41,9 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_sin
     flex_attention's eager reference (CPU tests of the mask)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    from pretrain.model.ops.attention import _compiled_flex  # the document-mask path's compiled kernel
+
     mask = window_block_mask(q.shape[2], window, n_sink, q.device)
     # inside a compiled block dynamo captures flex_attention itself and Inductor makes the kernel
-    fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else flex_attention
+    fn = _compiled_flex()[0] if compiled and not torch.compiler.is_compiling() else flex_attention
     return fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
