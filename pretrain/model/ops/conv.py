@@ -23,8 +23,23 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
     y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
     if seq_idx is not None:
-        y = _recompute_after_starts(y, padded, weight, bias, seq_idx)
+        if torch.compiler.is_compiling():  # no data-dependent shape: the block stays one graph
+            y = _conv_within_documents(padded, weight, bias, seq_idx)
+        else:
+            y = _recompute_after_starts(y, padded, weight, bias, seq_idx)
     return F.silu(y)
+
+
+def _conv_within_documents(padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
+    """The conv as w masked taps over the whole [b, d, l] (a compiled block fuses them into one
+    kernel); tap k reads input t + k - (w-1), dropped when it lies in another document."""
+    w, l = weight.shape[-1], seq_idx.shape[1]
+    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)  # the carried-in state: first doc
+    y = bias[None, :, None].to(padded.dtype) if bias is not None else torch.zeros((), dtype=padded.dtype)
+    for k in range(w):
+        same = (docs[:, k:k + l] == seq_idx)[:, None].to(padded.dtype)
+        y = y + padded[:, :, k:k + l] * weight[:, k, None].to(padded.dtype) * same
+    return y
 
 
 def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
