@@ -10,6 +10,9 @@ checkpointing's memory saving for a fraction of its recompute.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -32,15 +35,42 @@ def _expensive_ops() -> set:
     return ops
 
 
-def _selective_context():
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+_recomputing = False
 
-    save = _expensive_ops()
 
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+def recomputing() -> bool:
+    """True while checkpointing re-runs a block's forward in backward, so side effects (the MoE's
+    load counting) are not repeated. A plain global: a compiled block guards on its value (one
+    graph for the forward, one for the recompute) where a query of autograd's state would break
+    the graph."""
+    return _recomputing
 
-    return create_selective_checkpoint_contexts(policy)
+
+@contextlib.contextmanager
+def _recompute(inner: contextlib.AbstractContextManager) -> Iterator[None]:
+    global _recomputing
+    previous, _recomputing = _recomputing, True
+    try:
+        with inner:
+            yield
+    finally:
+        _recomputing = previous
+
+
+def _contexts(selective: bool):
+    """checkpoint's context_fn: (forward context, recompute context)."""
+    if selective:
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        save = _expensive_ops()
+
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+        forward, recompute = create_selective_checkpoint_contexts(policy)
+    else:
+        forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
+    return forward, _recompute(recompute)
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str = "full") -> None:
@@ -48,11 +78,9 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str = "full") ->
     FSDP so each sharded unit is a wrapped block. `mode`: "full" or "selective"."""
     if mode not in AC_MODES:
         raise ValueError(f"train.ac_mode = {mode!r} must be one of {', '.join(AC_MODES)}")
-    kwargs = {}
-    if mode == "selective":
-        if not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"):
-            raise ValueError("train.ac_mode=selective needs torch.utils.checkpoint.create_selective_checkpoint_contexts "
-                             "(torch >= 2.4); use train.ac_mode=full")
-        kwargs["context_fn"] = _selective_context
+    if mode == "selective" and not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"):
+        raise ValueError("train.ac_mode=selective needs torch.utils.checkpoint.create_selective_checkpoint_contexts "
+                         "(torch >= 2.4); use train.ac_mode=full")
+    context_fn = functools.partial(_contexts, mode == "selective")
     for i, block in enumerate(blocks):
-        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+        blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn)
