@@ -29,10 +29,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from parallel.context_parallel import shard_index
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
+from parallel.float8 import float8_unavailable, precompute_float8_scales
 from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
-from parallel.float8 import float8_unavailable, precompute_float8_scales
 from parallel.mixed_precision import cast_parameters
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
