@@ -60,7 +60,6 @@ def has_causal_conv1d() -> bool:
     return _causal_conv1d_functions() is not None
 
 
-@torch.compiler.assume_constant_result
 def has_grouped_mm_kernel(device_index: int) -> bool:
     """`torch._grouped_mm` runs on this CUDA device (Hopper or newer)."""
     return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device_index)[0] >= 9
