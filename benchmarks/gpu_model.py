@@ -1,6 +1,7 @@
 """GPU model benchmark: kernel timings and 1B training-step throughput per architecture.
 
-    python benchmarks/gpu_model.py [--out results.json] [--archs llama,mamba2,...]
+    python benchmarks/gpu_model.py [--out results.json] [--archs llama,mamba2,...] [--compile] [--fp8 tensorwise]
+                                   [--cast-params]
 
 Prints a table last and writes full results as JSON. Training step: paper 1B dims, vocab 128,256,
 sequence 8192, batch 2, bf16 autocast, fused AdamW, eager, no activation checkpointing (the setup of
@@ -11,6 +12,7 @@ shared/GPU.md's peer table); median of 6 steps after 3 warm-up steps. MFU agains
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -19,10 +21,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from parallel.float8 import FP8_RECIPES
+from parallel.mixed_precision import cast_parameters
 from pretrain.accounting import flops_per_token
 from pretrain.model import build_model
 from pretrain.model.mamba2 import Mamba2
 from pretrain.model.ops import reference_kernels
+from pretrain.model.parallelize import parallelize_hybrid
 
 PEAK_FLOPS = 764e12
 
@@ -74,10 +79,12 @@ def mamba_mixer_timings() -> dict[str, float]:
 
 def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], vocab: int,
                     batch: int = 2, seq: int = 8192, device: torch.device | str = "cuda", warmup: int = 3,
-                    iters: int = 6, after_step: Callable[[], None] | None = None) -> dict[str, float]:
+                    iters: int = 6, after_step: Callable[[], None] | None = None,
+                    cast_params: bool = False) -> dict[str, float]:
     """One training step of any model as shared/GPU.md times it: `loss_fn(inputs, targets)` under
     bf16 autocast on a GPU (fp32 on the CPU), backward, fused AdamW (plain on the CPU), median of
-    `iters` after `warmup`. The same function times our models and the peers."""
+    `iters` after `warmup`. The same function times our models and the peers. `cast_params`: bf16
+    parameters cast once per step (the trainer's one-GPU default) instead of autocast."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
@@ -86,9 +93,10 @@ def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
+        with cast_parameters(model, torch.bfloat16) if cast_params else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and not cast_params):
+                loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if after_step is not None:
@@ -100,30 +108,41 @@ def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
 
 
 def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str = "1b",
-                          device: str = "cuda", warmup: int = 3, iters: int = 6) -> dict[str, float]:
+                          device: str = "cuda", warmup: int = 3, iters: int = 6, compile: bool = False,
+                          fp8: str = "none", cast_params: bool = False,
+                          activation_checkpointing: bool = False) -> dict[str, float]:
+    """`compile`, `fp8`, `activation_checkpointing`: as the trainer's train.* keys (parallelize_hybrid);
+    `cast_params` as in `time_train_step`."""
     torch.manual_seed(0)
     model = build_model(arch, size, device=device)
+    parallelize_hybrid(model, None, activation_checkpointing=activation_checkpointing, compile=compile, fp8=fp8)
+    options = {"compile": compile, "fp8": fp8, "cast_params": cast_params, "activation_checkpointing": activation_checkpointing}
 
     def update_bias():
         for moe in model.moe_layers():
             moe.update_bias()
 
     timing = time_train_step(model, model.loss, model.config.vocab_size, batch, seq, device, warmup, iters,
-                             after_step=update_bias)
+                             after_step=update_bias, cast_params=cast_params)
     fpt = flops_per_token(model.config, seq)["total"]
-    return {"arch": arch, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS, "flops_per_token": fpt}
+    return {"arch": arch, **options, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS,
+            "flops_per_token": fpt}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_model.json")
     ap.add_argument("--archs", default="llama,swa,mamba2,inter_hybrid,intra_hybrid,hybrid_moe")
+    ap.add_argument("--compile", action="store_true", help="compile every block (train.compile)")
+    ap.add_argument("--fp8", default="none", choices=FP8_RECIPES, help="torchao float8 recipe (train.fp8)")
+    ap.add_argument("--cast-params", action="store_true", help="bf16 parameters cast once per step, not autocast")
     args = ap.parse_args()
+    options = {"compile": args.compile, "fp8": args.fp8, "cast_params": args.cast_params}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **mamba_mixer_timings(),
                "train": []}
     for arch in args.archs.split(","):
         try:
-            results["train"].append(train_step_throughput(arch))
+            results["train"].append(train_step_throughput(arch, **options))
         except torch.OutOfMemoryError as e:
             results["train"].append({"arch": arch, "error": f"OOM: {e}".splitlines()[0]})
         torch.cuda.empty_cache()  # the previous model and optimizer died with their function

@@ -3,15 +3,84 @@
 Trades about one extra forward for activation memory that no longer grows with depth. The
 wrapper's `_checkpoint_wrapped_module.` prefix is removed from state-dict keys by
 torch.distributed.checkpoint.state_dict, so checkpoints load with it on or off.
+
+"selective" keeps the outputs of the expensive ops (matmuls, attention, the SSD scan, grouped
+GEMMs) and recomputes only the cheap ones (norms, activations, casts, elementwise): most of full
+checkpointing's memory saving for a fraction of its recompute.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+AC_MODES = ("full", "selective")
 
-def apply_activation_checkpointing(blocks: nn.Module) -> None:
-    """Wrap every block of the container (ModuleList or ModuleDict) in place; call before FSDP
-    so each sharded unit is a wrapped block."""
+
+def _expensive_ops() -> set:
+    """Ops whose outputs selective checkpointing saves (the custom ones where registered)."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "_scaled_mm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_flash_attention_forward", "_efficient_attention_forward"]
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    for qualified in ("pretrain.ssd_scan", "pretrain.grouped_mm", "pretrain.causal_conv1d"):
+        namespace, name = qualified.split(".")
+        if hasattr(getattr(torch.ops, namespace), name):
+            ops.add(getattr(getattr(torch.ops, namespace), name).default)
+    return ops
+
+
+_recomputing = False
+
+
+def recomputing() -> bool:
+    """True while checkpointing re-runs a block's forward in backward, so side effects (the MoE's
+    load counting) are not repeated. A plain global: a compiled block guards on its value (one
+    graph for the forward, one for the recompute) where a query of autograd's state would break
+    the graph."""
+    return _recomputing
+
+
+@contextlib.contextmanager
+def _recompute(inner: contextlib.AbstractContextManager) -> Iterator[None]:
+    global _recomputing
+    previous, _recomputing = _recomputing, True
+    try:
+        with inner:
+            yield
+    finally:
+        _recomputing = previous
+
+
+def _contexts(selective: bool):
+    """checkpoint's context_fn: (forward context, recompute context)."""
+    if selective:
+        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+        save = _expensive_ops()
+
+        def policy(ctx, op, *args, **kwargs):
+            return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+        forward, recompute = create_selective_checkpoint_contexts(policy)
+    else:
+        forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
+    return forward, _recompute(recompute)
+
+
+def apply_activation_checkpointing(blocks: nn.Module, mode: str = "full") -> None:
+    """Wrap every block of the container (ModuleList or ModuleDict) in place (after compile: see pretrain/model/parallelize.py); call before
+    FSDP so each sharded unit is a wrapped block. `mode`: "full" or "selective"."""
+    if mode not in AC_MODES:
+        raise ValueError(f"train.ac_mode = {mode!r} must be one of {', '.join(AC_MODES)}")
+    if mode == "selective" and not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"):
+        raise ValueError("train.ac_mode=selective needs torch.utils.checkpoint.create_selective_checkpoint_contexts "
+                         "(torch >= 2.4); use train.ac_mode=full")
+    context_fn = functools.partial(_contexts, mode == "selective")
     for name, block in list(blocks.named_children()):
-        blocks.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+        blocks.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn))

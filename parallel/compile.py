@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def compile_blocks(blocks: nn.Module) -> None:
-    """Compile every block of the container in place; apply after activation checkpointing, before FSDP."""
+def compile_blocks(blocks: nn.Module, backend: str = "inductor") -> None:
+    """Compile every block of the container (ModuleList or ModuleDict) in place; apply before
+    activation checkpointing (which then recomputes the compiled forward) and before FSDP."""
     for block in blocks.children():
-        block.compile()
+        block.compile(backend=backend)

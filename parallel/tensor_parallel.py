@@ -67,7 +67,10 @@ def local_replicated(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
 
 
 def linear(x: Tensor, lin: nn.Linear) -> Tensor:
-    """`lin(x)` on local tensors: a TP-sharded weight contributes its shard."""
+    """`lin(x)` on local tensors: a TP-sharded weight contributes its shard. Without TP the
+    module's own forward runs (a float8 conversion replaces it)."""
+    if not isinstance(lin.weight, DTensor):
+        return lin(x)
     return F.linear(x, local(lin.weight), None if lin.bias is None else local(lin.bias))
 
 

@@ -81,7 +81,9 @@ class TrainSection:
     val_batches: int = 16
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
     activation_checkpointing: bool = False  # recompute each block in backward (memory for ~1/3 more compute)
+    ac_mode: str = "full"  # full | selective (save matmul/attention/scan outputs, recompute cheap ops)
     compile: bool = False  # torch.compile each block
+    fp8: str = "none"  # none | tensorwise | rowwise: torchao float8 for the large linears (CUDA sm >= 8.9)
 
 
 @dataclass
@@ -265,6 +267,10 @@ def validate(cfg: JobConfig) -> None:
         allowed = ("auto", "cpu", "cuda") if key == "train.device" else ("auto", "bf16", "fp32")
         if v not in allowed:
             bad(key, f"= {v!r} must be one of {', '.join(allowed)}")
+    if cfg.train.ac_mode not in ("full", "selective"):
+        bad("train.ac_mode", f"= {cfg.train.ac_mode!r} must be one of full, selective")
+    if cfg.train.fp8 not in ("none", "tensorwise", "rowwise"):
+        bad("train.fp8", f"= {cfg.train.fp8!r} must be one of none, tensorwise, rowwise")
     for src in cfg.data.sources:
         parse_source(src)
     if cfg.parallel.dp_replicate < 1 or (cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1):

@@ -29,9 +29,11 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from parallel.context_parallel import shard_index
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
+from parallel.float8 import float8_unavailable, precompute_float8_scales
 from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
+from parallel.mixed_precision import cast_parameters
 from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
@@ -318,6 +320,10 @@ class Trainer:
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.compute_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
+        fp8_problem = float8_unavailable(cfg.train.fp8, self.device)
+        if fp8_problem:
+            raise ConfigError(f"config: {fp8_problem}")
+
         _seed_everything(cfg.train.seed)
         # Built and wrapped on meta, then materialised one module at a time on the device: no
         # rank ever holds the whole model, and the initial weights are those of an unsharded
@@ -327,7 +333,7 @@ class Trainer:
         self.model_config = self.model.config
         self.pipeline: Pipeline | None = None
         wrap = dict(param_dtype=self.compute_dtype, activation_checkpointing=cfg.train.activation_checkpointing,
-                    compile=cfg.train.compile)
+                    compile=cfg.train.compile, fp8=cfg.train.fp8, ac_mode=cfg.train.ac_mode)
         try:
             if self.dims.pp > 1:
                 self.model, self.pipeline = self._build_pipeline(wrap)
@@ -392,10 +398,11 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                  fused=self.device.type == "cuda")
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        # FSDP's MixedPrecisionPolicy casts parameters itself; autocast only for unsharded bf16.
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """FSDP's MixedPrecisionPolicy casts parameters itself; one process casts them once per
+        step likewise (not autocast's casts per op). Hold it over forward and backward."""
         if self.mesh is None and self.compute_dtype != torch.float32:
-            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+            return cast_parameters(self.model, self.compute_dtype)
         return contextlib.nullcontext()
 
     # ---- checkpoint state ---------------------------------------------------------------------
@@ -486,9 +493,9 @@ class Trainer:
             if self.pipeline is not None:
                 loss = self._pipeline_loss(batch["tokens"], train=True)
             else:
-                with self._autocast():
+                with self._precision():
                     loss = self._loss(batch["tokens"], batch.get("doc_starts"))
-                (loss / self.grad_accum).backward()
+                    (loss / self.grad_accum).backward()
             loss_sum += loss.detach().float()
         loss_val = self._dp_mean(float(loss_sum) / self.grad_accum)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
@@ -498,6 +505,8 @@ class Trainer:
         p = self.progress
         if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
             self.optimizer.step()
+            if self.mesh is not None:
+                precompute_float8_scales(self.model, self.cfg.train.fp8)
             self._update_moe_bias()
             p.bad_steps_consecutive = 0
             p.last_train_loss = loss_val
@@ -609,7 +618,7 @@ class Trainer:
             if self.pipeline is not None:
                 loss = self._pipeline_loss(tokens, train=False)
             else:
-                with self._autocast():
+                with self._precision():
                     loss = self._loss(tokens, doc_starts)
             numel = tokens[:, 1:].numel() // self.dims.cp  # this rank's share of the targets
             total += float(loss) * numel

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import Placement
 
+from parallel.activation_checkpoint import recomputing
 from parallel.expert_parallel import combine_tokens, dispatch_tokens, ep_grad_mean
 from parallel.tensor_parallel import local_replicated
 
@@ -132,7 +133,9 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         ids, gates, scores = self.router(x, self.expert_bias)
-        counts = torch.bincount(ids.flatten(), minlength=self.cfg.n_experts)
+        # a scatter, not bincount: its output shape does not depend on the data (no graph break)
+        counts = torch.zeros(self.cfg.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, ids.flatten(), torch.ones_like(ids.flatten()))
         self.aux_loss = None
         if self.training and self.cfg.aux_loss_coef > 0:
             self.aux_loss = self._aux_loss(scores, counts)
@@ -181,9 +184,12 @@ class MoE(nn.Module):
 
 
 def _recomputing() -> bool:
-    """True inside a backward pass: activation checkpointing runs the forward again there, and its
-    routing must not be counted twice."""
-    return torch._C._current_graph_task_id() != -1
+    """True while activation checkpointing runs the forward again in backward: its routing must not
+    be counted twice. Compiled blocks read the flag our checkpoint wrapper sets (autograd's state
+    would break the graph); eager code also catches any other checkpoint by autograd's state."""
+    if recomputing():
+        return True
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _nest_expert_weights_on_load(_module, state: dict, prefix: str, *_args) -> None:

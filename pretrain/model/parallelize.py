@@ -1,6 +1,10 @@
 """The one function that applies every parallelism to a HybridLM, in TorchTitan's order:
-expert parallel -> tensor/sequence parallel -> context parallel -> activation checkpointing ->
-compile -> FSDP2.
+expert parallel -> tensor/sequence parallel -> context parallel -> float8 -> compile ->
+activation checkpointing -> FSDP2.
+
+Compile goes inside the checkpoint wrapper: dynamo cannot break a graph, nor replay the MoE's
+load counting, inside a checkpointed region, and falls back to running the WHOLE block eagerly
+(with the wrapper outside, the trainer's compile option gained ~1%).
 
 It sits beside the model because it knows the model's parts; the mechanisms live in `parallel/`.
 Each mixer and FFN declares its own TP placements (`shard_for_tp`, next to its code), whatever its
@@ -18,6 +22,7 @@ from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel,
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compile import compile_blocks
 from parallel.expert_parallel import shard_experts
+from parallel.float8 import apply_float8
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelMesh
 from parallel.tensor_parallel import sequence_parallel_region, shard_parameters
@@ -30,10 +35,13 @@ from pretrain.model.moe import MoE
 
 def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtype: torch.dtype = torch.float32,
                        reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                       compile: bool = False, stages: Sequence[tuple[int, int]] | None = None,
+                       compile: bool = False, fp8: str = "none", ac_mode: str = "full",
+                       stages: Sequence[tuple[int, int]] | None = None,
                        stage_ids: Sequence[int] = ()) -> HybridLM | tuple[HybridLM, list[HybridLM]]:
     """Wrap `model` in place (built on meta or materialised) and return it. `mesh` None: one process.
-    `param_dtype` is what FSDP computes in, `reduce_dtype` what it reduces gradients in.
+    `param_dtype` is what FSDP computes in, `reduce_dtype` what it reduces gradients in; `fp8`
+    ("none" | "tensorwise" | "rowwise") converts the large linears to torchao float8; `ac_mode`
+    ("full" | "selective") is the activation checkpointing kind when it is on.
 
     Under pipeline parallelism `model` holds this rank's pipeline stages (`pipeline_model`):
     `stages` are every stage's [start, end) blocks and `stage_ids` this rank's; returns the model
@@ -44,14 +52,21 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
         apply_expert_parallel(model, ep_mesh)
     tp_mesh = mesh.tp_mesh() if mesh is not None else None
     if tp_mesh is not None:
+        if fp8 != "none":
+            raise ValueError(f"train.fp8={fp8} is not supported with parallel.tp={tp_mesh.size()} > 1; set train.fp8=none")
         apply_tensor_parallel(model, tp_mesh)
     cp_mesh = mesh.cp_mesh() if mesh is not None else None
     if cp_mesh is not None:
         apply_context_parallel(model, cp_mesh, tp_mesh.size() if tp_mesh is not None else 1)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model.blocks)
+    if fp8 != "none":
+        apply_float8(model, fp8, float8_skip(model).__contains__, fsdp=mesh is not None)
     if compile:
         compile_blocks(model.blocks)
+    if activation_checkpointing:
+        if compile and ac_mode == "selective":
+            raise ValueError("train.ac_mode=selective runs eagerly only (its policy cannot see inside a compiled "
+                             "block); use train.ac_mode=full with train.compile, or turn compile off")
+        apply_activation_checkpointing(model.blocks, ac_mode)
     if mesh is not None and stages is None:
         experts = [(m.experts, mesh.efsdp) for m in model.moe_layers()] if ep_mesh is not None else []
         apply_fsdp(model, model.blocks.values(), mesh.fsdp_mesh(), param_dtype=param_dtype, reduce_dtype=reduce_dtype,
@@ -86,6 +101,19 @@ def apply_expert_parallel(model: HybridLM, ep_mesh: DeviceMesh) -> None:
     for moe in layers:
         shard_experts(moe.experts, ep_mesh)
         moe.ep_group = moe.experts.ep_group = ep_mesh.get_group()
+
+
+def float8_skip(model: HybridLM) -> set[str]:
+    """Linears float8 must leave alone: the LM head and MoE routers (precision-sensitive; both are
+    applied through their weights, not their modules) and Mamba2's input projections (run as one
+    fused GEMM over their concatenated weights, never through their modules)."""
+    skip = {"head"}
+    for name, module in model.named_modules():
+        if isinstance(module, Mamba2):
+            skip |= {f"{name}.{part}_proj" for part in Mamba2.PARTS}
+        elif isinstance(module, MoE):
+            skip.add(f"{name}.router")
+    return skip
 
 
 def apply_tensor_parallel(model: HybridLM, tp_mesh: DeviceMesh) -> None:

@@ -10,6 +10,7 @@ from pretrain.model.ops.cross_entropy import chunked_cross_entropy, cross_entrop
 from pretrain.model.ops.dispatch import reference_kernels
 from pretrain.model.ops.gated_norm import gated_rms_norm, gated_rms_norm_reference
 from pretrain.model.ops.grouped_mm import grouped_mm, grouped_mm_reference
+from pretrain.model.ops import library  # noqa: F401  (registers the torch.ops.pretrain custom ops)
 from pretrain.model.ops.ssd import ssd_scan, ssd_scan_reference
 
 __all__ = [

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
+from pretrain.model.ops.flex_attention import flex_available, sliding_window_attention
 from pretrain.model.ops.precision import wide
 
 
@@ -84,6 +85,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
         mask, causal = None, True
     elif lq == 1 and in_window:  # decoding one token: every cached key is visible
         mask, causal = None, False
+    elif lq == lk and q.is_cuda and flex_available():  # training SWA: block-sparse, no dense mask
+        return sliding_window_attention(q, k, v, window, n_sink)
     else:
         mask, causal = attention_mask(q_pos, k_pos, window, n_sink), False
     k, v = expand_kv(k, v, q.shape[1])  # explicit: cuDNN attention (fastest on H200) takes no GQA

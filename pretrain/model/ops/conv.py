@@ -4,13 +4,12 @@ document (a carried-in state belongs to the first token's document)."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
+from pretrain.model.ops.library import has_causal_conv1d
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -24,8 +23,23 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
     y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
     if seq_idx is not None:
-        y = _recompute_after_starts(y, padded, weight, bias, seq_idx)
+        if torch.compiler.is_compiling():  # no data-dependent shape: the block stays one graph
+            y = _conv_within_documents(padded, weight, bias, seq_idx)
+        else:
+            y = _recompute_after_starts(y, padded, weight, bias, seq_idx)
     return F.silu(y)
+
+
+def _conv_within_documents(padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
+    """The conv as w masked taps over the whole [b, d, l] (a compiled block fuses them into one
+    kernel); tap k reads input t + k - (w-1), dropped when it lies in another document."""
+    w, l = weight.shape[-1], seq_idx.shape[1]
+    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)  # the carried-in state: first doc
+    y = bias[None, :, None].to(padded.dtype) if bias is not None else torch.zeros((), dtype=padded.dtype)
+    for k in range(w):
+        same = (docs[:, k:k + l] == seq_idx)[:, None].to(padded.dtype)
+        y = y + padded[:, :, k:k + l] * weight[:, k, None].to(padded.dtype) * same
+    return y
 
 
 def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
@@ -45,24 +59,15 @@ def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Ten
     return y.transpose(1, 2).index_put((rows, t), fixed).transpose(1, 2)
 
 
-@functools.cache
-def _causal_conv1d_fn():
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:  # causal-conv1d is optional (it needs a CUDA build)
-        return None
-    return causal_conv1d_fn
-
-
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None,
                   seq_idx: Tensor | None = None) -> Tensor:
-    """Dispatching conv: causal-conv1d's CUDA kernel when installed (no carried state), else the
-    reference. The kernel takes `seq_idx` (int32) only in channel-last layout (x.stride(1) == 1)."""
-    kernel = _causal_conv1d_fn() if wants_fast_kernel(x) and state is None else None
-    if kernel is None:
+    """Dispatching conv: causal-conv1d's CUDA kernel (a custom op, see library.py) when installed
+    (no carried state), else the reference. The kernel takes `seq_idx` (int32) only in channel-last
+    layout (x.stride(1) == 1)."""
+    if not (wants_fast_kernel(x) and state is None and has_causal_conv1d()):
         return causal_conv1d_reference(x, weight, bias, state, seq_idx)
-    if seq_idx is None:
-        return kernel(x, weight, bias, activation="silu")
-    if x.stride(1) != 1:
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
-    return kernel(x, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(), activation="silu")
+    if seq_idx is not None:
+        if x.stride(1) != 1:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    return torch.ops.pretrain.causal_conv1d(x, weight, bias, seq_idx)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.precision import wide
-from pretrain.model.ops.ssd import _mamba_chunk_scan
+from pretrain.model.ops.library import has_mamba_ssd
 
 
 def group_rms_norm(x: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
@@ -42,7 +42,7 @@ def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, n
 
 @functools.cache
 def _rmsnorm_fn():
-    if _mamba_chunk_scan() is None:  # installs the placeholder mamba_ssm needs, or finds no mamba_ssm
+    if not has_mamba_ssd():  # installs the placeholder mamba_ssm needs, or finds no mamba_ssm
         return None
     try:
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
@@ -52,7 +52,9 @@ def _rmsnorm_fn():
 
 
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
-    kernel = _rmsnorm_fn() if wants_fast_kernel(y) else None
+    # Under torch.compile the reference is traced and fused instead (the kernel's autograd.Function
+    # would break the graph).
+    kernel = _rmsnorm_fn() if wants_fast_kernel(y) and not torch.compiler.is_compiling() else None
     if kernel is None:
         return gated_rms_norm_reference(y, z, weight, eps, n_groups)
     return kernel(y, weight, None, z=z, eps=eps, group_size=y.shape[-1] // n_groups, norm_before_gate=False)

@@ -1,7 +1,7 @@
 """Grouped expert matmul: rows sorted by expert, one weight per expert.
 
 `torch._grouped_mm` (one kernel for all experts, Hopper, bf16) on CUDA; a loop over experts as the
-reference and on CPU.
+reference and on CPU (inside the same custom op, so it compiles without a graph break).
 """
 
 from __future__ import annotations
@@ -22,19 +22,22 @@ def grouped_mm_reference(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
-def _fast_dtype(x: Tensor) -> torch.dtype | None:
-    """bf16 when `torch._grouped_mm` can run (CUDA, sm90+, bf16 inputs or bf16 autocast), else None.
-    Under autocast the router's input is the fp32 residual stream: cast it like autocast would."""
-    if not (wants_fast_kernel(x) and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device)[0] >= 9):
-        return None
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype if dtype == torch.bfloat16 else None
+def grouped_mm_weight_grad_reference(x: Tensor, dy: Tensor, offsets: Tensor) -> Tensor:
+    """The weight gradient: dw[e] = x_e^T dy_e -> [e, k, n] (zero for an expert without rows)."""
+    dw = x.new_zeros(offsets.shape[0], x.shape[1], dy.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        dw[e] = x[start:end].t() @ dy[start:end]
+        start = end
+    return dw
 
 
 def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
-    """Dispatching grouped matmul; see `grouped_mm_reference` for the contract."""
-    dtype = _fast_dtype(x)
-    if dtype is not None:
-        return torch._grouped_mm(x.to(dtype), w.to(dtype), offs=offsets.to(torch.int32))
-    return grouped_mm_reference(x, w, offsets)
+    """Dispatching grouped matmul (a custom op: compiled MoE blocks keep one graph); see
+    `grouped_mm_reference` for the contract. Under CUDA autocast the router's input is the fp32
+    residual stream: it is cast like autocast would, so the bf16 kernel runs."""
+    if wants_fast_kernel(x) and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+        x, w = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    if x.is_cuda and not wants_fast_kernel(x):
+        return grouped_mm_reference(x, w, offsets)
+    return torch.ops.pretrain.grouped_mm(x, w, offsets)  # pretrain/model/ops/library.py

@@ -9,15 +9,12 @@ sees only inputs of its own document (the initial state belongs to the first tok
 
 from __future__ import annotations
 
-import functools
-import sys
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
+from pretrain.model.ops.library import has_mamba_ssd
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -102,33 +99,15 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return y[:, None].to(x.dtype), state
 
 
-@functools.cache
-def _mamba_chunk_scan():
-    """mamba-ssm's Triton SSD kernel, or None. mamba_ssm/__init__ imports its compiled
-    `selective_scan_cuda` unconditionally; the Triton kernels do not need it, so a placeholder
-    module stands in when the CUDA build is absent (see shared/GPU.md)."""
-    try:
-        import selective_scan_cuda  # noqa: F401
-    except ImportError:
-        sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception:  # not installed, or an incompatible build: the reference runs
-        return None
-    return mamba_chunk_scan_combined
-
-
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
              initial_state: Tensor | None = None, seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Dispatching SSD scan: Triton on CUDA when mamba-ssm is installed, else the reference;
-    a single step (decoding, within the state's document) runs the recurrence directly."""
+    """Dispatching SSD scan: mamba-ssm's Triton kernel (a custom op, see library.py) on CUDA when
+    installed, else the reference; a single step (decoding, within the state's document) runs the
+    recurrence directly."""
     if x.shape[1] == 1:
         return ssd_step(x, dt, A, B, C, initial_state)
-    kernel = _mamba_chunk_scan() if wants_fast_kernel(x) else None
-    if kernel is None:
+    if not (wants_fast_kernel(x) and has_mamba_ssd()):
         return ssd_scan_reference(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
     if seq_idx is not None:  # int32, counted from 0: the kernel gives the initial state to sequence 0
         seq_idx = (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
-    y, final_state = kernel(x, dt, A, B, C, chunk_size, initial_states=initial_state, seq_idx=seq_idx,
-                            return_final_states=True)
-    return y, final_state
+    return torch.ops.pretrain.ssd_scan(x, dt, A, B, C, chunk_size, initial_state, seq_idx)

@@ -1,0 +1,66 @@
+"""Training-step speed of the compile / cast-once / FP8 options, one process, same GPU (1B dims,
+vocab 128,256, sequence 8192, batch 2, fused AdamW; benchmarks/gpu_model.py's step).
+
+    python benchmarks/compile_fp8.py [--archs llama,hybrid_moe] [--variants eager,compile,compile+cast,...]
+                                     [--out compile_fp8.json]
+
+A variant is `+`-joined options: eager (autocast, as gpu_model.py), compile (train.compile), cast
+(bf16 parameters cast once per step), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation
+checkpointing). Writes JSON after every row (a time limit keeps what finished); prints a table last
+with each row's speed-up over the arch's first variant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.gpu_model import train_step_throughput
+
+
+def options(variant: str) -> dict:
+    parts = set(variant.split("+")) - {"eager"}
+    fp8 = next((p.split("-", 1)[1] for p in parts if p.startswith("fp8-")), "none")
+    known = {"compile", "cast", "ac", f"fp8-{fp8}"}
+    if parts - known:
+        raise SystemExit(f"--variants: unknown option(s) {sorted(parts - known)}; use eager, compile, cast, ac, fp8-<recipe>")
+    return {"compile": "compile" in parts, "cast_params": "cast" in parts, "fp8": fp8,
+            "activation_checkpointing": "ac" in parts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="llama,hybrid_moe")
+    ap.add_argument("--variants", default="eager,compile,compile+cast,compile+cast+fp8-tensorwise")
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--out", default="compile_fp8.json")
+    args = ap.parse_args()
+    rows = []
+    for arch in args.archs.split(","):
+        for variant in args.variants.split(","):
+            try:
+                r = train_step_throughput(arch, args.batch, args.seq, **options(variant))
+            except torch.OutOfMemoryError as e:
+                r = {"arch": arch, "error": f"OOM: {e}".splitlines()[0]}
+            r["variant"] = variant
+            rows.append(r)
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            print(json.dumps(r), flush=True)
+    print(f"{'arch':<12}{'variant':<34}{'step ms':>9}{'tokens/s':>11}{'MFU764':>8}{'x first':>8}{'GiB':>7}")
+    base: dict[str, float] = {}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['arch']:<12}{r['variant']:<34}{r['error']}")
+            continue
+        first = base.setdefault(r["arch"], r["tokens_per_s"])
+        print(f"{r['arch']:<12}{r['variant']:<34}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['mfu']:>8.1%}"
+              f"{r['tokens_per_s'] / first:>8.2f}{r['peak_mem_gib']:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()
