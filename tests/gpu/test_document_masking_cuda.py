@@ -8,7 +8,7 @@ import torch
 
 from pretrain.model import build_model
 from pretrain.model.ops import causal_conv1d, document_attention, reference_kernels, ssd_scan
-from pretrain.model.ops.conv import _causal_conv1d_fn
+from pretrain.model.ops.library import has_causal_conv1d
 from pretrain.model.ops.ssd import _mamba_chunk_scan
 from pretrain.model.packed import PackedDocs
 
@@ -81,7 +81,7 @@ def test_ssd_triton_seq_idx_matches_reference_fp32():
         assert rel(y, y_ref) < 5e-3 and rel(s, s_ref) < 5e-3
 
 
-@pytest.mark.skipif(_causal_conv1d_fn() is None, reason="causal-conv1d is not installed")
+@pytest.mark.skipif(not has_causal_conv1d(), reason="causal-conv1d is not installed")
 def test_causal_conv1d_seq_idx_matches_reference_bf16():
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 2000, 256, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)

@@ -24,7 +24,7 @@ def block_of(kind: str, size: str = "100m") -> torch.nn.Module:
     torch.manual_seed(0)
     arch, symbol = BLOCKS[kind]
     model = build_model(arch, size, device="cuda", pattern=symbol)
-    return model.blocks[0].to(torch.bfloat16)
+    return model.blocks["0"].to(torch.bfloat16)
 
 
 @pytest.mark.parametrize("kind", list(BLOCKS))

@@ -24,7 +24,7 @@ def tiny_block(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     arch, symbol = BLOCKS[kind]
     model = build_model(arch, "tiny")
-    return next(b for b in model.blocks if b.symbol == symbol)
+    return next(b for b in model.blocks.values() if b.symbol == symbol)
 
 
 def inputs(d_model: int, documents: bool = False, seq: int = 48):
