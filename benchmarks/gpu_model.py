@@ -126,7 +126,7 @@ def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str 
                              after_step=update_bias, cast_params=cast_params)
     fpt = flops_per_token(model.config, seq)["total"]
     return {"arch": arch, **options, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS,
-            "flops_per_token": fpt}
+            "flops_per_token": fpt, "params": sum(p.numel() for p in model.parameters())}
 
 
 def main() -> None:

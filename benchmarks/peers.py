@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from gpu_model import time_train_step  # noqa: E402
+from compile_fp8 import options  # noqa: E402
+from gpu_model import time_train_step, train_step_throughput  # noqa: E402
 
-from pretrain.model import build_model, model_config  # noqa: E402
+from pretrain.model import model_config  # noqa: E402
 
 PAIRS = (("llama", "transformers_llama"), ("mamba2", "mamba_ssm_mamba2"))
 
@@ -76,15 +77,17 @@ PEERS = {"transformers_llama": hf_llama, "mamba_ssm_mamba2": mamba_ssm_lm}
 
 
 def run_row(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """A peer (eager, bf16 autocast: how it runs out of the box), or one of ours as `arch variant`
+    (variants as in benchmarks/compile_fp8.py: eager, compile+cast - the trainer's one-GPU setup)."""
     torch.manual_seed(0)
     if name in PEERS:
         model, loss, vocab = PEERS[name](args.preset, device)
-    else:
-        model = build_model(name, args.preset, device=device)
-        loss, vocab = model.loss, model.config.vocab_size
-    params = sum(p.numel() for p in model.parameters())
-    timing = time_train_step(model, loss, vocab, args.batch, args.seq, device, args.warmup, args.iters)
-    return {"model": name, "params": params, **timing}
+        params = sum(p.numel() for p in model.parameters())
+        return {"model": name, "params": params,
+                **time_train_step(model, loss, vocab, args.batch, args.seq, device, args.warmup, args.iters)}
+    arch, variant = name.split(" ")
+    return {"model": name, **train_step_throughput(arch, args.batch, args.seq, args.preset, str(device), args.warmup,
+                                                   args.iters, **options(variant))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--variants", default="eager,compile+cast",
+                    help="our setups, as in benchmarks/compile_fp8.py; each gets a ratio to the peer")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "preset": args.preset, "batch": args.batch, "seq": args.seq, "rows": {}, "ratios": {}}
-    for ours, peer in PAIRS:
-        for name in (ours, peer):
+    for arch, peer in PAIRS:
+        ours = [f"{arch} {v}" for v in args.variants.split(",")]
+        for name in (*ours, peer):
             try:
                 results["rows"][name] = run_row(name, args, device)
             except Exception as e:  # a missing package or an OOM: said, not hidden
@@ -112,17 +118,19 @@ def main(argv: list[str] | None = None) -> None:
                 results["rows"][name] = {"model": name, "error": why}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        a, b = results["rows"][ours], results["rows"][peer]
-        if "error" not in a and "error" not in b:
-            results["ratios"][f"{ours}/{peer}"] = a["tokens_per_s"] / b["tokens_per_s"]
+        b = results["rows"][peer]
+        for name in ours:
+            a = results["rows"][name]
+            if "error" not in a and "error" not in b:
+                results["ratios"][f"{name} / {peer}"] = a["tokens_per_s"] / b["tokens_per_s"]
         (out / "peers.json").write_text(json.dumps(results, indent=2))
-    print(f"{'model':<22}{'params':>14}{'step ms':>10}{'tokens/s':>12}{'peak GiB':>10}")
+    print(f"{'model':<30}{'params':>14}{'step ms':>10}{'tokens/s':>12}{'peak GiB':>10}")
     for r in results["rows"].values():
         if "error" in r:
-            print(f"{r['model']:<22}{r['error']}")
+            print(f"{r['model']:<30}{r['error']}")
         else:
             peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-            print(f"{r['model']:<22}{r['params']:>14,}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{peak:>10}")
+            print(f"{r['model']:<30}{r['params']:>14,}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{peak:>10}")
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.2f}x")
 
