@@ -46,9 +46,9 @@ def hf_llama(preset: str, device: torch.device) -> tuple[torch.nn.Module, Callab
 def mamba_ssm_lm(preset: str, device: torch.device) -> tuple[torch.nn.Module, Callable, int]:
     """MambaLMHeadModel at our mamba2 preset's dims: same depth, d_model, SSM heads and state, and
     a gated MLP of d_ffn per block."""
-    from pretrain.model.ops.ssd import _mamba_chunk_scan
+    from pretrain.model.ops.library import has_mamba_ssd
 
-    if _mamba_chunk_scan() is None:
+    if not has_mamba_ssd():
         raise ImportError("mamba-ssm is not installed (pip install mamba-ssm; its Triton kernels need CUDA)")
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--archs", default="llama,mamba2", help="which of our archs (and their peers) to run")
     ap.add_argument("--variants", default="eager,compile+cast",
                     help="our setups, as in benchmarks/compile_fp8.py; each gets a ratio to the peer")
     args = ap.parse_args(argv)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "preset": args.preset, "batch": args.batch, "seq": args.seq, "rows": {}, "ratios": {}}
-    for arch, peer in PAIRS:
+    for arch, peer in ((a, p) for a, p in PAIRS if a in args.archs.split(",")):
         ours = [f"{arch} {v}" for v in args.variants.split(",")]
         for name in (*ours, peer):
             try:

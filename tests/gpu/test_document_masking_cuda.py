@@ -8,8 +8,7 @@ import torch
 
 from pretrain.model import build_model
 from pretrain.model.ops import causal_conv1d, document_attention, reference_kernels, ssd_scan
-from pretrain.model.ops.library import has_causal_conv1d
-from pretrain.model.ops.ssd import _mamba_chunk_scan
+from pretrain.model.ops.library import has_causal_conv1d, has_mamba_ssd
 from pretrain.model.packed import PackedDocs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -65,7 +64,7 @@ def test_flex_document_attention_matches_reference_bf16(window):
 
 
 def test_ssd_triton_seq_idx_matches_reference_fp32():
-    assert _mamba_chunk_scan() is not None, "mamba-ssm Triton SSD kernel failed to import"
+    assert has_mamba_ssd(), "mamba-ssm Triton SSD kernel failed to import"
     g = torch.Generator(device="cuda").manual_seed(0)
     b, l, h, p, n = 2, 3000, 8, 64, 64
     x = torch.randn(b, l, h, p, device="cuda", generator=g)
