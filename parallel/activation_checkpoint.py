@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -35,28 +34,6 @@ def _expensive_ops() -> set:
     return ops
 
 
-_recomputing = False
-
-
-def recomputing() -> bool:
-    """True while checkpointing re-runs a block's forward in backward, so side effects (the MoE's
-    load counting) are not repeated. A plain global: a compiled block guards on its value (one
-    graph for the forward, one for the recompute) where a query of autograd's state would break
-    the graph."""
-    return _recomputing
-
-
-@contextlib.contextmanager
-def _recompute(inner: contextlib.AbstractContextManager) -> Iterator[None]:
-    global _recomputing
-    previous, _recomputing = _recomputing, True
-    try:
-        with inner:
-            yield
-    finally:
-        _recomputing = previous
-
-
 def _contexts(selective: bool):
     """checkpoint's context_fn: (forward context, recompute context)."""
     if selective:
@@ -70,7 +47,7 @@ def _contexts(selective: bool):
         forward, recompute = create_selective_checkpoint_contexts(policy)
     else:
         forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
-    return forward, _recompute(recompute)
+    return forward, recompute
 
 
 def apply_activation_checkpointing(blocks: nn.Module, mode: str = "full") -> None:

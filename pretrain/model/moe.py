@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import Placement
 
-from parallel.activation_checkpoint import recomputing
 from parallel.expert_parallel import combine_tokens, dispatch_tokens, ep_grad_mean
 from parallel.tensor_parallel import local_replicated
 
@@ -148,9 +147,8 @@ class MoE(nn.Module):
         else:
             local_xs, local_counts, handle = dispatch_tokens(xs, counts, self.ep_group)
             ys, received = combine_tokens(self.experts(local_xs, local_counts), handle), local_xs.shape[0]
-        if self.training and not _recomputing():
-            self.tokens_per_expert += counts
-            self.tokens_received += received
+        if self.training:
+            count_routed(self.tokens_per_expert, self.tokens_received, counts, received)
         # combine: gate each row and sum the k rows of every token
         ys = ys * gates.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys).reshape(shape)
@@ -183,13 +181,21 @@ class MoE(nn.Module):
         self.tokens_received.zero_()
 
 
-def _recomputing() -> bool:
-    """True while activation checkpointing runs the forward again in backward: its routing must not
-    be counted twice. Compiled blocks read the flag our checkpoint wrapper sets (autograd's state
-    would break the graph); eager code also catches any other checkpoint by autograd's state."""
-    if recomputing():
-        return True
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+@torch.library.custom_op("pretrain::count_routed", mutates_args=("tokens_per_expert", "tokens_received"))
+def count_routed(tokens_per_expert: Tensor, tokens_received: Tensor, counts: Tensor, received: int) -> None:
+    """Add one forward's routing to the MoE's load counters, unless activation checkpointing is
+    running that forward again in backward (it must not count twice). An opaque op: the check
+    runs when the op runs, not when compile traces it, so a compiled block's forward and its
+    recompute are one graph that saves the same tensors (a Python-level flag would make them two)."""
+    if torch._C._current_graph_task_id() != -1:  # inside backward: a recompute
+        return
+    tokens_per_expert.add_(counts)
+    tokens_received.add_(received)
+
+
+@count_routed.register_fake
+def _(tokens_per_expert: Tensor, tokens_received: Tensor, counts: Tensor, received: int) -> None:
+    return None
 
 
 def _nest_expert_weights_on_load(_module, state: dict, prefix: str, *_args) -> None:

@@ -35,7 +35,8 @@ from pretrain.model.moe import MoE
 
 def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtype: torch.dtype = torch.float32,
                        reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                       compile: bool = False, fp8: str = "none", ac_mode: str = "full",
+                       compile: bool = False, compile_backend: str = "inductor", fp8: str = "none",
+                       ac_mode: str = "full",
                        stages: Sequence[tuple[int, int]] | None = None,
                        stage_ids: Sequence[int] = ()) -> HybridLM | tuple[HybridLM, list[HybridLM]]:
     """Wrap `model` in place (built on meta or materialised) and return it. `mesh` None: one process.
@@ -61,7 +62,7 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
     if fp8 != "none":
         apply_float8(model, fp8, float8_skip(model).__contains__, fsdp=mesh is not None)
     if compile:
-        compile_blocks(model.blocks)
+        compile_blocks(model.blocks, compile_backend)
     if activation_checkpointing:
         if compile and ac_mode == "selective":
             raise ValueError("train.ac_mode=selective runs eagerly only (its policy cannot see inside a compiled "

@@ -26,6 +26,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def unwrapped(name: str) -> str:
+    """A parameter's name without the compile and checkpoint wrappers' prefixes."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
@@ -48,14 +53,17 @@ def doc_starts(rows: int) -> torch.Tensor:
 
 
 def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, steps: int = 3,
-            document_masking: bool = False) -> dict:
+            document_masking: bool = False, compile_backend: str | None = None) -> dict:
     """Losses of `steps` AdamW steps and the first step's relative error of every gradient
-    (|g - g_ref| / |g_ref|, per tensor); with `document_masking`, over packed documents."""
+    (|g - g_ref| / |g_ref|, per tensor); with `document_masking`, over packed documents; with
+    `compile_backend`, the parallel model's blocks compiled and checkpointed (the trainer's layout
+    under train.compile)."""
     torch.manual_seed(0)
     ref = build_model(arch, "tiny", **overrides).to(dtype)
     model = copy.deepcopy(ref)
     mesh = build_mesh(dims.resolve(dist.get_world_size()), "cpu")
-    parallelize_hybrid(model, mesh, param_dtype=dtype, reduce_dtype=dtype)
+    compiled = {"compile": True, "compile_backend": compile_backend, "activation_checkpointing": True}
+    parallelize_hybrid(model, mesh, param_dtype=dtype, reduce_dtype=dtype, **(compiled if compile_backend else {}))
     dp_rank, dp_size = mesh.dp_coordinate()
     cp_rank, cp = mesh.world["cp"].get_local_rank(), mesh.world["cp"].size()
     positions = shard_index(SEQ, cp, cp_rank)
@@ -79,7 +87,7 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, 
         out["ref"].append(loss_ref.item())
         out["par"].append(loss_sum.item() / (dp_size * cp))
         if step == 0:
-            grads = {n: p.grad for n, p in model.named_parameters()}
+            grads = {unwrapped(n): p.grad for n, p in model.named_parameters()}
             out["grad_rel"] = {n: rel(full(grads[n]), p.grad) for n, p in ref.named_parameters()}
         for opt in opts:
             opt.step()
@@ -93,10 +101,10 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
     torch.set_num_threads(1)
     results = {}
     try:
-        for name, arch, overrides, dims, dtype, *masking in cases:  # optional 6th: document masking
+        for name, arch, overrides, dims, dtype, *options in cases:  # optional 6th: compare's keywords
             try:
                 results[name] = compare(arch, overrides, ParallelDims(**dims), getattr(torch, dtype),
-                                        document_masking=bool(masking and masking[0]))
+                                        **(options[0] if options else {}))
             except Exception:  # noqa: BLE001 - reported by the test, per case
                 results[name] = {"error": traceback.format_exc()}
     finally:

@@ -11,6 +11,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_cp2_and_tp2_document_masking_match_one_process(tmp_path):
-    cases = [(f"float64 {dims} {arch} {overrides} masked", arch, overrides, dims, "float64", True)
+    cases = [(f"float64 {dims} {arch} {overrides} masked", arch, overrides, dims, "float64", {"document_masking": True})
              for dims in ({"cp": 2}, {"tp": 2}) for arch, overrides in ARCHS]
     check(run(2, cases, tmp_path))

@@ -67,3 +67,13 @@ def test_cp2_matches_one_process(tmp_path):
 def test_tp2_cp2_matches_one_process(tmp_path):
     check(run(4, cases({"tp": 2, "cp": 2}, "float64", ARCHS) + cases({"tp": 2, "cp": 2}, "float32", ARCHS[-1:]),
               tmp_path))
+
+
+def test_compiled_tp2_cp2_matches_one_process(tmp_path):
+    """The trainer's layout under train.compile - TP -> CP -> compiled blocks -> activation
+    checkpointing -> FSDP - on 4 ranks (aot_eager: dynamo and AOT autograd as on the GPU, without
+    Inductor's codegen): the CP all-gather and all-to-all and the TP collectives trace, and the
+    recompute reruns the forward's graph (the MoE counts its routing once)."""
+    compiled = {"compile_backend": "aot_eager"}
+    archs = [("swa", {}), ("mamba2", {}), ("hybrid_moe", {"intra": KV2})]
+    check(run(4, [(*c, compiled) for c in cases({"tp": 2, "cp": 2}, "float64", archs)], tmp_path))
