@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 FP32_REL = 3e-5  # fp32 rounding of sums taken in another order (worst seen: 7.3e-6, a gradient)
 TWO_STAGES = {"pattern": "MA|MM"}
 FOUR_STAGES = {"pattern": "M|A|M|M"}  # two per rank for the interleaved and V schedules
+AUX = {"moe": {"aux_loss_coef": 0.01}}  # MoE balance losses on every stage, joined to its backward
 
 
 def run(world: int, cases: list, tmp_path) -> dict[int, dict]:
@@ -45,6 +46,10 @@ def check(results: dict[int, dict]) -> None:
 def test_pipeline_schedules_match_one_process(tmp_path):
     cases = [("1f1b", "hybrid_moe", TWO_STAGES, {"pp": 2}, "1f1b", 2)]
     cases += [(s, "hybrid_moe", FOUR_STAGES, {"pp": 2}, s, 4) for s in available_schedules() if s != "1f1b"]
+    cases += [("1f1b masked", "hybrid_moe", TWO_STAGES, {"pp": 2}, "1f1b", 2, {"masked": True}),
+              ("1f1b aux loss", "hybrid_moe", {**TWO_STAGES, **AUX}, {"pp": 2}, "1f1b", 2),
+              ("interleaved aux loss masked", "hybrid_moe", {**FOUR_STAGES, **AUX}, {"pp": 2}, "interleaved_1f1b", 4,
+               {"masked": True})]
     assert {c[0] for c in cases} >= {"1f1b", "interleaved_1f1b", "zbv"}
     results = run(2, cases, tmp_path)
     check(results)
@@ -54,4 +59,6 @@ def test_pipeline_schedules_match_one_process(tmp_path):
 def test_pipeline_with_fsdp_tp_cp_matches_one_process(tmp_path):
     cases = [(str(dims), "hybrid_moe", TWO_STAGES, dims, "1f1b", 2)
              for dims in ({"pp": 2, "dp_shard": 2}, {"pp": 2, "tp": 2}, {"pp": 2, "cp": 2})]
+    cases += [(f"{dims} masked", "hybrid_moe", TWO_STAGES, dims, "1f1b", 2, {"masked": True})
+              for dims in ({"pp": 2, "tp": 2}, {"pp": 2, "cp": 2})]
     check(run(4, cases, tmp_path))
