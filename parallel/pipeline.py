@@ -138,10 +138,10 @@ class Pipeline:
         extra = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
         self.schedule.step(*args, target=targets if self.has_last else None, losses=losses if self.has_last else None,
                            targets=targets, **extra, **kwargs)
-        parts = [torch.stack(losses).detach().float().mean() / self.loss_scale[0]] if self.has_last else []
+        parts = [torch.stack(losses).detach().double().mean() / self.loss_scale[0]] if self.has_last else []
         for sides in self.side_losses.values():  # the last microbatches' (the first step also runs
             # torch's metadata inference: one forward per stage on placeholder inputs, before them)
-            parts.append(torch.stack(sides[-self.microbatches:]).float().sum() / self.microbatches)
+            parts.append(torch.stack(sides[-self.microbatches:]).double().sum() / self.microbatches)
         return sum(parts[1:], parts[0]) if parts else None
 
     @torch.no_grad()
@@ -158,7 +158,7 @@ class Pipeline:
             x = self.modules[self.stage_ids.index(s)](x, **kwargs)
             if s < self.n_stages - 1 and self.owners[s + 1] != me:
                 _send(x, dist.get_global_rank(self.group, self.owners[s + 1]), self.group)
-        return x.float() if self.has_last else None
+        return x.double() if self.has_last else None
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -50,14 +50,17 @@ def _compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, micr
     per_rank = stages_per_rank(schedule, None, pp_mesh.size())
     stages = parse_pattern(cfg.pattern).stages
     ids = local_stage_ids(schedule, pp_mesh.get_local_rank(), pp_mesh.size(), per_rank)
-    model, modules = parallelize_hybrid(pipeline_model(cfg, stages, ids), mesh, stages=stages, stage_ids=ids)
+    dtype = torch.get_default_dtype()
+    model, modules = parallelize_hybrid(pipeline_model(cfg, stages, ids), mesh, param_dtype=dtype, reduce_dtype=dtype,
+                                        stages=stages, stage_ids=ids)
     torch.manual_seed(0)
     init_sharded(model, template, "cpu")
     pipe = build_pipeline(modules, ids, len(stages), schedule, microbatches, pp_mesh.get_group(), torch.device("cpu"))
     dp_rank, dp_size = mesh.dp_coordinate()
     cp_rank, cp = mesh.world["cp"].get_local_rank(), mesh.world["cp"].size()
     positions = shard_index(SEQ, cp, cp_rank)
-    starts = doc_starts(8) if masked else None
+    batch = max(8, dp_size * 2 * microbatches)  # rows: at least one per microbatch of every dp rank
+    starts = doc_starts(batch) if masked else None
 
     def docs(rows: slice) -> PackedDocs | None:
         return PackedDocs.from_starts(starts[rows, :-1]) if masked else None
@@ -79,14 +82,14 @@ def _compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, micr
 
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
     out = {"ref": [], "par": [], "grad_rel": {}}
-    tokens = torch.randint(0, cfg.vocab_size, (8, SEQ + 1), generator=torch.Generator().manual_seed(99))
-    mine = slice(dp_rank * 8 // dp_size, (dp_rank + 1) * 8 // dp_size)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, SEQ + 1), generator=torch.Generator().manual_seed(99))
+    mine = slice(dp_rank * batch // dp_size, (dp_rank + 1) * batch // dp_size)
     ref.eval(), model.eval()
     with torch.no_grad():  # validation: forward only
         out["eval"] = [ref_loss(tokens, 1).item(), share(pipe_run(mine, tokens, False), mesh)]
     ref.train(), model.train()
     for step in range(steps):
-        tokens = torch.randint(0, cfg.vocab_size, (8, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
+        tokens = torch.randint(0, cfg.vocab_size, (batch, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
         rows = tokens.shape[0] // dp_size
         loss_ref = ref_loss(tokens, dp_size * 2 * microbatches)
         loss_ref.backward()
@@ -112,7 +115,7 @@ def _compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, micr
 def share(loss: torch.Tensor | None, mesh) -> float:
     """The mean over every dp x cp rank's last stage (each counted tp times) of a loss that only
     last-stage ranks hold."""
-    total = torch.zeros(1) if loss is None else loss.detach().reshape(1).clone()
+    total = torch.zeros(1, dtype=torch.float64) if loss is None else loss.detach().double().reshape(1)
     dist.all_reduce(total)
     return total.item() / (mesh.dp_cp.size() * mesh.world["tp"].size())
 
