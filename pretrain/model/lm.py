@@ -200,8 +200,12 @@ class HybridLM(nn.Module):
         tokens on); False grows an `InferenceCache` (the reference; tensor parallelism uses it).
         `doc_starts` [b, l] (bool, True at each document's first token): rows of several packed
         documents, each row continuing its last document as if it had been prompted alone (on
-        the growing cache).
+        the growing cache). A pipeline stage refuses: decoding one token at a time through pp
+        ranks would idle all but one of them, and a checkpoint loads whole at pp=1.
         """
+        if self.embed is None or self.head is None:
+            raise ValueError("HybridLM.generate needs the whole model, not a pipeline stage (parallel.pp > 1): load the "
+                             "checkpoint at parallel.pp=1 to generate (DCP reshards it)")
         docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
         if static_cache and self.tp_mesh is None and docs is None:
             from pretrain.model.decode import Decoder  # decode imports this module's neighbours
