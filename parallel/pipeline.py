@@ -113,6 +113,7 @@ class Pipeline:
     group: dist.ProcessGroup
     device: torch.device
     side_losses: dict[int, list[Tensor]]  # per local stage, its side losses (detached) in this batch
+    undo: list[_UndoMetadataForward]
 
     @property
     def has_first(self) -> bool:
@@ -133,11 +134,15 @@ class Pipeline:
             return self.forward_only(inputs, targets=targets, **kwargs)
         losses: list[Tensor] = []
         self.side_losses.clear()
+        for undo in self.undo:
+            undo.calls = 0
         self.loss_scale[0] = 1 / (self.microbatches * accumulation)
         args = (inputs,) if self.has_first else ()
         extra = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
         self.schedule.step(*args, target=targets if self.has_last else None, losses=losses if self.has_last else None,
                            targets=targets, **extra, **kwargs)
+        for undo in self.undo:
+            undo.finish(self.microbatches)
         parts = [torch.stack(losses).detach().double().mean() / self.loss_scale[0]] if self.has_last else []
         for sides in self.side_losses.values():  # the last microbatches' (the first step also runs
             # torch's metadata inference: one forward per stage on placeholder inputs, before them)
@@ -207,6 +212,37 @@ def _join_side_loss(module: nn.Module, scale: list[float], record: dict[int, lis
     return hook
 
 
+class _UndoMetadataForward:
+    """torch's pipelining infers a stage's shapes in its first step with one extra forward (on the
+    first microbatch, or on uninitialised placeholders past the first stage): what that forward
+    added to the stage's non-persistent buffers (counters, e.g. MoE expert loads) is taken back
+    after the step. Recognised by the count: a step with one forward more than its microbatches."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.calls, self.before, self.delta = module, 0, [], []
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _counters(self) -> list[Tensor]:
+        return [b for m in self.module.modules() for name, b in m.named_buffers(recurse=False)
+                if name in m._non_persistent_buffers_set]
+
+    def _pre(self, *_args) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.before = [b.clone() for b in self._counters()]
+
+    def _post(self, *_args) -> None:
+        if self.calls == 1:
+            self.delta = [b - a for a, b in zip(self.before, self._counters())]
+
+    @torch.no_grad()
+    def finish(self, microbatches: int) -> None:
+        if self.calls == microbatches + 1:
+            for buffer, delta in zip(self._counters(), self.delta):
+                buffer -= delta
+
+
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
@@ -231,4 +267,4 @@ def build_pipeline(modules: list[nn.Module], stage_ids: list[int], n_stages: int
     sched = cls(stages[0] if schedule == "1f1b" else stages, n_microbatches=microbatches, loss_fn=loss_fn,
                 scale_grads=False)
     return Pipeline(modules, stage_ids, n_stages, sched, microbatches, scale, [owners[s] for s in range(n_stages)], group,
-                    device, side_losses)
+                    device, side_losses, [_UndoMetadataForward(m) for m in modules])

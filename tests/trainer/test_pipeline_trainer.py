@@ -59,3 +59,13 @@ def test_pp2_ep2_matches_one_process_and_resumes_on_one_and_at_tp2(corpus, singl
         run_to_end(args(tmp_path / name, corpus, *extra, f"--resume-from={ppep / 'checkpoints/step_00000002'}"),
                    nproc=nproc)
         curves.assert_close_curves(tmp_path / name, single, range(3, STEPS + 1), validation=True)
+
+
+def test_pp2_with_document_masking_and_aux_loss_matches_one_process(corpus, tmp_path):
+    """The trainer's packed documents reach every stage and each stage's MoE balance loss joins
+    the loss: the single process runs one row per micro-batch, as each pipeline microbatch is. The
+    bias updates agree only if torch's first-step metadata forward is not counted in the loads."""
+    extra = ("--data.document_masking=true", "--model.overrides.moe.aux_loss_coef=0.01")
+    run_to_end(args(tmp_path / "single", corpus, *extra, "--train.micro_batch_size=1", "--train.val_batches=4"))
+    run_to_end(args(tmp_path / "pp2", corpus, *extra, "--parallel.pp=2", "--parallel.pp_microbatches=2"), nproc=2)
+    curves.assert_close_curves(tmp_path / "pp2", tmp_path / "single", range(1, STEPS + 1), validation=True)
