@@ -192,7 +192,7 @@ class _JoinLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output: Tensor, side: Tensor, scale: float) -> Tensor:
         ctx.scale, ctx.side_shape, ctx.side_dtype = scale, side.shape, side.dtype
-        return output.view_as(output)
+        return output.clone()  # not a view: torch.distributed.pipelining detaches stage outputs in place
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:

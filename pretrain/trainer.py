@@ -147,11 +147,10 @@ def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[i
         if model_cfg.tie_embeddings:
             raise ValueError("parallel.pp > 1 needs untied embeddings (the embedding sits on the first stage, the head "
                              "on the last): set model.overrides.tie_embeddings=false")
-        aux = model_cfg.moe is not None and model_cfg.moe.aux_loss_coef > 0
-        if SCHEDULES[p.pp_schedule][1] == "v" and (cfg.data.document_masking or aux):
+        if SCHEDULES[p.pp_schedule][1] == "v" and cfg.data.document_masking:
             raise ValueError(f"parallel.pp_schedule={p.pp_schedule} splits the backward into input and weight passes, "
-                             "which torch's split fails on through the document-masked mixers and the MoE balance "
-                             "loss: use parallel.pp_schedule=1f1b or interleaved_1f1b (or masking off, aux_loss_coef=0)")
+                             "which torch's split fails on through the document-masked mixers: use "
+                             "parallel.pp_schedule=1f1b or interleaved_1f1b with data.document_masking=true")
         marked = len(parse_pattern(model_cfg.pattern).stages) if STAGE_BOUNDARY in model_cfg.pattern else None
         per_rank = stages_per_rank(p.pp_schedule, marked, p.pp)
         costs = block_flops_per_token(model_cfg, cfg.data.seq_len)

@@ -75,8 +75,6 @@ def test_tied_embeddings_cannot_be_split():
      "parallel.pp_microbatches=1 must be >= parallel.pp=2"),
     (["--model.overrides.tie_embeddings=false", "--data.document_masking=true", "--parallel.pp_schedule=zbv"],
      "parallel.pp_schedule=zbv splits the backward into input and weight passes"),
-    (["--model.overrides.tie_embeddings=false", "--model.overrides.moe.aux_loss_coef=0.01",
-      "--parallel.pp_schedule=zbv"], "use parallel.pp_schedule=1f1b or interleaved_1f1b"),
     (["--model.overrides.tie_embeddings=false", "--model.overrides.pattern=M|A|M|M"],
      "marks 4 pipeline stages but the layout needs 2"),
 ])

@@ -50,7 +50,8 @@ def test_pipeline_schedules_match_one_process(tmp_path):
     cases += [("1f1b masked", "hybrid_moe", TWO_STAGES, {"pp": 2}, "1f1b", 2, {"masked": True}),
               ("1f1b aux loss", "hybrid_moe", {**TWO_STAGES, **AUX}, {"pp": 2}, "1f1b", 2),
               ("interleaved aux loss masked", "hybrid_moe", {**FOUR_STAGES, **AUX}, {"pp": 2}, "interleaved_1f1b", 4,
-               {"masked": True})]
+               {"masked": True}),
+              ("zbv aux loss", "hybrid_moe", {**FOUR_STAGES, **AUX}, {"pp": 2}, "zbv", 4)]
     assert {c[0] for c in cases} >= {"1f1b", "interleaved_1f1b", "zbv"}
     results = run(2, cases, tmp_path)
     check(results)
