@@ -149,7 +149,7 @@ def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[i
                              "on the last): set model.overrides.tie_embeddings=false")
         if SCHEDULES[p.pp_schedule][1] == "v" and cfg.data.document_masking:
             raise ValueError(f"parallel.pp_schedule={p.pp_schedule} splits the backward into input and weight passes, "
-                             "which torch's split fails on through the document-masked mixers: use "
+                             "which torch's split fails on through the document-masked Mamba2 mixers: use "
                              "parallel.pp_schedule=1f1b or interleaved_1f1b with data.document_masking=true")
         marked = len(parse_pattern(model_cfg.pattern).stages) if STAGE_BOUNDARY in model_cfg.pattern else None
         per_rank = stages_per_rank(p.pp_schedule, marked, p.pp)
