@@ -4,7 +4,9 @@ pipeline rank holds, the schedule's bubble, and running one batch through the st
 The model side (what a stage holds) is the caller's; here a stage is any module whose forward
 takes the previous stage's output (the first stage: the batch's inputs), takes keyword inputs
 that every stage receives (split on the batch like the inputs), and, on the last stage, returns
-the microbatch's mean loss.
+the microbatch's mean loss. A stage module may also define `side_loss()`: loss terms of its last
+forward that its output does not carry (e.g. an earlier stage's MoE balance losses); they join
+that stage's backward, scaled as the last stage's loss, and the loss `Pipeline.run` reports.
 """
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ class Pipeline:
     owners: list[int]  # the pp rank (in `group`) holding each stage
     group: dist.ProcessGroup
     device: torch.device
+    side_losses: dict[int, list[Tensor]]  # per local stage, its side losses (detached) in this batch
+    undo: list[_UndoMetadataForward]
 
     @property
     def has_first(self) -> bool:
@@ -123,19 +127,27 @@ class Pipeline:
         """One batch through the pipeline: forward and backward when `train` (the gradients are
         those of the batch's mean loss divided by `accumulation`, added to what is there), else
         forward only (`forward_only`). `targets` and `kwargs` reach every stage as keyword inputs
-        (the last stage computes its loss from them: no full logits leave it). Returns the
-        batch's mean loss on the rank holding the last stage, None on the others."""
+        (the last stage computes its loss from them: no full logits leave it). Returns this rank's
+        part of the batch's mean loss (summed over the pipeline group, the loss): the last
+        stage's loss and its stages' side losses; None on a rank with neither."""
         if not train:
             return self.forward_only(inputs, targets=targets, **kwargs)
         losses: list[Tensor] = []
+        self.side_losses.clear()
+        for undo in self.undo:
+            undo.calls = 0
         self.loss_scale[0] = 1 / (self.microbatches * accumulation)
         args = (inputs,) if self.has_first else ()
         extra = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
         self.schedule.step(*args, target=targets if self.has_last else None, losses=losses if self.has_last else None,
                            targets=targets, **extra, **kwargs)
-        if not self.has_last:
-            return None
-        return torch.stack([loss.detach() for loss in losses]).float().mean() / self.loss_scale[0]
+        for undo in self.undo:
+            undo.finish(self.microbatches)
+        parts = [torch.stack(losses).detach().double().mean() / self.loss_scale[0]] if self.has_last else []
+        for sides in self.side_losses.values():  # the last microbatches' (the first step also runs
+            # torch's metadata inference: one forward per stage on placeholder inputs, before them)
+            parts.append(torch.stack(sides[-self.microbatches:]).double().sum() / self.microbatches)
+        return sum(parts[1:], parts[0]) if parts else None
 
     @torch.no_grad()
     def forward_only(self, inputs: Tensor, **kwargs: Tensor) -> Tensor | None:
@@ -151,7 +163,7 @@ class Pipeline:
             x = self.modules[self.stage_ids.index(s)](x, **kwargs)
             if s < self.n_stages - 1 and self.owners[s + 1] != me:
                 _send(x, dist.get_global_rank(self.group, self.owners[s + 1]), self.group)
-        return x.float() if self.has_last else None
+        return x.double() if self.has_last else None
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -172,6 +184,65 @@ def _recv(src: int, group: dist.ProcessGroup, device: torch.device) -> Tensor:
     return out
 
 
+class _JoinLoss(torch.autograd.Function):
+    """Identity on a stage's output whose backward also seeds the stage's side loss with
+    d(objective)/d(side loss) = `scale`: the schedule runs the stage's backward from its output
+    alone, and the side loss joins it there."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, side: Tensor, scale: float) -> Tensor:
+        ctx.scale, ctx.side_shape, ctx.side_dtype = scale, side.shape, side.dtype
+        return output.clone()  # not a view: torch.distributed.pipelining detaches stage outputs in place
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        return grad, torch.full(ctx.side_shape, ctx.scale, dtype=ctx.side_dtype, device=grad.device), None
+
+
+def _join_side_loss(module: nn.Module, scale: list[float], record: dict[int, list[Tensor]], key: int):
+    """A forward hook adding `module.side_loss()` to the objective through the stage's backward."""
+
+    def hook(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
+        side = module.side_loss()
+        if side is None or not torch.is_grad_enabled():
+            return output
+        record.setdefault(key, []).append(side.detach())
+        return _JoinLoss.apply(output, side, scale[0])
+
+    return hook
+
+
+class _UndoMetadataForward:
+    """torch's pipelining infers a stage's shapes in its first step with one extra forward (on the
+    first microbatch, or on uninitialised placeholders past the first stage): what that forward
+    added to the stage's non-persistent buffers (counters, e.g. MoE expert loads) is taken back
+    after the step. Recognised by the count: a step with one forward more than its microbatches."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.calls, self.before, self.delta = module, 0, [], []
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _counters(self) -> list[Tensor]:
+        return [b for m in self.module.modules() for name, b in m.named_buffers(recurse=False)
+                if name in m._non_persistent_buffers_set]
+
+    def _pre(self, *_args) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.before = [b.clone() for b in self._counters()]
+
+    def _post(self, *_args) -> None:
+        if self.calls == 1:
+            self.delta = [b - a for a, b in zip(self.before, self._counters())]
+
+    @torch.no_grad()
+    def finish(self, microbatches: int) -> None:
+        if self.calls == microbatches + 1:
+            for buffer, delta in zip(self._counters(), self.delta):
+                buffer -= delta
+
+
 def _accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
@@ -184,7 +255,10 @@ def build_pipeline(modules: list[nn.Module], stage_ids: list[int], n_stages: int
     stages = [pipelining.PipelineStage(m, i, n_stages, device, group=group) for m, i in zip(modules, stage_ids)]
     pp, per_rank = dist.get_world_size(group), len(stage_ids)
     owners = {s: r for r in range(pp) for s in local_stage_ids(schedule, r, pp, per_rank)}
-    scale = [1.0]
+    scale, side_losses = [1.0], {}
+    for key, module in enumerate(modules):
+        if hasattr(module, "side_loss"):
+            module.register_forward_hook(_join_side_loss(module, scale, side_losses, key))
 
     def loss_fn(output: Tensor, _target: object) -> Tensor:
         return output * scale[0]
@@ -192,4 +266,5 @@ def build_pipeline(modules: list[nn.Module], stage_ids: list[int], n_stages: int
     cls = getattr(pipelining, SCHEDULES[schedule][0])
     sched = cls(stages[0] if schedule == "1f1b" else stages, n_microbatches=microbatches, loss_fn=loss_fn,
                 scale_grads=False)
-    return Pipeline(modules, stage_ids, n_stages, sched, microbatches, scale, [owners[s] for s in range(n_stages)], group, device)
+    return Pipeline(modules, stage_ids, n_stages, sched, microbatches, scale, [owners[s] for s in range(n_stages)], group,
+                    device, side_losses, [_UndoMetadataForward(m) for m in modules])

@@ -34,7 +34,7 @@ from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.mixed_precision import cast_parameters
-from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
+from parallel.pipeline import SCHEDULES, Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
                                  load_model_weights, model_config_json, verify_checkpoint)
@@ -147,12 +147,10 @@ def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[i
         if model_cfg.tie_embeddings:
             raise ValueError("parallel.pp > 1 needs untied embeddings (the embedding sits on the first stage, the head "
                              "on the last): set model.overrides.tie_embeddings=false")
-        if cfg.data.document_masking:
-            raise ValueError("parallel.pp > 1 does not carry the documents of packed rows across stages yet: set "
-                             "data.document_masking=false or parallel.pp=1")
-        if model_cfg.moe is not None and model_cfg.moe.aux_loss_coef > 0:
-            raise ValueError("parallel.pp > 1 needs moe.aux_loss_coef = 0 (aux-loss-free balancing; the balance loss "
-                             "of earlier stages would not reach the last stage's loss)")
+        if SCHEDULES[p.pp_schedule][1] == "v" and cfg.data.document_masking:
+            raise ValueError(f"parallel.pp_schedule={p.pp_schedule} splits the backward into input and weight passes, "
+                             "which torch's split fails on through the document-masked Mamba2 mixers: use "
+                             "parallel.pp_schedule=1f1b or interleaved_1f1b with data.document_masking=true")
         marked = len(parse_pattern(model_cfg.pattern).stages) if STAGE_BOUNDARY in model_cfg.pattern else None
         per_rank = stages_per_rank(p.pp_schedule, marked, p.pp)
         costs = block_flops_per_token(model_cfg, cfg.data.seq_len)
@@ -491,7 +489,7 @@ class Trainer:
         for _ in range(self.grad_accum):
             batch = self._next_batch()
             if self.pipeline is not None:
-                loss = self._pipeline_loss(batch["tokens"], train=True)
+                loss = self._pipeline_loss(batch["tokens"], batch.get("doc_starts"), train=True)
             else:
                 with self._precision():
                     loss = self._loss(batch["tokens"], batch.get("doc_starts"))
@@ -536,19 +534,24 @@ class Trainer:
         return self.model.loss(inputs[:, positions], targets[:, positions],
                                positions if docs is None else docs.select(positions))
 
-    def _pipeline_loss(self, tokens: torch.Tensor, train: bool) -> torch.Tensor:
+    def _pipeline_loss(self, tokens: torch.Tensor, doc_starts: torch.Tensor | None, train: bool) -> torch.Tensor:
         """One batch through the pipeline (forward and backward when `train`): the inputs feed the
-        first stage, the targets (and CP positions, one row per sample) every stage, used by the
-        last. Returns the batch's mean loss on every pipeline rank (the last stage's, shared)."""
+        first stage, the targets and positions (CP's, one row per sample; under document masking
+        PackedDocs as its positions and document index, which every stage's mixers need) every
+        stage. Returns the batch's mean loss on every pipeline rank (summed over the stages)."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         cp_mesh = self.mesh.cp_mesh()
         if cp_mesh is None:
-            positions = torch.arange(inputs.shape[1], device=inputs.device)
+            index = torch.arange(inputs.shape[1], device=inputs.device)
         else:
-            positions = shard_index(inputs.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), inputs.device)
-            inputs, targets = inputs[:, positions], targets[:, positions]
-        loss = self.pipeline.run(inputs, targets, train, self.grad_accum,
-                                 positions=positions.expand(inputs.shape[0], -1))
+            index = shard_index(inputs.shape[1], cp_mesh.size(), cp_mesh.get_local_rank(), inputs.device)
+            inputs, targets = inputs[:, index], targets[:, index]
+        if doc_starts is None:
+            kwargs = {"positions": index.expand(inputs.shape[0], -1)}
+        else:
+            docs = PackedDocs.from_starts(doc_starts[:, :-1]).select(index)
+            kwargs = {"positions": docs.positions, "doc": docs.doc}
+        loss = self.pipeline.run(inputs, targets, train, self.grad_accum, **kwargs)
         shared = loss if loss is not None else torch.zeros((), device=self.device)
         return all_reduce_sum_(shared.float().reshape(1), self.mesh.pp_mesh().get_group())[0]
 
@@ -616,7 +619,7 @@ class Trainer:
             tokens = batch["tokens"].to(self.device)
             doc_starts = batch["doc_starts"].to(self.device) if "doc_starts" in batch else None
             if self.pipeline is not None:
-                loss = self._pipeline_loss(tokens, train=False)
+                loss = self._pipeline_loss(tokens, doc_starts, train=False)
             else:
                 with self._precision():
                     loss = self._loss(tokens, doc_starts)

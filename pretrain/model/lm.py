@@ -149,9 +149,14 @@ class HybridLM(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens: Tensor, cache: InferenceCache | None = None,
-                positions: Tensor | PackedDocs | None = None, *, targets: Tensor | None = None) -> Tensor:
+                positions: Tensor | PackedDocs | None = None, *, targets: Tensor | None = None,
+                doc: Tensor | None = None) -> Tensor:
         """tokens [b, l] -> logits [b, l, vocab], or with `targets` the loss (`loss`). A pipeline
-        stage without the head returns its hidden states (the next stage's input)."""
+        stage without the head returns its hidden states (the next stage's input). `doc` [b, l]
+        with `positions` [b, l]: PackedDocs given as its two tensors, as a pipeline schedule
+        passes it (it splits tensor inputs on the batch and sends each stage its microbatch's)."""
+        if doc is not None:
+            positions = PackedDocs(positions, doc)
         h = self.hidden_states(tokens, cache, positions)
         if self.head is None:
             return h
@@ -164,11 +169,20 @@ class HybridLM(nn.Module):
         return self(tokens, positions=positions, targets=targets)
 
     def _loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        aux = self.aux_loss()
         loss = self.head.loss(h, targets)
-        for moe in self.moe_layers():
-            if moe.aux_loss is not None:
-                loss = loss + moe.aux_loss
-        return loss
+        return loss if aux is None else loss + aux
+
+    def aux_loss(self) -> Tensor | None:
+        """The sum of this model's (or stage's) MoE auxiliary losses of the last forward; None
+        when there are none (aux-loss-free balancing, or not training)."""
+        losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
+        return sum(losses[1:], losses[0]) if losses else None
+
+    def side_loss(self) -> Tensor | None:
+        """What a pipeline stage adds to the objective besides its output (`parallel.pipeline`):
+        a stage without the head its MoE auxiliary losses; the last stage none (its loss holds them)."""
+        return self.aux_loss() if self.head is None else None
 
     def moe_layers(self) -> Iterator[MoE]:
         return (m for m in self.modules() if isinstance(m, MoE))
@@ -186,8 +200,12 @@ class HybridLM(nn.Module):
         tokens on); False grows an `InferenceCache` (the reference; tensor parallelism uses it).
         `doc_starts` [b, l] (bool, True at each document's first token): rows of several packed
         documents, each row continuing its last document as if it had been prompted alone (on
-        the growing cache).
+        the growing cache). A pipeline stage refuses: decoding one token at a time through pp
+        ranks would idle all but one of them, and a checkpoint loads whole at pp=1.
         """
+        if self.embed is None or self.head is None:
+            raise ValueError("HybridLM.generate needs the whole model, not a pipeline stage (parallel.pp > 1): load the "
+                             "checkpoint at parallel.pp=1 to generate (DCP reshards it)")
         docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
         if static_cache and self.tp_mesh is None and docs is None:
             from pretrain.model.decode import Decoder  # decode imports this module's neighbours

@@ -7,10 +7,12 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from pretrain.config import ConfigError
 from pretrain.model import build_model
 from pretrain.model.config import ModelConfig
+from pretrain.model.lm import HybridLM
 from pretrain.model.parallelize import pipeline_model
 from pretrain.model.pattern import balance_stages, pipeline_stages
 
@@ -71,8 +73,8 @@ def test_tied_embeddings_cannot_be_split():
      "parallel.pp_microbatches=3 must divide train.micro_batch_size=4"),
     (["--model.overrides.tie_embeddings=false", "--parallel.pp_microbatches=1"],
      "parallel.pp_microbatches=1 must be >= parallel.pp=2"),
-    (["--model.overrides.tie_embeddings=false", "--data.document_masking=true"],
-     "parallel.pp > 1 does not carry the documents of packed rows across stages yet"),
+    (["--model.overrides.tie_embeddings=false", "--data.document_masking=true", "--parallel.pp_schedule=zbv"],
+     "parallel.pp_schedule=zbv splits the backward into input and weight passes"),
     (["--model.overrides.tie_embeddings=false", "--model.overrides.pattern=M|A|M|M"],
      "marks 4 pipeline stages but the layout needs 2"),
 ])
@@ -97,3 +99,15 @@ def test_unmarked_stages_balance_flops_with_the_head_on_the_last(tmp_path):
     assert per_rank == 1 and len(stages) == 4 and stages[-1][1] == 22
     sizes = [b - a for a, b in stages]
     assert sizes[-1] < max(sizes)  # the last stage carries the head: fewer blocks
+
+
+def test_a_pipeline_stage_refuses_to_generate_in_one_line():
+    cfg = ModelConfig(pattern="MA", vocab_size=64, d_model=16, d_ffn=32, n_heads=2, n_kv_heads=1, head_dim=8,
+                      d_ssm=32, ssm_head_dim=16, d_state=8, chunk_size=8, tie_embeddings=False)
+    model = HybridLM(cfg)
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    assert model.generate(prompt, 2).shape == (1, 6)  # the whole model generates
+    for first, last in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match=r"needs the whole model, not a pipeline stage \(parallel.pp > 1\)") as e:
+            model.stage([0] if first else [1], first, last).generate(prompt, 2)
+        assert "\n" not in str(e.value)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from layout_check import SEQ, full, rel
+from layout_check import SEQ, doc_starts, full, rel
 from parallel.context_parallel import shard_index
 from parallel.distributed import destroy_distributed
 from parallel.grad_norm import clip_grad_norm_
@@ -20,14 +20,27 @@ from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline import build_pipeline, local_stage_ids, stages_per_rank
 from pretrain.model import build_model
+from pretrain.model.packed import PackedDocs
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.model.pattern import parse_pattern
 
 
 def compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, microbatches: int,
-            steps: int = 3) -> dict:
+            steps: int = 3, masked: bool = False, dtype: str = "float32") -> dict:
     """Losses of `steps` AdamW steps (grad-clipped by the global norm) and the first step's worst
-    relative gradient error over this rank's parameters."""
+    relative gradient error over this rank's parameters; `masked`: over packed documents
+    (layout_check.DOC_STARTS), their metadata carried to every stage; `dtype` the default dtype
+    both models are built in. The reference runs the pipeline's microbatches one by one (the MoE
+    balance loss, when on, is a per-microbatch term: its mean over them is the objective)."""
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        return _compare(arch, overrides, dims, schedule, microbatches, steps, masked)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, microbatches: int, steps: int,
+             masked: bool) -> dict:
     torch.manual_seed(0)
     ref = build_model(arch, "tiny", tie_embeddings=False, **overrides)
     template = build_model(arch, "tiny", device="meta", tie_embeddings=False, **overrides)
@@ -37,31 +50,53 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, micro
     per_rank = stages_per_rank(schedule, None, pp_mesh.size())
     stages = parse_pattern(cfg.pattern).stages
     ids = local_stage_ids(schedule, pp_mesh.get_local_rank(), pp_mesh.size(), per_rank)
-    model, modules = parallelize_hybrid(pipeline_model(cfg, stages, ids), mesh, stages=stages, stage_ids=ids)
+    dtype = torch.get_default_dtype()
+    model, modules = parallelize_hybrid(pipeline_model(cfg, stages, ids), mesh, param_dtype=dtype, reduce_dtype=dtype,
+                                        stages=stages, stage_ids=ids)
     torch.manual_seed(0)
     init_sharded(model, template, "cpu")
     pipe = build_pipeline(modules, ids, len(stages), schedule, microbatches, pp_mesh.get_group(), torch.device("cpu"))
     dp_rank, dp_size = mesh.dp_coordinate()
     cp_rank, cp = mesh.world["cp"].get_local_rank(), mesh.world["cp"].size()
     positions = shard_index(SEQ, cp, cp_rank)
+    batch = max(8, dp_size * 2 * microbatches)  # rows: at least one per microbatch of every dp rank
+    starts = doc_starts(batch) if masked else None
+
+    def docs(rows: slice) -> PackedDocs | None:
+        return PackedDocs.from_starts(starts[rows, :-1]) if masked else None
+
+    def pipe_run(rows: slice, tokens: torch.Tensor, train: bool, accumulation: int = 1) -> torch.Tensor | None:
+        part = tokens[rows]
+        if masked:
+            shard = docs(rows).select(positions)
+            kwargs = {"positions": shard.positions, "doc": shard.doc}
+        else:
+            kwargs = {"positions": positions.expand(part.shape[0], -1)}
+        return pipe.run(part[:, :-1][:, positions], part[:, 1:][:, positions], train, accumulation, **kwargs)
+
+    def ref_loss(tokens: torch.Tensor, groups: int) -> torch.Tensor:
+        """Mean over `groups` equal row groups (the pipeline microbatches of every dp rank)."""
+        size = tokens.shape[0] // groups
+        rows = [slice(g * size, (g + 1) * size) for g in range(groups)]
+        return sum(ref.loss(tokens[r, :-1], tokens[r, 1:], docs(r)) for r in rows) / groups
+
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (ref, model)]
     out = {"ref": [], "par": [], "grad_rel": {}}
-    tokens = torch.randint(0, cfg.vocab_size, (8, SEQ + 1), generator=torch.Generator().manual_seed(99))
-    mine = tokens[dp_rank * 8 // dp_size:(dp_rank + 1) * 8 // dp_size]
+    tokens = torch.randint(0, cfg.vocab_size, (batch, SEQ + 1), generator=torch.Generator().manual_seed(99))
+    mine = slice(dp_rank * batch // dp_size, (dp_rank + 1) * batch // dp_size)
+    ref.eval(), model.eval()
     with torch.no_grad():  # validation: forward only
-        loss = pipe.run(mine[:, :-1][:, positions], mine[:, 1:][:, positions], False,
-                        positions=positions.expand(mine.shape[0], -1))
-        out["eval"] = [ref.loss(tokens[:, :-1], tokens[:, 1:]).item(), share(loss, mesh)]
+        out["eval"] = [ref_loss(tokens, 1).item(), share(pipe_run(mine, tokens, False), mesh)]
+    ref.train(), model.train()
     for step in range(steps):
-        tokens = torch.randint(0, cfg.vocab_size, (8, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
+        tokens = torch.randint(0, cfg.vocab_size, (batch, SEQ + 1), generator=torch.Generator().manual_seed(100 + step))
         rows = tokens.shape[0] // dp_size
-        mine = tokens[dp_rank * rows:(dp_rank + 1) * rows]
-        loss_ref = ref.loss(tokens[:, :-1], tokens[:, 1:])
+        loss_ref = ref_loss(tokens, dp_size * 2 * microbatches)
         loss_ref.backward()
         loss_sum = torch.zeros(())
-        for half in mine.chunk(2):  # gradient accumulation over two pipeline batches
-            loss = pipe.run(half[:, :-1][:, positions], half[:, 1:][:, positions], True, accumulation=2,
-                            positions=positions.expand(half.shape[0], -1))
+        for half in range(2):  # gradient accumulation over two pipeline batches
+            start = dp_rank * rows + half * rows // 2
+            loss = pipe_run(slice(start, start + rows // 2), tokens, True, accumulation=2)
             loss_sum += 0 if loss is None else loss / 2
         out["ref"].append(loss_ref.item())
         out["par"].append(share(loss_sum, mesh))
@@ -80,7 +115,7 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, micro
 def share(loss: torch.Tensor | None, mesh) -> float:
     """The mean over every dp x cp rank's last stage (each counted tp times) of a loss that only
     last-stage ranks hold."""
-    total = torch.zeros(1) if loss is None else loss.detach().reshape(1).clone()
+    total = torch.zeros(1, dtype=torch.float64) if loss is None else loss.detach().double().reshape(1)
     dist.all_reduce(total)
     return total.item() / (mesh.dp_cp.size() * mesh.world["tp"].size())
 
@@ -91,9 +126,10 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
     torch.set_num_threads(1)
     results = {}
     try:
-        for name, arch, overrides, dims, schedule, microbatches in cases:
+        for name, arch, overrides, dims, schedule, microbatches, *options in cases:
             try:
-                results[name] = compare(arch, overrides, ParallelDims(**dims), schedule, microbatches)
+                results[name] = compare(arch, overrides, ParallelDims(**dims), schedule, microbatches,
+                                        **(options[0] if options else {}))
             except Exception:  # noqa: BLE001 - reported by the test, per case
                 results[name] = {"error": traceback.format_exc()}
     finally:

@@ -1,4 +1,4 @@
-"""The 128-rank dry run of the pipelined 3B config: the stages (first with the embedding, last
+"""The 128-rank dry run of the pipelined 3B config (pp, tp, cp and ep > 1): the stages (first with the embedding, last
 with the head) and the schedule's bubble are printed, and each representative rank - one per
 pipeline end - holds the total / shards of its stages' parameters within 1%."""
 from __future__ import annotations
@@ -17,6 +17,7 @@ def test_pp_config_dry_runs_at_128_ranks(capsys):
     layout = re.search(r"layout +128 ranks = pp (\d+) x dp_replicate 1 x dp_shard \d+ x cp (\d+) x tp (\d+)", out)
     assert layout and all(int(layout[i]) > 1 for i in (1, 2, 3)), out
     pp = int(layout[1])
+    assert re.search(r"\(experts: ep [2-9]\d* x efsdp", out) and "EP all-to-all expert rows" in out, out
     bubble = re.search(r"interleaved_1f1b: (\d+) stages \(2 per pp rank\), 8 microbatches .*bubble ([\d.]+)%", out)
     assert bubble and int(bubble[1]) == 2 * pp
     assert float(bubble[2]) == round(100 * (pp - 1) / (2 * 8 + pp - 1), 1)
