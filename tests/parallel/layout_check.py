@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,19 +96,30 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, 
     return out
 
 
-def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+def run_cases(rank: int, world: int, port: int, cases: list, out_dir: str,
+              run_case: Callable[..., dict], every_rank: bool = False) -> None:
+    """A gloo process running `run_case(*case)` for each (name, *case) of `cases`, an exception
+    reported per case; rank 0 writes results.json (every rank results{rank}.json with `every_rank`)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = {}
     try:
-        for name, arch, overrides, dims, dtype, *options in cases:  # optional 6th: compare's keywords
+        for name, *case in cases:
             try:
-                results[name] = compare(arch, overrides, ParallelDims(**dims), getattr(torch, dtype),
-                                        **(options[0] if options else {}))
+                results[name] = run_case(*case)
             except Exception:  # noqa: BLE001 - reported by the test, per case
                 results[name] = {"error": traceback.format_exc()}
     finally:
-        if rank == 0:
-            Path(out_dir, "results.json").write_text(json.dumps(results))
+        if every_rank or rank == 0:
+            Path(out_dir, f"results{rank}.json" if every_rank else "results.json").write_text(json.dumps(results))
         destroy_distributed()
+
+
+def layout_case(arch: str, overrides: dict, dims: dict, dtype: str, options: dict | None = None) -> dict:
+    """One case of `worker`: options (optional) are compare's keywords."""
+    return compare(arch, overrides, ParallelDims(**dims), getattr(torch, dtype), **(options or {}))
+
+
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    run_cases(rank, world, port, cases, out_dir, layout_case)

@@ -4,17 +4,12 @@ accumulating two pipeline batches; the loss and every gradient of the first step
 gradient norm and the losses of 3 clipped AdamW steps compared."""
 from __future__ import annotations
 
-import json
-import os
-import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from layout_check import SEQ, doc_starts, full, rel
+from layout_check import SEQ, doc_starts, full, rel, run_cases
 from parallel.context_parallel import shard_index
-from parallel.distributed import destroy_distributed
 from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
@@ -120,18 +115,11 @@ def share(loss: torch.Tensor | None, mesh) -> float:
     return total.item() / (mesh.dp_cp.size() * mesh.world["tp"].size())
 
 
+def pipeline_case(arch: str, overrides: dict, dims: dict, schedule: str, microbatches: int,
+                  options: dict | None = None) -> dict:
+    """One case of `worker`: options (optional) are compare's keywords."""
+    return compare(arch, overrides, ParallelDims(**dims), schedule, microbatches, **(options or {}))
+
+
 def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        for name, arch, overrides, dims, schedule, microbatches, *options in cases:
-            try:
-                results[name] = compare(arch, overrides, ParallelDims(**dims), schedule, microbatches,
-                                        **(options[0] if options else {}))
-            except Exception:  # noqa: BLE001 - reported by the test, per case
-                results[name] = {"error": traceback.format_exc()}
-    finally:
-        Path(out_dir, f"results{rank}.json").write_text(json.dumps(results))
-        destroy_distributed()
+    run_cases(rank, world, port, cases, out_dir, pipeline_case, every_rank=True)
