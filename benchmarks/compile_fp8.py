@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 
-from benchmarks.gpu_model import train_step_throughput
+from benchmarks.gpu_model import record_row, train_step_throughput
 
 
 def options(variant: str) -> dict:
@@ -40,16 +39,8 @@ def main() -> None:
     rows = []
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
-            try:
-                r = train_step_throughput(arch, args.batch, args.seq, **options(variant))
-            except torch.OutOfMemoryError as e:
-                r = {"arch": arch, "error": f"OOM: {e}".splitlines()[0]}
-            r["variant"] = variant
-            rows.append(r)
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            r = record_row(rows, args.out, arch,
+                           lambda: train_step_throughput(arch, args.batch, args.seq, **options(variant)), variant=variant)
             print(json.dumps(r), flush=True)
     print(f"{'arch':<12}{'variant':<34}{'step ms':>9}{'tokens/s':>11}{'MFU764':>8}{'x first':>8}{'GiB':>7}")
     base: dict[str, float] = {}

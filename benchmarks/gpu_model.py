@@ -129,6 +129,22 @@ def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str 
             "flops_per_token": fpt, "params": sum(p.numel() for p in model.parameters())}
 
 
+def record_row(rows: list[dict], out: str, arch: str, measure: Callable[[], dict], **labels) -> dict:
+    """Run one benchmark row (an OOM becomes the row's error), append it with its labels, free the
+    GPU and compile caches for the next row, and rewrite `out` so a time limit keeps what finished."""
+    try:
+        row = measure()
+    except torch.OutOfMemoryError as e:
+        row = {"arch": arch, "error": f"OOM: {e}".splitlines()[0]}
+    row.update(labels)
+    rows.append(row)
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_model.json")

@@ -10,11 +10,9 @@ Writes JSON after every row and prints a table last.
 from __future__ import annotations
 
 import argparse
-import json
 
-import torch
 
-from benchmarks.gpu_model import train_step_throughput
+from benchmarks.gpu_model import record_row, train_step_throughput
 
 
 def main() -> None:
@@ -27,17 +25,8 @@ def main() -> None:
     rows = []
     for arch in args.archs.split(","):
         for seq in (int(s) for s in args.seqs.split(",")):
-            try:
-                r = train_step_throughput(arch, batch=1, seq=seq, compile=args.compile, cast_params=True,
-                                          activation_checkpointing=True)
-            except torch.OutOfMemoryError as e:
-                r = {"arch": arch, "error": f"OOM: {e}".splitlines()[0]}
-            r["seq"] = seq
-            rows.append(r)
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            record_row(rows, args.out, arch, lambda: train_step_throughput(
+                arch, batch=1, seq=seq, compile=args.compile, cast_params=True, activation_checkpointing=True), seq=seq)
     print(f"{'arch':<14}{'seq':>7}{'step ms':>10}{'tokens/s':>11}{'MFU764':>8}{'peak GiB':>10}")
     for r in rows:
         if "error" in r:
