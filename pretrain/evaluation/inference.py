@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from pretrain.accounting import CACHE_BYTES_PER_ELEMENT, cache_elements
+from pretrain.accounting import cache_bytes
 from pretrain.model.decode import Decoder
+from pretrain.model.static_cache import ssm_state_dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -77,9 +78,8 @@ def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: i
                                "tokens_per_s": batch * (length - prompt_len) / elapsed,
                                "median_step_tokens_per_s": batch / statistics.median(steps),
                                "cache_bytes": decoder.cache.used_bytes(),
-                               "cache_elements_predicted": batch * cache_elements(model.config, length),
-                               "cache_bytes_bf16_predicted": batch * CACHE_BYTES_PER_ELEMENT
-                               * cache_elements(model.config, length)})
+                               "cache_bytes_predicted": batch * cache_bytes(
+                                   model.config, length, dtype.itemsize, ssm_state_dtype(dtype).itemsize)})
                 steps = []
         allocated = decoder.cache.allocated_bytes()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
