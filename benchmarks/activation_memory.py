@@ -2,11 +2,14 @@
 
     python benchmarks/activation_memory.py [--out activation_memory.json] [--archs llama,mamba2]
 
-One GPU, paper 1B presets, bf16 autocast over fp32 weights (as the trainer runs without FSDP
-mixed precision). For each architecture, micro-batch and sequence length, with and without
-activation checkpointing: one warm-up step leaves the gradients allocated, then the peak of a
-forward + backward above the memory held before it is what the step's activations (and the
-kernels' workspaces) cost. The table prints it next to the estimate and their ratio.
+One GPU, paper 1B presets, bf16 autocast over fp32 weights. For each architecture, micro-batch and
+sequence length, with and without activation checkpointing: one warm-up step leaves the gradients
+allocated, then the peak of a forward + backward above the memory held before it is what the step
+costs beyond the fp32 states. The estimate set beside it is what the dry run adds per rank
+(activations, the loss's working set) plus the bf16 weight copies autocast holds here (what FSDP's
+"gathered" line is under sharding): every weight autocast casts stays in its cache for the forward;
+the grouped experts' weights are cast inside the MoE, uncached, so under activation checkpointing
+they are freed block by block. The table prints the two and their ratio.
 """
 from __future__ import annotations
 
@@ -16,11 +19,22 @@ import json
 import torch
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
-from pretrain.layout import activation_bytes_per_token_per_dim
+from pretrain.layout import activation_bytes_per_token_per_dim, loss_working_set_bytes
 from pretrain.model import build_model
+from pretrain.model.moe import GroupedExperts
 
 GIB = 2**30
 SHAPES = [(1, 4096), (1, 8192), (2, 8192), (1, 16384)]
+
+
+def estimate_bytes(model, tokens: int, checkpointing: bool) -> int:
+    """The dry run's activations and loss working set, plus the bf16 weight copies autocast holds."""
+    cfg = model.config
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    untied_embedding = 0 if cfg.tie_embeddings else model.embed.weight.numel()  # looked up, never cast
+    cast = sum(p.numel() for p in model.parameters()) - untied_embedding - (experts if checkpointing else 0)
+    return (activation_bytes_per_token_per_dim(cfg.blocks, checkpointing) * tokens * cfg.d_model
+            + loss_working_set_bytes(cfg.vocab_size, cfg.d_model) + 2 * cast)
 
 
 def measure(arch: str, micro_batch: int, seq: int, checkpointing: bool) -> dict:
@@ -42,8 +56,7 @@ def measure(arch: str, micro_batch: int, seq: int, checkpointing: bool) -> dict:
     forward_backward()
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
-    per = activation_bytes_per_token_per_dim(len(model.blocks), checkpointing)
-    estimate = per * micro_batch * seq * model.config.d_model
+    estimate = estimate_bytes(model, micro_batch * seq, checkpointing)
     return {"arch": arch, "micro_batch": micro_batch, "seq": seq, "checkpointing": checkpointing,
             "measured_gib": measured / GIB, "estimate_gib": estimate / GIB, "ratio": estimate / measured,
             "measured_bytes_per_token_per_dim": measured / (micro_batch * seq * model.config.d_model)}

@@ -24,18 +24,30 @@ from parallel.pipeline import action_table_idle, bubble_fraction, local_stage_id
 from pretrain.config import JobConfig
 from pretrain.model.attention import Attention
 from pretrain.model.mamba2 import Mamba2
+from pretrain.model.ops.cross_entropy import CHUNK_LOGITS
 from pretrain.model.moe import MoE
 
 GIB = 2**30
 ACT_BYTES = 2  # bf16 activations and gathered parameters (training on GPUs)
 
 
-def activation_bytes_per_token_per_dim(n_layers: int, checkpointing: bool) -> int:
-    """Bytes of activations kept per token per d_model for the whole stack, calibrated on H200
-    peaks of the 1B presets on one GPU (docs/benchmarks.md): ~90 per block without activation
-    checkpointing (llama 69, the Mamba2/MoE hybrids 90); with it, the fp32 block inputs (4 per
-    block) plus one block being recomputed (~60; 1B hybrid_moe measured 107 in all)."""
-    return 4 * n_layers + 60 if checkpointing else 90 * n_layers
+def activation_bytes_per_token_per_dim(blocks: str, checkpointing: bool) -> int:
+    """Bytes of activations kept per token per d_model for the stack of `blocks` (their symbols) under
+    bf16 autocast, fitted to H200 peaks of the 1B presets on one GPU at 4K-32K tokens per micro-batch
+    (docs/benchmarks.md, "Activation memory"): per block, 67 for attention (A/S, llama) and 104 for
+    a block with a Mamba2 mixer (M/H, hybrid_moe); with activation checkpointing, the fp32 block
+    inputs (4 per block) plus one block being recomputed (~20)."""
+    if checkpointing:
+        return 4 * len(blocks) + 20
+    return sum(67 if sym in "AS" else 104 for sym in blocks)
+
+
+def loss_working_set_bytes(vocab: int, d_model: int) -> int:
+    """The chunked cross-entropy's memory on the rank holding the head (`vocab` rows of it): the
+    fp32 head-weight gradient it computes in the forward and the scaled copy its backward returns,
+    and one chunk's temporaries (fp32 logits and their gradient plus their bf16 casts, ~2.5 x 4
+    bytes per logit of a `CHUNK_LOGITS` chunk)."""
+    return 2 * vocab * d_model * 4 + 10 * CHUNK_LOGITS
 
 
 @dataclass
@@ -44,6 +56,7 @@ class RankMemory:
     expected: float  # the same, counted as total / shards of each parameter
     largest_block: int  # elements of the largest block this rank gathers (FSDP) for compute (pipelined: all)
     activations: float  # bytes per micro-batch, or at a pipeline rank's peak (estimate)
+    loss: float = 0.0  # bytes of the chunked cross-entropy's working set (ranks holding the head)
     in_flight: float = 1.0  # micro-batches' worth of activations held (pipeline: microbatches in flight / m)
     pipelined: bool = False
 
@@ -59,7 +72,9 @@ class RankMemory:
                 f"  activations  ~{self.activations / GIB:.2f} GiB " + (
                     "per micro-batch" if self.in_flight == 1 else
                     f"at the pipeline peak ({self.in_flight:g} micro-batch of this rank's blocks in flight)")
-                + " (estimate: 1-GPU calibration / (tp x cp))"]
+                + " (estimate: 1-GPU calibration / (tp x cp))"] + (
+                [f"  loss         ~{self.loss / GIB:.2f} GiB: the chunked cross-entropy's fp32 head gradient and "
+                 "logits chunk (this rank's vocabulary)"] if self.loss else [])
 
 
 @contextlib.contextmanager
@@ -103,9 +118,12 @@ def rank_memory(model: nn.Module, cfg: JobConfig, dims: ParallelDims, in_flight:
     gathered = [_gathered_numel(b) for b in model.blocks.values()]
     largest = sum(gathered) if dims.pp > 1 else max(gathered)  # pipelined blocks stay gathered for the step
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    per = activation_bytes_per_token_per_dim(len(model.blocks), cfg.train.activation_checkpointing)
-    return RankMemory(params, expected, largest, in_flight * per * tokens * model.config.d_model / (dims.tp * dims.cp),
-                      in_flight if dims.pp > 1 else 1.0, dims.pp > 1)
+    mcfg = model.config
+    per = activation_bytes_per_token_per_dim("".join(mcfg.blocks[int(i)] for i in model.blocks),
+                                             cfg.train.activation_checkpointing)
+    loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model) if model.head is not None else 0
+    return RankMemory(params, expected, largest, in_flight * per * tokens * mcfg.d_model / (dims.tp * dims.cp),
+                      loss, in_flight if dims.pp > 1 else 1.0, dims.pp > 1)
 
 
 def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum: int,

@@ -21,10 +21,11 @@ from pathlib import Path
 from parallel.distributed import DistInfo, destroy_distributed, init_distributed
 from parallel.mesh import ParallelDims
 from pretrain.config import ConfigError, JobConfig, parse_args, to_toml
+from pretrain.model.config import ModelConfig
 from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
 from pretrain.summary import write_summary
-from pretrain.layout import activation_bytes_per_token_per_dim, layout_report
+from pretrain.layout import activation_bytes_per_token_per_dim, layout_report, loss_working_set_bytes
 from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, build_model_from_config,
                               grad_accum_steps, parallel_dims, resolve_num_streams)
 
@@ -32,16 +33,17 @@ log = logging.getLogger("pretrain")
 EXIT_CONFIG = 2
 
 
-def estimate_memory_gib(n_params: int, cfg: JobConfig, n_layers: int, d_model: int, dims: ParallelDims) -> dict[str, float]:
+def estimate_memory_gib(n_params: int, cfg: JobConfig, mcfg: ModelConfig, dims: ParallelDims) -> dict[str, float]:
     """Rough per-GPU memory: fp32 params+grads+AdamW moments split over pp x dp_shard x cp x tp (an
     upper bound on the split: replicated tensors are not split by tp; `--world-size` reports the
     exact shards), plus the activations of one micro-batch under bf16 autocast
-    (`activation_bytes_per_token_per_dim`), split over tp x cp."""
+    (`activation_bytes_per_token_per_dim`), split over tp x cp, and the loss's working set."""
     states = 16 * n_params / (dims.pp * dims.dp_shard * dims.cp * dims.tp)
-    per_token = activation_bytes_per_token_per_dim(n_layers, cfg.train.activation_checkpointing)
-    activations = per_token * cfg.train.micro_batch_size * cfg.data.seq_len * d_model / (dims.tp * dims.cp)
-    return {"states_gib": states / 2**30, "activations_gib": activations / 2**30,
-            "total_gib": (states + activations) / 2**30}
+    per_token = activation_bytes_per_token_per_dim(mcfg.blocks, cfg.train.activation_checkpointing)
+    activations = per_token * cfg.train.micro_batch_size * cfg.data.seq_len * mcfg.d_model / (dims.tp * dims.cp)
+    loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model)
+    return {"states_gib": states / 2**30, "activations_gib": activations / 2**30, "loss_gib": loss / 2**30,
+            "total_gib": (states + activations + loss) / 2**30}
 
 
 def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | None = None) -> int:
@@ -60,7 +62,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     world = world_size or int(env_world)
     dims = parallel_dims(cfg, world)
     n_params = counts["total"]
-    mem = estimate_memory_gib(n_params, cfg, len(model.blocks), mcfg.d_model, dims)
+    mem = estimate_memory_gib(n_params, cfg, mcfg, dims)
     print(to_toml(cfg))
     print(f"pattern              {mcfg.pattern}")
     print(f"parameters           {n_params:,} (non-embedding {counts['non_embedding']:,}, "
@@ -69,7 +71,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     print(f"FLOPs per token      {flops['total']:.4g} training fwd+bwd at seq_len {cfg.data.seq_len} "
           f"({flops['non_embedding']:.4g} without the LM head)")
     print(f"memory per GPU       ~{mem['total_gib']:.1f} GiB (states {mem['states_gib']:.1f} + activations "
-          f"{mem['activations_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}, cp {dims.cp}, tp {dims.tp}")
+          f"{mem['activations_gib']:.1f} + loss {mem['loss_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}, cp {dims.cp}, tp {dims.tp}")
     dp = dims.dp
     accum = grad_accum_steps(cfg, dp)
     print(f"batch                {accum * dp * cfg.train.micro_batch_size * cfg.data.seq_len:,} tokens per step "
