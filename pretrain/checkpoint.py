@@ -290,9 +290,10 @@ def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence
     reason = verify_checkpoint(path)
     if reason is not None:
         raise ValueError(f"{path}: not a complete checkpoint ({reason}); point at a step_* directory")
-    saved = {k.removeprefix("model."): tuple(m.size) for k, m in _read_metadata(path).items()
+    entries = _read_metadata(path)
+    saved = {k.removeprefix("model."): tuple(m.size) for k, m in entries.items()
              if k.startswith("model.") and hasattr(m, "size")}
-    for s in _renamed(_read_metadata(path), {"model": model_state}, splits):
+    for s in _renamed(entries, {"model": model_state}, splits):  # the names and shapes after conversion
         saved.update((name, tuple(t.shape)) for name, t in s.parts(torch.empty(saved.pop(s.old), device="meta")))
     ours = {k: tuple(v.shape) for k, v in model_state.items()}
     problems = [f"{k} missing" for k in ours if k not in saved] + \
@@ -323,11 +324,11 @@ def load_dcp(path: Path, dcp_state: dict[str, Any], splits: Sequence[Split] = ()
     them (AdamW's moments split the same way, its step copied), are read into temporary full
     tensors, cut into the new tensors and copied into this rank's shards; the optimizer's param
     groups get the new names. Collective, as `dcp.load`."""
-    todo = _renamed(_read_metadata(path), dcp_state, splits) if splits else []
+    saved = _read_metadata(path) if splits else {}
+    todo = _renamed(saved, dcp_state, splits)
     if not todo:
         _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
         return
-    saved = _read_metadata(path)
 
     def temp(key: str) -> torch.Tensor:
         return torch.empty(saved[key].size, dtype=saved[key].properties.dtype)

@@ -5,8 +5,8 @@ plain state dicts and DCP checkpoints, model weights and the optimizer's moments
 - A fixture written by the old code itself (tests/fixtures/legacy, make_fixture.py) gives the old
   model's logits through the DCP path (`pretrain.hf.load_model`) and the plain state-dict path.
 - A trainer checkpoint rewritten in the old layout (the table's inverse, weights and AdamW state)
-  resumes on 1 process with the uninterrupted run's losses bit for bit, and at fsdp=2 (gloo) to
-  rel 1e-5: the second step after the resume needs the converted moments.
+  resumes on 1 process with the uninterrupted run's losses bit for bit, and at fsdp=2 and
+  tp=2 x fsdp=2 (gloo) to rel 1e-5: the second step after the resume needs the converted moments.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 import curves
 from trainer_helpers import losses, run_to_end, tiny_args
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy"
 STEPS = 4
 
@@ -99,7 +100,10 @@ def _write_old_layout(src: Path, dst: Path) -> None:
 
 
 def _args(run_dir: Path, corpus: Path, dp: int, *extra: str) -> list[str]:
-    return tiny_args(run_dir, corpus, STEPS, f"--train.micro_batch_size={4 // dp}", *extra)
+    # the tiny intra-hybrid with 4 SSM and 2 K/V heads, so tp=2 can split them
+    return tiny_args(run_dir, corpus, STEPS, f"--train.micro_batch_size={4 // dp}",
+                     "--model.overrides.intra.kv_heads=2", "--model.overrides.intra.attn_heads=4",
+                     "--model.overrides.intra.ssm_heads=4", *extra)
 
 
 @pytest.mark.slow
@@ -119,3 +123,6 @@ def test_old_layout_trainer_checkpoint_resumes(corpus, tmp_path):
     fsdp = tmp_path / "fsdp"
     assert "dp=2" in run_to_end(_args(fsdp, corpus, 2, f"--resume-from={old}"), nproc=2)
     curves.assert_close_curves(fsdp, reference, range(3, STEPS + 1))
+    tp_fsdp = tmp_path / "tp_fsdp"  # 2-D (TP x FSDP) shards of the split parts
+    assert "dp=2 tp=2" in run_to_end(_args(tp_fsdp, corpus, 2, "--parallel.tp=2", f"--resume-from={old}"), nproc=4)
+    curves.assert_close_curves(tp_fsdp, reference, range(3, STEPS + 1))
