@@ -251,4 +251,3 @@ def mamba2_from_config(cfg, layer_id: int) -> Mamba2:
     return Mamba2(cfg.d_model, cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state, cfg.n_groups, cfg.d_conv,
                   cfg.chunk_size, cfg.a_init_range, cfg.dt_min, cfg.dt_max, cfg.norm_eps,
                   init_std=cfg.init_std, out_init_std=cfg.out_init_std)
-
