@@ -10,6 +10,7 @@ plain state dicts and DCP checkpoints, model weights and the optimizer's moments
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -36,17 +37,15 @@ def _seal(path: Path) -> None:
 
 def _old_model_dir(tmp_path: Path) -> Path:
     """The fixture's old-layout weights as a sealed checkpoint with the new code's model config."""
-    import sys
-
-    sys.path.insert(0, str(FIXTURE))
-    from make_fixture import ARCH, OVERRIDES, SIZE
-
     from pretrain.checkpoint import MODEL_CONFIG_FILE, model_config_json
     from pretrain.model import model_config
 
+    spec = importlib.util.spec_from_file_location("make_fixture", FIXTURE / "make_fixture.py")
+    made = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(made)  # the model the old code built (its __main__ part does not run)
     path = tmp_path / "step_00000000"
     shutil.copytree(FIXTURE / "model", path)
-    (path / MODEL_CONFIG_FILE).write_text(model_config_json(model_config(ARCH, SIZE, **OVERRIDES)))
+    (path / MODEL_CONFIG_FILE).write_text(model_config_json(model_config(made.ARCH, made.SIZE, **made.OVERRIDES)))
     _seal(path)
     return path
 
