@@ -27,14 +27,18 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, broadcast_object, new_cpu_group
 from pretrain.checkpoint_integrity import (MARKER, CheckpointDamaged, FileRecord, file_digest, share, verify_share,
                                            write_marker)
+from pretrain.model.legacy import Split
 
 log = logging.getLogger(__name__)
 _SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
@@ -229,15 +233,17 @@ class CheckpointManager:
         for old in mine[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, dcp_state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Load DCP tensors in place into `dcp_state`; return (shared state, list of per-rank states).
-        Collective. The checkpoint is verified again right before reading (DCP unpickles
-        `.metadata` and the non-tensor optimizer state in the `.distcp` files), so nothing that
-        changed since it was chosen is ever unpickled or trusted."""
+    def load(self, path: Path, dcp_state: dict[str, Any], splits: Sequence[Split] = ()
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Load DCP tensors in place into `dcp_state` ({"model": ..., "optim": ...}), converting
+        what the checkpoint holds under old names (`splits`, see `load_dcp`); return (shared
+        state, list of per-rank states). Collective. The checkpoint is verified again right before
+        reading (DCP unpickles `.metadata` and the non-tensor optimizer state in the `.distcp`
+        files), so nothing that changed since it was chosen is ever unpickled or trusted."""
         reason = verify_checkpoint(path)
         if reason is not None:
             raise CheckpointDamaged(f"{path}: {reason}; it changed after it was chosen for resume")
-        _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
+        load_dcp(path, dcp_state, splits)
         try:
             state = json.loads((path / TRAIN_STATE).read_text())
         except (ValueError, UnicodeDecodeError) as e:  # sealed with its hash, so written by something else
@@ -275,24 +281,87 @@ def save_model_weights(tmp: Path, model_state: dict[str, Any]) -> None:
     _quiet_dcp(dcp.save, {"model": model_state}, checkpoint_id=str(tmp))
 
 
-def load_model_weights(path: Path, model_state: dict[str, Any]) -> None:
-    """Load only the model's tensors (in place) from a checkpoint, resharding as needed.
+def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence[Split] = ()) -> None:
+    """Load only the model's tensors (in place) from a checkpoint, resharding as needed and
+    converting old names (`splits`, see `load_dcp`).
 
     The checkpoint is verified first; names and global shapes are checked next, so a mismatch
     says which tensors differ instead of failing inside DCP."""
     reason = verify_checkpoint(path)
     if reason is not None:
         raise ValueError(f"{path}: not a complete checkpoint ({reason}); point at a step_* directory")
-    saved = {k.removeprefix("model."): tuple(m.size)
-             for k, m in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+    entries = _read_metadata(path)
+    saved = {k.removeprefix("model."): tuple(m.size) for k, m in entries.items()
              if k.startswith("model.") and hasattr(m, "size")}
+    for s in _renamed(entries, {"model": model_state}, splits):  # the names and shapes after conversion
+        saved.update((name, tuple(t.shape)) for name, t in s.parts(torch.empty(saved.pop(s.old), device="meta")))
     ours = {k: tuple(v.shape) for k, v in model_state.items()}
     problems = [f"{k} missing" for k in ours if k not in saved] + \
                [f"{k} is {saved[k]} in the checkpoint, {ours[k]} here" for k in ours if k in saved and saved[k] != ours[k]]
     if problems:
         raise ValueError(f"{path}: weights do not fit this model ({len(problems)} tensors, e.g. "
                          f"{'; '.join(problems[:3])}); build the model of {path / MODEL_CONFIG_FILE}")
-    _quiet_dcp(dcp.load, {"model": model_state}, checkpoint_id=str(path))
+    load_dcp(path, {"model": model_state}, splits)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """The checkpoint's DCP entries (flattened key -> metadata); call after it verified."""
+    return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+
+def _renamed(saved: dict[str, Any], dcp_state: dict[str, Any], splits: Sequence[Split]) -> list[Split]:
+    """The splits to apply: the checkpoint holds the old name and the model here the new ones."""
+    return [s for s in splits if f"model.{s.old}" in saved and f"model.{s.new[0][0]}" not in saved
+            and s.new[0][0] in dcp_state["model"]]
+
+
+def load_dcp(path: Path, dcp_state: dict[str, Any], splits: Sequence[Split] = ()) -> None:
+    """`dcp.load` into `dcp_state` ({"model": {name: tensor}}, optionally "optim" as
+    `get_state_dict` gives it), for any layout of this run (plain or DTensor-sharded tensors).
+
+    A checkpoint saved before a layout change holds some parameters under an old name (`splits`:
+    old name -> new names, rows stacked along dim 0). Those entries, and the optimizer's state of
+    them (AdamW's moments split the same way, its step copied), are read into temporary full
+    tensors, cut into the new tensors and copied into this rank's shards; the optimizer's param
+    groups get the new names. Collective, as `dcp.load`."""
+    saved = _read_metadata(path) if splits else {}
+    todo = _renamed(saved, dcp_state, splits)
+    if not todo:
+        _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
+        return
+
+    def temp(key: str) -> torch.Tensor:
+        return torch.empty(saved[key].size, dtype=saved[key].properties.dtype)
+
+    model, optim = dcp_state["model"], dcp_state.get("optim")
+    news = {name for s in todo for name, _ in s.new}
+    load: dict[str, Any] = {"model": {k: v for k, v in model.items() if k not in news}}
+    load["model"].update({s.old: temp(f"model.{s.old}") for s in todo})
+    if optim is not None:
+        moments = {k: v for k, v in optim["state"].items() if k not in news}
+        moments.update({s.old: {k: temp(f"optim.state.{s.old}.{k}") for k in optim["state"][s.new[0][0]]}
+                        for s in todo})
+        load["optim"] = {**optim, "state": moments}
+    _quiet_dcp(dcp.load, load, checkpoint_id=str(path))
+    for s in todo:
+        for name, part in s.parts(load["model"][s.old]):
+            _copy_global(model[name], part)
+        for k, t in load["optim"]["state"][s.old].items() if optim is not None else ():
+            for name, part in s.parts(t) if t.dim() else [(name, t) for name, _ in s.new]:
+                _copy_global(optim["state"][name][k], part)
+    if optim is not None:  # the saved groups list the old names
+        renamed = {s.old: [name for name, _ in s.new] for s in todo}
+        for group in optim["param_groups"]:
+            group["params"] = [new for name in group["params"] for new in renamed.get(name, [name])]
+
+
+def _copy_global(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the global tensor `full` into `target`: all of it, or this rank's shard of a DTensor."""
+    if isinstance(target, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
+        target = target.to_local()
+        full = full[tuple(slice(o, o + n) for n, o in zip(shape, offset))]
+    target.copy_(full)
 
 
 def _write_durably(path: Path, text: str) -> None:

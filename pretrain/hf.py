@@ -83,12 +83,13 @@ def read_run_config(checkpoint: Path) -> dict[str, Any]:
 
 def load_model(checkpoint: Path) -> HybridLM:
     """Our model with the weights of `checkpoint` (any number of ranks wrote it)."""
+    from pretrain.model.legacy import legacy_splits
     from pretrain.model.lm import HybridLM
 
     model = HybridLM(read_model_config(checkpoint))
     state = model.state_dict()
     try:
-        load_model_weights(checkpoint, state)
+        load_model_weights(checkpoint, state, legacy_splits(model.config))
     except ValueError as e:  # incomplete checkpoint or weights of another model: names the file
         raise CliError(str(e)) from None
     model.load_state_dict(state)

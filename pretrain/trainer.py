@@ -43,6 +43,7 @@ from pretrain.determinism import capture_rng_state, fingerprint_changes, restore
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
 from pretrain.model.config import ModelConfig
+from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
@@ -435,7 +436,7 @@ class Trainer:
                 self._init_from(Path(self.cfg.checkpoint.init_from))
             return False
         state = self._dcp_state()
-        shared, ranks = self.ckpt.load(path, state)
+        shared, ranks = self.ckpt.load(path, state, legacy_splits(self.model_config))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(shared["scheduler"])
         self.progress = TrainProgress(**shared["progress"])
@@ -455,7 +456,7 @@ class Trainer:
         """Start a fresh run (new optimizer, step 0) from another checkpoint's model weights."""
         model_sd = get_model_state_dict(self.model)
         try:
-            load_model_weights(path, model_sd)
+            load_model_weights(path, model_sd, legacy_splits(self.model_config))
         except ValueError as e:
             raise ConfigError(f"config: checkpoint.init_from: {e}") from None
         set_model_state_dict(self.model, model_sd)

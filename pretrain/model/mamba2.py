@@ -5,8 +5,8 @@ The projection and the conv are stored as one module per part (z, x, B, C, dt; c
 rather than Mamba's packed `in_proj` / `conv1d`, so that each part has one clean placement under
 tensor parallelism: z, x, dt and the x-conv shard by SSM head, B and C by group (replicated when
 n_groups does not divide over the ranks, e.g. the paper's n_groups = 1). Without TP the parts run
-as one GEMM and one conv, exactly as the packed layout did; `convert_packed_mamba` reads weights
-saved in the packed layout.
+as one GEMM and one conv, exactly as the packed layout did; weights saved in the packed layout
+convert on load (`pretrain.model.legacy`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard
 from parallel.context_parallel import all_gather_sequence, head_slice, heads_to_sequence, sequence_to_heads, \
     to_natural_order
 from parallel.tensor_parallel import linear, local, local_replicated
+from pretrain.model.legacy import MAMBA_PARTS, convert, mamba_splits
 from pretrain.model.norms import GatedRMSNorm
 from pretrain.model.ops import causal_conv1d, ssd_scan
 from pretrain.model.ops.precision import wide
@@ -49,7 +50,7 @@ class Mamba2(nn.Module):
     below are read from the local tensors, never from the global head counts.
     """
 
-    PARTS = ("z", "x", "B", "C", "dt")
+    PARTS = MAMBA_PARTS
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, d_state: int, n_groups: int = 1,
                  d_conv: int = 4, chunk_size: int = 256, a_init_range: tuple[float, float] = (0.01, 2.0),
@@ -241,23 +242,8 @@ class Mamba2(nn.Module):
 
 def _split_packed_on_load(module: Mamba2, state_dict: dict, prefix: str, *args) -> None:
     """Weights saved before the split (packed `in_proj.weight`, `conv_weight`, `conv_bias`) load."""
-    convert_packed_mamba(state_dict, prefix, module.d_ssm, module.n_groups * module.d_state, module.external_x)
-
-
-def convert_packed_mamba(state: dict[str, Tensor], prefix: str, d_ssm: int, gn: int, external_x: bool) -> None:
-    """Rewrite one Mamba2 mixer's packed tensors under `prefix` in `state` into the split names, in
-    place: in_proj rows [z, x, B, C, dt] (x absent when external) and conv channels [x, B, C]."""
-    if prefix + "in_proj.weight" not in state:
-        return
-    packed = state.pop(prefix + "in_proj.weight")
-    names = [n for n in Mamba2.PARTS if not (external_x and n == "x")]
-    rows = {"z": d_ssm, "x": d_ssm, "B": gn, "C": gn}
-    parts = packed.split([rows.get(n, packed.shape[0] - sum(rows[m] for m in names[:-1])) for n in names])
-    state.update({f"{prefix}{n}_proj.weight": w for n, w in zip(names, parts)})
-    for kind in ("weight", "bias"):
-        conv = state.pop(f"{prefix}conv_{kind}")
-        for n, w in zip("xBC", conv.split([d_ssm, gn, gn])):
-            state[f"{prefix}conv_{n}.{kind}"] = w
+    convert(state_dict, mamba_splits(prefix, module.n_heads, module.d_ssm, module.n_groups * module.d_state,
+                                     module.external_x))
 
 
 def mamba2_from_config(cfg, layer_id: int) -> Mamba2:
@@ -265,16 +251,3 @@ def mamba2_from_config(cfg, layer_id: int) -> Mamba2:
     return Mamba2(cfg.d_model, cfg.ssm_heads, cfg.ssm_head_dim, cfg.d_state, cfg.n_groups, cfg.d_conv,
                   cfg.chunk_size, cfg.a_init_range, cfg.dt_min, cfg.dt_max, cfg.norm_eps,
                   init_std=cfg.init_std, out_init_std=cfg.out_init_std)
-
-
-def convert_packed_state(state: dict[str, Tensor], cfg) -> None:
-    """Convert every Mamba2 mixer's packed tensors in a whole model's `state` (keys as
-    `HybridLM.state_dict()`, e.g. read from a checkpoint saved before the split) to the split
-    names, in place, from the ModelConfig `cfg` alone."""
-    for i, symbol in enumerate(cfg.blocks):
-        if symbol == "M":
-            convert_packed_mamba(state, f"blocks.{i}.mixer.", cfg.d_ssm, cfg.n_groups * cfg.d_state, False)
-        elif symbol == "H":
-            ic = cfg.intra
-            convert_packed_mamba(state, f"blocks.{i}.mixer.ssm.", ic.ssm_width, cfg.n_groups * ic.d_state,
-                                 ic.value_sharing)

@@ -23,6 +23,7 @@ from parallel.tensor_parallel import local_replicated
 
 from pretrain.model.config import MoEConfig
 from pretrain.model.ffn import SwiGLU
+from pretrain.model.legacy import convert, moe_splits
 from pretrain.model.ops import grouped_mm
 from pretrain.model.ops.precision import wide
 
@@ -198,8 +199,6 @@ def _(tokens_per_expert: Tensor, tokens_received: Tensor, counts: Tensor, receiv
     return None
 
 
-def _nest_expert_weights_on_load(_module, state: dict, prefix: str, *_args) -> None:
+def _nest_expert_weights_on_load(module: MoE, state: dict, prefix: str, *_args) -> None:
     """State dicts saved before the split kept the expert weights on the MoE itself (`w1`, ...)."""
-    for name in ("w1", "w2", "w3"):
-        if prefix + name in state:
-            state[prefix + "experts." + name] = state.pop(prefix + name)
+    convert(state, moe_splits(prefix, module.cfg.n_experts))

@@ -4,19 +4,13 @@ import pytest
 import torch
 
 from pretrain.model import build_model
-from pretrain.model.mamba2 import Mamba2, convert_packed_state
+from pretrain.model.legacy import convert, legacy_splits, to_legacy
 
 
 def packed_state(model) -> dict[str, torch.Tensor]:
     """`model`'s state dict in the layout checkpoints had before the split."""
     state = dict(model.state_dict())
-    for name, mod in model.named_modules():
-        if isinstance(mod, Mamba2):
-            p = name + "."
-            parts = [f"{p}{n}_proj.weight" for n in Mamba2.PARTS if not (mod.external_x and n == "x")]
-            state[p + "in_proj.weight"] = torch.cat([state.pop(k) for k in parts])
-            for kind in ("weight", "bias"):
-                state[f"{p}conv_{kind}"] = torch.cat([state.pop(f"{p}conv_{n}.{kind}") for n in "xBC"])
+    to_legacy(state, legacy_splits(model.config))
     return state
 
 
@@ -35,10 +29,13 @@ def test_packed_checkpoint_loads_into_split_layout(arch, overrides):
 
 
 @pytest.mark.parametrize("arch", ["hybrid_moe", "inter_hybrid"])
-def test_packed_state_converts_from_the_config_alone(arch):
-    """What a checkpoint loader needs: the split state from the packed one without module instances."""
+def test_old_state_converts_from_the_config_alone(arch):
+    """What a checkpoint loader needs: the split state (Mamba2 and MoE) from the old one without
+    module instances."""
     model = build_model(arch, "tiny", intra={"value_sharing": True})
     state = packed_state(model)
-    convert_packed_state(state, model.config)
+    assert any(k.endswith("conv_weight") for k in state)
+    assert (model.config.moe is None) != any(k.endswith("ffn.w1") for k in state)
+    convert(state, legacy_splits(model.config))
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -56,12 +56,15 @@ def doc_starts(rows: int) -> torch.Tensor:
 def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, steps: int = 3,
             document_masking: bool = False, compile_backend: str | None = None) -> dict:
     """Losses of `steps` AdamW steps and the first step's relative error of every gradient
-    (|g - g_ref| / |g_ref|, per tensor); with `document_masking`, over packed documents; with
+    (|g - g_ref| / |g_ref|, per tensor); in fp32 also both first-step gradients' errors against the
+    fp64 gradient of the same weights and batch (`grad_err`: 1 process, layout), computed here on a
+    fp64 copy of the reference; with `document_masking`, over packed documents; with
     `compile_backend`, the parallel model's blocks compiled and checkpointed (the trainer's layout
     under train.compile)."""
     torch.manual_seed(0)
     ref = build_model(arch, "tiny", **overrides).to(dtype)
     model = copy.deepcopy(ref)
+    truth = copy.deepcopy(ref).double() if dtype == torch.float32 else None
     mesh = build_mesh(dims.resolve(dist.get_world_size()), "cpu")
     compiled = {"compile": True, "compile_backend": compile_backend, "activation_checkpointing": True}
     parallelize_hybrid(model, mesh, param_dtype=dtype, reduce_dtype=dtype, **(compiled if compile_backend else {}))
@@ -88,8 +91,13 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, 
         out["ref"].append(loss_ref.item())
         out["par"].append(loss_sum.item() / (dp_size * cp))
         if step == 0:
-            grads = {unwrapped(n): p.grad for n, p in model.named_parameters()}
-            out["grad_rel"] = {n: rel(full(grads[n]), p.grad) for n, p in ref.named_parameters()}
+            grads = {unwrapped(n): full(p.grad) for n, p in model.named_parameters()}
+            out["grad_rel"] = {n: rel(grads[n], p.grad) for n, p in ref.named_parameters()}
+            if truth is not None:  # each fp32 gradient's own error: 1 process's and the layout's
+                truth.loss(tokens[:, :-1], tokens[:, 1:], ref_pos).backward()
+                exact = dict(truth.named_parameters())
+                out["grad_err"] = {n: (rel(p.grad.double(), exact[n].grad), rel(grads[n].double(), exact[n].grad))
+                                   for n, p in ref.named_parameters()}
         for opt in opts:
             opt.step()
             opt.zero_grad()

@@ -2,8 +2,9 @@
 with FSDP2 / HSDP, on gloo against the same model in one process, for every mixer (attention global and
 sliding-window + sinks over a sequence longer than window + sinks, Mamba2 with 1 and 2 groups,
 intra-hybrid and its TP-relevant variants) and FFN (SwiGLU, MoE): in fp64 every gradient agrees to
-1e-10 (the layout is exact), in fp32 the losses of 3 AdamW steps to 1e-5 and every gradient to fp32
-rounding."""
+1e-10 (the layout is exact), in fp32 the losses of 3 AdamW steps to 1e-5 and every gradient to 1e-5,
+or, where fp32 itself is less accurate than that, as close to the fp64 truth as one process is
+(`check_fp32_gradients`)."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,15 @@ ARCHS = [("llama", {}), ("swa", {}), ("mamba2", {}), ("mamba2", {"n_groups": 2})
 INTRA_VARIANTS = [{**KV2, "norm": "rms", "scaling": "diff", "value_sharing": True},
                   {**KV2, "scaling": "scalar", "fusion": "concat"},
                   {**KV2, "scaling": "gate", "out_proj": "unified"}, {**KV2, "scaling": "vector", "fusion": "add"}]
-FP32_GRAD_REL = 3e-5  # fp32 rounding of gradients summed in another order (worst seen: 1.04e-5, a conv bias)
+# fp32 gradients (issue 10): rel 1e-5 of one process (|g - g_1| / |g_1| per tensor) for every
+# well-conditioned tensor: one whose 1-process fp32 gradient is within a quarter of that of the fp64
+# truth (computed in the same process). Above it (cancellation: Mamba2 conv B/C biases, A_log, D,
+# dt_bias; worst 8.4e-6) two fp32 results may differ by more than 1e-5 whatever their order, so
+# there the layout's own error against fp64 must be at most FP32_ILL_FACTOR times one process's
+# (measured worst 2.7x: docs/parallelism.md, Testing).
+FP32_GRAD_REL = 1e-5
+FP32_WELL_CONDITIONED = FP32_GRAD_REL / 4
+FP32_ILL_FACTOR = 4
 
 
 def run(world: int, cases: list, tmp_path) -> dict:
@@ -36,11 +45,23 @@ def run(world: int, cases: list, tmp_path) -> dict:
 def check(results: dict) -> None:
     for name, r in results.items():
         assert "error" not in r, f"{name}: {r.get('error')}"
-        worst = max(r["grad_rel"], key=r["grad_rel"].get)
-        limit = 1e-10 if name.startswith("float64") else FP32_GRAD_REL
-        assert r["grad_rel"][worst] < limit, f"{name}: gradient of {worst} off by rel {r['grad_rel'][worst]:.2e}"
+        if name.startswith("float64"):
+            worst = max(r["grad_rel"], key=r["grad_rel"].get)
+            assert r["grad_rel"][worst] < 1e-10, f"{name}: gradient of {worst} off by rel {r['grad_rel'][worst]:.2e}"
+        else:
+            check_fp32_gradients(name, r)
         for a, b in zip(r["par"], r["ref"], strict=True):
             assert abs(a - b) <= 1e-5 * abs(b), f"{name}: losses {r['par']} vs one process {r['ref']}"
+
+
+def check_fp32_gradients(name: str, r: dict) -> None:
+    for n, rel in r["grad_rel"].items():
+        one, layout = r["grad_err"][n]  # each fp32 gradient's rel error against the fp64 one
+        if one <= FP32_WELL_CONDITIONED:
+            assert rel < FP32_GRAD_REL, f"{name}: gradient of {n} off by rel {rel:.2e} (1 process vs fp64: {one:.2e})"
+        else:
+            assert layout <= FP32_ILL_FACTOR * one, \
+                f"{name}: gradient of {n} is rel {layout:.2e} from fp64, {layout / one:.1f} times 1 process's {one:.2e}"
 
 
 def cases(dims: dict, dtype: str, archs: list) -> list:
