@@ -19,6 +19,8 @@ import torch.distributed.pipelining as pipelining
 import torch.nn as nn
 from torch import Tensor
 
+from parallel.split_backward import transitive_param_groups
+
 # name -> (torch class, layout of a rank's stages: "loop" r, r+pp, ... or "v" r and 2pp-1-r)
 SCHEDULES: dict[str, tuple[str, str]] = {
     "1f1b": ("Schedule1F1B", "loop"),
@@ -139,8 +141,9 @@ class Pipeline:
         self.loss_scale[0] = 1 / (self.microbatches * accumulation)
         args = (inputs,) if self.has_first else ()
         extra = {"return_outputs": False} if _accepts(self.schedule.step, "return_outputs") else {}
-        self.schedule.step(*args, target=targets if self.has_last else None, losses=losses if self.has_last else None,
-                           targets=targets, **extra, **kwargs)
+        with transitive_param_groups():  # the V schedules' split backward, grouped correctly
+            self.schedule.step(*args, target=targets if self.has_last else None,
+                               losses=losses if self.has_last else None, targets=targets, **extra, **kwargs)
         for undo in self.undo:
             undo.finish(self.microbatches)
         parts = [torch.stack(losses).detach().double().mean() / self.loss_scale[0]] if self.has_last else []

@@ -34,7 +34,7 @@ from parallel.grad_norm import clip_grad_norm_
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.mixed_precision import cast_parameters
-from parallel.pipeline import SCHEDULES, Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
+from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
                                  load_model_weights, model_config_json, verify_checkpoint)
@@ -148,10 +148,6 @@ def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[i
         if model_cfg.tie_embeddings:
             raise ValueError("parallel.pp > 1 needs untied embeddings (the embedding sits on the first stage, the head "
                              "on the last): set model.overrides.tie_embeddings=false")
-        if SCHEDULES[p.pp_schedule][1] == "v" and cfg.data.document_masking:
-            raise ValueError(f"parallel.pp_schedule={p.pp_schedule} splits the backward into input and weight passes, "
-                             "which torch's split fails on through the document-masked Mamba2 mixers: use "
-                             "parallel.pp_schedule=1f1b or interleaved_1f1b with data.document_masking=true")
         marked = len(parse_pattern(model_cfg.pattern).stages) if STAGE_BOUNDARY in model_cfg.pattern else None
         per_rank = stages_per_rank(p.pp_schedule, marked, p.pp)
         costs = block_flops_per_token(model_cfg, cfg.data.seq_len)

@@ -1,5 +1,6 @@
 """Pipeline parallelism on gloo against the same model in one process: every schedule at pp=2
-(1F1B; interleaved 1F1B and the zero-bubble V schedules with 2 stages per rank), and pp=2 composed
+(1F1B; interleaved 1F1B and the zero-bubble V schedules with 2 stages per rank, each also over
+document-masked packed rows), and pp=2 composed
 with FSDP, TP and CP (4 ranks). The first step's loss and every gradient (each rank checks the
 parameters of its own stages, named as in the whole model), the global gradient norm, the
 losses of 3 clipped AdamW steps (each accumulating two pipeline batches) and a forward-only
@@ -52,6 +53,8 @@ def test_pipeline_schedules_match_one_process(tmp_path):
               ("interleaved aux loss masked", "hybrid_moe", {**FOUR_STAGES, **AUX}, {"pp": 2}, "interleaved_1f1b", 4,
                {"masked": True}),
               ("zbv aux loss", "hybrid_moe", {**FOUR_STAGES, **AUX}, {"pp": 2}, "zbv", 4)]
+    cases += [(f"{s} masked", "hybrid_moe", FOUR_STAGES, {"pp": 2}, s, 4, {"masked": True})
+              for s in available_schedules() if s in ("zbv", "dualpipev")]  # the split backward, masked conv
     assert {c[0] for c in cases} >= {"1f1b", "interleaved_1f1b", "zbv"}
     results = run(2, cases, tmp_path)
     check(results)
