@@ -11,6 +11,7 @@ that stage's backward, scaled as the last stage's loss, and the loss `Pipeline.r
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -157,24 +158,50 @@ class Pipeline:
         """The whole batch stage after stage, without the schedule: with no backward there is
         nothing to overlap, and torch's V schedules cannot run forward only (their `eval` asks
         for backward buffers in torch 2.13). Returns the last stage's output on its rank."""
+        out = self.through(lambda module, _stage, x: module(x, **kwargs), inputs)
+        return out.double() if out is not None else None
+
+    def through(self, fn: Callable[[nn.Module, int, Tensor], Tensor], inputs: Tensor) -> Tensor | None:
+        """One forward through every stage in order, outside the schedule: stage s's owner runs
+        `fn(its module, s, input)` on the previous stage's output (received from its owner; the
+        first stage gets `inputs`) and sends the result on. Every pp rank calls it; returns the
+        last stage's output on its rank, None elsewhere. For forward-only work (validation,
+        decoding a token at a time), where there is no backward to overlap."""
         me, x = dist.get_rank(self.group), inputs
         for s, owner in enumerate(self.owners):
             if owner != me:
                 continue
             if s > 0 and self.owners[s - 1] != me:
                 x = _recv(dist.get_global_rank(self.group, self.owners[s - 1]), self.group, self.device)
-            x = self.modules[self.stage_ids.index(s)](x, **kwargs)
+            x = fn(self.modules[self.stage_ids.index(s)], s, x)
             if s < self.n_stages - 1 and self.owners[s + 1] != me:
                 _send(x, dist.get_global_rank(self.group, self.owners[s + 1]), self.group)
-        return x.double() if self.has_last else None
+        return x if self.has_last else None
+
+    def broadcast_from_last(self, t: Tensor | None) -> Tensor:
+        """The last stage's `t` on every pp rank (shape and dtype sent along: others pass None)."""
+        src = dist.get_global_rank(self.group, self.owners[-1])
+        header = torch.zeros(8, dtype=torch.int64, device=self.device)
+        if self.has_last:
+            header.copy_(_header(t))
+        dist.broadcast(header, src=src, group=self.group)
+        code, ndim, *shape = header.tolist()
+        out = t.contiguous() if self.has_last else torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device)
+        dist.broadcast(out, src=src, group=self.group)
+        return out
 
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64)
+
+
+def _header(t: Tensor) -> Tensor:
+    """A tensor's dtype, rank and shape (up to 6 dims) as 8 int64, sent ahead of it."""
+    return torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape] + [0] * (6 - t.ndim), dtype=torch.int64,
+                        device=t.device)
 
 
 def _send(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
-    header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape] + [0] * (6 - t.ndim), dtype=torch.int64)
-    dist.send(header.to(t.device), dst=dst, group=group)
+    dist.send(_header(t), dst=dst, group=group)
     dist.send(t.contiguous(), dst=dst, group=group)
 
 

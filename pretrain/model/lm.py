@@ -8,6 +8,7 @@ the first stage, the final norm, head and loss on the last.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,9 @@ from pretrain.model.moe import MoE
 from pretrain.model.norms import RMSNorm
 from pretrain.model.ops import chunked_cross_entropy
 from pretrain.model.packed import PackedDocs
+
+if TYPE_CHECKING:
+    from parallel.pipeline import Pipeline
 
 
 class LMHead(nn.Module):
@@ -128,22 +132,26 @@ class HybridLM(nn.Module):
         equal, as a pipeline schedule splits every input on the batch): the tokens' absolute
         positions, given under context parallelism (a rank's shard of the sequence); default 0..
         (or after the cache). PackedDocs instead: rows of packed documents, each token seeing only
-        its own document."""
+        its own document. A later stage under tensor parallelism needs them (its input is a
+        sequence shard, maybe uneven: one decoded token over tp ranks)."""
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         elif isinstance(positions, Tensor) and positions.ndim == 2:
             positions = positions[0]
+        length = positions.shape[-1] if isinstance(positions, Tensor) else positions.positions.shape[-1]
         if self.embed is not None:
             x = self.embed(tokens)
         elif self.tp_mesh is not None:  # the previous stage's sequence shard
-            x = DTensor.from_local(tokens, self.tp_mesh, [Shard(1)], run_check=False)
+            b, _, d = tokens.shape
+            x = DTensor.from_local(tokens, self.tp_mesh, [Shard(1)], run_check=False, shape=(b, length, d),
+                                   stride=(length * d, d, 1))
         else:
             x = tokens
         for key, block in self.blocks.items():
             x = block(x, positions, cache.layers[int(key)] if cache is not None else None)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.length += length
         if self.norm is None:
             return local(x)
         return self.norm(x)
@@ -191,7 +199,7 @@ class HybridLM(nn.Module):
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  return_logits: bool = False, static_cache: bool = True,
-                 doc_starts: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 doc_starts: Tensor | None = None, pipeline: Pipeline | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
@@ -200,12 +208,18 @@ class HybridLM(nn.Module):
         tokens on); False grows an `InferenceCache` (the reference; tensor parallelism uses it).
         `doc_starts` [b, l] (bool, True at each document's first token): rows of several packed
         documents, each row continuing its last document as if it had been prompted alone (on
-        the growing cache). A pipeline stage refuses: decoding one token at a time through pp
-        ranks would idle all but one of them, and a checkpoint loads whole at pp=1.
+        the growing cache). Under pipeline parallelism `pipeline` is this rank's
+        (`parallel.pipeline.Pipeline`, the trainer's `pipeline`) and every pp rank calls this
+        with the same arguments (`pretrain.model.pipeline_generate`: growing caches).
         """
+        if pipeline is not None:
+            from pretrain.model.pipeline_generate import generate_pipelined
+
+            return generate_pipelined(pipeline, prompt, max_new_tokens, temperature, top_k, generator, return_logits,
+                                      doc_starts)
         if self.embed is None or self.head is None:
-            raise ValueError("HybridLM.generate needs the whole model, not a pipeline stage (parallel.pp > 1): load the "
-                             "checkpoint at parallel.pp=1 to generate (DCP reshards it)")
+            raise ValueError("HybridLM.generate on a pipeline stage (parallel.pp > 1) needs its rank's pipeline: call "
+                             "model.generate(prompt, ..., pipeline=trainer.pipeline) on every pp rank")
         docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
         if static_cache and self.tp_mesh is None and docs is None:
             from pretrain.model.decode import Decoder  # decode imports this module's neighbours
@@ -223,15 +237,25 @@ class HybridLM(nn.Module):
                 nonlocal docs
                 docs = docs.next_token() if docs is not None else None
                 return self(token, cache, docs)[:, -1]
-        logits = first(prompt)
-        out, chosen = [prompt], []
-        for i in range(max_new_tokens):
-            chosen.append(logits)
-            out.append(sample(logits, temperature, top_k, generator))
-            if i + 1 < max_new_tokens:
-                logits = step(out[-1])
-        tokens = torch.cat(out, dim=1)
+        tokens, chosen = decode_loop(first, step, prompt, max_new_tokens,
+                                     lambda logits: sample(logits, temperature, top_k, generator))
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
+
+
+def decode_loop(first: Callable[[Tensor], Tensor | None], step: Callable[[Tensor], Tensor | None], prompt: Tensor,
+                max_new_tokens: int, pick: Callable[[Tensor | None], Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+    """Generation's loop: `first` prefills the prompt and `step` appends a token [b, 1], each
+    returning the next token's logits [b, vocab] (None where another pipeline rank holds them);
+    `pick` turns those into the next token. Returns the prompt followed by the new tokens, and the
+    logits that chose each."""
+    logits = first(prompt)
+    out, chosen = [prompt], []
+    for i in range(max_new_tokens):
+        chosen.append(logits)
+        out.append(pick(logits))
+        if i + 1 < max_new_tokens:
+            logits = step(out[-1])
+    return torch.cat(out, dim=1), chosen
 
 
 def _noop() -> None:
@@ -243,15 +267,45 @@ class InferenceCache:
     `numel` counts the state's elements (not the int64 key positions / document ids kept for masking)."""
 
     def __init__(self, n_layers: int):
-        self.layers: list[dict] = [{} for _ in range(n_layers)]
+        self.layers: list[LayerState] = [LayerState() for _ in range(n_layers)]
         self.length = 0
 
     def numel(self) -> int:
         def size(obj) -> int:
             if isinstance(obj, Tensor):
                 return obj.numel()
-            return sum(size(v) for k, v in obj.items() if k not in ("pos", "doc")) if isinstance(obj, dict) else 0
+            if isinstance(obj, (dict, LayerState)):
+                return sum(size(v) for k, v in obj.items() if k not in ("pos", "doc"))
+            return 0
         return sum(size(layer) for layer in self.layers)
+
+
+class LayerState:
+    """One layer's growing state, read and written by name by its mixer ("k", "v", "pos", "doc",
+    "conv", "ssm"; an intra-hybrid block's "attn" and "ssm" branches). Not a dict: FSDP2 rebuilds
+    the dicts among a wrapped block's arguments when it casts them (`_apply_to_tensors`), and the
+    mixer's writes would land in the copy."""
+
+    def __init__(self):
+        self._state: dict = {}
+
+    def get(self, name: str, default=None):
+        return self._state.get(name, default)
+
+    def setdefault(self, name: str, default):
+        return self._state.setdefault(name, default)
+
+    def items(self):
+        return self._state.items()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._state
+
+    def __getitem__(self, name: str):
+        return self._state[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        self._state[name] = value
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

@@ -123,10 +123,10 @@ class MoE(nn.Module):
         shared = sum(s(x) for s in self.shared) if len(self.shared) else 0
         if self.tp_group is None:
             return self.routed(x) + shared
-        rank, size = dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group)
-        part = x.shape[1] // size
-        routed = self.routed(x[:, rank * part:(rank + 1) * part])
-        return F.pad(routed, (0, 0, rank * part, x.shape[1] - (rank + 1) * part)) + shared
+        rank, size, length = dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group), x.shape[1]
+        start, end = rank * length // size, (rank + 1) * length // size  # covers every token (decoding: 1)
+        routed = self.routed(x[:, start:end])
+        return F.pad(routed, (0, 0, start, length - end)) + shared
 
     def routed(self, x: Tensor) -> Tensor:
         """The routed experts' output for x [..., d]."""

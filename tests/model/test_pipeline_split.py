@@ -99,13 +99,13 @@ def test_unmarked_stages_balance_flops_with_the_head_on_the_last(tmp_path):
     assert sizes[-1] < max(sizes)  # the last stage carries the head: fewer blocks
 
 
-def test_a_pipeline_stage_refuses_to_generate_in_one_line():
+def test_a_pipeline_stage_without_its_pipeline_refuses_to_generate_in_one_line():
     cfg = ModelConfig(pattern="MA", vocab_size=64, d_model=16, d_ffn=32, n_heads=2, n_kv_heads=1, head_dim=8,
                       d_ssm=32, ssm_head_dim=16, d_state=8, chunk_size=8, tie_embeddings=False)
     model = HybridLM(cfg)
     prompt = torch.zeros(1, 4, dtype=torch.long)
     assert model.generate(prompt, 2).shape == (1, 6)  # the whole model generates
     for first, last in ((True, False), (False, True)):
-        with pytest.raises(ValueError, match=r"needs the whole model, not a pipeline stage \(parallel.pp > 1\)") as e:
+        with pytest.raises(ValueError, match=r"on a pipeline stage \(parallel.pp > 1\) needs its rank's pipeline") as e:
             model.stage([0] if first else [1], first, last).generate(prompt, 2)
         assert "\n" not in str(e.value)

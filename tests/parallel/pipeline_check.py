@@ -34,8 +34,9 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, micro
         torch.set_default_dtype(torch.float32)
 
 
-def _compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, microbatches: int, steps: int,
-             masked: bool) -> dict:
+def build(arch: str, overrides: dict, dims: ParallelDims, schedule: str, microbatches: int):
+    """(the whole model, this rank's pipelined stages as one model, their Pipeline, the mesh),
+    the same weights in both, in the default dtype."""
     torch.manual_seed(0)
     ref = build_model(arch, "tiny", tie_embeddings=False, **overrides)
     template = build_model(arch, "tiny", device="meta", tie_embeddings=False, **overrides)
@@ -51,6 +52,13 @@ def _compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, micr
     torch.manual_seed(0)
     init_sharded(model, template, "cpu")
     pipe = build_pipeline(modules, ids, len(stages), schedule, microbatches, pp_mesh.get_group(), torch.device("cpu"))
+    return ref, model, pipe, mesh
+
+
+def _compare(arch: str, overrides: dict, dims: ParallelDims, schedule: str, microbatches: int, steps: int,
+             masked: bool) -> dict:
+    ref, model, pipe, mesh = build(arch, overrides, dims, schedule, microbatches)
+    cfg, pp_mesh = ref.config, mesh.pp_mesh()
     dp_rank, dp_size = mesh.dp_coordinate()
     cp_rank, cp = mesh.world["cp"].get_local_rank(), mesh.world["cp"].size()
     positions = shard_index(SEQ, cp, cp_rank)
@@ -115,10 +123,34 @@ def share(loss: torch.Tensor | None, mesh) -> float:
     return total.item() / (mesh.dp_cp.size() * mesh.world["tp"].size())
 
 
+def generation(arch: str, overrides: dict, dims: ParallelDims, schedule: str, masked: bool = False) -> dict:
+    """Greedy generation (and sampling at temperature 0.8 from one seed) on the pipelined model
+    against the whole model in one process (its default, static-cache generate; `masked`: a
+    prompt of packed documents, on growing caches in both): the tokens, and the largest
+    difference of the logits that chose each new token, the prefill's first."""
+    ref, model, pipe, _ = build(arch, overrides, dims, schedule, microbatches=2)
+    ref.eval(), model.eval()
+    cfg = ref.config
+    prompt = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+    starts = doc_starts(2)[:, :12] if masked else None
+    out = {}
+    for name, temperature in (("greedy", 0.0), ("sampled", 0.8)):
+        kw = dict(temperature=temperature, return_logits=True, doc_starts=starts)
+        want, want_logits = ref.generate(prompt, 6, generator=torch.Generator().manual_seed(3), **kw)
+        got, logits = model.generate(prompt, 6, generator=torch.Generator().manual_seed(3), pipeline=pipe, **kw)
+        out[name] = {"same_tokens": torch.equal(got, want), "prefill_diff": (logits[:, 0] - want_logits[:, 0]).abs().max().item(),
+                     "logits_diff": (logits - want_logits).abs().max().item()}
+    return out
+
+
 def pipeline_case(arch: str, overrides: dict, dims: dict, schedule: str, microbatches: int,
                   options: dict | None = None) -> dict:
-    """One case of `worker`: options (optional) are compare's keywords."""
-    return compare(arch, overrides, ParallelDims(**dims), schedule, microbatches, **(options or {}))
+    """One case of `worker`: options (optional) are compare's keywords; {"generate": True, ...}
+    runs `generation` instead (with its keywords)."""
+    options = dict(options or {})
+    if options.pop("generate", False):
+        return generation(arch, overrides, ParallelDims(**dims), schedule, **options)
+    return compare(arch, overrides, ParallelDims(**dims), schedule, microbatches, **options)
 
 
 def worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:

@@ -4,7 +4,8 @@ document-masked packed rows), and pp=2 composed
 with FSDP, TP and CP (4 ranks). The first step's loss and every gradient (each rank checks the
 parameters of its own stages, named as in the whole model), the global gradient norm, the
 losses of 3 clipped AdamW steps (each accumulating two pipeline batches) and a forward-only
-validation loss agree to fp32 rounding."""
+validation loss agree to fp32 rounding. Generation on the pipelined model (1F1B, interleaved and
+V layouts, packed documents, pp x tp) returns the one-process tokens and logits."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ FP64_REL = 1e-10  # the same sums in float64
 TWO_STAGES = {"pattern": "MA|MM"}
 FOUR_STAGES = {"pattern": "M|A|M|M"}  # two per rank for the interleaved and V schedules
 AUX = {"moe": {"aux_loss_coef": 0.01}}  # MoE balance losses on every stage, joined to its backward
+GENERATE = {"generate": True}  # pipeline_check.generation instead of training steps
 
 
 def run(world: int, cases: list, tmp_path) -> dict[int, dict]:
@@ -45,6 +47,26 @@ def check(results: dict[int, dict], grad_tol: float = FP32_REL, loss_tol: float 
             assert abs(par - ref) <= loss_tol * abs(ref), f"{name} rank {rank}: validation loss {par} vs one process {ref}"
 
 
+def check_generation(results: dict[int, dict], tol: float = 1e-5) -> None:
+    """Generation cases: every rank returns the one-process tokens (greedy, and sampled from one
+    seed) and the logits that chose them, the prefill's first, within `tol`."""
+    for rank, cases in results.items():
+        for name, r in cases.items():
+            assert "error" not in r, f"{name} rank {rank}: {r.get('error')}"
+            for mode, m in r.items():
+                assert m["same_tokens"], f"{name} rank {rank}: {mode} tokens differ from one process"
+                assert m["prefill_diff"] <= tol and m["logits_diff"] <= tol, f"{name} rank {rank}: {mode} {m}"
+
+
+def split_generation(results: dict[int, dict]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """(training cases, generation cases) of every rank."""
+    parts = ({}, {})
+    for rank, cases in results.items():
+        for name, r in cases.items():
+            parts[name.startswith("generate")].setdefault(rank, {})[name] = r
+    return parts
+
+
 def test_pipeline_schedules_match_one_process(tmp_path):
     cases = [("1f1b", "hybrid_moe", TWO_STAGES, {"pp": 2}, "1f1b", 2)]
     cases += [(s, "hybrid_moe", FOUR_STAGES, {"pp": 2}, s, 4) for s in available_schedules() if s != "1f1b"]
@@ -56,9 +78,15 @@ def test_pipeline_schedules_match_one_process(tmp_path):
     cases += [(f"{s} masked", "hybrid_moe", FOUR_STAGES, {"pp": 2}, s, 4, {"masked": True})
               for s in available_schedules() if s in ("zbv", "dualpipev")]  # the split backward, masked conv
     assert {c[0] for c in cases} >= {"1f1b", "interleaved_1f1b", "zbv"}
-    results = run(2, cases, tmp_path)
-    check(results)
-    assert set(results[0]) == {c[0] for c in cases}
+    generate = [("generate 1f1b", "inter_hybrid", TWO_STAGES, {"pp": 2}, "1f1b", 2, GENERATE),
+                ("generate zbv masked", "hybrid_moe", {"pattern": "M|H|A|M"}, {"pp": 2}, "zbv", 4,
+                 {**GENERATE, "masked": True}),
+                ("generate interleaved", "hybrid_moe", FOUR_STAGES, {"pp": 2}, "interleaved_1f1b", 4, GENERATE)]
+    results = run(2, cases + generate, tmp_path)
+    training, generation = split_generation(results)
+    check(training)
+    check_generation(generation)
+    assert set(results[0]) == {c[0] for c in cases + generate}
 
 
 def test_pipeline_with_fsdp_tp_cp_matches_one_process(tmp_path):
@@ -66,7 +94,11 @@ def test_pipeline_with_fsdp_tp_cp_matches_one_process(tmp_path):
              for dims in ({"pp": 2, "dp_shard": 2}, {"pp": 2, "tp": 2}, {"pp": 2, "cp": 2})]
     cases += [(f"{dims} masked", "hybrid_moe", TWO_STAGES, dims, "1f1b", 2, {"masked": True})
               for dims in ({"pp": 2, "tp": 2}, {"pp": 2, "cp": 2})]
-    check(run(4, cases, tmp_path))
+    cases += [("generate pp2 tp2", "hybrid_moe", TWO_STAGES, {"pp": 2, "tp": 2}, "1f1b", 2, GENERATE)]
+    training, generation = split_generation(run(4, cases, tmp_path))
+    check(training)
+    check_generation(generation)
+    assert generation, "no generation case ran"
 
 
 def test_issue_11_eight_ranks_pp_tp_dp_and_pp_ep_dp_match_one_process(tmp_path):
