@@ -33,6 +33,9 @@ class Decoder:
         if model.tp_mesh is not None:
             raise ValueError("decode: the static decoder runs on one device; use generate(static_cache=False) "
                              "under tensor parallelism")
+        if model.embed is None or model.head is None:
+            raise ValueError("decode: the static decoder needs the whole model, not a pipeline stage (parallel.pp > 1); "
+                             "use generate(..., pipeline=trainer.pipeline) on every pp rank")
         device = model.embed.weight.device
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"decode: cuda_graph=True needs the model on a CUDA device (it is on {device})")

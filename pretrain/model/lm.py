@@ -199,7 +199,8 @@ class HybridLM(nn.Module):
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  return_logits: bool = False, static_cache: bool = True,
-                 doc_starts: Tensor | None = None, pipeline: Pipeline | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 doc_starts: Tensor | None = None,
+                 pipeline: Pipeline | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits that chose each

@@ -12,6 +12,7 @@ import torch
 from pretrain.config import ConfigError
 from pretrain.model import build_model
 from pretrain.model.config import ModelConfig
+from pretrain.model.decode import Decoder
 from pretrain.model.lm import HybridLM
 from pretrain.model.parallelize import pipeline_model
 from pretrain.model.pattern import balance_stages, pipeline_stages
@@ -108,4 +109,7 @@ def test_a_pipeline_stage_without_its_pipeline_refuses_to_generate_in_one_line()
     for first, last in ((True, False), (False, True)):
         with pytest.raises(ValueError, match=r"on a pipeline stage \(parallel.pp > 1\) needs its rank's pipeline") as e:
             model.stage([0] if first else [1], first, last).generate(prompt, 2)
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match=r"static decoder needs the whole model, not a pipeline stage") as e:
+            Decoder(model.stage([0] if first else [1], first, last), 1, 6)
         assert "\n" not in str(e.value)
