@@ -13,7 +13,6 @@ from parallel.context_parallel import all_gather_sequence, to_natural_order
 from parallel.tensor_parallel import linear
 from pretrain.model.config import RopeConfig
 from pretrain.model.ops import attention, causal_suffix_attention, document_attention
-from pretrain.model.ops.decode_attention import decode_attention
 from pretrain.model.packed import PackedDocs
 from pretrain.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from pretrain.model.static_cache import StaticKV
@@ -77,9 +76,7 @@ class Attention(nn.Module):
         elif self.cp_group is not None:
             y = self._context_parallel(q, k, v, positions)
         elif isinstance(state, StaticKV):
-            decoding = state.filled
-            k, v, k_pos = state.update(k, v, positions)
-            y = (decode_attention if decoding else attention)(q, k, v, positions, k_pos, self.window, self.n_sink)
+            y = state.attend(q, k, v, positions, self.window, self.n_sink)
         else:
             k, v, k_pos = self._with_cache(k, v, positions, state)
             y = attention(q, k, v, positions, k_pos, self.window, self.n_sink)

@@ -2,6 +2,12 @@
 on CUDA it is captured once as a CUDA graph and replayed (no per-layer Python or launches, no
 re-planning).
 
+With `compile=True` every block of the one-token step runs through `torch.compile` (Inductor fuses
+its norms, rotary, residuals, SwiGLU, conv and SSM update into a few kernels, the ~60 kernels per
+layer of the eager step being the step's floor); the attention over the cache stays eager between
+the compiled parts (`StaticKV.attend`: its shapes follow the span), and the compiled step is what
+the CUDA graph captures.
+
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
 multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
 memory pool), instead of always reading the whole preallocated cache. Positions are tensors the graph
@@ -29,7 +35,8 @@ class Decoder:
     """Decode `batch` sequences of up to `max_len` tokens with `model` (a HybridLM, not tensor-
     parallel). `cuda_graph` None: on CUDA devices. Run under the same autocast as the prefill."""
 
-    def __init__(self, model, batch: int, max_len: int, cuda_graph: bool | None = None, span_step: int = 1024):
+    def __init__(self, model, batch: int, max_len: int, cuda_graph: bool | None = None, span_step: int = 1024,
+                 compile: bool = False):
         if model.tp_mesh is not None:
             raise ValueError("decode: the static decoder runs on one device; use generate(static_cache=False) "
                              "under tensor parallelism")
@@ -50,10 +57,18 @@ class Decoder:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._pool = None
         self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
+        # one compiled function for every block: Dynamo keeps an entry per block kind, not per layer
+        self.compiled_block = torch.compile(_run_block, dynamic=False) if compile else None
 
     def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""
-        h = self.model.hidden_states(tokens, self.cache, positions)[:, -1]
+        if self.compiled_block is None or tokens.shape[1] != 1:  # eager, or the prefill
+            h = self.model.hidden_states(tokens, self.cache, positions)[:, -1]
+        else:  # hidden_states' loop for one token on one device, each block compiled
+            x = self.model.embed(tokens)
+            for key, block in self.model.blocks.items():
+                x = self.compiled_block(block, x, positions, self.cache.layers[int(key)])
+            h = self.model.norm(x)[:, -1]
         return self.model.head(h)
 
     def prefill(self, prompt: Tensor) -> Tensor:
@@ -100,7 +115,8 @@ class Decoder:
         bincount): then every step runs eagerly and `graph_error` says why. The first capture is
         preceded by one eager warm-up step on a side stream, as CUDA graphs need; it writes K/V at
         the current length's slot (the next step overwrites it) and the recurrent states are
-        restored after it."""
+        restored after it. A compiled step warms up before every capture (a guard it has not met,
+        e.g. a new span's length, would compile, and so launch autotuning, inside the capture)."""
         if span in self.graphs:
             return self.graphs[span]
         length = self.cache.length  # the Python forward counts the warm-up and captured tokens
@@ -116,7 +132,7 @@ class Decoder:
         self.cache.set_span(span)
         self.position.fill_(self.cache.length)
         with self._capture_autocast():
-            if not self.graphs:
+            if not self.graphs or self.compiled_block is not None:
                 saved = [t.clone() for t in self.cache.recurrent()]
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -138,3 +154,8 @@ class Decoder:
         if not torch.is_autocast_enabled("cuda"):
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+def _run_block(block, x: Tensor, positions: Tensor, state) -> Tensor:
+    """One block of a decode step: the function `Decoder(compile=True)` compiles."""
+    return block(x, positions, state)

@@ -24,7 +24,7 @@ from parallel.context_parallel import all_gather_sequence, head_slice, heads_to_
 from parallel.tensor_parallel import linear, local, local_replicated
 from pretrain.model.legacy import MAMBA_PARTS, convert, mamba_splits
 from pretrain.model.norms import GatedRMSNorm
-from pretrain.model.ops import causal_conv1d, ssd_scan
+from pretrain.model.ops import causal_conv1d, causal_conv1d_step, ssd_scan
 from pretrain.model.ops.precision import wide
 from pretrain.model.packed import PackedDocs
 
@@ -179,7 +179,12 @@ class Mamba2(nn.Module):
         conv_state = state.get("conv") if state is not None else None
         weight = torch.cat([self._conv_part(c.weight, n) for c, n in zip(self.convs(), "xBC")])
         bias = torch.cat([self._conv_part(c.bias, n) for c, n in zip(self.convs(), "xBC")])
-        xbc = causal_conv1d(xbc_t, weight, bias, conv_state, seq_idx).transpose(1, 2)
+        new_conv = None
+        if l == 1 and conv_state is not None:  # a decode step: one dot product per channel, no conv
+            conv_out, new_conv = causal_conv1d_step(xbc_t, weight, bias, conv_state)
+        else:
+            conv_out = causal_conv1d(xbc_t, weight, bias, conv_state, seq_idx)
+        xbc = conv_out.transpose(1, 2)
         gn = local(self.conv_B.bias).shape[0]
         xs, Bm, Cm = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
         xs = xs.reshape(b, l, -1, self.head_dim)
@@ -192,7 +197,9 @@ class Mamba2(nn.Module):
         if self.cp_group is not None:
             y = heads_to_sequence(y, self.cp_group)
         y = y.flatten(2)
-        if state is not None:
+        if new_conv is not None:
+            state["conv"], state["ssm"] = new_conv, final_state
+        elif state is not None:
             prev = conv_state if conv_state is not None else xbc_t.new_zeros(b, xbc_t.shape[1], self.d_conv - 1)
             state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.d_conv - 1):]
             if seq_idx is not None:  # only the last document's inputs carry over into decoding

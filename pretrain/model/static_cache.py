@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pretrain.model.ops.attention import attention
+from pretrain.model.ops.decode_attention import decode_attention
+
 EMPTY = 2 ** 62  # key position of an empty slot: later than any query, so the causal mask hides it
 
 
@@ -71,6 +74,16 @@ class StaticKV:
         n = self.span // self.chunk
         return self.k[:n], self.v[:n], self.pos[:self.span]
 
+    @torch.compiler.disable
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, window: int | None, n_sink: int) -> Tensor:
+        """Write k, v [b, kv, l, d] at `positions`, then the attention of q [b, h, l, dq] over what
+        the cache holds (a prefill: its own keys). Never compiled: its shapes follow `span`, so a
+        compiled decode step (`Decoder(compile=True)`) runs it eagerly between its compiled parts
+        instead of recompiling for every span."""
+        decoding = self.filled
+        k, v, k_pos = self.update(k, v, positions)
+        return (decode_attention if decoding else attention)(q, k, v, positions, k_pos, window, n_sink)
+
     def _write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         slots = self.slot(positions)
         index = (slots // self.chunk, slots % self.chunk)
@@ -111,7 +124,8 @@ class SSMState:
         return self.buffers[name] if self.filled else None
 
     def __setitem__(self, name: str, value: Tensor) -> None:
-        self.buffers[name].copy_(value)
+        if value is not self.buffers[name]:  # a kernel may have updated the buffer in place
+            self.buffers[name].copy_(value)
         self.filled = True
 
     def used_bytes(self) -> int:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.library import has_causal_conv1d
+from pretrain.model.ops.precision import wide
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -71,3 +72,14 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor 
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
         seq_idx = seq_idx.to(torch.int32).contiguous()
     return torch.ops.pretrain.causal_conv1d(x, weight, bias, seq_idx)
+
+
+def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One decoding token: x [b, d, 1], `state` [b, d, w-1] (the previous inputs) -> (SiLU(conv) [b, d, 1],
+    the next state [b, d, w-1]). Elementwise and a sum over w taps, so a compiled decode step fuses it
+    (a conv kernel launch per layer otherwise); equals `causal_conv1d_reference` with that state."""
+    window = torch.cat([state.to(x.dtype), x], dim=-1)  # [b, d, w]
+    y = (wide(window) * wide(weight)).sum(-1, keepdim=True)  # fp32 accumulation, as the conv kernels
+    if bias is not None:
+        y = y + wide(bias)[:, None]
+    return F.silu(y).to(x.dtype), window[..., 1:]

@@ -4,7 +4,7 @@ nodes (fake kernels give the output shapes) instead of breaking its graph at the
 Each op wraps a kernel package's own forward and backward functions (`register_autograd`) and
 returns contiguous tensors, which its fake kernel states (the kernels' own output layouts follow
 their inputs' strides, which Inductor may change: the fake must not guess them).
-mamba-ssm's Triton SSD scan, causal-conv1d's CUDA conv, and `torch._grouped_mm` (with a loop over
+mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, and `torch._grouped_mm` (with a loop over
 experts on other devices, so the MoE's dispatch compiles on CPU too). Whether a package is there
 is decided once, outside tracing (`assume_constant_result`), so dynamo never traces an import.
 """
@@ -41,6 +41,18 @@ def _mamba_ssd_functions():
 
 
 @functools.cache
+def _state_update_function():
+    """mamba-ssm's one-token SSM update (`selective_state_update`, Triton), or None."""
+    if _mamba_ssd_functions() is None:  # installs the placeholder mamba_ssm needs, or finds no mamba_ssm
+        return None
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception:
+        return None
+    return selective_state_update
+
+
+@functools.cache
 def _causal_conv1d_functions():
     """causal-conv1d's forward / backward functions (versions with `cpp_functions`), or None."""
     try:
@@ -53,6 +65,11 @@ def _causal_conv1d_functions():
 @torch.compiler.assume_constant_result
 def has_mamba_ssd() -> bool:
     return _mamba_ssd_functions() is not None
+
+
+@torch.compiler.assume_constant_result
+def has_state_update() -> bool:
+    return _state_update_function() is not None
 
 
 @torch.compiler.assume_constant_result
@@ -122,6 +139,23 @@ def _ssd_backward(ctx, dy: Tensor, dfinal: Tensor | None):
 
 
 register_autograd("pretrain::ssd_scan", _ssd_backward, setup_context=_ssd_setup)
+
+
+# ---- one decoding step of the SSM recurrence (mamba-ssm Triton) ----------------------------------------
+
+
+@custom_op("pretrain::ssm_state_update", mutates_args=("state",), device_types="cuda")
+def ssm_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """state [b,h,p,n] fp32 <- exp(dt A) state + dt x B^T in place (one read and one write of the
+    state, fused with y = state C); x [b,h,p], dt [b,h] (after softplus), A [h], B/C [b,g,n].
+    Returns y [b,h,p] in x's dtype. Contract of `ssd_step_reference`."""
+    p, n = state.shape[-2:]
+    return _state_update_function()(state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C)
+
+
+@register_fake("pretrain::ssm_state_update")
+def _(state, x, dt, A, B, C):
+    return x.new_empty(x.shape)
 
 
 # ---- causal depthwise conv + SiLU (causal-conv1d CUDA) ---------------------------------------------
