@@ -4,9 +4,10 @@ re-planning).
 
 With `compile=True` every block of the one-token step runs through `torch.compile` (Inductor fuses
 its norms, rotary, residuals, SwiGLU, conv and SSM update into a few kernels, the ~60 kernels per
-layer of the eager step being the step's floor); the attention over the cache stays eager between
-the compiled parts (`StaticKV.attend`: its shapes follow the span), and the compiled step is what
-the CUDA graph captures.
+layer of the eager step being the step's floor). The attention over the cache runs between the
+compiled parts (`StaticKV.attend`: its shapes follow the span) through its own compilation
+(`compiled_decode_attention`: one for every span). The compiled step is what the
+CUDA graph captures.
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
 multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
@@ -21,7 +22,8 @@ import contextlib
 import torch
 from torch import Tensor
 
-from pretrain.model.static_cache import StaticCache, chunk_of
+from pretrain.model.ops.decode_attention import compiled_decode_attention
+from pretrain.model.static_cache import StaticCache, StaticKV, chunk_of
 
 
 def activation_dtype(model, device: torch.device) -> torch.dtype:
@@ -59,6 +61,10 @@ class Decoder:
         self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
         # one compiled function for every block: Dynamo keeps an entry per block kind, not per layer
         self.compiled_block = torch.compile(_run_block, dynamic=False) if compile else None
+        if compile:
+            for s in self.cache.states():
+                if isinstance(s, StaticKV):
+                    s.decode_fn = compiled_decode_attention
 
     def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""

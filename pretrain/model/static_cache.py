@@ -49,6 +49,7 @@ class StaticKV:
         self.pos = torch.full((self.capacity,), EMPTY, dtype=torch.long, device=device)
         self.span = self.capacity  # slots a decode step attends to (a static shape per CUDA graph)
         self.filled = False
+        self.decode_fn = decode_attention  # a decode step's attention (Decoder(compile=True): the compiled one)
 
     def slot(self, positions: Tensor) -> Tensor:
         if self.window is None:
@@ -82,7 +83,7 @@ class StaticKV:
         instead of recompiling for every span."""
         decoding = self.filled
         k, v, k_pos = self.update(k, v, positions)
-        return (decode_attention if decoding else attention)(q, k, v, positions, k_pos, window, n_sink)
+        return (self.decode_fn if decoding else attention)(q, k, v, positions, k_pos, window, n_sink)
 
     def _write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         slots = self.slot(positions)

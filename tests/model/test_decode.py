@@ -7,7 +7,7 @@ from pretrain.accounting import cache_elements
 from pretrain.model import build_model
 from pretrain.model.decode import Decoder
 from pretrain.model.ops import attention_reference
-from pretrain.model.ops.decode_attention import decode_attention
+from pretrain.model.ops.decode_attention import decode_attention, decode_attention_fused
 from pretrain.model.static_cache import EMPTY
 
 ARCHS = ["llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid", "hybrid_moe"]
@@ -90,8 +90,9 @@ def test_decode_attention_matches_reference():
         keep = k_pos != EMPTY
         want = attention_reference(q, k[:, :, keep], v[:, :, keep], q_pos, k_pos[keep], window, sinks)
         chunked = (t.unflatten(2, (s // 4, 4)).permute(2, 0, 1, 3, 4).contiguous() for t in (k, v))  # StaticKV layout
-        got = decode_attention(q, *chunked, q_pos, k_pos, window, sinks)
-        assert (got - want).abs().max() < 1e-12
+        chunked = list(chunked)
+        for fn in (decode_attention, decode_attention_fused):  # the second runs compiled in decoding
+            assert (fn(q, *chunked, q_pos, k_pos, window, sinks) - want).abs().max() < 1e-12
 
 
 def test_decoder_errors_are_clear():
@@ -106,3 +107,51 @@ def test_decoder_errors_are_clear():
         dec.prefill(torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         Decoder(model, 1, 8, cuda_graph=True)
+
+
+@pytest.mark.slow  # Inductor on 2 busy cores: ~25 s with its cache warm, ~60 s cold
+def test_compiled_step_equals_eager_and_full_forward():
+    """Decoder(compile=True) on a Mamba2 block and an intra-hybrid block (its global attention
+    branch, its Mamba2 branch), steps crossing spans of 8 slots from 2 chunks on: nothing compiles
+    after the first step (the attention, compiled apart, takes any chunk count), and the compiled
+    steps' logits equal the eager steps' and the full forward's."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = build_model("intra_hybrid", "tiny", pattern="MH").eval()
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        full = model(tokens)[:, 8:-1]
+        eager, _ = decode_all(model, tokens, 9)
+        dec = Decoder(model, 2, 40, span_step=8, compile=True)
+        got = [dec.prefill(tokens[:, :9]), dec.step(tokens[:, 9:10])]  # spans of 16 slots: 2 chunks
+        compiled = counters["stats"]["unique_graphs"]
+        got += [dec.step(tokens[:, i:i + 1]) for i in range(10, 39)]  # spans of 16, 24, 32, 40
+    assert compiled > 0 and counters["stats"]["unique_graphs"] == compiled
+    torch._dynamo.reset()
+    got = torch.stack(got, dim=1)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    assert ((got - full).abs().max() / full.abs().max()).item() < 1e-5
+
+
+def test_conv_and_ssm_steps_match_references():
+    """The one-token conv (a fused dot product) against the conv with that state; the one-token SSM
+    update against the chunked scan from the same initial state."""
+    from pretrain.model.ops import causal_conv1d_reference, causal_conv1d_step, ssd_scan_reference
+    from pretrain.model.ops.ssd import ssd_step
+
+    g = torch.Generator().manual_seed(0)
+    x, state = torch.randn(2, 6, 1, generator=g), torch.randn(2, 6, 3, generator=g)
+    weight, bias = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    y, new_state = causal_conv1d_step(x, weight, bias, state)
+    torch.testing.assert_close(y, causal_conv1d_reference(x, weight, bias, state), rtol=1e-6, atol=1e-6)
+    assert torch.equal(new_state, torch.cat([state, x], dim=-1)[..., 1:])
+    b, h, p, n = 2, 4, 3, 5
+    xs, B, C = torch.randn(b, 1, h, p, generator=g), torch.randn(b, 1, 2, n, generator=g), torch.randn(b, 1, 2, n, generator=g)
+    dt, A, s0 = torch.rand(b, 1, h, generator=g), -torch.rand(h, generator=g), torch.randn(b, h, p, n, generator=g)
+    y, s1 = ssd_step(xs, dt, A, B, C, s0.clone())
+    want_y, want_s = ssd_scan_reference(xs, dt, A, B, C, 4, s0)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1, want_s, rtol=1e-5, atol=1e-5)
