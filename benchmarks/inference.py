@@ -36,6 +36,7 @@ import torch
 from pretrain.model import build_model, model_config
 from pretrain.model.decode import Decoder
 from pretrain.model.ops import reference_kernels
+from pretrain.model.ops.library import has_state_update
 
 ARCHS = ("llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid")
 # PAPER T13 (1B, batch 4, 512-token prompt): tokens/s at total length.
@@ -159,7 +160,8 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
     result = {"model": row_name(arch, variant), "arch": arch, "variant": variant, "kind": "ours",
               "pattern": model.config.pattern, "weight_bytes": weights, "prefill_s_reference_kernels": prefill_s,
               "graph_capture_s": capture_s, "cuda_graph": dec.use_graph, "graph_error": dec.graph_error,
-              "points": points}
+              "ssm_state_update_kernel": device.type == "cuda" and has_state_update()
+              and any(sym in "MH" for sym in model.config.blocks), "points": points}
     if args.profile:
         dec.cache.pretend_length(lengths[-1] - 1)
         result["profile_at"] = lengths[-1]
@@ -171,12 +173,13 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
 def attention_kernels(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     """One decode query over a static cache of S slots at the 1B llama layer's shapes (32 query
     heads, 8 KV heads, dim 64), replayed as CUDA graphs on a GPU: our split-K `decode_attention`,
+    its compiled form (`compiled_decode_attention`, what the compiled variant runs),
     SDPA on the whole cache with a boolean mask (GQA expanded, the kernels that take a mask), and
     SDPA on exactly the S keys without a mask (what the dynamic cache calls; there each step's new
     length re-plans cuDNN, here the length repeats so the plan is cached)."""
     import torch.nn.functional as F
 
-    from pretrain.model.ops.decode_attention import decode_attention
+    from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention
     from pretrain.model.static_cache import chunk_of
 
     rows = []
@@ -188,6 +191,7 @@ def attention_kernels(args: argparse.Namespace, device: torch.device, dtype: tor
         ke, ve = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
         kc, vc = (t.unflatten(2, (-1, chunk_of(s))).permute(2, 0, 1, 3, 4).contiguous() for t in (k, v))  # StaticKV
         kernels = {"decode_attention": lambda: decode_attention(q, kc, vc, q_pos, k_pos),
+                   "decode_attention_compiled": lambda: compiled_decode_attention(q, kc, vc, q_pos, k_pos),
                    "sdpa_masked": lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask),
                    "sdpa_exact_length": lambda: F.scaled_dot_product_attention(q, ke, ve)}
         rows.append({"slots": s, **{f"{name}_us": 1e6 * timed_steps(replayable(fn, device), device, 3, 50)

@@ -57,11 +57,11 @@ class StaticKV:
         ring = self.n_sink + (positions - self.n_sink) % self.window
         return torch.where(positions < self.n_sink, positions, ring)
 
-    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write k, v [b, kv, l, d] at `positions` [l]. A prefill (first call) returns its own keys,
-        values and positions to attend to; a decode step returns the cache's first `span` slots as
-        K [C, b, kv, c, dq], V [C, b, kv, c, dv] and their positions [span]."""
-        if not self.filled:  # prefill from an empty cache: positions 0..l-1
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, window: int | None, n_sink: int) -> Tensor:
+        """Write k, v [b, kv, l, d] at `positions`, then the attention of q [b, h, l, dq] over what
+        the cache holds (a prefill: its own keys). In a compiled decode step (`Decoder(compile=True)`)
+        the write (static shapes) compiles with the block and the read runs apart (`_read`)."""
+        if not self.filled:  # a prefill from an empty cache (positions 0..l-1) attends to its own keys
             if self.window is None and positions.numel() > self.capacity:
                 raise ValueError(f"decode: the prompt ({positions.numel()} tokens) exceeds the static cache's "
                                  f"max_len ({self.capacity}); allocate a longer cache")
@@ -70,20 +70,18 @@ class StaticKV:
                 keep = positions[(positions < self.n_sink) | (positions > positions[-1] - self.window)]
             self._write(k[:, :, keep], v[:, :, keep], keep)
             self.filled = True
-            return k, v, positions
+            return attention(q, k, v, positions, positions, window, n_sink)
         self._write(k, v, positions)
-        n = self.span // self.chunk
-        return self.k[:n], self.v[:n], self.pos[:self.span]
+        return self._read(q, positions, window, n_sink)
 
     @torch.compiler.disable
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, window: int | None, n_sink: int) -> Tensor:
-        """Write k, v [b, kv, l, d] at `positions`, then the attention of q [b, h, l, dq] over what
-        the cache holds (a prefill: its own keys). Never compiled: its shapes follow `span`, so a
-        compiled decode step (`Decoder(compile=True)`) runs it eagerly between its compiled parts
-        instead of recompiling for every span."""
-        decoding = self.filled
-        k, v, k_pos = self.update(k, v, positions)
-        return (self.decode_fn if decoding else attention)(q, k, v, positions, k_pos, window, n_sink)
+    def _read(self, q: Tensor, positions: Tensor, window: int | None, n_sink: int) -> Tensor:
+        """A decode step's attention over the first `span` slots: K [C, b, kv, c, dq], V [C, b, kv, c, dv]
+        and their positions [span]. Never traced by the compiled block:
+        its shapes follow `span` (one recompilation of the block per span otherwise); `decode_fn`
+        may be compiled on its own."""
+        n = self.span // self.chunk
+        return self.decode_fn(q, self.k[:n], self.v[:n], positions, self.pos[:self.span], window, n_sink)
 
     def _write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         slots = self.slot(positions)
