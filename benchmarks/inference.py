@@ -374,11 +374,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.attention_kernels:
         results["attention_kernels"] = attention_kernels(args, device, dtype)
     for name, job in jobs:
+        before = len(results["rows"])
         try:
             results["rows"] += job()
         except Exception as e:  # one failing row (OOM, a missing package) must not lose the others
             results["rows"].append({"model": name, "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
         results["wall_s"] = time.perf_counter() - start
+        for row in results["rows"][before:]:  # progress, in case a time limit cuts the run
+            figures = ", ".join(f"{p['total']}: {p['tokens_per_s']:,.0f} tok/s" for p in row.get("points", []))
+            print(f"[{results['wall_s']:.0f} s] {row['model']}: {figures or row.get('error')}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         (out / "inference.json").write_text(json.dumps(results, indent=2))
