@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch.distributed.tensor import Placement, Shard
@@ -55,6 +56,10 @@ class Attention(nn.Module):
             plan["o_proj.weight"] = Shard(1)
         return plan
 
+    def projections(self) -> list[nn.Linear]:
+        """The input projections in the order a decoder packs them: [q, k, v]."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
     def values(self, x: Tensor) -> Tensor:
         """V heads [b, l, n_kv_heads, v_head_dim] (shared with the Mamba branch under value sharing)."""
         return linear(x, self.v_proj).unflatten(-1, (-1, self.v_head_dim))
@@ -64,9 +69,15 @@ class Attention(nn.Module):
         """x [b, l, d]; positions [l] absolute, or PackedDocs (attention within documents);
         `state` is the KV cache (a dict that grows, or a preallocated `StaticKV`), updated in place."""
         b, l = x.shape[:2]
-        q = linear(x, self.q_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
-        k = linear(x, self.k_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)
-        v = (v if v is not None else self.values(x)).transpose(1, 2)
+        packed = state.packed if isinstance(state, StaticKV) and l == 1 and v is None else None
+        if packed is not None:  # a decode step: Q, K, V as one GEMV on the decoder's packed weights
+            q, k, v = F.linear(x, packed).split([t.weight.shape[0] for t in self.projections()], dim=-1)
+            q, k = (t.view(b, l, -1, self.qk_head_dim).transpose(1, 2) for t in (q, k))
+            v = v.view(b, l, -1, self.v_head_dim).transpose(1, 2)
+        else:
+            q = linear(x, self.q_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
+            k = linear(x, self.k_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)
+            v = (v if v is not None else self.values(x)).transpose(1, 2)
         docs = positions if isinstance(positions, PackedDocs) else None
         rope_pos = docs.positions if docs is not None else positions
         cos, sin = rope_cos_sin(rope_pos, rope_inv_freq(self.qk_head_dim, self.rope, rope_pos.device))

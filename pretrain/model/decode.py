@@ -52,6 +52,7 @@ class Decoder:
             raise ValueError(f"decode: span_step must be >= 1 (got {span_step})")
         self.model, self.span_step, chunk = model, span_step, chunk_of(span_step)
         self.cache = StaticCache(model, batch, max_len, activation_dtype(model, device), device, chunk)
+        self.cache.pack_projections(model)  # a snapshot: build a new Decoder after changing the weights
         self.capacity = -(-max_len // chunk) * chunk  # of the global caches: spans are whole chunks
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the graphs' inputs

@@ -145,11 +145,15 @@ class Mamba2(nn.Module):
         """This rank's tensor of a parameter; B/C parts replicated over TP sum their gradients."""
         return local_replicated(p, self.bc_tp_group) if part in "BC" else local(p)
 
-    def _project(self, u: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(z, [x, B, C] before the conv, dt): one GEMM for all parts."""
+    def _project(self, u: Tensor, x: Tensor | None, packed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, [x, B, C] before the conv, dt): one GEMM for all parts. `packed`: the parts' weights
+        concatenated once by the static decoder (`Decoder`), for a one-token step."""
         parts = [n for n in self.PARTS if not (self.external_x and n == "x")]
         weights = [self._w(p.weight, n) for p, n in zip(self.projections(), parts, strict=True)]
         sizes = [w.shape[0] for w in weights]
+        if packed is not None and u.shape[1] == 1:  # one GEMV; x, B, C are adjacent columns: no cat
+            z, xbc, dt = F.linear(u, packed).split([sizes[0], sum(sizes[1:-1]), sizes[-1]], dim=-1)
+            return z, torch.cat([x, xbc], dim=-1) if self.external_x else xbc, dt
         if u.shape[1] == 1:  # decoding: one GEMV per part, not a copy of every weight per token
             parts = [F.linear(u, w) for w in weights]
         else:
@@ -168,7 +172,7 @@ class Mamba2(nn.Module):
         `x` [b, l, d_ssm] is the shared value when `external_x`.
         """
         b = u.shape[0]
-        z, xbc, dt = self._project(u, x)
+        z, xbc, dt = self._project(u, x, getattr(state, "packed", None))  # a static cache's SSMState has it
         seq_idx = positions.doc if isinstance(positions, PackedDocs) else None
         if self.cp_group is not None:
             xbc, dt = self._to_heads(xbc, dt)

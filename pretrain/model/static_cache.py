@@ -50,6 +50,7 @@ class StaticKV:
         self.span = self.capacity  # slots a decode step attends to (a static shape per CUDA graph)
         self.filled = False
         self.decode_fn = decode_attention  # a decode step's attention (Decoder(compile=True): the compiled one)
+        self.packed: Tensor | None = None  # the layer's [q; k; v] weights in one tensor, set by the Decoder
 
     def slot(self, positions: Tensor) -> Tensor:
         if self.window is None:
@@ -118,6 +119,7 @@ class SSMState:
         self.buffers = {"conv": torch.zeros(batch, conv_dim, d_conv - 1, dtype=dtype, device=device),
                         "ssm": torch.zeros(batch, heads, head_dim, d_state, dtype=state_dtype, device=device)}
         self.filled = False
+        self.packed: Tensor | None = None  # the layer's input projections in one tensor, set by the Decoder
 
     def get(self, name: str) -> Tensor | None:
         return self.buffers[name] if self.filled else None
@@ -161,6 +163,16 @@ class StaticCache:
             else:  # intra-hybrid: the mixer looks its branches up by name
                 self.layers.append({"attn": kv(ic.kv_heads, ic.qk_head_dim, ic.head_dim),
                                     "ssm": ssm(ic.ssm_heads, ic.head_dim, ic.d_state)})
+
+    def pack_projections(self, model) -> None:
+        """Keep each mixer's input projections (Q, K, V; Mamba2's z, x, B, C, dt) concatenated in
+        its layer state: a decode step then runs one GEMV per mixer, not three to five. A snapshot
+        of the weights (and a copy of them in memory): a changed model needs a new cache."""
+        for key, block in model.blocks.items():
+            layer, mixer = self.layers[int(key)], block.mixer
+            pairs = [(layer["attn"], mixer.attn), (layer["ssm"], mixer.ssm)] if isinstance(layer, dict) else [(layer, mixer)]
+            for state, m in pairs:
+                state.packed = torch.cat([p.weight.detach() for p in m.projections()])
 
     def states(self) -> list[StaticKV | SSMState]:
         return [s for layer in self.layers for s in (layer.values() if isinstance(layer, dict) else [layer])]
