@@ -62,21 +62,20 @@ class Decoder:
         self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
         # one compiled function for every block: Dynamo keeps an entry per block kind, not per layer
         self.compiled_block = torch.compile(_run_block, dynamic=False) if compile else None
+        self.compiled_logits = torch.compile(_last_logits, dynamic=False) if compile else None
         if compile:
             for s in self.cache.states():
                 if isinstance(s, StaticKV):
                     s.decode_fn = compiled_decode_attention
 
-    def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def _logits(self, tokens: Tensor, positions: Tensor, compiled: bool = True) -> Tensor:
         """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""
-        if self.compiled_block is None or tokens.shape[1] != 1:  # eager, or the prefill
-            h = self.model.hidden_states(tokens, self.cache, positions)[:, -1]
-        else:  # hidden_states' loop for one token on one device, each block compiled
-            x = self.model.embed(tokens)
-            for key, block in self.model.blocks.items():
-                x = self.compiled_block(block, x, positions, self.cache.layers[int(key)])
-            h = self.model.norm(x)[:, -1]
-        return self.model.head(h)
+        if self.compiled_block is None or not compiled:
+            return self.model.head(self.model.hidden_states(tokens, self.cache, positions)[:, -1])
+        x = self.model.embed(tokens)  # hidden_states' loop for one token on one device, each block compiled
+        for key, block in self.model.blocks.items():
+            x = self.compiled_block(block, x, positions, self.cache.layers[int(key)])
+        return self.compiled_logits(self.model, x)
 
     def prefill(self, prompt: Tensor) -> Tensor:
         """Fill the caches with the prompt [b, l] in one forward; logits of its last token [b, vocab]."""
@@ -84,7 +83,7 @@ class Decoder:
             raise ValueError("decode: prefill runs once, on an empty cache")
         if prompt.shape[1] > self.cache.max_len:
             raise ValueError(f"decode: the prompt ({prompt.shape[1]} tokens) exceeds max_len {self.cache.max_len}")
-        logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device))
+        logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device), compiled=False)
         self.cache.length = prompt.shape[1]
         return logits
 
@@ -166,3 +165,8 @@ class Decoder:
 def _run_block(block, x: Tensor, positions: Tensor, state) -> Tensor:
     """One block of a decode step: the function `Decoder(compile=True)` compiles."""
     return block(x, positions, state)
+
+
+def _last_logits(model, x: Tensor) -> Tensor:
+    """The final norm and the head of a decode step: [b, 1, d] -> logits [b, vocab]."""
+    return model.head(model.norm(x)[:, -1])
