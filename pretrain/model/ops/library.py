@@ -150,7 +150,8 @@ def ssm_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tens
     state, fused with y = state C); x [b,h,p], dt [b,h] (after softplus), A [h], B/C [b,g,n].
     Returns y [b,h,p] in x's dtype. Contract of `ssd_step_reference`."""
     p, n = state.shape[-2:]
-    return _state_update_function()(state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C)
+    y = _state_update_function()(state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C)
+    return y.contiguous()
 
 
 @register_fake("pretrain::ssm_state_update")
