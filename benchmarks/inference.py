@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-graph", action="store_true", help="our decode step eager (no CUDA graph)")
     ap.add_argument("--variants", default=None,
                     help="our step's variants, one row each: eager (blocks eager) and/or compiled (torch.compile'd "
-                         "blocks); both captured in CUDA graphs on a GPU. Default: eager,compiled on cuda, eager on cpu")
+                         "blocks); both captured in CUDA graphs on a GPU. Default: eager,compiled on cuda, "
+                         "eager on cpu")
     ap.add_argument("--profile", action="store_true", help="per model, where a step's time goes (longest length)")
     ap.add_argument("--attention-kernels", action="store_true", help="also time one decode query's attention kernels")
     ap.add_argument("--replot", default=None, help="draw the PNG from this JSON and exit")

@@ -170,7 +170,9 @@ class StaticCache:
         of the weights (and a copy of them in memory): a changed model needs a new cache."""
         for key, block in model.blocks.items():
             layer, mixer = self.layers[int(key)], block.mixer
-            pairs = [(layer["attn"], mixer.attn), (layer["ssm"], mixer.ssm)] if isinstance(layer, dict) else [(layer, mixer)]
+            pairs = [(layer, mixer)]
+            if isinstance(layer, dict):  # intra-hybrid: both branches
+                pairs = [(layer["attn"], mixer.attn), (layer["ssm"], mixer.ssm)]
             for state, m in pairs:
                 state.packed = torch.cat([p.weight.detach() for p in m.projections()])
 

@@ -4,8 +4,9 @@ nodes (fake kernels give the output shapes) instead of breaking its graph at the
 Each op wraps a kernel package's own forward and backward functions (`register_autograd`) and
 returns contiguous tensors, which its fake kernel states (the kernels' own output layouts follow
 their inputs' strides, which Inductor may change: the fake must not guess them).
-mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, and `torch._grouped_mm` (with a loop over
-experts on other devices, so the MoE's dispatch compiles on CPU too). Whether a package is there
+mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, and
+`torch._grouped_mm` (with a loop over experts on other devices, so the MoE's dispatch compiles on
+CPU too). Whether a package is there
 is decided once, outside tracing (`assume_constant_result`), so dynamo never traces an import.
 """
 
