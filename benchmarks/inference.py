@@ -315,6 +315,14 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"{row['model']:<28}{p['total']:>7}{p['tokens_per_s']:>11,.0f}{p['step_ms']:>9.2f}{vs:>9}"
                          f"{p['bound_ms']:>10.2f}{p['bound_fraction']:>10.0%}{target:>11}"
                          f"{p['cache_bytes'] / 2**20:>11,.1f}")
+    by_name = {row["model"]: row for row in results["rows"] if "points" in row}
+    for row in results["rows"]:  # the decision between the variants, per architecture
+        eager = by_name.get(row.get("arch")) if row.get("variant", "eager") != "eager" else None
+        if eager is not None and row["model"] in by_name:
+            ratios = " / ".join(f"{p['tokens_per_s'] / e['tokens_per_s']:.2f}x"
+                                for p, e in zip(row["points"], eager["points"]))
+            totals = ", ".join(str(p["total"]) for p in row["points"])
+            lines.append(f"{row['model']} / {eager['model']} tokens/s at {totals}: {ratios}")
     if "wall_s" in results:
         lines.append(f"({results['wall_s']:.0f} s in all; target: 3x the paper's tokens/s, or 80% of the memory bound "
                      "where 3x exceeds it)")
