@@ -42,6 +42,20 @@ def test_inference_benchmark_tiny_cpu(tmp_path, capsys):
     assert "transformers_llama" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # compiles a tiny Mamba2 block (~10 s)
+def test_inference_benchmark_variants_side_by_side(tmp_path, capsys):
+    """The eager and the compiled step of one model, one row each, and their ratio closing the table."""
+    load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "24,40",
+                            "--warmup", "1", "--steps", "2", "--archs", "mamba2", "--no-hf",
+                            "--variants", "eager,compiled", "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "inference.json").read_text())
+    assert [(row["model"], row["variant"]) for row in r["rows"]] == [("mamba2", "eager"),
+                                                                   ("mamba2 compiled", "compiled")]
+    for row in r["rows"]:
+        assert "error" not in row and [p["total"] for p in row["points"]] == [24, 40], row
+    assert "mamba2 compiled / mamba2 tokens/s at 24, 40:" in capsys.readouterr().out
+
+
 def test_inference_benchmark_rejects_close_lengths(tmp_path):
     with pytest.raises(SystemExit, match="--lengths must exceed"):
         load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "12",
