@@ -25,6 +25,7 @@ Writes inference.json and inference.png (matplotlib) under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -114,7 +115,8 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
     for variant in args.variants:
         t0 = time.perf_counter()
         try:
-            rows.append(bench_variant(model, arch, variant, prompt, args, device))
+            with reference_kernels() if args.ssm_kernel_error else contextlib.nullcontext():
+                rows.append(bench_variant(model, arch, variant, prompt, args, device))
         except Exception as e:  # one failing variant (a compile error, OOM) must not lose the others
             rows.append({"model": row_name(arch, variant), "arch": arch, "variant": variant,
                          "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
@@ -124,6 +126,27 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def ssm_kernel_error(device: torch.device) -> str | None:
+    """Why mamba-ssm's one-token SSM kernel cannot serve this run (it fails or disagrees with the
+    PyTorch step on a small case), or None (it does, or is not installed: the steps use PyTorch).
+    On an error every row runs on the PyTorch references rather than losing the Mamba2 rows."""
+    from pretrain.model.ops.ssd import ssd_step, ssd_step_reference
+
+    if device.type != "cuda" or not has_state_update():
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    x, B, C = (torch.randn(2, 1, *shape, device=device, generator=g) for shape in ((4, 8), (1, 16), (1, 16)))
+    dt, A = torch.rand(2, 1, 4, device=device, generator=g), -torch.rand(4, device=device, generator=g)
+    state = torch.randn(2, 4, 8, 16, device=device, generator=g)
+    try:
+        want = ssd_step_reference(x, dt, A, B, C, state)
+        got = ssd_step(x, dt, A, B, C, state.clone())
+        err = max(float((a - b).abs().max()) for a, b in zip(got, want))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return None if err < 1e-3 else f"differs from the PyTorch step by {err:.2e}"
 
 
 def row_name(arch: str, variant: str) -> str:
@@ -371,10 +394,15 @@ def main(argv: list[str] | None = None) -> None:
     if not set(args.variants) <= set(VARIANTS):
         raise SystemExit(f"inference: --variants takes {','.join(VARIANTS)}; got {','.join(args.variants)}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    args.ssm_kernel_error = ssm_kernel_error(device)
+    if args.ssm_kernel_error:
+        print(f"mamba-ssm's selective_state_update unusable ({args.ssm_kernel_error}): every row on the references",
+              flush=True)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
-        "prompt": args.prompt, "bandwidth": args.bandwidth, "warmup": args.warmup, "steps": args.steps, "rows": []}
+        "prompt": args.prompt, "bandwidth": args.bandwidth, "warmup": args.warmup, "steps": args.steps,
+        "ssm_kernel_error": args.ssm_kernel_error, "rows": []}
     jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         (a, lambda a=a: bench_ours(a, args, device, dtype)) for a in args.archs.split(",")]
     if not args.no_hf:
