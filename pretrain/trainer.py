@@ -45,7 +45,7 @@ from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
 from pretrain.model.config import ModelConfig
 from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
-from pretrain.model.packed import PackedDocs
+from pretrain.model.packed import PackedDocs, masking_needed
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
@@ -283,6 +283,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _masking_fast_path(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loader's CPU batch without its doc_starts when no row has a document start after its
+    first token (document masking would change nothing: the unmasked kernels run); decided once
+    per micro-batch, before the move to the device."""
+    if "doc_starts" in batch and not masking_needed(batch["doc_starts"][:, :-1]):
+        return {k: v for k, v in batch.items() if k != "doc_starts"}
+    return batch
+
+
 class Trainer:
     """Build everything from a JobConfig, then `train()`. One instance per process."""
 
@@ -474,10 +483,11 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        """tokens [b, L+1] (+ doc_starts under data.document_masking) on the device."""
+        """tokens [b, L+1] (+ doc_starts under data.document_masking, when the batch needs the mask)
+        on the device."""
         if self._train_iter is None:
             self._train_iter = iter(self.train_loader)
-        return {k: v.to(self.device, non_blocking=True) for k, v in next(self._train_iter).items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in _masking_fast_path(next(self._train_iter)).items()}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; skipped when loss or grad is non-finite."""
@@ -614,7 +624,8 @@ class Trainer:
         total, count = 0.0, 0
         for batch in batches[:n]:
             tokens = batch["tokens"].to(self.device)
-            doc_starts = batch["doc_starts"].to(self.device) if "doc_starts" in batch else None
+            doc_starts = _masking_fast_path(batch).get("doc_starts")
+            doc_starts = doc_starts.to(self.device) if doc_starts is not None else None
             if self.pipeline is not None:
                 loss = self._pipeline_loss(tokens, doc_starts, train=False)
             else:

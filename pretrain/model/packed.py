@@ -4,6 +4,11 @@ Passed to the model (and by every block to its mixer) in place of the positions 
 signatures keep one shape: a mixer given `PackedDocs` keeps every token inside its document
 (attention block-causal per document, RoPE positions restarting at 0, the Mamba2 conv and scan
 reset at each document start); given a positions tensor it runs exactly as without masking.
+
+A batch whose rows each lie in one document (no start after a row's first token) needs no mask:
+`masking_needed` tells the trainer so from the loader's CPU starts, and the batch then runs the
+unmasked kernels (cuDNN causal attention, Mamba2 without seq_idx) - exact, and free of the masked
+kernels' cost. Long documents (more than a window) make such batches common.
 """
 from __future__ import annotations
 
@@ -44,3 +49,16 @@ class PackedDocs:
         return PackedDocs(self.positions[:, -1:] + 1, self.doc[:, -1:])
 
 
+
+
+def masking_needed(starts: Tensor) -> bool:
+    """Whether any row of the [b, l] document starts (the inputs' columns of the loader's
+    `doc_starts`) has a start after its first token. When none has, each row is one document (or
+    the rest of one): positions 0..l-1, causal attention and a fresh Mamba2 state are then exactly
+    the masked result, so the unmasked path runs. Decided on the loader's CPU tensor, before the
+    batch moves to the device (no device sync), from the rows alone: CP, TP and PP peers, which
+    hold the same rows, decide alike."""
+    if starts.device.type != "cpu":
+        raise ValueError("masking_needed takes the loader's CPU doc_starts (deciding on a device tensor would "
+                         "sync): call it before moving the batch to the device")
+    return bool(starts[:, 1:].any())

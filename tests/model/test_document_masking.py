@@ -9,7 +9,7 @@ from pretrain.evaluation.scoring import token_nll
 from pretrain.model import ARCHS, build_model
 from pretrain.model.ops import attention_reference, causal_conv1d_reference, ssd_scan_reference
 from pretrain.model.ops.attention import flex_document_attention
-from pretrain.model.packed import PackedDocs
+from pretrain.model.packed import PackedDocs, masking_needed
 
 # tiny: d_conv 4, SWA window 16 + 4 sinks, Mamba chunk 16. Per row: documents shorter than the conv
 # width, one longer than the window (and than a chunk), boundaries inside and on chunk edges.
@@ -150,3 +150,15 @@ def test_generate_and_score_packed_rows(arch):
         for sl in (s for s in doc_slices(lengths)[:-1] if s.stop - s.start > 1):  # targets inside the document
             doc_nll = token_nll(model, tokens[row:row + 1, sl][:, :-1], tokens[row:row + 1, sl][:, 1:])
             assert (nll[row, sl.start:sl.stop - 1] - doc_nll[0]).abs().max().item() < 1e-5  # fp32 NLL
+
+
+def test_masking_needed_only_for_a_start_inside_a_row():
+    """The fast path's rule: starts at a row's first token do not need the mask, one inside does;
+    a device tensor is refused (deciding on it would sync)."""
+    starts = torch.zeros(3, 8, dtype=torch.bool)
+    starts[0, 0] = True
+    assert not masking_needed(starts)
+    starts[2, 7] = True
+    assert masking_needed(starts)
+    with pytest.raises(ValueError, match="CPU doc_starts"):
+        masking_needed(starts.to("meta"))

@@ -7,7 +7,7 @@ import torch
 from data_pipeline.loader import build_train_loader
 from pretrain.config import ConfigError
 from pretrain.model.packed import PackedDocs
-from pretrain.trainer import Trainer
+from pretrain.trainer import Trainer, _masking_fast_path
 
 from trainer_helpers import losses, tiny_config
 
@@ -32,3 +32,40 @@ def test_masked_training_and_resume_guard(corpus, tmp_path):
     forced = Trainer(tiny_config(tmp_path / "off", corpus, 4, f"--checkpoint.resume_from={step2}",
                                  "--data.allow_document_masking_change=true"))
     assert forced.train()["status"] == "finished"
+
+
+def test_single_document_batches_run_unmasked(corpus, tmp_path, monkeypatch):
+    """The fast path: a batch whose rows each lie in one document (a start only at a row's first
+    token, or only at the target-only last column) drops its starts on the CPU and a masked
+    trainer's step runs unmasked (no PackedDocs built), bitwise masking off's step; the masked
+    computation of that batch agrees to rounding (the fast path is exact). A batch with a
+    boundary inside keeps the mask."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (4, 33), generator=gen)
+    single = torch.zeros(4, 33, dtype=torch.bool)
+    single[:2, 0] = True  # rows 0-1 start a document; rows 2-3 continue one
+    single[1, 32] = True  # a start seen only as a target
+    inside = single.clone()
+    inside[3, 17] = True
+
+    # assert "doc_starts" not in _masking_fast_path({"tokens": tokens, "doc_starts": single})
+    assert _masking_fast_path({"tokens": tokens, "doc_starts": inside})["doc_starts"] is inside
+
+    masked = Trainer(tiny_config(tmp_path / "on", corpus, 1, "--data.document_masking=true"))
+    off = Trainer(tiny_config(tmp_path / "off", corpus, 1))
+    with torch.no_grad():
+        mask_math = masked.model.loss(tokens[:, :-1], tokens[:, 1:], PackedDocs.from_starts(single[:, :-1]))
+        unmasked = masked.model.loss(tokens[:, :-1], tokens[:, 1:])
+        boundary = masked.model.loss(tokens[:, :-1], tokens[:, 1:], PackedDocs.from_starts(inside[:, :-1]))
+    torch.testing.assert_close(mask_math, unmasked, rtol=1e-6, atol=1e-6)
+    assert abs(boundary.item() - unmasked.item()) > 1e-4  # a boundary does change the loss
+
+    def no_mask(starts):
+        raise AssertionError("a batch of single-document rows built a document mask")
+
+    monkeypatch.setattr(PackedDocs, "from_starts", staticmethod(no_mask))
+    masked._train_iter = iter([{"tokens": tokens, "doc_starts": single}])
+    off._train_iter = iter([{"tokens": tokens}])
+    assert masked.train_step()["train/loss"] == off.train_step()["train/loss"]
+    for (name, p), q in zip(masked.model.named_parameters(), off.model.parameters()):
+        assert torch.equal(p, q), name
