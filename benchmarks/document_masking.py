@@ -4,10 +4,15 @@
     PYTHONPATH=. python benchmarks/document_masking.py --data data/demo [--archs llama,mamba2,intra_hybrid]
 
 The setup of benchmarks/gpu_model.py (paper 1B dims, sequence 8192, batch 2, bf16 autocast, fused
-AdamW, eager; median of 6 steps after 3 warm-up steps), with the tokens and document starts of the
-first training windows of a prepared corpus (the demo corpus: Python sources, a few documents per
-8K window). Masking on: FlexAttention with a document block mask (built once per batch and mask,
-inside the timed step), Mamba2 conv and Triton SSD with seq_idx. Prints a table, writes JSON.
+AdamW, eager; median of 6 steps after 3 warm-up steps), each step on the next of the corpus's first
+9 training batches (one batch says little: a window inside one long document needs no mask). Cases,
+all on those tokens: `demo`, the corpus's own document starts; `docN` (--doc-len), starts drawn
+with mean document length N (seeded), several documents per row, where block-sparse attention
+skips work. Masking on is the trainer's path: a batch whose rows each lie in one document runs
+unmasked (decided on the CPU starts); else FlexAttention with a document block mask (built per
+batch, inside the timed step) and Mamba2 conv and SSD with seq_idx. Variant rows rerun the masked
+cases of --variant-archs with other FlexAttention kernel options (--flex-options). Writes JSON,
+prints a table last.
 """
 
 from __future__ import annotations
@@ -20,63 +25,142 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_model import cuda_time  # noqa: E402
+from gpu_model import step_time_ms  # noqa: E402
 
+import pretrain.model.ops.attention as attention_ops  # noqa: E402
 from data_pipeline.loader import build_train_loader  # noqa: E402
 from pretrain.model import build_model  # noqa: E402
-from pretrain.model.packed import PackedDocs  # noqa: E402
+from pretrain.model.ops.library import has_causal_conv1d, has_mamba_ssd  # noqa: E402
+from pretrain.model.packed import PackedDocs, masking_needed  # noqa: E402
+
+WARMUP, ITERS = 3, 6
+# FlexAttention kernel option sets to compare with torch's default (see ops/attention.py's
+# FLEX_KERNEL_OPTIONS): TMA loads on Hopper; smaller backward tiles with fewer warps.
+VARIANTS = {
+    "tma": {"USE_TMA": True},
+    "bwd64w4": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                "bwd_num_warps": 4, "bwd_num_stages": 3},
+}
 
 
-def step_throughput(arch: str, tokens: torch.Tensor, starts: torch.Tensor | None) -> dict:
-    torch.manual_seed(0)
-    model = build_model(arch, "1b", device="cuda", vocab_size=max(128_256, int(tokens.max()) + 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    torch.cuda.reset_peak_memory_stats()
+def drawn_starts(shape: tuple[int, ...], mean_len: int, seed: int) -> torch.Tensor:
+    """Document starts [..., L] with exponentially distributed document lengths of mean `mean_len`."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(shape, dtype=torch.bool)
+    flat = starts.view(-1, shape[-1])
+    for row in flat:
+        pos = 0
+        while pos < shape[-1]:
+            row[pos] = True
+            pos += max(1, int(torch.empty(()).exponential_(1 / mean_len, generator=gen)))
+    return starts
+
+
+def docs_per_row(starts: torch.Tensor) -> float:
+    """Mean documents per row over the inputs' columns (a row's first token starts one)."""
+    s = starts[..., :-1].clone()
+    s[..., 0] = True
+    return s.sum(-1).float().mean().item()
+
+
+def step_throughput(model, opt, tokens: torch.Tensor, starts: torch.Tensor | None) -> dict:
+    """tokens [n, b, L+1] on the device; starts [n, b, L+1] on the CPU (None: masking off)."""
+    device, i = tokens.device, 0
+    masked = []
 
     def step():
-        docs = PackedDocs.from_starts(starts[:, :-1]) if starts is not None else None  # per batch, as in training
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(tokens[:, :-1], tokens[:, 1:], docs)
+        nonlocal i
+        batch = tokens[i % len(tokens)]
+        docs = None
+        if starts is not None and masking_needed(starts[i % len(tokens), :, :-1]):  # as the trainer, on the CPU
+            docs = PackedDocs.from_starts(starts[i % len(tokens), :, :-1].to(device, non_blocking=True))
+        masked.append(docs is not None)
+        i += 1
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model.loss(batch[:, :-1], batch[:, 1:], docs) if docs is not None else \
+                model.loss(batch[:, :-1], batch[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    ms = cuda_time(step, warmup=3, iters=6)
-    return {"step_ms": ms, "tokens_per_s": tokens[:, 1:].numel() / (ms / 1e3),
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    ms = step_time_ms(step, device, warmup=WARMUP, iters=ITERS)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"step_ms": ms, "tokens_per_s": tokens[0, :, 1:].numel() / (ms / 1e3),
+            "masked_steps": f"{sum(masked[WARMUP:])}/{ITERS}", "peak_mem_gib": peak}
+
+
+def measure(run: dict, name: str, fn) -> None:
+    """run[name] = fn(), or the error (one line) when it fails."""
+    try:
+        run[name] = fn()
+    except Exception as e:  # noqa: BLE001  (an OOM or a kernel option torch refuses: report, go on)
+        run[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="a prepared data directory (e.g. the demo corpus)")
     ap.add_argument("--archs", default="llama,mamba2,intra_hybrid")
+    ap.add_argument("--doc-len", default="1024,2048", help="mean document lengths of the drawn-starts cases")
+    ap.add_argument("--variant-archs", default="llama", help="archs rerun with each --flex-options set ('' for none)")
+    ap.add_argument("--flex-options", default=",".join(VARIANTS), help=f"variant sets among {sorted(VARIANTS)}")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--size", default="1b", help="model size ('tiny' with a short --seq: a CPU smoke run)")
     ap.add_argument("--out", default="document_masking.json")
     args = ap.parse_args()
-    batch = next(iter(build_train_loader([(args.data, 1.0)], args.seq, args.batch, num_streams=args.batch,
-                                         emit_doc_boundaries=True)))
-    tokens, starts = batch["tokens"].cuda(), batch["doc_starts"].cuda()
-    docs_per_row = (starts[:, :-1].sum(1) + (~starts[:, 0])).tolist()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "data": args.data,
-               "documents_per_row": docs_per_row, "train": []}
+    n = WARMUP + ITERS
+    loader = iter(build_train_loader([(args.data, 1.0)], args.seq, args.batch, num_streams=args.batch,
+                                     emit_doc_boundaries=True))
+    batches = [next(loader) for _ in range(n)]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = torch.stack([b["tokens"] for b in batches]).to(device)
+    cases = {"demo": torch.stack([b["doc_starts"] for b in batches])}
+    for mean in (int(m) for m in args.doc_len.split(",") if m):
+        cases[f"doc{mean}"] = drawn_starts(tuple(cases["demo"].shape), mean, seed=mean)
+    vocab = max(128_256, int(tokens.max()) + 1)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "data": args.data,
+               "mamba_ssd_triton": has_mamba_ssd(), "causal_conv1d": has_causal_conv1d(),
+               "cases": {c: {"docs_per_row": docs_per_row(s),
+                             "masked_batches": f"{sum(masking_needed(b[:, :-1]) for b in s)}/{n}"}
+                         for c, s in cases.items()},
+               "train": []}
+    variant_archs = [a for a in args.variant_archs.split(",") if a]
     for arch in args.archs.split(","):
-        row = {"arch": arch}
-        for name, s in (("off", None), ("on", starts)):
+        torch.manual_seed(0)
+        model = build_model(arch, args.size, device=device, vocab_size=vocab)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        sets = {"default": None} | ({v: VARIANTS[v] for v in args.flex_options.split(",") if v}
+                                    if arch in variant_archs else {})
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        off: dict = {}
+        measure(off, "off", lambda: step_throughput(model, opt, tokens, None))
+        for flex_name, options in sets.items():
+            attention_ops.FLEX_KERNEL_OPTIONS = options
             try:
-                row[name] = step_throughput(arch, tokens, s)
-            except torch.OutOfMemoryError as e:
-                row[name] = {"error": f"OOM: {e}".splitlines()[0]}
-            torch.cuda.empty_cache()
-        if "error" not in row["off"] and "error" not in row["on"]:
-            row["on_vs_off"] = row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"]
-        results["train"].append(row)
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"documents per {args.seq}-token row: {docs_per_row}")
-    print(f"{'arch':<14}{'off tok/s':>12}{'on tok/s':>12}{'on/off':>8}")
+                for case, starts in cases.items():
+                    row = {"arch": arch, "flex": flex_name, "case": case, "off": off["off"]}
+                    measure(row, "on", lambda: step_throughput(model, opt, tokens, starts))
+                    if "tokens_per_s" in row["on"] and "tokens_per_s" in row["off"]:
+                        row["on_vs_off"] = row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"]
+                    results["train"].append(row)
+                    Path(args.out).write_text(json.dumps(results, indent=2))
+            finally:
+                attention_ops.FLEX_KERNEL_OPTIONS = None
+        del model, opt
+    print(f"mamba-ssm Triton SSD: {results['mamba_ssd_triton']}, causal-conv1d: {results['causal_conv1d']}")
+    for case, info in results["cases"].items():
+        print(f"case {case}: {info['docs_per_row']:.1f} documents per {args.seq}-token row, "
+              f"{info['masked_batches']} batches need the mask")
+    print(f"{'arch':<14}{'flex':<10}{'case':<10}{'off tok/s':>11}{'on tok/s':>11}{'on/off':>8}  masked")
     for r in results["train"]:
         off, on = r["off"].get("tokens_per_s", float("nan")), r["on"].get("tokens_per_s", float("nan"))
-        print(f"{r['arch']:<14}{off:>12,.0f}{on:>12,.0f}{r.get('on_vs_off', float('nan')):>8.3f}")
+        note = r["on"].get("masked_steps", r["on"].get("error", ""))
+        print(f"{r['arch']:<14}{r['flex']:<10}{r['case']:<10}{off:>11,.0f}{on:>11,.0f}"
+              f"{r.get('on_vs_off', float('nan')):>8.3f}  {note}")
 
 
 if __name__ == "__main__":

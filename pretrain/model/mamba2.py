@@ -187,7 +187,8 @@ class Mamba2(nn.Module):
         if l == 1 and conv_state is not None:  # a decode step: one dot product per channel, no conv
             conv_out, new_conv = causal_conv1d_step(xbc_t, weight, bias, conv_state)
         else:
-            conv_out = causal_conv1d(xbc_t, weight, bias, conv_state, seq_idx)
+            cache = positions.kernel_cache if isinstance(positions, PackedDocs) else None
+            conv_out = causal_conv1d(xbc_t, weight, bias, conv_state, seq_idx, cache)
         xbc = conv_out.transpose(1, 2)
         gn = local(self.conv_B.bias).shape[0]
         xs, Bm, Cm = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)

@@ -89,8 +89,9 @@ def test_from_starts():
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
 def test_flex_mask_matches_reference():
-    """The FlexAttention mask_mod (the CUDA path) against the reference, eager on CPU: global and
-    sliding window + sinks, self-attention and a context-parallel query chunk over longer keys."""
+    """The FlexAttention mask_mods (the CUDA path) against the reference, eager on CPU: global and
+    sliding window + sinks, self-attention (keys as separate tensors and as the queries' own) and a
+    context-parallel query chunk over longer keys."""
     torch.manual_seed(0)
     tokens, starts = packed_rows(8, LAYOUTS)
     docs = PackedDocs.from_starts(starts)
@@ -104,6 +105,9 @@ def test_flex_mask_matches_reference():
             ref = attention_reference(*args[:5], window, n_sink, *args[5:])
             out = flex_document_attention(*args, window, n_sink, compiled=False)
             assert (out - ref).abs().max().item() < 1e-12, (window, n_sink, lo)
+        # keys that are the queries' own tokens (the same tensors): the index-order mask_mod
+        self_out = flex_document_attention(q, k, v, pos, pos, doc, doc, window, n_sink, compiled=False)
+        assert (self_out - attention_reference(q, k, v, pos, pos, window, n_sink, doc, doc)).abs().max().item() < 1e-12
 
 
 def test_conv_and_scan_reset_at_document_starts():
@@ -131,6 +135,16 @@ def test_conv_and_scan_reset_at_document_starts():
             ys_doc, final_doc = ssd_scan_reference(xs[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], 16, first[1])
             torch.testing.assert_close(ys[:, sl], ys_doc, rtol=0, atol=1e-12)
         torch.testing.assert_close(final, final_doc, rtol=0, atol=1e-12)
+    cache = {}  # a batch's kernel cache: the layers after the first reuse the documents' conv taps
+    for layer in range(2):
+        x_layer = x * (layer + 1)
+        assert torch.equal(causal_conv1d_reference(x_layer, w, bias, None, seq_idx, cache),
+                           causal_conv1d_reference(x_layer, w, bias, None, seq_idx))
+    assert len(cache) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training's mixed precision: fp32 weights, bf16 conv
+        y_bf16 = causal_conv1d_reference(x.float(), w.float(), bias.float(), None, seq_idx)
+    assert y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y_bf16.double(), causal_conv1d_reference(x, w, bias, None, seq_idx), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("arch", ["swa", "mamba2", "intra_hybrid"])

@@ -104,9 +104,28 @@ def _compiled_flex() -> tuple[Callable, Callable]:
     return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
 
 
+# FlexAttention's kernel options for the document mask, in one place. None keeps torch's own
+# per-GPU choice, already tuned for Hopper (sm90, bf16): forward BLOCK_M/N 128/128, 4 warps, 3
+# stages at head_dim 64 (128/64, 8 warps at 128); backward 64/128, 8 warps, 3 stages. TMA loads are
+# off by default on CUDA. benchmarks/document_masking.py times other sets (--flex-options) against
+# it on the H200: change this only from such a measurement.
+FLEX_KERNEL_OPTIONS: dict | None = None
+
+
 def document_mask_mod(q_pos: Tensor, k_pos: Tensor, q_doc: Tensor, k_doc: Tensor, window: int | None,
                       n_sink: int) -> Callable:
-    """`attention_mask`'s rule with documents as a FlexAttention mask_mod."""
+    """`attention_mask`'s rule with documents as a FlexAttention mask_mod. When the keys are the
+    queries' own tokens (`k_doc is q_doc`: training without CP or cache) in-document causality is
+    the index order, so the mask reads one document id per side (and key positions only for the
+    sinks) instead of four gathers: cheaper on the blocks that straddle a boundary."""
+    if k_doc is q_doc and k_pos is q_pos:
+        def self_mask_mod(b, h, qi, ki):
+            same = (q_doc[b, qi] == q_doc[b, ki]) & (qi >= ki)
+            if window is None:
+                return same
+            return same & ((qi - ki < window) | (q_pos[b, ki] < n_sink))
+        return self_mask_mod
+
     def mask_mod(b, h, qi, ki):
         same = (q_doc[b, qi] == k_doc[b, ki]) & (q_pos[b, qi] >= k_pos[b, ki])
         if window is None:
@@ -119,7 +138,8 @@ def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
                             k_doc: Tensor, window: int | None, n_sink: int, block_masks: dict | None = None,
                             compiled: bool = True) -> Tensor:
     """FlexAttention with the document mask; the block mask (which skips the blocks between
-    documents) is built once per shape and mask in `block_masks` (a batch's PackedDocs cache)."""
+    documents) is built once per shape and mask in `block_masks` (a batch's PackedDocs cache), by
+    the compiled create_block_mask (no [lq, lk] mask in memory)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     attend, make_mask = _compiled_flex() if compiled else (flex_attention, create_block_mask)
@@ -131,7 +151,8 @@ def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
                                device=q.device)
         if block_masks is not None:
             block_masks[key] = block_mask
-    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                  kernel_options=FLEX_KERNEL_OPTIONS)
 
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, q_doc: Tensor,

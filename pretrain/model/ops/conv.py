@@ -14,8 +14,10 @@ from pretrain.model.ops.precision import wide
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
-                            state: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
-    """x [b, d, l], weight [d, w]; `state` [b, d, w-1] holds the previous inputs (zeros if None).
+                            state: Tensor | None = None, seq_idx: Tensor | None = None,
+                            cache: dict | None = None) -> Tensor:
+    """x [b, d, l], weight [d, w]; `state` [b, d, w-1] holds the previous inputs (zeros if None);
+    `cache` (a batch's PackedDocs.kernel_cache) keeps what depends on `seq_idx` alone across layers.
 
     Returns SiLU(conv(x)) [b, d, l].
     """
@@ -27,7 +29,7 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
         if torch.compiler.is_compiling():  # no data-dependent shape: the block stays one graph
             y = _conv_within_documents(padded, weight, bias, seq_idx)
         else:
-            y = _recompute_after_starts(y, padded, weight, bias, seq_idx)
+            y = _recompute_after_starts(y, padded, weight, bias, seq_idx, cache)
     return F.silu(y)
 
 
@@ -43,30 +45,38 @@ def _conv_within_documents(padded: Tensor, weight: Tensor, bias: Tensor | None, 
     return y
 
 
-def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
+def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor,
+                            cache: dict | None = None) -> Tensor:
     """Only the w-1 outputs from each document start reach back into the previous document: those
     few are recomputed with the taps outside their document dropped (cuDNN's conv does the rest;
-    one sync for the indices instead of w masked passes over the whole [b, d, l])."""
+    one sync for the indices instead of w masked passes over the whole [b, d, l]). The indices
+    and tap masks depend on the documents alone: with `cache`, one sync per batch, not per layer."""
     w = weight.shape[-1]
-    starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))  # [b, l], True where a document starts
-    reach = F.pad(starts, (w - 2, 0)).unfold(1, w - 1, 1).any(-1)  # a start among the last w-1 positions
-    rows, t = reach.nonzero(as_tuple=True)  # each affected output once
-    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1).unfold(1, w, 1)  # [b, l, w]
-    same = (docs[rows, t] == seq_idx[rows, t][:, None]).to(y.dtype)  # [n, w]
-    taps = padded.unfold(2, w, 1)[rows, :, t]  # [n, d, w]
-    fixed = (taps * same[:, None, :] * weight).sum(-1)
+    key = ("conv_taps", w, tuple(seq_idx.shape))
+    found = cache.get(key) if cache is not None else None
+    if found is None:
+        starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))  # [b, l], True where a document starts
+        reach = F.pad(starts, (w - 2, 0)).unfold(1, w - 1, 1).any(-1)  # a start among the last w-1 positions
+        rows, t = reach.nonzero(as_tuple=True)  # each affected output once
+        docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1).unfold(1, w, 1)  # [b, l, w]
+        found = rows, t, docs[rows, t] == seq_idx[rows, t][:, None]  # [n, w]: the taps inside the document
+        if cache is not None:
+            cache[key] = found
+    rows, t, inside = found
+    taps = padded.unfold(2, w, 1)[rows, :, t].to(y.dtype)  # [n, d, w]; y's dtype, as the conv's under autocast
+    fixed = (taps * inside[:, None, :].to(y.dtype) * weight.to(y.dtype)).sum(-1)
     if bias is not None:
-        fixed = fixed + bias
+        fixed = fixed + bias.to(y.dtype)
     return y.transpose(1, 2).index_put((rows, t), fixed).transpose(1, 2)
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None,
-                  seq_idx: Tensor | None = None) -> Tensor:
+                  seq_idx: Tensor | None = None, cache: dict | None = None) -> Tensor:
     """Dispatching conv: causal-conv1d's CUDA kernel (a custom op, see library.py) when installed
     (no carried state), else the reference. The kernel takes `seq_idx` (int32) only in channel-last
     layout (x.stride(1) == 1)."""
     if not (wants_fast_kernel(x) and state is None and has_causal_conv1d()):
-        return causal_conv1d_reference(x, weight, bias, state, seq_idx)
+        return causal_conv1d_reference(x, weight, bias, state, seq_idx, cache)
     if seq_idx is not None:
         if x.stride(1) != 1:
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
