@@ -10,9 +10,11 @@ all on those tokens: `demo`, the corpus's own document starts; `docN` (--doc-len
 with mean document length N (seeded), several documents per row, where block-sparse attention
 skips work. Masking on is the trainer's path: a batch whose rows each lie in one document runs
 unmasked (decided on the CPU starts); else FlexAttention with a document block mask (built per
-batch, inside the timed step) and Mamba2 conv and SSD with seq_idx. Variant rows rerun the masked
-cases of --variant-archs with other FlexAttention kernel options (--flex-options). Writes JSON,
-prints a table last.
+batch, inside the timed step) and Mamba2 conv and SSD with seq_idx. Variant rows rerun one case
+(--variant-case, default the last drawn one) of --variant-archs with other FlexAttention kernel
+options (--flex-options), one row per set. Masking off is timed before and after an arch's masked
+rows (the ratio uses their mean). Writes JSON, prints a table last. It takes minutes on the H200:
+FlexAttention compiles once per option set and mamba-ssm autotunes, in untimed warm-up steps.
 """
 
 from __future__ import annotations
@@ -64,18 +66,12 @@ def docs_per_row(starts: torch.Tensor) -> float:
 
 
 def step_throughput(model, opt, tokens: torch.Tensor, starts: torch.Tensor | None) -> dict:
-    """tokens [n, b, L+1] on the device; starts [n, b, L+1] on the CPU (None: masking off)."""
-    device, i = tokens.device, 0
-    masked = []
+    """tokens [n, b, L+1] on the device; starts [n, b, L+1] on the CPU (None: masking off). With
+    starts, one untimed masked step first: the masked kernels compile (FlexAttention) and autotune
+    (mamba-ssm) there even when the warm-up batches all take the fast path."""
+    device, i, masked = tokens.device, 0, []
 
-    def step():
-        nonlocal i
-        batch = tokens[i % len(tokens)]
-        docs = None
-        if starts is not None and masking_needed(starts[i % len(tokens), :, :-1]):  # as the trainer, on the CPU
-            docs = PackedDocs.from_starts(starts[i % len(tokens), :, :-1].to(device, non_blocking=True))
-        masked.append(docs is not None)
-        i += 1
+    def train_step(batch: torch.Tensor, docs: PackedDocs | None) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model.loss(batch[:, :-1], batch[:, 1:], docs) if docs is not None else \
                 model.loss(batch[:, :-1], batch[:, 1:])
@@ -83,6 +79,17 @@ def step_throughput(model, opt, tokens: torch.Tensor, starts: torch.Tensor | Non
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def step() -> None:
+        nonlocal i
+        batch_starts = starts[i % len(tokens), :, :-1] if starts is not None else None
+        use_mask = batch_starts is not None and masking_needed(batch_starts)  # as the trainer: on the CPU
+        masked.append(use_mask)
+        train_step(tokens[i % len(tokens)],
+                   PackedDocs.from_starts(batch_starts.to(device, non_blocking=True)) if use_mask else None)
+        i += 1
+
+    if starts is not None:
+        train_step(tokens[0], PackedDocs.from_starts(starts[0, :, :-1].to(device)))
     ms = step_time_ms(step, device, warmup=WARMUP, iters=ITERS)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"step_ms": ms, "tokens_per_s": tokens[0, :, 1:].numel() / (ms / 1e3),
@@ -99,6 +106,35 @@ def measure(run: dict, name: str, fn) -> None:
         torch.cuda.empty_cache()
 
 
+def arch_rows(arch: str, size: str, tokens: torch.Tensor, cases: dict[str, torch.Tensor],
+              variants: dict[str, dict], variant_case: str) -> list[dict]:
+    """One arch's rows: every case with torch's kernel options, `variant_case` with each variant."""
+    torch.manual_seed(0)
+    model = build_model(arch, size, device=tokens.device, vocab_size=max(128_256, int(tokens.max()) + 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if tokens.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    off: dict = {}  # timed before and after the masked rows; their mean is the reference
+    measure(off, "before", lambda: step_throughput(model, opt, tokens, None))
+    rows = []
+    for flex_name, options in ({"default": None} | variants).items():
+        attention_ops.FLEX_KERNEL_OPTIONS = options
+        try:
+            for case, starts in cases.items():
+                if flex_name == "default" or case == variant_case:
+                    rows.append({"arch": arch, "flex": flex_name, "case": case})
+                    measure(rows[-1], "on", lambda: step_throughput(model, opt, tokens, starts))
+        finally:
+            attention_ops.FLEX_KERNEL_OPTIONS = None
+    measure(off, "after", lambda: step_throughput(model, opt, tokens, None))
+    runs = [r["tokens_per_s"] for r in off.values() if "tokens_per_s" in r]
+    off["tokens_per_s"] = sum(runs) / len(runs) if runs else float("nan")
+    for row in rows:
+        row["off"] = off
+        row["on_vs_off"] = row["on"].get("tokens_per_s", float("nan")) / off["tokens_per_s"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="a prepared data directory (e.g. the demo corpus)")
@@ -106,6 +142,7 @@ def main() -> None:
     ap.add_argument("--doc-len", default="1024,2048", help="mean document lengths of the drawn-starts cases")
     ap.add_argument("--variant-archs", default="llama", help="archs rerun with each --flex-options set ('' for none)")
     ap.add_argument("--flex-options", default=",".join(VARIANTS), help=f"variant sets among {sorted(VARIANTS)}")
+    ap.add_argument("--variant-case", default=None, help="the case the variants rerun (default: the last)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--size", default="1b", help="model size ('tiny' with a short --seq: a CPU smoke run)")
@@ -120,44 +157,26 @@ def main() -> None:
     cases = {"demo": torch.stack([b["doc_starts"] for b in batches])}
     for mean in (int(m) for m in args.doc_len.split(",") if m):
         cases[f"doc{mean}"] = drawn_starts(tuple(cases["demo"].shape), mean, seed=mean)
-    vocab = max(128_256, int(tokens.max()) + 1)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "data": args.data,
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "data": args.data,
                "mamba_ssd_triton": has_mamba_ssd(), "causal_conv1d": has_causal_conv1d(),
                "cases": {c: {"docs_per_row": docs_per_row(s),
                              "masked_batches": f"{sum(masking_needed(b[:, :-1]) for b in s)}/{n}"}
                          for c, s in cases.items()},
                "train": []}
     variant_archs = [a for a in args.variant_archs.split(",") if a]
+    variant_case = args.variant_case or list(cases)[-1]
     for arch in args.archs.split(","):
-        torch.manual_seed(0)
-        model = build_model(arch, args.size, device=device, vocab_size=vocab)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        sets = {"default": None} | ({v: VARIANTS[v] for v in args.flex_options.split(",") if v}
-                                    if arch in variant_archs else {})
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        off: dict = {}
-        measure(off, "off", lambda: step_throughput(model, opt, tokens, None))
-        for flex_name, options in sets.items():
-            attention_ops.FLEX_KERNEL_OPTIONS = options
-            try:
-                for case, starts in cases.items():
-                    row = {"arch": arch, "flex": flex_name, "case": case, "off": off["off"]}
-                    measure(row, "on", lambda: step_throughput(model, opt, tokens, starts))
-                    if "tokens_per_s" in row["on"] and "tokens_per_s" in row["off"]:
-                        row["on_vs_off"] = row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"]
-                    results["train"].append(row)
-                    Path(args.out).write_text(json.dumps(results, indent=2))
-            finally:
-                attention_ops.FLEX_KERNEL_OPTIONS = None
-        del model, opt
+        options = {v: VARIANTS[v] for v in args.flex_options.split(",") if v} if arch in variant_archs else {}
+        results["train"] += arch_rows(arch, args.size, tokens, cases, options, variant_case)
+        Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"mamba-ssm Triton SSD: {results['mamba_ssd_triton']}, causal-conv1d: {results['causal_conv1d']}")
     for case, info in results["cases"].items():
         print(f"case {case}: {info['docs_per_row']:.1f} documents per {args.seq}-token row, "
               f"{info['masked_batches']} batches need the mask")
     print(f"{'arch':<14}{'flex':<10}{'case':<10}{'off tok/s':>11}{'on tok/s':>11}{'on/off':>8}  masked")
     for r in results["train"]:
-        off, on = r["off"].get("tokens_per_s", float("nan")), r["on"].get("tokens_per_s", float("nan"))
+        off, on = r["off"]["tokens_per_s"], r["on"].get("tokens_per_s", float("nan"))
         note = r["on"].get("masked_steps", r["on"].get("error", ""))
         print(f"{r['arch']:<14}{r['flex']:<10}{r['case']:<10}{off:>11,.0f}{on:>11,.0f}"
               f"{r.get('on_vs_off', float('nan')):>8.3f}  {note}")
