@@ -88,9 +88,12 @@ def step_throughput(model, opt, tokens: torch.Tensor, starts: torch.Tensor | Non
                    PackedDocs.from_starts(batch_starts.to(device, non_blocking=True)) if use_mask else None)
         i += 1
 
-    if starts is not None:
-        train_step(tokens[0], PackedDocs.from_starts(starts[0, :, :-1].to(device)))
-    ms = step_time_ms(step, device, warmup=WARMUP, iters=ITERS)
+    try:
+        if starts is not None:
+            train_step(tokens[0], PackedDocs.from_starts(starts[0, :, :-1].to(device)))
+        ms = step_time_ms(step, device, warmup=WARMUP, iters=ITERS)
+    finally:  # a failed row (OOM, a refused kernel option) leaves no gradients to the next
+        opt.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"step_ms": ms, "tokens_per_s": tokens[0, :, 1:].numel() / (ms / 1e3),
             "masked_steps": f"{sum(masked[WARMUP:])}/{ITERS}", "peak_mem_gib": peak}
