@@ -13,13 +13,15 @@ unmasked (decided on the CPU starts); else FlexAttention with a document block m
 batch, inside the timed step) and Mamba2 conv and SSD with seq_idx. Variant rows rerun one case
 (--variant-case, default the last drawn one) of --variant-archs with other FlexAttention kernel
 options (--flex-options), one row per set. Masking off is timed before and after an arch's masked
-rows (the ratio uses their mean). Writes JSON, prints a table last. It takes minutes on the H200:
+rows (the ratio uses their mean). First, the attention alone (fwd+bwd): SDPA causal against the
+document FlexAttention per case and option set. Writes JSON, prints a table last. It takes minutes on the H200:
 FlexAttention compiles once per option set and mamba-ssm autotunes, in untimed warm-up steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -29,11 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_model import step_time_ms  # noqa: E402
 
-import pretrain.model.ops.attention as attention_ops  # noqa: E402
 from data_pipeline.loader import build_train_loader  # noqa: E402
-from pretrain.model import build_model  # noqa: E402
+from pretrain.model import build_model, model_config  # noqa: E402
 from pretrain.model.ops.library import has_causal_conv1d, has_mamba_ssd  # noqa: E402
 from pretrain.model.packed import PackedDocs, masking_needed  # noqa: E402
+
+# the module (`pretrain.model.ops.attention` as an attribute path is the re-exported function)
+attention_ops = importlib.import_module("pretrain.model.ops.attention")
 
 WARMUP, ITERS = 3, 6
 # FlexAttention kernel option sets to compare with torch's default (see ops/attention.py's
@@ -109,6 +113,40 @@ def measure(run: dict, name: str, fn) -> None:
         torch.cuda.empty_cache()
 
 
+def attention_rows(size: str, cases: dict[str, torch.Tensor], variants: dict[str, dict],
+                   device: torch.device) -> list[dict]:
+    """The attention alone (llama's heads, bf16, forward + backward, each case's first batch): SDPA
+    causal (what masking off and the fast path run) against the document FlexAttention per kernel
+    option set; tells how much of a step's on/off gap is the attention kernel."""
+    cfg = model_config("llama", size)
+    b, length = next(iter(cases.values())).shape[1], next(iter(cases.values())).shape[2] - 1
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, cfg.n_heads, length, cfg.head_dim, device=device, dtype=torch.bfloat16, generator=gen,
+                    requires_grad=True)
+    k, v = (torch.randn(b, cfg.n_kv_heads, length, cfg.head_dim, device=device, dtype=torch.bfloat16, generator=gen,
+                        requires_grad=True) for _ in range(2))
+    pos = torch.arange(length, device=device)
+
+    def timed(fn) -> dict:
+        def run():
+            fn().sum().backward()
+        return {"fwd_bwd_ms": step_time_ms(run, device, warmup=3, iters=10)}
+
+    rows = [{"kernel": "sdpa causal", "case": "-"}]
+    measure(rows[-1], "time", lambda: timed(lambda: attention_ops.attention(q, k, v, pos, pos)))
+    for flex_name, options in ({"default": None} | variants).items():
+        attention_ops.FLEX_KERNEL_OPTIONS = options
+        try:
+            for case, starts in cases.items():
+                docs = PackedDocs.from_starts(starts[0, :, :-1].to(device))
+                rows.append({"kernel": f"flex {flex_name}", "case": case})
+                measure(rows[-1], "time", lambda: timed(lambda: attention_ops.document_attention(
+                    q, k, v, docs.positions, docs.positions, docs.doc, docs.doc, None, 0, docs.kernel_cache)))
+        finally:
+            attention_ops.FLEX_KERNEL_OPTIONS = None
+    return rows
+
+
 def arch_rows(arch: str, size: str, tokens: torch.Tensor, cases: dict[str, torch.Tensor],
               variants: dict[str, dict], variant_case: str) -> list[dict]:
     """One arch's rows: every case with torch's kernel options, `variant_case` with each variant."""
@@ -169,14 +207,19 @@ def main() -> None:
                "train": []}
     variant_archs = [a for a in args.variant_archs.split(",") if a]
     variant_case = args.variant_case or list(cases)[-1]
+    variants = {v: VARIANTS[v] for v in args.flex_options.split(",") if v}
+    results["attention"] = attention_rows(args.size, cases, variants, device)
     for arch in args.archs.split(","):
-        options = {v: VARIANTS[v] for v in args.flex_options.split(",") if v} if arch in variant_archs else {}
-        results["train"] += arch_rows(arch, args.size, tokens, cases, options, variant_case)
+        results["train"] += arch_rows(arch, args.size, tokens, cases, variants if arch in variant_archs else {},
+                                      variant_case)
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"mamba-ssm Triton SSD: {results['mamba_ssd_triton']}, causal-conv1d: {results['causal_conv1d']}")
     for case, info in results["cases"].items():
         print(f"case {case}: {info['docs_per_row']:.1f} documents per {args.seq}-token row, "
               f"{info['masked_batches']} batches need the mask")
+    print("attention alone, fwd+bwd ms (llama heads, the case's first batch):")
+    for r in results["attention"]:
+        print(f"  {r['kernel']:<18}{r['case']:<10}{r['time'].get('fwd_bwd_ms', float('nan')):>8.2f}  {r['time'].get('error', '')}")
     print(f"{'arch':<14}{'flex':<10}{'case':<10}{'off tok/s':>11}{'on tok/s':>11}{'on/off':>8}  masked")
     for r in results["train"]:
         off, on = r["off"]["tokens_per_s"], r["on"].get("tokens_per_s", float("nan"))
