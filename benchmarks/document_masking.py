@@ -14,8 +14,9 @@ batch, inside the timed step) and Mamba2 conv and SSD with seq_idx. Variant rows
 (--variant-case, default the last drawn one) of --variant-archs with other FlexAttention kernel
 options (--flex-options), one row per set. Masking off is timed before and after an arch's masked
 rows (the ratio uses their mean). First, the attention alone (fwd+bwd): SDPA causal against the
-document FlexAttention per case and option set. Writes JSON, prints a table last. It takes minutes on the H200:
-FlexAttention compiles once per option set and mamba-ssm autotunes, in untimed warm-up steps.
+document FlexAttention per case and option set. Writes JSON, prints a table last. It takes minutes
+on the H200: FlexAttention compiles once per option set and mamba-ssm autotunes, in untimed
+warm-up steps.
 """
 
 from __future__ import annotations
