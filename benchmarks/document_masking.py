@@ -220,7 +220,8 @@ def main() -> None:
               f"{info['masked_batches']} batches need the mask")
     print("attention alone, fwd+bwd ms (llama heads, the case's first batch):")
     for r in results["attention"]:
-        print(f"  {r['kernel']:<18}{r['case']:<10}{r['time'].get('fwd_bwd_ms', float('nan')):>8.2f}  {r['time'].get('error', '')}")
+        ms = r["time"].get("fwd_bwd_ms", float("nan"))
+        print(f"  {r['kernel']:<18}{r['case']:<10}{ms:>8.2f}  {r['time'].get('error', '')}")
     print(f"{'arch':<14}{'flex':<10}{'case':<10}{'off tok/s':>11}{'on tok/s':>11}{'on/off':>8}  masked")
     for r in results["train"]:
         off, on = r["off"]["tokens_per_s"], r["on"].get("tokens_per_s", float("nan"))

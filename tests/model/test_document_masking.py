@@ -144,7 +144,8 @@ def test_conv_and_scan_reset_at_document_starts():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # training's mixed precision: fp32 weights, bf16 conv
         y_bf16 = causal_conv1d_reference(x.float(), w.float(), bias.float(), None, seq_idx)
     assert y_bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(y_bf16.double(), causal_conv1d_reference(x, w, bias, None, seq_idx), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(y_bf16.double(), causal_conv1d_reference(x, w, bias, None, seq_idx),
+                               rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("arch", ["swa", "mamba2", "intra_hybrid"])
