@@ -107,8 +107,8 @@ def test_masked_model_fast_matches_reference_and_documents_alone_bf16(arch):
     tokens = torch.randint(0, model.config.vocab_size, (2, 2049), device="cuda")
     docs = PackedDocs.from_starts(starts)
 
-    def run():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def run(bf16: bool = True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = model.loss(tokens[:, :-1], tokens[:, 1:], docs)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -118,9 +118,16 @@ def test_masked_model_fast_matches_reference_and_documents_alone_bf16(arch):
     loss, grads = run()
     with reference_kernels():
         loss_ref, grads_ref = run()
+        _, truth = run(bf16=False)
     assert abs(loss.item() - loss_ref.item()) < 1e-2 * abs(loss_ref.item())
-    worst = max(grads, key=lambda n: rel(grads[n], grads_ref[n]))
-    assert rel(grads[worst], grads_ref[worst]) < 3e-2, worst
+    # Per tensor, the fast path in bf16 is within 3e-2 of the fp32 reference, or no further from it
+    # than 4x the reference path in bf16 is (the fp32 layout tests' factor): the small Mamba2
+    # tensors (conv biases, D, dt_bias, A_log) sum many cancelling terms, and bf16 alone moves them
+    # 4-40% on this model (measured on CPU with the reference kernels), so two bf16 paths cannot
+    # agree to 3e-2 there.
+    for n in grads:
+        allowed = max(3e-2, 4 * rel(grads_ref[n], truth[n]))
+        assert rel(grads[n], truth[n]) < allowed, (n, rel(grads[n], truth[n]), allowed)
     # packed (fast kernels) against every document of row 0 alone
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         packed = model(tokens[:1, :-1], positions=PackedDocs.from_starts(starts[:1])).float()

@@ -151,7 +151,9 @@ def ssm_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tens
     state, fused with y = state C); x [b,h,p], dt [b,h] (after softplus), A [h], B/C [b,g,n].
     Returns y [b,h,p] in x's dtype. Contract of `ssd_step_reference`."""
     p, n = state.shape[-2:]
-    y = _state_update_function()(state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C)
+    zeros = state.new_zeros(1, 1).expand(dt.shape[1], p)  # mamba-ssm 2.3.2 reads D's and dt_bias's strides even
+    y = _state_update_function()(state, x, dt[..., None].expand(-1, -1, p),  # when they are None: zeros instead
+                                 A[:, None, None].expand(-1, p, n), B, C, D=zeros, dt_bias=zeros)
     return y.contiguous()
 
 
