@@ -1,16 +1,17 @@
 #!/bin/bash
-# Every GPU measurement of record, in two parts that fit one device call each (see docs/benchmarks.md):
-#   bash benchmarks/h200_suite.sh 1 OUT   # GPU tests; peers (ours eager and compiled vs transformers / mamba-ssm);
-#                                         # compile / cast / FP8 steps of hybrid_moe and llama
-#   bash benchmarks/h200_suite.sh 2 OUT   # GPU tests; mamba2 compiled vs mamba-ssm; document masking on/off;
-#                                         # decode (T13 shape); activation-memory calibration
-# Each step has a time limit (seconds, overridable) and writes its log and JSON under OUT; a step that
-# runs out of time keeps what it finished. The last lines printed are the tables.
+# Every GPU measurement of record, in parts that each fit one device call (< 10 min; see docs/benchmarks.md):
+#   bash benchmarks/h200_suite.sh tests OUT      # the GPU tests (6 xdist workers); decode eager vs compiled (T13 shape)
+#   bash benchmarks/h200_suite.sh masking OUT    # document masking on/off: llama, mamba2, intra_hybrid, hybrid_moe
+#   bash benchmarks/h200_suite.sh training OUT   # ours eager / compiled vs transformers and mamba-ssm; compile / FP8
+#   bash benchmarks/h200_suite.sh memory OUT     # activation-memory calibration (the dry run's estimate vs peaks)
+#   bash benchmarks/h200_suite.sh evaluation OUT # the evaluation suite's T13 at 1B (two 1-step checkpoints)
+# Each step has a time limit (seconds, overridable by its variable) and writes its log and JSON under OUT; a step
+# that runs out of time keeps what it finished. The last lines printed are the tables.
 set -uo pipefail
-part=${1:?part 1 or 2}
+part=${1:?part: tests, masking, training, memory or evaluation}
 out=${2:-runs/h200}
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_CACHE_AUTOTUNING=1  # autotune once per shape per call
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
@@ -18,19 +19,34 @@ step() {  # step NAME SECONDS COMMAND...
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "== $name: exit $? in $((SECONDS - t0)) s"
 }
-if [ "$part" = 1 ]; then
-    step gpu_tests "${GPU_TESTS_S:-200}" python -m pytest -q -p no:cacheprovider -W ignore tests/gpu -rfE
-    step peers "${PEERS_S:-220}" python benchmarks/peers.py --variants eager,compile+cast --out "$out/peers"
-    step compile_fp8 "${COMPILE_FP8_S:-150}" python benchmarks/compile_fp8.py --archs hybrid_moe,llama \
+demo() { [ -f data/demo/manifest.json ] || python -m data_pipeline.demo_corpus --out data/demo --workers 8 > /dev/null 2>&1; }
+case "$part" in
+tests)
+    step gpu_tests "${GPU_TESTS_S:-300}" python -m pytest -n 6 -q -p no:cacheprovider -W ignore tests/gpu -rfE --durations=12
+    step inference "${INFERENCE_S:-240}" python benchmarks/inference.py --archs llama,mamba2,inter_hybrid,intra_hybrid \
+        --lengths 2048,8192,32768 --profile --out "$out/inference"
+    tail -16 "$out/gpu_tests.log"; tail -24 "$out/inference.log" ;;
+masking)
+    demo
+    step document_masking "${DOCMASK_S:-540}" python benchmarks/document_masking.py --data data/demo \
+        --archs llama,mamba2,intra_hybrid,hybrid_moe --doc-len 2048 --flex-options '' --out "$out/document_masking.json"
+    tail -16 "$out/document_masking.log" ;;
+training)
+    step peers "${PEERS_S:-330}" python benchmarks/peers.py --variants eager,compile+cast --out "$out/peers"
+    step compile_fp8 "${COMPILE_FP8_S:-220}" python benchmarks/compile_fp8.py --archs hybrid_moe,llama \
         --variants compile+cast,compile+cast+fp8-tensorwise --out "$out/compile_fp8.json"
-    tail -4 "$out/gpu_tests.log"; tail -12 "$out/peers.log"; tail -6 "$out/compile_fp8.log"
-else
-    step gpu_tests "${GPU_TESTS_S:-190}" python -m pytest -q -p no:cacheprovider -W ignore tests/gpu -rfE
-    step peers_mamba "${PEERS_S:-90}" python benchmarks/peers.py --archs mamba2 --variants compile+cast --out "$out/peers"
-    python -m data_pipeline.demo_corpus --out "$out/demo" > /dev/null 2>&1
-    step document_masking "${DOCMASK_S:-100}" python benchmarks/document_masking.py --data "$out/demo" --out "$out/document_masking.json"
-    step inference "${INFERENCE_S:-120}" python benchmarks/inference.py --lengths 2048,8192,32768 --out "$out/inference"
-    step activation_memory "${ACT_S:-55}" python benchmarks/activation_memory.py --archs hybrid_moe --out "$out/activation_memory.json"
-    tail -4 "$out/gpu_tests.log"; tail -5 "$out/peers_mamba.log"; tail -8 "$out/document_masking.log"
-    tail -16 "$out/inference.log"; tail -9 "$out/activation_memory.log"
-fi
+    tail -12 "$out/peers.log"; tail -6 "$out/compile_fp8.log" ;;
+memory)
+    step activation_memory "${ACT_S:-300}" python benchmarks/activation_memory.py --out "$out/activation_memory.json"
+    tail -34 "$out/activation_memory.log" ;;
+evaluation)
+    demo
+    for arch in llama intra_hybrid; do
+        step "train_$arch" 150 python pretrain/main.py --arch "$arch" --size 1b --data data/demo --run-dir "$out/$arch" \
+            --data.seq_len=2048 --train.micro_batch_size=1 --train.steps=1 --train.val_every=0
+    done
+    step evaluate "${EVAL_S:-420}" python -m pretrain.evaluate --checkpoint "$out/llama" "$out/intra_hybrid" --suite inference \
+        --out "$out/eval" --inference-batch 4 --inference-prompt 512 --inference-totals 2048,4096,8192,16384,32768
+    tail -3 "$out/evaluate.log" ;;
+*) echo "part must be tests, masking, training, memory or evaluation (got $part)" >&2; exit 2 ;;
+esac
