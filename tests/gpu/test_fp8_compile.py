@@ -20,10 +20,10 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def block_of(kind: str, size: str = "100m") -> torch.nn.Module:
+def block_of(kind: str, size: str = "100m", device: str = "cuda") -> torch.nn.Module:
     torch.manual_seed(0)
     arch, symbol = BLOCKS[kind]
-    model = build_model(arch, size, device="cuda", pattern=symbol)
+    model = build_model(arch, size, device=device, pattern=symbol)
     return model.blocks["0"].to(torch.bfloat16)
 
 
@@ -72,9 +72,8 @@ def test_grouped_mm_kernel_gradients_match_loop():
         assert rel(a, b) < 1e-2
 
 
-@pytest.mark.parametrize("kind", ["mamba2", "moe"])
-def test_inductor_block_matches_eager(kind):
-    block = block_of(kind)
+def test_inductor_block_matches_eager():
+    block = block_of("mamba2")
     x = torch.randn(2, 1024, block.mixer_norm.weight.shape[0], device="cuda", dtype=torch.bfloat16)
     pos = torch.arange(1024, device="cuda")
 
@@ -88,6 +87,33 @@ def test_inductor_block_matches_eager(kind):
     eager = run(block)
     torch._dynamo.reset()
     compiled = run(torch.compile(block))
+    for a, b in zip(compiled, eager):
+        assert rel(a, b) < 2e-2, rel(a, b)
+
+
+def test_inductor_moe_matches_eager_on_decisive_tokens(device="cuda"):
+    """The MoE FFN (router, grouped GEMMs, dispatch) compiled against eager, in bf16, on tokens whose
+    top-1 expert wins by a clear margin. A whole Mamba2 + MoE block cannot be compared so: Inductor
+    rounds the router's input differently, a few near-tied tokens then pick another expert (5 of
+    2,048 on CPU), and their outputs and the experts' gradients move by up to 15%."""
+    ffn = block_of("moe", device=device).ffn
+    torch.manual_seed(0)
+    x = torch.randn(4096, ffn.router.weight.shape[1], device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        scores = torch.sigmoid(x.float() @ ffn.router.weight.float().t()) + ffn.expert_bias
+        top2 = scores.topk(2, dim=-1).values
+    x = x[top2[:, 0] - top2[:, 1] > 2e-2][None]  # [1, t, d]
+
+    def run(module):
+        ffn.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.backward(torch.randn(out.shape, device=device, dtype=out.dtype, generator=torch.Generator(device).manual_seed(1)))
+        return [out, xi.grad] + [p.grad for p in ffn.parameters() if p.grad is not None]
+
+    eager = run(ffn)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(ffn))
     for a, b in zip(compiled, eager):
         assert rel(a, b) < 2e-2, rel(a, b)
 
