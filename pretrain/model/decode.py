@@ -4,10 +4,12 @@ re-planning).
 
 With `compile=True` every block of the one-token step runs through `torch.compile` (Inductor fuses
 its norms, rotary, residuals, SwiGLU, conv and SSM update into a few kernels, the ~60 kernels per
-layer of the eager step being the step's floor). The attention over the cache runs between the
-compiled parts (`StaticKV.attend`: its shapes follow the span) through its own compilation
-(`compiled_decode_attention`: one for every span). The compiled step is what the
-CUDA graph captures.
+layer of the eager step being the step's floor). The attention read over the cache runs between the
+compiled parts (`StaticKV._read`, never traced: its shapes follow the span) on `attention`'s kernel:
+`split_k` (default) the eager split-K `decode_attention`, `compiled` its products-and-sums form
+through its own compilation (`compiled_decode_attention`: one for every span; on the H200 the
+compiled llama step with it ran at 0.39-0.62x the eager step's tokens/s). Either is launched from Python between the compiled blocks,
+so the CUDA graph captures the compiled blocks and the attention kernels alike.
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
 multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
@@ -22,7 +24,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from pretrain.model.ops.decode_attention import compiled_decode_attention
+from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention
 from pretrain.model.static_cache import StaticCache, StaticKV, chunk_of
 
 
@@ -33,12 +35,18 @@ def activation_dtype(model, device: torch.device) -> torch.dtype:
     return model.embed.weight.dtype
 
 
+# a decode step's attention read over the cache (`Decoder(attention=...)`), whether the blocks are compiled or not
+ATTENTION = {"split_k": decode_attention, "compiled": compiled_decode_attention}
+
+
 class Decoder:
     """Decode `batch` sequences of up to `max_len` tokens with `model` (a HybridLM, not tensor-
-    parallel). `cuda_graph` None: on CUDA devices. Run under the same autocast as the prefill."""
+    parallel). `cuda_graph` None: on CUDA devices. `compile`: the step's blocks through torch.compile;
+    `attention`: the kernel of the attention read (`ATTENTION`). Run under the same autocast as the
+    prefill."""
 
     def __init__(self, model, batch: int, max_len: int, cuda_graph: bool | None = None, span_step: int = 1024,
-                 compile: bool = False):
+                 compile: bool = False, attention: str = "split_k"):
         if model.tp_mesh is not None:
             raise ValueError("decode: the static decoder runs on one device; use generate(static_cache=False) "
                              "under tensor parallelism")
@@ -50,6 +58,8 @@ class Decoder:
             raise ValueError(f"decode: cuda_graph=True needs the model on a CUDA device (it is on {device})")
         if span_step < 1:
             raise ValueError(f"decode: span_step must be >= 1 (got {span_step})")
+        if attention not in ATTENTION:
+            raise ValueError(f"decode: attention must be one of {', '.join(ATTENTION)} (got {attention!r})")
         self.model, self.span_step, chunk = model, span_step, chunk_of(span_step)
         self.cache = StaticCache(model, batch, max_len, activation_dtype(model, device), device, chunk)
         self.cache.pack_projections(model)  # a snapshot: build a new Decoder after changing the weights
@@ -63,10 +73,9 @@ class Decoder:
         # one compiled function for every block: Dynamo keeps an entry per block kind, not per layer
         self.compiled_block = torch.compile(_run_block, dynamic=False) if compile else None
         self.compiled_logits = torch.compile(_last_logits, dynamic=False) if compile else None
-        if compile:
-            for s in self.cache.states():
-                if isinstance(s, StaticKV):
-                    s.decode_fn = compiled_decode_attention
+        for s in self.cache.states():
+            if isinstance(s, StaticKV):
+                s.decode_fn = ATTENTION[attention]
 
     def _logits(self, tokens: Tensor, positions: Tensor, compiled: bool = True) -> Tensor:
         """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""

@@ -49,7 +49,7 @@ class StaticKV:
         self.pos = torch.full((self.capacity,), EMPTY, dtype=torch.long, device=device)
         self.span = self.capacity  # slots a decode step attends to (a static shape per CUDA graph)
         self.filled = False
-        self.decode_fn = decode_attention  # a decode step's attention (Decoder(compile=True): the compiled one)
+        self.decode_fn = decode_attention  # a decode step's attention read (set by the Decoder's `attention`)
         self.packed: Tensor | None = None  # the layer's [q; k; v] weights in one tensor, set by the Decoder
 
     def slot(self, positions: Tensor) -> Tensor:

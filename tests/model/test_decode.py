@@ -7,8 +7,8 @@ from pretrain.accounting import cache_elements
 from pretrain.model import build_model
 from pretrain.model.decode import Decoder
 from pretrain.model.ops import attention_reference
-from pretrain.model.ops.decode_attention import decode_attention, decode_attention_fused
-from pretrain.model.static_cache import EMPTY
+from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention, decode_attention_fused
+from pretrain.model.static_cache import EMPTY, StaticKV
 
 ARCHS = ["llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid", "hybrid_moe"]
 
@@ -107,14 +107,17 @@ def test_decoder_errors_are_clear():
         dec.prefill(torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         Decoder(model, 1, 8, cuda_graph=True)
+    with pytest.raises(ValueError, match="attention must be one of split_k, compiled"):
+        Decoder(model, 1, 8, attention="flash")
 
 
 @pytest.mark.slow  # Inductor on 2 busy cores: ~10 s with its cache warm, ~40 s cold
 def test_compiled_step_equals_eager_and_full_forward():
     """Decoder(compile=True) on a Mamba2 block and an intra-hybrid block (its global attention
-    branch, its Mamba2 branch), steps crossing spans of 8 slots from 2 chunks on: nothing compiles
-    after the first step (the attention, compiled apart, takes any chunk count), and the compiled
-    steps' logits equal the eager steps' and the full forward's."""
+    branch, its Mamba2 branch), with either attention read between the compiled blocks (eager
+    split-K, or compiled apart), steps crossing spans of 8 slots from 2 chunks on: nothing compiles
+    after the first step (the compiled attention takes any chunk count), and the compiled steps'
+    logits equal the eager steps' and the full forward's."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -125,15 +128,18 @@ def test_compiled_step_equals_eager_and_full_forward():
     with torch.no_grad():
         full = model(tokens)[:, 8:-1]
         eager, _ = decode_all(model, tokens, 9)
-        dec = Decoder(model, 2, 40, span_step=8, compile=True)
-        got = [dec.prefill(tokens[:, :9]), dec.step(tokens[:, 9:10])]  # spans of 16 slots: 2 chunks
-        compiled = counters["stats"]["unique_graphs"]
-        got += [dec.step(tokens[:, i:i + 1]) for i in range(10, 39)]  # spans of 16, 24, 32, 40
-    assert compiled > 0 and counters["stats"]["unique_graphs"] == compiled
+        for attention, fn in (("split_k", decode_attention), ("compiled", compiled_decode_attention)):
+            before = counters["stats"]["unique_graphs"]
+            dec = Decoder(model, 2, 40, span_step=8, compile=True, attention=attention)
+            assert {s.decode_fn for s in dec.cache.states() if isinstance(s, StaticKV)} == {fn}
+            got = [dec.prefill(tokens[:, :9]), dec.step(tokens[:, 9:10])]  # spans of 16 slots: 2 chunks
+            compiled = counters["stats"]["unique_graphs"]
+            got += [dec.step(tokens[:, i:i + 1]) for i in range(10, 39)]  # spans of 16, 24, 32, 40
+            assert compiled > before and counters["stats"]["unique_graphs"] == compiled, attention
+            got = torch.stack(got, dim=1)
+            torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+            assert ((got - full).abs().max() / full.abs().max()).item() < 1e-5, attention
     torch._dynamo.reset()
-    got = torch.stack(got, dim=1)
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
-    assert ((got - full).abs().max() / full.abs().max()).item() < 1e-5
 
 
 def test_conv_and_ssm_steps_match_references():
