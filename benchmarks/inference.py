@@ -15,8 +15,10 @@ HBM3e); the table prints each row's fraction of it. transformers' Llama decodes 
 `StaticCache` sized to each total (as `generate(cache_implementation="static")` allocates it;
 rounded up to 256 slots like ours, as unaligned sizes fall onto slow cuBLAS kernels), eager unless
 `--hf-compile`. Our step runs in `--variants` side by side, one row each on the same model: `eager`
-(the blocks' ops one by one, replayed as a CUDA graph) and `compiled` (`Decoder(compile=True)`: each
-block through torch.compile, then captured the same way; row "<arch> compiled"). The table gives
+(the blocks' ops one by one, replayed as a CUDA graph), `compiled` (`Decoder(compile=True)`: each
+block through torch.compile, the attention read between them on the eager split-K kernel, captured
+the same way; row "<arch> compiled") and `compiled-attn` (the same with the attention read compiled
+too, `attention="compiled"`; not run on models without attention, where it is `compiled`). The table gives
 each row's fraction of the memory bound and of the issue-12 target (3x the paper, or 80% of the
 bound where 3x exceeds it); `--profile` adds kernels per step and the top kernels per row.
 Writes inference.json and inference.png (matplotlib) under --out.
@@ -102,7 +104,16 @@ def point(total: int, batch: int, step_s: float, weights: int, cache: int, alloc
             "target_tokens_per_s": target, "vs_target": tok_s / target if target else None}
 
 
-VARIANTS = {"eager": False, "compiled": True}  # the step's blocks eager or torch.compile'd (Decoder(compile=))
+# the Decoder's arguments per variant: blocks eager or torch.compile'd, the attention read's kernel
+VARIANTS: dict[str, dict[str, Any]] = {"eager": {}, "compiled": {"compile": True},
+                                       "compiled-attn": {"compile": True, "attention": "compiled"}}
+
+
+def variants_for(model, variants: list[str]) -> list[str]:
+    """`variants` less those that only change the attention read, on a model without attention."""
+    if set(model.config.blocks) != {"M"}:
+        return variants
+    return [v for v in variants if "attention" not in VARIANTS[v]]
 
 
 @torch.no_grad()
@@ -112,7 +123,7 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
     model = build_model(arch, args.preset, device=device).to(dtype).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), device=device)
     rows = []
-    for variant in args.variants:
+    for variant in variants_for(model, args.variants):
         t0 = time.perf_counter()
         try:
             with reference_kernels() if args.ssm_kernel_error else contextlib.nullcontext():
@@ -121,8 +132,8 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
             rows.append({"model": row_name(arch, variant), "arch": arch, "variant": variant,
                          "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
         rows[-1]["wall_s"] = time.perf_counter() - t0
-        if VARIANTS.get(variant):
-            torch._dynamo.reset()  # the next model's blocks start from an empty compile cache
+        if VARIANTS[variant].get("compile"):
+            torch._dynamo.reset()  # the next variant's blocks start from an empty compile cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -157,7 +168,7 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
                   device: torch.device) -> dict[str, Any]:
     lengths, extra = args.lengths, args.warmup + args.steps
     dec = Decoder(model, args.batch, lengths[-1] + extra, cuda_graph=device.type == "cuda" and not args.no_graph,
-                  compile=VARIANTS[variant])
+                  **VARIANTS[variant])
     _sync(device)
     t0 = time.perf_counter()
     with reference_kernels():  # not what is measured: the Triton SSD's JIT would cost ~35 s cold
@@ -196,7 +207,7 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
 def attention_kernels(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     """One decode query over a static cache of S slots at the 1B llama layer's shapes (32 query
     heads, 8 KV heads, dim 64), replayed as CUDA graphs on a GPU: our split-K `decode_attention`,
-    its compiled form (`compiled_decode_attention`, what the compiled variant runs),
+    its compiled form (`compiled_decode_attention`, what the compiled-attn variant runs),
     SDPA on the whole cache with a boolean mask (GQA expanded, the kernels that take a mask), and
     SDPA on exactly the S keys without a mask (what the dynamic cache calls; there each step's new
     length re-plans cuDNN, here the length repeats so the plan is cached)."""
@@ -369,8 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-compile", action="store_true", help="torch.compile(mode='reduce-overhead') the HF step")
     ap.add_argument("--no-graph", action="store_true", help="our decode step eager (no CUDA graph)")
     ap.add_argument("--variants", default=None,
-                    help="our step's variants, one row each: eager (blocks eager) and/or compiled (torch.compile'd "
-                         "blocks); both captured in CUDA graphs on a GPU. Default: eager,compiled on cuda, "
+                    help="our step's variants, one row each: eager (blocks eager), compiled (torch.compile'd "
+                         "blocks, eager split-K attention read), compiled-attn (compiled blocks and attention read); "
+                         "all captured in CUDA graphs on a GPU. Default: eager,compiled,compiled-attn on cuda, "
                          "eager on cpu")
     ap.add_argument("--profile", action="store_true", help="per model, where a step's time goes (longest length)")
     ap.add_argument("--attention-kernels", action="store_true", help="also time one decode query's attention kernels")
@@ -390,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"inference: --lengths must exceed --prompt and each other by more than --warmup + --steps "
                          f"({args.warmup + args.steps}); got prompt {args.prompt}, lengths {args.lengths}")
     device = torch.device(args.device)
-    args.variants = (args.variants or ("eager,compiled" if device.type == "cuda" else "eager")).split(",")
+    args.variants = (args.variants or ("eager,compiled,compiled-attn" if device.type == "cuda" else "eager")).split(",")
     if not set(args.variants) <= set(VARIANTS):
         raise SystemExit(f"inference: --variants takes {','.join(VARIANTS)}; got {','.join(args.variants)}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

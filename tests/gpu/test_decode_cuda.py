@@ -72,10 +72,12 @@ def test_decode_attention_bf16_matches_reference():
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("arch", ["llama", "mamba2", "intra_hybrid"])
-def test_compiled_graph_decode_equals_eager_graph(arch):
+@pytest.mark.parametrize("arch, attention", [("llama", "split_k"), ("llama", "compiled"), ("mamba2", "split_k"),
+                                             ("intra_hybrid", "split_k"), ("intra_hybrid", "compiled")])
+def test_compiled_graph_decode_equals_eager_graph(arch, attention):
     """Decoder(compile=True) on CUDA: the compiled blocks captured in the CUDA graphs (one per span,
-    each after its own warm-up) compute what the eager graphs compute, and the full forward."""
+    each after its own warm-up) with the attention read between them (the eager split-K kernel, or
+    compiled apart) compute what the eager graphs compute, and the full forward."""
     torch.manual_seed(0)
     model = build_model(arch, "tiny", device="cuda").eval()
     tokens = torch.randint(0, 512, (2, 45), device="cuda")
@@ -83,7 +85,7 @@ def test_compiled_graph_decode_equals_eager_graph(arch):
         with reference_kernels():
             full = model(tokens)[:, 22:-1]
         eager = decode(model, tokens, 23, True)
-        dec = Decoder(model, 2, 45, cuda_graph=True, span_step=8, compile=True)
+        dec = Decoder(model, 2, 45, cuda_graph=True, span_step=8, compile=True, attention=attention)
         with reference_kernels():
             got = [dec.prefill(tokens[:, :23])]
         got += [dec.step(tokens[:, i:i + 1]) for i in range(23, 44)]

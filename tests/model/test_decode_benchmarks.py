@@ -42,18 +42,30 @@ def test_inference_benchmark_tiny_cpu(tmp_path, capsys):
     assert "transformers_llama" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # compiles a tiny Mamba2 block (~10 s)
+@pytest.mark.slow  # compiles a tiny llama block and the compiled attention
 def test_inference_benchmark_variants_side_by_side(tmp_path, capsys):
-    """The eager and the compiled step of one model, one row each, and their ratio closing the table."""
+    """The eager step and the compiled step with either attention read of one model, one row each,
+    and their ratios to the eager row closing the table."""
     load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "24,40",
-                            "--warmup", "1", "--steps", "2", "--archs", "mamba2", "--no-hf",
-                            "--variants", "eager,compiled", "--out", str(tmp_path)])
+                            "--warmup", "1", "--steps", "2", "--archs", "llama", "--no-hf",
+                            "--variants", "eager,compiled,compiled-attn", "--out", str(tmp_path)])
     r = json.loads((tmp_path / "inference.json").read_text())
-    assert [(row["model"], row["variant"]) for row in r["rows"]] == [("mamba2", "eager"),
-                                                                   ("mamba2 compiled", "compiled")]
+    assert [(row["model"], row["variant"]) for row in r["rows"]] == [
+        ("llama", "eager"), ("llama compiled", "compiled"), ("llama compiled-attn", "compiled-attn")]
     for row in r["rows"]:
         assert "error" not in row and [p["total"] for p in row["points"]] == [24, 40], row
-    assert "mamba2 compiled / mamba2 tokens/s at 24, 40:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for variant in ("compiled", "compiled-attn"):
+        assert f"llama {variant} / llama tokens/s at 24, 40:" in out
+
+
+def test_inference_variants_without_attention():
+    """A model without attention runs no variant that only changes the attention read."""
+    from pretrain.model import build_model
+
+    variants = load("inference").variants_for
+    assert variants(build_model("mamba2", "tiny"), ["eager", "compiled", "compiled-attn"]) == ["eager", "compiled"]
+    assert variants(build_model("swa", "tiny"), ["compiled-attn"]) == ["compiled-attn"]
 
 
 def test_inference_benchmark_rejects_close_lengths(tmp_path):
