@@ -8,8 +8,9 @@ layer of the eager step being the step's floor). The attention read over the cac
 compiled parts (`StaticKV._read`, never traced: its shapes follow the span) on `attention`'s kernel:
 `split_k` (default) the eager split-K `decode_attention`, `compiled` its products-and-sums form
 through its own compilation (`compiled_decode_attention`: one for every span; on the H200 the
-compiled llama step with it ran at 0.39-0.62x the eager step's tokens/s). Either is launched from Python between the compiled blocks,
-so the CUDA graph captures the compiled blocks and the attention kernels alike.
+compiled llama step with it ran at 0.39-0.62x the eager step's tokens/s). Either is launched from
+Python between the compiled blocks, so the CUDA graph captures the blocks' and the attention's
+kernels alike.
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
 multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
