@@ -25,7 +25,7 @@ tests)
     step gpu_tests "${GPU_TESTS_S:-300}" python -m pytest -n 6 -q -p no:cacheprovider -W ignore tests/gpu -rfE --durations=12
     step inference "${INFERENCE_S:-240}" python benchmarks/inference.py --archs llama,mamba2,inter_hybrid,intra_hybrid \
         --lengths 2048,8192,32768 --profile --out "$out/inference"
-    tail -16 "$out/gpu_tests.log"; tail -24 "$out/inference.log" ;;
+    tail -16 "$out/gpu_tests.log"; tail -50 "$out/inference.log" ;;
 masking)
     demo
     step document_masking "${DOCMASK_S:-540}" python benchmarks/document_masking.py --data data/demo \
