@@ -71,7 +71,8 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     print(f"FLOPs per token      {flops['total']:.4g} training fwd+bwd at seq_len {cfg.data.seq_len} "
           f"({flops['non_embedding']:.4g} without the LM head)")
     print(f"memory per GPU       ~{mem['total_gib']:.1f} GiB (states {mem['states_gib']:.1f} + activations "
-          f"{mem['activations_gib']:.1f} + loss {mem['loss_gib']:.1f}) at world size {world}, dp_shard {dims.dp_shard}, cp {dims.cp}, tp {dims.tp}")
+          f"{mem['activations_gib']:.1f} + loss {mem['loss_gib']:.1f}) at world size {world}, "
+          f"dp_shard {dims.dp_shard}, cp {dims.cp}, tp {dims.tp}")
     dp = dims.dp
     accum = grad_accum_steps(cfg, dp)
     print(f"batch                {accum * dp * cfg.train.micro_batch_size * cfg.data.seq_len:,} tokens per step "

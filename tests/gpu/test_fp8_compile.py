@@ -72,23 +72,27 @@ def test_grouped_mm_kernel_gradients_match_loop():
         assert rel(a, b) < 1e-2
 
 
+def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor, *args) -> None:
+    """Inductor against eager on module(x, *args): the output, x's gradient and every parameter's."""
+    def run(fn):
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = fn(xi, *args)
+        seeded = torch.Generator(x.device).manual_seed(1)
+        out.backward(torch.randn(out.shape, device=x.device, dtype=out.dtype, generator=seeded))
+        return [out, xi.grad] + [p.grad for p in module.parameters() if p.grad is not None]
+
+    eager = run(module)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(module))
+    for a, b in zip(compiled, eager):
+        assert rel(a, b) < 2e-2, rel(a, b)
+
+
 def test_inductor_block_matches_eager():
     block = block_of("mamba2")
     x = torch.randn(2, 1024, block.mixer_norm.weight.shape[0], device="cuda", dtype=torch.bfloat16)
-    pos = torch.arange(1024, device="cuda")
-
-    def run(module):
-        block.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        out = module(xi, pos)
-        out.backward(torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=torch.Generator("cuda").manual_seed(1)))
-        return [out, xi.grad] + [p.grad for p in block.parameters() if p.grad is not None]
-
-    eager = run(block)
-    torch._dynamo.reset()
-    compiled = run(torch.compile(block))
-    for a, b in zip(compiled, eager):
-        assert rel(a, b) < 2e-2, rel(a, b)
+    assert_compiled_matches_eager(block, x, torch.arange(1024, device="cuda"))
 
 
 def test_inductor_moe_matches_eager_on_decisive_tokens(device="cuda"):
@@ -102,20 +106,7 @@ def test_inductor_moe_matches_eager_on_decisive_tokens(device="cuda"):
     with torch.no_grad():
         scores = torch.sigmoid(x.float() @ ffn.router.weight.float().t()) + ffn.expert_bias
         top2 = scores.topk(2, dim=-1).values
-    x = x[top2[:, 0] - top2[:, 1] > 2e-2][None]  # [1, t, d]
-
-    def run(module):
-        ffn.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        out = module(xi)
-        out.backward(torch.randn(out.shape, device=device, dtype=out.dtype, generator=torch.Generator(device).manual_seed(1)))
-        return [out, xi.grad] + [p.grad for p in ffn.parameters() if p.grad is not None]
-
-    eager = run(ffn)
-    torch._dynamo.reset()
-    compiled = run(torch.compile(ffn))
-    for a, b in zip(compiled, eager):
-        assert rel(a, b) < 2e-2, rel(a, b)
+    assert_compiled_matches_eager(ffn, x[top2[:, 0] - top2[:, 1] > 2e-2][None])  # [1, t, d]
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
