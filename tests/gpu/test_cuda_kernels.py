@@ -10,6 +10,7 @@ from pretrain.model.ops import (attention, causal_suffix_attention, chunked_cros
                                 grouped_mm, reference_kernels, ssd_scan)
 from pretrain.model.ops.gated_norm import _rmsnorm_fn
 from pretrain.model.ops.library import has_mamba_ssd
+from ssd_inputs import ssd_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,13 +24,7 @@ def test_mamba_ssm_triton_kernel_is_used():
 
 
 def test_ssd_triton_matches_reference_fp32():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    b, l, h, p, n = 2, 1000, 8, 64, 64
-    x = torch.randn(b, l, h, p, device="cuda", generator=g)
-    dt = torch.nn.functional.softplus(torch.randn(b, l, h, device="cuda", generator=g) - 2)
-    A = -torch.rand(h, device="cuda", generator=g) * 2
-    B, C = (torch.randn(b, l, 2, n, device="cuda", generator=g) for _ in range(2))
-    s0 = torch.randn(b, h, p, n, device="cuda", generator=g)
+    x, dt, A, B, C, s0 = ssd_inputs(1000)
     y, s = ssd_scan(x, dt, A, B, C, 256, s0)
     with reference_kernels():
         y_ref, s_ref = ssd_scan(x, dt, A, B, C, 256, s0)

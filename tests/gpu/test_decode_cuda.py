@@ -101,8 +101,7 @@ def test_ssm_state_update_kernel_matches_reference():
     from pretrain.model.ops.library import has_state_update
     from pretrain.model.ops.ssd import ssd_step, ssd_step_reference
 
-    if not has_state_update():
-        pytest.skip("mamba-ssm's selective_state_update is not installed")
+    assert has_state_update(), "mamba-ssm's selective_state_update failed to import"
     g = torch.Generator(device="cuda").manual_seed(0)
     b, h, p, n = 4, 32, 64, 128
     x = torch.randn(b, 1, h, p, device="cuda", generator=g).bfloat16()

@@ -10,6 +10,7 @@ from pretrain.model import build_model
 from pretrain.model.ops import causal_conv1d, document_attention, reference_kernels, ssd_scan
 from pretrain.model.ops.library import has_causal_conv1d, has_mamba_ssd
 from pretrain.model.packed import PackedDocs
+from ssd_inputs import ssd_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,14 +66,8 @@ def test_flex_document_attention_matches_reference_bf16(window):
 
 def test_ssd_triton_seq_idx_matches_reference_fp32():
     assert has_mamba_ssd(), "mamba-ssm Triton SSD kernel failed to import"
-    g = torch.Generator(device="cuda").manual_seed(0)
-    b, l, h, p, n = 2, 3000, 8, 64, 64
-    x = torch.randn(b, l, h, p, device="cuda", generator=g)
-    dt = torch.nn.functional.softplus(torch.randn(b, l, h, device="cuda", generator=g) - 2)
-    A = -torch.rand(h, device="cuda", generator=g) * 2
-    B, C = (torch.randn(b, l, 2, n, device="cuda", generator=g) for _ in range(2))
-    s0 = torch.randn(b, h, p, n, device="cuda", generator=g)
-    seq_idx = PackedDocs.from_starts(random_starts(b, l)).doc
+    x, dt, A, B, C, s0 = ssd_inputs(3000)
+    seq_idx = PackedDocs.from_starts(random_starts(2, 3000)).doc
     for init in (None, s0):
         y, s = ssd_scan(x, dt, A, B, C, 256, init, seq_idx)
         with reference_kernels():
