@@ -1,7 +1,7 @@
 #!/bin/bash
 # Every GPU measurement of record, in parts that each fit one device call (< 10 min; see docs/benchmarks.md):
 #   bash benchmarks/h200_suite.sh tests OUT      # the GPU tests (6 xdist workers); decode eager vs compiled (T13 shape)
-#   bash benchmarks/h200_suite.sh masking OUT    # document masking on/off: llama, mamba2, intra_hybrid, hybrid_moe
+#   bash benchmarks/h200_suite.sh masking OUT    # document masking on/off, demo corpus: mamba2, intra_hybrid, llama
 #   bash benchmarks/h200_suite.sh training OUT   # ours eager / compiled vs transformers and mamba-ssm; compile / FP8
 #   bash benchmarks/h200_suite.sh memory OUT     # activation-memory calibration (the dry run's estimate vs peaks)
 #   bash benchmarks/h200_suite.sh evaluation OUT # the evaluation suite's T13 at 1B (two 1-step checkpoints)
@@ -29,7 +29,7 @@ tests)
 masking)
     demo
     step document_masking "${DOCMASK_S:-540}" python benchmarks/document_masking.py --data data/demo \
-        --archs llama,mamba2,intra_hybrid,hybrid_moe --doc-len 2048 --flex-options '' --out "$out/document_masking.json"
+        --archs mamba2,intra_hybrid,llama --doc-len '' --flex-options '' --out "$out/document_masking.json"
     tail -16 "$out/document_masking.log" ;;
 training)
     step peers "${PEERS_S:-330}" python benchmarks/peers.py --variants eager,compile+cast --out "$out/peers"

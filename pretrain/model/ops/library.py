@@ -249,7 +249,9 @@ def _gmm_setup(ctx, inputs, output) -> None:
 def _gmm_backward(ctx, dy: Tensor):
     x, w, offsets = ctx.saved_tensors
     dy = dy.contiguous()
-    dx = grouped_mm_op(dy, w.transpose(-2, -1).contiguous(), offsets) if ctx.needs_input_grad[0] else None
+    # w transposed as a view: the kernel reads either layout, and a transposing copy of the expert
+    # stack doubled this GEMM's time (0.94 against 0.43 ms on the H200, 1B hybrid_moe's shape)
+    dx = grouped_mm_op(dy, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
     dw = grouped_mm_weight_grad_op(x, dy, offsets) if ctx.needs_input_grad[1] else None
     return dx, dw, None
 
