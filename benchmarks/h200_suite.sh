@@ -5,10 +5,11 @@
 #   bash benchmarks/h200_suite.sh training OUT   # ours eager / compiled vs transformers and mamba-ssm; compile / FP8
 #   bash benchmarks/h200_suite.sh memory OUT     # activation-memory calibration (the dry run's estimate vs peaks)
 #   bash benchmarks/h200_suite.sh evaluation OUT # the evaluation suite's T13 at 1B (two 1-step checkpoints)
+#   bash benchmarks/h200_suite.sh long OUT       # 1B inter/intra hybrid at 8K-32K on one GPU; FP8 vs bf16 loss, 300 steps
 # Each step has a time limit (seconds, overridable by its variable) and writes its log and JSON under OUT; a step
 # that runs out of time keeps what it finished. The last lines printed are the tables.
 set -uo pipefail
-part=${1:?part: tests, masking, training, memory or evaluation}
+part=${1:?part: tests, masking, training, memory, evaluation or long}
 out=${2:-runs/h200}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_CACHE_AUTOTUNING=1  # autotune once per shape per call
@@ -48,5 +49,10 @@ evaluation)
     step evaluate "${EVAL_S:-420}" python -m pretrain.evaluate --checkpoint "$out/llama" "$out/intra_hybrid" --suite inference \
         --out "$out/eval" --inference-batch 4 --inference-prompt 512 --inference-totals 2048,4096,8192,16384,32768
     tail -3 "$out/evaluate.log" ;;
-*) echo "part must be tests, masking, training, memory or evaluation (got $part)" >&2; exit 2 ;;
+long)
+    demo
+    step long_context "${LONG_S:-330}" python benchmarks/long_context.py --out "$out/long_context.json"
+    step fp8_loss "${FP8_LOSS_S:-220}" python benchmarks/fp8_loss.py --data data/demo --out "$out/fp8_loss"
+    tail -8 "$out/long_context.log"; tail -4 "$out/fp8_loss.log" ;;
+*) echo "part must be tests, masking, training, memory, evaluation or long (got $part)" >&2; exit 2 ;;
 esac
