@@ -111,6 +111,21 @@ def test_decoder_errors_are_clear():
         Decoder(model, 1, 8, attention="flash")
 
 
+def test_decoder_refuses_weights_changed_after_it_packed_them():
+    """The packed projections are a snapshot: an optimizer step between building a Decoder and
+    its prefill would decode with the old weights, so prefill refuses."""
+    model = build_model("intra_hybrid", "tiny")
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    Decoder(model, 1, 8).prefill(prompt)  # unchanged weights decode
+    stale = Decoder(model, 1, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.loss(prompt, prompt).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="weights changed after this decoder packed them"):
+        stale.prefill(prompt)
+    Decoder(model, 1, 8).prefill(prompt)  # a new one packs the new weights
+
+
 @pytest.mark.slow  # Inductor on 2 busy cores: ~10 s with its cache warm, ~40 s cold
 def test_compiled_step_equals_eager_and_full_forward():
     """Decoder(compile=True) on a Mamba2 block and an intra-hybrid block (its global attention
