@@ -75,6 +75,22 @@ def test_ssd_triton_seq_idx_matches_reference_fp32():
         assert rel(y, y_ref) < 5e-3 and rel(s, s_ref) < 5e-3
 
 
+def test_masked_pytorch_conv_keeps_the_autocast_dtype_and_values():
+    """The PyTorch conv's per-document fix-up (the path without causal-conv1d) under CUDA bf16
+    autocast: its output stays in the plain conv's dtype (an earlier fix-up promoted the whole
+    output to fp32, and with it the SSD inputs) and matches the fp32 masked reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 256, 2000, device="cuda", generator=g)
+    w, bias = torch.randn(256, 4, device="cuda", generator=g), torch.randn(256, device="cuda", generator=g)
+    seq_idx = PackedDocs.from_starts(random_starts(2, 2000)).doc
+    with reference_kernels():
+        want = causal_conv1d(x, w, bias, None, seq_idx)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            plain, masked = causal_conv1d(x, w, bias), causal_conv1d(x, w, bias, None, seq_idx)
+    assert masked.dtype == plain.dtype == torch.bfloat16
+    assert rel(masked, want) < 1e-2
+
+
 @pytest.mark.skipif(not has_causal_conv1d(), reason="causal-conv1d is not installed")
 def test_causal_conv1d_seq_idx_matches_reference_bf16():
     g = torch.Generator(device="cuda").manual_seed(0)
