@@ -78,8 +78,7 @@ def step_throughput(model, opt, tokens: torch.Tensor, starts: torch.Tensor | Non
 
     def train_step(batch: torch.Tensor, docs: PackedDocs | None) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model.loss(batch[:, :-1], batch[:, 1:], docs) if docs is not None else \
-                model.loss(batch[:, :-1], batch[:, 1:])
+            loss = model.loss(batch[:, :-1], batch[:, 1:], docs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,6 +92,8 @@ def step_throughput(model, opt, tokens: torch.Tensor, starts: torch.Tensor | Non
                    PackedDocs.from_starts(batch_starts.to(device, non_blocking=True)) if use_mask else None)
         i += 1
 
+    if device.type == "cuda":  # this row's own peak (weights, moments and gradients carry over from earlier rows)
+        torch.cuda.reset_peak_memory_stats()
     try:
         if starts is not None:
             train_step(tokens[0], PackedDocs.from_starts(starts[0, :, :-1].to(device)))
@@ -154,8 +155,6 @@ def arch_rows(arch: str, size: str, tokens: torch.Tensor, cases: dict[str, torch
     torch.manual_seed(0)
     model = build_model(arch, size, device=tokens.device, vocab_size=max(128_256, int(tokens.max()) + 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    if tokens.is_cuda:
-        torch.cuda.reset_peak_memory_stats()
     off: dict = {}  # timed before and after the masked rows; their mean is the reference
     measure(off, "before", lambda: step_throughput(model, opt, tokens, None))
     rows = []

@@ -194,7 +194,7 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
     result = {"model": row_name(arch, variant), "arch": arch, "variant": variant, "kind": "ours",
               "pattern": model.config.pattern, "weight_bytes": weights, "prefill_s_reference_kernels": prefill_s,
               "graph_capture_s": capture_s, "cuda_graph": dec.use_graph, "graph_error": dec.graph_error,
-              "ssm_state_update_kernel": device.type == "cuda" and has_state_update()
+              "ssm_state_update_kernel": device.type == "cuda" and has_state_update() and not args.ssm_kernel_error
               and any(sym in "MH" for sym in model.config.blocks), "points": points}
     if args.profile:
         dec.cache.pretend_length(lengths[-1] - 1)

@@ -60,14 +60,18 @@ def _copy_module(full: list[tuple[str, torch.Tensor]], target_module: nn.Module)
     for name, tensor in full:
         owner, _, leaf = name.rpartition(".")
         target = getattr(target_module.get_submodule(owner) if owner else target_module, leaf)
-        local = target
-        if isinstance(target, DTensor):
-            # Every rank computed the same full tensor: take the local shard without communication.
-            tensor = distribute_tensor(tensor, target.device_mesh, target.placements, src_data_rank=None).to_local()
-            local = target.to_local()
-        local.copy_(tensor)
+        copy_full_into(target, tensor)
         written.append(target)
     return written
+
+
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the global tensor `full` into `target`: all of it, or this rank's shard of a DTensor.
+    Every rank holds the same `full`, so the shard is taken without communication."""
+    if isinstance(target, DTensor):
+        full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        target = target.to_local()
+    target.copy_(full)
 
 
 def _check_ranks_agree(checksum: torch.Tensor) -> None:

@@ -127,16 +127,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, params: dict[str, int] | Non
     return {"non_embedding": non_embedding, "total": non_embedding + 6 * cfg.d_model * cfg.vocab_size}
 
 
-def cache_elements(cfg: ModelConfig, seq_len: int, *, ssm_state: bool = True) -> int:
+def cache_elements(cfg: ModelConfig, seq_len: int) -> int:
     """Inference-cache elements for one sequence of `seq_len` tokens: K and V per attention layer
-    (sliding-window layers keep window + sinks), conv and SSM state per Mamba2 layer (`ssm_state`
-    False: the SSM states left out, which `cache_bytes` stores at their own width)."""
+    (sliding-window layers keep window + sinks), conv and SSM state per Mamba2 layer."""
     def kv(kv_heads: int, qk_dim: int, v_dim: int, kept: int) -> int:
         return kv_heads * (qk_dim + v_dim) * kept
 
     def ssm(heads: int, head_dim: int, d_state: int) -> int:
         conv = (heads * head_dim + 2 * cfg.n_groups * d_state) * (cfg.d_conv - 1)
-        return conv + heads * head_dim * d_state * ssm_state
+        return conv + heads * head_dim * d_state
 
     ic, total = cfg.intra, 0
     for sym in cfg.blocks:
@@ -156,8 +155,16 @@ def cache_bytes(cfg: ModelConfig, seq_len: int, element_bytes: int = CACHE_BYTES
     """Inference-cache bytes for one sequence: K/V and conv states at `element_bytes`, SSM states at
     `ssm_state_bytes`. The defaults (all bf16) are the paper's convention; the static decoder keeps
     its SSM states in fp32, as the scan accumulates (`pretrain.model.static_cache.SSMState`)."""
-    rest = cache_elements(cfg, seq_len, ssm_state=False)
-    return rest * element_bytes + (cache_elements(cfg, seq_len) - rest) * ssm_state_bytes
+    states = ssm_state_elements(cfg)
+    return (cache_elements(cfg, seq_len) - states) * element_bytes + states * ssm_state_bytes
+
+
+def ssm_state_elements(cfg: ModelConfig) -> int:
+    """The SSM states' share of `cache_elements` (heads x head_dim x d_state per Mamba2 layer or
+    intra-hybrid SSM branch); it does not grow with the sequence."""
+    ic = cfg.intra
+    return sum(cfg.ssm_heads * cfg.ssm_head_dim * cfg.d_state if sym == "M" else ic.ssm_heads * ic.head_dim * ic.d_state
+               for sym in cfg.blocks if sym in "MH")
 
 
 def report(cfg: ModelConfig, seq_len: int) -> dict[str, Any]:

@@ -32,10 +32,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, broadcast_object, new_cpu_group
+from parallel.init import copy_full_into
 from pretrain.checkpoint_integrity import (MARKER, CheckpointDamaged, FileRecord, file_digest, share, verify_share,
                                            write_marker)
 from pretrain.model.legacy import Split
@@ -301,7 +300,7 @@ def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence
     if problems:
         raise ValueError(f"{path}: weights do not fit this model ({len(problems)} tensors, e.g. "
                          f"{'; '.join(problems[:3])}); build the model of {path / MODEL_CONFIG_FILE}")
-    load_dcp(path, {"model": model_state}, splits)
+    load_dcp(path, {"model": model_state}, splits, entries)
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:
@@ -315,7 +314,8 @@ def _renamed(saved: dict[str, Any], dcp_state: dict[str, Any], splits: Sequence[
             and s.new[0][0] in dcp_state["model"]]
 
 
-def load_dcp(path: Path, dcp_state: dict[str, Any], splits: Sequence[Split] = ()) -> None:
+def load_dcp(path: Path, dcp_state: dict[str, Any], splits: Sequence[Split] = (),
+             metadata: dict[str, Any] | None = None) -> None:
     """`dcp.load` into `dcp_state` ({"model": {name: tensor}}, optionally "optim" as
     `get_state_dict` gives it), for any layout of this run (plain or DTensor-sharded tensors).
 
@@ -323,8 +323,9 @@ def load_dcp(path: Path, dcp_state: dict[str, Any], splits: Sequence[Split] = ()
     old name -> new names, rows stacked along dim 0). Those entries, and the optimizer's state of
     them (AdamW's moments split the same way, its step copied), are read into temporary full
     tensors, cut into the new tensors and copied into this rank's shards; the optimizer's param
-    groups get the new names. Collective, as `dcp.load`."""
-    saved = _read_metadata(path) if splits else {}
+    groups get the new names. `metadata`: the checkpoint's entries, when the caller read them.
+    Collective, as `dcp.load`."""
+    saved = metadata if metadata is not None else _read_metadata(path) if splits else {}
     todo = _renamed(saved, dcp_state, splits)
     if not todo:
         _quiet_dcp(dcp.load, dcp_state, checkpoint_id=str(path))
@@ -345,23 +346,17 @@ def load_dcp(path: Path, dcp_state: dict[str, Any], splits: Sequence[Split] = ()
     _quiet_dcp(dcp.load, load, checkpoint_id=str(path))
     for s in todo:
         for name, part in s.parts(load["model"][s.old]):
-            _copy_global(model[name], part)
-        for k, t in load["optim"]["state"][s.old].items() if optim is not None else ():
-            for name, part in s.parts(t) if t.dim() else [(name, t) for name, _ in s.new]:
-                _copy_global(optim["state"][name][k], part)
-    if optim is not None:  # the saved groups list the old names
-        renamed = {s.old: [name for name, _ in s.new] for s in todo}
-        for group in optim["param_groups"]:
-            group["params"] = [new for name in group["params"] for new in renamed.get(name, [name])]
-
-
-def _copy_global(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the global tensor `full` into `target`: all of it, or this rank's shard of a DTensor."""
-    if isinstance(target, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
-        target = target.to_local()
-        full = full[tuple(slice(o, o + n) for n, o in zip(shape, offset))]
-    target.copy_(full)
+            copy_full_into(model[name], part)
+    if optim is None:
+        return
+    renamed = {s.old: [name for name, _ in s.new] for s in todo}
+    for s in todo:
+        for k, t in load["optim"]["state"][s.old].items():
+            parts = s.parts(t) if t.dim() else [(name, t) for name in renamed[s.old]]  # a scalar (step): to each
+            for name, part in parts:
+                copy_full_into(optim["state"][name][k], part)
+    for group in optim["param_groups"]:  # the saved groups (which DCP loaded in place) list the old names
+        group["params"] = [new for name in group["params"] for new in renamed.get(name, [name])]
 
 
 def _write_durably(path: Path, text: str) -> None:

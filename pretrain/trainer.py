@@ -45,7 +45,7 @@ from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
 from pretrain.model.config import ModelConfig
 from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
-from pretrain.model.packed import PackedDocs, masking_needed
+from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
@@ -283,15 +283,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _masking_fast_path(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The loader's CPU batch without its doc_starts when no row has a document start after its
-    first token (document masking would change nothing: the unmasked kernels run); decided once
-    per micro-batch, before the move to the device."""
-    if "doc_starts" in batch and not masking_needed(batch["doc_starts"][:, :-1]):
-        return {k: v for k, v in batch.items() if k != "doc_starts"}
-    return batch
-
-
 class Trainer:
     """Build everything from a JobConfig, then `train()`. One instance per process."""
 
@@ -487,7 +478,7 @@ class Trainer:
         on the device."""
         if self._train_iter is None:
             self._train_iter = iter(self.train_loader)
-        return {k: v.to(self.device, non_blocking=True) for k, v in _masking_fast_path(next(self._train_iter)).items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in without_unneeded_starts(next(self._train_iter)).items()}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; skipped when loss or grad is non-finite."""
@@ -623,9 +614,8 @@ class Trainer:
         n = int(all_reduce_scalar(float(len(batches)), "min", self._reduce_device()))
         total, count = 0.0, 0
         for batch in batches[:n]:
-            tokens = batch["tokens"].to(self.device)
-            doc_starts = _masking_fast_path(batch).get("doc_starts")
-            doc_starts = doc_starts.to(self.device) if doc_starts is not None else None
+            batch = {k: v.to(self.device) for k, v in without_unneeded_starts(batch).items()}
+            tokens, doc_starts = batch["tokens"], batch.get("doc_starts")
             if self.pipeline is not None:
                 loss = self._pipeline_loss(tokens, doc_starts, train=False)
             else:

@@ -44,17 +44,17 @@ def weights_in(model, dtype: torch.dtype) -> Iterator[None]:
 
 @torch.no_grad()
 def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: int, device: torch.device,
-                  dtype: torch.dtype, compile: bool = False) -> dict[str, Any]:
-    """`compile`: the decode step's blocks through torch.compile (`Decoder(compile=True)`), before
-    the CUDA-graph capture (its compilation is counted in `graph_capture_s` on CUDA)."""
+                  dtype: torch.dtype) -> dict[str, Any]:
     totals = sorted(totals)
     if totals[0] <= prompt_len:
         raise ValueError(f"inference: every total length must exceed the prompt ({prompt_len}); got {totals}")
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
     points = []
+    if device.type == "cuda":  # this checkpoint's peak, not the process's so far
+        torch.cuda.reset_peak_memory_stats(device)
     with weights_in(model, dtype):
-        decoder = Decoder(model, batch, totals[-1], compile=compile)
+        decoder = Decoder(model, batch, totals[-1])
         _sync(device)
         t0 = time.perf_counter()
         nxt = decoder.prefill(prompt).argmax(-1, keepdim=True)
@@ -88,7 +88,7 @@ def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: i
     # timings on a shared CPU depend on what else runs: the load beside them says how much
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"batch": batch, "prompt": prompt_len, "prefill_s": prefill_s, "points": points,
-            "cuda_graph": decoder.use_graph, "compiled": compile, "graph_error": decoder.graph_error, "graph_capture_s": capture_s,
+            "cuda_graph": decoder.use_graph, "graph_error": decoder.graph_error, "graph_capture_s": capture_s,
             "cache_allocated_bytes": allocated,
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "peak_memory_bytes": peak,
             "cpu_load_1min": load, "cpu_threads": torch.get_num_threads()}

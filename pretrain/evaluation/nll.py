@@ -16,7 +16,7 @@ from data_pipeline.loader import build_val_loader
 from data_pipeline.tokenizer import Tokenizer
 from pretrain.evaluation.scoring import autocast, token_nll
 from pretrain.hf import CliError
-from pretrain.model.packed import masking_needed
+from pretrain.model.packed import without_unneeded_starts
 
 
 def text_bytes(tokens: torch.Tensor, tokenizer: Tokenizer, special: set[int]) -> int:
@@ -33,10 +33,9 @@ def run_nll(model, data_dir: Path, tokenizer: Tokenizer, seq_len: int, batch_siz
     special = {tokenizer.bos_id, tokenizer.eos_id}
     total, tokens_scored, n_bytes, batches = 0.0, 0, 0, 0
     for batch in loader:
+        batch = without_unneeded_starts(batch)  # doc_starts only under document_masking, and where needed
         tokens = batch["tokens"].to(device)
-        starts = batch["doc_starts"][:, :-1] if document_masking else None
-        if starts is not None:  # rows that each lie in one document score exactly as unmasked (the trainer's fast path)
-            starts = starts.to(device) if masking_needed(starts) else None
+        starts = batch["doc_starts"][:, :-1].to(device) if "doc_starts" in batch else None
         with autocast(device, dtype):
             nll = token_nll(model, tokens[:, :-1], tokens[:, 1:], starts)
         total += float(nll.double().sum())

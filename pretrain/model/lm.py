@@ -7,7 +7,7 @@ the first stage, the final norm, head and loss on the last.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +23,7 @@ from pretrain.model.moe import MoE
 from pretrain.model.norms import RMSNorm
 from pretrain.model.ops import chunked_cross_entropy
 from pretrain.model.packed import PackedDocs
+from pretrain.model.shared_dict import SharedDict
 
 if TYPE_CHECKING:
     from parallel.pipeline import Pipeline
@@ -275,38 +276,16 @@ class InferenceCache:
         def size(obj) -> int:
             if isinstance(obj, Tensor):
                 return obj.numel()
-            if isinstance(obj, (dict, LayerState)):
+            if isinstance(obj, Mapping):
                 return sum(size(v) for k, v in obj.items() if k not in ("pos", "doc"))
             return 0
         return sum(size(layer) for layer in self.layers)
 
 
-class LayerState:
+class LayerState(SharedDict):
     """One layer's growing state, read and written by name by its mixer ("k", "v", "pos", "doc",
-    "conv", "ssm"; an intra-hybrid block's "attn" and "ssm" branches). Not a dict: FSDP2 rebuilds
-    the dicts among a wrapped block's arguments when it casts them (`_apply_to_tensors`), and the
-    mixer's writes would land in the copy."""
-
-    def __init__(self):
-        self._state: dict = {}
-
-    def get(self, name: str, default=None):
-        return self._state.get(name, default)
-
-    def setdefault(self, name: str, default):
-        return self._state.setdefault(name, default)
-
-    def items(self):
-        return self._state.items()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._state
-
-    def __getitem__(self, name: str):
-        return self._state[name]
-
-    def __setitem__(self, name: str, value) -> None:
-        self._state[name] = value
+    "conv", "ssm"; an intra-hybrid block's "attn" and "ssm" branches); a `SharedDict`, so FSDP2's
+    input cast does not copy it away from the mixer's writes."""
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

@@ -17,17 +17,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pretrain.model.shared_dict import SharedDict
+
 
 @dataclass(frozen=True, eq=False)
 class PackedDocs:
     """`positions` [b, l]: each token's position within its document; `doc` [b, l]: its document's
     index in the row (non-decreasing along the row; only equality is used). A carried-in state
     (KV / conv / SSM cache) belongs to the document of the row's first token. `kernel_cache` holds
-    per-batch kernel metadata (FlexAttention block masks), built once and shared by the layers."""
+    per-batch kernel metadata (FlexAttention block masks, conv fix-up indices, CP-gathered
+    document ids), built once and shared by the layers (a `SharedDict`: FSDP2's input cast keeps it)."""
 
     positions: Tensor
     doc: Tensor
-    kernel_cache: dict = field(default_factory=dict, repr=False)
+    kernel_cache: SharedDict = field(default_factory=SharedDict, repr=False)
 
     @staticmethod
     def from_starts(starts: Tensor) -> PackedDocs:
@@ -62,3 +65,12 @@ def masking_needed(starts: Tensor) -> bool:
         raise ValueError("masking_needed takes the loader's CPU doc_starts (deciding on a device tensor would "
                          "sync): call it before moving the batch to the device")
     return bool(starts[:, 1:].any())
+
+
+def without_unneeded_starts(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The loader's CPU batch without its `doc_starts` when no row needs the mask (`masking_needed`
+    on the inputs' columns): the trainer, its validation and the nll suite then run the unmasked
+    kernels. Decided once per micro-batch, before the move to the device."""
+    if "doc_starts" in batch and not masking_needed(batch["doc_starts"][:, :-1]):
+        return {k: v for k, v in batch.items() if k != "doc_starts"}
+    return batch

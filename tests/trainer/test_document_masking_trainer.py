@@ -6,8 +6,8 @@ import torch
 
 from data_pipeline.loader import build_train_loader
 from pretrain.config import ConfigError
-from pretrain.model.packed import PackedDocs
-from pretrain.trainer import Trainer, _masking_fast_path
+from pretrain.model.packed import PackedDocs, without_unneeded_starts
+from pretrain.trainer import Trainer
 
 from trainer_helpers import losses, tiny_config
 
@@ -48,8 +48,8 @@ def test_single_document_batches_run_unmasked(corpus, tmp_path, monkeypatch):
     inside = single.clone()
     inside[3, 17] = True
 
-    # assert "doc_starts" not in _masking_fast_path({"tokens": tokens, "doc_starts": single})
-    assert _masking_fast_path({"tokens": tokens, "doc_starts": inside})["doc_starts"] is inside
+    assert "doc_starts" not in without_unneeded_starts({"tokens": tokens, "doc_starts": single})
+    assert without_unneeded_starts({"tokens": tokens, "doc_starts": inside})["doc_starts"] is inside
 
     masked = Trainer(tiny_config(tmp_path / "on", corpus, 1, "--data.document_masking=true"))
     off = Trainer(tiny_config(tmp_path / "off", corpus, 1))
