@@ -33,15 +33,17 @@ def random_starts(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     return starts.cuda()
 
 
-@pytest.mark.parametrize("window", [None, 512])
-def test_flex_document_attention_matches_reference_bf16(window):
+# (window, q/k head dim, v head dim): the last is the 1B intra-hybrid's attention branch, whose wider
+# values need smaller backward tiles than torch picks (ops/attention.py: WIDE_VALUE_KERNEL_OPTIONS)
+@pytest.mark.parametrize("window,qk_dim,v_dim", [(None, 64, 64), (512, 64, 64), (None, 72, 144)])
+def test_flex_document_attention_matches_reference_bf16(window, qk_dim, v_dim):
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(2, 16, 4096, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(2, 4, 4096, 64, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
+    q, k = (torch.randn(2, heads, 4096, qk_dim, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
+            for heads in (16, 4))
+    v = torch.randn(2, 4, 4096, v_dim, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
     docs = PackedDocs.from_starts(random_starts(2, 4096))
     pos, doc = docs.positions, docs.doc
-    grad_out = torch.randn(2, 16, 4096, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    grad_out = torch.randn(2, 16, 4096, v_dim, device="cuda", generator=g, dtype=torch.bfloat16)
 
     def run():
         out = document_attention(q, k, v, pos, pos, doc, doc, window, 64, {})

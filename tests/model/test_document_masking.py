@@ -148,6 +148,44 @@ def test_conv_and_scan_reset_at_document_starts():
                                rtol=0.05, atol=0.05)
 
 
+def test_masked_conv_gradients_equal_the_masked_taps():
+    """The masked conv's hand-written backward (the conv's own gradients corrected at the dropped
+    taps) equals autograd through the w masked taps, for x, the carried-in state, weight and bias;
+    also in bf16 under autocast, where its gradients keep the parameters' dtype."""
+    torch.manual_seed(0)
+    lengths = [2, 1, 9, 3, 1, 1, 13]  # documents shorter than the conv, adjacent one-token documents
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    seq_idx = torch.stack([seq_idx, seq_idx.roll(5)])  # a row that starts mid-document
+    d, length = 5, sum(lengths)
+    leaves = [torch.randn(2, d, length, dtype=torch.float64), torch.randn(d, 4, dtype=torch.float64),
+              torch.randn(d, dtype=torch.float64), torch.randn(2, d, 3, dtype=torch.float64)]
+
+    def conv(x, w, bias, state, compiled_form):
+        prev_compiling = torch.compiler.is_compiling
+        torch.compiler.is_compiling = lambda: compiled_form  # the masked-taps form compiled blocks take
+        try:
+            return causal_conv1d_reference(x, w, bias, state, seq_idx)
+        finally:
+            torch.compiler.is_compiling = prev_compiling
+
+    def grads(compiled_form, dtype=torch.float64):
+        tensors = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        y = conv(*tensors, compiled_form)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(y.dtype))
+        return y, [t.grad for t in tensors]
+
+    y, g = grads(False)
+    y_ref, g_ref = grads(True)
+    assert (y - y_ref).abs().max().item() < 1e-12
+    for a, b in zip(g, g_ref):
+        assert (a - b).abs().max().item() < 1e-12
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf16, g_bf16 = grads(False, torch.float32)
+    assert y_bf16.dtype == torch.bfloat16 and [t.dtype for t in g_bf16] == [torch.float32] * 4
+    for a, b in zip(g_bf16, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("arch", ["swa", "mamba2", "intra_hybrid"])
 def test_generate_and_score_packed_rows(arch):
     """Generation continues each row's last document as if prompted with it alone; token NLL of

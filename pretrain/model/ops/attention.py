@@ -110,6 +110,20 @@ def _compiled_flex() -> tuple[Callable, Callable]:
 # off by default on CUDA. benchmarks/document_masking.py times other sets (--flex-options) against
 # it on the H200: change this only from such a measurement.
 FLEX_KERNEL_OPTIONS: dict | None = None
+# torch picks the backward tiles from the query/key head dim alone. With wider values (the 1B
+# intra-hybrid: 72 for q/k, 144 for v, padded to 128 and 256) its sm90 choice needs 248 KB of
+# shared memory, over the H200's 227 KB, and the backward fails to compile. For those, the tiles
+# torch itself picks at head dim 256: they fit any value width up to 256.
+WIDE_VALUE_KERNEL_OPTIONS = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                             "bwd_num_stages": 2, "bwd_num_warps": 4}
+
+
+def flex_kernel_options(qk_head_dim: int, v_head_dim: int) -> dict | None:
+    """FLEX_KERNEL_OPTIONS, or the wide-value backward tiles when the values are wider than the
+    queries and keys past 128 (where torch's choice runs out of shared memory)."""
+    if FLEX_KERNEL_OPTIONS is None and v_head_dim > max(qk_head_dim, 128):
+        return WIDE_VALUE_KERNEL_OPTIONS
+    return FLEX_KERNEL_OPTIONS
 
 
 def document_mask_mod(q_pos: Tensor, k_pos: Tensor, q_doc: Tensor, k_doc: Tensor, window: int | None,
@@ -152,7 +166,7 @@ def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
         if block_masks is not None:
             block_masks[key] = block_mask
     return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
-                  kernel_options=FLEX_KERNEL_OPTIONS)
+                  kernel_options=flex_kernel_options(q.shape[-1], v.shape[-1]))
 
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, q_doc: Tensor,

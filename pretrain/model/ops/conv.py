@@ -24,12 +24,15 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
-    y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
-    if seq_idx is not None:
-        if torch.compiler.is_compiling():  # no data-dependent shape: the block stays one graph
-            y = _conv_within_documents(padded, weight, bias, seq_idx)
-        else:
-            y = _recompute_after_starts(y, padded, weight, bias, seq_idx, cache)
+    if seq_idx is None:
+        y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
+    elif torch.compiler.is_compiling():  # no data-dependent shape: the block stays one graph
+        y = _conv_within_documents(padded, weight, bias, seq_idx)
+    else:
+        dtype = _conv_dtype(padded, weight)
+        y = _ConvRecomputingAfterStarts.apply(padded.to(dtype), weight.to(dtype),
+                                              bias.to(dtype) if bias is not None else None,
+                                              *_taps_after_starts(seq_idx, w, cache))
     return F.silu(y)
 
 
@@ -45,17 +48,19 @@ def _conv_within_documents(padded: Tensor, weight: Tensor, bias: Tensor | None, 
     return y
 
 
-def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor,
-                            cache: dict | None = None) -> Tensor:
-    """Only the w-1 outputs from each document start reach back into the previous document: those
-    few are recomputed with the taps outside their document dropped (cuDNN's conv does the rest;
-    one sync for the indices instead of w masked passes over the whole [b, d, l]). The indices
-    and tap masks depend on the documents alone: with `cache`, one sync per batch, not per layer.
-    The taps are gathered by index and the outputs overwritten in place, in y's dtype: gathering
-    from an `unfold` view (its backward fills a zero tensor w times the input) and an out-of-place
-    `index_put` (a copy of y, promoted to fp32 under CUDA autocast) more than doubled the conv's
-    forward + backward (CPU profile); the masked 1B mamba2 step ran at 0.84x the plain one."""
-    w = weight.shape[-1]
+def _conv_dtype(padded: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype F.conv1d would compute in here: autocast's, else the inputs' common one."""
+    device = padded.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(padded.dtype, weight.dtype)
+
+
+def _taps_after_starts(seq_idx: Tensor, w: int, cache: dict | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The outputs that reach back into a previous document (the w-1 after each start) as (rows,
+    t) [n], the padded columns they read, cols [n, w], and which of those taps lie in their own
+    document, inside [n, w]. They depend on the documents alone: with `cache` (a batch's
+    PackedDocs.kernel_cache), one device sync per batch, not per layer."""
     key = ("conv_taps", w, tuple(seq_idx.shape))
     found = cache.get(key) if cache is not None else None
     if found is None:
@@ -64,16 +69,50 @@ def _recompute_after_starts(y: Tensor, padded: Tensor, weight: Tensor, bias: Ten
         rows, t = reach.nonzero(as_tuple=True)  # each affected output once
         docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)  # the carried-in state: first doc
         cols = t[:, None] + torch.arange(w, device=t.device)  # [n, w]: output t reads padded t .. t+w-1
-        found = rows, t, cols, docs[rows[:, None], cols] == seq_idx[rows, t][:, None]  # [n, w]: taps inside
+        found = rows, t, cols, docs[rows[:, None], cols] == seq_idx[rows, t][:, None]
         if cache is not None:
             cache[key] = found
-    rows, t, cols, inside = found
-    taps = padded[rows[:, None], :, cols].to(y.dtype)  # [n, w, d]; y's dtype, as the conv's under autocast
-    fixed = (taps * (inside[..., None] * weight.t()).to(y.dtype)).sum(1)  # [n, d]; CUDA autocast sums in fp32
-    if bias is not None:
-        fixed = fixed + bias.to(fixed.dtype)
-    y[rows, :, t] = fixed.to(y.dtype)
-    return y
+    return found
+
+
+class _ConvRecomputingAfterStarts(torch.autograd.Function):
+    """The conv over whole rows (cuDNN / the depthwise kernel), then the few outputs that reach
+    back into a previous document recomputed without those taps, written in place. The backward
+    takes the conv's own gradients and corrects them at the dropped taps, in place. Built from
+    autograd ops instead, the fix-up cost three extra passes over [b, d, l] per layer (the
+    index_put backward's clone of the output gradient, the gathered taps' dense zero gradient and
+    its add): the masked 1B mamba2 step ran at 0.96x the plain one on the H200. Inputs share one
+    dtype (the caller casts as autocast would); autocast is off inside."""
+
+    @staticmethod
+    def forward(ctx, padded: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor, t: Tensor, cols: Tensor,
+                inside: Tensor) -> Tensor:
+        with torch.autocast(padded.device.type, enabled=False):
+            y = F.conv1d(padded, weight[:, None, :], bias, groups=padded.shape[1])
+            taps = padded[rows[:, None], :, cols]  # [n, w, d]
+            fixed = (taps * (inside[..., None] * weight.t())).sum(1)  # [n, d]
+            y[rows, :, t] = fixed + bias if bias is not None else fixed
+        ctx.save_for_backward(padded, weight, rows, t, cols, inside)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        padded, weight, rows, t, cols, inside = ctx.saved_tensors
+        d = weight.shape[0]
+        grad_y = grad_y.contiguous()
+        grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_y, padded, weight[:, None, :], [d] if ctx.has_bias else None, [1], [0], [1], False, [0], d,
+            list(ctx.needs_input_grad[:3]))
+        # what the conv's backward gave the taps the forward dropped: the output gradient, per tap
+        dropped = grad_y[rows, :, t][:, None, :] * (~inside)[..., None].to(grad_y.dtype)  # [n, w, d]
+        if grad_in is not None:
+            channels = torch.arange(d, device=rows.device)
+            grad_in.index_put_((rows[:, None, None], channels, cols[..., None]), -(dropped * weight.t()),
+                               accumulate=True)
+        if grad_w is not None:
+            grad_w = grad_w[:, 0] - (dropped * padded[rows[:, None], :, cols]).sum(0).t()
+        return grad_in, grad_w, grad_b, None, None, None, None
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None,

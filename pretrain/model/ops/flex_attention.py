@@ -41,9 +41,10 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_sin
     flex_attention's eager reference (CPU tests of the mask)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from pretrain.model.ops.attention import _compiled_flex  # the document-mask path's compiled kernel
+    from pretrain.model.ops.attention import _compiled_flex, flex_kernel_options  # the document path's
 
     mask = window_block_mask(q.shape[2], window, n_sink, q.device)
     # inside a compiled block dynamo captures flex_attention itself and Inductor makes the kernel
     fn = _compiled_flex()[0] if compiled and not torch.compiler.is_compiling() else flex_attention
-    return fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
+              kernel_options=flex_kernel_options(q.shape[-1], v.shape[-1]))
