@@ -5,9 +5,11 @@ models (llama, mamba2, intra_hybrid) in bf16 with masking on; packed equals docu
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain.model import build_model
 from pretrain.model.ops import causal_conv1d, document_attention, reference_kernels, ssd_scan
+from pretrain.model.ops.conv import _conv_within_documents
 from pretrain.model.ops.library import has_causal_conv1d, has_mamba_ssd
 from pretrain.model.packed import PackedDocs
 from ssd_inputs import ssd_inputs
@@ -77,20 +79,34 @@ def test_ssd_triton_seq_idx_matches_reference_fp32():
         assert rel(y, y_ref) < 5e-3 and rel(s, s_ref) < 5e-3
 
 
-def test_masked_pytorch_conv_keeps_the_autocast_dtype_and_values():
-    """The PyTorch conv's per-document fix-up (the path without causal-conv1d) under CUDA bf16
-    autocast: its output stays in the plain conv's dtype (an earlier fix-up promoted the whole
-    output to fp32, and with it the SSD inputs) and matches the fp32 masked reference."""
+def test_masked_pytorch_conv_keeps_the_autocast_dtype_values_and_gradients():
+    """The PyTorch conv's per-document fix-up (the path without causal-conv1d) on CUDA: in fp32 its
+    output and hand-written gradients (x, weight, bias) equal autograd through the masked taps
+    (the compiled form); under bf16 autocast its output stays in the plain conv's dtype (an
+    earlier fix-up promoted the whole output to fp32, and with it the SSD inputs) and values and
+    gradients stay near fp32."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 256, 2000, device="cuda", generator=g)
     w, bias = torch.randn(256, 4, device="cuda", generator=g), torch.randn(256, device="cuda", generator=g)
+    grad_out = torch.randn(2, 256, 2000, device="cuda", generator=g)
     seq_idx = PackedDocs.from_starts(random_starts(2, 2000)).doc
+
+    def run(conv):
+        leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
+        y = conv(*leaves)
+        y.backward(grad_out.to(y.dtype))
+        return y.detach(), [t.grad for t in leaves]
+
     with reference_kernels():
-        want = causal_conv1d(x, w, bias, None, seq_idx)
+        want, want_grads = run(lambda x, w, b: F.silu(_conv_within_documents(F.pad(x, (3, 0)), w, b, seq_idx)))
+        got, got_grads = run(lambda x, w, b: causal_conv1d(x, w, b, None, seq_idx))
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            plain, masked = causal_conv1d(x, w, bias), causal_conv1d(x, w, bias, None, seq_idx)
+            plain = causal_conv1d(x, w, bias)
+            masked, masked_grads = run(lambda x, w, b: causal_conv1d(x, w, b, None, seq_idx))
+    # 1e-3: cuDNN may take an fp32 conv in TF32; a dropped or leaked tap moves the ~1% of outputs near starts by O(1)
+    assert rel(got, want) < 1e-3 and all(rel(a, b) < 1e-3 for a, b in zip(got_grads, want_grads))
     assert masked.dtype == plain.dtype == torch.bfloat16
-    assert rel(masked, want) < 1e-2
+    assert rel(masked, want) < 1e-2 and all(rel(a, b) < 2e-2 for a, b in zip(masked_grads, want_grads))
 
 
 @pytest.mark.skipif(not has_causal_conv1d(), reason="causal-conv1d is not installed")
@@ -139,9 +155,14 @@ def test_masked_model_fast_matches_reference_and_documents_alone_bf16(arch):
     # 4-40% on this model (measured on CPU with the reference kernels), so two bf16 paths cannot
     # agree to 3e-2 there. The two terms add: rounding and its amplification by cancellation are
     # separate errors (with the larger of the two, intra_hybrid's 2-element A_log failed on the
-    # H200 at 5.8% against 5.1%). A leak across a document boundary moves gradients by O(1).
+    # H200 at 5.8% against 5.1%). Tensors of at most 16 elements (2 heads' D, A_log, dt_bias; the
+    # B/C conv biases) are a few such sums each, and the two bf16 paths round them differently: the
+    # Triton path moved intra_hybrid's D by 4.3% where the reference path moved it by 0.2% (H200),
+    # so they get at least 10%. A leak across a document boundary moves gradients by O(1).
     for n in grads:
         allowed = 3e-2 + 4 * rel(grads_ref[n], truth[n])
+        if grads[n].numel() <= 16:
+            allowed = max(allowed, 0.1)
         assert rel(grads[n], truth[n]) < allowed, (n, rel(grads[n], truth[n]), allowed)
     # packed (fast kernels) against every document of row 0 alone
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
