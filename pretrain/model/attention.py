@@ -69,11 +69,14 @@ class Attention(nn.Module):
         """x [b, l, d]; positions [l] absolute, or PackedDocs (attention within documents);
         `state` is the KV cache (a dict that grows, or a preallocated `StaticKV`), updated in place."""
         b, l = x.shape[:2]
-        packed = state.packed if isinstance(state, StaticKV) and l == 1 and v is None else None
-        if packed is not None:  # a decode step: Q, K, V as one GEMV on the decoder's packed weights
-            q, k, v = F.linear(x, packed).split([t.weight.shape[0] for t in self.projections()], dim=-1)
+        packed = state.packed if isinstance(state, StaticKV) and l == 1 else None
+        if packed is not None:  # a decode step: Q, K (and V unless shared) as one GEMV on the packed weights
+            sizes = [t.weight.shape[0] for t in self.projections()]
+            if v is not None:  # value sharing: the rows of Q and K only (a view)
+                packed, sizes = packed[:sizes[0] + sizes[1]], sizes[:2]
+            q, k, *own_v = F.linear(x, packed).split(sizes, dim=-1)
             q, k = (t.view(b, l, -1, self.qk_head_dim).transpose(1, 2) for t in (q, k))
-            v = v.view(b, l, -1, self.v_head_dim).transpose(1, 2)
+            v = (own_v[0].view(b, l, -1, self.v_head_dim) if v is None else v).transpose(1, 2)
         else:
             q = linear(x, self.q_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)  # local heads under TP
             k = linear(x, self.k_proj).view(b, l, -1, self.qk_head_dim).transpose(1, 2)

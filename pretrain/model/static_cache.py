@@ -144,7 +144,6 @@ class StaticCache:
     def __init__(self, model, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, chunk: int = 256):
         cfg, ic = model.config, model.config.intra
         self.max_len, self.length = max_len, 0
-        self._packed_from: list[tuple[Tensor, int]] = []  # (weight, its version) behind the packed projections
 
         def kv(heads: int, qk: int, vd: int, window: int | None = None) -> StaticKV:
             return StaticKV(batch, heads, qk, vd, max_len, window, cfg.n_sink if window else 0, dtype, device, chunk)
@@ -168,25 +167,15 @@ class StaticCache:
     def pack_projections(self, model) -> None:
         """Keep each mixer's input projections (Q, K, V; Mamba2's z, x, B, C, dt) concatenated in
         its layer state: a decode step then runs one GEMV per mixer, not three to five. A snapshot
-        of the weights (and a copy of them in memory): a changed model needs a new cache, which
-        `check_packed` enforces."""
-        self._packed_from = []
+        of the weights (and a copy of them in memory), taken by `Decoder.prefill`: the caches it
+        fills hold keys and states of those same weights."""
         for key, block in model.blocks.items():
             layer, mixer = self.layers[int(key)], block.mixer
             pairs = [(layer, mixer)]
             if isinstance(layer, dict):  # intra-hybrid: both branches
                 pairs = [(layer["attn"], mixer.attn), (layer["ssm"], mixer.ssm)]
             for state, m in pairs:
-                weights = [p.weight for p in m.projections()]
-                state.packed = torch.cat([w.detach() for w in weights])
-                self._packed_from += [(w, w._version) for w in weights]
-
-    def check_packed(self) -> None:
-        """Refuse to decode with packed projections older than the weights (an optimizer step or
-        a checkpoint load since `pack_projections` changes the weights in place)."""
-        if any(w._version != version for w, version in self._packed_from):
-            raise ValueError("decode: the model's weights changed after this decoder packed them (an optimizer "
-                             "step or a load in between); build a new Decoder after changing the weights")
+                state.packed = torch.cat([p.weight.detach() for p in m.projections()])
 
     def states(self) -> list[StaticKV | SSMState]:
         return [s for layer in self.layers for s in (layer.values() if isinstance(layer, dict) else [layer])]
