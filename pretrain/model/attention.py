@@ -122,8 +122,7 @@ class Attention(nn.Module):
             rank, cp = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
             k, v = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=2), self.cp_group, dim=2)
                     for t in (k, v))
-            k_pos, k_doc = (to_natural_order(all_gather_sequence(t, self.cp_group, dim=1), self.cp_group, dim=1)
-                            for t in (q_pos, q_doc))
+            k_pos, k_doc = docs.gathered(self.cp_group)
             chunk, out = q.shape[2] // 2, []
             for i, chunk_id in enumerate((rank, 2 * cp - 1 - rank)):
                 mine, end = slice(i * chunk, (i + 1) * chunk), (chunk_id + 1) * chunk

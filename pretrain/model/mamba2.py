@@ -162,17 +162,6 @@ class Mamba2(nn.Module):
         xbc = torch.cat(([x] if self.external_x else []) + list(parts[1:-1]), dim=-1)
         return z, xbc, dt
 
-    def _all_document_ids(self, docs: PackedDocs) -> Tensor:
-        """Every CP rank's document ids in position order, gathered once per batch and shared by
-        the layers through the batch's `kernel_cache` (a compiled block gathers its own)."""
-        key = ("cp_document_ids", id(self.cp_group))
-        found = None if torch.compiler.is_compiling() else docs.kernel_cache.get(key)
-        if found is None:
-            found = to_natural_order(all_gather_sequence(docs.doc, self.cp_group), self.cp_group)
-            if not torch.compiler.is_compiling():
-                docs.kernel_cache[key] = found
-        return found
-
     def forward(self, u: Tensor, positions: Tensor | PackedDocs | None = None, state: dict | None = None,
                 x: Tensor | None = None) -> Tensor:
         """u [b, l, d_model] -> [b, l, d_model] (or [b, l, d_ssm] unprojected); positions unused
@@ -188,7 +177,7 @@ class Mamba2(nn.Module):
         if self.cp_group is not None:
             xbc, dt = self._to_heads(xbc, dt)
             if seq_idx is not None:  # the scan sees every token: every rank's document ids
-                seq_idx = self._all_document_ids(positions)
+                seq_idx = positions.gathered(self.cp_group)[1]
         l = xbc.shape[1]
         xbc_t = xbc.transpose(1, 2)
         conv_state = state.get("conv") if state is not None else None

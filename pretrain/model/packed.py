@@ -15,8 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from parallel.context_parallel import all_gather_sequence, to_natural_order
 from pretrain.model.shared_dict import SharedDict
 
 
@@ -26,7 +28,7 @@ class PackedDocs:
     index in the row (non-decreasing along the row; only equality is used). A carried-in state
     (KV / conv / SSM cache) belongs to the document of the row's first token. `kernel_cache` holds
     per-batch kernel metadata (FlexAttention block masks, conv fix-up indices, CP-gathered
-    document ids), built once and shared by the layers (a `SharedDict`: FSDP2's input cast keeps it)."""
+    positions and document ids), built once and shared by the layers (a `SharedDict`: FSDP2's input cast keeps it)."""
 
     positions: Tensor
     doc: Tensor
@@ -46,6 +48,18 @@ class PackedDocs:
     def select(self, index: Tensor) -> PackedDocs:
         """The tokens at `index` (e.g. a context-parallel rank's shard_index)."""
         return PackedDocs(self.positions[:, index], self.doc[:, index])
+
+    def gathered(self, group: dist.ProcessGroup) -> tuple[Tensor, Tensor]:
+        """Every CP rank's (positions, document ids) [b, L] in position order: attention's keys',
+        the Mamba2 scan's tokens'. All-gathered once per batch and shared by the layers through
+        `kernel_cache` (a compiled block gathers its own)."""
+        key = ("cp_gathered", id(group))
+        found = None if torch.compiler.is_compiling() else self.kernel_cache.get(key)
+        if found is None:
+            found = tuple(to_natural_order(all_gather_sequence(t, group), group) for t in (self.positions, self.doc))
+            if not torch.compiler.is_compiling():
+                self.kernel_cache[key] = found
+        return found
 
     def next_token(self) -> PackedDocs:
         """The decoding step after the last token: same document, next position."""
