@@ -27,14 +27,15 @@ GIB = 2**30
 SHAPES = [(1, 4096), (1, 8192), (2, 8192), (1, 16384)]
 
 
-def estimate_bytes(model, tokens: int, checkpointing: bool) -> int:
-    """The dry run's activations and loss working set, plus the bf16 weight copies autocast holds."""
+def estimate_bytes(model, tokens: int, checkpointing: bool) -> tuple[int, int]:
+    """The dry run's estimate as (activations, the rest): the rest is the loss working set plus the
+    bf16 weight copies autocast holds, which do not grow with the tokens."""
     cfg = model.config
     experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
     untied_embedding = 0 if cfg.tie_embeddings else model.embed.weight.numel()  # looked up, never cast
     cast = sum(p.numel() for p in model.parameters()) - untied_embedding - (experts if checkpointing else 0)
-    return (activation_bytes_per_token_per_dim(cfg.blocks, checkpointing) * tokens * cfg.d_model
-            + loss_working_set_bytes(cfg.vocab_size, cfg.d_model) + 2 * cast)
+    return (activation_bytes_per_token_per_dim(cfg.blocks, checkpointing) * tokens * cfg.d_model,
+            loss_working_set_bytes(cfg.vocab_size, cfg.d_model) + 2 * cast)
 
 
 def measure(arch: str, micro_batch: int, seq: int, checkpointing: bool) -> dict:
@@ -56,10 +57,14 @@ def measure(arch: str, micro_batch: int, seq: int, checkpointing: bool) -> dict:
     forward_backward()
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
-    estimate = estimate_bytes(model, micro_batch * seq, checkpointing)
+    activations, rest = estimate_bytes(model, micro_batch * seq, checkpointing)
+    estimate = activations + rest
     return {"arch": arch, "micro_batch": micro_batch, "seq": seq, "checkpointing": checkpointing,
             "measured_gib": measured / GIB, "estimate_gib": estimate / GIB, "ratio": estimate / measured,
-            "measured_bytes_per_token_per_dim": measured / (micro_batch * seq * model.config.d_model)}
+            # the peak less the estimate's fixed part, per token per d_model: what the fitted coefficient
+            # (`activation_bytes_per_token_per_dim`) stands for
+            "measured_activation_bytes_per_token_per_dim": (measured - rest) / (micro_batch * seq * model.config.d_model),
+            "estimated_activation_bytes_per_token_per_dim": activations / (micro_batch * seq * model.config.d_model)}
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ memory)
 evaluation)
     demo
     for arch in llama intra_hybrid; do
-        step "train_$arch" 150 python pretrain/main.py --arch "$arch" --size 1b --data data/demo --run-dir "$out/$arch" \
+        step "train_$arch" "${EVAL_TRAIN_S:-150}" python pretrain/main.py --arch "$arch" --size 1b --data data/demo --run-dir "$out/$arch" \
             --data.seq_len=2048 --train.micro_batch_size=1 --train.steps=1 --train.val_every=0
     done
     step evaluate "${EVAL_S:-420}" python -m pretrain.evaluate --checkpoint "$out/llama" "$out/intra_hybrid" --suite inference \

@@ -97,7 +97,7 @@ def point(total: int, batch: int, step_s: float, weights: int, cache: int, alloc
     bound_s = (weights + cache) / bandwidth
     tok_s = batch / step_s
     target = min(3 * paper[total], 0.8 * batch / bound_s) if total in paper else None
-    return {"total": total, "step_ms": step_s * 1e3, "tokens_per_s": tok_s, "median_step_tokens_per_s": tok_s,
+    return {"total": total, "step_ms": step_s * 1e3, "tokens_per_s": tok_s,
             "cache_bytes": cache, "cache_allocated_bytes": allocated, "bound_ms": bound_s * 1e3,
             "bound_fraction": bound_s / step_s, "paper_tokens_per_s": paper.get(total),
             "vs_paper": tok_s / paper[total] if total in paper else None,
