@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from pretrain.accounting import cache_bytes
 from pretrain.model.decode import Decoder
-from pretrain.model.static_cache import ssm_state_dtype
+from pretrain.model.ops.precision import wide_dtype
 
 
 def _sync(device: torch.device) -> None:
@@ -81,7 +81,7 @@ def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: i
                                "median_step_tokens_per_s": batch / statistics.median(steps),
                                "cache_bytes": decoder.cache.used_bytes(),
                                "cache_bytes_predicted": batch * cache_bytes(
-                                   model.config, length, dtype.itemsize, ssm_state_dtype(dtype).itemsize)})
+                                   model.config, length, dtype.itemsize, wide_dtype(dtype).itemsize)})
                 steps = []
         allocated = decoder.cache.allocated_bytes()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

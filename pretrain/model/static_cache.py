@@ -13,6 +13,7 @@ from torch import Tensor
 
 from pretrain.model.ops.attention import attention
 from pretrain.model.ops.decode_attention import decode_attention
+from pretrain.model.ops.precision import wide_dtype
 
 EMPTY = 2 ** 62  # key position of an empty slot: later than any query, so the causal mask hides it
 
@@ -101,12 +102,6 @@ class StaticKV:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-def ssm_state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The SSM state is kept in fp32 (fp64 in fp64 runs) whatever the activations: the scan
-    accumulates in it."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class SSMState:
     """Mamba2's conv state [b, conv_dim, d_conv-1] and SSM state [b, h, p, n] in fixed buffers,
     behind the two mapping operations `Mamba2.forward` uses on its dict state: `get` answers None
@@ -115,7 +110,7 @@ class SSMState:
 
     def __init__(self, batch: int, conv_dim: int, d_conv: int, heads: int, head_dim: int, d_state: int,
                  dtype: torch.dtype, device: torch.device):
-        state_dtype = ssm_state_dtype(dtype)
+        state_dtype = wide_dtype(dtype)  # the SSM state accumulates: fp32 (fp64 in fp64 runs)
         self.buffers = {"conv": torch.zeros(batch, conv_dim, d_conv - 1, dtype=dtype, device=device),
                         "ssm": torch.zeros(batch, heads, head_dim, d_state, dtype=state_dtype, device=device)}
         self.filled = False

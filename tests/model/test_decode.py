@@ -8,7 +8,7 @@ from pretrain.model import build_model
 from pretrain.model.decode import Decoder
 from pretrain.model.ops import attention_reference
 from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention, decode_attention_fused
-from pretrain.model.static_cache import EMPTY, StaticKV
+from pretrain.model.static_cache import EMPTY, SSMState, StaticCache, StaticKV
 
 ARCHS = ["llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid", "hybrid_moe"]
 
@@ -109,6 +109,20 @@ def test_decoder_errors_are_clear():
         Decoder(model, 1, 8, cuda_graph=True)
     with pytest.raises(ValueError, match="attention must be one of split_k, compiled"):
         Decoder(model, 1, 8, attention="flash")
+
+
+def test_ssm_states_accumulate_in_fp32_whatever_the_activations():
+    """The static cache keeps K/V and conv states at the activations' width and the SSM state in
+    fp32 (fp64 in fp64 runs): a bf16 state would round the scan at every token."""
+    model = build_model("intra_hybrid", "tiny")
+    for dtype, state_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                               (torch.float64, torch.float64)):
+        cache = StaticCache(model, 1, 8, dtype, torch.device("cpu"))
+        ssm = [s for s in cache.states() if isinstance(s, SSMState)]
+        kv = [s for s in cache.states() if isinstance(s, StaticKV)]
+        assert ssm and kv
+        assert all(s.buffers["ssm"].dtype == state_dtype and s.buffers["conv"].dtype == dtype for s in ssm)
+        assert all(s.k.dtype == s.v.dtype == dtype for s in kv)
 
 
 def test_decoder_decodes_with_the_weights_at_prefill():

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.library import has_mamba_ssd, has_state_update
+from pretrain.model.ops.precision import wide_dtype
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ def ssd_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, c
     inputs are computed in fp32, as the Triton kernel accumulates.
     """
     out_dtype = x.dtype
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = wide_dtype(x.dtype)
     x, dt, A, B, C = (t.to(work) for t in (x, dt, A, B, C))
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -97,7 +98,7 @@ def ssd_step_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                        state: Tensor | None) -> tuple[Tensor, Tensor]:
     """One decoding step of the recurrence in PyTorch; returns a new state (fp32 or fp64)."""
     b, _, h, p = x.shape
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = wide_dtype(x.dtype)
     rep = h // B.shape[2]
     Bh = B[:, 0].repeat_interleave(rep, dim=1).to(work)  # [b,h,n]
     Ch = C[:, 0].repeat_interleave(rep, dim=1).to(work)
