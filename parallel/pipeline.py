@@ -185,8 +185,7 @@ class Pipeline:
         if self.has_last:
             header.copy_(_header(t))
         dist.broadcast(header, src=src, group=self.group)
-        code, ndim, *shape = header.tolist()
-        out = t.contiguous() if self.has_last else torch.empty(shape[:ndim], dtype=_DTYPES[code], device=self.device)
+        out = t.contiguous() if self.has_last else _empty_for(header, self.device)
         dist.broadcast(out, src=src, group=self.group)
         return out
 
@@ -200,6 +199,12 @@ def _header(t: Tensor) -> Tensor:
                         device=t.device)
 
 
+def _empty_for(header: Tensor, device: torch.device) -> Tensor:
+    """An uninitialised tensor of the dtype and shape `_header` packed, for the receiver to fill."""
+    code, ndim, *shape = header.tolist()
+    return torch.empty(shape[:ndim], dtype=_DTYPES[code], device=device)
+
+
 def _send(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
     dist.send(_header(t), dst=dst, group=group)
     dist.send(t.contiguous(), dst=dst, group=group)
@@ -208,8 +213,7 @@ def _send(t: Tensor, dst: int, group: dist.ProcessGroup) -> None:
 def _recv(src: int, group: dist.ProcessGroup, device: torch.device) -> Tensor:
     header = torch.empty(8, dtype=torch.int64, device=device)
     dist.recv(header, src=src, group=group)
-    code, ndim, *shape = header.tolist()
-    out = torch.empty(shape[:ndim], dtype=_DTYPES[code], device=device)
+    out = _empty_for(header, device)
     dist.recv(out, src=src, group=group)
     return out
 

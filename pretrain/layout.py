@@ -50,6 +50,15 @@ def loss_working_set_bytes(vocab: int, d_model: int) -> int:
     return 2 * vocab * d_model * 4 + 10 * CHUNK_LOGITS
 
 
+def activation_bytes(blocks: str, cfg: JobConfig, d_model: int, dims: ParallelDims, in_flight: float = 1.0) -> float:
+    """Activations one rank keeps for `in_flight` micro-batches through `blocks`: the 1-GPU
+    calibration (`activation_bytes_per_token_per_dim`) split over tp x cp. One formula for the dry
+    run's whole-model estimate and `rank_memory`'s per-rank one."""
+    per = activation_bytes_per_token_per_dim(blocks, cfg.train.activation_checkpointing)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    return in_flight * per * tokens * d_model / (dims.tp * dims.cp)
+
+
 @dataclass
 class RankMemory:
     params: int  # elements this rank holds (fp32 master weights)
@@ -117,13 +126,11 @@ def rank_memory(model: nn.Module, cfg: JobConfig, dims: ParallelDims, in_flight:
     expected = sum(p.numel() / _shards(p) for p in model.parameters())
     gathered = [_gathered_numel(b) for b in model.blocks.values()]
     largest = sum(gathered) if dims.pp > 1 else max(gathered)  # pipelined blocks stay gathered for the step
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     mcfg = model.config
-    per = activation_bytes_per_token_per_dim("".join(mcfg.blocks[int(i)] for i in model.blocks),
-                                             cfg.train.activation_checkpointing)
+    blocks = "".join(mcfg.blocks[int(i)] for i in model.blocks)
+    activations = activation_bytes(blocks, cfg, mcfg.d_model, dims, in_flight)
     loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model) if model.head is not None else 0
-    return RankMemory(params, expected, largest, in_flight * per * tokens * mcfg.d_model / (dims.tp * dims.cp),
-                      loss, in_flight if dims.pp > 1 else 1.0, dims.pp > 1)
+    return RankMemory(params, expected, largest, activations, loss, in_flight if dims.pp > 1 else 1.0, dims.pp > 1)
 
 
 def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum: int,

@@ -25,7 +25,7 @@ from pretrain.model.config import ModelConfig
 from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
 from pretrain.summary import write_summary
-from pretrain.layout import activation_bytes_per_token_per_dim, layout_report, loss_working_set_bytes
+from pretrain.layout import activation_bytes, layout_report, loss_working_set_bytes
 from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, build_model_from_config,
                               grad_accum_steps, parallel_dims, resolve_num_streams)
 
@@ -37,10 +37,9 @@ def estimate_memory_gib(n_params: int, cfg: JobConfig, mcfg: ModelConfig, dims: 
     """Rough per-GPU memory: fp32 params+grads+AdamW moments split over pp x dp_shard x cp x tp (an
     upper bound on the split: replicated tensors are not split by tp; `--world-size` reports the
     exact shards), plus the activations of one micro-batch under bf16 autocast
-    (`activation_bytes_per_token_per_dim`), split over tp x cp, and the loss's working set."""
+    (`activation_bytes`, all blocks), split over tp x cp, and the loss's working set."""
     states = 16 * n_params / (dims.pp * dims.dp_shard * dims.cp * dims.tp)
-    per_token = activation_bytes_per_token_per_dim(mcfg.blocks, cfg.train.activation_checkpointing)
-    activations = per_token * cfg.train.micro_batch_size * cfg.data.seq_len * mcfg.d_model / (dims.tp * dims.cp)
+    activations = activation_bytes(mcfg.blocks, cfg, mcfg.d_model, dims)
     loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model)
     return {"states_gib": states / 2**30, "activations_gib": activations / 2**30, "loss_gib": loss / 2**30,
             "total_gib": (states + activations + loss) / 2**30}

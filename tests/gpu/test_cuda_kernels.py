@@ -10,13 +10,10 @@ from pretrain.model.ops import (attention, causal_suffix_attention, chunked_cros
                                 grouped_mm, reference_kernels, ssd_scan)
 from pretrain.model.ops.gated_norm import _rmsnorm_fn
 from pretrain.model.ops.library import has_mamba_ssd
+from gpu_helpers import rel
 from ssd_inputs import ssd_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_mamba_ssm_triton_kernel_is_used():

@@ -12,13 +12,10 @@ from pretrain.model.ops import causal_conv1d, document_attention, reference_kern
 from pretrain.model.ops.conv import _conv_within_documents
 from pretrain.model.ops.library import has_causal_conv1d, has_mamba_ssd
 from pretrain.model.packed import PackedDocs
+from gpu_helpers import rel
 from ssd_inputs import ssd_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def random_starts(rows: int, length: int, seed: int = 0) -> torch.Tensor:

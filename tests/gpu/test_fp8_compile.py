@@ -9,15 +9,12 @@ import torch._dynamo
 
 from pretrain.model import build_model
 from pretrain.model.parallelize import parallelize_hybrid
+from gpu_helpers import rel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 BLOCKS = {"attention": ("llama", "A"), "swa": ("swa", "S"), "mamba2": ("mamba2", "M"),
           "intra_hybrid": ("intra_hybrid", "H"), "moe": ("hybrid_moe", "M")}
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def block_of(kind: str, size: str = "100m", device: str = "cuda") -> torch.nn.Module:

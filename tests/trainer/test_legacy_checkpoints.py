@@ -20,19 +20,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import curves
-from trainer_helpers import losses, run_to_end, tiny_args
+from trainer_helpers import losses, run_to_end, seal, tiny_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy"
 STEPS = 4
-
-
-def _seal(path: Path) -> None:
-    from pretrain.checkpoint import commit
-
-    tmp = path.with_name(f".tmp-{path.name}")
-    path.rename(tmp)
-    commit(tmp, path)
 
 
 def _old_model_dir(tmp_path: Path) -> Path:
@@ -46,7 +38,7 @@ def _old_model_dir(tmp_path: Path) -> Path:
     path = tmp_path / "step_00000000"
     shutil.copytree(FIXTURE / "model", path)
     (path / MODEL_CONFIG_FILE).write_text(model_config_json(model_config(made.ARCH, made.SIZE, **made.OVERRIDES)))
-    _seal(path)
+    seal(path)
     return path
 
 
@@ -95,7 +87,7 @@ def _write_old_layout(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if not f.name.endswith(".distcp") and f.name not in (".metadata", "COMPLETE.json"):
             shutil.copy(f, dst / f.name)
-    _seal(dst)
+    seal(dst)
 
 
 def _args(run_dir: Path, corpus: Path, dp: int, *extra: str) -> list[str]:

@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel.distributed import destroy_distributed
-from pretrain.checkpoint import checkpoint_name, commit
+from pretrain.checkpoint import checkpoint_name
 from pretrain.config import ConfigError
 from pretrain.trainer import Trainer, choose_resume_checkpoint
-from trainer_helpers import tiny_config
+from trainer_helpers import seal, tiny_config
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -25,10 +25,10 @@ WORLD = 2
 def make_checkpoints(ckpt_dir: Path, steps: list[int]) -> None:
     """Committed (complete) checkpoint directories holding one small file each."""
     for step in steps:
-        tmp = ckpt_dir / f".tmp-{checkpoint_name(step)}"
-        tmp.mkdir(parents=True)
-        (tmp / "train_state.json").write_bytes(b"x" * step)
-        commit(tmp, ckpt_dir / checkpoint_name(step))
+        path = ckpt_dir / checkpoint_name(step)
+        path.mkdir(parents=True)
+        (path / "train_state.json").write_bytes(b"x" * step)
+        seal(path)
 
 
 def worker(rank: int, port: int, corpus: str, root: str) -> None:

@@ -1,4 +1,5 @@
-"""Helpers for trainer tests: tiny runs in-process or as (torchrun) subprocesses, and readers."""
+"""Helpers for trainer tests: tiny runs in-process or as (torchrun) subprocesses, readers, and
+sealing hand-made checkpoint directories."""
 from __future__ import annotations
 
 import json
@@ -65,6 +66,16 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     from pretrain.hf import load_model
 
     return load_model(checkpoint).state_dict()
+
+
+def seal(path: Path) -> None:
+    """Commit the directory written at `path` as a complete checkpoint, the way a save ends
+    (`pretrain.checkpoint.commit` from its `.tmp-` name): listing and loading accept only sealed ones."""
+    from pretrain.checkpoint import commit
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    path.rename(tmp)
+    commit(tmp, path)
 
 
 def signal_during_step(trainer, step: int) -> None:
