@@ -4,13 +4,24 @@ import pytest
 import torch
 
 from pretrain.model import build_model
-from pretrain.model.legacy import convert, legacy_splits, to_legacy
+from pretrain.model.legacy import convert, legacy_splits
 
 
 def packed_state(model) -> dict[str, torch.Tensor]:
-    """`model`'s state dict in the layout checkpoints had before the split."""
+    """`model`'s state dict in the layout checkpoints had before the splits, written from that
+    layout's description (not from legacy.py's table, which it checks): each Mamba2 mixer's
+    `in_proj.weight` with rows [z, x, B, C, dt] (x absent under value sharing) and its
+    `conv_weight` / `conv_bias` with channels [x, B, C]; the MoE's expert stacks `w1`, `w2`, `w3`
+    on the FFN itself."""
     state = dict(model.state_dict())
-    to_legacy(state, legacy_splits(model.config))
+    for key in [k for k in state if k.endswith(".z_proj.weight")]:
+        prefix = key.removesuffix("z_proj.weight")
+        rows = [f"{prefix}{part}_proj.weight" for part in ("z", "x", "B", "C", "dt")]
+        state[f"{prefix}in_proj.weight"] = torch.cat([state.pop(name) for name in rows if name in state])
+        for kind in ("weight", "bias"):
+            state[f"{prefix}conv_{kind}"] = torch.cat([state.pop(f"{prefix}conv_{part}.{kind}") for part in "xBC"])
+    for key in [k for k in state if ".ffn.experts.w" in k]:
+        state[key.replace(".experts.", ".")] = state.pop(key)
     return state
 
 
