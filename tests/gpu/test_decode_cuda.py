@@ -78,6 +78,8 @@ def test_compiled_graph_decode_equals_eager_graph(arch, attention):
     """Decoder(compile=True) on CUDA: the compiled blocks captured in the CUDA graphs (one per span,
     each after its own warm-up) with the attention read between them (the eager split-K kernel, or
     compiled apart) compute what the eager graphs compute, and the full forward."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     model = build_model(arch, "tiny", device="cuda").eval()
     tokens = torch.randint(0, 512, (2, 45), device="cuda")
@@ -85,11 +87,15 @@ def test_compiled_graph_decode_equals_eager_graph(arch, attention):
         with reference_kernels():
             full = model(tokens)[:, 22:-1]
         eager = decode(model, tokens, 23, True)
+        torch._dynamo.reset()  # Dynamo's cache is per code object: an earlier test's compilation could serve
+        counters.clear()
         dec = Decoder(model, 2, 45, cuda_graph=True, span_step=8, compile=True, attention=attention)
         with reference_kernels():
             got = [dec.prefill(tokens[:, :23])]
         got += [dec.step(tokens[:, i:i + 1]) for i in range(23, 44)]
+    compiled_graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
+    assert compiled_graphs > 0, "the compiled decode step compiled nothing"  # else the test compares eager to eager
     assert dec.graph_error is None and len(dec.graphs) == len({dec.span(n) for n in range(24, 45)})
     got = torch.stack(got, dim=1)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
