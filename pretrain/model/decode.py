@@ -62,7 +62,8 @@ class Decoder:
         if attention not in ATTENTION:
             raise ValueError(f"decode: attention must be one of {', '.join(ATTENTION)} (got {attention!r})")
         self.model, self.span_step, chunk = model, span_step, chunk_of(span_step)
-        self.cache = StaticCache(model, batch, max_len, activation_dtype(model, device), device, chunk)
+        self.dtype = activation_dtype(model, device)  # of the caches: K/V and conv states as computed
+        self.cache = StaticCache(model, batch, max_len, self.dtype, device, chunk)
         self.capacity = -(-max_len // chunk) * chunk  # of the global caches: spans are whole chunks
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the graphs' inputs
@@ -90,7 +91,11 @@ class Decoder:
         """Fill the caches with the prompt [b, l] in one forward; logits of its last token [b, vocab]."""
         if self.cache.length:
             raise ValueError("decode: prefill runs once, on an empty cache")
-        self.cache.pack_projections(self.model)  # the weights of this generation (after any change since __init__)
+        dtype = activation_dtype(self.model, prompt.device)
+        if dtype != self.dtype:
+            raise ValueError(f"decode: the caches were allocated for {self.dtype} activations and the prefill runs "
+                             f"in {dtype}; build the Decoder under the prefill's autocast, after any dtype change")
+        self.cache.pack_projections(self.model)  # the weights' values now (after any change since __init__)
         if prompt.shape[1] > self.cache.max_len:
             raise ValueError(f"decode: the prompt ({prompt.shape[1]} tokens) exceeds max_len {self.cache.max_len}")
         logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device), compiled=False)

@@ -109,6 +109,9 @@ def test_decoder_errors_are_clear():
         Decoder(model, 1, 8, cuda_graph=True)
     with pytest.raises(ValueError, match="attention must be one of split_k, compiled"):
         Decoder(model, 1, 8, attention="flash")
+    wrong_dtype = Decoder(model, 1, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="allocated for torch.float32"):
+        wrong_dtype.prefill(torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_ssm_states_accumulate_in_fp32_whatever_the_activations():

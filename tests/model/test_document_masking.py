@@ -4,11 +4,13 @@ document paths (FlexAttention mask_mod, conv and SSD resets) against their refer
 generation and NLL scoring; masking off leaves the model's computation as it was."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain.evaluation.scoring import token_nll
 from pretrain.model import ARCHS, build_model
 from pretrain.model.ops import attention_reference, causal_conv1d_reference, ssd_scan_reference
 from pretrain.model.ops.attention import flex_document_attention
+from pretrain.model.ops.conv import _conv_within_documents
 from pretrain.model.packed import PackedDocs, masking_needed
 
 # tiny: d_conv 4, SWA window 16 + 4 sinks, Mamba chunk 16. Per row: documents shorter than the conv
@@ -148,42 +150,50 @@ def test_conv_and_scan_reset_at_document_starts():
                                rtol=0.05, atol=0.05)
 
 
-def test_masked_conv_gradients_equal_the_masked_taps():
+@pytest.mark.parametrize("case", ["full", "no_bias", "weights_only", "no_start_reaches_back", "strided_grad"])
+def test_masked_conv_gradients_equal_the_masked_taps(case):
     """The masked conv's hand-written backward (the conv's own gradients corrected at the dropped
-    taps) equals autograd through the w masked taps, for x, the carried-in state, weight and bias;
-    also in bf16 under autocast, where its gradients keep the parameters' dtype."""
+    taps) equals autograd through the w masked taps (`_conv_within_documents`, what compiled blocks
+    run), for x, the carried-in state, weight and bias: with and without a bias, with only the
+    weights needing gradients, with no document start reaching back, and for a strided upstream
+    gradient. Under autocast, bf16 keeps fp32 gradients and an fp64 conv stays fp64."""
     torch.manual_seed(0)
     lengths = [2, 1, 9, 3, 1, 1, 13]  # documents shorter than the conv, adjacent one-token documents
+    if case == "no_start_reaches_back":
+        lengths = [30]
     seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    seq_idx = torch.stack([seq_idx, seq_idx.roll(5)])  # a row that starts mid-document
+    seq_idx = torch.stack([seq_idx, seq_idx.roll(5) if len(lengths) > 1 else seq_idx])  # a row starts mid-document
     d, length = 5, sum(lengths)
-    leaves = [torch.randn(2, d, length, dtype=torch.float64), torch.randn(d, 4, dtype=torch.float64),
-              torch.randn(d, dtype=torch.float64), torch.randn(2, d, 3, dtype=torch.float64)]
+    leaves = {"x": torch.randn(2, d, length, dtype=torch.float64), "w": torch.randn(d, 4, dtype=torch.float64),
+              "bias": None if case == "no_bias" else torch.randn(d, dtype=torch.float64),
+              "state": torch.randn(2, d, 3, dtype=torch.float64)}
+    needs = {"w", "bias"} if case == "weights_only" else set(leaves)
+    grad_out = torch.linspace(-1, 1, 2 * d * length, dtype=torch.float64)
+    grad_out = grad_out.reshape(2, length, d).transpose(1, 2) if case == "strided_grad" else grad_out.reshape(2, d, length)
 
-    def conv(x, w, bias, state, compiled_form):
-        prev_compiling = torch.compiler.is_compiling
-        torch.compiler.is_compiling = lambda: compiled_form  # the masked-taps form compiled blocks take
-        try:
-            return causal_conv1d_reference(x, w, bias, state, seq_idx)
-        finally:
-            torch.compiler.is_compiling = prev_compiling
-
-    def grads(compiled_form, dtype=torch.float64):
-        tensors = [t.detach().to(dtype).requires_grad_() for t in leaves]
-        y = conv(*tensors, compiled_form)
-        y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape).to(y.dtype))
-        return y, [t.grad for t in tensors]
+    def grads(masked_taps: bool, dtype=torch.float64):
+        t = {k: v.detach().to(dtype).requires_grad_(k in needs) if v is not None else None for k, v in leaves.items()}
+        if masked_taps:
+            padded = torch.cat([t["state"].to(t["x"].dtype), t["x"]], dim=-1)
+            y = F.silu(_conv_within_documents(padded, t["w"], t["bias"], seq_idx))
+        else:
+            y = causal_conv1d_reference(t["x"], t["w"], t["bias"], t["state"], seq_idx)
+        y.backward(grad_out.to(y.dtype))
+        return y, {k: v.grad for k, v in t.items() if v is not None and k in needs}
 
     y, g = grads(False)
     y_ref, g_ref = grads(True)
     assert (y - y_ref).abs().max().item() < 1e-12
-    for a, b in zip(g, g_ref):
-        assert (a - b).abs().max().item() < 1e-12
+    assert g.keys() == g_ref.keys() == {k for k in needs if leaves[k] is not None}
+    for k in g:
+        assert (g[k] - g_ref[k]).abs().max().item() < 1e-12, k
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_bf16, g_bf16 = grads(False, torch.float32)
-    assert y_bf16.dtype == torch.bfloat16 and [t.dtype for t in g_bf16] == [torch.float32] * 4
-    for a, b in zip(g_bf16, g_ref):
-        torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
+        y_fp64, _ = grads(False)
+    assert y_bf16.dtype == torch.bfloat16 and all(v.dtype == torch.float32 for v in g_bf16.values())
+    assert y_fp64.dtype == torch.float64  # autocast leaves fp64 alone, as the unmasked conv
+    for k in g_bf16:
+        torch.testing.assert_close(g_bf16[k].double(), g_ref[k], rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("arch", ["swa", "mamba2", "intra_hybrid"])

@@ -104,25 +104,26 @@ def _compiled_flex() -> tuple[Callable, Callable]:
     return torch.compile(flex_attention, dynamic=False), torch.compile(create_block_mask)
 
 
-# FlexAttention's kernel options for the document mask, in one place. None keeps torch's own
-# per-GPU choice, already tuned for Hopper (sm90, bf16): forward BLOCK_M/N 128/128, 4 warps, 3
-# stages at head_dim 64 (128/64, 8 warps at 128); backward 64/128, 8 warps, 3 stages. TMA loads are
-# off by default on CUDA. benchmarks/document_masking.py times other sets (--flex-options) against
+# FlexAttention's kernel options (document mask and SWA), in one place; `flex_kernel_options` puts
+# them on top of the wide-value tiles below. None keeps torch's own per-GPU choice, already tuned
+# for Hopper (sm90, bf16): forward BLOCK_M/N 128/128, 4 warps, 3 stages at head_dim 64 (128/64, 8
+# warps at 128); backward 64/128, 8 warps, 3 stages. TMA loads are off by default on CUDA. benchmarks/document_masking.py times other sets (--flex-options) against
 # it on the H200: change this only from such a measurement.
 FLEX_KERNEL_OPTIONS: dict | None = None
 # torch picks the backward tiles from the query/key head dim alone. With wider values (the 1B
-# intra-hybrid: 72 for q/k, 144 for v, padded to 128 and 256) its sm90 choice needs 248 KB of
-# shared memory, over the H200's 227 KB, and the backward fails to compile. For those, the tiles
-# torch itself picks at head dim 256: they fit any value width up to 256.
+# intra-hybrid: 72 for q/k, 144 for v, padded to 128 and 256) its sm90 choice for 16-bit inputs
+# needs 248 KB of shared memory, over the H200's 227 KB, and the backward fails to compile. For
+# those, the tiles torch itself picks at head dim 256, which fit any value width up to 256 (they
+# pin max-autotune's candidates too). fp32 keeps torch's own, smaller choice.
 WIDE_VALUE_KERNEL_OPTIONS = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
                              "bwd_num_stages": 2, "bwd_num_warps": 4}
 
 
-def flex_kernel_options(qk_head_dim: int, v_head_dim: int) -> dict | None:
-    """FLEX_KERNEL_OPTIONS, or the wide-value backward tiles when the values are wider than the
-    queries and keys past 128 (where torch's choice runs out of shared memory)."""
-    if FLEX_KERNEL_OPTIONS is None and v_head_dim > max(qk_head_dim, 128):
-        return WIDE_VALUE_KERNEL_OPTIONS
+def flex_kernel_options(qk_head_dim: int, v_head_dim: int, dtype: torch.dtype) -> dict | None:
+    """FLEX_KERNEL_OPTIONS, on top of the wide-value backward tiles when 16-bit values are wider than
+    the queries and keys past 128 (where torch's choice runs out of shared memory)."""
+    if dtype.itemsize == 2 and v_head_dim > max(qk_head_dim, 128):
+        return {**WIDE_VALUE_KERNEL_OPTIONS, **(FLEX_KERNEL_OPTIONS or {})}
     return FLEX_KERNEL_OPTIONS
 
 
@@ -166,7 +167,7 @@ def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
         if block_masks is not None:
             block_masks[key] = block_mask
     return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1],
-                  kernel_options=flex_kernel_options(q.shape[-1], v.shape[-1]))
+                  kernel_options=flex_kernel_options(q.shape[-1], v.shape[-1], q.dtype))
 
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, q_doc: Tensor,

@@ -49,11 +49,12 @@ def _conv_within_documents(padded: Tensor, weight: Tensor, bias: Tensor | None, 
 
 
 def _conv_dtype(padded: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype F.conv1d would compute in here: autocast's, else the inputs' common one."""
-    device = padded.device.type
-    if torch.is_autocast_enabled(device):
+    """The dtype F.conv1d would compute in here: autocast's (which casts only fp32 / fp16 / bf16
+    inputs: an fp64 run stays fp64), else the inputs' common one."""
+    device, dtype = padded.device.type, torch.promote_types(padded.dtype, weight.dtype)
+    if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device)
-    return torch.promote_types(padded.dtype, weight.dtype)
+    return dtype
 
 
 def _taps_after_starts(seq_idx: Tensor, w: int, cache: dict | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -97,6 +98,7 @@ class _ConvRecomputingAfterStarts(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         padded, weight, rows, t, cols, inside = ctx.saved_tensors
         d = weight.shape[0]

@@ -47,4 +47,4 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, n_sin
     # inside a compiled block dynamo captures flex_attention itself and Inductor makes the kernel
     fn = _compiled_flex()[0] if compiled and not torch.compiler.is_compiling() else flex_attention
     return fn(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1],
-              kernel_options=flex_kernel_options(q.shape[-1], v.shape[-1]))
+              kernel_options=flex_kernel_options(q.shape[-1], v.shape[-1], q.dtype))
