@@ -58,6 +58,24 @@ def step_time_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3, 
     return statistics.median(times)
 
 
+def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6) -> tuple[float, list[dict]]:
+    """Where a step's time goes: kernels (CUDA) or ops (CPU) launched per step, and the top ones by
+    self time over 3 steps (the benchmarks' answer where a target is missed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in events) or 1
+    return sum(e.count for e in events) / 3, [{"name": e.key[:80], "share": key(e) / total, "us_per_step": key(e) / 3}
+                                              for e in sorted(events, key=key, reverse=True)[:top]]
+
+
 def mamba_mixer_timings() -> dict[str, float]:
     mixer = Mamba2(2048, 32, 128, 128, chunk_size=256).cuda()
     mixer.reset_parameters()
@@ -80,7 +98,7 @@ def mamba_mixer_timings() -> dict[str, float]:
 def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], vocab: int,
                     batch: int = 2, seq: int = 8192, device: torch.device | str = "cuda", warmup: int = 3,
                     iters: int = 6, after_step: Callable[[], None] | None = None,
-                    cast_params: bool = False) -> dict[str, float]:
+                    cast_params: bool = False, profile: bool = False) -> dict:
     """One training step of any model as shared/GPU.md times it: `loss_fn(inputs, targets)` under
     bf16 autocast on a GPU (fp32 on the CPU), backward, fused AdamW (plain on the CPU), median of
     `iters` after `warmup`. The same function times our models and the peers. `cast_params`: bf16
@@ -103,16 +121,19 @@ def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
             after_step()
 
     ms = step_time_ms(step, device, warmup, iters)
-    return {"step_ms": ms, "tokens_per_s": batch * seq / (ms / 1e3),
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    out = {"step_ms": ms, "tokens_per_s": batch * seq / (ms / 1e3),
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    if profile:  # after the timed steps: the profiler's own cost stays out of them
+        out["kernels_per_step"], out["profile"] = profile_summary(step, device)
+    return out
 
 
 def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str = "1b",
                           device: str = "cuda", warmup: int = 3, iters: int = 6, compile: bool = False,
                           fp8: str = "none", cast_params: bool = False,
-                          activation_checkpointing: bool = False) -> dict[str, float]:
+                          activation_checkpointing: bool = False, profile: bool = False) -> dict:
     """`compile`, `fp8`, `activation_checkpointing`: as the trainer's train.* keys (parallelize_hybrid);
-    `cast_params` as in `time_train_step`."""
+    `cast_params`, `profile` as in `time_train_step`."""
     torch.manual_seed(0)
     model = build_model(arch, size, device=device)
     parallelize_hybrid(model, None, activation_checkpointing=activation_checkpointing, compile=compile, fp8=fp8)
@@ -123,7 +144,7 @@ def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str 
             moe.update_bias()
 
     timing = time_train_step(model, model.loss, model.config.vocab_size, batch, seq, device, warmup, iters,
-                             after_step=update_bias, cast_params=cast_params)
+                             after_step=update_bias, cast_params=cast_params, profile=profile)
     fpt = flops_per_token(model.config, seq)["total"]
     return {"arch": arch, **options, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS,
             "flops_per_token": fpt, "params": sum(p.numel() for p in model.parameters())}

@@ -33,10 +33,10 @@ masking)
         --archs mamba2,intra_hybrid,llama --doc-len '' --flex-options '' --out "$out/document_masking.json"
     tail -16 "$out/document_masking.log" ;;
 training)
-    step peers "${PEERS_S:-330}" python benchmarks/peers.py --variants eager,compile+cast --out "$out/peers"
+    step peers "${PEERS_S:-330}" python benchmarks/peers.py --variants eager,compile+cast --profile --out "$out/peers"
     step compile_fp8 "${COMPILE_FP8_S:-220}" python benchmarks/compile_fp8.py --archs hybrid_moe,llama \
         --variants compile+cast,compile+cast+fp8-tensorwise --out "$out/compile_fp8.json"
-    tail -12 "$out/peers.log"; tail -6 "$out/compile_fp8.log" ;;
+    tail -40 "$out/peers.log"; tail -6 "$out/compile_fp8.log" ;;
 memory)
     step activation_memory "${ACT_S:-300}" python benchmarks/activation_memory.py --out "$out/activation_memory.json"
     tail -34 "$out/activation_memory.log" ;;

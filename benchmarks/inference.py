@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,10 +37,14 @@ from typing import Any
 
 import torch
 
-from pretrain.model import build_model, model_config
-from pretrain.model.decode import Decoder
-from pretrain.model.ops import reference_kernels
-from pretrain.model.ops.library import has_state_update
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
+
+from gpu_model import profile_summary  # noqa: E402
+
+from pretrain.model import build_model, model_config  # noqa: E402
+from pretrain.model.decode import Decoder  # noqa: E402
+from pretrain.model.ops import reference_kernels  # noqa: E402
+from pretrain.model.ops.library import has_state_update  # noqa: E402
 
 ARCHS = ("llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid")
 # PAPER T13 (1B, batch 4, 512-token prompt): tokens/s at total length.
@@ -66,23 +71,6 @@ def timed_steps(step: Callable[[], None], device: torch.device, warmup: int, ste
         step()
     _sync(device)
     return (time.perf_counter() - t0) / steps
-
-
-def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6) -> tuple[float, list[dict[str, Any]]]:
-    """Where a step's time goes: kernels (CUDA) or ops (CPU) launched per step, and the top ones by
-    self time over 3 steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            step()
-        _sync(device)
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
-    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    total = sum(key(e) for e in events) or 1
-    return sum(e.count for e in events) / 3, [{"name": e.key[:80], "share": key(e) / total, "us_per_step": key(e) / 3}
-                                              for e in sorted(events, key=key, reverse=True)[:top]]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -2,12 +2,13 @@
 our llama vs transformers' LlamaForCausalLM, our mamba2 vs mamba-ssm's MambaLMHeadModel (Mamba2
 mixer + gated MLP), at the same dims, timed by the same function (`gpu_model.time_train_step`).
 
-    python benchmarks/peers.py --out runs/peers                               # H200: 1B, seq 8192, batch 2
+    python benchmarks/peers.py --out runs/peers [--profile]                   # H200: 1B, seq 8192, batch 2
     python benchmarks/peers.py --device cpu --preset tiny --seq 32 --warmup 1 --iters 1 --out /tmp/peers
 
 Ratios are ours / peer from this run only. mamba-ssm is imported through its Triton kernels (a
 placeholder stands in for its compiled `selective_scan_cuda`, see shared/GPU.md); where it is not
-installed (any CPU box) that row says "unavailable". Writes peers.json under --out.
+installed (any CPU box) that row says "unavailable". `--profile` adds where each row's step time
+goes (kernels per step, the top kernels). Writes peers.json under --out.
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def run_row(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     if name in PEERS:
         model, loss, vocab = PEERS[name](args.preset, device)
         params = sum(p.numel() for p in model.parameters())
-        return {"model": name, "params": params,
-                **time_train_step(model, loss, vocab, args.batch, args.seq, device, args.warmup, args.iters)}
+        return {"model": name, "params": params, **time_train_step(
+            model, loss, vocab, args.batch, args.seq, device, args.warmup, args.iters, profile=args.profile)}
     arch, variant = name.split(" ")
     return {"model": name, **train_step_throughput(arch, args.batch, args.seq, args.preset, str(device), args.warmup,
-                                                   args.iters, **options(variant))}
+                                                   args.iters, **options(variant), profile=args.profile)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--archs", default="llama,mamba2", help="which of our archs (and their peers) to run")
     ap.add_argument("--variants", default="eager,compile+cast",
                     help="our setups, as in benchmarks/compile_fp8.py; each gets a ratio to the peer")
+    ap.add_argument("--profile", action="store_true", help="per row, kernels per step and the top kernels")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
             if "error" not in a and "error" not in b:
                 results["ratios"][f"{name} / {peer}"] = a["tokens_per_s"] / b["tokens_per_s"]
         (out / "peers.json").write_text(json.dumps(results, indent=2))
+    for r in results["rows"].values():  # the profiles first: the short table closes the output
+        if r.get("profile"):
+            print(f"{r['model']}: {r['kernels_per_step']:.0f} kernels per step")
+            for k in r["profile"]:
+                print(f"    {k['share']:>5.0%} {k['us_per_step']:>10.0f} us  {k['name']}")
     print(f"{'model':<30}{'params':>14}{'step ms':>10}{'tokens/s':>12}{'peak GiB':>10}")
     for r in results["rows"].values():
         if "error" in r:

@@ -86,3 +86,18 @@ def test_peers_benchmark_tiny_cpu(tmp_path):
     assert ("error" in r["rows"]["mamba_ssm_mamba2"]) != mamba_ssm_installed
     mamba_ratios = {f"mamba2 {v} / mamba_ssm_mamba2" for v in ("eager", "cast")} if mamba_ssm_installed else set()
     assert set(r["ratios"]) == {f"llama {v} / transformers_llama" for v in ("eager", "cast")} | mamba_ratios
+
+
+def test_peers_benchmark_profiles_each_row(tmp_path, capsys):
+    """`--profile`: each row says where its step time goes (ops per step on the CPU, the top ones),
+    printed before the table."""
+    load("peers").main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--warmup", "1", "--iters", "1",
+                        "--archs", "llama", "--variants", "eager", "--profile", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    for name in ("llama eager", "transformers_llama"):
+        top = rows[name]["profile"]
+        assert rows[name]["kernels_per_step"] > 0 and 0 < len(top) <= 6
+        assert all(0 < k["share"] <= 1 and k["us_per_step"] > 0 for k in top)
+        assert [k["share"] for k in top] == sorted((k["share"] for k in top), reverse=True)
+    out = capsys.readouterr().out
+    assert out.index("llama eager: ") < out.index("model ")  # the profiles, then the table
