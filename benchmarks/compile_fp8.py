@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from benchmarks.gpu_model import record_row, train_step_throughput
+from gpu_model import record_row, train_step_throughput  # noqa: E402
 
 
 def options(variant: str) -> dict:

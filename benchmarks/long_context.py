@@ -10,9 +10,12 @@ Writes JSON after every row and prints a table last.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from benchmarks.gpu_model import record_row, train_step_throughput
+from gpu_model import record_row, train_step_throughput  # noqa: E402
 
 
 def main() -> None:
