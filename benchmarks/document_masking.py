@@ -189,6 +189,8 @@ def main() -> None:
     ap.add_argument("--size", default="1b", help="model size ('tiny' with a short --seq: a CPU smoke run)")
     ap.add_argument("--out", default="document_masking.json")
     args = ap.parse_args()
+    if not torch.cuda.is_available() and args.size != "tiny":
+        sys.exit("document_masking.py: no CUDA device; a CPU smoke run is --size tiny --seq 256")
     n = WARMUP + ITERS
     loader = iter(build_train_loader([(args.data, 1.0)], args.seq, args.batch, num_streams=args.batch,
                                      emit_doc_boundaries=True))

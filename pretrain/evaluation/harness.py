@@ -84,11 +84,19 @@ def evaluate_tasks(scorer: Scorer, tasks: list[str], limit: int | None, include:
     return {"tasks": metrics, "average": sum(accs) / len(accs) if accs else None, "limit": limit}
 
 
-def main() -> None:
+def main() -> int:
+    """lm-eval's CLI; a bad checkpoint argument (`CliError`) is one line and exit 2, as `pretrain.evaluate`."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    from pretrain.hf import CliError
+
+    try:
+        cli_evaluate()
+    except CliError as err:
+        print(f"pretrain.evaluation.harness: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
