@@ -58,13 +58,13 @@ def measure(arch: str, micro_batch: int, seq: int, checkpointing: bool) -> dict:
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
     activations, rest = estimate_bytes(model, micro_batch * seq, checkpointing)
-    estimate = activations + rest
+    estimate, token_dims = activations + rest, micro_batch * seq * model.config.d_model
     return {"arch": arch, "micro_batch": micro_batch, "seq": seq, "checkpointing": checkpointing,
             "measured_gib": measured / GIB, "estimate_gib": estimate / GIB, "ratio": estimate / measured,
             # the peak less the estimate's fixed part, per token per d_model: what the fitted coefficient
             # (`activation_bytes_per_token_per_dim`) stands for
-            "measured_activation_bytes_per_token_per_dim": (measured - rest) / (micro_batch * seq * model.config.d_model),
-            "estimated_activation_bytes_per_token_per_dim": activations / (micro_batch * seq * model.config.d_model)}
+            "measured_activation_bytes_per_token_per_dim": (measured - rest) / token_dims,
+            "estimated_activation_bytes_per_token_per_dim": activations / token_dims}
 
 
 def main() -> None:

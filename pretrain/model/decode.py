@@ -95,9 +95,9 @@ class Decoder:
         if dtype != self.dtype:
             raise ValueError(f"decode: the caches were allocated for {self.dtype} activations and the prefill runs "
                              f"in {dtype}; build the Decoder under the prefill's autocast, after any dtype change")
-        self.cache.pack_projections(self.model)  # the weights' values now (after any change since __init__)
         if prompt.shape[1] > self.cache.max_len:
             raise ValueError(f"decode: the prompt ({prompt.shape[1]} tokens) exceeds max_len {self.cache.max_len}")
+        self.cache.pack_projections(self.model)  # the weights' values now (after any change since __init__)
         logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device), compiled=False)
         self.cache.length = prompt.shape[1]
         return logits

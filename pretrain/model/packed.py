@@ -28,7 +28,8 @@ class PackedDocs:
     index in the row (non-decreasing along the row; only equality is used). A carried-in state
     (KV / conv / SSM cache) belongs to the document of the row's first token. `kernel_cache` holds
     per-batch kernel metadata (FlexAttention block masks, conv fix-up indices, CP-gathered
-    positions and document ids), built once and shared by the layers (a `SharedDict`: FSDP2's input cast keeps it)."""
+    positions and document ids), built once and shared by the layers (a `SharedDict`: FSDP2's
+    input cast keeps it)."""
 
     positions: Tensor
     doc: Tensor

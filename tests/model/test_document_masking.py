@@ -169,7 +169,10 @@ def test_masked_conv_gradients_equal_the_masked_taps(case):
               "state": torch.randn(2, d, 3, dtype=torch.float64)}
     needs = {"w", "bias"} if case == "weights_only" else set(leaves)
     grad_out = torch.linspace(-1, 1, 2 * d * length, dtype=torch.float64)
-    grad_out = grad_out.reshape(2, length, d).transpose(1, 2) if case == "strided_grad" else grad_out.reshape(2, d, length)
+    if case == "strided_grad":
+        grad_out = grad_out.reshape(2, length, d).transpose(1, 2)
+    else:
+        grad_out = grad_out.reshape(2, d, length)
 
     def grads(masked_taps: bool, dtype=torch.float64):
         t = {k: v.detach().to(dtype).requires_grad_(k in needs) if v is not None else None for k, v in leaves.items()}

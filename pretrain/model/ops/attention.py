@@ -107,8 +107,9 @@ def _compiled_flex() -> tuple[Callable, Callable]:
 # FlexAttention's kernel options (document mask and SWA), in one place; `flex_kernel_options` puts
 # them on top of the wide-value tiles below. None keeps torch's own per-GPU choice, already tuned
 # for Hopper (sm90, bf16): forward BLOCK_M/N 128/128, 4 warps, 3 stages at head_dim 64 (128/64, 8
-# warps at 128); backward 64/128, 8 warps, 3 stages. TMA loads are off by default on CUDA. benchmarks/document_masking.py times other sets (--flex-options) against
-# it on the H200: change this only from such a measurement.
+# warps at 128); backward 64/128, 8 warps, 3 stages. TMA loads are off by default on CUDA.
+# benchmarks/document_masking.py times other sets (--flex-options) against it on the H200: change
+# this only from such a measurement.
 FLEX_KERNEL_OPTIONS: dict | None = None
 # torch picks the backward tiles from the query/key head dim alone. With wider values (the 1B
 # intra-hybrid: 72 for q/k, 144 for v, padded to 128 and 256) its sm90 choice for 16-bit inputs
