@@ -58,9 +58,26 @@ def step_time_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3, 
     return statistics.median(times)
 
 
-def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6) -> tuple[float, list[dict]]:
-    """Where a step's time goes: kernels (CUDA) or ops (CPU) launched per step, and the top ones by
-    self time over 3 steps (the benchmarks' answer where a target is missed)."""
+KERNEL_KINDS = (  # (kind, name fragments), first match wins: attention kernels' names also hold "sm90" / "gemm"
+    ("attention", ("sdpa", "flash", "fmha", "attention", "flex")),
+    ("ssd scan", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "selective_state")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "_grouped_mm")),
+    ("copy / cast / cat", ("copy", "catarray", "aten::cat", "transpose")),
+    ("fused (inductor)", ("triton_",)),
+    ("conv", ("conv",)),
+    ("other eager elementwise / reduce", ("elementwise", "reduce", "aten::")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6) -> dict:
+    """Where a step's time goes: kernels (CUDA) or ops (CPU) launched per step, the top ones by self
+    time over 3 steps, and the shares by kind (GEMMs, attention, copies, ...): the benchmarks' answer
+    where a target is missed."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -72,8 +89,17 @@ def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6
     events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     total = sum(key(e) for e in events) or 1
-    return sum(e.count for e in events) / 3, [{"name": e.key[:80], "share": key(e) / total, "us_per_step": key(e) / 3}
-                                              for e in sorted(events, key=key, reverse=True)[:top]]
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + key(e) / total
+    return {"kernels_per_step": sum(e.count for e in events) / 3,
+            "profile": [{"name": e.key[:80], "share": key(e) / total, "us_per_step": key(e) / 3}
+                        for e in sorted(events, key=key, reverse=True)[:top]],
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+
+
+def kinds_line(kinds: dict[str, float]) -> str:
+    return "    by kind: " + ", ".join(f"{k} {v:.0%}" for k, v in kinds.items())
 
 
 def mamba_mixer_timings() -> dict[str, float]:
@@ -124,7 +150,7 @@ def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
     out = {"step_ms": ms, "tokens_per_s": batch * seq / (ms / 1e3),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     if profile:  # after the timed steps: the profiler's own cost stays out of them
-        out["kernels_per_step"], out["profile"] = profile_summary(step, device)
+        out.update(profile_summary(step, device))
     return out
 
 

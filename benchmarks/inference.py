@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from gpu_model import profile_summary  # noqa: E402
+from gpu_model import kinds_line, profile_summary  # noqa: E402
 
 from pretrain.model import build_model, model_config  # noqa: E402
 from pretrain.model.decode import Decoder  # noqa: E402
@@ -187,7 +187,7 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
     if args.profile:
         dec.cache.pretend_length(lengths[-1] - 1)
         result["profile_at"] = lengths[-1]
-        result["kernels_per_step"], result["profile"] = profile_summary(step, device)
+        result.update(profile_summary(step, device))
     return result
 
 
@@ -325,6 +325,7 @@ def table(results: dict[str, Any]) -> str:
         if row.get("profile"):
             lines.append(f"{row['model']} at {row['profile_at']}: {row['kernels_per_step']:.0f} kernels per step")
             lines += [f"    {k['share']:>5.0%} {k['us_per_step']:>8.0f} us  {k['name']}" for k in row["profile"]]
+            lines.append(kinds_line(row["kinds"]))
     lines += [f"{'model':<28}{'total':>7}{'tokens/s':>11}{'step ms':>9}{'x paper':>9}{'bound ms':>10}"
               f"{'of bound':>10}{'of target':>11}{'cache MiB':>11}"]
     for row in results["rows"]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
 from compile_fp8 import options  # noqa: E402
-from gpu_model import time_train_step, train_step_throughput  # noqa: E402
+from gpu_model import kinds_line, time_train_step, train_step_throughput  # noqa: E402
 
 from pretrain.model import model_config  # noqa: E402
 
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['model']}: {r['kernels_per_step']:.0f} kernels per step")
             for k in r["profile"]:
                 print(f"    {k['share']:>5.0%} {k['us_per_step']:>10.0f} us  {k['name']}")
+            print(kinds_line(r["kinds"]))
     print(f"{'model':<30}{'params':>14}{'step ms':>10}{'tokens/s':>12}{'peak GiB':>10}")
     for r in results["rows"].values():
         if "error" in r:

@@ -119,6 +119,7 @@ def test_chunked_cross_entropy_bf16_autocast_matches_reference():
     h = torch.randn(8192, 2048, device="cuda", generator=g, requires_grad=True)
     w = (torch.randn(128256, 2048, device="cuda", generator=g) * 0.02).requires_grad_()
     t = torch.randint(0, 128256, (8192,), device="cuda", generator=g)
+    t[::7] = -100
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = chunked_cross_entropy(h, w, t, chunk_rows=2048)
         ref = cross_entropy_reference(h, w, t)
@@ -127,6 +128,30 @@ def test_chunked_cross_entropy_bf16_autocast_matches_reference():
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
     for a, b in zip(grads, ref_grads):
         assert rel(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_xent_kernel_matches_reference(dtype):
+    """The chunked loss's Triton step against its PyTorch reference on the same logits: row losses and
+    the gradient it writes over them (vocabulary not a multiple of the kernel's block, ignored rows,
+    targets at both ends)."""
+    from pretrain.model.ops.softmax_xent_triton import has_triton, softmax_xent_reference, softmax_xent_triton
+
+    assert has_triton()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = (torch.randn(512, 128256, device="cuda", generator=g) * 4).to(dtype)
+    t = torch.randint(0, 128256, (512,), device="cuda", generator=g)
+    t[::9], t[1], t[2] = -1, 0, 128255
+    scale = torch.tensor(1 / 450, device="cuda")
+    fast, ref = logits.clone(), logits.clone()
+    loss = softmax_xent_triton(fast, t, scale)
+    loss_ref = softmax_xent_reference(ref, t, scale)
+    assert rel(loss, loss_ref) < 1e-5
+    assert rel(fast, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert (fast[::9] == 0).all()
+    untouched = logits.clone()
+    assert rel(softmax_xent_triton(untouched, t, scale, grad=False), loss_ref) < 1e-5
+    assert torch.equal(untouched, logits)
 
 
 def test_grouped_mm_takes_fast_path_under_autocast(monkeypatch):

@@ -9,6 +9,7 @@ import torch
 import torch._dynamo
 
 from pretrain.model import build_model
+from pretrain.model.mamba2 import Mamba2
 from pretrain.model.ops import grouped_mm_reference
 from pretrain.model.packed import PackedDocs
 from pretrain.model.ops.grouped_mm import grouped_mm_weight_grad_reference
@@ -83,8 +84,9 @@ def test_trainer_layout_compiles_inside_checkpointing():
 @pytest.mark.parametrize("kind,documents", [(k, False) for k in BLOCKS] + [("mamba2", True), ("intra_hybrid", True)])
 def test_compiled_block_equals_eager_values_and_grads(kind, documents):
     """aot_eager: dynamo + AOTAutograd's traced forward/backward (custom ops through their fake
-    and autograd registrations), without Inductor's code generation (slow on CPU). With documents
-    the compiled conv runs as masked taps, the eager one recomputes the outputs after each start."""
+    and autograd registrations), without Inductor's code generation (slow on CPU). The compiled conv
+    runs as taps (masked with documents); the eager one is F.conv1d (recomputing the outputs after each
+    start with documents): another summation order wherever a Mamba2 mixer is."""
     block = tiny_block(kind)
     x, pos = inputs(block.mixer_norm.weight.shape[0], documents)
 
@@ -99,7 +101,8 @@ def test_compiled_block_equals_eager_values_and_grads(kind, documents):
     torch._dynamo.reset()
     compiled = run(torch.compile(block, backend="aot_eager", fullgraph=True))
     assert len(eager) == len(compiled) > 3
-    tol = {"rtol": 1e-4, "atol": 1e-5} if documents else {"rtol": 1e-5, "atol": 1e-6}  # another summation order
+    conv = any(isinstance(m, Mamba2) for m in block.modules())
+    tol = {"rtol": 1e-4, "atol": 1e-5} if conv else {"rtol": 1e-5, "atol": 1e-6}
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, **tol)
 

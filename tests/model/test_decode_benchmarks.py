@@ -99,5 +99,6 @@ def test_peers_benchmark_profiles_each_row(tmp_path, capsys):
         assert rows[name]["kernels_per_step"] > 0 and 0 < len(top) <= 6
         assert all(0 < k["share"] <= 1 and k["us_per_step"] > 0 for k in top)
         assert [k["share"] for k in top] == sorted((k["share"] for k in top), reverse=True)
+        assert abs(sum(rows[name]["kinds"].values()) - 1) < 1e-6 and rows[name]["kinds"]["gemm"] > 0
     out = capsys.readouterr().out
     assert out.index("llama eager: ") < out.index("model ")  # the profiles, then the table

@@ -10,7 +10,7 @@ from pretrain.evaluation.scoring import token_nll
 from pretrain.model import ARCHS, build_model
 from pretrain.model.ops import attention_reference, causal_conv1d_reference, ssd_scan_reference
 from pretrain.model.ops.attention import flex_document_attention
-from pretrain.model.ops.conv import _conv_within_documents
+from pretrain.model.ops.conv import _conv_taps
 from pretrain.model.packed import PackedDocs, masking_needed
 
 # tiny: d_conv 4, SWA window 16 + 4 sinks, Mamba chunk 16. Per row: documents shorter than the conv
@@ -153,7 +153,7 @@ def test_conv_and_scan_reset_at_document_starts():
 @pytest.mark.parametrize("case", ["full", "no_bias", "weights_only", "no_start_reaches_back", "strided_grad"])
 def test_masked_conv_gradients_equal_the_masked_taps(case):
     """The masked conv's hand-written backward (the conv's own gradients corrected at the dropped
-    taps) equals autograd through the w masked taps (`_conv_within_documents`, what compiled blocks
+    taps) equals autograd through the w masked taps (`_conv_taps`, what compiled blocks
     run), for x, the carried-in state, weight and bias: with and without a bias, with only the
     weights needing gradients, with no document start reaching back, and for a strided upstream
     gradient. Under autocast, bf16 keeps fp32 gradients and an fp64 conv stays fp64."""
@@ -178,7 +178,7 @@ def test_masked_conv_gradients_equal_the_masked_taps(case):
         t = {k: v.detach().to(dtype).requires_grad_(k in needs) if v is not None else None for k, v in leaves.items()}
         if masked_taps:
             padded = torch.cat([t["state"].to(t["x"].dtype), t["x"]], dim=-1)
-            y = F.silu(_conv_within_documents(padded, t["w"], t["bias"], seq_idx))
+            y = F.silu(_conv_taps(padded, t["w"], t["bias"], seq_idx))
         else:
             y = causal_conv1d_reference(t["x"], t["w"], t["bias"], t["state"], seq_idx)
         y.backward(grad_out.to(y.dtype))

@@ -70,6 +70,23 @@ def test_causal_conv_matches_manual_and_state():
     torch.testing.assert_close(y_tail, y[..., 7:])
 
 
+def test_conv_taps_equal_the_depthwise_conv_values_and_grads():
+    """What compiled blocks run instead of F.conv1d (no document ids): fp64, against cuDNN's op."""
+    from pretrain.model.ops.conv import _conv_taps
+
+    g = torch.Generator().manual_seed(3)
+    padded = torch.randn(2, 6, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
+    got = _conv_taps(padded, w, bias, None)
+    want = F.conv1d(padded, w[:, None, :], bias, groups=6)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, (padded, w, bias), upstream),
+                    torch.autograd.grad(want, (padded, w, bias), upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_attention_mask_sliding_window_with_sinks():
     pos = torch.arange(10)
     m = attention_mask(pos, pos, window=3, n_sink=2)
@@ -120,6 +137,25 @@ def test_chunked_cross_entropy_value_and_grads(chunk_rows, monkeypatch):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gh, gh_ref)
     torch.testing.assert_close(gw, gw_ref)
+
+
+def test_softmax_xent_reference_is_the_scaled_cross_entropy_gradient():
+    """The per-chunk step of the chunked loss (the Triton kernel's oracle on the GPU): row losses and,
+    written over the logits, d(scale * sum CE) / d logits, ignored rows zero; fp64 against autograd."""
+    from pretrain.model.ops.softmax_xent_triton import softmax_xent_reference
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([3, -1, 39, 0, 17, -1])
+    expected = F.cross_entropy(x, t, ignore_index=-1, reduction="none")
+    (grad,) = torch.autograd.grad(expected.sum() * 0.25, x)
+    logits = x.detach().clone()
+    loss = softmax_xent_reference(logits, t, torch.tensor(0.25, dtype=torch.float64))
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits, grad, rtol=1e-12, atol=1e-12)
+    untouched = x.detach().clone()
+    softmax_xent_reference(untouched, t, torch.tensor(0.25, dtype=torch.float64), grad=False)
+    assert torch.equal(untouched, x.detach())
 
 
 def test_chunked_cross_entropy_under_bf16_autocast():

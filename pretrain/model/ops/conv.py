@@ -24,10 +24,10 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
-    if seq_idx is None:
+    if torch.compiler.is_compiling():  # taps: one fused kernel in the data's own layout, no cuDNN conv
+        y = _conv_taps(padded, weight, bias, seq_idx)
+    elif seq_idx is None:
         y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
-    elif torch.compiler.is_compiling():  # no data-dependent shape: the block stays one graph
-        y = _conv_within_documents(padded, weight, bias, seq_idx)
     else:
         dtype = _conv_dtype(padded, weight)
         y = _ConvRecomputingAfterStarts.apply(padded.to(dtype), weight.to(dtype),
@@ -36,15 +36,19 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     return F.silu(y)
 
 
-def _conv_within_documents(padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor) -> Tensor:
-    """The conv as w masked taps over the whole [b, d, l] (a compiled block fuses them into one
-    kernel); tap k reads input t + k - (w-1), dropped when it lies in another document."""
-    w, l = weight.shape[-1], seq_idx.shape[1]
-    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)  # the carried-in state: first doc
+def _conv_taps(padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
+    """The conv as w shifted products over the whole [b, d, l]: tap k reads input t + k - (w-1), dropped
+    when it lies in another document. A compiled block fuses the taps, the inputs' concatenation and
+    transposes, the bias and the SiLU into one kernel (and their backward into a few); cuDNN's depthwise
+    conv needs the channels-first copy of its input and is slower than that at Mamba2's widths."""
+    w, l = weight.shape[-1], padded.shape[-1] - weight.shape[-1] + 1
+    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1) if seq_idx is not None else None
     y = bias[None, :, None].to(padded.dtype) if bias is not None else torch.zeros((), dtype=padded.dtype)
     for k in range(w):
-        same = (docs[:, k:k + l] == seq_idx)[:, None].to(padded.dtype)
-        y = y + padded[:, :, k:k + l] * weight[:, k, None].to(padded.dtype) * same
+        tap = padded[:, :, k:k + l] * weight[:, k, None].to(padded.dtype)
+        if docs is not None:  # the carried-in state belongs to the first token's document
+            tap = tap * (docs[:, k:k + l] == seq_idx)[:, None].to(padded.dtype)
+        y = y + tap
     return y
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.precision import wide
+from pretrain.model.ops.softmax_xent_triton import softmax_xent
 
 CHUNK_LOGITS = 1 << 27  # logits per chunk: large GEMMs, bounded temporaries
 
@@ -41,6 +42,15 @@ def _log_softmax(logits: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return shifted - norm.log()
 
 
+def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b. On CUDA with 16-bit inputs cuBLAS adds the fp32 product into `acc` itself: no
+    16-bit product, no cast and no separate add over a [vocab, d] tensor per chunk."""
+    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).to(acc.dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, ignore_index: int,
@@ -53,21 +63,27 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=work)
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t, v = (a[start:start + chunk_rows] for a in (hidden, targets, valid))
-            mine = v  # rows whose target logit is in this rank's slice of the vocabulary
-            if group is not None:
+            logits = h @ weight.t()
+            if group is None:  # one kernel: loss per row, and the logits become their scaled gradient
+                total += softmax_xent(logits, t.where(v, -1), 1 / count, grad=needs_grad).sum()
+                g = logits
+            else:
+                # this rank's rows of the vocabulary: the target logit is in its slice for some rows only.
+                # No boolean indexing: a host sync per chunk would stall the GPU's queue.
                 t = t - vocab_start
                 mine = v & (t >= 0) & (t < weight.shape[0])
-            # No boolean indexing: a host sync per chunk would stall the GPU's queue.
-            target, keep = t.where(mine, 0).unsqueeze(1), v.unsqueeze(1).to(work)
-            log_probs = _log_softmax(wide(h @ weight.t()), group)
-            total -= log_probs.gather(1, target).squeeze(1).where(mine, 0).sum()
-            if needs_grad:  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-                onehot = mine.unsqueeze(1).to(work)
-                g = log_probs.exp_().scatter_add_(1, target, -onehot).mul_(keep / count).to(h.dtype)
-                grad_hidden[start:start + chunk_rows] = g @ weight.to(h.dtype)
-                grad_weight += (g.t() @ h).to(work)
+                target, keep = t.where(mine, 0).unsqueeze(1), v.unsqueeze(1).to(work)
+                log_probs = _log_softmax(wide(logits), group)
+                total -= log_probs.gather(1, target).squeeze(1).where(mine, 0).sum()
+                if needs_grad:  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
+                    onehot = mine.unsqueeze(1).to(work)
+                    g = log_probs.exp_().scatter_add_(1, target, -onehot).mul_(keep / count).to(logits.dtype)
+                del log_probs
+            del logits
+            if needs_grad:
+                grad_hidden[start:start + chunk_rows] = g @ weight.to(g.dtype)
+                _accumulate_product(grad_weight, g.t(), h.to(g.dtype))
                 del g  # free this chunk's temporaries before the next chunk's logits
-            del log_probs
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         if group is not None:
