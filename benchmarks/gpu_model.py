@@ -58,12 +58,14 @@ def step_time_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3, 
     return statistics.median(times)
 
 
-KERNEL_KINDS = (  # (kind, name fragments), first match wins: attention kernels' names also hold "sm90" / "gemm"
+KERNEL_KINDS = (  # (kind, name fragments), first match wins: attention kernels' names also hold "sm90" / "gemm",
+    # Inductor's fused kernels name their ops ("triton_poi_fused__to_copy_cat_..."), so they go before copies
     ("attention", ("sdpa", "flash", "fmha", "attention", "flex")),
     ("ssd scan", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "selective_state")),
     ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "_grouped_mm")),
-    ("copy / cast / cat", ("copy", "catarray", "aten::cat", "transpose")),
     ("fused (inductor)", ("triton_",)),
+    ("loss kernel", ("softmax_xent",)),
+    ("copy / cast / cat", ("copy", "catarray", "aten::cat", "transpose")),
     ("conv", ("conv",)),
     ("other eager elementwise / reduce", ("elementwise", "reduce", "aten::")),
 )
