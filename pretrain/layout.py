@@ -46,7 +46,8 @@ def loss_working_set_bytes(vocab: int, d_model: int) -> int:
     """The chunked cross-entropy's memory on the rank holding the head (`vocab` rows of it): the
     fp32 head-weight gradient it computes in the forward and the scaled copy its backward returns,
     and one chunk's temporaries (fp32 logits and their gradient plus their bf16 casts, ~2.5 x 4
-    bytes per logit of a `CHUNK_LOGITS` chunk)."""
+    bytes per logit of a `CHUNK_LOGITS` chunk: the PyTorch path's, taken under TP and on the CPU; the
+    Triton path without TP holds only the 16-bit chunk, so this bounds it from above)."""
     return 2 * vocab * d_model * 4 + 10 * CHUNK_LOGITS
 
 
