@@ -88,8 +88,14 @@ def has_triton() -> bool:
     return True
 
 
+def kernel_applies(t: Tensor) -> bool:
+    """Whether logits computed from `t` take the kernel: CUDA, 16 or 32 bits (autocast never narrows
+    fp64), Triton installed."""
+    return t.is_cuda and t.dtype != torch.float64 and has_triton()
+
+
 def softmax_xent(logits: Tensor, targets: Tensor, scale: Tensor, grad: bool = True) -> Tensor:
-    """The kernel for CUDA logits in 16 or 32 bits where Triton is installed, the reference otherwise."""
-    if logits.is_cuda and logits.dtype != torch.float64 and has_triton():
+    """The kernel where `kernel_applies`, the reference otherwise."""
+    if kernel_applies(logits):
         return softmax_xent_triton(logits, targets, scale, grad)
     return softmax_xent_reference(logits, targets, scale, grad)
