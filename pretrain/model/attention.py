@@ -23,14 +23,16 @@ class Attention(nn.Module):
     """`n_heads` query heads of `qk_head_dim`, `n_kv_heads` K/V heads (V of `v_head_dim`).
 
     With `project_out=False` the module returns the heads' output [b, l, n_heads * v_head_dim]
-    unprojected (the intra-hybrid mixer projects and fuses it itself).
+    unprojected (the intra-hybrid mixer projects and fuses it itself). With `shared_values=True` the
+    caller computes V (`values`, shared with its Mamba2 branch) and passes it to `forward`.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, qk_head_dim: int, rope: RopeConfig,
                  v_head_dim: int | None = None, window: int | None = None, n_sink: int = 0,
-                 project_out: bool = True, init_std: float = 0.02, out_init_std: float = 0.02):
+                 project_out: bool = True, init_std: float = 0.02, out_init_std: float = 0.02,
+                 shared_values: bool = False):
         super().__init__()
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.n_heads, self.n_kv_heads, self.shared_values = n_heads, n_kv_heads, shared_values
         self.qk_head_dim, self.v_head_dim = qk_head_dim, v_head_dim or qk_head_dim
         self.window, self.n_sink, self.rope = window, n_sink, rope
         self.init_std, self.out_init_std = init_std, out_init_std
@@ -57,8 +59,8 @@ class Attention(nn.Module):
         return plan
 
     def projections(self) -> list[nn.Linear]:
-        """The input projections in the order a decoder packs them: [q, k, v]."""
-        return [self.q_proj, self.k_proj, self.v_proj]
+        """The input projections a decoder packs, in order: [q, k, v], or [q, k] when V is shared."""
+        return [self.q_proj, self.k_proj] + ([] if self.shared_values else [self.v_proj])
 
     def values(self, x: Tensor) -> Tensor:
         """V heads [b, l, n_kv_heads, v_head_dim] (shared with the Mamba branch under value sharing)."""
@@ -71,10 +73,7 @@ class Attention(nn.Module):
         b, l = x.shape[:2]
         packed = state.packed if isinstance(state, StaticKV) and l == 1 else None
         if packed is not None:  # a decode step: Q, K (and V unless shared) as one GEMV on the packed weights
-            sizes = [t.weight.shape[0] for t in self.projections()]
-            if v is not None:  # value sharing: the rows of Q and K only (a view)
-                packed, sizes = packed[:sizes[0] + sizes[1]], sizes[:2]
-            q, k, *own_v = F.linear(x, packed).split(sizes, dim=-1)
+            q, k, *own_v = F.linear(x, packed).split([t.weight.shape[0] for t in self.projections()], dim=-1)
             q, k = (t.view(b, l, -1, self.qk_head_dim).transpose(1, 2) for t in (q, k))
             v = (own_v[0].view(b, l, -1, self.v_head_dim) if v is None else v).transpose(1, 2)
         else:

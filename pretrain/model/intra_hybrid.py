@@ -92,7 +92,8 @@ class IntraHybrid(nn.Module):
         self.cfg, self.init_std = ic, cfg.init_std
         self.out_init_std = cfg.out_init_std
         self.attn = Attention(cfg.d_model, ic.attn_heads, ic.kv_heads, ic.qk_head_dim, cfg.rope,
-                              v_head_dim=ic.head_dim, project_out=False, init_std=cfg.init_std)
+                              v_head_dim=ic.head_dim, project_out=False, init_std=cfg.init_std,
+                              shared_values=ic.value_sharing)
         self.ssm = Mamba2(cfg.d_model, ic.ssm_heads, ic.head_dim, ic.d_state, cfg.n_groups, cfg.d_conv,
                           cfg.chunk_size, cfg.a_init_range, cfg.dt_min, cfg.dt_max, cfg.norm_eps,
                           gated_norm=False, project_out=False, external_x=ic.value_sharing,

@@ -54,8 +54,11 @@ def test_intra_value_sharing_decodes():
     model = build_model("intra_hybrid", "tiny", pattern="MHM", intra={"value_sharing": True}).eval().double()
     tokens = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
-        got, _ = decode_all(model, tokens, 5)
+        got, dec = decode_all(model, tokens, 5)
         assert (got - model(tokens)[:, 4:-1]).abs().max() < 1e-12
+    attn = model.blocks["1"].mixer.attn
+    packed_rows = {s.packed.shape[0] for s in dec.cache.states() if isinstance(s, StaticKV)}
+    assert packed_rows == {attn.q_proj.weight.shape[0] + attn.k_proj.weight.shape[0]}  # no V rows: V is shared
 
 
 @pytest.mark.parametrize("arch", ["llama", "swa", "mamba2", "intra_hybrid"])
