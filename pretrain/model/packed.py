@@ -53,11 +53,13 @@ class PackedDocs:
     def gathered(self, group: dist.ProcessGroup) -> tuple[Tensor, Tensor]:
         """Every CP rank's (positions, document ids) [b, L] in position order: attention's keys',
         the Mamba2 scan's tokens'. All-gathered once per batch and shared by the layers through
-        `kernel_cache` (a compiled block gathers its own)."""
+        `kernel_cache` (a compiled block gathers its own). Both in one collective."""
         key = ("cp_gathered", id(group))
         found = None if torch.compiler.is_compiling() else self.kernel_cache.get(key)
         if found is None:
-            found = tuple(to_natural_order(all_gather_sequence(t, group), group) for t in (self.positions, self.doc))
+            both = torch.stack([self.positions, self.doc.to(self.positions.dtype)])  # [2, b, l]
+            positions, doc = to_natural_order(all_gather_sequence(both, group, dim=2), group, dim=2)
+            found = (positions, doc.to(self.doc.dtype))
             if not torch.compiler.is_compiling():
                 self.kernel_cache[key] = found
         return found
