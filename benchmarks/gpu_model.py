@@ -93,7 +93,8 @@ def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6
     total = sum(key(e) for e in events) or 1
     kinds: dict[str, float] = {}
     for e in events:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + key(e) / total
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + key(e) / total
     return {"kernels_per_step": sum(e.count for e in events) / 3,
             "profile": [{"name": e.key[:80], "share": key(e) / total, "us_per_step": key(e) / 3}
                         for e in sorted(events, key=key, reverse=True)[:top]],

@@ -24,7 +24,7 @@ from parallel.pipeline import action_table_idle, bubble_fraction, local_stage_id
 from pretrain.config import JobConfig
 from pretrain.model.attention import Attention
 from pretrain.model.mamba2 import Mamba2
-from pretrain.model.ops.cross_entropy import CHUNK_LOGITS, KERNEL_CHUNK_LOGITS
+from pretrain.model.ops.cross_entropy import CHUNK_LOGITS, KERNEL_CHUNK_BYTES
 from pretrain.model.moe import MoE
 
 GIB = 2**30
@@ -47,8 +47,8 @@ def loss_working_set_bytes(vocab: int, d_model: int) -> int:
     fp32 head-weight gradient it computes in the forward and the scaled copy its backward returns,
     and one chunk's temporaries: on the PyTorch path (TP, CPU) fp32 logits and their gradient plus
     their bf16 casts, ~2.5 x 4 bytes per logit of a `CHUNK_LOGITS` chunk; on the Triton path the
-    16-bit logits of a `KERNEL_CHUNK_LOGITS` chunk. The larger of the two."""
-    return 2 * vocab * d_model * 4 + max(10 * CHUNK_LOGITS, 2 * KERNEL_CHUNK_LOGITS)
+    chunk's logits alone, `KERNEL_CHUNK_BYTES`. The larger of the two."""
+    return 2 * vocab * d_model * 4 + max(10 * CHUNK_LOGITS, KERNEL_CHUNK_BYTES)
 
 
 def activation_bytes(blocks: str, cfg: JobConfig, d_model: int, dims: ParallelDims, in_flight: float = 1.0) -> float:

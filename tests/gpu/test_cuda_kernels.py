@@ -114,20 +114,28 @@ def test_gated_rms_norm_triton_matches_reference_bf16():
         assert rel(a, b) < 1e-2
 
 
-def test_chunked_cross_entropy_bf16_autocast_matches_reference():
+@pytest.mark.parametrize("setup", ["autocast", "bf16 parameters"])
+def test_chunked_cross_entropy_bf16_matches_reference(setup):
+    """The chunked loss on its Triton path (default chunks: 4,185 rows, a partial last one; ignored
+    rows) against full fp32 logits: under bf16 autocast, and with bf16 parameters and hidden states
+    and no autocast (the trainer's one-GPU setup)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(8192, 2048, device="cuda", generator=g, requires_grad=True)
-    w = (torch.randn(128256, 2048, device="cuda", generator=g) * 0.02).requires_grad_()
+    h = torch.randn(8192, 2048, device="cuda", generator=g)
+    w = torch.randn(128256, 2048, device="cuda", generator=g) * 0.02
     t = torch.randint(0, 128256, (8192,), device="cuda", generator=g)
     t[::7] = -100
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = chunked_cross_entropy(h, w, t)  # the Triton path's default: 4,185 rows, a partial last chunk
-        ref = cross_entropy_reference(h, w, t)
+    if setup == "bf16 parameters":
+        h, w = h.bfloat16(), w.bfloat16()
+    h.requires_grad_(), w.requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=setup == "autocast"):
+        loss = chunked_cross_entropy(h, w, t)
     grads = torch.autograd.grad(loss, (h, w))
-    ref_grads = torch.autograd.grad(ref, (h, w))
+    hr, wr = (a.detach().float().requires_grad_() for a in (h, w))
+    ref = cross_entropy_reference(hr, wr, t)
+    ref_grads = torch.autograd.grad(ref, (hr, wr))
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
     for a, b in zip(grads, ref_grads):
-        assert rel(a, b) < 2e-2
+        assert a.dtype == h.dtype and rel(a, b) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -71,7 +71,7 @@ def test_causal_conv_matches_manual_and_state():
 
 
 def test_conv_taps_equal_the_depthwise_conv_values_and_grads():
-    """What compiled blocks run instead of F.conv1d (no document ids): fp64, against cuDNN's op."""
+    """What compiled blocks run instead of F.conv1d (no document ids): fp64, against F.conv1d."""
     from pretrain.model.ops.conv import _conv_taps
 
     g = torch.Generator().manual_seed(3)
@@ -156,6 +156,22 @@ def test_softmax_xent_reference_is_the_scaled_cross_entropy_gradient():
     untouched = x.detach().clone()
     softmax_xent_reference(untouched, t, torch.tensor(0.25, dtype=torch.float64), grad=False)
     assert torch.equal(untouched, x.detach())
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_chunked_cross_entropy_fp64_to_1e12(ignore_index):
+    """fp64 throughout (the parallel-layout tests compare layouts at 1e-10): 143 counted rows, whose
+    reciprocal fp32 cannot hold; a non-negative ignore_index must be ignored, not taken as a class."""
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(150, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(97, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(1, 97, (150,), generator=g)
+    t[:7] = ignore_index
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=ignore_index)  # fp64 (the reference helper is fp32)
+    out = chunked_cross_entropy(h, w, t, chunk_rows=40, ignore_index=ignore_index)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_chunked_cross_entropy_under_bf16_autocast():

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.library import has_causal_conv1d
-from pretrain.model.ops.precision import wide
+from pretrain.model.ops.precision import compute_dtype, wide
 
 
 def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
@@ -29,7 +29,7 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     elif seq_idx is None:
         y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
     else:
-        dtype = _conv_dtype(padded, weight)
+        dtype = compute_dtype(padded, weight)
         y = _ConvRecomputingAfterStarts.apply(padded.to(dtype), weight.to(dtype),
                                               bias.to(dtype) if bias is not None else None,
                                               *_taps_after_starts(seq_idx, w, cache))
@@ -50,15 +50,6 @@ def _conv_taps(padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Ten
             tap = tap * (docs[:, k:k + l] == seq_idx)[:, None].to(padded.dtype)
         y = y + tap
     return y
-
-
-def _conv_dtype(padded: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype F.conv1d would compute in here: autocast's (which casts only fp32 / fp16 / bf16
-    inputs: an fp64 run stays fp64), else the inputs' common one."""
-    device, dtype = padded.device.type, torch.promote_types(padded.dtype, weight.dtype)
-    if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return torch.get_autocast_dtype(device)
-    return dtype
 
 
 def _taps_after_starts(seq_idx: Tensor, w: int, cache: dict | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -11,7 +11,7 @@ the forward pass, right after its logits, and the logits are freed. A chunk hold
 peak, where [16K tokens, 128K] fp32 logits would be 8 GB), and nothing is recomputed in backward.
 On CUDA without TP a chunk's loss and logit gradient come from one Triton kernel
 (`softmax_xent_triton`) that writes the gradient over the 16-bit logits, so a chunk holds
-`KERNEL_CHUNK_LOGITS` (4,096 rows at 128K: 1 GiB).
+`KERNEL_CHUNK_BYTES` of them (4,185 bf16 rows at 128K: 1 GiB).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.model.ops.precision import wide
+from pretrain.model.ops.precision import compute_dtype, wide
 from pretrain.model.ops.softmax_xent_triton import kernel_applies, softmax_xent
 
 CHUNK_LOGITS = 1 << 27  # logits per chunk on the PyTorch path (~10 bytes of temporaries per logit)
-# On the Triton path a chunk's only temporary is its 16-bit logits: 4x larger chunks in about the same
-# memory, and 4x fewer fp32 passes over the head's weight gradient (H200, 16K rows x 128K: 47.9 -> 44.9 ms)
-KERNEL_CHUNK_LOGITS = 1 << 29
+# On the Triton path a chunk's only temporary is its logits in the compute dtype: 1 GiB holds 2^29 bf16
+# logits (4,185 rows at 128K), about the PyTorch path's temporaries, and 4x fewer fp32 passes over the
+# head's weight gradient than 2^27 (H200, 16K rows x 128K, bf16: 47.9 -> 44.9 ms per step's loss)
+KERNEL_CHUNK_BYTES = 1 << 30
 
 
 def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -36,16 +37,29 @@ def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ign
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
-def _log_softmax(logits: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """log_softmax over the last dim, which is split over `group` when one is given."""
-    if group is None:
-        return logits.log_softmax(-1)
-    peak = logits.max(-1, keepdim=True).values
+def _vocab_parallel_step(logits: Tensor, targets: Tensor, valid: Tensor, scale: Tensor, vocab_start: int,
+                         group: dist.ProcessGroup, grad: bool) -> tuple[Tensor, Tensor | None]:
+    """`softmax_xent` when `logits` are this rank's columns [vocab_start, vocab_start + V) of the
+    vocabulary: the max and the normaliser are all-reduced over `group`, and the target logit is in
+    this rank's slice for some rows only. Returns this rank's share of the loss sum and, with `grad`,
+    scale * d CE / d logits. No boolean indexing: a host sync per chunk would stall the GPU's queue."""
+    work = wide(logits[:0]).dtype
+    t = targets - vocab_start
+    mine = valid & (t >= 0) & (t < logits.shape[1])
+    target = t.where(mine, 0).unsqueeze(1)
+    shifted = wide(logits)
+    peak = shifted.max(-1, keepdim=True).values
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - peak
+    shifted -= peak
     norm = shifted.exp().sum(-1, keepdim=True)
     dist.all_reduce(norm, group=group)
-    return shifted - norm.log()
+    log_probs = shifted.sub_(norm.log())
+    loss = -log_probs.gather(1, target).squeeze(1).where(mine, 0).sum()
+    if not grad:
+        return loss, None
+    onehot = mine.unsqueeze(1).to(work)  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
+    g = log_probs.exp_().scatter_add_(1, target, -onehot).mul_(valid.unsqueeze(1).to(work) * scale)
+    return loss, g.to(logits.dtype)
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -64,32 +78,27 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         work = wide(hidden[:0]).dtype  # fp32, or fp64 for an fp64 model
         count = valid.sum().clamp(min=1)
+        scale = 1 / count.to(work)
+        dtype = compute_dtype(hidden, weight)
+        w = weight.to(dtype)  # once (autocast would cast it for every chunk's GEMMs)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=work) if needs_grad else None
         total = hidden.new_zeros((), dtype=work)
         for start in range(0, hidden.shape[0], chunk_rows):
             h, t, v = (a[start:start + chunk_rows] for a in (hidden, targets, valid))
-            logits = h @ weight.t()
-            if group is None:  # one kernel: loss per row, and the logits become their scaled gradient
-                total += softmax_xent(logits, t.where(v, -1), 1 / count, grad=needs_grad).sum()
-                g = logits
+            h = h.to(dtype)
+            logits = h @ w.t()
+            if group is None:  # one kernel: the rows' losses, and the logits become their scaled gradient
+                total += softmax_xent(logits, t.where(v, -1), scale, grad=needs_grad).sum()
+                g = logits if needs_grad else None
             else:
-                # this rank's rows of the vocabulary: the target logit is in its slice for some rows only.
-                # No boolean indexing: a host sync per chunk would stall the GPU's queue.
-                t = t - vocab_start
-                mine = v & (t >= 0) & (t < weight.shape[0])
-                target, keep = t.where(mine, 0).unsqueeze(1), v.unsqueeze(1).to(work)
-                log_probs = _log_softmax(wide(logits), group)
-                total -= log_probs.gather(1, target).squeeze(1).where(mine, 0).sum()
-                if needs_grad:  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-                    onehot = mine.unsqueeze(1).to(work)
-                    g = log_probs.exp_().scatter_add_(1, target, -onehot).mul_(keep / count).to(logits.dtype)
-                del log_probs
-            del logits
-            if needs_grad:
-                grad_hidden[start:start + chunk_rows] = g @ weight.to(g.dtype)
-                _accumulate_product(grad_weight, g.t(), h.to(g.dtype))
-                del g  # free this chunk's temporaries before the next chunk's logits
+                loss, g = _vocab_parallel_step(logits, t, v, scale, vocab_start, group, needs_grad)
+                total += loss
+            del logits  # free this chunk's temporaries before the next chunk's logits
+            if g is not None:
+                grad_hidden[start:start + chunk_rows] = g @ w
+                _accumulate_product(grad_weight, g.t(), h)
+                del g
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         if group is not None:
@@ -107,10 +116,13 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk
                           vocab_start: int = 0) -> Tensor:
     """hidden [..., d], weight [V, d], targets [...] -> mean CE over non-ignored targets.
     Gradients are only computed when autograd will ask for them (not under no_grad / eval).
-    `chunk_rows` defaults to CHUNK_LOGITS / V rows (of this rank's slice; KERNEL_CHUNK_LOGITS where the
-    Triton step runs). With `group`, weight is rows [vocab_start, vocab_start + V) of the vocabulary
+    `chunk_rows` defaults to CHUNK_LOGITS / V rows (of this rank's slice; KERNEL_CHUNK_BYTES of logits
+    where the Triton step runs). With `group`, weight is rows [vocab_start, vocab_start + V) of the vocabulary
     (see the module docstring)."""
-    per_chunk = KERNEL_CHUNK_LOGITS if group is None and kernel_applies(hidden) else CHUNK_LOGITS
+    if group is None and kernel_applies(hidden):
+        per_chunk = KERNEL_CHUNK_BYTES // compute_dtype(hidden, weight).itemsize
+    else:
+        per_chunk = CHUNK_LOGITS
     chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),

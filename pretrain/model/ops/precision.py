@@ -14,3 +14,12 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
 def wide(t: Tensor) -> Tensor:
     """`t` in `wide_dtype`: fp32, or as is when it is already fp64."""
     return t.to(wide_dtype(t.dtype))
+
+
+def compute_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """The dtype a matmul or conv of `a` and `b` computes in here: autocast's where it is on (it
+    narrows only fp32 / fp16 / bf16 inputs: an fp64 run stays fp64), else the inputs' common one."""
+    device, dtype = a.device.type, torch.promote_types(a.dtype, b.dtype)
+    if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return dtype

@@ -71,10 +71,12 @@ def _kernel():
 
 
 def softmax_xent_triton(logits: Tensor, targets: Tensor, scale: Tensor, grad: bool = True) -> Tensor:
-    """`softmax_xent_reference` on the GPU (logits' rows contiguous; fp32 loss)."""
+    """`softmax_xent_reference` on the GPU (logits' rows contiguous; fp32 loss). Targets must be
+    below the vocabulary size, as the reference's `gather` demands: the kernel does not check (a
+    larger one reads another row); the data pipeline checks every token id against the vocabulary."""
     assert logits.stride(1) == 1, "the kernel reads each row as contiguous memory"
     loss = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
-    _kernel()[(logits.shape[0],)](logits, logits.stride(0), targets, loss, scale.float(),
+    _kernel()[(logits.shape[0],)](logits, logits.stride(0), targets.contiguous(), loss, scale.float(),
                                   VOCAB=logits.shape[1], GRAD=grad, BLOCK=BLOCK, num_warps=16)
     return loss
 
