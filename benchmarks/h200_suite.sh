@@ -2,14 +2,16 @@
 # Every GPU measurement of record, in parts that each fit one device call (< 10 min; see docs/benchmarks.md):
 #   bash benchmarks/h200_suite.sh tests OUT      # the GPU tests (6 xdist workers); decode eager vs compiled (T13 shape)
 #   bash benchmarks/h200_suite.sh masking OUT    # document masking on/off, demo corpus: mamba2, intra_hybrid, llama
-#   bash benchmarks/h200_suite.sh training OUT   # ours eager / compiled vs transformers and mamba-ssm; compile / FP8
+#   bash benchmarks/h200_suite.sh training OUT   # ours compiled vs transformers / mamba-ssm (profiled); MFU of swa,
+#                                                # intra_hybrid, hybrid_moe; the trainer's own 1B hybrid_moe run
+#   bash benchmarks/h200_suite.sh fp8 OUT        # compiled bf16 vs FP8 tensorwise / rowwise, llama and hybrid_moe
 #   bash benchmarks/h200_suite.sh memory OUT     # activation-memory calibration (the dry run's estimate vs peaks)
 #   bash benchmarks/h200_suite.sh evaluation OUT # the evaluation suite's T13 at 1B (two 1-step checkpoints)
 #   bash benchmarks/h200_suite.sh long OUT       # 1B inter/intra hybrid at 8K-32K on one GPU; FP8 vs bf16 loss, 300 steps
 # Each step has a time limit (seconds, overridable by its variable) and writes its log and JSON under OUT; a step
 # that runs out of time keeps what it finished. The last lines printed are the tables.
 set -uo pipefail
-part=${1:?part: tests, masking, training, memory, evaluation or long}
+part=${1:?part: tests, masking, training, fp8, memory, evaluation or long}
 out=${2:-runs/h200}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_CACHE_AUTOTUNING=1  # autotune once per shape per call
@@ -33,10 +35,18 @@ masking)
         --archs mamba2,intra_hybrid,llama --doc-len '' --flex-options '' --out "$out/document_masking.json"
     tail -16 "$out/document_masking.log" ;;
 training)
-    step peers "${PEERS_S:-330}" python benchmarks/peers.py --variants eager,compile+cast --profile --out "$out/peers"
-    step compile_fp8 "${COMPILE_FP8_S:-220}" python benchmarks/compile_fp8.py --archs hybrid_moe,llama \
-        --variants compile+cast,compile+cast+fp8-tensorwise --out "$out/compile_fp8.json"
-    tail -40 "$out/peers.log"; tail -6 "$out/compile_fp8.log" ;;
+    demo
+    step peers "${PEERS_S:-200}" python benchmarks/peers.py --variants compile+cast --profile --out "$out/peers"
+    step mfu "${MFU_S:-200}" python benchmarks/compile_fp8.py --archs swa,intra_hybrid,hybrid_moe --variants compile+cast \
+        --out "$out/mfu.json"
+    step trainer_hybrid_moe "${TRAINER_S:-100}" python pretrain/main.py --arch hybrid_moe --size 1b --data data/demo \
+        --run-dir "$out/hybrid_moe_1b" --data.seq_len=8192 --train.micro_batch_size=2 --train.steps=30 --train.compile=true \
+        --train.val_every=0 --checkpoint.enabled=false --logging.log_every=10 --train.device=cuda
+    tail -30 "$out/peers.log"; tail -4 "$out/mfu.log"; tail -2 "$out/hybrid_moe_1b/metrics.jsonl" | cut -c1-150 ;;
+fp8)
+    step compile_fp8 "${COMPILE_FP8_S:-540}" python benchmarks/compile_fp8.py --archs llama,hybrid_moe \
+        --variants compile+cast,compile+cast+fp8-tensorwise,compile+cast+fp8-rowwise --out "$out/compile_fp8.json"
+    tail -7 "$out/compile_fp8.log" ;;
 memory)
     step activation_memory "${ACT_S:-300}" python benchmarks/activation_memory.py --out "$out/activation_memory.json"
     tail -34 "$out/activation_memory.log" ;;
@@ -54,5 +64,5 @@ long)
     step long_context "${LONG_S:-330}" python benchmarks/long_context.py --out "$out/long_context.json"
     step fp8_loss "${FP8_LOSS_S:-220}" python benchmarks/fp8_loss.py --data data/demo --out "$out/fp8_loss"
     tail -8 "$out/long_context.log"; tail -4 "$out/fp8_loss.log" ;;
-*) echo "part must be tests, masking, training, memory, evaluation or long (got $part)" >&2; exit 2 ;;
+*) echo "part must be tests, masking, training, fp8, memory, evaluation or long (got $part)" >&2; exit 2 ;;
 esac
