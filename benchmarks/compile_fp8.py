@@ -2,7 +2,7 @@
 vocab 128,256, sequence 8192, batch 2, fused AdamW; benchmarks/gpu_model.py's step).
 
     python benchmarks/compile_fp8.py [--archs llama,hybrid_moe] [--variants eager,compile,compile+cast,...]
-                                     [--out compile_fp8.json]
+                                     [--vocab 8192] [--out compile_fp8.json]
 
 A variant is `+`-joined options: eager (autocast, as gpu_model.py), compile (train.compile), cast
 (bf16 parameters cast once per step), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation
@@ -37,13 +37,17 @@ def main() -> None:
     ap.add_argument("--variants", default="eager,compile,compile+cast,compile+cast+fp8-tensorwise")
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="vocabulary size instead of the preset's (128,256), e.g. the demo corpus's 8192 to compare "
+                         "with a trainer run on it")
     ap.add_argument("--out", default="compile_fp8.json")
     args = ap.parse_args()
     rows = []
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
             r = record_row(rows, args.out, arch,
-                           lambda: train_step_throughput(arch, args.batch, args.seq, **options(variant)), variant=variant)
+                           lambda: train_step_throughput(arch, args.batch, args.seq, **options(variant), vocab_size=args.vocab),
+                           variant=variant)
             print(json.dumps(r), flush=True)
     print(f"{'arch':<12}{'variant':<34}{'step ms':>9}{'tokens/s':>11}{'MFU764':>8}{'x first':>8}{'GiB':>7}")
     base: dict[str, float] = {}

@@ -160,11 +160,13 @@ def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
 def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str = "1b",
                           device: str = "cuda", warmup: int = 3, iters: int = 6, compile: bool = False,
                           fp8: str = "none", cast_params: bool = False,
-                          activation_checkpointing: bool = False, profile: bool = False) -> dict:
+                          activation_checkpointing: bool = False, profile: bool = False,
+                          vocab_size: int | None = None) -> dict:
     """`compile`, `fp8`, `activation_checkpointing`: as the trainer's train.* keys (parallelize_hybrid);
-    `cast_params`, `profile` as in `time_train_step`."""
+    `cast_params`, `profile` as in `time_train_step`; `vocab_size` replaces the preset's (the trainer
+    takes its data's: 8,192 for the demo corpus)."""
     torch.manual_seed(0)
-    model = build_model(arch, size, device=device)
+    model = build_model(arch, size, device=device, **({"vocab_size": vocab_size} if vocab_size else {}))
     parallelize_hybrid(model, None, activation_checkpointing=activation_checkpointing, compile=compile, fp8=fp8)
     options = {"compile": compile, "fp8": fp8, "cast_params": cast_params, "activation_checkpointing": activation_checkpointing}
 
@@ -175,7 +177,7 @@ def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str 
     timing = time_train_step(model, model.loss, model.config.vocab_size, batch, seq, device, warmup, iters,
                              after_step=update_bias, cast_params=cast_params, profile=profile)
     fpt = flops_per_token(model.config, seq)["total"]
-    return {"arch": arch, **options, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS,
+    return {"arch": arch, "vocab_size": model.config.vocab_size, **options, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS,
             "flops_per_token": fpt, "params": sum(p.numel() for p in model.parameters())}
 
 

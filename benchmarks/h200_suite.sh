@@ -4,6 +4,7 @@
 #   bash benchmarks/h200_suite.sh masking OUT    # document masking on/off, demo corpus: mamba2, intra_hybrid, llama
 #   bash benchmarks/h200_suite.sh training OUT   # ours compiled vs transformers / mamba-ssm (profiled); MFU of swa,
 #                                                # intra_hybrid, hybrid_moe; the trainer's own 1B hybrid_moe run
+#                                                # against the benchmark step at the same (demo corpus) vocabulary
 #   bash benchmarks/h200_suite.sh fp8 OUT        # compiled bf16 vs FP8 tensorwise / rowwise, llama and hybrid_moe
 #   bash benchmarks/h200_suite.sh memory OUT     # activation-memory calibration (the dry run's estimate vs peaks)
 #   bash benchmarks/h200_suite.sh evaluation OUT # the evaluation suite's T13 at 1B (two 1-step checkpoints)
@@ -39,10 +40,14 @@ training)
     step peers "${PEERS_S:-200}" python benchmarks/peers.py --variants compile+cast --profile --out "$out/peers"
     step mfu "${MFU_S:-200}" python benchmarks/compile_fp8.py --archs swa,intra_hybrid,hybrid_moe --variants compile+cast \
         --out "$out/mfu.json"
+    # the trainer against the benchmark step at the trainer's vocabulary (the demo corpus's 8,192)
+    step step_hybrid_moe_v8k "${STEP_S:-90}" python benchmarks/compile_fp8.py --archs hybrid_moe --variants compile+cast \
+        --vocab 8192 --out "$out/hybrid_moe_v8k.json"
     step trainer_hybrid_moe "${TRAINER_S:-100}" python pretrain/main.py --arch hybrid_moe --size 1b --data data/demo \
         --run-dir "$out/hybrid_moe_1b" --data.seq_len=8192 --train.micro_batch_size=2 --train.steps=30 --train.compile=true \
         --train.val_every=0 --checkpoint.enabled=false --logging.log_every=10 --train.device=cuda
-    tail -30 "$out/peers.log"; tail -4 "$out/mfu.log"; tail -2 "$out/hybrid_moe_1b/metrics.jsonl" | cut -c1-150 ;;
+    tail -30 "$out/peers.log"; tail -4 "$out/mfu.log"; tail -1 "$out/step_hybrid_moe_v8k.log"
+    tail -2 "$out/hybrid_moe_1b/metrics.jsonl" | cut -c1-150 ;;
 fp8)
     step compile_fp8 "${COMPILE_FP8_S:-540}" python benchmarks/compile_fp8.py --archs llama,hybrid_moe \
         --variants compile+cast,compile+cast+fp8-tensorwise,compile+cast+fp8-rowwise --out "$out/compile_fp8.json"
