@@ -45,9 +45,8 @@ def main() -> None:
     rows = []
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
-            r = record_row(rows, args.out, arch,
-                           lambda: train_step_throughput(arch, args.batch, args.seq, **options(variant), vocab_size=args.vocab),
-                           variant=variant)
+            r = record_row(rows, args.out, arch, lambda: train_step_throughput(
+                arch, args.batch, args.seq, **options(variant), vocab_size=args.vocab), variant=variant)
             print(json.dumps(r), flush=True)
     print(f"{'arch':<12}{'variant':<34}{'step ms':>9}{'tokens/s':>11}{'MFU764':>8}{'x first':>8}{'GiB':>7}")
     base: dict[str, float] = {}

@@ -177,8 +177,9 @@ def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str 
     timing = time_train_step(model, model.loss, model.config.vocab_size, batch, seq, device, warmup, iters,
                              after_step=update_bias, cast_params=cast_params, profile=profile)
     fpt = flops_per_token(model.config, seq)["total"]
-    return {"arch": arch, "vocab_size": model.config.vocab_size, **options, **timing, "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS,
-            "flops_per_token": fpt, "params": sum(p.numel() for p in model.parameters())}
+    return {"arch": arch, "vocab_size": model.config.vocab_size, **options, **timing,
+            "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS, "flops_per_token": fpt,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def record_row(rows: list[dict], out: str, arch: str, measure: Callable[[], dict], **labels) -> dict:
