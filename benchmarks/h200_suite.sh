@@ -37,8 +37,8 @@ masking)
     tail -16 "$out/document_masking.log" ;;
 training)
     demo
-    step peers "${PEERS_S:-200}" python benchmarks/peers.py --variants compile+cast --profile --out "$out/peers"
-    step mfu "${MFU_S:-200}" python benchmarks/compile_fp8.py --archs swa,intra_hybrid,hybrid_moe --variants compile+cast \
+    step peers "${PEERS_S:-180}" python benchmarks/peers.py --variants compile+cast --profile --out "$out/peers"
+    step mfu "${MFU_S:-180}" python benchmarks/compile_fp8.py --archs swa,intra_hybrid,hybrid_moe --variants compile+cast \
         --out "$out/mfu.json"
     # the trainer against the benchmark step at the trainer's vocabulary (the demo corpus's 8,192)
     step step_hybrid_moe_v8k "${STEP_S:-90}" python benchmarks/compile_fp8.py --archs hybrid_moe --variants compile+cast \

@@ -72,6 +72,7 @@ class Attention(nn.Module):
         `state` is the KV cache (a dict that grows, or a preallocated `StaticKV`), updated in place."""
         b, l = x.shape[:2]
         packed = state.packed if isinstance(state, StaticKV) and l == 1 else None
+        assert v is not None or not self.shared_values, "shared_values: the caller passes V"
         if packed is not None:  # a decode step: Q, K (and V unless shared) as one GEMV on the packed weights
             q, k, *own_v = F.linear(x, packed).split([t.weight.shape[0] for t in self.projections()], dim=-1)
             q, k = (t.view(b, l, -1, self.qk_head_dim).transpose(1, 2) for t in (q, k))

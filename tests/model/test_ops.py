@@ -174,6 +174,14 @@ def test_chunked_cross_entropy_fp64_to_1e12(ignore_index):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_chunked_cross_entropy_on_meta_tensors():
+    """Shape inference (meta tensors, where autocast does not exist) runs the loss too."""
+    h = torch.empty(12, 8, device="meta", requires_grad=True)
+    w = torch.empty(20, 8, device="meta", requires_grad=True)
+    out = chunked_cross_entropy(h, w, torch.zeros(12, dtype=torch.long, device="meta"), chunk_rows=5)
+    assert out.device.type == "meta" and out.shape == ()
+
+
 def test_chunked_cross_entropy_under_bf16_autocast():
     g = torch.Generator().manual_seed(6)
     h = torch.randn(300, 64, generator=g, requires_grad=True)

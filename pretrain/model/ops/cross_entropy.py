@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.model.ops.precision import compute_dtype, wide
+from pretrain.model.ops.precision import compute_dtype, wide, wide_dtype
 from pretrain.model.ops.softmax_xent_triton import kernel_applies, softmax_xent
 
 CHUNK_LOGITS = 1 << 27  # logits per chunk on the PyTorch path (~10 bytes of temporaries per logit)
@@ -63,9 +63,12 @@ def _vocab_parallel_step(logits: Tensor, targets: Tensor, valid: Tensor, scale: 
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b. On CUDA with 16-bit inputs cuBLAS adds the fp32 product into `acc` itself: no
-    16-bit product, no cast and no separate add over a [vocab, d] tensor per chunk."""
-    if acc.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+    """acc += a @ b, in place (no product-sized temporary). On CUDA with 16-bit inputs cuBLAS adds the
+    fp32 product into `acc` itself: no 16-bit product, no cast and no separate add over a [vocab, d]
+    tensor per chunk."""
+    if a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and acc.dtype == torch.float32 and a.dtype == b.dtype in (torch.bfloat16, torch.float16):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += (a @ b).to(acc.dtype)
@@ -76,10 +79,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, ignore_index: int,
                 needs_grad: bool, group: dist.ProcessGroup | None, vocab_start: int) -> Tensor:
         valid = targets != ignore_index
-        work = wide(hidden[:0]).dtype  # fp32, or fp64 for an fp64 model
+        dtype = compute_dtype(hidden, weight)  # the GEMMs'
+        work = wide_dtype(dtype)  # the sums' and the weight gradient's: fp32, or fp64 for an fp64 model
         count = valid.sum().clamp(min=1)
         scale = 1 / count.to(work)
-        dtype = compute_dtype(hidden, weight)
         w = weight.to(dtype)  # once (autocast would cast it for every chunk's GEMMs)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=work) if needs_grad else None
@@ -119,8 +122,9 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk
     `chunk_rows` defaults to CHUNK_LOGITS / V rows (of this rank's slice; KERNEL_CHUNK_BYTES of logits
     where the Triton step runs). With `group`, weight is rows [vocab_start, vocab_start + V) of the vocabulary
     (see the module docstring)."""
-    if group is None and kernel_applies(hidden):
-        per_chunk = KERNEL_CHUNK_BYTES // compute_dtype(hidden, weight).itemsize
+    dtype = compute_dtype(hidden, weight)
+    if group is None and kernel_applies(hidden.device, dtype):
+        per_chunk = KERNEL_CHUNK_BYTES // dtype.itemsize
     else:
         per_chunk = CHUNK_LOGITS
     chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])

@@ -90,14 +90,13 @@ def has_triton() -> bool:
     return True
 
 
-def kernel_applies(t: Tensor) -> bool:
-    """Whether logits computed from `t` take the kernel: CUDA, 16 or 32 bits (autocast never narrows
-    fp64), Triton installed."""
-    return t.is_cuda and t.dtype != torch.float64 and has_triton()
+def kernel_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether logits of `dtype` on `device` take the kernel: CUDA, 16 or 32 bits, Triton installed."""
+    return device.type == "cuda" and dtype != torch.float64 and has_triton()
 
 
 def softmax_xent(logits: Tensor, targets: Tensor, scale: Tensor, grad: bool = True) -> Tensor:
     """The kernel where `kernel_applies`, the reference otherwise."""
-    if kernel_applies(logits):
+    if kernel_applies(logits.device, logits.dtype):
         return softmax_xent_triton(logits, targets, scale, grad)
     return softmax_xent_reference(logits, targets, scale, grad)
