@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.precision import compute_dtype, wide, wide_dtype
-from pretrain.model.ops.softmax_xent_triton import kernel_applies, softmax_xent
+from pretrain.model.ops.softmax_xent_triton import kernel_applies, softmax_xent, xent_from_log_probs
 
 CHUNK_LOGITS = 1 << 27  # logits per chunk on the PyTorch path (~10 bytes of temporaries per logit)
 # On the Triton path a chunk's only temporary is its logits in the compute dtype: 1 GiB holds 2^29 bf16
@@ -37,29 +37,21 @@ def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ign
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
 
 
-def _vocab_parallel_step(logits: Tensor, targets: Tensor, valid: Tensor, scale: Tensor, vocab_start: int,
-                         group: dist.ProcessGroup, grad: bool) -> tuple[Tensor, Tensor | None]:
+def _vocab_parallel_xent(logits: Tensor, targets: Tensor, valid: Tensor, scale: Tensor, vocab_start: int,
+                         group: dist.ProcessGroup, grad: bool) -> Tensor:
     """`softmax_xent` when `logits` are this rank's columns [vocab_start, vocab_start + V) of the
     vocabulary: the max and the normaliser are all-reduced over `group`, and the target logit is in
-    this rank's slice for some rows only. Returns this rank's share of the loss sum and, with `grad`,
-    scale * d CE / d logits. No boolean indexing: a host sync per chunk would stall the GPU's queue."""
-    work = wide(logits[:0]).dtype
+    this rank's slice for some rows only (their losses sum over the group). No boolean indexing: a host
+    sync per chunk would stall the GPU's queue."""
     t = targets - vocab_start
     mine = valid & (t >= 0) & (t < logits.shape[1])
-    target = t.where(mine, 0).unsqueeze(1)
     shifted = wide(logits)
     peak = shifted.max(-1, keepdim=True).values
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     shifted -= peak
     norm = shifted.exp().sum(-1, keepdim=True)
     dist.all_reduce(norm, group=group)
-    log_probs = shifted.sub_(norm.log())
-    loss = -log_probs.gather(1, target).squeeze(1).where(mine, 0).sum()
-    if not grad:
-        return loss, None
-    onehot = mine.unsqueeze(1).to(work)  # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-    g = log_probs.exp_().scatter_add_(1, target, -onehot).mul_(valid.unsqueeze(1).to(work) * scale)
-    return loss, g.to(logits.dtype)
+    return xent_from_log_probs(logits, shifted.sub_(norm.log()), t.where(mine, -1), valid, scale, grad)
 
 
 def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -76,13 +68,16 @@ def _accumulate_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, ignore_index: int,
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None, ignore_index: int,
                 needs_grad: bool, group: dist.ProcessGroup | None, vocab_start: int) -> Tensor:
         valid = targets != ignore_index
         dtype = compute_dtype(hidden, weight)  # the GEMMs'
         work = wide_dtype(dtype)  # the sums' and the weight gradient's: fp32, or fp64 for an fp64 model
         count = valid.sum().clamp(min=1)
         scale = 1 / count.to(work)
+        if not chunk_rows:
+            fast = group is None and kernel_applies(hidden.device, dtype)
+            chunk_rows = max(1, (KERNEL_CHUNK_BYTES // dtype.itemsize if fast else CHUNK_LOGITS) // weight.shape[0])
         w = weight.to(dtype)  # once (autocast would cast it for every chunk's GEMMs)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=work) if needs_grad else None
@@ -91,17 +86,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h, t, v = (a[start:start + chunk_rows] for a in (hidden, targets, valid))
             h = h.to(dtype)
             logits = h @ w.t()
-            if group is None:  # one kernel: the rows' losses, and the logits become their scaled gradient
-                total += softmax_xent(logits, t.where(v, -1), scale, grad=needs_grad).sum()
-                g = logits if needs_grad else None
+            # the rows' losses; the logits become their scaled gradient (one kernel without TP)
+            if group is None:
+                rows = softmax_xent(logits, t.where(v, -1), scale, grad=needs_grad)
             else:
-                loss, g = _vocab_parallel_step(logits, t, v, scale, vocab_start, group, needs_grad)
-                total += loss
+                rows = _vocab_parallel_xent(logits, t, v, scale, vocab_start, group, needs_grad)
+            total += rows.sum()
+            if needs_grad:
+                grad_hidden[start:start + chunk_rows] = logits @ w
+                _accumulate_product(grad_weight, logits.t(), h)
             del logits  # free this chunk's temporaries before the next chunk's logits
-            if g is not None:
-                grad_hidden[start:start + chunk_rows] = g @ w
-                _accumulate_product(grad_weight, g.t(), h)
-                del g
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         if group is not None:
@@ -122,12 +116,6 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk
     `chunk_rows` defaults to CHUNK_LOGITS / V rows (of this rank's slice; KERNEL_CHUNK_BYTES of logits
     where the Triton step runs). With `group`, weight is rows [vocab_start, vocab_start + V) of the vocabulary
     (see the module docstring)."""
-    dtype = compute_dtype(hidden, weight)
-    if group is None and kernel_applies(hidden.device, dtype):
-        per_chunk = KERNEL_CHUNK_BYTES // dtype.itemsize
-    else:
-        per_chunk = CHUNK_LOGITS
-    chunk_rows = chunk_rows or max(1, per_chunk // weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                             chunk_rows, ignore_index, needs_grad, group, vocab_start)

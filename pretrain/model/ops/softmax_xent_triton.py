@@ -2,8 +2,9 @@
 
 `chunked_cross_entropy` needs, per chunk of rows, each row's loss and d loss / d logits. In PyTorch
 that is a cast of the 16-bit logits to fp32, a log-softmax, a gather, an exp, a scatter, a scale and
-a cast back: seven passes over a [rows, vocab] tensor, twice its size in fp32 (at vocab 128K and 16K
-tokens per step, ~20 ms of an H200 step). Here one program per row reads its logits twice (an
+a cast back: seven passes over a [rows, vocab] tensor, twice its size in fp32 (on an H200, 16K rows at
+vocab 128K: 87.5 ms for the whole loss forward and backward, 64.9 with this kernel; docs/benchmarks.md,
+"The loss kernel"). Here one program per row reads its logits twice (an
 online max / sum, then the gradient) in fp32 registers and writes the gradient over them in their own
 dtype. `softmax_xent_reference` is the same computation in PyTorch: the CPU path and the GPU test's
 oracle.
@@ -25,14 +26,21 @@ def softmax_xent_reference(logits: Tensor, targets: Tensor, scale: Tensor, grad:
     """logits [rows, V], targets [rows] (a negative target: the row is ignored), scale: a 0-dim tensor.
     Returns each row's CE (wide dtype, 0 on ignored rows); with `grad`, logits become
     scale * d CE / d logits (softmax - onehot, 0 on ignored rows), in their own dtype."""
-    keep = targets >= 0
+    return xent_from_log_probs(logits, wide(logits).log_softmax(-1), targets, targets >= 0, scale, grad)
+
+
+def xent_from_log_probs(logits: Tensor, log_probs: Tensor, targets: Tensor, counted: Tensor, scale: Tensor,
+                        grad: bool) -> Tensor:
+    """The reference's second half, shared with the vocabulary-parallel loss (`cross_entropy.py`): each
+    row's CE from its log-probabilities, 0 where the target is negative (ignored, or under TP in another
+    rank's columns); with `grad`, logits become scale * (softmax - onehot) on the `counted` rows, 0 on
+    the others. Consumes `log_probs`."""
+    hit = targets >= 0
     target = targets.clamp(min=0).unsqueeze(1)
-    log_probs = wide(logits).log_softmax(-1)
-    loss = -log_probs.gather(1, target).squeeze(1).where(keep, 0)
+    loss = -log_probs.gather(1, target).squeeze(1).where(hit, 0)
     if grad:
-        onehot = keep.unsqueeze(1).to(log_probs.dtype)
-        g = log_probs.exp_().scatter_add_(1, target, -onehot).mul_(onehot * scale)
-        logits.copy_(g)
+        g = log_probs.exp_().scatter_add_(1, target, -hit.unsqueeze(1).to(log_probs.dtype))
+        logits.copy_(g.mul_(counted.unsqueeze(1).to(g.dtype) * scale))
     return loss
 
 
