@@ -79,7 +79,7 @@ def test_conv_taps_equal_the_depthwise_conv_values_and_grads():
     w = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
-    got = _conv_taps(padded, w, bias, None)
+    got = _conv_taps(padded[..., 3:], padded[..., :3], w, bias, None)
     want = F.conv1d(padded, w[:, None, :], bias, groups=6)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got, (padded, w, bias), upstream),
@@ -124,7 +124,7 @@ def test_grouped_mm_matches_per_expert_matmul():
 def test_chunked_cross_entropy_value_and_grads(chunk_rows, monkeypatch):
     from pretrain.model.ops import cross_entropy as ce
 
-    monkeypatch.setattr(ce, "CHUNK_LOGITS", 97 * 20)  # the default then takes 20-row chunks
+    monkeypatch.setattr(ce, "CHUNK_LOGITS", 97 * 20)  # the default then splits 150 rows into 8 chunks
     g = torch.Generator().manual_seed(4)
     h = torch.randn(3, 50, 16, generator=g, requires_grad=True)
     w = torch.randn(97, 16, generator=g, requires_grad=True)
@@ -137,6 +137,17 @@ def test_chunked_cross_entropy_value_and_grads(chunk_rows, monkeypatch):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gh, gh_ref)
     torch.testing.assert_close(gw, gw_ref)
+
+
+@pytest.mark.parametrize("rows,budget,expected", [(16384, 4185, 4096), (150, 20, 19), (7, 100, 7), (5000, 4185, 2560)])
+def test_even_chunk_rows_splits_evenly_within_the_budget(rows, budget, expected):
+    from pretrain.model.ops.cross_entropy import even_chunk_rows
+
+    per_chunk = even_chunk_rows(rows, budget)
+    assert per_chunk == expected
+    chunks = -(-rows // per_chunk)
+    assert chunks == -(-rows // budget)  # no more chunks than the budget needs
+    assert per_chunk <= budget + 127  # over the budget by less than one GEMM tile
 
 
 def test_softmax_xent_reference_is_the_scaled_cross_entropy_gradient():

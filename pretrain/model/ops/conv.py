@@ -21,12 +21,12 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
 
     Returns SiLU(conv(x)) [b, d, l].
     """
+    if torch.compiler.is_compiling():  # taps: one fused kernel in the data's own layout, no cuDNN conv
+        return F.silu(_conv_taps(x, state, weight, bias, seq_idx))
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
-    if torch.compiler.is_compiling():  # taps: one fused kernel in the data's own layout, no cuDNN conv
-        y = _conv_taps(padded, weight, bias, seq_idx)
-    elif seq_idx is None:
+    if seq_idx is None:
         y = F.conv1d(padded, weight[:, None, :], bias, groups=x.shape[1])
     else:
         dtype = compute_dtype(padded, weight)
@@ -36,20 +36,25 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     return F.silu(y)
 
 
-def _conv_taps(padded: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
-    """The conv as w shifted products over the whole [b, d, l]: tap k reads input t + k - (w-1), dropped
-    when it lies in another document. A compiled block fuses the taps, the inputs' concatenation and
-    transposes, the bias and the SiLU into one kernel (and their backward into a few); cuDNN's depthwise
-    conv needs the channels-first copy of its input and is slower than that at Mamba2's widths."""
-    w, l = weight.shape[-1], padded.shape[-1] - weight.shape[-1] + 1
+def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
+    """The conv (x [b, d, l], `state` as in the reference) as w shifted products: tap k reads input
+    t + k - (w-1), dropped when it lies in another document. The taps run over [b, l, d], channels
+    contiguous as the projection wrote them (x is its transposed view): a compiled block fuses the
+    taps, the state's concatenation, the bias and the SiLU into one coalesced kernel (and their
+    backward into a few). Over [b, d, l] Inductor materialised the padded input channels-first and
+    read it across rows, as cuDNN's depthwise conv needs it. Returns [b, d, l] (a view of [b, l, d])."""
+    w, l = weight.shape[-1], x.shape[-1]
+    rows = x.transpose(1, 2)  # [b, l, d]
+    prev = state.transpose(1, 2).to(x.dtype) if state is not None else rows.new_zeros(rows.shape[0], w - 1, rows.shape[2])
+    padded = torch.cat([prev, rows], dim=1)  # [b, l + w - 1, d]
     docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1) if seq_idx is not None else None
-    y = bias[None, :, None].to(padded.dtype) if bias is not None else torch.zeros((), dtype=padded.dtype)
+    y = bias.to(x.dtype) if bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)
     for k in range(w):
-        tap = padded[:, :, k:k + l] * weight[:, k, None].to(padded.dtype)
+        tap = padded[:, k:k + l] * weight[:, k].to(x.dtype)
         if docs is not None:  # the carried-in state belongs to the first token's document
-            tap = tap * (docs[:, k:k + l] == seq_idx)[:, None].to(padded.dtype)
+            tap = tap * (docs[:, k:k + l] == seq_idx)[..., None].to(x.dtype)
         y = y + tap
-    return y
+    return y.transpose(1, 2)
 
 
 def _taps_after_starts(seq_idx: Tensor, w: int, cache: dict | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -31,6 +31,14 @@ CHUNK_LOGITS = 1 << 27  # logits per chunk on the PyTorch path (~10 bytes of tem
 KERNEL_CHUNK_BYTES = 1 << 30
 
 
+def even_chunk_rows(rows: int, budget: int) -> int:
+    """Rows per chunk for `rows` split into equal chunks of about `budget` rows at most (16K rows with a
+    4,185-row budget: 4 x 4,096, not 3 x 4,185 and a 3,829 remainder), rounded up to GEMM tiles of 128 rows
+    where chunks are large."""
+    per_chunk = -(-rows // -(-rows // max(1, budget)))
+    return per_chunk if per_chunk < 1024 else -(-per_chunk // 128) * 128
+
+
 def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean CE of `hidden @ weight.T` against `targets`, full logits in fp32."""
     logits = (hidden @ weight.t()).float()
@@ -77,7 +85,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = 1 / count.to(work)
         if not chunk_rows:
             fast = group is None and kernel_applies(hidden.device, dtype)
-            chunk_rows = max(1, (KERNEL_CHUNK_BYTES // dtype.itemsize if fast else CHUNK_LOGITS) // weight.shape[0])
+            budget = (KERNEL_CHUNK_BYTES // dtype.itemsize if fast else CHUNK_LOGITS) // weight.shape[0]
+            chunk_rows = even_chunk_rows(hidden.shape[0], budget)
         w = weight.to(dtype)  # once (autocast would cast it for every chunk's GEMMs)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=work) if needs_grad else None
@@ -113,8 +122,8 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk
                           vocab_start: int = 0) -> Tensor:
     """hidden [..., d], weight [V, d], targets [...] -> mean CE over non-ignored targets.
     Gradients are only computed when autograd will ask for them (not under no_grad / eval).
-    `chunk_rows` defaults to CHUNK_LOGITS / V rows (of this rank's slice; KERNEL_CHUNK_BYTES of logits
-    where the Triton step runs). With `group`, weight is rows [vocab_start, vocab_start + V) of the vocabulary
+    `chunk_rows` defaults to equal chunks of about CHUNK_LOGITS / V rows at most (V: this rank's slice;
+    KERNEL_CHUNK_BYTES of logits where the Triton step runs), see `even_chunk_rows`. With `group`, weight is rows [vocab_start, vocab_start + V) of the vocabulary
     (see the module docstring)."""
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
