@@ -4,7 +4,6 @@ document paths (FlexAttention mask_mod, conv and SSD resets) against their refer
 generation and NLL scoring; masking off leaves the model's computation as it was."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.evaluation.scoring import token_nll
 from pretrain.model import ARCHS, build_model
@@ -177,7 +176,7 @@ def test_masked_conv_gradients_equal_the_masked_taps(case):
     def grads(masked_taps: bool, dtype=torch.float64):
         t = {k: v.detach().to(dtype).requires_grad_(k in needs) if v is not None else None for k, v in leaves.items()}
         if masked_taps:
-            y = F.silu(_conv_taps(t["x"], t["state"], t["w"], t["bias"], seq_idx))
+            y = _conv_taps(t["x"], t["state"], t["w"], t["bias"], seq_idx)
         else:
             y = causal_conv1d_reference(t["x"], t["w"], t["bias"], t["state"], seq_idx)
         y.backward(grad_out.to(y.dtype))

@@ -71,7 +71,7 @@ def test_causal_conv_matches_manual_and_state():
 
 
 def test_conv_taps_equal_the_depthwise_conv_values_and_grads():
-    """What compiled blocks run instead of F.conv1d (no document ids): fp64, against F.conv1d."""
+    """What compiled blocks run instead of F.conv1d and SiLU (no document ids): fp64, against them."""
     from pretrain.model.ops.conv import _conv_taps
 
     g = torch.Generator().manual_seed(3)
@@ -80,7 +80,7 @@ def test_conv_taps_equal_the_depthwise_conv_values_and_grads():
     bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)
     got = _conv_taps(padded[..., 3:], padded[..., :3], w, bias, None)
-    want = F.conv1d(padded, w[:, None, :], bias, groups=6)
+    want = F.silu(F.conv1d(padded, w[:, None, :], bias, groups=6))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got, (padded, w, bias), upstream),
                     torch.autograd.grad(want, (padded, w, bias), upstream)):

@@ -22,7 +22,7 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     Returns SiLU(conv(x)) [b, d, l].
     """
     if torch.compiler.is_compiling():  # taps: one fused kernel in the data's own layout, no cuDNN conv
-        return F.silu(_conv_taps(x, state, weight, bias, seq_idx))
+        return _conv_taps(x, state, weight, bias, seq_idx)
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
@@ -37,12 +37,13 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
-    """The conv (x [b, d, l], `state` as in the reference) as w shifted products: tap k reads input
-    t + k - (w-1), dropped when it lies in another document. The taps run over [b, l, d], channels
-    contiguous as the projection wrote them (x is its transposed view): a compiled block fuses the
-    taps, the state's concatenation, the bias and the SiLU into one coalesced kernel (and their
-    backward into a few). Over [b, d, l] Inductor materialised the padded input channels-first and
-    read it across rows, as cuDNN's depthwise conv needs it. Returns [b, d, l] (a view of [b, l, d])."""
+    """SiLU(conv(x)) as in the reference (x [b, d, l]), the conv as w shifted products: tap k reads
+    input t + k - (w-1), dropped when it lies in another document. The taps and the SiLU run over
+    [b, l, d], channels contiguous as the projection wrote them (x is its transposed view), and only
+    the result is transposed back, as a view: a compiled block fuses the state's concatenation, the
+    taps, the bias and the SiLU into one coalesced kernel (and their backward into a few). Over
+    [b, d, l] Inductor wrote the padded input and then the output channels-first (as cuDNN's
+    depthwise conv wants them), and copied the output back across rows for the scan."""
     w, l = weight.shape[-1], x.shape[-1]
     rows = x.transpose(1, 2)  # [b, l, d]
     prev = state.transpose(1, 2).to(x.dtype) if state is not None else rows.new_zeros(rows.shape[0], w - 1, rows.shape[2])
@@ -54,7 +55,7 @@ def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | N
         if docs is not None:  # the carried-in state belongs to the first token's document
             tap = tap * (docs[:, k:k + l] == seq_idx)[..., None].to(x.dtype)
         y = y + tap
-    return y.transpose(1, 2)
+    return F.silu(y).transpose(1, 2)
 
 
 def _taps_after_starts(seq_idx: Tensor, w: int, cache: dict | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
