@@ -2,12 +2,13 @@
 vocab 128,256, sequence 8192, batch 2, fused AdamW; benchmarks/gpu_model.py's step).
 
     python benchmarks/compile_fp8.py [--archs llama,hybrid_moe] [--variants eager,compile,compile+cast,...]
-                                     [--vocab 8192] [--out compile_fp8.json]
+                                     [--vocab 8192] [--profile] [--out compile_fp8.json]
 
 A variant is `+`-joined options: eager (autocast, as gpu_model.py), compile (train.compile), cast
 (bf16 parameters cast once per step), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation
 checkpointing). Writes JSON after every row (a time limit keeps what finished); prints a table last
-with each row's speed-up over the arch's first variant.
+with each row's speed-up over the arch's first variant. `--profile`: where each row's step goes
+(top kernels, top ops by input shape, shares by kind; `gpu_model.profile_summary`), before the table.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from gpu_model import record_row, train_step_throughput  # noqa: E402
+from gpu_model import profile_lines, record_row, train_step_throughput  # noqa: E402
 
 
 def options(variant: str) -> dict:
@@ -40,14 +41,19 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=None,
                     help="vocabulary size instead of the preset's (128,256), e.g. the demo corpus's 8192 to compare "
                          "with a trainer run on it")
+    ap.add_argument("--profile", action="store_true", help="per row, where the step's time goes")
     ap.add_argument("--out", default="compile_fp8.json")
     args = ap.parse_args()
     rows = []
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
             r = record_row(rows, args.out, arch, lambda: train_step_throughput(
-                arch, args.batch, args.seq, **options(variant), vocab_size=args.vocab), variant=variant)
-            print(json.dumps(r), flush=True)
+                arch, args.batch, args.seq, **options(variant), vocab_size=args.vocab, profile=args.profile),
+                variant=variant)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "ops")}), flush=True)
+    for r in rows:
+        if r.get("profile"):
+            print("\n".join(profile_lines(f"{r['arch']} {r['variant']}", r)))
     print(f"{'arch':<12}{'variant':<34}{'step ms':>9}{'tokens/s':>11}{'MFU764':>8}{'x first':>8}{'GiB':>7}")
     base: dict[str, float] = {}
     for r in rows:

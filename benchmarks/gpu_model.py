@@ -76,33 +76,50 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
 
 
-def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6) -> dict:
+def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6, top_ops: int = 12) -> dict:
     """Where a step's time goes: kernels (CUDA) or ops (CPU) launched per step, the top ones by self
-    time over 3 steps, and the shares by kind (GEMMs, attention, copies, ...): the benchmarks' answer
-    where a target is missed."""
+    time over 3 steps, the shares by kind (GEMMs, attention, copies, ...), and the top aten ops by
+    their kernels' time grouped by input shape (which GEMM, which copy: a kernel's name does not say).
+    The benchmarks' answer where a target is missed."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
+    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    events = [e for e in prof.key_averages() if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
-    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if key(e) > 0]
     total = sum(key(e) for e in events) or 1
     kinds: dict[str, float] = {}
     for e in events:
         kind = kernel_kind(e.key)
         kinds[kind] = kinds.get(kind, 0.0) + key(e) / total
+    # a second pass with host ops and shapes (their own overhead stays out of the kernel shares)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and key(e) > 0),
+                 key=key, reverse=True)[:top_ops]
     return {"kernels_per_step": sum(e.count for e in events) / 3,
             "profile": [{"name": e.key[:80], "share": key(e) / total, "us_per_step": key(e) / 3}
                         for e in sorted(events, key=key, reverse=True)[:top]],
-            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "ops": [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / 3,
+                     "us_per_step": key(e) / 3} for e in ops]}
 
 
-def kinds_line(kinds: dict[str, float]) -> str:
-    return "    by kind: " + ", ".join(f"{k} {v:.0%}" for k, v in kinds.items())
+def profile_lines(title: str, row: dict) -> list[str]:
+    """`profile_summary`'s result as the benchmarks print it: kernels, ops by shape, shares by kind."""
+    lines = [f"{title}: {row['kernels_per_step']:.0f} kernels per step"]
+    lines += [f"    {k['share']:>5.0%} {k['us_per_step']:>10.0f} us  {k['name']}" for k in row["profile"]]
+    lines += [f"    op {o['us_per_step']:>10.0f} us {o['calls_per_step']:>5.0f}x  {o['op']} {o['shapes']}"
+              for o in row.get("ops", [])]
+    return lines + ["    by kind: " + ", ".join(f"{k} {v:.0%}" for k, v in row["kinds"].items())]
 
 
 def mamba_mixer_timings() -> dict[str, float]:

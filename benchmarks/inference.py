@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from gpu_model import kinds_line, profile_summary  # noqa: E402
+from gpu_model import profile_lines, profile_summary  # noqa: E402
 
 from pretrain.model import build_model, model_config  # noqa: E402
 from pretrain.model.decode import Decoder  # noqa: E402
@@ -323,9 +323,7 @@ def table(results: dict[str, Any]) -> str:
              for k in results.get("attention_kernels", [])]
     for row in results["rows"]:  # the profiles first: the short table closes the output
         if row.get("profile"):
-            lines.append(f"{row['model']} at {row['profile_at']}: {row['kernels_per_step']:.0f} kernels per step")
-            lines += [f"    {k['share']:>5.0%} {k['us_per_step']:>8.0f} us  {k['name']}" for k in row["profile"]]
-            lines.append(kinds_line(row["kinds"]))
+            lines += profile_lines(f"{row['model']} at {row['profile_at']}", row)
     lines += [f"{'model':<28}{'total':>7}{'tokens/s':>11}{'step ms':>9}{'x paper':>9}{'bound ms':>10}"
               f"{'of bound':>10}{'of target':>11}{'cache MiB':>11}"]
     for row in results["rows"]:

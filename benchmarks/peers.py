@@ -8,7 +8,8 @@ mixer + gated MLP), at the same dims, timed by the same function (`gpu_model.tim
 Ratios are ours / peer from this run only. mamba-ssm is imported through its Triton kernels (a
 placeholder stands in for its compiled `selective_scan_cuda`, see shared/GPU.md); where it is not
 installed (any CPU box) that row says "unavailable". `--profile` adds where each row's step time
-goes (kernels per step, the top kernels). Writes peers.json under --out.
+goes (kernels per step, the top kernels, the top ops by input shape, shares by kind). Writes
+peers.json under --out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
 from compile_fp8 import options  # noqa: E402
-from gpu_model import kinds_line, time_train_step, train_step_throughput  # noqa: E402
+from gpu_model import profile_lines, time_train_step, train_step_throughput  # noqa: E402
 
 from pretrain.model import model_config  # noqa: E402
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--archs", default="llama,mamba2", help="which of our archs (and their peers) to run")
     ap.add_argument("--variants", default="eager,compile+cast",
                     help="our setups, as in benchmarks/compile_fp8.py; each gets a ratio to the peer")
-    ap.add_argument("--profile", action="store_true", help="per row, kernels per step and the top kernels")
+    ap.add_argument("--profile", action="store_true", help="per row, kernels per step, the top kernels and ops (by shape), shares by kind")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "peers.json").write_text(json.dumps(results, indent=2))
     for r in results["rows"].values():  # the profiles first: the short table closes the output
         if r.get("profile"):
-            print(f"{r['model']}: {r['kernels_per_step']:.0f} kernels per step")
-            for k in r["profile"]:
-                print(f"    {k['share']:>5.0%} {k['us_per_step']:>10.0f} us  {k['name']}")
-            print(kinds_line(r["kinds"]))
+            print("\n".join(profile_lines(r["model"], r)))
     print(f"{'model':<30}{'params':>14}{'step ms':>10}{'tokens/s':>12}{'peak GiB':>10}")
     for r in results["rows"].values():
         if "error" in r:

@@ -89,8 +89,8 @@ def test_peers_benchmark_tiny_cpu(tmp_path):
 
 
 def test_peers_benchmark_profiles_each_row(tmp_path, capsys):
-    """`--profile`: each row says where its step time goes (ops per step on the CPU, the top ones),
-    printed before the table."""
+    """`--profile`: each row says where its step time goes (ops per step on the CPU, the top ones, the
+    top ops by input shape), printed before the table."""
     load("peers").main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--warmup", "1", "--iters", "1",
                         "--archs", "llama", "--variants", "eager", "--profile", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
@@ -100,5 +100,9 @@ def test_peers_benchmark_profiles_each_row(tmp_path, capsys):
         assert all(0 < k["share"] <= 1 and k["us_per_step"] > 0 for k in top)
         assert [k["share"] for k in top] == sorted((k["share"] for k in top), reverse=True)
         assert abs(sum(rows[name]["kinds"].values()) - 1) < 1e-6 and rows[name]["kinds"]["gemm"] > 0
+        ops = rows[name]["ops"]  # which op and shape: the linear layers' GEMMs take the most time on the CPU
+        assert 0 < len(ops) <= 12 and all(o["op"].startswith("aten::") and o["calls_per_step"] > 0 for o in ops)
+        assert [o["us_per_step"] for o in ops] == sorted((o["us_per_step"] for o in ops), reverse=True)
+        assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") and "[" in o["shapes"] for o in ops)
     out = capsys.readouterr().out
-    assert out.index("llama eager: ") < out.index("model ")  # the profiles, then the table
+    assert out.index("llama eager: ") < out.index("    op ") < out.index("model ")  # the profiles, then the table
