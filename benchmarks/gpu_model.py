@@ -76,15 +76,18 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
 
 
-def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6, top_ops: int = 12) -> dict:
+def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6, top_ops: int = 12,
+                    before_pass: Callable[[], None] = lambda: None) -> dict:
     """Where a step's time goes: kernels (CUDA) or ops (CPU) launched per step, the top ones by self
     time over 3 steps, the shares by kind (GEMMs, attention, copies, ...), and the top aten ops by
     their kernels' time grouped by input shape (which GEMM, which copy: a kernel's name does not say).
-    The benchmarks' answer where a target is missed."""
+    The benchmarks' answer where a target is missed. Two passes of 3 steps, each after `before_pass`
+    (a decoder rewinds its cache there, so that both profile the same context)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    before_pass()
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
@@ -98,6 +101,7 @@ def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6
         kinds[kind] = kinds.get(kind, 0.0) + key(e) / total
     # a second pass with host ops and shapes (their own overhead stays out of the kernel shares)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    before_pass()
     with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(3):
             step()

@@ -20,7 +20,8 @@ block through torch.compile, the attention read between them on the eager split-
 the same way; row "<arch> compiled") and `compiled-attn` (the same with the attention read compiled
 too, `attention="compiled"`; not run on models without attention, where it is `compiled`). The table gives
 each row's fraction of the memory bound and of the issue-12 target (3x the paper, or 80% of the
-bound where 3x exceeds it); `--profile` adds kernels per step and the top kernels per row.
+bound where 3x exceeds it); `--profile` adds, per row, kernels per step, the top kernels, the top ops
+by input shape and the shares by kind.
 Writes inference.json and inference.png (matplotlib) under --out.
 """
 
@@ -185,9 +186,8 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
               "ssm_state_update_kernel": device.type == "cuda" and has_state_update() and not args.ssm_kernel_error
               and any(sym in "MH" for sym in model.config.blocks), "points": points}
     if args.profile:
-        dec.cache.pretend_length(lengths[-1] - 1)
         result["profile_at"] = lengths[-1]
-        result.update(profile_summary(step, device))
+        result.update(profile_summary(step, device, before_pass=lambda: dec.cache.pretend_length(lengths[-1] - 1)))
     return result
 
 
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                          "blocks, eager split-K attention read), compiled-attn (compiled blocks and attention read); "
                          "all captured in CUDA graphs on a GPU. Default: eager,compiled,compiled-attn on cuda, "
                          "eager on cpu")
-    ap.add_argument("--profile", action="store_true", help="per model, where a step's time goes (longest length)")
+    ap.add_argument("--profile", action="store_true",
+                    help="per model, where a step's time goes at the longest length (kernels, ops by shape, kinds)")
     ap.add_argument("--attention-kernels", action="store_true", help="also time one decode query's attention kernels")
     ap.add_argument("--replot", default=None, help="draw the PNG from this JSON and exit")
     args = ap.parse_args(argv)

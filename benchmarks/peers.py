@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--archs", default="llama,mamba2", help="which of our archs (and their peers) to run")
     ap.add_argument("--variants", default="eager,compile+cast",
                     help="our setups, as in benchmarks/compile_fp8.py; each gets a ratio to the peer")
-    ap.add_argument("--profile", action="store_true", help="per row, kernels per step, the top kernels and ops (by shape), shares by kind")
+    ap.add_argument("--profile", action="store_true",
+                    help="per row, kernels per step, the top kernels and ops (by shape), shares by kind")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,17 @@ def test_inference_benchmark_tiny_cpu(tmp_path, capsys):
     assert "transformers_llama" in capsys.readouterr().out
 
 
+def test_inference_benchmark_profiles_at_the_longest_length(tmp_path, capsys):
+    """`--profile` with the fewest steps the cache makes room for (warmup 1, steps 1): both profiler
+    passes rewind to the longest length, so neither runs out of cache."""
+    load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "24,40",
+                            "--warmup", "1", "--steps", "1", "--archs", "llama", "--profile", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "inference.json").read_text())["rows"][0]
+    assert row["model"] == "llama" and row["profile_at"] == 40 and "error" not in row
+    assert row["kernels_per_step"] > 0 and row["profile"] and any(o["op"] == "aten::mm" for o in row["ops"])
+    assert "llama at 40: " in capsys.readouterr().out
+
+
 @pytest.mark.slow  # compiles a tiny llama block and the compiled attention
 def test_inference_benchmark_variants_side_by_side(tmp_path, capsys):
     """The eager step and the compiled step with either attention read of one model, one row each,

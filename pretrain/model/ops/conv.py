@@ -38,15 +38,17 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
 
 def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
     """SiLU(conv(x)) as in the reference (x [b, d, l]), the conv as w shifted products: tap k reads
-    input t + k - (w-1), dropped when it lies in another document. The taps and the SiLU run over
-    [b, l, d], channels contiguous as the projection wrote them (x is its transposed view), and only
-    the result is transposed back, as a view: a compiled block fuses the state's concatenation, the
-    taps, the bias and the SiLU into one coalesced kernel (and their backward into a few). Over
-    [b, d, l] Inductor wrote the padded input and then the output channels-first (as cuDNN's
-    depthwise conv wants them), and copied the output back across rows for the scan."""
+    input t + k - (w-1), dropped when it lies in another document. The padded input, the taps and
+    the SiLU are over [b, l, d], channels contiguous as the projection wrote them (x is its
+    transposed view), and only the result is transposed back, as a view: compiled, the taps, bias
+    and SiLU fuse into one coalesced kernel (their backward into a few), and the one materialised
+    intermediate, the padded input, is channels-last. Over [b, d, l] Inductor wrote the padded
+    input and the output channels-first (as cuDNN's depthwise conv wants them) and copied the
+    output back across rows for the scan."""
     w, l = weight.shape[-1], x.shape[-1]
     rows = x.transpose(1, 2)  # [b, l, d]
-    prev = state.transpose(1, 2).to(x.dtype) if state is not None else rows.new_zeros(rows.shape[0], w - 1, rows.shape[2])
+    b, _, d = rows.shape
+    prev = state.transpose(1, 2).to(x.dtype) if state is not None else rows.new_zeros(b, w - 1, d)
     padded = torch.cat([prev, rows], dim=1)  # [b, l + w - 1, d]
     docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1) if seq_idx is not None else None
     y = bias.to(x.dtype) if bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)

@@ -32,11 +32,15 @@ KERNEL_CHUNK_BYTES = 1 << 30
 
 
 def even_chunk_rows(rows: int, budget: int) -> int:
-    """Rows per chunk for `rows` split into equal chunks of about `budget` rows at most (16K rows with a
-    4,185-row budget: 4 x 4,096, not 3 x 4,185 and a 3,829 remainder), rounded up to GEMM tiles of 128 rows
-    where chunks are large."""
-    per_chunk = -(-rows // -(-rows // max(1, budget)))
-    return per_chunk if per_chunk < 1024 else -(-per_chunk // 128) * 128
+    """Rows per chunk for `rows` split into equal chunks of at most `budget` rows (16K rows with a
+    4,185-row budget: 4 x 4,096, not 3 x 4,185 and a 3,829 remainder), rounded up to GEMM tiles of
+    128 rows where that stays within the budget. At least 1 (no rows: no chunk runs)."""
+    budget = max(1, budget)
+    if rows <= budget:
+        return max(1, rows)
+    per_chunk = -(-rows // -(-rows // budget))
+    aligned = -(-per_chunk // 128) * 128
+    return aligned if aligned <= budget else per_chunk
 
 
 def cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -122,8 +126,9 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk
                           vocab_start: int = 0) -> Tensor:
     """hidden [..., d], weight [V, d], targets [...] -> mean CE over non-ignored targets.
     Gradients are only computed when autograd will ask for them (not under no_grad / eval).
-    `chunk_rows` defaults to equal chunks of about CHUNK_LOGITS / V rows at most (V: this rank's slice;
-    KERNEL_CHUNK_BYTES of logits where the Triton step runs), see `even_chunk_rows`. With `group`, weight is rows [vocab_start, vocab_start + V) of the vocabulary
+    `chunk_rows` defaults to equal chunks of at most CHUNK_LOGITS / V rows (V: this rank's slice;
+    KERNEL_CHUNK_BYTES of logits where the Triton step runs), see `even_chunk_rows`. With `group`,
+    weight is rows [vocab_start, vocab_start + V) of the vocabulary
     (see the module docstring)."""
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
