@@ -87,6 +87,22 @@ def test_conv_taps_equal_the_depthwise_conv_values_and_grads():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_conv_taps_follow_autocast_like_the_eager_conv(masked):
+    """Under autocast an fp32 input convolves in bf16 whether the conv is eager (F.conv1d, or the
+    masked conv) or compiled (the taps): same dtype out, values within bf16 rounding."""
+    from pretrain.model.ops.conv import _conv_taps, causal_conv1d_reference
+
+    g = torch.Generator().manual_seed(5)
+    x, w, bias = torch.randn(2, 6, 12, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7, [0] * 12]) if masked else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = causal_conv1d_reference(x, w, bias, None, seq_idx)
+        taps = _conv_taps(x, None, w, bias, seq_idx)
+    assert eager.dtype == taps.dtype == torch.bfloat16
+    torch.testing.assert_close(taps.float(), eager.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_attention_mask_sliding_window_with_sinks():
     pos = torch.arange(10)
     m = attention_mask(pos, pos, window=3, n_sink=2)

@@ -46,16 +46,17 @@ def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | N
     input and the output channels-first (as cuDNN's depthwise conv wants them) and copied the
     output back across rows for the scan."""
     w, l = weight.shape[-1], x.shape[-1]
-    rows = x.transpose(1, 2)  # [b, l, d]
+    dtype = compute_dtype(x, weight)  # as the eager conv: autocast's where it is on
+    rows = x.transpose(1, 2).to(dtype)  # [b, l, d]
     b, _, d = rows.shape
-    prev = state.transpose(1, 2).to(x.dtype) if state is not None else rows.new_zeros(b, w - 1, d)
+    prev = state.transpose(1, 2).to(dtype) if state is not None else rows.new_zeros(b, w - 1, d)
     padded = torch.cat([prev, rows], dim=1)  # [b, l + w - 1, d]
     docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1) if seq_idx is not None else None
-    y = bias.to(x.dtype) if bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+    y = bias.to(dtype) if bias is not None else torch.zeros((), dtype=dtype, device=x.device)
     for k in range(w):
-        tap = padded[:, k:k + l] * weight[:, k].to(x.dtype)
+        tap = padded[:, k:k + l] * weight[:, k].to(dtype)
         if docs is not None:  # the carried-in state belongs to the first token's document
-            tap = tap * (docs[:, k:k + l] == seq_idx)[..., None].to(x.dtype)
+            tap = tap * (docs[:, k:k + l] == seq_idx)[..., None].to(dtype)
         y = y + tap
     return F.silu(y).transpose(1, 2)
 
