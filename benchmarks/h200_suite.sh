@@ -5,7 +5,7 @@
 #   bash benchmarks/h200_suite.sh training OUT   # ours compiled vs transformers / mamba-ssm (profiled); MFU of swa,
 #                                                # intra_hybrid, hybrid_moe; the trainer's own 1B hybrid_moe run
 #                                                # against the benchmark step at the same (demo corpus) vocabulary
-#   bash benchmarks/h200_suite.sh fp8 OUT        # compiled bf16 vs FP8 tensorwise / rowwise, llama and hybrid_moe
+#   bash benchmarks/h200_suite.sh fp8 OUT        # compiled bf16 vs FP8 tensorwise / rowwise, llama and hybrid_moe (profiled)
 #   bash benchmarks/h200_suite.sh memory OUT     # activation-memory calibration (the dry run's estimate vs peaks)
 #   bash benchmarks/h200_suite.sh evaluation OUT # the evaluation suite's T13 at 1B (two 1-step checkpoints)
 #   bash benchmarks/h200_suite.sh long OUT       # 1B inter/intra hybrid at 8K-32K on one GPU; FP8 vs bf16 loss, 300 steps
@@ -50,7 +50,7 @@ training)
     tail -2 "$out/hybrid_moe_1b/metrics.jsonl" | cut -c1-150 ;;
 fp8)
     step compile_fp8 "${COMPILE_FP8_S:-540}" python benchmarks/compile_fp8.py --archs llama,hybrid_moe \
-        --variants compile+cast,compile+cast+fp8-tensorwise,compile+cast+fp8-rowwise --out "$out/compile_fp8.json"
+        --variants compile+cast,compile+cast+fp8-tensorwise,compile+cast+fp8-rowwise --profile --out "$out/compile_fp8.json"
     tail -7 "$out/compile_fp8.log" ;;
 memory)
     step activation_memory "${ACT_S:-300}" python benchmarks/activation_memory.py --out "$out/activation_memory.json"
