@@ -3,6 +3,8 @@ vocab 128,256, sequence 8192, batch 2, fused AdamW; benchmarks/gpu_model.py's st
 
     python benchmarks/compile_fp8.py [--archs llama,hybrid_moe] [--variants eager,compile,compile+cast,...]
                                      [--vocab 8192] [--profile] [--out compile_fp8.json]
+    python benchmarks/compile_fp8.py --device cpu --preset tiny --seq 32 --archs llama --variants eager \
+                                     --profile --out /tmp/compile_fp8.json     # a CPU smoke run
 
 A variant is `+`-joined options: eager (autocast, as gpu_model.py), compile (train.compile), cast
 (bf16 parameters cast once per step), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation
@@ -32,10 +34,12 @@ def options(variant: str) -> dict:
             "activation_checkpointing": "ac" in parts}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="llama,hybrid_moe")
     ap.add_argument("--variants", default="eager,compile,compile+cast,compile+cast+fp8-tensorwise")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--preset", default="1b")
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=None,
@@ -43,12 +47,13 @@ def main() -> None:
                          "with a trainer run on it")
     ap.add_argument("--profile", action="store_true", help="per row, where the step's time goes")
     ap.add_argument("--out", default="compile_fp8.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
             r = record_row(rows, args.out, arch, lambda: train_step_throughput(
-                arch, args.batch, args.seq, **options(variant), vocab_size=args.vocab, profile=args.profile),
+                arch, args.batch, args.seq, args.preset, args.device, **options(variant), vocab_size=args.vocab,
+                profile=args.profile),
                 variant=variant)
             print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "ops")}), flush=True)
     for r in rows:
@@ -61,8 +66,9 @@ def main() -> None:
             print(f"{r['arch']:<12}{r['variant']:<34}{r['error']}")
             continue
         first = base.setdefault(r["arch"], r["tokens_per_s"])
+        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"  # None on the CPU
         print(f"{r['arch']:<12}{r['variant']:<34}{r['step_ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['mfu']:>8.1%}"
-              f"{r['tokens_per_s'] / first:>8.2f}{r['peak_mem_gib']:>7.1f}")
+              f"{r['tokens_per_s'] / first:>8.2f}{peak:>7}")
 
 
 if __name__ == "__main__":

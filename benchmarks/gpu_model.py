@@ -215,7 +215,8 @@ def record_row(rows: list[dict], out: str, arch: str, measure: Callable[[], dict
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     with open(out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=2)
     return row
 
 

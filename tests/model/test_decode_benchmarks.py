@@ -117,3 +117,18 @@ def test_peers_benchmark_profiles_each_row(tmp_path, capsys):
         assert any(o["op"] in ("aten::mm", "aten::addmm", "aten::bmm") and "[" in o["shapes"] for o in ops)
     out = capsys.readouterr().out
     assert out.index("llama eager: ") < out.index("    op ") < out.index("model ")  # the profiles, then the table
+
+
+def test_compile_fp8_benchmark_profiles_on_cpu(tmp_path, capsys):
+    """The documented CPU smoke run of compile_fp8.py (docs in its module): a row with its MFU and,
+    with --profile, where the step goes, printed before the table."""
+    out = tmp_path / "compile_fp8.json"
+    load("compile_fp8").main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--archs", "llama",
+                              "--variants", "eager", "--profile", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and len(r["rows"]) == 1
+    row = r["rows"][0]
+    assert row["variant"] == "eager" and row["tokens_per_s"] > 0 and row["mfu"] > 0
+    assert row["profile"] and any(o["op"] == "aten::mm" for o in row["ops"])
+    printed = capsys.readouterr().out
+    assert printed.index("llama eager: ") < printed.index("    op ") < printed.index("arch ")
