@@ -87,6 +87,11 @@ class Mamba2(nn.Module):
     def convs(self) -> list[ShortConv]:
         return [self.conv_x, self.conv_B, self.conv_C]
 
+    def conv_weights(self) -> tuple[Tensor, Tensor]:
+        """(weight [c, d_conv], bias [c]) of the x, B and C convs as one conv over this rank's [x, B, C]."""
+        return (torch.cat([self._conv_part(c.weight, n) for c, n in zip(self.convs(), "xBC")]),
+                torch.cat([self._conv_part(c.bias, n) for c, n in zip(self.convs(), "xBC")]))
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         # Drawn as the packed tensors and split, so the initial weights do not depend on the layout.
@@ -181,8 +186,7 @@ class Mamba2(nn.Module):
         l = xbc.shape[1]
         xbc_t = xbc.transpose(1, 2)
         conv_state = state.get("conv") if state is not None else None
-        weight = torch.cat([self._conv_part(c.weight, n) for c, n in zip(self.convs(), "xBC")])
-        bias = torch.cat([self._conv_part(c.bias, n) for c, n in zip(self.convs(), "xBC")])
+        weight, bias = getattr(state, "packed_conv", None) or self.conv_weights()  # a static cache packs them
         new_conv = None
         if l == 1 and conv_state is not None:  # a decode step: one dot product per channel, no conv
             conv_out, new_conv = causal_conv1d_step(xbc_t, weight, bias, conv_state)

@@ -115,6 +115,7 @@ class SSMState:
                         "ssm": torch.zeros(batch, heads, head_dim, d_state, dtype=state_dtype, device=device)}
         self.filled = False
         self.packed: Tensor | None = None  # the layer's input projections in one tensor, set by the Decoder
+        self.packed_conv: tuple[Tensor, Tensor] | None = None  # its x, B, C convs as one (weight, bias)
 
     def get(self, name: str) -> Tensor | None:
         return self.buffers[name] if self.filled else None
@@ -161,9 +162,10 @@ class StaticCache:
 
     def pack_projections(self, model) -> None:
         """Keep each mixer's input projections (Q, K, V; Mamba2's z, x, B, C, dt) concatenated in
-        its layer state: a decode step then runs one GEMV per mixer, not three to five. A snapshot
-        of the weights (and a copy of them in memory), taken by `Decoder.prefill`: the caches it
-        fills hold keys and states of those same weights."""
+        its layer state: a decode step then runs one GEMV per mixer, not three to five. Mamba2's
+        three convs likewise, so a step does not concatenate their weights again (two kernels per
+        layer and step). A snapshot of the weights (and a copy of them in memory), taken by
+        `Decoder.prefill`: the caches it fills hold keys and states of those same weights."""
         for key, block in model.blocks.items():
             layer, mixer = self.layers[int(key)], block.mixer
             pairs = [(layer, mixer)]
@@ -171,6 +173,8 @@ class StaticCache:
                 pairs = [(layer["attn"], mixer.attn), (layer["ssm"], mixer.ssm)]
             for state, m in pairs:
                 state.packed = torch.cat([p.weight.detach() for p in m.projections()])
+                if isinstance(state, SSMState):
+                    state.packed_conv = tuple(t.detach() for t in m.conv_weights())
 
     def states(self) -> list[StaticKV | SSMState]:
         return [s for layer in self.layers for s in (layer.values() if isinstance(layer, dict) else [layer])]

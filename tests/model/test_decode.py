@@ -132,8 +132,9 @@ def test_ssm_states_accumulate_in_fp32_whatever_the_activations():
 
 
 def test_decoder_decodes_with_the_weights_at_prefill():
-    """The packed projections are taken at prefill: weights changed between building a Decoder and
-    its prefill (an optimizer step in place, a `.data` swap) are the ones it decodes with."""
+    """The packed projections and Mamba2 convs are taken at prefill: weights changed between
+    building a Decoder and its prefill (an optimizer step in place, a `.data` swap) are the ones it
+    decodes with, and changes after it (the conv weights here) are not."""
     torch.manual_seed(0)
     model = build_model("intra_hybrid", "tiny").double()
     prompt = torch.randint(0, model.config.vocab_size, (1, 5))
@@ -143,9 +144,10 @@ def test_decoder_decodes_with_the_weights_at_prefill():
     opt.step()
     mixer = next(b.mixer for b in model.blocks.values() if hasattr(b.mixer, "attn"))
     mixer.attn.q_proj.weight.data = mixer.attn.q_proj.weight.data * 1.5
-    logits = dec.prefill(prompt[:, :4])
-    step = dec.step(prompt[:, 4:])
     full = model(prompt)
+    logits = dec.prefill(prompt[:, :4])
+    mixer.ssm.conv_x.weight.data = mixer.ssm.conv_x.weight.data * 2  # after the prefill: not decoded with
+    step = dec.step(prompt[:, 4:])
     assert (logits - full[:, 3]).abs().max().item() < 1e-9
     assert (step - full[:, 4]).abs().max().item() < 1e-9
 
