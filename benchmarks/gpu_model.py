@@ -87,28 +87,27 @@ def profile_summary(step: Callable[[], None], device: torch.device, top: int = 6
 
     cuda = device.type == "cuda"
     key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    before_pass()
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-    events = [e for e in prof.key_averages() if key(e) > 0]
+
+    def profiled(activities: list, record_shapes: bool = False):
+        before_pass()
+        with profile(activities=activities, record_shapes=record_shapes) as prof:
+            for _ in range(3):
+                step()
+            if cuda:
+                torch.cuda.synchronize(device)
+        return prof
+
+    events = [e for e in profiled([ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]).key_averages()
+              if key(e) > 0]
     total = sum(key(e) for e in events) or 1
     kinds: dict[str, float] = {}
     for e in events:
         kind = kernel_kind(e.key)
         kinds[kind] = kinds.get(kind, 0.0) + key(e) / total
     # a second pass with host ops and shapes (their own overhead stays out of the kernel shares)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    before_pass()
-    with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(3):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and key(e) > 0),
-                 key=key, reverse=True)[:top_ops]
+    shaped = profiled([ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), record_shapes=True)
+    ops = [e for e in shaped.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and key(e) > 0]
+    ops = sorted(ops, key=key, reverse=True)[:top_ops]
     return {"kernels_per_step": sum(e.count for e in events) / 3,
             "profile": [{"name": e.key[:80], "share": key(e) / total, "us_per_step": key(e) / 3}
                         for e in sorted(events, key=key, reverse=True)[:top]],

@@ -97,7 +97,7 @@ class Decoder:
                              f"in {dtype}; build the Decoder under the prefill's autocast, after any dtype change")
         if prompt.shape[1] > self.cache.max_len:
             raise ValueError(f"decode: the prompt ({prompt.shape[1]} tokens) exceeds max_len {self.cache.max_len}")
-        self.cache.pack_projections(self.model)  # the weights' values now (after any change since __init__)
+        self.cache.pack_weights(self.model)  # the weights' values now (after any change since __init__)
         logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device), compiled=False)
         self.cache.length = prompt.shape[1]
         return logits

@@ -25,6 +25,7 @@ from parallel.tensor_parallel import linear, local, local_replicated
 from pretrain.model.legacy import MAMBA_PARTS, convert, mamba_splits
 from pretrain.model.norms import GatedRMSNorm
 from pretrain.model.ops import causal_conv1d, causal_conv1d_step, ssd_scan
+from pretrain.model.ops.conv import padded_doc_ids
 from pretrain.model.ops.precision import wide
 from pretrain.model.packed import PackedDocs
 
@@ -212,7 +213,7 @@ class Mamba2(nn.Module):
             prev = conv_state if conv_state is not None else xbc_t.new_zeros(b, xbc_t.shape[1], self.d_conv - 1)
             state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.d_conv - 1):]
             if seq_idx is not None:  # only the last document's inputs carry over into decoding
-                docs = torch.cat([seq_idx[:, :1].expand(-1, self.d_conv - 1), seq_idx], dim=1)[:, -(self.d_conv - 1):]
+                docs = padded_doc_ids(seq_idx, self.d_conv)[:, -(self.d_conv - 1):]
                 state["conv"] = state["conv"] * (docs == seq_idx[:, -1:])[:, None].to(xbc_t.dtype)
             state["ssm"] = final_state
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)

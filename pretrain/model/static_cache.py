@@ -160,7 +160,7 @@ class StaticCache:
                 self.layers.append({"attn": kv(ic.kv_heads, ic.qk_head_dim, ic.head_dim),
                                     "ssm": ssm(ic.ssm_heads, ic.head_dim, ic.d_state)})
 
-    def pack_projections(self, model) -> None:
+    def pack_weights(self, model) -> None:
         """Keep each mixer's input projections (Q, K, V; Mamba2's z, x, B, C, dt) concatenated in
         its layer state: a decode step then runs one GEMV per mixer, not three to five. Mamba2's
         three convs likewise, so a step does not concatenate their weights again (two kernels per

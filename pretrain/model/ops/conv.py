@@ -36,7 +36,14 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     return F.silu(y)
 
 
-def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
+def padded_doc_ids(seq_idx: Tensor, w: int) -> Tensor:
+    """Document ids [b, l + w - 1] of the conv's padded input: the carried-in state's w - 1 inputs
+    belong to the first token's document."""
+    return torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)
+
+
+def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | None,
+               seq_idx: Tensor | None) -> Tensor:
     """SiLU(conv(x)) as in the reference (x [b, d, l]), the conv as w shifted products: tap k reads
     input t + k - (w-1), dropped when it lies in another document. The padded input, the taps and
     the SiLU are over [b, l, d], channels contiguous as the projection wrote them (x is its
@@ -51,11 +58,11 @@ def _conv_taps(x: Tensor, state: Tensor | None, weight: Tensor, bias: Tensor | N
     b, _, d = rows.shape
     prev = state.transpose(1, 2).to(dtype) if state is not None else rows.new_zeros(b, w - 1, d)
     padded = torch.cat([prev, rows], dim=1)  # [b, l + w - 1, d]
-    docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1) if seq_idx is not None else None
+    docs = padded_doc_ids(seq_idx, w) if seq_idx is not None else None
     y = bias.to(dtype) if bias is not None else torch.zeros((), dtype=dtype, device=x.device)
     for k in range(w):
         tap = padded[:, k:k + l] * weight[:, k].to(dtype)
-        if docs is not None:  # the carried-in state belongs to the first token's document
+        if docs is not None:
             tap = tap * (docs[:, k:k + l] == seq_idx)[..., None].to(dtype)
         y = y + tap
     return F.silu(y).transpose(1, 2)
@@ -72,7 +79,7 @@ def _taps_after_starts(seq_idx: Tensor, w: int, cache: dict | None) -> tuple[Ten
         starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))  # [b, l], True where a document starts
         reach = F.pad(starts, (w - 2, 0)).unfold(1, w - 1, 1).any(-1)  # a start among the last w-1 positions
         rows, t = reach.nonzero(as_tuple=True)  # each affected output once
-        docs = torch.cat([seq_idx[:, :1].expand(-1, w - 1), seq_idx], dim=1)  # the carried-in state: first doc
+        docs = padded_doc_ids(seq_idx, w)
         cols = t[:, None] + torch.arange(w, device=t.device)  # [n, w]: output t reads padded t .. t+w-1
         found = rows, t, cols, docs[rows[:, None], cols] == seq_idx[rows, t][:, None]
         if cache is not None:
