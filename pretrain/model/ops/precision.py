@@ -20,7 +20,9 @@ def compute_dtype(a: Tensor, b: Tensor) -> torch.dtype:
     """The dtype a matmul or conv of `a` and `b` computes in here: autocast's where it is on (it
     narrows only fp32 / fp16 / bf16 inputs: an fp64 run stays fp64), else the inputs' common one."""
     device, dtype = a.device.type, torch.promote_types(a.dtype, b.dtype)
-    if not torch.amp.is_autocast_available(device):  # e.g. meta tensors
+    # meta has no autocast; not torch.amp.is_autocast_available: torch 2.11's Dynamo cannot trace
+    # it, and this runs inside compiled blocks (the conv taps)
+    if device == "meta":
         return dtype
     if torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device)
