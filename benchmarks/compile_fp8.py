@@ -1,14 +1,14 @@
 """Training-step speed of the compile / cast-once / FP8 options, one process, same GPU (1B dims,
 vocab 128,256, sequence 8192, batch 2, fused AdamW; benchmarks/gpu_model.py's step).
 
-    python benchmarks/compile_fp8.py [--archs llama,hybrid_moe] [--variants eager,compile,compile+cast,...]
+    python benchmarks/compile_fp8.py [--archs llama,hybrid_moe] [--variants eager,compile,compile+copies,...]
                                      [--vocab 8192] [--profile] [--out compile_fp8.json]
     python benchmarks/compile_fp8.py --device cpu --preset tiny --seq 32 --archs llama --variants eager \
                                      --profile --out /tmp/compile_fp8.json     # a CPU smoke run
 
 A variant is `+`-joined options: eager (autocast, as gpu_model.py), compile (train.compile), cast
-(bf16 parameters cast once per step), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation
-checkpointing). Writes JSON after every row (a time limit keeps what finished); prints a table last
+(bf16 parameters cast once per step) or copies (bf16 working copies rewritten by the optimizer: the
+trainer's one-GPU setup), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation checkpointing). Writes JSON after every row (a time limit keeps what finished); prints a table last
 with each row's speed-up over the arch's first variant. `--profile`: where each row's step goes
 (top kernels, top ops by input shape, shares by kind; `gpu_model.profile_summary`), before the table.
 """
@@ -27,17 +27,18 @@ from gpu_model import profile_lines, record_row, train_step_throughput  # noqa: 
 def options(variant: str) -> dict:
     parts = set(variant.split("+")) - {"eager"}
     fp8 = next((p.split("-", 1)[1] for p in parts if p.startswith("fp8-")), "none")
-    known = {"compile", "cast", "ac", f"fp8-{fp8}"}
-    if parts - known:
-        raise SystemExit(f"--variants: unknown option(s) {sorted(parts - known)}; use eager, compile, cast, ac, fp8-<recipe>")
-    return {"compile": "compile" in parts, "cast_params": "cast" in parts, "fp8": fp8,
+    known = {"compile", "cast", "copies", "ac", f"fp8-{fp8}"}
+    if parts - known or {"cast", "copies"} <= parts:
+        raise SystemExit(f"--variants: {variant}: use eager, compile, one of cast / copies, ac, fp8-<recipe>")
+    precision = "copies" if "copies" in parts else "cast" if "cast" in parts else "autocast"
+    return {"compile": "compile" in parts, "precision": precision, "fp8": fp8,
             "activation_checkpointing": "ac" in parts}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="llama,hybrid_moe")
-    ap.add_argument("--variants", default="eager,compile,compile+cast,compile+cast+fp8-tensorwise")
+    ap.add_argument("--variants", default="eager,compile,compile+copies,compile+copies+fp8-tensorwise")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--seq", type=int, default=8192)

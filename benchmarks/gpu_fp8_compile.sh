@@ -7,7 +7,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${1:-runs/gpu_fp8_compile}
 ARCHS=${2:-llama}
-VARIANTS=${3:-eager,compile+cast,compile+cast+fp8-tensorwise}
+VARIANTS=${3:-eager,compile+copies,compile+copies+fp8-tensorwise}
 FILTER=${4:-not inductor}
 mkdir -p "$OUT"
 timeout "${TEST_S:-100}" python -m pytest -q -p no:cacheprovider -W ignore tests/gpu/test_fp8_compile.py -k "$FILTER" -rA 2>&1 \

@@ -1,7 +1,7 @@
 """GPU model benchmark: kernel timings and 1B training-step throughput per architecture.
 
     python benchmarks/gpu_model.py [--out results.json] [--archs llama,mamba2,...] [--compile] [--fp8 tensorwise]
-                                   [--cast-params]
+                                   [--precision autocast|cast|copies]
 
 Prints a table last and writes full results as JSON. Training step: paper 1B dims, vocab 128,256,
 sequence 8192, batch 2, bf16 autocast, fused AdamW, eager, no activation checkpointing (the setup of
@@ -22,13 +22,15 @@ import torch
 from torch import Tensor
 
 from parallel.float8 import FP8_RECIPES
-from parallel.mixed_precision import cast_parameters
+from parallel.mixed_precision import WorkingCopies, cast_parameters
 from pretrain.accounting import flops_per_token
 from pretrain.model import build_model
 from pretrain.model.mamba2 import Mamba2
 from pretrain.model.ops import reference_kernels
 from pretrain.model.parallelize import parallelize_hybrid
+from pretrain.optim import AdamWWithCopies
 
+PRECISIONS = ("autocast", "cast", "copies")
 PEAK_FLOPS = 764e12
 
 
@@ -147,21 +149,28 @@ def mamba_mixer_timings() -> dict[str, float]:
 def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], vocab: int,
                     batch: int = 2, seq: int = 8192, device: torch.device | str = "cuda", warmup: int = 3,
                     iters: int = 6, after_step: Callable[[], None] | None = None,
-                    cast_params: bool = False, profile: bool = False) -> dict:
+                    precision: str = "autocast", profile: bool = False) -> dict:
     """One training step of any model as shared/GPU.md times it: `loss_fn(inputs, targets)` under
     bf16 autocast on a GPU (fp32 on the CPU), backward, fused AdamW (plain on the CPU), median of
-    `iters` after `warmup`. The same function times our models and the peers. `cast_params`: bf16
-    parameters cast once per step (the trainer's one-GPU default) instead of autocast."""
+    `iters` after `warmup`. The same function times our models and the peers. `precision` (see
+    parallel/mixed_precision.py): "autocast"; "cast", bf16 parameters cast once per step; "copies",
+    bf16 working copies and the AdamW that rewrites them (the trainer's one-GPU setup)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    if precision == "copies":
+        copies = WorkingCopies(model, torch.bfloat16)
+        opt: torch.optim.Optimizer = AdamWWithCopies(model.parameters(), copies, lr=1e-4)
+        bf16_params = copies.swapped
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        bf16_params = (lambda: cast_parameters(model, torch.bfloat16)) if precision == "cast" else contextlib.nullcontext
     tokens = torch.randint(0, vocab, (batch, seq + 1), device=device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with cast_parameters(model, torch.bfloat16) if cast_params else contextlib.nullcontext():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and not cast_params):
+        with bf16_params():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and precision == "autocast"):
                 loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
         opt.step()
@@ -179,23 +188,23 @@ def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
 
 def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str = "1b",
                           device: str = "cuda", warmup: int = 3, iters: int = 6, compile: bool = False,
-                          fp8: str = "none", cast_params: bool = False,
+                          fp8: str = "none", precision: str = "autocast",
                           activation_checkpointing: bool = False, profile: bool = False,
                           vocab_size: int | None = None) -> dict:
     """`compile`, `fp8`, `activation_checkpointing`: as the trainer's train.* keys (parallelize_hybrid);
-    `cast_params`, `profile` as in `time_train_step`; `vocab_size` replaces the preset's (the trainer
+    `precision`, `profile` as in `time_train_step`; `vocab_size` replaces the preset's (the trainer
     takes its data's: 8,192 for the demo corpus)."""
     torch.manual_seed(0)
     model = build_model(arch, size, device=device, **({"vocab_size": vocab_size} if vocab_size else {}))
     parallelize_hybrid(model, None, activation_checkpointing=activation_checkpointing, compile=compile, fp8=fp8)
-    options = {"compile": compile, "fp8": fp8, "cast_params": cast_params, "activation_checkpointing": activation_checkpointing}
+    options = {"compile": compile, "fp8": fp8, "precision": precision, "activation_checkpointing": activation_checkpointing}
 
     def update_bias():
         for moe in model.moe_layers():
             moe.update_bias()
 
     timing = time_train_step(model, model.loss, model.config.vocab_size, batch, seq, device, warmup, iters,
-                             after_step=update_bias, cast_params=cast_params, profile=profile)
+                             after_step=update_bias, precision=precision, profile=profile)
     fpt = flops_per_token(model.config, seq)["total"]
     return {"arch": arch, "vocab_size": model.config.vocab_size, **options, **timing,
             "mfu": timing["tokens_per_s"] * fpt / PEAK_FLOPS, "flops_per_token": fpt,
@@ -225,9 +234,10 @@ def main() -> None:
     ap.add_argument("--archs", default="llama,swa,mamba2,inter_hybrid,intra_hybrid,hybrid_moe")
     ap.add_argument("--compile", action="store_true", help="compile every block (train.compile)")
     ap.add_argument("--fp8", default="none", choices=FP8_RECIPES, help="torchao float8 recipe (train.fp8)")
-    ap.add_argument("--cast-params", action="store_true", help="bf16 parameters cast once per step, not autocast")
+    ap.add_argument("--precision", default="autocast", choices=PRECISIONS,
+                    help="bf16 autocast, parameters cast once per step, or working copies (time_train_step)")
     args = ap.parse_args()
-    options = {"compile": args.compile, "fp8": args.fp8, "cast_params": args.cast_params}
+    options = {"compile": args.compile, "fp8": args.fp8, "precision": args.precision}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **mamba_mixer_timings(),
                "train": []}
     for arch in args.archs.split(","):

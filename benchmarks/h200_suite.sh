@@ -37,11 +37,11 @@ masking)
     tail -16 "$out/document_masking.log" ;;
 training)
     demo
-    step peers "${PEERS_S:-180}" python benchmarks/peers.py --variants compile+cast --profile --out "$out/peers"
-    step mfu "${MFU_S:-180}" python benchmarks/compile_fp8.py --archs swa,intra_hybrid,hybrid_moe --variants compile+cast \
+    step peers "${PEERS_S:-180}" python benchmarks/peers.py --variants compile+copies --profile --out "$out/peers"
+    step mfu "${MFU_S:-180}" python benchmarks/compile_fp8.py --archs swa,intra_hybrid,hybrid_moe --variants compile+copies \
         --out "$out/mfu.json"
     # the trainer against the benchmark step at the trainer's vocabulary (the demo corpus's 8,192)
-    step step_hybrid_moe_v8k "${STEP_S:-90}" python benchmarks/compile_fp8.py --archs hybrid_moe --variants compile+cast \
+    step step_hybrid_moe_v8k "${STEP_S:-90}" python benchmarks/compile_fp8.py --archs hybrid_moe --variants compile+copies \
         --vocab 8192 --out "$out/hybrid_moe_v8k.json"
     step trainer_hybrid_moe "${TRAINER_S:-100}" python pretrain/main.py --arch hybrid_moe --size 1b --data data/demo \
         --run-dir "$out/hybrid_moe_1b" --data.seq_len=8192 --train.micro_batch_size=2 --train.steps=30 --train.compile=true \
@@ -50,7 +50,7 @@ training)
     tail -2 "$out/hybrid_moe_1b/metrics.jsonl" | cut -c1-150 ;;
 fp8)
     step compile_fp8 "${COMPILE_FP8_S:-540}" python benchmarks/compile_fp8.py --archs llama,hybrid_moe \
-        --variants compile+cast,compile+cast+fp8-tensorwise,compile+cast+fp8-rowwise --profile --out "$out/compile_fp8.json"
+        --variants compile+copies,compile+copies+fp8-tensorwise,compile+copies+fp8-rowwise --profile --out "$out/compile_fp8.json"
     tail -7 "$out/compile_fp8.log" ;;
 memory)
     step activation_memory "${ACT_S:-300}" python benchmarks/activation_memory.py --out "$out/activation_memory.json"

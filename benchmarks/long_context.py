@@ -29,7 +29,7 @@ def main() -> None:
     for arch in args.archs.split(","):
         for seq in (int(s) for s in args.seqs.split(",")):
             record_row(rows, args.out, arch, lambda: train_step_throughput(
-                arch, batch=1, seq=seq, compile=args.compile, cast_params=True, activation_checkpointing=True), seq=seq)
+                arch, batch=1, seq=seq, compile=args.compile, precision="copies", activation_checkpointing=True), seq=seq)
     print(f"{'arch':<14}{'seq':>7}{'step ms':>10}{'tokens/s':>11}{'MFU764':>8}{'peak GiB':>10}")
     for r in rows:
         if "error" in r:

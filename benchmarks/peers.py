@@ -80,7 +80,7 @@ PEERS = {"transformers_llama": hf_llama, "mamba_ssm_mamba2": mamba_ssm_lm}
 
 def run_row(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """A peer (eager, bf16 autocast: how it runs out of the box), or one of ours as `arch variant`
-    (variants as in benchmarks/compile_fp8.py: eager, compile+cast - the trainer's one-GPU setup)."""
+    (variants as in benchmarks/compile_fp8.py: eager, compile+copies - the trainer's one-GPU setup)."""
     torch.manual_seed(0)
     if name in PEERS:
         model, loss, vocab = PEERS[name](args.preset, device)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--archs", default="llama,mamba2", help="which of our archs (and their peers) to run")
-    ap.add_argument("--variants", default="eager,compile+cast",
+    ap.add_argument("--variants", default="eager,compile+copies",
                     help="our setups, as in benchmarks/compile_fp8.py; each gets a ratio to the peer")
     ap.add_argument("--profile", action="store_true",
                     help="per row, kernels per step, the top kernels and ops (by shape), shares by kind")

@@ -21,22 +21,37 @@ def _by_mesh(grads: list[Tensor]) -> list[list[Tensor]]:
     return list(groups.values())
 
 
-def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
-                    pp_group: dist.ProcessGroup | None = None) -> Tensor:
-    """Clip the gradients' global 2-norm to `max_norm` in place; returns the norm before clipping
-    (a plain tensor, identical on every rank). `pp_group`: the pipeline ranks holding the other
-    stages, whose norms combine too (every stage clips alike and agrees on a non-finite norm)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+def grad_norm(grads: list[Tensor], pp_group: dist.ProcessGroup | None = None) -> Tensor:
+    """The gradients' global 2-norm, accumulated in fp32 whatever their dtype (a plain tensor,
+    identical on every rank). `pp_group`: the pipeline ranks holding the other stages, whose norms
+    combine too (every stage clips alike and agrees on a non-finite norm)."""
     norms = [torch.zeros(())]
     for group in _by_mesh(grads):
-        norm = torch.nn.utils.get_total_norm(group, 2.0)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if isinstance(group[0], DTensor):
+            norm = torch.nn.utils.get_total_norm(group, 2.0)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        else:
+            norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2.0, dtype=torch.float32))))
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[-1].device) for n in norms]))
     if pp_group is not None:
         square = total.double() ** 2
         dist.all_reduce(square, group=pp_group)
         total = square.sqrt().to(total.dtype)
-    coef = max_norm / (float(total) + 1e-6)
+    return total
+
+
+def clip_coefficient(total: Tensor, max_norm: float) -> float:
+    """What clipping to `max_norm` scales gradients of global norm `total` by (1: no clipping)."""
+    return min(1.0, max_norm / (float(total) + 1e-6))
+
+
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> Tensor:
+    """Clip the gradients' global 2-norm to `max_norm` in place; returns the norm before clipping
+    (see `grad_norm`)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = grad_norm(grads, pp_group)
+    coef = clip_coefficient(total, max_norm)
     if coef < 1:
         for group in _by_mesh(grads):
             torch._foreach_mul_(group, coef)

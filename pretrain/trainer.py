@@ -30,10 +30,10 @@ from parallel.context_parallel import shard_index
 from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
                                   init_distributed)
 from parallel.float8 import float8_unavailable, precompute_float8_scales
-from parallel.grad_norm import clip_grad_norm_
+from parallel.grad_norm import clip_coefficient, clip_grad_norm_, grad_norm
 from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
-from parallel.mixed_precision import cast_parameters
+from parallel.mixed_precision import WorkingCopies
 from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  find_latest_complete, finish_interrupted_commits,
@@ -47,6 +47,7 @@ from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
+from pretrain.optim import AdamWWithCopies
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
 
@@ -338,6 +339,9 @@ class Trainer:
             raise ConfigError(f"config: {e}") from None
         init_sharded(self.model, template, self.device)
         self.moe_layers = list(self.model.moe_layers())
+        # one process computing in bf16: persistent bf16 working copies (FSDP casts when it gathers)
+        self.copies = (WorkingCopies(self.model, self.compute_dtype)
+                       if self.mesh is None and self.compute_dtype != torch.float32 else None)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
 
@@ -383,22 +387,23 @@ class Trainer:
         return model, pipeline
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; matrices decay, vectors (norms, biases, gains) do not."""
+        """AdamW; matrices decay, vectors (norms, biases, gains) do not. With working copies, the
+        AdamW that reads their gradients and rewrites them in the same pass."""
         o = self.cfg.optim
         decay, no_decay = [], []
         for p in self.model.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                 fused=self.device.type == "cuda")
+        options = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        if self.copies is not None:
+            return AdamWWithCopies(groups, self.copies, **options)
+        return torch.optim.AdamW(groups, **options, fused=self.device.type == "cuda")
 
     def _precision(self) -> contextlib.AbstractContextManager:
-        """FSDP's MixedPrecisionPolicy casts parameters itself; one process casts them once per
-        step likewise (not autocast's casts per op). Hold it over forward and backward."""
-        if self.mesh is None and self.compute_dtype != torch.float32:
-            return cast_parameters(self.model, self.compute_dtype)
-        return contextlib.nullcontext()
+        """FSDP's MixedPrecisionPolicy casts parameters itself; one process computes with its
+        working copies likewise (not autocast's casts per op). Hold it over forward and backward."""
+        return self.copies.swapped() if self.copies is not None else contextlib.nullcontext()
 
     # ---- checkpoint state ---------------------------------------------------------------------
     def _dcp_state(self) -> dict[str, Any]:
@@ -434,6 +439,7 @@ class Trainer:
         state = self._dcp_state()
         shared, ranks = self.ckpt.load(path, state, legacy_splits(self.model_config))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._sync_copies()
         self.scheduler.load_state_dict(shared["scheduler"])
         self.progress = TrainProgress(**shared["progress"])
         self._load_loader_state(ranks)
@@ -456,7 +462,12 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"config: checkpoint.init_from: {e}") from None
         set_model_state_dict(self.model, model_sd)
+        self._sync_copies()
         log.info("initialised model weights from %s", path)
+
+    def _sync_copies(self) -> None:
+        if self.copies is not None:
+            self.copies.sync()
 
     def _load_loader_state(self, ranks: list[dict[str, Any]]) -> None:
         """The loader keeps its state per canonical stream and takes every old rank's state, so
@@ -492,15 +503,18 @@ class Trainer:
                 with self._precision():
                     loss = self._loss(batch["tokens"], batch.get("doc_starts"))
                     (loss / self.grad_accum).backward()
+                if self.copies is not None and self.grad_accum > 1:
+                    self.copies.accumulate()  # in fp32, as through a cast
             loss_sum += loss.detach().float()
         loss_val = self._dp_mean(float(loss_sum) / self.grad_accum)
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        pp_group = self.mesh.pp_mesh().get_group() if self.pipeline is not None else None
-        grad_norm_val = float(clip_grad_norm_(self.model.parameters(), max_norm, pp_group))
+        grad_norm_val, grad_scale = self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
         p = self.progress
         if math.isfinite(loss_val) and math.isfinite(grad_norm_val):
-            self.optimizer.step()
+            if self.copies is not None:
+                self.optimizer.step(grad_scale=grad_scale)
+            else:
+                self.optimizer.step()
             if self.mesh is not None:
                 precompute_float8_scales(self.model, self.cfg.train.fp8)
             self._update_moe_bias()
@@ -561,6 +575,17 @@ class Trainer:
         return float(all_reduce_sum_(t, self.mesh.tokens_group())) / self.mesh.dp_cp.size()
 
     @torch.no_grad()
+    def _clip_gradients(self) -> tuple[float, float]:
+        """The gradients' global norm before clipping to optim.grad_clip, and the scale still to
+        apply: working copies' gradients are scaled by the optimizer as it reads them, the others
+        here in place (scale 1 left)."""
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        pp_group = self.mesh.pp_mesh().get_group() if self.pipeline is not None else None
+        if self.copies is None:
+            return float(clip_grad_norm_(self.model.parameters(), max_norm, pp_group)), 1.0
+        total = grad_norm([g for p in self.copies.masters if (g := self.copies.grad(p)) is not None], pp_group)
+        return float(total), clip_coefficient(total, max_norm)
+
     def _update_moe_bias(self) -> None:
         """Aux-loss-free balancing on the expert loads of the whole global batch: every layer's
         token counts, summed over the data-parallel group in one all-reduce, so every rank applies

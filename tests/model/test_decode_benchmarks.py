@@ -88,15 +88,15 @@ def test_inference_benchmark_rejects_close_lengths(tmp_path):
 def test_peers_benchmark_tiny_cpu(tmp_path):
     """The documented CPU command (docs/benchmarks.md)."""
     load("peers").main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--warmup", "1", "--iters", "1",
-                        "--variants", "eager,cast", "--out", str(tmp_path)])
+                        "--variants", "eager,copies", "--out", str(tmp_path)])
     r = json.loads((tmp_path / "peers.json").read_text())
-    for name in ("llama eager", "llama cast", "transformers_llama", "mamba2 eager"):
+    for name in ("llama eager", "llama copies", "transformers_llama", "mamba2 eager"):
         assert r["rows"][name]["tokens_per_s"] > 0
     assert r["rows"]["llama eager"]["params"] == r["rows"]["transformers_llama"]["params"]  # same dims
     mamba_ssm_installed = importlib.util.find_spec("mamba_ssm") is not None
     assert ("error" in r["rows"]["mamba_ssm_mamba2"]) != mamba_ssm_installed
-    mamba_ratios = {f"mamba2 {v} / mamba_ssm_mamba2" for v in ("eager", "cast")} if mamba_ssm_installed else set()
-    assert set(r["ratios"]) == {f"llama {v} / transformers_llama" for v in ("eager", "cast")} | mamba_ratios
+    mamba_ratios = {f"mamba2 {v} / mamba_ssm_mamba2" for v in ("eager", "copies")} if mamba_ssm_installed else set()
+    assert set(r["ratios"]) == {f"llama {v} / transformers_llama" for v in ("eager", "copies")} | mamba_ratios
 
 
 def test_peers_benchmark_profiles_each_row(tmp_path, capsys):

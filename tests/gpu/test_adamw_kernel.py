@@ -1,0 +1,47 @@
+"""The fused AdamW-with-copy Triton kernel (pretrain/optim/adamw_triton.py) against torch's AdamW on
+the same GPU: same masters and moments within fp32 rounding, copies exactly the masters in bf16."""
+import pytest
+import torch
+
+from parallel.mixed_precision import WorkingCopies
+from pretrain.optim import AdamWWithCopies
+from pretrain.optim.adamw_triton import kernel_applies
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class Params(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        # sizes off the kernel's 2048-element blocks, a vector, a 3-D expert stack
+        self.a = torch.nn.Parameter(torch.randn(1000, 77) * 0.02)
+        self.b = torch.nn.Parameter(torch.ones(333))
+        self.c = torch.nn.Parameter(torch.randn(4, 64, 96) * 0.02)
+
+
+def test_fused_step_matches_torch_adamw():
+    torch.manual_seed(0)
+    fast, ref = Params().cuda(), Params().cuda()
+    ref.load_state_dict(fast.state_dict())
+    copies = WorkingCopies(fast, torch.bfloat16)
+    groups = lambda m: [{"params": [m.a, m.c], "weight_decay": 0.1}, {"params": [m.b], "weight_decay": 0.0}]  # noqa: E731
+    opt = AdamWWithCopies(groups(fast), copies, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    for step, scale in enumerate((1.0, 0.37, 1.0)):
+        for g in (*opt.param_groups, *ref_opt.param_groups):
+            g["lr"] = 1e-3 * (step + 1)  # as a schedule changes it
+        for p, r in zip(fast.parameters(), ref.parameters()):
+            grad = (torch.randn_like(p) * 0.1).to(torch.bfloat16)
+            copies.of(p).grad = grad
+            r.grad = grad.float() * scale
+            assert kernel_applies(p, grad, copies.of(p))
+        opt.step(grad_scale=scale)
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for (name, p), r in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(copies.of(p), p.detach().to(torch.bfloat16)), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[r][key], rtol=1e-6, atol=1e-9, msg=key)
+        assert float(opt.state[p]["step"]) == 3
