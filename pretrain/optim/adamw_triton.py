@@ -28,7 +28,8 @@ def _kernel():
 
     @triton.jit
     def adamw_with_copy(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, numel, grad_scale, decay,
-                        beta1, beta2, step_size, bias_correction2_sqrt, eps, BLOCK: tl.constexpr):
+                        one_minus_beta1, beta2, one_minus_beta2, step_size, bias_correction2_sqrt, eps,
+                        BLOCK: tl.constexpr):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel
         param = tl.load(param_ptr + offsets, mask=mask)
@@ -36,8 +37,8 @@ def _kernel():
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
         param = param * decay
-        exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)  # torch's lerp(grad, 1 - beta1)
-        exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # torch's lerp(grad, 1 - beta1)
+        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
         denom = tl.sqrt_rn(exp_avg_sq) / bias_correction2_sqrt + eps
         param = param - step_size * tl.div_rn(exp_avg, denom)
         tl.store(param_ptr + offsets, param, mask=mask)
@@ -68,8 +69,9 @@ def adamw_with_copy_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: T
                      step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                      grad_scale: float) -> None:
     """AdamW step `step` (counted from 1) of `param` with `grad * grad_scale`, in place, then
-    copy <- param in the copy's dtype. Needs `kernel_applies`."""
+    copy <- param in the copy's dtype. Needs `kernel_applies`. The scalars are worked out here in
+    double precision, as torch's AdamW does (1 - beta1 in fp32 on the GPU would differ by 2e-7)."""
     numel = param.numel()
     _kernel()[(-(-numel // BLOCK),)](
-        param, grad, exp_avg, exp_avg_sq, copy, numel, grad_scale, 1 - lr * weight_decay, beta1, beta2,
-        lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, BLOCK=BLOCK, num_warps=8)
+        param, grad, exp_avg, exp_avg_sq, copy, numel, grad_scale, 1 - lr * weight_decay, 1 - beta1, beta2,
+        1 - beta2, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, BLOCK=BLOCK, num_warps=8)

@@ -40,8 +40,11 @@ def test_fused_step_matches_torch_adamw():
         opt.zero_grad()
         ref_opt.zero_grad()
     for (name, p), r in zip(fast.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
         assert torch.equal(copies.of(p), p.detach().to(torch.bfloat16)), name
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(opt.state[p][key], ref_opt.state[r][key], rtol=1e-6, atol=1e-9, msg=key)
+            # fp32 rounding (torch rounds after each foreach op, the kernel may fuse a multiply-add);
+            # the moments are ~1e-2 (exp_avg) and ~1e-4 (exp_avg_sq) here
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[r][key], rtol=1e-5, atol=1e-8,
+                                       msg=lambda m: f"{name} {key}: {m}")
         assert float(opt.state[p]["step"]) == 3
