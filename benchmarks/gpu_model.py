@@ -63,6 +63,7 @@ def step_time_ms(fn: Callable[[], None], device: torch.device, warmup: int = 3, 
 KERNEL_KINDS = (  # (kind, name fragments), first match wins: attention kernels' names also hold "sm90" / "gemm",
     # Inductor's fused kernels name their ops ("triton_poi_fused__to_copy_cat_..."), so they go before copies
     ("attention", ("sdpa", "flash", "fmha", "attention", "flex")),
+    ("optimizer", ("adamw", "fusedoptimizer", "multi_tensor_apply")),  # before copies: adamw_with_copy
     ("ssd scan", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "selective_state")),
     ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "_grouped_mm")),
     ("fused (inductor)", ("triton_",)),

@@ -132,3 +132,14 @@ def test_compile_fp8_benchmark_profiles_on_cpu(tmp_path, capsys):
     assert row["profile"] and any(o["op"] == "aten::mm" for o in row["ops"])
     printed = capsys.readouterr().out
     assert printed.index("llama eager: ") < printed.index("    op ") < printed.index("arch ")
+
+
+def test_profile_kinds_name_the_optimizer_before_copies():
+    """Kernel names hold their ops' words: the AdamW-with-copy kernel is the optimizer, an Inductor
+    kernel fusing a cast is fused code, only plain copy kernels count as copies."""
+    kind = load("gpu_model").kernel_kind
+    assert kind("adamw_with_copy") == "optimizer"
+    assert kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata") \
+        == "optimizer"
+    assert kind("triton_poi_fused__to_copy_add_cat_div_expand_mul_pow_silu_15") == "fused (inductor)"
+    assert kind("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda") == "copy / cast / cat"
