@@ -6,6 +6,7 @@ each mesh's gradients get their own norm, made global with `full_tensor()`, and 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -22,7 +23,7 @@ def _by_mesh(grads: list[Tensor]) -> list[list[Tensor]]:
 
 
 def grad_norm(grads: list[Tensor], pp_group: dist.ProcessGroup | None = None) -> Tensor:
-    """The gradients' global 2-norm, accumulated in fp32 whatever their dtype (a plain tensor,
+    """The gradients' global 2-norm, accumulated in fp32 or wider whatever their dtype (a plain tensor,
     identical on every rank). `pp_group`: the pipeline ranks holding the other stages, whose norms
     combine too (every stage clips alike and agrees on a non-finite norm)."""
     norms = [torch.zeros(())]
@@ -30,8 +31,9 @@ def grad_norm(grads: list[Tensor], pp_group: dist.ProcessGroup | None = None) ->
         if isinstance(group[0], DTensor):
             norm = torch.nn.utils.get_total_norm(group, 2.0)
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        else:
-            norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2.0, dtype=torch.float32))))
+        else:  # fp32 at least: bf16 gradients sum in fp32, fp64 ones stay fp64
+            dtype = functools.reduce(torch.promote_types, (g.dtype for g in group), torch.float32)
+            norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2.0, dtype=dtype))))
     total = torch.linalg.vector_norm(torch.stack([n.to(norms[-1].device) for n in norms]))
     if pp_group is not None:
         square = total.double() ** 2

@@ -47,7 +47,7 @@ from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
-from pretrain.optim import AdamWWithCopies
+from pretrain.optim import AdamWWithCopies, keep_implementation_on_load
 from pretrain.schedule import build_scheduler
 from pretrain.summary import write_summary
 
@@ -398,7 +398,9 @@ class Trainer:
         options = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         if self.copies is not None:
             return AdamWWithCopies(groups, self.copies, **options)
-        return torch.optim.AdamW(groups, **options, fused=self.device.type == "cuda")
+        optimizer = torch.optim.AdamW(groups, **options, fused=self.device.type == "cuda")
+        keep_implementation_on_load(optimizer)  # fused or not as built here, whatever saved the checkpoint
+        return optimizer
 
     def _precision(self) -> contextlib.AbstractContextManager:
         """FSDP's MixedPrecisionPolicy casts parameters itself; one process computes with its
@@ -574,7 +576,6 @@ class Trainer:
         t = torch.tensor([value], dtype=torch.float64, device=self._reduce_device())
         return float(all_reduce_sum_(t, self.mesh.tokens_group())) / self.mesh.dp_cp.size()
 
-    @torch.no_grad()
     def _clip_gradients(self) -> tuple[float, float]:
         """The gradients' global norm before clipping to optim.grad_clip, and the scale still to
         apply: working copies' gradients are scaled by the optimizer as it reads them, the others
@@ -583,9 +584,11 @@ class Trainer:
         pp_group = self.mesh.pp_mesh().get_group() if self.pipeline is not None else None
         if self.copies is None:
             return float(clip_grad_norm_(self.model.parameters(), max_norm, pp_group)), 1.0
-        total = grad_norm([g for p in self.copies.masters if (g := self.copies.grad(p)) is not None], pp_group)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        total = grad_norm([g for p in params if (g := self.copies.grad(p)) is not None], pp_group)
         return float(total), clip_coefficient(total, max_norm)
 
+    @torch.no_grad()
     def _update_moe_bias(self) -> None:
         """Aux-loss-free balancing on the expert loads of the whole global batch: every layer's
         token counts, summed over the data-parallel group in one all-reduce, so every rank applies

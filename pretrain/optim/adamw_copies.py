@@ -13,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from parallel.mixed_precision import WorkingCopies
-from pretrain.optim.adamw_triton import adamw_with_copy_, kernel_applies
+from pretrain.optim.adamw_triton import adamw_with_copy_, has_triton, kernel_applies
+from pretrain.optim.state import keep_implementation_on_load
 
 
 class AdamWWithCopies(torch.optim.AdamW):
@@ -27,6 +30,8 @@ class AdamWWithCopies(torch.optim.AdamW):
                 raise ValueError(f"AdamWWithCopies: option {option} is not supported; use torch.optim.AdamW")
         super().__init__(params, **adamw)
         self.copies = copies
+        self._warned = False
+        keep_implementation_on_load(self)  # not fused (nor CUDA step counts) from a fused AdamW's checkpoint
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None, grad_scale: float = 1.0) -> float | None:
@@ -36,14 +41,23 @@ class AdamWWithCopies(torch.optim.AdamW):
                 loss = closure()
         work = [(group, p, self.copies.grad(p)) for group in self.param_groups for p in group["params"]]
         work = [(group, p, g) for group, p, g in work if g is not None]
-        fast = [(group, p, g) for group, p, g in work
-                if (copy := self.copies.of(p)) is not None and kernel_applies(p, g, copy)]
+        fast = [(group, p, g) for group, p, g in work if self._suits_kernel(p, g)]
         if len(fast) == len(work):
             for group, p, g in fast:
                 self._fused_update(group, p, g, grad_scale)
-        else:
-            self._reference_step(work, grad_scale)
+            return loss
+        if work and work[0][1].is_cuda and has_triton() and not self._warned:
+            self._warned = True
+            warnings.warn(f"AdamWWithCopies: {len(work) - len(fast)} of {len(work)} parameters do not suit the "
+                          "fused kernel (layout or dtype); every parameter takes the reference path, torch's "
+                          "AdamW on widened gradients", stacklevel=2)
+        self._reference_step(work, grad_scale)
         return loss
+
+    def _suits_kernel(self, p: Tensor, grad: Tensor) -> bool:
+        copy, state = self.copies.of(p), self.state.get(p, {})  # .get: no empty state entries
+        moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
+        return copy is not None and kernel_applies(p, grad, copy, *moments)
 
     def _fused_update(self, group: dict[str, Any], p: Tensor, grad: Tensor, grad_scale: float) -> None:
         state = self.state[p]

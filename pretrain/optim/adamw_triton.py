@@ -39,7 +39,7 @@ def _kernel():
         param = param * decay
         exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # torch's lerp(grad, 1 - beta1)
         exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-        denom = tl.sqrt_rn(exp_avg_sq) / bias_correction2_sqrt + eps
+        denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
         param = param - step_size * tl.div_rn(exp_avg, denom)
         tl.store(param_ptr + offsets, param, mask=mask)
         tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
@@ -58,11 +58,14 @@ def has_triton() -> bool:
     return True
 
 
-def kernel_applies(param: Tensor, grad: Tensor, copy: Tensor) -> bool:
-    """CUDA, fp32 master and moments, every tensor contiguous (autograd gives a gradient its
-    parameter's layout), Triton installed."""
-    return (param.device.type == "cuda" and param.dtype == torch.float32 and has_triton()
-            and param.is_contiguous() and grad.is_contiguous() and copy.is_contiguous())
+def kernel_applies(param: Tensor, grad: Tensor, copy: Tensor, *moments: Tensor) -> bool:
+    """CUDA, fp32 master and moments (as many as exist yet), every tensor contiguous (autograd gives
+    a gradient its parameter's layout) and of the master's shape, Triton installed: the kernel reads
+    them all as flat arrays of the same length."""
+    tensors = (param, grad, copy, *moments)
+    return (param.device.type == "cuda" and has_triton()
+            and all(t.dtype == torch.float32 for t in (param, *moments))
+            and all(t.device == param.device and t.is_contiguous() and t.shape == param.shape for t in tensors))
 
 
 def adamw_with_copy_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, copy: Tensor, *,
