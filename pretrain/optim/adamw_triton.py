@@ -18,6 +18,8 @@ import functools
 import torch
 from torch import Tensor
 
+from pretrain.model.ops.library import has_triton
+
 BLOCK = 2048  # elements per program
 
 
@@ -47,15 +49,6 @@ def _kernel():
         tl.store(copy_ptr + offsets, param.to(copy_ptr.dtype.element_ty), mask=mask)
 
     return adamw_with_copy
-
-
-@functools.cache
-def has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def kernel_applies(param: Tensor, grad: Tensor, copy: Tensor, *moments: Tensor) -> bool:

@@ -78,6 +78,16 @@ def has_causal_conv1d() -> bool:
     return _causal_conv1d_functions() is not None
 
 
+@functools.cache
+def has_triton() -> bool:
+    """Triton imports (our own kernels: the loss, the optimizer step)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def has_grouped_mm_kernel(device_index: int) -> bool:
     """`torch._grouped_mm` runs on this CUDA device (Hopper or newer)."""
     return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device_index)[0] >= 9

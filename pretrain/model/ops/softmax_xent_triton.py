@@ -17,6 +17,7 @@ import functools
 import torch
 from torch import Tensor
 
+from pretrain.model.ops.library import has_triton
 from pretrain.model.ops.precision import wide
 
 BLOCK = 4096  # vocabulary entries per loop iteration of a row's program
@@ -87,15 +88,6 @@ def softmax_xent_triton(logits: Tensor, targets: Tensor, scale: Tensor, grad: bo
     _kernel()[(logits.shape[0],)](logits, logits.stride(0), targets.contiguous(), loss, scale.float(),
                                   VOCAB=logits.shape[1], GRAD=grad, BLOCK=BLOCK, num_warps=16)
     return loss
-
-
-@functools.cache
-def has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def kernel_applies(device: torch.device, dtype: torch.dtype) -> bool:
