@@ -194,3 +194,15 @@ def test_a_foreach_state_dict_leaves_torch_adamw_fused():
     keep_implementation_on_load(fused)
     fused.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert all(g["fused"] for g in fused.param_groups)
+
+
+def test_a_state_dict_with_other_groups_is_still_refused():
+    """Keeping the implementation options must not hide a mismatch in the number of param groups."""
+    from pretrain.optim import keep_implementation_on_load
+
+    net = Net()
+    two = torch.optim.AdamW([{"params": [net.a.weight]}, {"params": [net.extra]}], **OPTIONS)
+    one = torch.optim.AdamW([net.a.weight, net.extra], **OPTIONS)
+    keep_implementation_on_load(one)
+    with pytest.raises(ValueError, match="parameter groups"):
+        one.load_state_dict(two.state_dict())
