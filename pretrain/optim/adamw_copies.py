@@ -10,10 +10,9 @@ exp_avg, exp_avg_sq per parameter) is torch's, so checkpoints load into either o
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import warnings
 
 import torch
 from torch import Tensor

@@ -5,7 +5,8 @@ With torch's fused AdamW the step of a one-GPU bf16 run reads and writes memory 
 parameter: the cast to bf16 before forward (4 + 2 bytes), the cast of the bf16 gradient to fp32 in
 backward (2 + 4) and the update (param, fp32 grad, both moments: 16 + 12). For the 3.5B parameters
 of the 1B hybrid_moe that is ~140 GB, ~47 ms of a 345 ms step on an H200. This kernel reads the
-bf16 gradient where autograd left it and writes the copy as it updates: 14 + 14 bytes.
+bf16 gradient where autograd left it and writes the copy as it updates: 14 + 14 bytes (on the H200,
+25.1 ms per step for those 3.5B parameters, 3.95 TB/s; docs/benchmarks.md, "Working copies").
 
 The arithmetic is torch.optim.AdamW's (decoupled weight decay, bias corrections, eps outside the
 square root) in fp32, with IEEE-rounded square root and division; `AdamWWithCopies`'s reference
