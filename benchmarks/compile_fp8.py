@@ -8,8 +8,9 @@ vocab 128,256, sequence 8192, batch 2, fused AdamW; benchmarks/gpu_model.py's st
 
 A variant is `+`-joined options: eager (autocast, as gpu_model.py), compile (train.compile), cast
 (bf16 parameters cast once per step) or copies (bf16 working copies rewritten by the optimizer: the
-trainer's one-GPU setup), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation checkpointing). Writes JSON after every row (a time limit keeps what finished); prints a table last
-with each row's speed-up over the arch's first variant. `--profile`: where each row's step goes
+trainer's one-GPU setup), fp8-tensorwise / fp8-rowwise (train.fp8), ac (activation checkpointing).
+Writes JSON after every row (a time limit keeps what finished); prints a table last with each row's
+speed-up over the arch's first variant. `--profile`: where each row's step goes
 (top kernels, top ops by input shape, shares by kind; `gpu_model.profile_summary`), before the table.
 """
 from __future__ import annotations

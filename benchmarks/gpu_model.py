@@ -156,6 +156,8 @@ def time_train_step(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
     `iters` after `warmup`. The same function times our models and the peers. `precision` (see
     parallel/mixed_precision.py): "autocast"; "cast", bf16 parameters cast once per step; "copies",
     bf16 working copies and the AdamW that rewrites them (the trainer's one-GPU setup)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"time_train_step: precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     cuda = device.type == "cuda"
     if precision == "copies":

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "evaluation"))
 from image_checks import assert_nonempty_png  # noqa: E402
@@ -143,3 +144,10 @@ def test_profile_kinds_name_the_optimizer_before_copies():
         == "optimizer"
     assert kind("triton_poi_fused__to_copy_add_cat_div_expand_mul_pow_silu_15") == "fused (inductor)"
     assert kind("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda") == "copy / cast / cat"
+
+
+def test_train_step_refuses_an_unknown_precision():
+    """A misspelt precision would otherwise time an fp32 step (neither autocast nor bf16 parameters)."""
+    with pytest.raises(ValueError, match="precision 'copy'"):
+        load("gpu_model").time_train_step(torch.nn.Linear(2, 2), lambda a, b: a.sum(), 8, device="cpu",
+                                          precision="copy")
