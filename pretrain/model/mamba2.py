@@ -157,16 +157,13 @@ class Mamba2(nn.Module):
         parts = [n for n in self.PARTS if not (self.external_x and n == "x")]
         weights = [self._w(p.weight, n) for p, n in zip(self.projections(), parts, strict=True)]
         sizes = [w.shape[0] for w in weights]
-        if packed is not None and u.shape[1] == 1:  # one GEMV; x, B, C are adjacent columns: no cat
-            z, xbc, dt = F.linear(u, packed).split([sizes[0], sum(sizes[1:-1]), sizes[-1]], dim=-1)
-            return z, torch.cat([x, xbc], dim=-1) if self.external_x else xbc, dt
-        if u.shape[1] == 1:  # decoding: one GEMV per part, not a copy of every weight per token
-            parts = [F.linear(u, w) for w in weights]
-        else:
-            parts = F.linear(u, torch.cat(weights) if len(weights) > 1 else weights[0]).split(sizes, dim=-1)
-        z, dt = parts[0], parts[-1]
-        xbc = torch.cat(([x] if self.external_x else []) + list(parts[1:-1]), dim=-1)
-        return z, xbc, dt
+        if u.shape[1] == 1 and packed is None:  # decoding: one GEMV per part, not a copy of every weight per token
+            z, *middle, dt = (F.linear(u, w) for w in weights)
+            xbc = torch.cat(middle, dim=-1) if len(middle) > 1 else middle[0]
+        else:  # one GEMM (the packed one when decoding); x, B, C are adjacent columns: a view, no copy
+            weight = packed if packed is not None and u.shape[1] == 1 else torch.cat(weights)
+            z, xbc, dt = F.linear(u, weight).split([sizes[0], sum(sizes[1:-1]), sizes[-1]], dim=-1)
+        return z, torch.cat([x, xbc], dim=-1) if self.external_x else xbc, dt
 
     def forward(self, u: Tensor, positions: Tensor | PackedDocs | None = None, state: dict | None = None,
                 x: Tensor | None = None) -> Tensor:

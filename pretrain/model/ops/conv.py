@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
-from pretrain.model.ops.library import has_causal_conv1d
+from pretrain.model.ops.library import has_causal_conv1d, has_triton
 from pretrain.model.ops.precision import compute_dtype, wide
 
 
@@ -130,15 +130,22 @@ class _ConvRecomputingAfterStarts(torch.autograd.Function):
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None,
                   seq_idx: Tensor | None = None, cache: dict | None = None) -> Tensor:
-    """Dispatching conv: causal-conv1d's CUDA kernel (a custom op, see library.py) when installed
-    (no carried state), else the reference. The kernel takes `seq_idx` (int32) only in channel-last
-    layout (x.stride(1) == 1)."""
-    if not (wants_fast_kernel(x) and state is None and has_causal_conv1d()):
+    """Dispatching conv (custom ops, see library.py) on CUDA without a carried-in state:
+    causal-conv1d's CUDA kernel when installed, else our Triton kernels (conv_triton.py); the
+    reference otherwise. causal-conv1d takes `seq_idx` (int32) only in channel-last layout
+    (x.stride(1) == 1); ours read the rows x.transpose(1, 2) as the projection wrote them."""
+    if not (wants_fast_kernel(x) and state is None and (has_causal_conv1d() or has_triton())):
         return causal_conv1d_reference(x, weight, bias, state, seq_idx, cache)
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    if not has_causal_conv1d():
+        dtype = compute_dtype(x, weight)  # autocast's, as the reference
+        rows = torch.ops.pretrain.conv_silu_rows(x.transpose(1, 2).to(dtype), weight.to(dtype),
+                                                 bias.to(dtype) if bias is not None else None, seq_idx)
+        return rows.transpose(1, 2)
     if seq_idx is not None:
         if x.stride(1) != 1:
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
-        seq_idx = seq_idx.to(torch.int32).contiguous()
     return torch.ops.pretrain.causal_conv1d(x, weight, bias, seq_idx)
 
 

@@ -4,7 +4,7 @@ nodes (fake kernels give the output shapes) instead of breaking its graph at the
 Each op wraps a kernel package's own forward and backward functions (`register_autograd`) and
 returns contiguous tensors, which its fake kernel states (the kernels' own output layouts follow
 their inputs' strides, which Inductor may change: the fake must not guess them).
-mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, and
+mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, our Triton conv, and
 `torch._grouped_mm` (with a loop over experts on other devices, so the MoE's dispatch compiles on
 CPU too). Whether a package is there
 is decided once, outside tracing (`assume_constant_result`), so dynamo never traces an import.
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, register_autograd, register_fake
 
+from pretrain.model.ops.conv_triton import conv_silu_backward_triton, conv_silu_triton
 from pretrain.model.ops.grouped_mm import grouped_mm_reference, grouped_mm_weight_grad_reference
 
 # ---- package lookup ----------------------------------------------------------------------------
@@ -79,13 +80,18 @@ def has_causal_conv1d() -> bool:
 
 
 @functools.cache
-def has_triton() -> bool:
-    """Triton imports (our own kernels: the loss, the optimizer step)."""
+def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+@torch.compiler.assume_constant_result
+def has_triton() -> bool:
+    """Triton imports (our own kernels: the conv, the loss, the optimizer step)."""
+    return _triton_imports()
 
 
 def has_grouped_mm_kernel(device_index: int) -> bool:
@@ -216,6 +222,42 @@ def _conv_backward(ctx, dy: Tensor):
 
 
 register_autograd("pretrain::causal_conv1d", _conv_backward, setup_context=_conv_setup)
+
+
+# ---- causal depthwise conv + SiLU over rows [b, l, d] (our Triton kernels, conv_triton.py) ---------
+
+
+@custom_op("pretrain::conv_silu_rows", mutates_args=(), device_types="cuda")
+def conv_silu_rows_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None = None) -> Tensor:
+    """SiLU(causal depthwise conv) for x [b, l, d] (contiguous channels), weight [d, w]; no carried-in
+    state; `seq_idx` [b, l] int32: no tap crosses a document start. [b, l, d] contiguous."""
+    return conv_silu_triton(x, weight, bias, seq_idx)
+
+
+@register_fake("pretrain::conv_silu_rows")
+def _(x, weight, bias, seq_idx=None):
+    return x.new_empty(x.shape)
+
+
+@custom_op("pretrain::conv_silu_rows_backward", mutates_args=(), device_types="cuda")
+def conv_silu_rows_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
+                               seq_idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dweight, dbias = conv_silu_backward_triton(dy, x, weight, bias, seq_idx)
+    return dx, dweight, _or_empty(dbias, weight)
+
+
+@register_fake("pretrain::conv_silu_rows_backward")
+def _(dy, x, weight, bias, seq_idx):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+
+
+def _conv_rows_backward(ctx, dy: Tensor):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dweight, dbias = conv_silu_rows_backward_op(dy, x, weight, bias, seq_idx)
+    return dx, dweight, dbias if ctx.has_bias else None, None
+
+
+register_autograd("pretrain::conv_silu_rows", _conv_rows_backward, setup_context=_conv_setup)
 
 
 # ---- grouped expert matmul -------------------------------------------------------------------------
