@@ -4,9 +4,9 @@ projection's own layout: rows [b, l, d], channels contiguous.
 Compiled, the reference's shifted products (`conv._conv_taps`) became six Inductor kernels per
 layer (the padded input, the taps, and four in the backward) at about a fifth of the H200's memory
 bandwidth: ~1.2 ms per layer for a [2, 8192, 4352] bf16 input, 12 ms of the 1B hybrid_moe step.
-Here the forward reads x once and writes y; the backward reads x and dy once and writes dx, and
-recomputes the pre-activation of the w outputs each input feeds instead of saving it (the shifted
-re-reads hit the cache): three passes, where Inductor's kernels made about ten.
+Here the forward reads x once and writes y. The backward recomputes the pre-activation instead of
+saving it: one kernel reads x and dy and writes the gradient before the SiLU, a second reads that
+and writes dx (the shifted re-reads of a tile hit the cache): five passes in all.
 
 Each program owns a tile of positions x channels. An output at t sums taps at t - (w-1) .. t; with
 document ids (`seq_idx`), a tap in another document than t's is dropped, as in the reference.
@@ -27,7 +27,7 @@ BLOCK_D = 64  # channels per program: 128 contiguous bytes per row in bf16
 def _kernels():
     from pretrain.model.ops import conv_triton_kernels  # imports triton: only when a kernel runs
 
-    return conv_triton_kernels.conv_silu_forward, conv_triton_kernels.conv_silu_backward
+    return conv_triton_kernels
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -36,7 +36,7 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _grid(b: int, l: int, d: int) -> tuple[int, int, int]:
-    return -(-l // BLOCK_L), -(-d // BLOCK_D), b
+    return -(-d // BLOCK_D), -(-l // BLOCK_L), b
 
 
 def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
@@ -46,27 +46,32 @@ def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Te
     x = _rows(x)
     b, l, d = x.shape
     y = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
-    forward, _ = _kernels()
-    forward[_grid(b, l, d)](x, x.stride(0), x.stride(1), weight.contiguous(), bias if bias is not None else x,
-                            seq_idx.contiguous() if seq_idx is not None else x, y, l, d, W=weight.shape[1],
-                            HAS_BIAS=bias is not None, HAS_DOC=seq_idx is not None, BLOCK_L=BLOCK_L,
-                            BLOCK_D=BLOCK_D)
+    _kernels().conv_silu_forward[_grid(b, l, d)](
+        x, x.stride(0), x.stride(1), weight.contiguous(), bias if bias is not None else x,
+        seq_idx.contiguous() if seq_idx is not None else x, y, l, d, W=weight.shape[1], HAS_BIAS=bias is not None,
+        HAS_DOC=seq_idx is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     return y
 
 
 def conv_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
                               seq_idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gradients of `conv_silu_triton` (x, weight, bias or None) in their inputs' dtypes."""
+    """Gradients of `conv_silu_triton` (x, weight, bias or None) in their inputs' dtypes: the
+    gradient before the SiLU (with the weight and bias sums), then the conv transposed."""
     x, dy = _rows(x), _rows(dy)
     b, l, d = x.shape
     w = weight.shape[1]
     grid = _grid(b, l, d)
-    dx = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
-    dw = torch.empty(grid[0] * b, d, w, device=x.device, dtype=torch.float32)
-    db = torch.empty(grid[0] * b, d, device=x.device, dtype=torch.float32) if bias is not None else None
-    _, backward = _kernels()
-    backward[grid](x, x.stride(0), x.stride(1), weight.contiguous(), bias if bias is not None else x,
-                   seq_idx.contiguous() if seq_idx is not None else x, dy, dy.stride(0), dy.stride(1), dx, dw,
-                   db if db is not None else dw, l, d, W=w, HAS_BIAS=bias is not None, HAS_DOC=seq_idx is not None,
-                   BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+    weight = weight.contiguous()
+    docs = seq_idx.contiguous() if seq_idx is not None else x
+    dpre = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
+    dw = torch.empty(grid[1] * b, d, w, device=x.device, dtype=torch.float32)
+    db = torch.empty(grid[1] * b, d, device=x.device, dtype=torch.float32) if bias is not None else None
+    kernels = _kernels()
+    kernels.conv_silu_backward_pre[grid](
+        x, x.stride(0), x.stride(1), weight, bias if bias is not None else x, docs, dy, dy.stride(0), dy.stride(1),
+        dpre, dw, db if db is not None else dw, l, d, W=w, HAS_BIAS=bias is not None, HAS_DOC=seq_idx is not None,
+        BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+    dx = torch.empty_like(dpre)
+    kernels.conv_backward_input[grid](dpre, weight, docs, dx, l, d, W=w, HAS_DOC=seq_idx is not None,
+                                      BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype) if db is not None else None
