@@ -2,11 +2,12 @@
 compiled reference (the shifted products, `conv._conv_taps`, as torch.compile fuses them) and the
 eager reference (cuDNN's depthwise conv), forward and forward + backward.
 
-    PYTHONPATH=. python benchmarks/conv_kernel.py [--blocks 64x64,32x128] [--out conv.json]
+    PYTHONPATH=. python benchmarks/conv_kernel.py [--configs 32x64x4,64x64x8] [--out conv.json]
 
 Shape of the 1B mamba2 layer (sequence 8192, batch 2): rows [2, 8192, 4352] of x, B and C, a
 column slice of the [2, 8192, 8480] projection output, bf16, with and without document ids.
-`--blocks` times the Triton kernels at other tile sizes (positions x channels per program).
+`--configs` times the Triton kernels at other tiles (positions x channels x warps per program)
+and checks their outputs and gradients against the default tile's.
 GB/s counts the passes each direction must make at least: forward reads x and writes y, the
 backward reads x and dy and writes dx. Median of 10 runs after 3 (CUDA events), each of 10 calls
 in a row (a single call's time would include the host's dispatch). Prints a table, writes JSON.
@@ -38,14 +39,18 @@ def inputs(docs: bool) -> tuple:
     weight = torch.randn(D, W, device="cuda", generator=g, dtype=torch.bfloat16) * 0.5
     bias = torch.randn(D, device="cuda", generator=g, dtype=torch.bfloat16)
     seq_idx = (torch.rand(B, L, device="cuda", generator=g) < 1 / 1024).cumsum(1) if docs else None
-    return rows.transpose(1, 2), weight, bias, seq_idx
+    dy = torch.randn(B, L, D, device="cuda", generator=g, dtype=torch.bfloat16)  # rows, as the mixer's split hands it back
+    return rows.transpose(1, 2), weight, bias, seq_idx, dy.transpose(1, 2)
 
 
-def time_conv(conv, x, weight, bias, seq_idx) -> dict[str, float]:
-    leaves = [t.detach().clone().requires_grad_() for t in (weight, bias)]
-    xg = x.detach().requires_grad_()
-    dy = torch.randn(B, D, L, device="cuda", dtype=torch.bfloat16)
+def outputs(conv, x, weight, bias, seq_idx, dy) -> list[torch.Tensor]:
+    """y and the gradients of x, weight and bias."""
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    y = conv(*leaves, seq_idx)
+    return [y, *torch.autograd.grad(y, leaves, dy)]
 
+
+def time_conv(conv, x, weight, bias, seq_idx, dy) -> dict[str, float]:
     def forward():
         with torch.no_grad():
             for _ in range(REPEAT):
@@ -53,7 +58,7 @@ def time_conv(conv, x, weight, bias, seq_idx) -> dict[str, float]:
 
     def forward_backward():
         for _ in range(REPEAT):
-            conv(xg, *leaves, seq_idx).backward(dy)
+            outputs(conv, x, weight, bias, seq_idx, dy)
 
     fwd, fwd_bwd = cuda_time(forward) / REPEAT, cuda_time(forward_backward) / REPEAT
     tensor_bytes = B * L * D * 2
@@ -61,9 +66,13 @@ def time_conv(conv, x, weight, bias, seq_idx) -> dict[str, float]:
             "fwd_bwd_GBps": 5 * tensor_bytes / fwd_bwd / 1e6}
 
 
+def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(((u.float() - v.float()).norm() / v.float().norm()).item() for u, v in zip(a, b))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", default="", help="extra Triton tile sizes, e.g. 32x128,128x32")
+    parser.add_argument("--configs", default="", help="other Triton tiles, positions x channels x warps: 32x64x4,64x64x8")
     parser.add_argument("--out", default="conv_kernel.json")
     args = parser.parse_args()
 
@@ -76,23 +85,28 @@ def main() -> None:
         with reference_kernels():
             return causal_conv1d(x, w, b, None, seq_idx)
 
-    default = (conv_triton.BLOCK_L, conv_triton.BLOCK_D)
-    blocks = [default] + [tuple(int(v) for v in s.split("x")) for s in args.blocks.split(",") if s]
+    default = dict(conv_triton.TILE)
+    tiles = [default] + [dict(zip(("BLOCK_L", "BLOCK_D", "num_warps"), map(int, c.split("x"))))
+                         for c in args.configs.split(",") if c]
     rows = []
     for docs in (False, True):
         case = inputs(docs)
-        for block_l, block_d in blocks:
-            conv_triton.BLOCK_L, conv_triton.BLOCK_D = block_l, block_d
-            rows.append({"kernel": f"triton {block_l}x{block_d}", "docs": docs, **time_conv(triton_conv, *case)})
-        conv_triton.BLOCK_L, conv_triton.BLOCK_D = default
-        rows.append({"kernel": "compiled reference", "docs": docs, **time_conv(compiled_taps, *case)})
-        rows.append({"kernel": "eager reference", "docs": docs, **time_conv(eager_reference, *case)})
+        want = outputs(triton_conv, *case)
+        for tile in tiles:
+            conv_triton.TILE = tile
+            name = "triton " + "x".join(str(v) for v in tile.values())
+            rows.append({"kernel": name, "docs": docs, "max_rel_diff": max_rel_diff(outputs(triton_conv, *case), want),
+                         **time_conv(triton_conv, *case)})
+        conv_triton.TILE = default
+        for name, conv in (("compiled reference", compiled_taps), ("eager reference", eager_reference)):
+            rows.append({"kernel": name, "docs": docs, "max_rel_diff": max_rel_diff(outputs(conv, *case), want),
+                         **time_conv(conv, *case)})
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                           "shape": [B, L, D], "width": W, "rows": rows}, indent=2))
-    print(f"{'kernel':<22} {'docs':<5} {'fwd ms':>8} {'GB/s':>7} {'fwd+bwd ms':>11} {'GB/s':>7}")
+    print(f"{'kernel':<22} {'docs':<5} {'fwd ms':>8} {'GB/s':>7} {'fwd+bwd ms':>11} {'GB/s':>7} {'vs default':>10}")
     for r in rows:
         print(f"{r['kernel']:<22} {str(r['docs']):<5} {r['fwd_ms']:>8.3f} {r['fwd_GBps']:>7.0f} "
-              f"{r['fwd_bwd_ms']:>11.3f} {r['fwd_bwd_GBps']:>7.0f}")
+              f"{r['fwd_bwd_ms']:>11.3f} {r['fwd_bwd_GBps']:>7.0f} {r['max_rel_diff']:>10.1e}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def values_and_grads(conv, x, w, bias, grad_out, dtype=None):
 
 @pytest.mark.skipif(has_causal_conv1d(), reason="causal-conv1d takes the dispatch when installed")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("width,docs,bias", [(4, False, True), (4, True, True), (3, True, False)])
+@pytest.mark.parametrize("width,docs,bias", [(4, False, True), (4, True, True), (3, True, False), (2, False, False),
+                                             (5, True, True)])
 def test_triton_conv_matches_fp64_reference(dtype, tol, width, docs, bias):
     assert has_triton()
     x, w, bi, seq_idx, grad_out = conv_case(dtype, width, docs, bias)
@@ -67,8 +68,17 @@ def test_triton_conv_compiled_under_autocast_matches_eager_reference():
     assert rel(got, want) < 1e-2 and all(rel(a, b) < 1e-2 for a, b in zip(got_grads, want_grads))
 
 
-def test_triton_conv_opcheck():
-    x, w, bi, seq_idx, _ = conv_case(torch.bfloat16, 4, True, True, l=1100, d=72)
+@pytest.mark.parametrize("docs,bias", [(True, True), (False, False)])
+def test_triton_conv_opcheck(docs, bias):
+    x, w, bi, seq_idx, _ = conv_case(torch.bfloat16, 4, docs, bias, l=1100, d=72)
     rows = x.transpose(1, 2).detach().requires_grad_()
     torch.library.opcheck(torch.ops.pretrain.conv_silu_rows.default,
-                          (rows, w.requires_grad_(), bi.requires_grad_(), seq_idx.to(torch.int32)))
+                          (rows, w.requires_grad_(), bi.requires_grad_() if bias else None,
+                           seq_idx.to(torch.int32) if docs else None))
+
+
+def test_fp64_takes_the_reference():
+    x, w, bi, seq_idx, _ = conv_case(torch.float64, 4, True, True, l=1100, d=72)
+    with reference_kernels():
+        want = causal_conv1d(x, w, bi, None, seq_idx)
+    assert torch.equal(causal_conv1d(x, w, bi, None, seq_idx), want)

@@ -132,20 +132,21 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor 
                   seq_idx: Tensor | None = None, cache: dict | None = None) -> Tensor:
     """Dispatching conv (custom ops, see library.py) on CUDA without a carried-in state:
     causal-conv1d's CUDA kernel when installed, else our Triton kernels (conv_triton.py); the
-    reference otherwise. causal-conv1d takes `seq_idx` (int32) only in channel-last layout
-    (x.stride(1) == 1); ours read the rows x.transpose(1, 2) as the projection wrote them."""
-    if not (wants_fast_kernel(x) and state is None and (has_causal_conv1d() or has_triton())):
+    reference otherwise (also for fp64). causal-conv1d takes `seq_idx` (int32) only in channel-last
+    layout (x.stride(1) == 1), whose rows it needs 8-element aligned; ours read the rows
+    x.transpose(1, 2) as the projection wrote them (x, B and C: a column slice of its output)."""
+    dtype = compute_dtype(x, weight)  # autocast's, as the reference
+    if not (wants_fast_kernel(x) and state is None and dtype != torch.float64 and (has_causal_conv1d() or has_triton())):
         return causal_conv1d_reference(x, weight, bias, state, seq_idx, cache)
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32).contiguous()
     if not has_causal_conv1d():
-        dtype = compute_dtype(x, weight)  # autocast's, as the reference
         rows = torch.ops.pretrain.conv_silu_rows(x.transpose(1, 2).to(dtype), weight.to(dtype),
                                                  bias.to(dtype) if bias is not None else None, seq_idx)
         return rows.transpose(1, 2)
-    if seq_idx is not None:
-        if x.stride(1) != 1:
-            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    channel_last = x.stride(1) == 1
+    if (seq_idx is not None and not channel_last) or (channel_last and x.stride(2) % 8):
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channel-last with 16-byte aligned rows
     return torch.ops.pretrain.causal_conv1d(x, weight, bias, seq_idx)
 
 

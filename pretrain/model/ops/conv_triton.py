@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-BLOCK_L = 64  # positions per program
-BLOCK_D = 64  # channels per program: 128 contiguous bytes per row in bf16
+# every launch's tile: positions and channels per program (64 channels: 128 contiguous bytes per
+# row in bf16), and warps per program; benchmarks/conv_kernel.py --configs times others
+TILE = {"BLOCK_L": 64, "BLOCK_D": 64, "num_warps": 4}
 
 
 def _kernels():
@@ -36,7 +37,7 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _grid(b: int, l: int, d: int) -> tuple[int, int, int]:
-    return -(-d // BLOCK_D), -(-l // BLOCK_L), b
+    return -(-d // TILE["BLOCK_D"]), -(-l // TILE["BLOCK_L"]), b
 
 
 def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
@@ -45,11 +46,12 @@ def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Te
     [b, l, d] contiguous in x's dtype; `causal_conv1d_reference` on x.transpose(1, 2), transposed."""
     x = _rows(x)
     b, l, d = x.shape
+    assert weight.shape[0] == d and (bias is None or bias.shape == (d,)), "one weight row and bias per channel"
     y = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
     _kernels().conv_silu_forward[_grid(b, l, d)](
         x, x.stride(0), x.stride(1), weight.contiguous(), bias if bias is not None else x,
         seq_idx.contiguous() if seq_idx is not None else x, y, l, d, W=weight.shape[1], HAS_BIAS=bias is not None,
-        HAS_DOC=seq_idx is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+        HAS_DOC=seq_idx is not None, **TILE)
     return y
 
 
@@ -70,8 +72,7 @@ def conv_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
     kernels.conv_silu_backward_pre[grid](
         x, x.stride(0), x.stride(1), weight, bias if bias is not None else x, docs, dy, dy.stride(0), dy.stride(1),
         dpre, dw, db if db is not None else dw, l, d, W=w, HAS_BIAS=bias is not None, HAS_DOC=seq_idx is not None,
-        BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+        **TILE)
     dx = torch.empty_like(dpre)
-    kernels.conv_backward_input[grid](dpre, weight, docs, dx, l, d, W=w, HAS_DOC=seq_idx is not None,
-                                      BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+    kernels.conv_backward_input[grid](dpre, weight, docs, dx, l, d, W=w, HAS_DOC=seq_idx is not None, **TILE)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype) if db is not None else None

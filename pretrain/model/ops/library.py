@@ -204,7 +204,7 @@ def causal_conv1d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
 
 @register_fake("pretrain::causal_conv1d_backward")
 def _(dy, x, weight, bias, seq_idx):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
 
 
 def _conv_setup(ctx, inputs, output) -> None:
@@ -248,7 +248,7 @@ def conv_silu_rows_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tens
 
 @register_fake("pretrain::conv_silu_rows_backward")
 def _(dy, x, weight, bias, seq_idx):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
 
 
 def _conv_rows_backward(ctx, dy: Tensor):
