@@ -159,11 +159,12 @@ class Mamba2(nn.Module):
         sizes = [w.shape[0] for w in weights]
         if u.shape[1] == 1 and packed is None:  # decoding: one GEMV per part, not a copy of every weight per token
             z, *middle, dt = (F.linear(u, w) for w in weights)
-            xbc = torch.cat(middle, dim=-1) if len(middle) > 1 else middle[0]
         else:  # one GEMM (the packed one when decoding); x, B, C are adjacent columns: a view, no copy
             weight = packed if packed is not None and u.shape[1] == 1 else torch.cat(weights)
             z, xbc, dt = F.linear(u, weight).split([sizes[0], sum(sizes[1:-1]), sizes[-1]], dim=-1)
-        return z, torch.cat([x, xbc], dim=-1) if self.external_x else xbc, dt
+            middle = [xbc]
+        parts = ([x] if self.external_x else []) + middle
+        return z, torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], dt
 
     def forward(self, u: Tensor, positions: Tensor | PackedDocs | None = None, state: dict | None = None,
                 x: Tensor | None = None) -> Tensor:

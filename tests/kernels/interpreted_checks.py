@@ -1,0 +1,83 @@
+"""Checks of our Triton kernels against their PyTorch references, for Triton's CPU interpreter:
+`TRITON_INTERPRET=1 python tests/kernels/interpreted_checks.py conv|softmax_xent|adamw` exits
+non-zero on a mismatch. Inputs are fp32 (the interpreter casts to bf16 by truncation, not by
+rounding as the GPU does, so 16-bit outputs are compared to within one unit in the last place)."""
+import sys
+
+import torch
+
+from pretrain.model.ops.conv import causal_conv1d_reference
+from pretrain.model.ops.conv_triton import conv_silu_backward_triton, conv_silu_triton
+from pretrain.model.ops.softmax_xent_triton import softmax_xent_reference, softmax_xent_triton
+from pretrain.optim.adamw_triton import adamw_with_copy_
+
+torch.set_num_threads(1)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_conv() -> None:
+    """Values and the gradients of x, weight and bias against the fp64 reference: sequences shorter
+    than the width and off the tiles, widths 2-5, with and without bias and document ids (documents
+    of one token too), rows sliced from wider rows."""
+    g = torch.Generator().manual_seed(0)
+    for b, l, d, w, bias, docs, extra in [(2, 150, 70, 4, True, True, 6), (1, 3, 5, 4, False, False, 0),
+                                          (2, 65, 64, 2, True, False, 0), (1, 130, 33, 5, False, True, 3)]:
+        x = torch.randn(b, l, d + extra, generator=g)[..., :d]
+        weight = torch.randn(d, w, generator=g)
+        bi = torch.randn(d, generator=g) if bias else None
+        seq_idx = (torch.rand(b, l, generator=g) < 0.2).cumsum(1).int() if docs else None
+        dy = torch.randn(b, l, d, generator=g)
+        leaves = [t.double().requires_grad_() for t in (x, weight, bi) if t is not None]
+        want = causal_conv1d_reference(leaves[0].transpose(1, 2), leaves[1], leaves[2] if bias else None, None,
+                                       seq_idx.long() if docs else None).transpose(1, 2)
+        want_grads = torch.autograd.grad(want, leaves, dy.double())
+        got = conv_silu_triton(x, weight, bi, seq_idx)
+        got_grads = [t for t in conv_silu_backward_triton(dy, x, weight, bi, seq_idx) if t is not None]
+        case = (b, l, d, w, bias, docs)
+        assert rel(got, want) < 1e-6, (case, "y", rel(got, want))
+        for name, a, e in zip(("x", "weight", "bias"), got_grads, want_grads):
+            assert rel(a, e) < 1e-5, (case, name, rel(a, e))
+
+
+def check_softmax_xent() -> None:
+    """Each row's loss and the gradient written over the logits (two vocabulary blocks, an ignored row)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=g) * 3
+    targets = torch.tensor([0, 4999, 17, -100, 4096, 4095])
+    scale = torch.tensor(0.25)
+    want_logits, got_logits = logits.clone(), logits.clone()
+    want = softmax_xent_reference(want_logits, targets, scale)
+    got = softmax_xent_triton(got_logits, targets, scale)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got_logits[3], torch.zeros(5000))
+
+
+def check_adamw() -> None:
+    """Three steps (a changing learning rate, a gradient scale) against torch's AdamW: fp32 masters and
+    moments within fp32 rounding, the bf16 copy the master's to one unit in the last place."""
+    g = torch.Generator().manual_seed(0)
+    param = torch.randn(5000, generator=g) * 0.02  # off the kernel's 2048-element blocks
+    ref = torch.nn.Parameter(param.clone())
+    opt = torch.optim.AdamW([ref], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    copy = torch.empty_like(param, dtype=torch.bfloat16)
+    for step, scale in enumerate((1.0, 0.37, 1.0), start=1):
+        grad = (torch.randn(5000, generator=g) * 0.1).to(torch.bfloat16)
+        opt.param_groups[0]["lr"] = 1e-3 * step
+        ref.grad = grad.float() * scale
+        opt.step()
+        adamw_with_copy_(param, grad, exp_avg, exp_avg_sq, copy, step=step, lr=1e-3 * step, beta1=0.9, beta2=0.95,
+                         eps=1e-8, weight_decay=0.1, grad_scale=scale)
+    torch.testing.assert_close(param, ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(exp_avg, opt.state[ref]["exp_avg"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(exp_avg_sq, opt.state[ref]["exp_avg_sq"], rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(copy.float(), param, rtol=2**-7, atol=0)
+
+
+if __name__ == "__main__":
+    {"conv": check_conv, "softmax_xent": check_softmax_xent, "adamw": check_adamw}[sys.argv[1]]()
+    print("ok")
