@@ -190,7 +190,7 @@ def causal_conv1d_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Te
 
 
 @register_fake("pretrain::causal_conv1d")
-def _(x, weight, bias, seq_idx=None):
+def _conv_fake(x, weight, bias, seq_idx=None):
     return x.new_empty(x.shape)
 
 
@@ -203,8 +203,10 @@ def causal_conv1d_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
 
 
 @register_fake("pretrain::causal_conv1d_backward")
-def _(dy, x, weight, bias, seq_idx):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+def _conv_backward_fake(dy, x, weight, bias, seq_idx):
+    """Gradients of x, weight and bias (empty without one), as both conv ops' backwards return them."""
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
 
 
 def _conv_setup(ctx, inputs, output) -> None:
@@ -234,9 +236,7 @@ def conv_silu_rows_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     return conv_silu_triton(x, weight, bias, seq_idx)
 
 
-@register_fake("pretrain::conv_silu_rows")
-def _(x, weight, bias, seq_idx=None):
-    return x.new_empty(x.shape)
+register_fake("pretrain::conv_silu_rows", _conv_fake)
 
 
 @custom_op("pretrain::conv_silu_rows_backward", mutates_args=(), device_types="cuda")
@@ -246,9 +246,7 @@ def conv_silu_rows_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tens
     return dx, dweight, _or_empty(dbias, weight)
 
 
-@register_fake("pretrain::conv_silu_rows_backward")
-def _(dy, x, weight, bias, seq_idx):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+register_fake("pretrain::conv_silu_rows_backward", _conv_backward_fake)
 
 
 def _conv_rows_backward(ctx, dy: Tensor):
