@@ -2,17 +2,20 @@
 projection's own layout: rows [b, l, d], channels contiguous.
 
 Compiled, the reference's shifted products (`conv._conv_taps`) became six Inductor kernels per
-layer (the padded input, the taps, and four in the backward) at about a fifth of the H200's memory
-bandwidth: ~1.2 ms per layer for a [2, 8192, 4352] bf16 input, 12 ms of the 1B hybrid_moe step.
-Here the forward reads x once and writes y. The backward recomputes the pre-activation instead of
-saving it: one kernel reads x and dy and writes the gradient before the SiLU, a second reads that
-and writes dx (the shifted re-reads of a tile hit the cache): five passes in all.
+layer (the padded input, the taps, and four in the backward) well below the H200's memory
+bandwidth: 13.9 ms of the 1B hybrid_moe step (11 layers of [2, 8192, 4352] bf16). Here the forward
+reads x once and writes y. The backward recomputes the pre-activation instead of saving it: one
+kernel reads x and dy and writes the gradient before the SiLU, a second reads that and writes dx
+(the shifted re-reads of a tile hit the cache): five passes in all. Measured in that step: 11.0 ms,
+the forward at ~1.8 TB/s, the first backward kernel at ~0.75 TB/s - the one to improve next
+(docs/benchmarks.md, "A Triton causal conv for Mamba2").
 
 Each program owns a tile of positions x channels. An output at t sums taps at t - (w-1) .. t; with
 document ids (`seq_idx`), a tap in another document than t's is dropped, as in the reference.
 The weight and bias gradients are summed per program into fp32 partials, [programs over b and l,
 d, w], and summed over programs by torch: deterministic, where atomics would not be.
-`causal_conv1d_reference` (conv.py) is the oracle (tests/gpu/test_conv_kernel.py).
+`causal_conv1d_reference` (conv.py) is the oracle (tests/gpu/test_conv_kernel.py on CUDA,
+tests/kernels in Triton's CPU interpreter).
 """
 
 from __future__ import annotations
