@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	@# CPU build from local disk first, so the project's torch>=2.11 range installs nothing more.
 	@$(PY) -c "import torch" 2>/dev/null || { echo "==> installing $(TORCH) (CPU build, about a minute)"; \
 		$(PY) -m pip install -q $(TORCH); }
-	@echo "==> installing the project and its dev extra (pytest, transformers, megatron-core) into $(VENV)"
+	@echo "==> installing the project and its dev extra (pytest, transformers, megatron-core, triton) into $(VENV)"
 	@$(PY) -m pip install -q -e ".[dev]"
 	@touch $@
 	@echo "==> environment ready: source $(VENV)/bin/activate to use it in your shell"
