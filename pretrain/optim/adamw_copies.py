@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from parallel.mixed_precision import WorkingCopies
-from pretrain.optim.adamw_triton import adamw_with_copy_, has_triton, kernel_applies
+from pretrain.model.ops.library import has_triton
+from pretrain.optim.adamw_triton import adamw_with_copy_, kernel_applies
 from pretrain.optim.state import keep_implementation_on_load
 
 
