@@ -2,12 +2,14 @@
 compiled reference (the shifted products, `conv._conv_taps`, as torch.compile fuses them) and the
 eager reference (cuDNN's depthwise conv), forward and forward + backward.
 
-    PYTHONPATH=. python benchmarks/conv_kernel.py [--configs 32x64x4,64x64x8] [--out conv.json]
+    PYTHONPATH=. python benchmarks/conv_kernel.py [--tiles forward=64x64x4,backward_pre=32x64x4x512 ...]
+                                                  [--out conv.json]
 
 Shape of the 1B mamba2 layer (sequence 8192, batch 2): rows [2, 8192, 4352] of x, B and C, a
 column slice of the [2, 8192, 8480] projection output, bf16, with and without document ids.
-`--configs` times the Triton kernels at other tiles (positions x channels x warps per program)
-and checks their outputs and gradients against the default tile's.
+Each `--tiles` times the Triton kernels with other tiles (`conv_triton.TILES`: kernel=positions x
+channels x warps per program, x positions one program walks for backward_pre) and checks their
+outputs and gradients against the default tiles'.
 GB/s counts the passes each direction must make at least: forward reads x and writes y, the
 backward reads x and dy and writes dx. Median of 10 runs after 3 (CUDA events), each of 10 calls
 in a row (a single call's time would include the host's dispatch). Prints a table, writes JSON.
@@ -66,13 +68,22 @@ def time_conv(conv, x, weight, bias, seq_idx, dy) -> dict[str, float]:
             "fwd_bwd_GBps": 5 * tensor_bytes / fwd_bwd / 1e6}
 
 
+def parse_tile(spec: str) -> tuple[str, dict[str, int]]:
+    """'backward_pre=16x64x4x1024' -> ('backward_pre', {BLOCK_L: 16, BLOCK_D: 64, num_warps: 4, positions: 1024})."""
+    kernel, _, sizes = spec.partition("=")
+    if kernel not in conv_triton.TILES:
+        raise SystemExit(f"--tiles {spec}: kernel {kernel!r} is not one of {', '.join(conv_triton.TILES)}")
+    return kernel, dict(zip(("BLOCK_L", "BLOCK_D", "num_warps", "positions"), map(int, sizes.split("x"))))
+
+
 def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(((u.float() - v.float()).norm() / v.float().norm()).item() for u, v in zip(a, b))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="", help="other Triton tiles, positions x channels x warps: 32x64x4,64x64x8")
+    parser.add_argument("--tiles", action="append", default=[],
+                        help="other tiles, kernel=positions x channels x warps[x walk]: forward=64x64x4,backward_pre=32x64x4x512")
     parser.add_argument("--out", default="conv_kernel.json")
     args = parser.parse_args()
 
@@ -85,27 +96,26 @@ def main() -> None:
         with reference_kernels():
             return causal_conv1d(x, w, b, None, seq_idx)
 
-    default = dict(conv_triton.TILE)
-    tiles = [default] + [dict(zip(("BLOCK_L", "BLOCK_D", "num_warps"), map(int, c.split("x"))))
-                         for c in args.configs.split(",") if c]
+    default = conv_triton.TILES
+    variants = [("default", default)] + [(spec, {**default, **dict(map(parse_tile, spec.split(",")))})
+                                         for spec in args.tiles]
     rows = []
     for docs in (False, True):
         case = inputs(docs)
         want = outputs(triton_conv, *case)
-        for tile in tiles:
-            conv_triton.TILE = tile
-            name = "triton " + "x".join(str(v) for v in tile.values())
+        for name, tiles in variants:
+            conv_triton.TILES = tiles
             rows.append({"kernel": name, "docs": docs, "max_rel_diff": max_rel_diff(outputs(triton_conv, *case), want),
                          **time_conv(triton_conv, *case)})
-        conv_triton.TILE = default
+        conv_triton.TILES = default
         for name, conv in (("compiled reference", compiled_taps), ("eager reference", eager_reference)):
             rows.append({"kernel": name, "docs": docs, "max_rel_diff": max_rel_diff(outputs(conv, *case), want),
                          **time_conv(conv, *case)})
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                           "shape": [B, L, D], "width": W, "rows": rows}, indent=2))
-    print(f"{'kernel':<22} {'docs':<5} {'fwd ms':>8} {'GB/s':>7} {'fwd+bwd ms':>11} {'GB/s':>7} {'vs default':>10}")
+    print(f"{'kernel':<40} {'docs':<5} {'fwd ms':>8} {'GB/s':>7} {'fwd+bwd ms':>11} {'GB/s':>7} {'vs default':>10}")
     for r in rows:
-        print(f"{r['kernel']:<22} {str(r['docs']):<5} {r['fwd_ms']:>8.3f} {r['fwd_GBps']:>7.0f} "
+        print(f"{r['kernel']:<40} {str(r['docs']):<5} {r['fwd_ms']:>8.3f} {r['fwd_GBps']:>7.0f} "
               f"{r['fwd_bwd_ms']:>11.3f} {r['fwd_bwd_GBps']:>7.0f} {r['max_rel_diff']:>10.1e}")
 
 

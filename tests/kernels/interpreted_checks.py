@@ -21,10 +21,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_conv() -> None:
     """Values and the gradients of x, weight and bias against the fp64 reference: sequences shorter
     than the width and off the tiles, widths 2-5, with and without bias and document ids (documents
-    of one token too), rows sliced from wider rows."""
+    of one token too), rows sliced from wider rows; one longer than a backward program's walk along l."""
     g = torch.Generator().manual_seed(0)
     for b, l, d, w, bias, docs, extra in [(2, 150, 70, 4, True, True, 6), (1, 3, 5, 4, False, False, 0),
-                                          (2, 65, 64, 2, True, False, 0), (1, 130, 33, 5, False, True, 3)]:
+                                          (2, 65, 64, 2, True, False, 0), (1, 130, 33, 5, False, True, 3),
+                                          (2, 2100, 9, 4, True, True, 0)]:
         x = torch.randn(b, l, d + extra, generator=g)[..., :d]
         weight = torch.randn(d, w, generator=g)
         bi = torch.randn(d, generator=g) if bias else None

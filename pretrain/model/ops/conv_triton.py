@@ -23,9 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# every launch's tile: positions and channels per program (64 channels: 128 contiguous bytes per
-# row in bf16), and warps per program; benchmarks/conv_kernel.py --configs times others
-TILE = {"BLOCK_L": 64, "BLOCK_D": 64, "num_warps": 4}
+# each kernel's tile: positions and channels per program, warps per program, and for the first
+# backward kernel the positions one program walks (it sums the weight gradient over them in
+# registers); chosen on the H200 (benchmarks/conv_kernel.py --tiles times others)
+TILES = {
+    "forward": {"BLOCK_L": 32, "BLOCK_D": 128, "num_warps": 4},
+    "backward_pre": {"BLOCK_L": 16, "BLOCK_D": 64, "num_warps": 4, "positions": 1024},
+    "backward_input": {"BLOCK_L": 32, "BLOCK_D": 128, "num_warps": 4},
+}
 
 
 def _kernels():
@@ -39,8 +44,12 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _grid(b: int, l: int, d: int) -> tuple[int, int, int]:
-    return -(-d // TILE["BLOCK_D"]), -(-l // TILE["BLOCK_L"]), b
+def _launch(name: str, b: int, l: int, d: int, w: int) -> tuple[tuple[int, int, int], dict, int]:
+    """Grid (channel blocks fastest), Triton meta-parameters and tiles per program of kernel `name`."""
+    tile = dict(TILES[name])
+    steps = min(max(tile.pop("positions", tile["BLOCK_L"]) // tile["BLOCK_L"], 1), -(-l // tile["BLOCK_L"]))
+    grid = -(-d // tile["BLOCK_D"]), -(-l // (tile["BLOCK_L"] * steps)), b
+    return grid, {**tile, "W": w, "W_P2": 1 << (w - 1).bit_length()}, steps  # taps padded to a power of two
 
 
 def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
@@ -51,10 +60,11 @@ def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Te
     b, l, d = x.shape
     assert weight.shape[0] == d and (bias is None or bias.shape == (d,)), "one weight row and bias per channel"
     y = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
-    _kernels().conv_silu_forward[_grid(b, l, d)](
+    grid, meta, _ = _launch("forward", b, l, d, weight.shape[1])
+    _kernels().conv_silu_forward[grid](
         x, x.stride(0), x.stride(1), weight.contiguous(), bias if bias is not None else x,
-        seq_idx.contiguous() if seq_idx is not None else x, y, l, d, W=weight.shape[1], HAS_BIAS=bias is not None,
-        HAS_DOC=seq_idx is not None, **TILE)
+        seq_idx.contiguous() if seq_idx is not None else x, y, l, d, HAS_BIAS=bias is not None,
+        HAS_DOC=seq_idx is not None, **meta)
     return y
 
 
@@ -65,17 +75,18 @@ def conv_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
     x, dy = _rows(x), _rows(dy)
     b, l, d = x.shape
     w = weight.shape[1]
-    grid = _grid(b, l, d)
     weight = weight.contiguous()
     docs = seq_idx.contiguous() if seq_idx is not None else x
+    grid, meta, steps = _launch("backward_pre", b, l, d, w)
     dpre = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
     dw = torch.empty(grid[1] * b, d, w, device=x.device, dtype=torch.float32)
     db = torch.empty(grid[1] * b, d, device=x.device, dtype=torch.float32) if bias is not None else None
     kernels = _kernels()
     kernels.conv_silu_backward_pre[grid](
         x, x.stride(0), x.stride(1), weight, bias if bias is not None else x, docs, dy, dy.stride(0), dy.stride(1),
-        dpre, dw, db if db is not None else dw, l, d, W=w, HAS_BIAS=bias is not None, HAS_DOC=seq_idx is not None,
-        **TILE)
+        dpre, dw, db if db is not None else dw, l, d, steps, HAS_BIAS=bias is not None, HAS_DOC=seq_idx is not None,
+        **meta)
     dx = torch.empty_like(dpre)
-    kernels.conv_backward_input[grid](dpre, weight, docs, dx, l, d, W=w, HAS_DOC=seq_idx is not None, **TILE)
+    grid, meta, _ = _launch("backward_input", b, l, d, w)
+    kernels.conv_backward_input[grid](dpre, weight, docs, dx, l, d, HAS_DOC=seq_idx is not None, **meta)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype) if db is not None else None

@@ -228,8 +228,12 @@ register_autograd("pretrain::causal_conv1d", _conv_backward, setup_context=_conv
 
 # ---- causal depthwise conv + SiLU over rows [b, l, d] (our Triton kernels, conv_triton.py) ---------
 
+# The kernels take any row stride: compiled, the input may keep the padded rows Inductor gives the
+# projection's output (a custom op's default, exact eager strides, would copy it, twice a layer).
+_ANY_ROW_STRIDE = (torch.Tag.needs_fixed_stride_order,)
 
-@custom_op("pretrain::conv_silu_rows", mutates_args=(), device_types="cuda")
+
+@custom_op("pretrain::conv_silu_rows", mutates_args=(), device_types="cuda", tags=_ANY_ROW_STRIDE)
 def conv_silu_rows_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None = None) -> Tensor:
     """SiLU(causal depthwise conv) for x [b, l, d] (contiguous channels), weight [d, w]; no carried-in
     state; `seq_idx` [b, l] int32: no tap crosses a document start. [b, l, d] contiguous."""
@@ -239,7 +243,7 @@ def conv_silu_rows_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
 register_fake("pretrain::conv_silu_rows", _conv_fake)
 
 
-@custom_op("pretrain::conv_silu_rows_backward", mutates_args=(), device_types="cuda")
+@custom_op("pretrain::conv_silu_rows_backward", mutates_args=(), device_types="cuda", tags=_ANY_ROW_STRIDE)
 def conv_silu_rows_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
                                seq_idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     dx, dweight, dbias = conv_silu_backward_triton(dy, x, weight, bias, seq_idx)
