@@ -1,4 +1,4 @@
-"""Mamba2's causal depthwise conv + SiLU, forward and backward, as two Triton kernels over the
+"""Mamba2's causal depthwise conv + SiLU, forward and backward, as Triton kernels over the
 projection's own layout: rows [b, l, d], channels contiguous.
 
 Compiled, the reference's shifted products (`conv._conv_taps`) became six Inductor kernels per
@@ -6,9 +6,11 @@ layer (the padded input, the taps, and four in the backward) well below the H200
 bandwidth: 13.9 ms of the 1B hybrid_moe step (11 layers of [2, 8192, 4352] bf16). Here the forward
 reads x once and writes y. The backward recomputes the pre-activation instead of saving it: one
 kernel reads x and dy and writes the gradient before the SiLU, a second reads that and writes dx
-(the shifted re-reads of a tile hit the cache): five passes in all. Measured in that step: 11.0 ms,
-the forward at ~1.8 TB/s, the first backward kernel at ~0.75 TB/s - the one to improve next
-(docs/benchmarks.md, "A Triton causal conv for Mamba2").
+(the shifted re-reads of a tile hit the cache): five passes in all. The first backward kernel also
+sums the weight and bias gradients; a program walks 1024 positions and keeps the products in
+registers, reducing over positions once at the end (per tile, the reductions had made it 2.5x
+slower than the same kernel without them). docs/benchmarks.md, "Taps as a dimension", has the
+measurements.
 
 Each program owns a tile of positions x channels. An output at t sums taps at t - (w-1) .. t; with
 document ids (`seq_idx`), a tap in another document than t's is dropped, as in the reference.
