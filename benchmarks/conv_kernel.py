@@ -8,8 +8,9 @@ eager reference (cuDNN's depthwise conv), forward and forward + backward.
 Shape of the 1B mamba2 layer (sequence 8192, batch 2): rows [2, 8192, 4352] of x, B and C, a
 column slice of the [2, 8192, 8480] projection output, bf16, with and without document ids.
 Each `--tiles` times the Triton kernels with other tiles (`conv_triton.TILES`: kernel=positions x
-channels x warps per program, x positions one program walks for backward_pre) and checks their
-outputs and gradients against the default tiles'.
+channels x warps per program, for backward_pre optionally x the positions one program walks; the
+rest stays default) and checks their outputs and gradients against the default tiles'. The default
+tiles are timed again after the others (the first timings of a process can run slow).
 GB/s counts the passes each direction must make at least: forward reads x and writes y, the
 backward reads x and dy and writes dx. Median of 10 runs after 3 (CUDA events), each of 10 calls
 in a row (a single call's time would include the host's dispatch). Prints a table, writes JSON.
@@ -69,11 +70,17 @@ def time_conv(conv, x, weight, bias, seq_idx, dy) -> dict[str, float]:
 
 
 def parse_tile(spec: str) -> tuple[str, dict[str, int]]:
-    """'backward_pre=16x64x4x1024' -> ('backward_pre', {BLOCK_L: 16, BLOCK_D: 64, num_warps: 4, positions: 1024})."""
+    """'backward_pre=16x64x4x1024' -> ('backward_pre', the default tile with those sizes): positions x
+    channels x warps per program, and for backward_pre optionally the positions a program walks."""
     kernel, _, sizes = spec.partition("=")
     if kernel not in conv_triton.TILES:
         raise SystemExit(f"--tiles {spec}: kernel {kernel!r} is not one of {', '.join(conv_triton.TILES)}")
-    return kernel, dict(zip(("BLOCK_L", "BLOCK_D", "num_warps", "positions"), map(int, sizes.split("x"))))
+    fields = ("BLOCK_L", "BLOCK_D", "num_warps", "positions")[:4 if kernel == "backward_pre" else 3]
+    values = sizes.split("x")
+    if not 3 <= len(values) <= len(fields) or not all(v.isdigit() for v in values):
+        raise SystemExit(f"--tiles {spec}: give {'x'.join(fields[:3])}" + ("[xpositions]" if len(fields) == 4 else "")
+                         + " as whole numbers, e.g. 32x64x4")
+    return kernel, {**conv_triton.TILES[kernel], **dict(zip(fields, map(int, values)))}
 
 
 def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -86,6 +93,8 @@ def main() -> None:
                         help="other tiles, kernel=positions x channels x warps[x walk]: forward=64x64x4,backward_pre=32x64x4x512")
     parser.add_argument("--out", default="conv_kernel.json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("conv_kernel.py: needs a CUDA GPU (it times the Triton kernels against Inductor's and cuDNN's)")
 
     def triton_conv(x, w, b, seq_idx):
         return causal_conv1d(x, w, b, None, seq_idx)
@@ -97,8 +106,8 @@ def main() -> None:
             return causal_conv1d(x, w, b, None, seq_idx)
 
     default = conv_triton.TILES
-    variants = [("default", default)] + [(spec, {**default, **dict(map(parse_tile, spec.split(",")))})
-                                         for spec in args.tiles]
+    others = [(spec, {**default, **dict(map(parse_tile, spec.split(",")))}) for spec in args.tiles]
+    variants = [("default", default), *others] + ([("default, again", default)] if others else [])
     rows = []
     for docs in (False, True):
         case = inputs(docs)
@@ -113,9 +122,9 @@ def main() -> None:
                          **time_conv(conv, *case)})
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                           "shape": [B, L, D], "width": W, "rows": rows}, indent=2))
-    print(f"{'kernel':<40} {'docs':<5} {'fwd ms':>8} {'GB/s':>7} {'fwd+bwd ms':>11} {'GB/s':>7} {'vs default':>10}")
+    print(f"{'kernel':<50} {'docs':<5} {'fwd ms':>8} {'GB/s':>7} {'fwd+bwd ms':>11} {'GB/s':>7} {'vs default':>10}")
     for r in rows:
-        print(f"{r['kernel']:<40} {str(r['docs']):<5} {r['fwd_ms']:>8.3f} {r['fwd_GBps']:>7.0f} "
+        print(f"{r['kernel']:<50} {str(r['docs']):<5} {r['fwd_ms']:>8.3f} {r['fwd_GBps']:>7.0f} "
               f"{r['fwd_bwd_ms']:>11.3f} {r['fwd_bwd_GBps']:>7.0f} {r['max_rel_diff']:>10.1e}")
 
 

@@ -27,7 +27,8 @@ from torch import Tensor
 
 # each kernel's tile: positions and channels per program, warps per program, and for the first
 # backward kernel the positions one program walks (it sums the weight gradient over them in
-# registers); chosen on the H200 (benchmarks/conv_kernel.py --tiles times others)
+# registers). The forward's and backward_pre's were the fastest of those timed alone on the H200;
+# backward_input takes the forward's. benchmarks/conv_kernel.py --tiles times others.
 TILES = {
     "forward": {"BLOCK_L": 32, "BLOCK_D": 128, "num_warps": 4},
     "backward_pre": {"BLOCK_L": 16, "BLOCK_D": 64, "num_warps": 4, "positions": 1024},
@@ -46,11 +47,17 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(name: str, b: int, l: int, d: int, w: int) -> tuple[tuple[int, int, int], dict, int]:
-    """Grid (channel blocks fastest), Triton meta-parameters and tiles per program of kernel `name`."""
+def _launch(name: str, x: Tensor, w: int) -> tuple[tuple[int, int, int], dict, int]:
+    """Grid (channel blocks fastest), Triton meta-parameters and tiles per program along l of kernel
+    `name` over x [b, l, d]. A program walks fewer tiles than its tile allows where the grid would
+    otherwise give an SM fewer than two programs (short sequences, small batches)."""
+    b, l, d = x.shape
     tile = dict(TILES[name])
-    steps = min(max(tile.pop("positions", tile["BLOCK_L"]) // tile["BLOCK_L"], 1), -(-l // tile["BLOCK_L"]))
-    grid = -(-d // tile["BLOCK_D"]), -(-l // (tile["BLOCK_L"] * steps)), b
+    tiles_l, channel_blocks = -(-l // tile["BLOCK_L"]), -(-d // tile["BLOCK_D"])
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    walk = min(tile.pop("positions", tile["BLOCK_L"]) // tile["BLOCK_L"], channel_blocks * tiles_l * b // (2 * sms))
+    steps = max(1, min(walk, tiles_l))
+    grid = channel_blocks, -(-tiles_l // steps), b
     return grid, {**tile, "W": w, "W_P2": 1 << (w - 1).bit_length()}, steps  # taps padded to a power of two
 
 
@@ -62,7 +69,7 @@ def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Te
     b, l, d = x.shape
     assert weight.shape[0] == d and (bias is None or bias.shape == (d,)), "one weight row and bias per channel"
     y = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
-    grid, meta, _ = _launch("forward", b, l, d, weight.shape[1])
+    grid, meta, _ = _launch("forward", x, weight.shape[1])
     _kernels().conv_silu_forward[grid](
         x, x.stride(0), x.stride(1), weight.contiguous(), bias if bias is not None else x,
         seq_idx.contiguous() if seq_idx is not None else x, y, l, d, HAS_BIAS=bias is not None,
@@ -79,7 +86,7 @@ def conv_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
     w = weight.shape[1]
     weight = weight.contiguous()
     docs = seq_idx.contiguous() if seq_idx is not None else x
-    grid, meta, steps = _launch("backward_pre", b, l, d, w)
+    grid, meta, steps = _launch("backward_pre", x, w)
     dpre = torch.empty(b, l, d, device=x.device, dtype=x.dtype)
     dw = torch.empty(grid[1] * b, d, w, device=x.device, dtype=torch.float32)
     db = torch.empty(grid[1] * b, d, device=x.device, dtype=torch.float32) if bias is not None else None
@@ -89,6 +96,6 @@ def conv_silu_backward_triton(dy: Tensor, x: Tensor, weight: Tensor, bias: Tenso
         dpre, dw, db if db is not None else dw, l, d, steps, HAS_BIAS=bias is not None, HAS_DOC=seq_idx is not None,
         **meta)
     dx = torch.empty_like(dpre)
-    grid, meta, _ = _launch("backward_input", b, l, d, w)
+    grid, meta, _ = _launch("backward_input", x, w)
     kernels.conv_backward_input[grid](dpre, weight, docs, dx, l, d, HAS_DOC=seq_idx is not None, **meta)
     return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype) if db is not None else None
