@@ -3,12 +3,14 @@ with FSDP2 / HSDP, on gloo against the same model in one process, for every mixe
 sliding-window + sinks over a sequence longer than window + sinks, Mamba2 with 1 and 2 groups,
 intra-hybrid and its TP-relevant variants) and FFN (SwiGLU, MoE): in fp64 every gradient agrees to
 1e-10 (the layout is exact), in fp32 the losses of 3 AdamW steps to 1e-5 and every gradient to 1e-5,
-or, where fp32 itself is less accurate than that, as close to the fp64 truth as one process is
+or, where fp32 itself is less accurate than that, as close to the fp64 truth as one process is;
+Mamba2's per-channel and per-head vectors, sums that mostly cancel, within 4e-5 of it
 (`check_fp32_gradients`)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch.multiprocessing as mp
@@ -27,13 +29,20 @@ INTRA_VARIANTS = [{**KV2, "norm": "rms", "scaling": "diff", "value_sharing": Tru
                   {**KV2, "scaling": "gate", "out_proj": "unified"}, {**KV2, "scaling": "vector", "fusion": "add"}]
 # fp32 gradients (issue 10): rel 1e-5 of one process (|g - g_1| / |g_1| per tensor) for every
 # well-conditioned tensor: one whose 1-process fp32 gradient is within a quarter of that of the fp64
-# truth (computed in the same process). Above it (cancellation: Mamba2 conv B/C biases, A_log, D,
-# dt_bias; worst 8.4e-6) two fp32 results may differ by more than 1e-5 whatever their order, so
-# there the layout's own error against fp64 must be at most FP32_ILL_FACTOR times one process's
-# (measured worst 2.7x: docs/parallelism.md, Testing).
+# truth (computed in the same process). Above it two fp32 results may differ by more than 1e-5
+# whatever their order, so there the layout's own error against fp64 must be at most
+# FP32_ILL_FACTOR times one process's (measured worst 2.7x: docs/parallelism.md, Testing).
 FP32_GRAD_REL = 1e-5
 FP32_WELL_CONDITIONED = FP32_GRAD_REL / 4
 FP32_ILL_FACTOR = 4
+# Mamba2's per-channel and per-head vectors (conv biases, A_log, D, dt_bias): each gradient is a sum
+# over every position that mostly cancels, and under TP, where B and C are replicated (fewer groups
+# than ranks), also a sum of the ranks' partials. One process can land near the fp64 value by luck
+# (hybrid_moe's conv-C bias: 2.1e-6) while tp=2 lands 1.3e-5 away (on another CPU, 6x one process's):
+# their fp32 error only has to stay below FP32_CANCELLING_REL (some 300 ulps; a layout bug is off by
+# far more, and the fp64 cases hold every gradient to 1e-10) or FP32_ILL_FACTOR times one process's.
+CANCELLING = re.compile(r"\.(conv_[xBC]\.bias|A_log|D|dt_bias)$")
+FP32_CANCELLING_REL = 4e-5
 
 
 def run(world: int, cases: list, tmp_path) -> dict:
@@ -57,7 +66,10 @@ def check(results: dict) -> None:
 def check_fp32_gradients(name: str, r: dict) -> None:
     for n, rel in r["grad_rel"].items():
         one, layout = r["grad_err"][n]  # each fp32 gradient's rel error against the fp64 one
-        if one <= FP32_WELL_CONDITIONED:
+        if CANCELLING.search(n):
+            assert layout <= max(FP32_ILL_FACTOR * one, FP32_CANCELLING_REL), \
+                f"{name}: gradient of {n} is rel {layout:.2e} from fp64 (1 process: {one:.2e})"
+        elif one <= FP32_WELL_CONDITIONED:
             assert rel < FP32_GRAD_REL, f"{name}: gradient of {n} off by rel {rel:.2e} (1 process vs fp64: {one:.2e})"
         else:
             assert layout <= FP32_ILL_FACTOR * one, \
