@@ -49,8 +49,8 @@ def _rows(t: Tensor) -> Tensor:
 
 def _launch(name: str, x: Tensor, w: int) -> tuple[tuple[int, int, int], dict, int]:
     """Grid (channel blocks fastest), Triton meta-parameters and tiles per program along l of kernel
-    `name` over x [b, l, d]. A program walks fewer tiles than its tile allows where the grid would
-    otherwise give an SM fewer than two programs (short sequences, small batches)."""
+    `name` over x [b, l, d]. A program walks fewer tiles than its `positions` allow where the grid
+    would otherwise give an SM fewer than two programs (short sequences, small batches)."""
     b, l, d = x.shape
     tile = dict(TILES[name])
     tiles_l, channel_blocks = -(-l // tile["BLOCK_L"]), -(-d // tile["BLOCK_D"])
