@@ -90,7 +90,7 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", action="append", default=[],
-                        help="other tiles, kernel=positions x channels x warps[x walk]: forward=64x64x4,backward_pre=32x64x4x512")
+                        help="other tiles, kernel=positions x channels x warps[x positions walked, backward_pre]: forward=64x64x4,backward_pre=32x64x4x512")
     parser.add_argument("--out", default="conv_kernel.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():

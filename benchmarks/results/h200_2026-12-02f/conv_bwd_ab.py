@@ -1,6 +1,9 @@
 """A/B of conv_silu_backward_pre variants at the 1B hybrid layer's shape (or tiny, interpreted on CPU).
+A record of calls 1-2: it runs against the kernels it was written for, those of 9845d0e (the variants
+import their helpers), from the root of a checkout of 9845d0e with this folder copied in:
 
-    python devrun/conv_bwd_ab.py [--small]
+    PYTHONPATH=. python benchmarks/results/h200_2026-12-02f/conv_bwd_ab.py              # on a GPU
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/results/h200_2026-12-02f/conv_bwd_ab.py --small
 """
 import json
 import os
@@ -10,7 +13,7 @@ import torch
 import triton
 
 sys.path.insert(0, "benchmarks")
-sys.path.insert(0, "devrun")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the variants beside it
 from pretrain.model.ops import conv_triton_kernels as K  # noqa: E402
 import conv_bwd_variants as V  # noqa: E402
 
