@@ -6,9 +6,8 @@ import torch
 
 from pretrain.model import build_model
 from pretrain.model.mamba2 import Mamba2
-from pretrain.model.ops import (attention, causal_suffix_attention, chunked_cross_entropy, cross_entropy_reference, gated_rms_norm,
+from pretrain.model.ops import (attention, causal_suffix_attention, chunked_cross_entropy, cross_entropy_reference,
                                 grouped_mm, reference_kernels, ssd_scan)
-from pretrain.model.ops.gated_norm import _rmsnorm_fn
 from pretrain.model.ops.library import has_mamba_ssd
 from gpu_helpers import rel
 from ssd_inputs import ssd_inputs
@@ -93,25 +92,6 @@ def test_full_1b_intra_hybrid_forward_backward_bf16_seq8192():
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - 11.76) < 1.0  # ~ln(128256) at init
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_gated_rms_norm_triton_matches_reference_bf16():
-    assert _rmsnorm_fn() is not None  # else the comparison below is reference against reference
-    g = torch.Generator(device="cuda").manual_seed(0)
-    y, z = (torch.randn(4096, 4096, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
-    w = torch.rand(4096, device="cuda", generator=g, requires_grad=True)
-    grad = torch.randn(4096, 4096, device="cuda", generator=g)
-
-    def run():
-        out = gated_rms_norm(y, z, w, 1e-5, n_groups=2)
-        return (out, *torch.autograd.grad(out, (y, z, w), grad.to(out.dtype)))
-
-    fast = run()
-    with reference_kernels():
-        ref = run()
-    for a, b in zip(fast, ref):
-        assert rel(a, b) < 1e-2
 
 
 @pytest.mark.parametrize("setup", ["autocast", "bf16 parameters"])

@@ -1,5 +1,5 @@
 """Checks of our Triton kernels against their PyTorch references, for Triton's CPU interpreter:
-`TRITON_INTERPRET=1 python tests/kernels/interpreted_checks.py conv|softmax_xent|adamw` exits
+`TRITON_INTERPRET=1 python tests/kernels/interpreted_checks.py conv|gated_norm|softmax_xent|adamw` exits
 non-zero on a mismatch. Inputs are fp32 (the interpreter casts to bf16 by truncation, not by
 rounding as the GPU does, so 16-bit outputs are compared to within one unit in the last place)."""
 import sys
@@ -8,6 +8,8 @@ import torch
 
 from pretrain.model.ops.conv import causal_conv1d_reference
 from pretrain.model.ops.conv_triton import conv_silu_backward_triton, conv_silu_triton
+from pretrain.model.ops.gated_norm import gated_rms_norm_reference
+from pretrain.model.ops.gated_norm_triton import gated_norm_backward_triton, gated_norm_triton
 from pretrain.model.ops.softmax_xent_triton import softmax_xent_reference, softmax_xent_triton
 from pretrain.optim.adamw_triton import adamw_with_copy_
 
@@ -41,6 +43,27 @@ def check_conv() -> None:
         assert rel(got, want) < 1e-6, (case, "y", rel(got, want))
         for name, a, e in zip(("x", "weight", "bias"), got_grads, want_grads):
             assert rel(a, e) < 1e-5, (case, name, rel(a, e))
+
+
+def check_gated_norm() -> None:
+    """Values and the gradients of y, z and weight against the fp64 reference: one group and several,
+    a group off the power-of-two blocks, z sliced from wider rows (the projection's), more rows than
+    the backward's programs (each walks several, the last one past the end)."""
+    g = torch.Generator().manual_seed(0)
+    for rows, d, groups, extra in [(2 * 7, 64, 1, 0), (9, 96, 2, 5), (3, 48, 3, 0), (1, 16, 1, 3)]:
+        y = torch.randn(rows // 2 or 1, 2 if rows > 1 else 1, d, generator=g)
+        z = torch.randn(*y.shape[:-1], d + extra, generator=g)[..., extra:]
+        w = torch.rand(d, generator=g) + 0.5
+        dout = torch.randn(y.shape, generator=g)
+        leaves = [t.double().requires_grad_() for t in (y, z, w)]
+        want = gated_rms_norm_reference(*leaves, 1e-5, groups)
+        want_grads = torch.autograd.grad(want, leaves, dout.double())
+        got, rstd = gated_norm_triton(y, z, w, 1e-5, groups)
+        got_grads = gated_norm_backward_triton(dout, y, z, w, rstd)
+        case = (tuple(y.shape), groups, extra)
+        assert rel(got, want) < 1e-6, (case, "out", rel(got, want))
+        for name, a, e in zip(("y", "z", "weight"), got_grads, want_grads):
+            assert a.shape == e.shape and rel(a, e) < 1e-5, (case, name, rel(a, e))
 
 
 def check_softmax_xent() -> None:
@@ -80,5 +103,5 @@ def check_adamw() -> None:
 
 
 if __name__ == "__main__":
-    {"conv": check_conv, "softmax_xent": check_softmax_xent, "adamw": check_adamw}[sys.argv[1]]()
+    {"conv": check_conv, "gated_norm": check_gated_norm, "softmax_xent": check_softmax_xent, "adamw": check_adamw}[sys.argv[1]]()
     print("ok")

@@ -1,12 +1,10 @@
 """Mamba2's gated, group-local RMSNorm: RMSNorm(y * SiLU(z)) over each of n_groups channel slices.
 
-On CUDA, mamba-ssm's Triton kernel fuses the gate, the norm and their backward (one pass over
-[tokens, d_ssm] instead of several fp32 elementwise passes).
+On CUDA our Triton kernels (gated_norm_triton.py) fuse the gate, the norm and their backward: one
+pass over [tokens, d_ssm] each way instead of several fp32 elementwise passes.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.precision import wide
-from pretrain.model.ops.library import has_mamba_ssd
+from pretrain.model.ops.library import has_triton
 
 
 def group_rms_norm(x: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
@@ -40,21 +38,9 @@ def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, n
     return group_rms_norm(wide(y) * F.silu(wide(z)), weight, eps, n_groups)
 
 
-@functools.cache
-def _rmsnorm_fn():
-    if not has_mamba_ssd():  # installs the placeholder mamba_ssm needs, or finds no mamba_ssm
-        return None
-    try:
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    except Exception:
-        return None
-    return rmsnorm_fn
-
-
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int = 1) -> Tensor:
-    # Under torch.compile the reference is traced and fused instead (the kernel's autograd.Function
-    # would break the graph).
-    kernel = _rmsnorm_fn() if wants_fast_kernel(y) and not torch.compiler.is_compiling() else None
-    if kernel is None:
-        return gated_rms_norm_reference(y, z, weight, eps, n_groups)
-    return kernel(y, weight, None, z=z, eps=eps, group_size=y.shape[-1] // n_groups, norm_before_gate=False)
+    """RMSNorm(y * SiLU(z)) * weight per group, in weight's dtype: our Triton kernels on CUDA (a custom
+    op, so a compiled block traces it whole), else the reference."""
+    if wants_fast_kernel(y) and has_triton() and torch.float64 not in (y.dtype, z.dtype, weight.dtype):
+        return torch.ops.pretrain.gated_rms_norm(y, z, weight, eps, n_groups)[0]
+    return gated_rms_norm_reference(y, z, weight, eps, n_groups)

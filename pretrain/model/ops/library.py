@@ -4,10 +4,10 @@ nodes (fake kernels give the output shapes) instead of breaking its graph at the
 Each op wraps a kernel package's own forward and backward functions (`register_autograd`) and
 returns contiguous tensors, which its fake kernel states (the kernels' own output layouts follow
 their inputs' strides, which Inductor may change: the fake must not guess them).
-mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, our Triton conv, and
-`torch._grouped_mm` (with a loop over experts on other devices, so the MoE's dispatch compiles on
-CPU too). Whether a package is there
-is decided once, outside tracing (`assume_constant_result`), so dynamo never traces an import.
+mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, our Triton conv and
+gated norm, and `torch._grouped_mm` (with a loop over experts on other devices, so the MoE's
+dispatch compiles on CPU too). Whether a package is there is decided once, outside tracing
+(`assume_constant_result`), so dynamo never traces an import.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.library import custom_op, register_autograd, register_fake
 
 from pretrain.model.ops.conv_triton import conv_silu_backward_triton, conv_silu_triton
+from pretrain.model.ops.gated_norm_triton import gated_norm_backward_triton, gated_norm_triton
 from pretrain.model.ops.grouped_mm import grouped_mm_reference, grouped_mm_weight_grad_reference
 
 # ---- package lookup ----------------------------------------------------------------------------
@@ -260,6 +261,47 @@ def _conv_rows_backward(ctx, dy: Tensor):
 
 
 register_autograd("pretrain::conv_silu_rows", _conv_rows_backward, setup_context=_conv_setup)
+
+
+# ---- Mamba2's gated group-local RMSNorm (our Triton kernels, gated_norm_triton.py) -------------------
+
+
+@custom_op("pretrain::gated_rms_norm", mutates_args=(), device_types="cuda", tags=_ANY_ROW_STRIDE)
+def gated_rms_norm_op(y: Tensor, z: Tensor, weight: Tensor, eps: float, n_groups: int) -> tuple[Tensor, Tensor]:
+    """(RMSNorm(y * SiLU(z)) * weight over each of n_groups channel groups, in weight's dtype; the
+    fp32 rstd [rows, n_groups] the backward reads). y, z [..., d] (z may be a slice of wider rows)."""
+    return gated_norm_triton(y, z, weight, eps, n_groups)
+
+
+@register_fake("pretrain::gated_rms_norm")
+def _(y, z, weight, eps, n_groups):
+    return y.new_empty(y.shape, dtype=weight.dtype), y.new_empty(y.numel() // y.shape[-1], n_groups,
+                                                                 dtype=torch.float32)
+
+
+@custom_op("pretrain::gated_rms_norm_backward", mutates_args=(), device_types="cuda", tags=_ANY_ROW_STRIDE)
+def gated_rms_norm_backward_op(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor,
+                               rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return gated_norm_backward_triton(dout, y, z, weight, rstd)
+
+
+@register_fake("pretrain::gated_rms_norm_backward")
+def _(dout, y, z, weight, rstd):
+    return y.new_empty(y.shape), z.new_empty(z.shape), weight.new_empty(weight.shape)
+
+
+def _gated_norm_setup(ctx, inputs, output) -> None:
+    y, z, weight, _, _ = inputs
+    ctx.save_for_backward(y, z, weight, output[1])
+
+
+def _gated_norm_backward(ctx, dout: Tensor, _drstd: Tensor | None):
+    y, z, weight, rstd = ctx.saved_tensors
+    dy, dz, dweight = gated_rms_norm_backward_op(dout, y, z, weight, rstd)
+    return dy, dz, dweight, None, None
+
+
+register_autograd("pretrain::gated_rms_norm", _gated_norm_backward, setup_context=_gated_norm_setup)
 
 
 # ---- grouped expert matmul -------------------------------------------------------------------------
