@@ -68,6 +68,8 @@ def test_causal_conv_matches_manual_and_state():
     torch.testing.assert_close(y, F.silu(manual))
     y_tail = causal_conv1d(x[..., 7:], w, bias, state=x[..., 4:7])
     torch.testing.assert_close(y_tail, y[..., 7:])
+    empty = causal_conv1d(x[..., :0], w, bias)  # no position: an empty output, as the kernels return
+    assert empty.shape == (2, 6, 0) and empty.dtype == x.dtype
 
 
 def test_conv_taps_equal_the_depthwise_conv_values_and_grads():

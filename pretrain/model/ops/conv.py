@@ -23,6 +23,8 @@ def causal_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None,
     """
     if torch.compiler.is_compiling():  # taps: one fused kernel in the data's own layout, no cuDNN conv
         return _conv_taps(x, state, weight, bias, seq_idx)
+    if x.shape[-1] == 0:  # no output position (F.conv1d refuses an input shorter than the kernel)
+        return x.new_empty(x.shape, dtype=compute_dtype(x, weight))
     w = weight.shape[-1]
     prev = state if state is not None else x.new_zeros(x.shape[0], x.shape[1], w - 1)
     padded = torch.cat([prev.to(x.dtype), x], dim=-1)
