@@ -16,9 +16,11 @@ HBM3e); the table prints each row's fraction of it. transformers' Llama decodes 
 rounded up to 256 slots like ours, as unaligned sizes fall onto slow cuBLAS kernels), eager unless
 `--hf-compile`. Our step runs in `--variants` side by side, one row each on the same model: `eager`
 (the blocks' ops one by one, replayed as a CUDA graph), `compiled` (`Decoder(compile=True)`: each
-block through torch.compile, the attention read between them on the eager split-K kernel, captured
-the same way; row "<arch> compiled") and `compiled-attn` (the same with the attention read compiled
-too, `attention="compiled"`; not run on models without attention, where it is `compiled`). The table gives
+block through torch.compile, the write and read of the attention cache between them on the
+Decoder's default kernel, our Triton flash-decoding on CUDA, captured the same way; row "<arch>
+compiled"), `compiled-split-k` (the read on the split-K PyTorch form instead) and `compiled-attn`
+(the read compiled, `attention="compiled"`); the last two are not run on models without attention,
+where they are `compiled`. The table gives
 each row's fraction of the memory bound and of the issue-12 target (3x the paper, or 80% of the
 bound where 3x exceeds it); `--profile` adds, per row, kernels per step, the top kernels, the top ops
 by input shape and the shares by kind.
@@ -28,7 +30,6 @@ Writes inference.json and inference.png (matplotlib) under --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -45,7 +46,6 @@ from gpu_model import profile_lines, profile_summary  # noqa: E402
 from pretrain.model import build_model, model_config  # noqa: E402
 from pretrain.model.decode import Decoder  # noqa: E402
 from pretrain.model.ops import reference_kernels  # noqa: E402
-from pretrain.model.ops.library import has_state_update  # noqa: E402
 
 ARCHS = ("llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid")
 # PAPER T13 (1B, batch 4, 512-token prompt): tokens/s at total length.
@@ -95,6 +95,7 @@ def point(total: int, batch: int, step_s: float, weights: int, cache: int, alloc
 
 # the Decoder's arguments per variant: blocks eager or torch.compile'd, the attention read's kernel
 VARIANTS: dict[str, dict[str, Any]] = {"eager": {}, "compiled": {"compile": True},
+                                       "compiled-split-k": {"compile": True, "attention": "split_k"},
                                        "compiled-attn": {"compile": True, "attention": "compiled"}}
 
 
@@ -115,8 +116,7 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
     for variant in variants_for(model, args.variants):
         t0 = time.perf_counter()
         try:
-            with reference_kernels() if args.ssm_kernel_error else contextlib.nullcontext():
-                rows.append(bench_variant(model, arch, variant, prompt, args, device))
+            rows.append(bench_variant(model, arch, variant, prompt, args, device))
         except Exception as e:  # one failing variant (a compile error, OOM) must not lose the others
             rows.append({"model": row_name(arch, variant), "arch": arch, "variant": variant,
                          "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
@@ -126,27 +126,6 @@ def bench_ours(arch: str, args: argparse.Namespace, device: torch.device, dtype:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-def ssm_kernel_error(device: torch.device) -> str | None:
-    """Why mamba-ssm's one-token SSM kernel cannot serve this run (it fails or disagrees with the
-    PyTorch step on a small case), or None (it does, or is not installed: the steps use PyTorch).
-    On an error every row runs on the PyTorch references rather than losing the Mamba2 rows."""
-    from pretrain.model.ops.ssd import ssd_step, ssd_step_reference
-
-    if device.type != "cuda" or not has_state_update():
-        return None
-    g = torch.Generator(device=device).manual_seed(0)
-    x, B, C = (torch.randn(2, 1, *shape, device=device, generator=g) for shape in ((4, 8), (1, 16), (1, 16)))
-    dt, A = torch.rand(2, 1, 4, device=device, generator=g), -torch.rand(4, device=device, generator=g)
-    state = torch.randn(2, 4, 8, 16, device=device, generator=g)
-    try:
-        want = ssd_step_reference(x, dt, A, B, C, state)
-        got = ssd_step(x, dt, A, B, C, state.clone())
-        err = max(float((a - b).abs().max()) for a, b in zip(got, want))
-    except Exception as e:
-        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
-    return None if err < 1e-3 else f"differs from the PyTorch step by {err:.2e}"
 
 
 def row_name(arch: str, variant: str) -> str:
@@ -183,8 +162,7 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
     result = {"model": row_name(arch, variant), "arch": arch, "variant": variant, "kind": "ours",
               "pattern": model.config.pattern, "weight_bytes": weights, "prefill_s_reference_kernels": prefill_s,
               "graph_capture_s": capture_s, "cuda_graph": dec.use_graph, "graph_error": dec.graph_error,
-              "ssm_state_update_kernel": device.type == "cuda" and has_state_update() and not args.ssm_kernel_error
-              and any(sym in "MH" for sym in model.config.blocks), "points": points}
+              "attention_kernel": dec.attention, "points": points}
     if args.profile:
         result["profile_at"] = lengths[-1]
         result.update(profile_summary(step, device, before_pass=lambda: dec.cache.pretend_length(lengths[-1] - 1)))
@@ -194,14 +172,16 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
 @torch.no_grad()
 def attention_kernels(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     """One decode query over a static cache of S slots at the 1B llama layer's shapes (32 query
-    heads, 8 KV heads, dim 64), replayed as CUDA graphs on a GPU: our split-K `decode_attention`,
-    its compiled form (`compiled_decode_attention`, what the compiled-attn variant runs),
+    heads, 8 KV heads, dim 64), replayed as CUDA graphs on a GPU: our Triton flash-decoding kernels
+    (`decode_attention_triton`, on CUDA only), our split-K `decode_attention`, its compiled form
+    (`compiled_decode_attention`, what the compiled-attn variant runs),
     SDPA on the whole cache with a boolean mask (GQA expanded, the kernels that take a mask), and
     SDPA on exactly the S keys without a mask (what the dynamic cache calls; there each step's new
     length re-plans cuDNN, here the length repeats so the plan is cached)."""
     import torch.nn.functional as F
 
     from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention
+    from pretrain.model.ops.decode_attention_triton import decode_attention_triton
     from pretrain.model.static_cache import chunk_of
 
     rows = []
@@ -212,10 +192,13 @@ def attention_kernels(args: argparse.Namespace, device: torch.device, dtype: tor
         mask = torch.ones(1, 1, 1, s, dtype=torch.bool, device=device)
         ke, ve = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
         kc, vc = (t.unflatten(2, (-1, chunk_of(s))).permute(2, 0, 1, 3, 4).contiguous() for t in (k, v))  # StaticKV
-        kernels = {"decode_attention": lambda: decode_attention(q, kc, vc, q_pos, k_pos),
+        kernels = {"decode_attention_triton": lambda: decode_attention_triton(q, kc, vc, q_pos, k_pos),
+                   "decode_attention": lambda: decode_attention(q, kc, vc, q_pos, k_pos),
                    "decode_attention_compiled": lambda: compiled_decode_attention(q, kc, vc, q_pos, k_pos),
                    "sdpa_masked": lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=mask),
                    "sdpa_exact_length": lambda: F.scaled_dot_product_attention(q, ke, ve)}
+        if device.type != "cuda":
+            del kernels["decode_attention_triton"]
         rows.append({"slots": s, **{f"{name}_us": 1e6 * timed_steps(replayable(fn, device), device, 3, 50)
                                     for name, fn in kernels.items()}})
     return rows
@@ -368,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-graph", action="store_true", help="our decode step eager (no CUDA graph)")
     ap.add_argument("--variants", default=None,
                     help="our step's variants, one row each: eager (blocks eager), compiled (torch.compile'd "
-                         "blocks, eager split-K attention read), compiled-attn (compiled blocks and attention read); "
+                         "blocks, the Decoder's default attention read: Triton on cuda), compiled-split-k (compiled "
+                         "blocks, split-K PyTorch read), compiled-attn (compiled blocks and attention read); "
                          "all captured in CUDA graphs on a GPU. Default: eager,compiled,compiled-attn on cuda, "
                          "eager on cpu")
     ap.add_argument("--profile", action="store_true",
@@ -394,15 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     if not set(args.variants) <= set(VARIANTS):
         raise SystemExit(f"inference: --variants takes {','.join(VARIANTS)}; got {','.join(args.variants)}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    args.ssm_kernel_error = ssm_kernel_error(device)
-    if args.ssm_kernel_error:
-        print(f"mamba-ssm's selective_state_update unusable ({args.ssm_kernel_error}): every row on the references",
-              flush=True)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
         "prompt": args.prompt, "bandwidth": args.bandwidth, "warmup": args.warmup, "steps": args.steps,
-        "ssm_kernel_error": args.ssm_kernel_error, "rows": []}
+        "rows": []}
     jobs: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
         (a, lambda a=a: bench_ours(a, args, device, dtype)) for a in args.archs.split(",")]
     if not args.no_hf:

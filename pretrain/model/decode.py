@@ -5,12 +5,13 @@ re-planning).
 With `compile=True` every block of the one-token step runs through `torch.compile` (Inductor fuses
 its norms, rotary, residuals, SwiGLU, conv and SSM update into a few kernels, the ~60 kernels per
 layer of the eager step being the step's floor). The attention read over the cache runs between the
-compiled parts (`StaticKV._read`, never traced: its shapes follow the span) on `attention`'s kernel:
-`split_k` (default) the eager split-K `decode_attention`, `compiled` its products-and-sums form
-through its own compilation (`compiled_decode_attention`: one for every span; on the H200 the
-compiled llama step with it ran at 0.39-0.62x the eager step's tokens/s). Either is launched from
-Python between the compiled blocks, so the CUDA graph captures the blocks' and the attention's
-kernels alike.
+compiled parts, with the write of the new keys and values (`StaticKV._write_read`, never traced: its
+shapes follow the span) on `attention`'s kernel: `triton` (the default on CUDA) our two flash-decoding
+kernels (`decode_attention_triton`), `split_k` (the default elsewhere) the split-K PyTorch
+`decode_attention` they are tested against, `compiled` its products-and-sums form through its own
+compilation (`compiled_decode_attention`: one for every span; on the H200 the compiled llama step with
+it ran at 0.39-0.62x the eager step's tokens/s). Each is launched from Python between the compiled
+blocks, so the CUDA graph captures the blocks' and the attention's kernels alike.
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
 multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor
 
 from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention
+from pretrain.model.ops.decode_attention_triton import decode_attention_triton
+from pretrain.model.ops.library import has_triton
 from pretrain.model.static_cache import StaticCache, StaticKV, chunk_of
 
 
@@ -37,17 +40,17 @@ def activation_dtype(model, device: torch.device) -> torch.dtype:
 
 
 # a decode step's attention read over the cache (`Decoder(attention=...)`), whether the blocks are compiled or not
-ATTENTION = {"split_k": decode_attention, "compiled": compiled_decode_attention}
+ATTENTION = {"triton": decode_attention_triton, "split_k": decode_attention, "compiled": compiled_decode_attention}
 
 
 class Decoder:
     """Decode `batch` sequences of up to `max_len` tokens with `model` (a HybridLM, not tensor-
     parallel). `cuda_graph` None: on CUDA devices. `compile`: the step's blocks through torch.compile;
-    `attention`: the kernel of the attention read (`ATTENTION`). Run under the same autocast as the
-    prefill."""
+    `attention`: the kernel of the attention read (`ATTENTION`; None: `triton` on CUDA where Triton
+    imports, else `split_k`). Run under the same autocast as the prefill."""
 
     def __init__(self, model, batch: int, max_len: int, cuda_graph: bool | None = None, span_step: int = 1024,
-                 compile: bool = False, attention: str = "split_k"):
+                 compile: bool = False, attention: str | None = None):
         if model.tp_mesh is not None:
             raise ValueError("decode: the static decoder runs on one device; use generate(static_cache=False) "
                              "under tensor parallelism")
@@ -59,9 +62,14 @@ class Decoder:
             raise ValueError(f"decode: cuda_graph=True needs the model on a CUDA device (it is on {device})")
         if span_step < 1:
             raise ValueError(f"decode: span_step must be >= 1 (got {span_step})")
+        if attention is None:
+            attention = "triton" if device.type == "cuda" and has_triton() else "split_k"
+        if attention == "triton" and device.type != "cuda":
+            raise ValueError(f"decode: attention='triton' needs the model on a CUDA device (it is on {device}); "
+                             "use split_k")
         if attention not in ATTENTION:
             raise ValueError(f"decode: attention must be one of {', '.join(ATTENTION)} (got {attention!r})")
-        self.model, self.span_step, chunk = model, span_step, chunk_of(span_step)
+        self.model, self.span_step, self.attention, chunk = model, span_step, attention, chunk_of(span_step)
         self.dtype = activation_dtype(model, device)  # of the caches: K/V and conv states as computed
         self.cache = StaticCache(model, batch, max_len, self.dtype, device, chunk)
         self.capacity = -(-max_len // chunk) * chunk  # of the global caches: spans are whole chunks

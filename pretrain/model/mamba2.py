@@ -24,7 +24,8 @@ from parallel.context_parallel import all_gather_sequence, head_slice, heads_to_
 from parallel.tensor_parallel import linear, local, local_replicated
 from pretrain.model.legacy import MAMBA_PARTS, convert, mamba_splits
 from pretrain.model.norms import GatedRMSNorm
-from pretrain.model.ops import causal_conv1d, causal_conv1d_step, ssd_scan
+from pretrain.model.ops import causal_conv1d, ssd_scan
+from pretrain.model.ops.mamba2_step import mamba2_step
 from pretrain.model.ops.conv import padded_doc_ids
 from pretrain.model.ops.precision import wide
 from pretrain.model.packed import PackedDocs
@@ -183,16 +184,16 @@ class Mamba2(nn.Module):
             if seq_idx is not None:  # the scan sees every token: every rank's document ids
                 seq_idx = positions.gathered(self.cp_group)[1]
         l = xbc.shape[1]
-        xbc_t = xbc.transpose(1, 2)
         conv_state = state.get("conv") if state is not None else None
         weight, bias = getattr(state, "packed_conv", None) or self.conv_weights()  # a static cache packs them
-        new_conv = None
-        if l == 1 and conv_state is not None:  # a decode step: one dot product per channel, no conv
-            conv_out, new_conv = causal_conv1d_step(xbc_t, weight, bias, conv_state)
-        else:
-            cache = positions.kernel_cache if isinstance(positions, PackedDocs) else None
-            conv_out = causal_conv1d(xbc_t, weight, bias, conv_state, seq_idx, cache)
-        xbc = conv_out.transpose(1, 2)
+        if l == 1 and conv_state is not None and self.cp_group is None:  # a decode step: conv, scan and D skip
+            y, state["conv"], state["ssm"] = mamba2_step(
+                xbc[:, 0], dt[:, 0], conv_state, weight, bias, self._per_head(self.dt_bias),
+                self._per_head(self.A_log), self._per_head(self.D), state.get("ssm"), self.head_dim)
+            return self._output(y[:, None], z)
+        xbc_t = xbc.transpose(1, 2)
+        cache = positions.kernel_cache if isinstance(positions, PackedDocs) else None
+        xbc = causal_conv1d(xbc_t, weight, bias, conv_state, seq_idx, cache).transpose(1, 2)
         gn = local(self.conv_B.bias).shape[0]
         xs, Bm, Cm = xbc.split([xbc.shape[-1] - 2 * gn, gn, gn], dim=-1)
         xs = xs.reshape(b, l, -1, self.head_dim)
@@ -205,15 +206,17 @@ class Mamba2(nn.Module):
         if self.cp_group is not None:
             y = heads_to_sequence(y, self.cp_group)
         y = y.flatten(2)
-        if new_conv is not None:
-            state["conv"], state["ssm"] = new_conv, final_state
-        elif state is not None:
+        if state is not None:
             prev = conv_state if conv_state is not None else xbc_t.new_zeros(b, xbc_t.shape[1], self.d_conv - 1)
             state["conv"] = torch.cat([prev, xbc_t], dim=-1)[..., -(self.d_conv - 1):]
             if seq_idx is not None:  # only the last document's inputs carry over into decoding
                 docs = padded_doc_ids(seq_idx, self.d_conv)[:, -(self.d_conv - 1):]
                 state["conv"] = state["conv"] * (docs == seq_idx[:, -1:])[:, None].to(xbc_t.dtype)
             state["ssm"] = final_state
+        return self._output(y, z)
+
+    def _output(self, y: Tensor, z: Tensor) -> Tensor:
+        """The gate (in the group norm, or plain) and out_proj of the scan's y [b, l, d_ssm]."""
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return linear(y, self.out_proj) if self.out_proj is not None else y
 

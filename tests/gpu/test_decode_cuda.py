@@ -7,6 +7,7 @@ from pretrain.model import build_model
 from pretrain.model.decode import Decoder
 from pretrain.model.ops import attention_reference, reference_kernels
 from pretrain.model.ops.decode_attention import decode_attention
+from pretrain.model.ops.decode_attention_triton import decode_attention_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,24 +61,31 @@ def test_graph_decode_1b_bf16_matches_eager():
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
 
 
-def test_decode_attention_bf16_matches_reference():
+@pytest.mark.parametrize("kernel", [decode_attention, decode_attention_triton])
+@pytest.mark.parametrize("heads, kv, dq, dv, window", [(32, 8, 64, 64, None), (16, 4, 72, 144, None),
+                                                       (32, 8, 64, 64, 1000)])
+def test_decode_attention_bf16_matches_reference(kernel, heads, kv, dq, dv, window):
+    """1B llama's and the intra-hybrid's head shapes, a sliding window with sinks, bf16 caches in the
+    StaticKV layout: both kernels against the fp64 attention."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(4, 32, 1, 64, device="cuda", generator=g, dtype=torch.bfloat16)
-    k, v = (torch.randn(4, 8, 4096, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(4, heads, 1, dq, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(4, kv, 4096, dq, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(4, kv, 4096, dv, device="cuda", generator=g, dtype=torch.bfloat16)
     k_pos = torch.arange(4096, device="cuda")
     q_pos = torch.tensor([4000], device="cuda")
     kc, vc = (t.unflatten(2, (16, 256)).permute(2, 0, 1, 3, 4).contiguous() for t in (k, v))  # StaticKV layout
-    got = decode_attention(q, kc, vc, q_pos, k_pos)
-    want = attention_reference(q.double(), k.double(), v.double(), q_pos, k_pos)
+    got = kernel(q, kc, vc, q_pos, k_pos, window, 4)
+    want = attention_reference(q.double(), k.double(), v.double(), q_pos, k_pos, window, 4)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("arch, attention", [("llama", "split_k"), ("llama", "compiled"), ("mamba2", "split_k"),
-                                             ("intra_hybrid", "split_k"), ("intra_hybrid", "compiled")])
+@pytest.mark.parametrize("arch, attention", [("llama", "triton"), ("llama", "split_k"), ("llama", "compiled"),
+                                             ("swa", "triton"), ("mamba2", "triton"), ("intra_hybrid", "triton"),
+                                             ("intra_hybrid", "compiled")])
 def test_compiled_graph_decode_equals_eager_graph(arch, attention):
     """Decoder(compile=True) on CUDA: the compiled blocks captured in the CUDA graphs (one per span,
-    each after its own warm-up) with the attention read between them (the eager split-K kernel, or
-    compiled apart) compute what the eager graphs compute, and the full forward."""
+    each after its own warm-up) with the attention read between them (our Triton kernels, the eager
+    split-K form, or compiled apart) compute what the eager graphs compute, and the full forward."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -102,21 +110,29 @@ def test_compiled_graph_decode_equals_eager_graph(arch, attention):
     assert ((got - full).abs().max() / full.abs().max()).item() < 1e-4
 
 
-def test_ssm_state_update_kernel_matches_reference():
-    """mamba-ssm's one-token update (in place, fp32 state) against the PyTorch step, 1B shapes, bf16."""
-    from pretrain.model.ops.library import has_state_update
-    from pretrain.model.ops.ssd import ssd_step, ssd_step_reference
+@pytest.mark.parametrize("heads, head_dim, external_bias", [(32, 128, True), (16, 144, False)])
+def test_mamba2_step_kernels_match_reference(heads, head_dim, external_bias):
+    """Our conv + SSM step kernels at the 1B Mamba2 and intra-hybrid shapes, bf16 activations, fp32
+    weights and SSM state, xbc and dt slices of the projection's rows: y and both states (updated in
+    place) against the PyTorch step at the same precision (the conv's output rounded to bf16 in both)."""
+    from pretrain.model.ops.mamba2_step import mamba2_step, mamba2_step_reference
 
-    assert has_state_update(), "mamba-ssm's selective_state_update failed to import"
     g = torch.Generator(device="cuda").manual_seed(0)
-    b, h, p, n = 4, 32, 64, 128
-    x = torch.randn(b, 1, h, p, device="cuda", generator=g).bfloat16()
-    B, C = (torch.randn(b, 1, 1, n, device="cuda", generator=g).bfloat16() for _ in range(2))
-    dt = torch.rand(b, 1, h, device="cuda", generator=g) * 0.1
-    A = -torch.rand(h, device="cuda", generator=g)
-    state = torch.randn(b, h, p, n, device="cuda", generator=g)
-    want_y, want_state = ssd_step_reference(x, dt, A, B, C, state)
-    y, new_state = ssd_step(x, dt, A, B, C, state)
-    assert new_state is state  # updated in place
-    torch.testing.assert_close(new_state, want_state, rtol=1e-4, atol=1e-4)
-    assert ((y.float() - want_y.float()).norm() / want_y.float().norm()).item() < 1e-2
+    b, n, w = 4, 128, 4
+    conv_dim = heads * head_dim + 2 * n
+    rows = torch.randn(b, 4096 + conv_dim + heads, device="cuda", generator=g).bfloat16()
+    xbc, dt = rows[:, 4096:4096 + conv_dim], rows[:, 4096 + conv_dim:]
+    conv_state = torch.randn(b, conv_dim, w - 1, device="cuda", generator=g).bfloat16()
+    weight = torch.randn(conv_dim, w, device="cuda", generator=g) * 0.5
+    bias = torch.randn(conv_dim, device="cuda", generator=g) if external_bias else None
+    dt_bias = torch.rand(heads, device="cuda", generator=g) * 4 - 6
+    A_log, D = torch.randn(heads, device="cuda", generator=g), torch.randn(heads, device="cuda", generator=g)
+    ssm = torch.randn(b, heads, head_dim, n, device="cuda", generator=g)
+    inputs = (xbc, dt, conv_state, weight, bias, dt_bias, A_log, D, ssm)
+    want_y, want_conv, want_ssm = mamba2_step_reference(*inputs, head_dim)
+    got_conv, got_ssm = conv_state.clone(), ssm.clone()
+    y, conv_out, ssm_out = mamba2_step(xbc, dt, got_conv, weight, bias, dt_bias, A_log, D, got_ssm, head_dim)
+    assert conv_out is got_conv and ssm_out is got_ssm  # updated in place
+    assert torch.equal(got_conv, want_conv)
+    torch.testing.assert_close(got_ssm, want_ssm, rtol=1e-5, atol=1e-5)
+    assert y.dtype == torch.bfloat16 and ((y.float() - want_y.float()).norm() / want_y.float().norm()).item() < 1e-2

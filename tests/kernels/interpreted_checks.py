@@ -1,5 +1,6 @@
 """Checks of our Triton kernels against their PyTorch references, for Triton's CPU interpreter:
-`TRITON_INTERPRET=1 python tests/kernels/interpreted_checks.py conv|gated_norm|softmax_xent|adamw` exits
+`TRITON_INTERPRET=1 python tests/kernels/interpreted_checks.py conv|gated_norm|softmax_xent|adamw|decode_attention|mamba2_step`
+exits
 non-zero on a mismatch. Inputs are fp32 (the interpreter casts to bf16 by truncation, not by
 rounding as the GPU does, so 16-bit outputs are compared to within one unit in the last place)."""
 import sys
@@ -8,9 +9,14 @@ import torch
 
 from pretrain.model.ops.conv import causal_conv1d_reference
 from pretrain.model.ops.conv_triton import conv_silu_backward_triton, conv_silu_triton
+from pretrain.model.ops.decode_attention import decode_attention
+from pretrain.model.ops.decode_attention_triton import decode_attention_triton
 from pretrain.model.ops.gated_norm import gated_rms_norm_reference
 from pretrain.model.ops.gated_norm_triton import gated_norm_backward_triton, gated_norm_triton
+from pretrain.model.ops.mamba2_step import mamba2_step_reference
+from pretrain.model.ops.mamba2_step_triton import mamba2_step_triton
 from pretrain.model.ops.softmax_xent_triton import softmax_xent_reference, softmax_xent_triton
+from pretrain.model.static_cache import EMPTY
 from pretrain.optim.adamw_triton import adamw_with_copy_
 
 torch.set_num_threads(1)
@@ -102,6 +108,51 @@ def check_adamw() -> None:
     torch.testing.assert_close(copy.float(), param, rtol=2**-7, atol=0)
 
 
+def check_decode_attention() -> None:
+    """One decode query (and a few) over a chunked static cache against the split-K PyTorch form in
+    fp64: grouped-query heads, head dims off the power-of-two blocks (the intra-hybrid's 72 / 144 in
+    small), empty slots, a chunk smaller than the kernel's dot tile, more chunks than the combine's
+    block, a sliding window with sinks over ring-ordered positions."""
+    g = torch.Generator().manual_seed(0)
+    for b, h, kv, lq, dq, dv, chunks, c, length, window, sinks in [
+            (2, 8, 2, 1, 16, 16, 3, 16, 40, None, 0), (1, 4, 4, 2, 9, 18, 40, 4, 150, None, 0),
+            (2, 6, 2, 1, 8, 8, 5, 4, 17, 8, 2), (1, 4, 1, 3, 32, 32, 2, 64, 100, 30, 4)]:
+        q = torch.randn(b, lq, h, dq, generator=g).transpose(1, 2)  # the attention's layout: strided heads
+        k, v = torch.randn(chunks, b, kv, c, dq, generator=g), torch.randn(chunks, b, kv, c, dv, generator=g)
+        k_pos = torch.full((chunks * c,), EMPTY)
+        used = min(length, chunks * c)
+        k_pos[:used] = torch.randperm(length, generator=g)[:used] if window else torch.arange(used)
+        q_pos = torch.arange(lq) + length - lq
+        want = decode_attention(q.double(), k.double(), v.double(), q_pos, k_pos, window, sinks)
+        got = decode_attention_triton(q, k, v, q_pos, k_pos, window, sinks)
+        assert got.shape == want.shape and rel(got, want) < 1e-6, ((b, h, kv, lq, dq, dv, window), rel(got, want))
+
+
+def check_mamba2_step() -> None:
+    """The conv and SSM step against the fp64 reference: y and both states (updated in place), one and
+    several groups, head dims off the blocks, conv widths 2-4, with and without bias, dt past softplus's
+    threshold and far below it, xbc and dt column slices of wider rows."""
+    g = torch.Generator().manual_seed(0)
+    for b, h, p, n, groups, w, bias, extra in [(2, 4, 16, 8, 1, 4, True, 5), (1, 6, 12, 16, 3, 3, False, 0),
+                                               (3, 2, 40, 32, 2, 2, True, 0)]:
+        conv_dim = h * p + 2 * groups * n
+        rows = torch.randn(b, extra + conv_dim + h, generator=g)
+        xbc, dt = rows[:, extra:extra + conv_dim], rows[:, extra + conv_dim:]
+        conv_state, ssm = torch.randn(b, conv_dim, w - 1, generator=g), torch.randn(b, h, p, n, generator=g)
+        weight = torch.randn(conv_dim, w, generator=g) * 0.5
+        bi = torch.randn(conv_dim, generator=g) if bias else None
+        dt_bias = torch.randn(h, generator=g) - 3
+        dt_bias[0], dt_bias[-1] = 25.0, -9.0
+        A_log, D = torch.randn(h, generator=g), torch.randn(h, generator=g)
+        inputs = (xbc, dt, conv_state, weight, bi, dt_bias, A_log, D, ssm)
+        want = mamba2_step_reference(*(t.double() if t is not None else None for t in inputs), p)
+        got_conv, got_ssm = conv_state.clone(), ssm.clone()
+        y = mamba2_step_triton(xbc, dt, got_conv, weight, bi, dt_bias, A_log, D, got_ssm, p)
+        for name, a, e in zip(("y", "conv state", "ssm state"), (y, got_conv, got_ssm), want):
+            assert a.shape == e.shape and rel(a, e) < 1e-6, ((b, h, p, n, groups, w), name, rel(a, e))
+
+
 if __name__ == "__main__":
-    {"conv": check_conv, "gated_norm": check_gated_norm, "softmax_xent": check_softmax_xent, "adamw": check_adamw}[sys.argv[1]]()
+    {"conv": check_conv, "gated_norm": check_gated_norm, "softmax_xent": check_softmax_xent, "adamw": check_adamw,
+     "decode_attention": check_decode_attention, "mamba2_step": check_mamba2_step}[sys.argv[1]]()
     print("ok")

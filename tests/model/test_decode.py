@@ -110,8 +110,10 @@ def test_decoder_errors_are_clear():
         dec.prefill(torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
         Decoder(model, 1, 8, cuda_graph=True)
-    with pytest.raises(ValueError, match="attention must be one of split_k, compiled"):
+    with pytest.raises(ValueError, match="attention must be one of triton, split_k, compiled"):
         Decoder(model, 1, 8, attention="flash")
+    with pytest.raises(ValueError, match="attention='triton' needs the model on a CUDA device"):
+        Decoder(model, 1, 8, attention="triton")
     wrong_dtype = Decoder(model, 1, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="allocated for torch.float32"):
         wrong_dtype.prefill(torch.zeros(1, 2, dtype=torch.long))

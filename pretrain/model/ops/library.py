@@ -4,8 +4,8 @@ nodes (fake kernels give the output shapes) instead of breaking its graph at the
 Each op wraps a kernel package's own forward and backward functions (`register_autograd`) and
 returns contiguous tensors, which its fake kernel states (the kernels' own output layouts follow
 their inputs' strides, which Inductor may change: the fake must not guess them).
-mamba-ssm's Triton SSD scan and one-token state update, causal-conv1d's CUDA conv, our Triton conv and
-gated norm, and `torch._grouped_mm` (with a loop over experts on other devices, so the MoE's
+mamba-ssm's Triton SSD scan, causal-conv1d's CUDA conv, our Triton conv, gated norm and Mamba2 decode
+step, and `torch._grouped_mm` (with a loop over experts on other devices, so the MoE's
 dispatch compiles on CPU too). Whether a package is there is decided once, outside tracing
 (`assume_constant_result`), so dynamo never traces an import.
 """
@@ -23,6 +23,7 @@ from torch.library import custom_op, register_autograd, register_fake
 from pretrain.model.ops.conv_triton import conv_silu_backward_triton, conv_silu_triton
 from pretrain.model.ops.gated_norm_triton import gated_norm_backward_triton, gated_norm_triton
 from pretrain.model.ops.grouped_mm import grouped_mm_reference, grouped_mm_weight_grad_reference
+from pretrain.model.ops.mamba2_step_triton import mamba2_step_triton
 
 # ---- package lookup ----------------------------------------------------------------------------
 
@@ -44,18 +45,6 @@ def _mamba_ssd_functions():
 
 
 @functools.cache
-def _state_update_function():
-    """mamba-ssm's one-token SSM update (`selective_state_update`, Triton), or None."""
-    if _mamba_ssd_functions() is None:  # installs the placeholder mamba_ssm needs, or finds no mamba_ssm
-        return None
-    try:
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    except Exception:
-        return None
-    return selective_state_update
-
-
-@functools.cache
 def _causal_conv1d_functions():
     """causal-conv1d's forward / backward functions (versions with `cpp_functions`), or None."""
     try:
@@ -68,11 +57,6 @@ def _causal_conv1d_functions():
 @torch.compiler.assume_constant_result
 def has_mamba_ssd() -> bool:
     return _mamba_ssd_functions() is not None
-
-
-@torch.compiler.assume_constant_result
-def has_state_update() -> bool:
-    return _state_update_function() is not None
 
 
 @torch.compiler.assume_constant_result
@@ -159,24 +143,26 @@ def _ssd_backward(ctx, dy: Tensor, dfinal: Tensor | None):
 register_autograd("pretrain::ssd_scan", _ssd_backward, setup_context=_ssd_setup)
 
 
-# ---- one decoding step of the SSM recurrence (mamba-ssm Triton) ----------------------------------------
+# The kernels take any row stride: compiled, the input may keep the padded rows Inductor gives the
+# projection's output (a custom op's default, exact eager strides, would copy it, twice a layer).
+_ANY_ROW_STRIDE = (torch.Tag.needs_fixed_stride_order,)
 
 
-@custom_op("pretrain::ssm_state_update", mutates_args=("state",), device_types="cuda")
-def ssm_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """state [b,h,p,n] fp32 <- exp(dt A) state + dt x B^T in place (one read and one write of the
-    state, fused with y = state C); x [b,h,p], dt [b,h] (after softplus), A [h], B/C [b,g,n].
-    Returns y [b,h,p] in x's dtype. Contract of `ssd_step_reference`."""
-    p, n = state.shape[-2:]
-    zeros = state.new_zeros(1, 1).expand(dt.shape[1], p)  # mamba-ssm 2.3.2 reads D's and dt_bias's strides even
-    y = _state_update_function()(state, x, dt[..., None].expand(-1, -1, p),  # when they are None: zeros instead
-                                 A[:, None, None].expand(-1, p, n), B, C, D=zeros, dt_bias=zeros)
-    return y.contiguous()
+# ---- Mamba2's one-token decode step (our Triton kernels, mamba2_step_triton.py) ----------------------
 
 
-@register_fake("pretrain::ssm_state_update")
-def _(state, x, dt, A, B, C):
-    return x.new_empty(x.shape)
+@custom_op("pretrain::mamba2_step", mutates_args=("conv_state", "ssm_state"), device_types="cuda",
+           tags=_ANY_ROW_STRIDE)
+def mamba2_step_op(xbc: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
+                   dt_bias: Tensor, A_log: Tensor, D: Tensor, ssm_state: Tensor, head_dim: int) -> Tensor:
+    """The conv and SSM step of `mamba2_step_reference`, both states updated in place; y [b, h * p]
+    in xbc's dtype. xbc and dt may be column slices of the projection's rows."""
+    return mamba2_step_triton(xbc, dt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, head_dim)
+
+
+@register_fake("pretrain::mamba2_step")
+def _(xbc, dt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, ssm_state, head_dim):
+    return xbc.new_empty(xbc.shape[0], ssm_state.shape[1] * head_dim)
 
 
 # ---- causal depthwise conv + SiLU (causal-conv1d CUDA) ---------------------------------------------
@@ -228,11 +214,6 @@ register_autograd("pretrain::causal_conv1d", _conv_backward, setup_context=_conv
 
 
 # ---- causal depthwise conv + SiLU over rows [b, l, d] (our Triton kernels, conv_triton.py) ---------
-
-# The kernels take any row stride: compiled, the input may keep the padded rows Inductor gives the
-# projection's output (a custom op's default, exact eager strides, would copy it, twice a layer).
-_ANY_ROW_STRIDE = (torch.Tag.needs_fixed_stride_order,)
-
 
 @custom_op("pretrain::conv_silu_rows", mutates_args=(), device_types="cuda", tags=_ANY_ROW_STRIDE)
 def conv_silu_rows_op(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None = None) -> Tensor:

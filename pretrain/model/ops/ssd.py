@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
-from pretrain.model.ops.library import has_mamba_ssd, has_state_update
+from pretrain.model.ops.library import has_mamba_ssd
 from pretrain.model.ops.precision import wide_dtype
 
 
@@ -83,20 +83,8 @@ def ssd_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, c
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One decoding step of the recurrence (shapes as `ssd_scan_reference` with l = 1): mamba-ssm's
-    fused Triton update on CUDA when installed, which updates an fp32 `state` in place and returns
-    it, else the reference."""
-    if wants_fast_kernel(x) and has_state_update() and (state is None or state.dtype == torch.float32):
-        if state is None:
-            state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[-1], dtype=torch.float32)
-        y = torch.ops.pretrain.ssm_state_update(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
-        return y[:, None], state
-    return ssd_step_reference(x, dt, A, B, C, state)
-
-
-def ssd_step_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                       state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One decoding step of the recurrence in PyTorch; returns a new state (fp32 or fp64)."""
+    """One step of the recurrence in PyTorch (a one-token prompt; decoding runs `mamba2_step`, which
+    fuses it with the conv on CUDA); returns a new state (fp32 or fp64)."""
     b, _, h, p = x.shape
     work = wide_dtype(x.dtype)
     rep = h // B.shape[2]

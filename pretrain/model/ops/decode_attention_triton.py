@@ -1,0 +1,49 @@
+"""`decode_attention`'s contract as two Triton kernels (flash-decoding): a program per cache chunk,
+batch row and KV head computes its chunk's softmax partials (running max, sum, unnormalised output),
+then one program per output row combines the chunks. Two launches per layer and step where the
+split-K PyTorch form launches ~20 (matmuls, the mask, reductions, casts), each a few microseconds
+even replayed from a CUDA graph: on the H200 they were most of an attention layer's decode time.
+`decode_attention` (ops/decode_attention.py) is the reference (tests/gpu on CUDA, tests/kernels in
+Triton's CPU interpreter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _kernels():
+    from pretrain.model.ops import decode_attention_triton_kernels  # imports triton: only when a kernel runs
+
+    return decode_attention_triton_kernels
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                            window: int | None = None, n_sink: int = 0) -> Tensor:
+    """q [b, h, lq, dq] (any strides with contiguous channels), k [C, b, kv, c, dq], v [C, b, kv, c, dv]
+    (contiguous), q_pos [lq], k_pos [C * c] -> [b, h, lq, dv] in v's dtype."""
+    b, h, lq, dq = q.shape
+    n, _, kv, c, dv = v.shape
+    rep, rows = h // kv, h // kv * lq
+    assert q.stride(-1) == 1 and k.is_contiguous() and v.is_contiguous(), "contiguous channels and caches"
+    m = torch.empty(n, b, kv, rows, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    o = torch.empty(n, b, kv, rows, dv, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, h, lq, dv, device=q.device, dtype=v.dtype)
+    block_dv = _pow2(dv)
+    kernels = _kernels()
+    kernels.decode_attention_partial[(n, b * kv)](
+        q, q.stride(0), q.stride(1), q.stride(2), k, v, k_pos, q_pos.contiguous(), m, l, o, b, kv, rep, lq, c, dq, dv,
+        1 / math.sqrt(dq), window or 0, n_sink, HAS_WINDOW=window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_R=_pow2(rows),
+        BLOCK_S=min(64, _pow2(c)), BLOCK_DQ=_pow2(dq), BLOCK_DV=block_dv, num_warps=4)
+    kernels.decode_attention_combine[(b * kv * rows,)](
+        m, l, o, out, n, b, kv, rep, lq, dv, BLOCK_C=min(32, _pow2(n, 2)), BLOCK_DV=block_dv, num_warps=4)
+    return out
