@@ -40,6 +40,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor | PackedDocs, state: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | PackedDocs, state: dict | None = None,
+                gate_up: Tensor | None = None) -> Tensor:
+        """`gate_up`: the SwiGLU's packed input weights, from a static decoder (`StaticCache.pack_weights`)."""
         x = x + self.mixer(self.mixer_norm(x), positions, state)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h) if gate_up is None else self.ffn(h, gate_up))

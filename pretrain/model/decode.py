@@ -6,9 +6,9 @@ With `compile=True` every block of the one-token step runs through `torch.compil
 its norms, rotary, residuals, SwiGLU, conv and SSM update into a few kernels, the ~60 kernels per
 layer of the eager step being the step's floor). The attention read over the cache runs between the
 compiled parts, with the write of the new keys and values (`StaticKV._write_read`, never traced: its
-shapes follow the span) on `attention`'s kernel: `triton` (the default on CUDA) our two flash-decoding
-kernels (`decode_attention_triton`), `split_k` (the default elsewhere) the split-K PyTorch
-`decode_attention` they are tested against, `compiled` its products-and-sums form through its own
+shapes follow the span) on `attention`'s kernels: `triton` (the default on CUDA) our two flash-decoding
+kernels (`decode_attention_triton`) after a one-launch write (`kv_write_triton`), `split_k` (the
+default elsewhere) the split-K PyTorch `decode_attention` and `StaticKV._write` they are tested against, `compiled` its products-and-sums form through its own
 compilation (`compiled_decode_attention`: one for every span; on the H200 the compiled llama step with
 it ran at 0.39-0.62x the eager step's tokens/s). Each is launched from Python between the compiled
 blocks, so the CUDA graph captures the blocks' and the attention's kernels alike.
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention
-from pretrain.model.ops.decode_attention_triton import decode_attention_triton
+from pretrain.model.ops.decode_attention_triton import decode_attention_triton, kv_write_triton
 from pretrain.model.ops.library import has_triton
 from pretrain.model.static_cache import StaticCache, StaticKV, chunk_of
 
@@ -39,8 +39,11 @@ def activation_dtype(model, device: torch.device) -> torch.dtype:
     return model.embed.weight.dtype
 
 
-# a decode step's attention read over the cache (`Decoder(attention=...)`), whether the blocks are compiled or not
-ATTENTION = {"triton": decode_attention_triton, "split_k": decode_attention, "compiled": compiled_decode_attention}
+# a decode step's attention read over the cache and its write of the new keys and values
+# (`Decoder(attention=...)`), whether the blocks are compiled or not
+ATTENTION = {"triton": (decode_attention_triton, kv_write_triton),
+             "split_k": (decode_attention, StaticKV._write),
+             "compiled": (compiled_decode_attention, StaticKV._write)}
 
 
 class Decoder:
@@ -84,16 +87,19 @@ class Decoder:
         self.compiled_logits = torch.compile(_last_logits, dynamic=False) if compile else None
         for s in self.cache.states():
             if isinstance(s, StaticKV):
-                s.decode_fn = ATTENTION[attention]
+                s.decode_fn, s.write_fn = ATTENTION[attention]
 
-    def _logits(self, tokens: Tensor, positions: Tensor, compiled: bool = True) -> Tensor:
-        """Last-position logits [b, vocab]; the cache's Python length is set by the caller."""
-        if self.compiled_block is None or not compiled:
+    def _logits(self, tokens: Tensor, positions: Tensor, step: bool = True) -> Tensor:
+        """Last-position logits [b, vocab]; the cache's Python length is set by the caller. A step runs
+        hidden_states' loop for one token on one device, each block compiled when `compile`, with the
+        packed FFN weights."""
+        if not step:
             return self.model.head(self.model.hidden_states(tokens, self.cache, positions)[:, -1])
-        x = self.model.embed(tokens)  # hidden_states' loop for one token on one device, each block compiled
+        run_block, logits = self.compiled_block or _run_block, self.compiled_logits or _last_logits
+        x = self.model.embed(tokens)
         for key, block in self.model.blocks.items():
-            x = self.compiled_block(block, x, positions, self.cache.layers[int(key)])
-        return self.compiled_logits(self.model, x)
+            x = run_block(block, x, positions, self.cache.layers[int(key)], self.cache.gate_up[int(key)])
+        return logits(self.model, x)
 
     def prefill(self, prompt: Tensor) -> Tensor:
         """Fill the caches with the prompt [b, l] in one forward; logits of its last token [b, vocab]."""
@@ -106,7 +112,7 @@ class Decoder:
         if prompt.shape[1] > self.cache.max_len:
             raise ValueError(f"decode: the prompt ({prompt.shape[1]} tokens) exceeds max_len {self.cache.max_len}")
         self.cache.pack_weights(self.model)  # the weights' values now (after any change since __init__)
-        logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device), compiled=False)
+        logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device), step=False)
         self.cache.length = prompt.shape[1]
         return logits
 
@@ -185,9 +191,9 @@ class Decoder:
         return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
-def _run_block(block, x: Tensor, positions: Tensor, state) -> Tensor:
+def _run_block(block, x: Tensor, positions: Tensor, state, gate_up: Tensor | None) -> Tensor:
     """One block of a decode step: the function `Decoder(compile=True)` compiles."""
-    return block(x, positions, state)
+    return block(x, positions, state, gate_up)
 
 
 def _last_logits(model, x: Tensor) -> Tensor:

@@ -28,5 +28,9 @@ class SwiGLU(nn.Module):
             raise ValueError(f"parallel.tp={tp} must divide the FFN width {self.w1.weight.shape[0]}")
         return {"w1.weight": Shard(0), "w3.weight": Shard(0), "w2.weight": Shard(1)}
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
+    def forward(self, x: Tensor, gate_up: Tensor | None = None) -> Tensor:
+        """`gate_up`: [w1; w3] concatenated (a static decoder's snapshot): one GEMV for both."""
+        if gate_up is None:
+            return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2)

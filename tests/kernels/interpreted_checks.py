@@ -1,5 +1,5 @@
 """Checks of our Triton kernels against their PyTorch references, for Triton's CPU interpreter:
-`TRITON_INTERPRET=1 python tests/kernels/interpreted_checks.py conv|gated_norm|softmax_xent|adamw|decode_attention|mamba2_step`
+`TRITON_INTERPRET=1 python tests/kernels/interpreted_checks.py conv|gated_norm|softmax_xent|adamw|decode_attention|kv_write|mamba2_step`
 exits
 non-zero on a mismatch. Inputs are fp32 (the interpreter casts to bf16 by truncation, not by
 rounding as the GPU does, so 16-bit outputs are compared to within one unit in the last place)."""
@@ -10,13 +10,13 @@ import torch
 from pretrain.model.ops.conv import causal_conv1d_reference
 from pretrain.model.ops.conv_triton import conv_silu_backward_triton, conv_silu_triton
 from pretrain.model.ops.decode_attention import decode_attention
-from pretrain.model.ops.decode_attention_triton import decode_attention_triton
+from pretrain.model.ops.decode_attention_triton import decode_attention_triton, kv_write_triton
 from pretrain.model.ops.gated_norm import gated_rms_norm_reference
 from pretrain.model.ops.gated_norm_triton import gated_norm_backward_triton, gated_norm_triton
 from pretrain.model.ops.mamba2_step import mamba2_step_reference
 from pretrain.model.ops.mamba2_step_triton import mamba2_step_triton
 from pretrain.model.ops.softmax_xent_triton import softmax_xent_reference, softmax_xent_triton
-from pretrain.model.static_cache import EMPTY
+from pretrain.model.static_cache import EMPTY, StaticKV
 from pretrain.optim.adamw_triton import adamw_with_copy_
 
 torch.set_num_threads(1)
@@ -111,12 +111,13 @@ def check_adamw() -> None:
 def check_decode_attention() -> None:
     """One decode query (and a few) over a chunked static cache against the split-K PyTorch form in
     fp64: grouped-query heads, head dims off the power-of-two blocks (the intra-hybrid's 72 / 144 in
-    small), empty slots, a chunk smaller than the kernel's dot tile, more chunks than the combine's
-    block, a sliding window with sinks over ring-ordered positions."""
+    small), empty slots, a chunk smaller than the kernel's dot tile and one read in several blocks,
+    more chunks than the combine's block, a sliding window with sinks over ring-ordered positions."""
     g = torch.Generator().manual_seed(0)
     for b, h, kv, lq, dq, dv, chunks, c, length, window, sinks in [
             (2, 8, 2, 1, 16, 16, 3, 16, 40, None, 0), (1, 4, 4, 2, 9, 18, 40, 4, 150, None, 0),
-            (2, 6, 2, 1, 8, 8, 5, 4, 17, 8, 2), (1, 4, 1, 3, 32, 32, 2, 64, 100, 30, 4)]:
+            (2, 6, 2, 1, 8, 8, 5, 4, 17, 8, 2), (1, 4, 1, 3, 32, 32, 2, 64, 100, 30, 4),
+            (1, 4, 2, 1, 16, 24, 3, 256, 700, None, 0)]:
         q = torch.randn(b, lq, h, dq, generator=g).transpose(1, 2)  # the attention's layout: strided heads
         k, v = torch.randn(chunks, b, kv, c, dq, generator=g), torch.randn(chunks, b, kv, c, dv, generator=g)
         k_pos = torch.full((chunks * c,), EMPTY)
@@ -126,6 +127,23 @@ def check_decode_attention() -> None:
         want = decode_attention(q.double(), k.double(), v.double(), q_pos, k_pos, window, sinks)
         got = decode_attention_triton(q, k, v, q_pos, k_pos, window, sinks)
         assert got.shape == want.shape and rel(got, want) < 1e-6, ((b, h, kv, lq, dq, dv, window), rel(got, want))
+
+
+def check_kv_write() -> None:
+    """The one-launch cache write against `StaticKV._write`: a global cache (a token in a later chunk)
+    and a sliding window's ring past its sinks, one token and several, keys and values of different
+    widths given as strided views (the attention's [b, l, kv, d] transposed)."""
+    g = torch.Generator().manual_seed(0)
+    for window, sinks, positions in [(None, 0, [37]), (None, 0, [5, 6, 7]), (6, 2, [1]), (6, 2, [9, 10, 11])]:
+        want = StaticKV(2, 3, 8, 12, 48, window, sinks, torch.float32, torch.device("cpu"), chunk=16)
+        got = StaticKV(2, 3, 8, 12, 48, window, sinks, torch.float32, torch.device("cpu"), chunk=16)
+        pos = torch.tensor(positions)
+        k = torch.randn(2, len(positions), 3, 8, generator=g).transpose(1, 2)
+        v = torch.randn(2, len(positions), 3, 12, generator=g).transpose(1, 2)
+        want._write(k, v, pos)
+        kv_write_triton(got, k, v, pos)
+        for name in ("k", "v", "pos"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (window, positions, name)
 
 
 def check_mamba2_step() -> None:
@@ -154,5 +172,5 @@ def check_mamba2_step() -> None:
 
 if __name__ == "__main__":
     {"conv": check_conv, "gated_norm": check_gated_norm, "softmax_xent": check_softmax_xent, "adamw": check_adamw,
-     "decode_attention": check_decode_attention, "mamba2_step": check_mamba2_step}[sys.argv[1]]()
+     "decode_attention": check_decode_attention, "kv_write": check_kv_write, "mamba2_step": check_mamba2_step}[sys.argv[1]]()
     print("ok")

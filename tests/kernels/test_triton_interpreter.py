@@ -1,5 +1,5 @@
-"""Our Triton kernels (Mamba2's conv, gated norm and decode step, the decode attention, the loss, the
-AdamW step) run by Triton's CPU interpreter
+"""Our Triton kernels (Mamba2's conv, gated norm and decode step, the decode attention and cache write,
+the loss, the AdamW step) run by Triton's CPU interpreter
 against their PyTorch references, so CI checks them without a GPU (tests/gpu runs them compiled,
 at full size, on the H200). Each check runs in a fresh process: whether a kernel is interpreted is
 fixed when it is defined, once per process, and the setting must not reach the other tests."""
@@ -15,7 +15,8 @@ pytest.importorskip("triton", reason="Triton is not installed (the dev extra ins
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("kernel", ["conv", "gated_norm", "softmax_xent", "adamw", "decode_attention", "mamba2_step"])
+@pytest.mark.parametrize("kernel", ["conv", "gated_norm", "softmax_xent", "adamw", "decode_attention", "kv_write",
+                                    "mamba2_step"])
 def test_triton_kernel_matches_reference_in_interpreter(kernel):
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

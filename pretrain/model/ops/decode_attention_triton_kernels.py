@@ -59,7 +59,7 @@ def decode_attention_partial(q_ptr, q_b, q_h, q_l, k_ptr, v_ptr, kpos_ptr, qpos_
 @triton.jit
 def decode_attention_combine(m_ptr, l_ptr, o_ptr, out_ptr, C, B, KV, rep, lq, dv,
                              BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One output row (program id 0 over b * kv * rows): the chunks' partials rescaled to their
+    """One output row (program id 0 over b * kv * rows): the C chunks' partials rescaled to their
     common max and summed, the output normalised by the summed exponentials."""
     i = tl.program_id(0).to(tl.int64)
     rows = rep * lq
@@ -84,3 +84,25 @@ def decode_attention_combine(m_ptr, l_ptr, o_ptr, out_ptr, C, B, KV, rep, lq, dv
     b, g = bg // KV, bg % KV
     row = (b * KV + g) * rep + r // lq  # [b, h] of the output's [b, h, lq, dv]
     tl.store(out_ptr + (row * lq + r % lq) * dv + dvs, out.to(out_ptr.dtype.element_ty), mask=dvs < dv)
+
+
+@triton.jit
+def kv_write(k_ptr, k_b, k_h, k_l, v_ptr, v_b, v_h, v_l, pos_ptr, kc_ptr, vc_ptr, slot_pos_ptr, B, KV, lq, chunk,
+             dq, dv, window, n_sink, HAS_WINDOW: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Token t's key and value of one batch row and KV head (program id 0 over b * kv * lq) into their
+    slot of the chunked caches [C, b, kv, c, d]; the first head's program records the slot's position."""
+    i = tl.program_id(0).to(tl.int64)
+    bg, t = i // lq, i % lq
+    b, g = bg // KV, bg % KV
+    p = tl.load(pos_ptr + t)
+    slot = p
+    if HAS_WINDOW:  # sinks keep their slots, the rest a ring of `window` slots after them
+        slot = tl.where(p < n_sink, p, n_sink + (p - n_sink) % window)
+    row = ((slot // chunk) * B * KV + bg) * chunk + slot % chunk
+    dqs, dvs = tl.arange(0, BLOCK_DQ), tl.arange(0, BLOCK_DV)
+    k = tl.load(k_ptr + b * k_b + g * k_h + t * k_l + dqs, mask=dqs < dq)
+    v = tl.load(v_ptr + b * v_b + g * v_h + t * v_l + dvs, mask=dvs < dv)
+    tl.store(kc_ptr + row * dq + dqs, k.to(kc_ptr.dtype.element_ty), mask=dqs < dq)
+    tl.store(vc_ptr + row * dv + dvs, v.to(vc_ptr.dtype.element_ty), mask=dvs < dv)
+    if bg == 0:
+        tl.store(slot_pos_ptr + slot, p)
