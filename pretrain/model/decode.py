@@ -28,6 +28,7 @@ from torch import Tensor
 
 from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention
 from pretrain.model.ops.decode_attention_triton import decode_attention_triton, kv_write_triton
+from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.library import has_triton
 from pretrain.model.static_cache import StaticCache, StaticKV, chunk_of
 
@@ -49,8 +50,9 @@ ATTENTION = {"triton": (decode_attention_triton, kv_write_triton),
 class Decoder:
     """Decode `batch` sequences of up to `max_len` tokens with `model` (a HybridLM, not tensor-
     parallel). `cuda_graph` None: on CUDA devices. `compile`: the step's blocks through torch.compile;
-    `attention`: the kernel of the attention read (`ATTENTION`; None: `triton` on CUDA where Triton
-    imports, else `split_k`). Run under the same autocast as the prefill."""
+    `attention`: the kernels of the attention read and write (`ATTENTION`; None: `triton` on CUDA
+    where Triton imports, outside `reference_kernels()` and for activations other than fp64, else
+    `split_k`). Run under the same autocast as the prefill."""
 
     def __init__(self, model, batch: int, max_len: int, cuda_graph: bool | None = None, span_step: int = 1024,
                  compile: bool = False, attention: str | None = None):
@@ -65,15 +67,16 @@ class Decoder:
             raise ValueError(f"decode: cuda_graph=True needs the model on a CUDA device (it is on {device})")
         if span_step < 1:
             raise ValueError(f"decode: span_step must be >= 1 (got {span_step})")
-        if attention is None:
-            attention = "triton" if device.type == "cuda" and has_triton() else "split_k"
-        if attention == "triton" and device.type != "cuda":
-            raise ValueError(f"decode: attention='triton' needs the model on a CUDA device (it is on {device}); "
-                             "use split_k")
+        self.dtype = activation_dtype(model, device)  # of the caches: K/V and conv states as computed
+        if attention is None:  # the kernels' switch (`reference_kernels`) decides, as for every op
+            fast = wants_fast_kernel(model.embed.weight) and has_triton() and self.dtype != torch.float64
+            attention = "triton" if fast else "split_k"
+        if attention == "triton" and (device.type != "cuda" or self.dtype == torch.float64):
+            raise ValueError(f"decode: attention='triton' needs the model on a CUDA device and computes in fp32 (the "
+                             f"model is on {device}, in {self.dtype}); use split_k")
         if attention not in ATTENTION:
             raise ValueError(f"decode: attention must be one of {', '.join(ATTENTION)} (got {attention!r})")
         self.model, self.span_step, self.attention, chunk = model, span_step, attention, chunk_of(span_step)
-        self.dtype = activation_dtype(model, device)  # of the caches: K/V and conv states as computed
         self.cache = StaticCache(model, batch, max_len, self.dtype, device, chunk)
         self.capacity = -(-max_len // chunk) * chunk  # of the global caches: spans are whole chunks
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -147,11 +150,11 @@ class Decoder:
     def capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
         """The graph of a step attending to `span` global slots (captured on first use), or None
         when the step cannot be captured (an op that synchronises with the host, e.g. the MoE's
-        bincount): then every step runs eagerly and `graph_error` says why. The first capture is
-        preceded by one eager warm-up step on a side stream, as CUDA graphs need; it writes K/V at
-        the current length's slot (the next step overwrites it) and the recurrent states are
-        restored after it. A compiled step warms up before every capture (a guard it has not met,
-        e.g. a new span's length, would compile, and so launch autotuning, inside the capture)."""
+        bincount): then every step runs eagerly and `graph_error` says why. Every capture is
+        preceded by one warm-up step on a side stream, as CUDA graphs need, and so that nothing
+        compiles inside the capture (a compiled block's guard not met yet, e.g. a new span's length;
+        a Triton kernel specialised on a new chunk count); it writes K/V at the current length's
+        slot (the next step overwrites it) and the recurrent states are restored after it."""
         if span in self.graphs:
             return self.graphs[span]
         length = self.cache.length  # the Python forward counts the warm-up and captured tokens
@@ -167,15 +170,14 @@ class Decoder:
         self.cache.set_span(span)
         self.position.fill_(self.cache.length)
         with self._capture_autocast():
-            if not self.graphs or self.compiled_block is not None:
-                saved = [t.clone() for t in self.cache.recurrent()]
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._logits(self.tokens, self.position)
-                torch.cuda.current_stream().wait_stream(side)
-                for t, s in zip(self.cache.recurrent(), saved):
-                    t.copy_(s)
+            saved = [t.clone() for t in self.cache.recurrent()]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._logits(self.tokens, self.position)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, s in zip(self.cache.recurrent(), saved):
+                t.copy_(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._logits(self.tokens, self.position)

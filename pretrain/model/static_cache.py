@@ -63,8 +63,8 @@ class StaticKV:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, window: int | None, n_sink: int) -> Tensor:
         """Write k, v [b, kv, l, d] at `positions`, then the attention of q [b, h, l, dq] over what
-        the cache holds (a prefill: its own keys). In a compiled decode step (`Decoder(compile=True)`)
-        the write and the read run apart from the compiled block (`_write_read`)."""
+        the cache holds (a prefill: its own keys). A decode step writes and reads in `_write_read`,
+        which a compiled block (`Decoder(compile=True)`) does not trace."""
         if not self.filled:  # a prefill from an empty cache (positions 0..l-1) attends to its own keys
             if self.window is None and positions.numel() > self.capacity:
                 raise ValueError(f"decode: the prompt ({positions.numel()} tokens) exceeds the static cache's "
@@ -171,8 +171,9 @@ class StaticCache:
         three convs likewise, so a step does not concatenate their weights again (two kernels per
         layer and step); and each SwiGLU's gate and up weights (`gate_up`: one GEMV of twice the
         width, ~3 us a layer less at 1B on the H200). A snapshot of the weights (and a copy of them
-        in memory), taken by `Decoder.prefill`: the caches it fills hold keys and states of those
-        same weights."""
+        in memory: ~1 GiB of gate/up at the 1B llama in bf16), taken by `Decoder.prefill`: the
+        caches it fills hold keys and states of those same weights. The copies are plain tensors: a
+        float8-converted linear decodes from its high-precision weights."""
         self.gate_up = [torch.cat([block.ffn.w1.weight, block.ffn.w3.weight]).detach()
                         if isinstance(block.ffn, SwiGLU) else None for block in model.blocks.values()]
         for key, block in model.blocks.items():

@@ -12,8 +12,8 @@ from pretrain.model.ops.decode_attention_triton import decode_attention_triton
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def decode(model, tokens, prompt_len, graph, span_step=8):
-    dec = Decoder(model, tokens.shape[0], tokens.shape[1], cuda_graph=graph, span_step=span_step)
+def decode(model, tokens, prompt_len, graph, span_step=8, attention=None):
+    dec = Decoder(model, tokens.shape[0], tokens.shape[1], cuda_graph=graph, span_step=span_step, attention=attention)
     with reference_kernels():
         out = [dec.prefill(tokens[:, :prompt_len])]
     out += [dec.step(tokens[:, i:i + 1]) for i in range(prompt_len, tokens.shape[1] - 1)]
@@ -85,7 +85,8 @@ def test_decode_attention_bf16_matches_reference(kernel, heads, kv, dq, dv, wind
 def test_compiled_graph_decode_equals_eager_graph(arch, attention):
     """Decoder(compile=True) on CUDA: the compiled blocks captured in the CUDA graphs (one per span,
     each after its own warm-up) with the attention read between them (our Triton kernels, the eager
-    split-K form, or compiled apart) compute what the eager graphs compute, and the full forward."""
+    split-K form, or compiled apart) compute what the eager graphs on the split-K read compute, and
+    the full forward."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -94,7 +95,7 @@ def test_compiled_graph_decode_equals_eager_graph(arch, attention):
     with torch.no_grad():
         with reference_kernels():
             full = model(tokens)[:, 22:-1]
-        eager = decode(model, tokens, 23, True)
+        eager = decode(model, tokens, 23, True, attention="split_k")  # the PyTorch read: an independent oracle
         torch._dynamo.reset()  # Dynamo's cache is per code object: an earlier test's compilation could serve
         counters.clear()
         dec = Decoder(model, 2, 45, cuda_graph=True, span_step=8, compile=True, attention=attention)
@@ -108,6 +109,32 @@ def test_compiled_graph_decode_equals_eager_graph(arch, attention):
     got = torch.stack(got, dim=1)
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
     assert ((got - full).abs().max() / full.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "intra_hybrid"])
+def test_growing_cache_generate_equals_static_on_cuda(arch):
+    """generate(static_cache=False) (the dict states tensor parallelism and pipelines decode with: the
+    prefill leaves them as strided slices) through the CUDA decode kernels, against the static
+    decoder's tokens and logits."""
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny", device="cuda").eval()
+    prompt = torch.randint(0, 512, (3, 21), device="cuda")
+    with torch.no_grad():
+        static, static_logits = model.generate(prompt, 12, return_logits=True)
+        dynamic, dynamic_logits = model.generate(prompt, 12, return_logits=True, static_cache=False)
+    assert torch.equal(static, dynamic)
+    torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_default_read_follows_the_kernel_switch_and_dtype():
+    model = build_model("llama", "tiny", device="cuda").eval()
+    assert Decoder(model, 1, 8).attention == "triton"
+    with reference_kernels():
+        assert Decoder(model, 1, 8).attention == "split_k"
+    model = model.double()
+    assert Decoder(model, 1, 8).attention == "split_k"  # the Triton read computes in fp32
+    with pytest.raises(ValueError, match="computes in fp32"):
+        Decoder(model, 1, 8, attention="triton")
 
 
 @pytest.mark.parametrize("heads, head_dim, external_bias", [(32, 128, True), (16, 144, False)])

@@ -112,7 +112,8 @@ def check_decode_attention() -> None:
     """One decode query (and a few) over a chunked static cache against the split-K PyTorch form in
     fp64: grouped-query heads, head dims off the power-of-two blocks (the intra-hybrid's 72 / 144 in
     small), empty slots, a chunk smaller than the kernel's dot tile and one read in several blocks,
-    more chunks than the combine's block, a sliding window with sinks over ring-ordered positions."""
+    more chunks than the combine's block, a sliding window with sinks over positions in any slot
+    order (as a ring holds them)."""
     g = torch.Generator().manual_seed(0)
     for b, h, kv, lq, dq, dv, chunks, c, length, window, sinks in [
             (2, 8, 2, 1, 16, 16, 3, 16, 40, None, 0), (1, 4, 4, 2, 9, 18, 40, 4, 150, None, 0),

@@ -36,6 +36,8 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
     n, _, kv, c, dv = v.shape
     rep, rows = h // kv, h // kv * lq
     assert q.stride(-1) == 1 and k.is_contiguous() and v.is_contiguous(), "contiguous channels and caches"
+    if torch.float64 in (q.dtype, k.dtype, v.dtype):
+        raise ValueError("decode_attention_triton computes in fp32: fp64 inputs take decode_attention")
     m = torch.empty(n, b, kv, rows, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     o = torch.empty(n, b, kv, rows, dv, device=q.device, dtype=torch.float32)

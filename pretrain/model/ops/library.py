@@ -75,7 +75,8 @@ def _triton_imports() -> bool:
 
 @torch.compiler.assume_constant_result
 def has_triton() -> bool:
-    """Triton imports (our own kernels: the conv, the loss, the optimizer step)."""
+    """Triton imports (our own kernels: the conv, the gated norm, the loss, the optimizer step, the
+    decode step's attention and Mamba2 update)."""
     return _triton_imports()
 
 

@@ -41,9 +41,11 @@ def mamba2_step(xbc: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor
                 dt_bias: Tensor, A_log: Tensor, D: Tensor, ssm_state: Tensor,
                 head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """`mamba2_step_reference`; on CUDA (fp32 SSM state, no fp64) our kernels, which update the states
-    in place and return them."""
+    in place and return them: a static cache's buffers stay where they are; a growing cache's states
+    (slices of the prefill's tensors) are made contiguous first and returned as new tensors."""
     if (wants_fast_kernel(xbc) and has_triton() and ssm_state.dtype == torch.float32
             and conv_state.dtype == xbc.dtype and xbc.dtype != torch.float64):
+        conv_state, ssm_state = conv_state.contiguous(), ssm_state.contiguous()
         y = torch.ops.pretrain.mamba2_step(xbc, dt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D,
                                            ssm_state, head_dim)
         return y, conv_state, ssm_state

@@ -83,8 +83,9 @@ def ssd_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, c
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
              state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One step of the recurrence in PyTorch (a one-token prompt; decoding runs `mamba2_step`, which
-    fuses it with the conv on CUDA); returns a new state (fp32 or fp64)."""
+    """One step of the recurrence in PyTorch (a one-token prompt, and decoding off CUDA through
+    `mamba2_step_reference`; on CUDA `mamba2_step` fuses it with the conv); returns a new state
+    (fp32 or fp64)."""
     b, _, h, p = x.shape
     work = wide_dtype(x.dtype)
     rep = h // B.shape[2]
