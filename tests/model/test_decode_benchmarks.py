@@ -66,6 +66,7 @@ def test_inference_benchmark_variants_side_by_side(tmp_path, capsys):
         ("llama", "eager"), ("llama compiled", "compiled"), ("llama compiled-attn", "compiled-attn")]
     for row in r["rows"]:
         assert "error" not in row and [p["total"] for p in row["points"]] == [24, 40], row
+    assert [row["attention_kernel"] for row in r["rows"]] == ["split_k", "split_k", "compiled"]  # CPU: no Triton read
     out = capsys.readouterr().out
     for variant in ("compiled", "compiled-attn"):
         assert f"llama {variant} / llama tokens/s at 24, 40:" in out
@@ -76,7 +77,8 @@ def test_inference_variants_without_attention():
     from pretrain.model import build_model
 
     variants = load("inference").variants_for
-    assert variants(build_model("mamba2", "tiny"), ["eager", "compiled", "compiled-attn"]) == ["eager", "compiled"]
+    assert variants(build_model("mamba2", "tiny"), ["eager", "compiled", "compiled-split-k", "compiled-attn"]) == [
+        "eager", "compiled"]
     assert variants(build_model("swa", "tiny"), ["compiled-attn"]) == ["compiled-attn"]
 
 
