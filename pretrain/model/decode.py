@@ -6,11 +6,12 @@ With `compile=True` every block of the one-token step runs through `torch.compil
 its norms, rotary, residuals, SwiGLU, conv and SSM update into a few kernels, the ~60 kernels per
 layer of the eager step being the step's floor). The attention read over the cache runs between the
 compiled parts, with the write of the new keys and values (`StaticKV._write_read`, never traced: its
-shapes follow the span) on `attention`'s kernels: `triton` (the default on CUDA) our two flash-decoding
-kernels (`decode_attention_triton`) after a one-launch write (`kv_write_triton`), `split_k` (the
-default elsewhere) the split-K PyTorch `decode_attention` and `StaticKV._write` they are tested against, `compiled` its products-and-sums form through its own
-compilation (`compiled_decode_attention`: one for every span; on the H200 the compiled llama step with
-it ran at 0.39-0.62x the eager step's tokens/s). Each is launched from Python between the compiled
+shapes follow the span) on `attention`'s kernels: `triton` (the default on CUDA) our two
+flash-decoding kernels (`decode_attention_triton`) after a one-launch write (`kv_write_triton`),
+`split_k` (the default elsewhere) the split-K PyTorch `decode_attention` and `StaticKV._write` they
+are tested against, `compiled` its products-and-sums form through its own compilation
+(`compiled_decode_attention`: one for every span; on the H200 the compiled llama step with it ran
+at 0.39-0.62x the eager step's tokens/s). Each is launched from Python between the compiled
 blocks, so the CUDA graph captures the blocks' and the attention's kernels alike.
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a

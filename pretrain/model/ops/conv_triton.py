@@ -58,7 +58,9 @@ def _launch(name: str, x: Tensor, w: int) -> tuple[tuple[int, int, int], dict, i
     walk = min(tile.pop("positions", tile["BLOCK_L"]) // tile["BLOCK_L"], channel_blocks * tiles_l * b // (2 * sms))
     steps = max(1, min(walk, tiles_l))
     grid = channel_blocks, -(-tiles_l // steps), b
-    return grid, {**tile, "W": w, "W_P2": 1 << (w - 1).bit_length()}, steps  # taps padded to a power of two
+    from triton import next_power_of_2
+
+    return grid, {**tile, "W": w, "W_P2": next_power_of_2(w)}, steps  # taps padded to a power of two
 
 
 def conv_silu_triton(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:

@@ -25,7 +25,10 @@ def _kernels():
 
 
 def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (n - 1).bit_length())
+    """The power-of-two block holding n, at least `least` (tl.dot's smallest tile side)."""
+    from triton import next_power_of_2
+
+    return max(least, next_power_of_2(n))
 
 
 def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,

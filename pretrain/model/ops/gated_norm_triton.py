@@ -32,7 +32,9 @@ def _rows(t: Tensor) -> Tensor:
 
 def _block(group: int) -> tuple[int, int]:
     """The power-of-two block holding one group, and warps for it (a warp per 256 channels, 1-8)."""
-    block = max(16, 1 << (group - 1).bit_length())
+    from triton import next_power_of_2
+
+    block = max(16, next_power_of_2(group))
     return block, min(max(block // 256, 1), 8)
 
 

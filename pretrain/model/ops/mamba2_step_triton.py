@@ -18,10 +18,6 @@ def _kernels():
     return mamba2_step_triton_kernels
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def mamba2_step_triton(xbc: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
                        dt_bias: Tensor, A_log: Tensor, D: Tensor, ssm_state: Tensor, head_dim: int) -> Tensor:
     """`mamba2_step_reference`'s contract with both states updated in place; y [b, h * p] in xbc's dtype."""
@@ -32,13 +28,15 @@ def mamba2_step_triton(xbc: Tensor, dt: Tensor, conv_state: Tensor, conv_weight:
     xbc, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (xbc, dt))
     act = torch.empty(b, conv_dim, device=xbc.device, dtype=xbc.dtype)
     y = torch.empty(b, h * head_dim, device=xbc.device, dtype=xbc.dtype)
+    from triton import next_power_of_2 as pow2
+
     kernels, block = _kernels(), 256
     kernels.conv_step[(b, -(-conv_dim // block))](
         xbc, xbc.stride(0), conv_state, conv_weight.contiguous(), conv_bias, act, conv_dim, W=w,
-        HAS_BIAS=conv_bias is not None, BLOCK=block, BLOCK_W=_pow2(w), num_warps=4)
+        HAS_BIAS=conv_bias is not None, BLOCK=block, BLOCK_W=pow2(w), num_warps=4)
     groups = (conv_dim - h * head_dim) // (2 * n)
-    block_p = min(32, _pow2(head_dim))
+    block_p = min(32, pow2(head_dim))
     kernels.ssm_step[(b, h, -(-head_dim // block_p))](
         act, dt, dt.stride(0), dt_bias, A_log, D, ssm_state, y, h, head_dim, n, h // groups, conv_dim,
-        BLOCK_P=block_p, BLOCK_N=_pow2(n), num_warps=4)
+        BLOCK_P=block_p, BLOCK_N=pow2(n), num_warps=4)
     return y
