@@ -46,6 +46,7 @@ from gpu_model import profile_lines, profile_summary  # noqa: E402
 from pretrain.model import build_model, model_config  # noqa: E402
 from pretrain.model.decode import Decoder  # noqa: E402
 from pretrain.model.ops import reference_kernels  # noqa: E402
+from pretrain.model.sampling import greedy_tokens  # noqa: E402
 
 ARCHS = ("llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid")
 # PAPER T13 (1B, batch 4, 512-token prompt): tokens/s at total length.
@@ -140,12 +141,12 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
     _sync(device)
     t0 = time.perf_counter()
     with reference_kernels():  # not what is measured: the Triton SSD's JIT would cost ~35 s cold
-        nxt = [dec.prefill(prompt).argmax(-1, keepdim=True)]
+        nxt = [greedy_tokens(dec.prefill(prompt))]
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
     def step() -> None:
-        nxt[0] = dec.step(nxt[0]).argmax(-1, keepdim=True)
+        nxt[0] = dec.greedy_step(nxt[0])
 
     weights, points, capture_s = weight_bytes(model), [], 0.0
     for total in lengths:

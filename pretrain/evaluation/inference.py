@@ -21,6 +21,7 @@ import torch
 from pretrain.accounting import cache_bytes
 from pretrain.model.decode import Decoder
 from pretrain.model.ops.precision import wide_dtype
+from pretrain.model.sampling import greedy_tokens
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +58,7 @@ def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: i
         decoder = Decoder(model, batch, totals[-1])
         _sync(device)
         t0 = time.perf_counter()
-        nxt = decoder.prefill(prompt).argmax(-1, keepdim=True)
+        nxt = greedy_tokens(decoder.prefill(prompt))
         _sync(device)
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -68,7 +69,7 @@ def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: i
         t0 = last = time.perf_counter()
         steps: list[float] = []  # since the previous total
         for length in range(prompt_len + 1, totals[-1] + 1):
-            nxt = decoder.step(nxt).argmax(-1, keepdim=True)
+            nxt = decoder.greedy_step(nxt)
             if length in totals:
                 _sync(device)
             now = time.perf_counter()

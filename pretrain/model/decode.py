@@ -31,6 +31,7 @@ from pretrain.model.ops.decode_attention import compiled_decode_attention, decod
 from pretrain.model.ops.decode_attention_triton import decode_attention_triton, kv_write_triton
 from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.library import has_triton
+from pretrain.model.sampling import greedy_tokens
 from pretrain.model.static_cache import StaticCache, StaticKV, chunk_of
 
 
@@ -83,27 +84,24 @@ class Decoder:
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the graphs' inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
         self._pool = None
         self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
         # one compiled function for every block: Dynamo keeps an entry per block kind, not per layer
         self.compiled_block = torch.compile(_run_block, dynamic=False) if compile else None
-        self.compiled_logits = torch.compile(_last_logits, dynamic=False) if compile else None
+        self.compiled_output = torch.compile(_step_output, dynamic=False) if compile else None
         for s in self.cache.states():
             if isinstance(s, StaticKV):
                 s.decode_fn, s.write_fn = ATTENTION[attention]
 
-    def _logits(self, tokens: Tensor, positions: Tensor, step: bool = True) -> Tensor:
-        """Last-position logits [b, vocab]; the cache's Python length is set by the caller. A step runs
-        hidden_states' loop for one token on one device, each block compiled when `compile`, with the
-        packed FFN weights."""
-        if not step:
-            return self.model.head(self.model.hidden_states(tokens, self.cache, positions)[:, -1])
-        run_block, logits = self.compiled_block or _run_block, self.compiled_logits or _last_logits
+    def _step(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """A step's logits [b, vocab] and greedy next tokens [b, 1]: hidden_states' loop for one token
+        on one device, each block compiled when `compile`, with the packed FFN weights."""
+        run_block, output = self.compiled_block or _run_block, self.compiled_output or _step_output
         x = self.model.embed(tokens)
         for key, block in self.model.blocks.items():
             x = run_block(block, x, positions, self.cache.layers[int(key)], self.cache.gate_up[int(key)])
-        return logits(self.model, x)
+        return output(self.model, x)
 
     def prefill(self, prompt: Tensor) -> Tensor:
         """Fill the caches with the prompt [b, l] in one forward; logits of its last token [b, vocab]."""
@@ -116,7 +114,8 @@ class Decoder:
         if prompt.shape[1] > self.cache.max_len:
             raise ValueError(f"decode: the prompt ({prompt.shape[1]} tokens) exceeds max_len {self.cache.max_len}")
         self.cache.pack_weights(self.model)  # the weights' values now (after any change since __init__)
-        logits = self._logits(prompt, torch.arange(prompt.shape[1], device=prompt.device), step=False)
+        positions = torch.arange(prompt.shape[1], device=prompt.device)
+        logits = self.model.head(self.model.hidden_states(prompt, self.cache, positions)[:, -1])
         self.cache.length = prompt.shape[1]
         return logits
 
@@ -125,6 +124,15 @@ class Decoder:
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append `tokens` [b, 1]; logits of the next token [b, vocab] (a fresh tensor)."""
+        return self._advance(tokens)[0].clone()
+
+    def greedy_step(self, tokens: Tensor) -> Tensor:
+        """Append `tokens` [b, 1]; the greedy next tokens [b, 1] (a fresh tensor), chosen inside the
+        captured step: no copy of the logits and no launches of an argmax after the graph."""
+        return self._advance(tokens)[1].clone()
+
+    def _advance(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Append `tokens`; the step's outputs (the graph's own tensors when captured)."""
         n = self.cache.length
         if n >= self.cache.max_len:
             raise ValueError(f"decode: the static cache is full (max_len {self.cache.max_len})")
@@ -134,12 +142,12 @@ class Decoder:
         captured = self.capture(span) if self.use_graph else None
         if captured is not None:
             captured[0].replay()
-            logits = captured[1].clone()
+            out = captured[1]
         else:
             self.cache.set_span(span)
-            logits = self._logits(self.tokens, self.position)
+            out = self._step(self.tokens, self.position)
         self.cache.length = n + 1
-        return logits
+        return out
 
     def capture_until(self, length: int) -> None:
         """Capture now the graphs that steps up to total `length` will use (keeps capture out of a
@@ -148,7 +156,7 @@ class Decoder:
             if self.capture(span) is None:
                 return
 
-    def capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+    def capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]] | None:
         """The graph of a step attending to `span` global slots (captured on first use), or None
         when the step cannot be captured (an op that synchronises with the host, e.g. the MoE's
         bincount): then every step runs eagerly and `graph_error` says why. Every capture is
@@ -167,7 +175,7 @@ class Decoder:
         finally:
             self.cache.length = length
 
-    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]:
         self.cache.set_span(span)
         self.position.fill_(self.cache.length)
         with self._capture_autocast():
@@ -175,13 +183,13 @@ class Decoder:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._logits(self.tokens, self.position)
+                self._step(self.tokens, self.position)
             torch.cuda.current_stream().wait_stream(side)
             for t, s in zip(self.cache.recurrent(), saved):
                 t.copy_(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._logits(self.tokens, self.position)
+                out = self._step(self.tokens, self.position)
         self._pool = self._pool or graph.pool()
         self.graphs[span] = (graph, out)
         return graph, out
@@ -199,6 +207,8 @@ def _run_block(block, x: Tensor, positions: Tensor, state, gate_up: Tensor | Non
     return block(x, positions, state, gate_up)
 
 
-def _last_logits(model, x: Tensor) -> Tensor:
-    """The final norm and the head of a decode step: [b, 1, d] -> logits [b, vocab]."""
-    return model.head(model.norm(x)[:, -1])
+def _step_output(model, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The final norm, the head and the greedy choice of a decode step: [b, 1, d] -> logits
+    [b, vocab], next tokens [b, 1]."""
+    logits = model.head(model.norm(x)[:, -1])
+    return logits, greedy_tokens(logits)

@@ -23,6 +23,7 @@ from pretrain.model.moe import MoE
 from pretrain.model.norms import RMSNorm
 from pretrain.model.ops import chunked_cross_entropy
 from pretrain.model.packed import PackedDocs
+from pretrain.model.sampling import greedy_tokens, sample
 from pretrain.model.shared_dict import SharedDict
 
 if TYPE_CHECKING:
@@ -223,12 +224,18 @@ class HybridLM(nn.Module):
             raise ValueError("HybridLM.generate on a pipeline stage (parallel.pp > 1) needs its rank's pipeline: call "
                              "model.generate(prompt, ..., pipeline=trainer.pipeline) on every pp rank")
         docs = PackedDocs.from_starts(doc_starts) if doc_starts is not None else None
+
+        def pick(logits: Tensor) -> Tensor:
+            return sample(logits, temperature, top_k, generator)
+
         if static_cache and self.tp_mesh is None and docs is None:
             from pretrain.model.decode import Decoder  # decode imports this module's neighbours
 
             decoder = Decoder(self, prompt.shape[0], prompt.shape[1] + max_new_tokens,
                               cuda_graph=prompt.is_cuda and max_new_tokens >= 32)
             first, step = decoder.prefill, decoder.step
+            if temperature <= 0 and not return_logits:  # the argmax inside the captured step
+                first, step, pick = (lambda p: greedy_tokens(decoder.prefill(p))), decoder.greedy_step, _chosen
         else:
             cache = InferenceCache(self.config.n_layers)
 
@@ -239,17 +246,16 @@ class HybridLM(nn.Module):
                 nonlocal docs
                 docs = docs.next_token() if docs is not None else None
                 return self(token, cache, docs)[:, -1]
-        tokens, chosen = decode_loop(first, step, prompt, max_new_tokens,
-                                     lambda logits: sample(logits, temperature, top_k, generator))
+        tokens, chosen = decode_loop(first, step, prompt, max_new_tokens, pick)
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
 
 
 def decode_loop(first: Callable[[Tensor], Tensor | None], step: Callable[[Tensor], Tensor | None], prompt: Tensor,
                 max_new_tokens: int, pick: Callable[[Tensor | None], Tensor]) -> tuple[Tensor, list[Tensor | None]]:
     """Generation's loop: `first` prefills the prompt and `step` appends a token [b, 1], each
-    returning the next token's logits [b, vocab] (None where another pipeline rank holds them);
-    `pick` turns those into the next token. Returns the prompt followed by the new tokens, and the
-    logits that chose each."""
+    returning the next token's logits [b, vocab] (None where another pipeline rank holds them; the
+    token itself where the step chose it); `pick` turns those into the next token. Returns the
+    prompt followed by the new tokens, and what `pick` chose each from."""
     logits = first(prompt)
     out, chosen = [prompt], []
     for i in range(max_new_tokens):
@@ -258,6 +264,11 @@ def decode_loop(first: Callable[[Tensor], Tensor | None], step: Callable[[Tensor
         if i + 1 < max_new_tokens:
             logits = step(out[-1])
     return torch.cat(out, dim=1), chosen
+
+
+def _chosen(token: Tensor) -> Tensor:
+    """`decode_loop`'s pick where the step has chosen the token."""
+    return token
 
 
 def _noop() -> None:
@@ -286,14 +297,3 @@ class LayerState(SharedDict):
     """One layer's growing state, read and written by name by its mixer ("k", "v", "pos", "doc",
     "conv", "ssm"; an intra-hybrid block's "attn" and "ssm" branches); a `SharedDict`, so FSDP2's
     input cast does not copy it away from the mixer's writes."""
-
-
-def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
-    """Next token [b, 1] from last-position logits [b, vocab]."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from parallel.pipeline import Pipeline
-from pretrain.model.lm import InferenceCache, decode_loop, sample
+from pretrain.model.lm import InferenceCache, decode_loop
 from pretrain.model.packed import PackedDocs
+from pretrain.model.sampling import sample
 
 
 @torch.no_grad()

@@ -163,3 +163,16 @@ def test_mamba2_step_kernels_match_reference(heads, head_dim, external_bias):
     assert torch.equal(got_conv, want_conv)
     torch.testing.assert_close(got_ssm, want_ssm, rtol=1e-5, atol=1e-5)
     assert y.dtype == torch.bfloat16 and ((y.float() - want_y.float()).norm() / want_y.float().norm()).item() < 1e-2
+
+
+def test_captured_greedy_steps_choose_the_argmax_of_their_logits():
+    """1B llama in bf16 (vocabulary 128,256), CUDA graphs: the tokens the captured steps choose
+    (`greedy_step`) are the argmax of the logits the same graphs return."""
+    torch.manual_seed(0)
+    model = build_model("llama", "1b", device="cuda").to(torch.bfloat16).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
+    with torch.no_grad():
+        tokens, logits = model.generate(prompt, 40, return_logits=True)
+        greedy = model.generate(prompt, 40)
+    assert torch.equal(tokens[:, 64:], logits.argmax(-1))
+    assert torch.equal(greedy, tokens)

@@ -205,3 +205,17 @@ def test_conv_and_ssm_steps_match_references():
     want_y, want_s = ssd_scan_reference(xs, dt, A, B, C, 4, s0)
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s1, want_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "intra_hybrid"])
+def test_greedy_steps_choose_the_argmax_of_their_logits(arch):
+    """generate's greedy path takes the step's own choice (`Decoder.greedy_step`): the same tokens as
+    the argmax of the logits that `return_logits` returns."""
+    torch.manual_seed(0)
+    model = build_model(arch, "tiny").eval()
+    prompt = torch.randint(0, 512, (3, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tokens, logits = model.generate(prompt, 30, return_logits=True)
+        greedy = model.generate(prompt, 30)
+    assert torch.equal(tokens[:, 21:], logits.argmax(-1))
+    assert torch.equal(greedy, tokens)

@@ -1,0 +1,34 @@
+"""Choosing the next token from last-position logits: greedy or by temperature / top-k."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GREEDY_GROUP = 1024  # vocabulary entries each first-stage row of `greedy_tokens` reduces
+
+
+def greedy_tokens(logits: Tensor) -> Tensor:
+    """`logits.argmax(-1, keepdim=True)` for logits [b, vocab], in two stages: the maximum of
+    each group of `GREEDY_GROUP` entries, then the best group. A decode step has only a few rows
+    and a large vocabulary, and torch's argmax reduces each row in one block (Inductor does not
+    split arg-reductions either): for 4 rows of 128,256 on the H200, 26.6 us, against 17.7 for the
+    two stages eager and 4.3 compiled (a decode step's head compiles them; docs/benchmarks.md). Ties go to the lowest index, as in `argmax` (`max` over a dim returns the first
+    maximal index, the padding is -inf)."""
+    b, vocab = logits.shape
+    padded = F.pad(logits, (0, -vocab % GREEDY_GROUP), value=-torch.inf)
+    values, within = padded.view(b, -1, GREEDY_GROUP).max(-1)  # [b, groups]
+    group = values.argmax(-1, keepdim=True)
+    return group * GREEDY_GROUP + within.gather(-1, group)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Next token [b, 1] from last-position logits [b, vocab]."""
+    if temperature <= 0:
+        return greedy_tokens(logits)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

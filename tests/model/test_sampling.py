@@ -1,0 +1,24 @@
+"""The two-stage greedy choice against torch's argmax."""
+
+import pytest
+import torch
+
+from pretrain.model.sampling import GREEDY_GROUP, greedy_tokens, sample
+
+
+@pytest.mark.parametrize("vocab", [1, 7, GREEDY_GROUP, GREEDY_GROUP + 1, 3 * GREEDY_GROUP - 5, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_equal_argmax(vocab, dtype):
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    logits[1] = -torch.inf  # a row with nothing allowed: index 0, as argmax says
+    if vocab > 2:
+        logits[2, [vocab // 3, vocab - 1]] = 1e4  # a tie across groups: the lower index
+        logits[3, :] = 0.0  # every entry tied
+    got = greedy_tokens(logits)
+    assert got.shape == (5, 1) and got.dtype == torch.long
+    assert torch.equal(got, logits.argmax(-1, keepdim=True))
+
+
+def test_sample_at_temperature_zero_is_greedy():
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, 0.0, None, None), logits.argmax(-1, keepdim=True))
