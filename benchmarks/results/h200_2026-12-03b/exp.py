@@ -1,0 +1,35 @@
+"""benchmarks/inference.py with experimental switches: exp.py SWITCHES INFERENCE_ARGS... (SWITCHES: comma list
+of autotune, gnref, coord, or none)."""
+import functools, os, sys
+import torch
+
+switches = set(sys.argv[1].split(","))
+if "autotune" in switches:
+    torch.compile = functools.partial(torch.compile, mode="max-autotune-no-cudagraphs")
+if "coord" in switches:
+    import torch._inductor.config as ic
+    ic.coordinate_descent_tuning = True
+if "gnref" in switches:
+    import pretrain.model.norms as norms
+    from pretrain.model.ops.gated_norm import gated_rms_norm_reference
+    fast = norms.gated_rms_norm
+
+    def gated(y, z, w, eps, n_groups=1):
+        if torch.compiler.is_compiling():
+            return gated_rms_norm_reference(y, z, w, eps, n_groups)
+        return fast(y, z, w, eps, n_groups)
+    norms.gated_rms_norm = gated
+if "embed" in switches:
+    import pretrain.model.decode as dm
+    lookup = torch.compile(lambda embed, tokens: embed(tokens), dynamic=False)
+
+    def _step(self, tokens, positions):
+        run_block, output = self.compiled_block or dm._run_block, self.compiled_output or dm._step_output
+        x = lookup(self.model.embed, tokens) if self.compiled_block else self.model.embed(tokens)
+        for key, block in self.model.blocks.items():
+            x = run_block(block, x, positions, self.cache.layers[int(key)], self.cache.gate_up[int(key)])
+        return output(self.model, x)
+    dm.Decoder._step = _step
+sys.path.insert(0, "benchmarks")
+import inference
+inference.main(sys.argv[2:])
