@@ -153,7 +153,7 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
         dec.cache.pretend_length(total - 1)
         t0 = time.perf_counter()
         if dec.use_graph:
-            dec.capture_until(total - 1 + extra)
+            dec.capture_until(total - 1 + extra, greedy=True)
         capture_s += time.perf_counter() - t0
         step()  # the step at context `total` (compiles on its first call when not captured)
         cache = dec.cache.used_bytes()

@@ -63,7 +63,7 @@ def run_inference(model, batch: int, prompt_len: int, totals: list[int], seed: i
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if decoder.use_graph:
-            decoder.capture_until(totals[-1])
+            decoder.capture_until(totals[-1], greedy=True)
         _sync(device)
         capture_s = time.perf_counter() - t0
         t0 = last = time.perf_counter()

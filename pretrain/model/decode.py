@@ -4,9 +4,9 @@ re-planning).
 
 With `compile=True` every block of the one-token step runs through `torch.compile` (Inductor fuses
 its norms, rotary, residuals, SwiGLU, conv and SSM update into a few kernels, the ~60 kernels per
-layer of the eager step being the step's floor), and so do the embedding lookup and the head with
-its greedy choice (`greedy_step`: the next token chosen inside the captured step). The attention read over the cache runs between the
-compiled parts, with the write of the new keys and values (`StaticKV._write_read`, never traced: its
+layer of the eager step being the step's floor), and so do the embedding lookup and the head (with
+the greedy choice for `greedy_step`: the next token chosen inside the step). The attention read
+over the cache runs between the compiled parts, with the write of the new keys and values (`StaticKV._write_read`, never traced: its
 shapes follow the span) on `attention`'s kernels: `triton` (the default on CUDA) our two
 flash-decoding kernels (`decode_attention_triton`) after a one-launch write (`kv_write_triton`),
 `split_k` (the default elsewhere) the split-K PyTorch `decode_attention` and `StaticKV._write` they
@@ -16,8 +16,8 @@ at 0.39-0.62x the eager step's tokens/s). Each is launched from Python between t
 blocks, so the CUDA graph captures the blocks' and the attention's kernels alike.
 
 The step attends to the first `span` slots of each global KV cache, `span` rounded up to a
-multiple of `span_step`: one graph per span in use (one per `span_step` of context, sharing one
-memory pool), instead of always reading the whole preallocated cache. Positions are tensors the graph
+multiple of `span_step`: one graph per span in use and output (logits for `step`, tokens for
+`greedy_step`; one per `span_step` of context, sharing one memory pool), instead of always reading the whole preallocated cache. Positions are tensors the graph
 reads, never Python numbers baked into it.
 """
 
@@ -85,7 +85,7 @@ class Decoder:
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the graphs' inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # by (span, greedy)
         self._pool = None
         self.graph_error: str | None = None  # why capture failed (the steps then run eagerly)
         # one compiled function for every block: Dynamo keeps an entry per block kind, not per layer
@@ -96,15 +96,15 @@ class Decoder:
             if isinstance(s, StaticKV):
                 s.decode_fn, s.write_fn = ATTENTION[attention]
 
-    def _step(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """A step's logits [b, vocab] and greedy next tokens [b, 1]: hidden_states' loop for one token
-        on one device, each block compiled when `compile`, with the packed FFN weights."""
+    def _step(self, tokens: Tensor, positions: Tensor, greedy: bool) -> Tensor:
+        """A step's logits [b, vocab], or its greedy next tokens [b, 1]: hidden_states' loop for one
+        token on one device, each block compiled when `compile`, with the packed FFN weights."""
         embed, run_block = self.compiled_input or _step_input, self.compiled_block or _run_block
         output = self.compiled_output or _step_output
         x = embed(self.model, tokens)
         for key, block in self.model.blocks.items():
             x = run_block(block, x, positions, self.cache.layers[int(key)], self.cache.gate_up[int(key)])
-        return output(self.model, x)
+        return output(self.model, x, greedy)
 
     def prefill(self, prompt: Tensor) -> Tensor:
         """Fill the caches with the prompt [b, l] in one forward; logits of its last token [b, vocab]."""
@@ -127,58 +127,58 @@ class Decoder:
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append `tokens` [b, 1]; logits of the next token [b, vocab] (a fresh tensor)."""
-        return self._advance(tokens)[0].clone()
+        return self._advance(tokens, greedy=False)
 
     def greedy_step(self, tokens: Tensor) -> Tensor:
         """Append `tokens` [b, 1]; the greedy next tokens [b, 1] (a fresh tensor), chosen inside the
-        captured step: no copy of the logits and no launches of an argmax after the graph."""
-        return self._advance(tokens)[1].clone()
+        step: after a captured step, a copy of b tokens instead of the logits and an argmax."""
+        return self._advance(tokens, greedy=True)
 
-    def _advance(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Append `tokens`; the step's outputs (the graph's own tensors when captured)."""
+    def _advance(self, tokens: Tensor, greedy: bool) -> Tensor:
         n = self.cache.length
         if n >= self.cache.max_len:
             raise ValueError(f"decode: the static cache is full (max_len {self.cache.max_len})")
         self.tokens.copy_(tokens)
         self.position.fill_(n)
         span = self.span(n + 1)
-        captured = self.capture(span) if self.use_graph else None
+        captured = self.capture(span, greedy) if self.use_graph else None
         if captured is not None:
             captured[0].replay()
-            out = captured[1]
+            out = captured[1].clone()  # the graph's own tensor: the next replay overwrites it
         else:
             self.cache.set_span(span)
-            out = self._step(self.tokens, self.position)
+            out = self._step(self.tokens, self.position, greedy)
         self.cache.length = n + 1
         return out
 
-    def capture_until(self, length: int) -> None:
-        """Capture now the graphs that steps up to total `length` will use (keeps capture out of a
-        timed loop)."""
+    def capture_until(self, length: int, greedy: bool) -> None:
+        """Capture now the graphs that steps up to total `length` will use, of `greedy_step` or of
+        `step` (keeps capture out of a timed loop)."""
         for span in sorted({self.span(n) for n in range(self.cache.length + 1, length + 1)}):
-            if self.capture(span) is None:
+            if self.capture(span, greedy) is None:
                 return
 
-    def capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]] | None:
-        """The graph of a step attending to `span` global slots (captured on first use), or None
-        when the step cannot be captured (an op that synchronises with the host, e.g. the MoE's
-        bincount): then every step runs eagerly and `graph_error` says why. Every capture is
-        preceded by one warm-up step on a side stream, as CUDA graphs need, and so that nothing
-        compiles inside the capture (a compiled block's guard not met yet, e.g. a new span's length;
-        a Triton kernel specialised on a new chunk count); it writes K/V at the current length's
-        slot (the next step overwrites it) and the recurrent states are restored after it."""
-        if span in self.graphs:
-            return self.graphs[span]
+    def capture(self, span: int, greedy: bool) -> tuple[torch.cuda.CUDAGraph, Tensor] | None:
+        """The graph of a step attending to `span` global slots (captured on first use) that returns
+        tokens (`greedy`) or logits, or None when the step cannot be captured (an op that
+        synchronises with the host, e.g. the MoE's bincount): then every step runs eagerly and
+        `graph_error` says why. Every capture is preceded by one warm-up step on a side stream, as
+        CUDA graphs need, and so that nothing compiles inside the capture (a compiled block's guard
+        not met yet, e.g. a new span's length; a Triton kernel specialised on a new chunk count); it
+        writes K/V at the current length's slot (the next step overwrites it) and the recurrent
+        states are restored after it."""
+        if (span, greedy) in self.graphs:
+            return self.graphs[span, greedy]
         length = self.cache.length  # the Python forward counts the warm-up and captured tokens
         try:
-            return self._capture(span)
+            return self._capture(span, greedy)
         except RuntimeError as e:
             self.use_graph, self.graph_error = False, str(e).splitlines()[0]
             return None
         finally:
             self.cache.length = length
 
-    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]:
+    def _capture(self, span: int, greedy: bool) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         self.cache.set_span(span)
         self.position.fill_(self.cache.length)
         with self._capture_autocast():
@@ -186,15 +186,15 @@ class Decoder:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._step(self.tokens, self.position)
+                self._step(self.tokens, self.position, greedy)
             torch.cuda.current_stream().wait_stream(side)
             for t, s in zip(self.cache.recurrent(), saved):
                 t.copy_(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._step(self.tokens, self.position)
+                out = self._step(self.tokens, self.position, greedy)
         self._pool = self._pool or graph.pool()
-        self.graphs[span] = (graph, out)
+        self.graphs[span, greedy] = (graph, out)
         return graph, out
 
     def _capture_autocast(self) -> contextlib.AbstractContextManager:
@@ -216,8 +216,8 @@ def _run_block(block, x: Tensor, positions: Tensor, state, gate_up: Tensor | Non
     return block(x, positions, state, gate_up)
 
 
-def _step_output(model, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The final norm, the head and the greedy choice of a decode step: [b, 1, d] -> logits
-    [b, vocab], next tokens [b, 1]."""
+def _step_output(model, x: Tensor, greedy: bool) -> Tensor:
+    """The final norm and the head of a decode step, [b, 1, d] -> logits [b, vocab], and with
+    `greedy` the choice: next tokens [b, 1]."""
     logits = model.head(model.norm(x)[:, -1])
-    return logits, greedy_tokens(logits)
+    return greedy_tokens(logits) if greedy else logits

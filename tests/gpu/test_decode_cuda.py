@@ -176,3 +176,28 @@ def test_captured_greedy_steps_choose_the_argmax_of_their_logits():
         greedy = model.generate(prompt, 40)
     assert torch.equal(tokens[:, 64:], logits.argmax(-1))
     assert torch.equal(greedy, tokens)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_graphs_choose_the_argmax_of_the_logit_graphs(compile):
+    """intra_hybrid with a 5,000-token vocabulary (five groups of `greedy_tokens`' first stage, the
+    last padded), bf16, CUDA graphs, the step eager or compiled: the tokens the greedy graphs choose
+    (`greedy_step`) are the argmax of the logits that the logit graphs (`step`) return for the same
+    inputs, each decoder keeping graphs of its own kind only."""
+    torch.manual_seed(0)
+    model = build_model("intra_hybrid", "tiny", device="cuda", vocab_size=5000).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 5000, (4, 40), device="cuda")
+    with torch.no_grad():
+        logit_dec, greedy_dec = (Decoder(model, 4, 80, cuda_graph=True, span_step=16, compile=compile) for _ in "ab")
+        with reference_kernels():
+            logits = [logit_dec.prefill(prompt)]
+            greedy_dec.prefill(prompt)
+        chosen = []
+        for _ in range(39):
+            token = logits[-1].argmax(-1, keepdim=True)
+            chosen.append(greedy_dec.greedy_step(token))
+            logits.append(logit_dec.step(token))
+    spans = {logit_dec.span(n) for n in range(41, 80)}
+    assert logit_dec.graph_error is None and set(logit_dec.graphs) == {(s, False) for s in spans}
+    assert greedy_dec.graph_error is None and set(greedy_dec.graphs) == {(s, True) for s in spans}
+    assert torch.equal(torch.cat(chosen, 1), torch.stack(logits[1:], 1).argmax(-1))

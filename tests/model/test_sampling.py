@@ -14,9 +14,17 @@ def test_greedy_tokens_equal_argmax(vocab, dtype):
     if vocab > 2:
         logits[2, [vocab // 3, vocab - 1]] = 1e4  # a tie across groups: the lower index
         logits[3, :] = 0.0  # every entry tied
+        logits[4, [vocab // 2, vocab - 2]] = torch.nan  # NaNs win, the first of them, as in argmax
+        logits[0, vocab - 1] = torch.inf
     got = greedy_tokens(logits)
     assert got.shape == (5, 1) and got.dtype == torch.long
     assert torch.equal(got, logits.argmax(-1, keepdim=True))
+
+
+def test_greedy_tokens_keep_leading_dims():
+    logits = torch.randn(2, 3, 2500, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1, keepdim=True))
+    assert greedy_tokens(logits[:0]).shape == (0, 3, 1)
 
 
 def test_sample_at_temperature_zero_is_greedy():

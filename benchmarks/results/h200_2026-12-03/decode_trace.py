@@ -19,7 +19,7 @@ for arch in sys.argv[1].split(","):
         with reference_kernels():
             nxt = dec.prefill(prompt).argmax(-1, keepdim=True)
         dec.cache.pretend_length(2047)
-        dec.capture_until(2047 + 30)
+        dec.capture_until(2047 + 30, greedy=False)
         for _ in range(5):
             nxt = dec.step(nxt).argmax(-1, keepdim=True)
         torch.cuda.synchronize()

@@ -1,5 +1,5 @@
 """benchmarks/inference.py with experimental switches: exp.py SWITCHES INFERENCE_ARGS... (SWITCHES: comma list
-of autotune, gnref, coord, or none)."""
+of autotune, gnref, coord, or none; the call-2 switch `embed` is the committed path since 25dfd95)."""
 import functools, os, sys
 import torch
 
@@ -19,17 +19,6 @@ if "gnref" in switches:
             return gated_rms_norm_reference(y, z, w, eps, n_groups)
         return fast(y, z, w, eps, n_groups)
     norms.gated_rms_norm = gated
-if "embed" in switches:
-    import pretrain.model.decode as dm
-    lookup = torch.compile(lambda embed, tokens: embed(tokens), dynamic=False)
-
-    def _step(self, tokens, positions):
-        run_block, output = self.compiled_block or dm._run_block, self.compiled_output or dm._step_output
-        x = lookup(self.model.embed, tokens) if self.compiled_block else self.model.embed(tokens)
-        for key, block in self.model.blocks.items():
-            x = run_block(block, x, positions, self.cache.layers[int(key)], self.cache.gate_up[int(key)])
-        return output(self.model, x)
-    dm.Decoder._step = _step
 sys.path.insert(0, "benchmarks")
 import inference
 inference.main(sys.argv[2:])
