@@ -48,12 +48,12 @@ def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
     block_dv = _pow2(dv)
     kernels = _kernels()
     kernels.decode_attention_partial[(n, b * kv)](
-        q, q.stride(0), q.stride(1), q.stride(2), k, v, k_pos, q_pos.contiguous(), m, l, o, b, kv, rep, lq, c, dq, dv,
-        1 / math.sqrt(dq), window or 0, n_sink, HAS_WINDOW=window is not None,
+        q, q.stride(0), q.stride(1), q.stride(2), k, v, k_pos, q_pos.contiguous(), m, l, o, b, kv, rep, lq, c,
+        1 / math.sqrt(dq), window or 0, n_sink, DQ=dq, DV=dv, HAS_WINDOW=window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_R=_pow2(rows), BLOCK_S=min(64, _pow2(c)),
         BLOCK_DQ=_pow2(dq), BLOCK_DV=block_dv, num_warps=4, num_stages=3)
     kernels.decode_attention_combine[(b * kv * rows,)](
-        m, l, o, out, n, b, kv, rep, lq, dv, BLOCK_C=min(32, _pow2(n, 2)), BLOCK_DV=block_dv, num_warps=4)
+        m, l, o, out, n, b, kv, rep, lq, DV=dv, BLOCK_C=min(32, _pow2(n, 2)), BLOCK_DV=block_dv, num_warps=4)
     return out
 
 
@@ -69,5 +69,5 @@ def kv_write_triton(cache, k: Tensor, v: Tensor, positions: Tensor) -> None:
     window = cache.window
     _kernels().kv_write[(b * kv * lq,)](
         k, k.stride(0), k.stride(1), k.stride(2), v, v.stride(0), v.stride(1), v.stride(2), positions.contiguous(),
-        cache.k, cache.v, cache.pos, b, kv, lq, cache.chunk, dq, dv, window or 0, cache.n_sink,
+        cache.k, cache.v, cache.pos, b, kv, lq, cache.chunk, window or 0, cache.n_sink, DQ=dq, DV=dv,
         HAS_WINDOW=window is not None, BLOCK_DQ=_pow2(dq), BLOCK_DV=_pow2(dv), num_warps=1)
