@@ -1,0 +1,4 @@
+source devrun/prelude.sh
+step micro 200 python devrun/experts_micro.py
+step tests 300 python -m pytest -n 4 -q -p no:warnings -rfEs tests/gpu/test_grouped_mm_float8_cuda.py tests/gpu/test_fp8_compile.py
+grep -v "Warning\|warn" $LOG | grep -E "^(=====|==|[0-9]+ passed|FAILED|ERROR|E  |path|bf16|fp8|---| +[0-9]+ +[0-9]+ )" | tail -n 90
