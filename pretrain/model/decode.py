@@ -217,7 +217,7 @@ def _run_block(block, x: Tensor, positions: Tensor, state, gate_up: Tensor | Non
 
 
 def _step_output(model, x: Tensor, greedy: bool) -> Tensor:
-    """The final norm and the head of a decode step, [b, 1, d] -> logits [b, vocab], and with
-    `greedy` the choice: next tokens [b, 1]."""
+    """The final norm and the head of a decode step, [b, 1, d] -> logits [b, vocab], or with `greedy`
+    only the choice: next tokens [b, 1]."""
     logits = model.head(model.norm(x)[:, -1])
     return greedy_tokens(logits) if greedy else logits

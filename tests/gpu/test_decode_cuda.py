@@ -166,8 +166,9 @@ def test_mamba2_step_kernels_match_reference(heads, head_dim, external_bias):
 
 
 def test_captured_greedy_steps_choose_the_argmax_of_their_logits():
-    """1B llama in bf16 (vocabulary 128,256), CUDA graphs: the tokens the captured steps choose
-    (`greedy_step`) are the argmax of the logits the same graphs return."""
+    """1B llama in bf16 (vocabulary 128,256), CUDA graphs: the tokens the greedy graphs choose
+    (`greedy_step`, plain generate) equal those of the logit graphs' path (`return_logits`), which
+    are the argmax of the logits it returns."""
     torch.manual_seed(0)
     model = build_model("llama", "1b", device="cuda").to(torch.bfloat16).eval()
     prompt = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
@@ -184,9 +185,13 @@ def test_greedy_graphs_choose_the_argmax_of_the_logit_graphs(compile):
     last padded), bf16, CUDA graphs, the step eager or compiled: the tokens the greedy graphs choose
     (`greedy_step`) are the argmax of the logits that the logit graphs (`step`) return for the same
     inputs, each decoder keeping graphs of its own kind only."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     model = build_model("intra_hybrid", "tiny", device="cuda", vocab_size=5000).to(torch.bfloat16).eval()
     prompt = torch.randint(0, 5000, (4, 40), device="cuda")
+    torch._dynamo.reset()  # Dynamo's cache is per code object: an earlier test's compilation could serve
+    counters.clear()
     with torch.no_grad():
         logit_dec, greedy_dec = (Decoder(model, 4, 80, cuda_graph=True, span_step=16, compile=compile) for _ in "ab")
         with reference_kernels():
@@ -197,6 +202,9 @@ def test_greedy_graphs_choose_the_argmax_of_the_logit_graphs(compile):
             token = logits[-1].argmax(-1, keepdim=True)
             chosen.append(greedy_dec.greedy_step(token))
             logits.append(logit_dec.step(token))
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert compiled_graphs > 0 or not compile, "the compiled step compiled nothing"  # else it ran eagerly
     spans = {logit_dec.span(n) for n in range(41, 80)}
     assert logit_dec.graph_error is None and set(logit_dec.graphs) == {(s, False) for s in spans}
     assert greedy_dec.graph_error is None and set(greedy_dec.graphs) == {(s, True) for s in spans}

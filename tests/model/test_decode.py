@@ -210,7 +210,7 @@ def test_conv_and_ssm_steps_match_references():
 @pytest.mark.parametrize("arch", ["llama", "intra_hybrid"])
 def test_greedy_steps_choose_the_argmax_of_their_logits(arch):
     """generate's greedy path takes the step's own choice (`Decoder.greedy_step`): the same tokens as
-    the argmax of the logits that `return_logits` returns."""
+    the logit path (`return_logits`), whose tokens are the argmax of the logits it returns."""
     torch.manual_seed(0)
     model = build_model(arch, "tiny").eval()
     prompt = torch.randint(0, 512, (3, 21), generator=torch.Generator().manual_seed(4))

@@ -12,7 +12,7 @@ def test_greedy_tokens_equal_argmax(vocab, dtype):
     logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
     logits[1] = -torch.inf  # a row with nothing allowed: index 0, as argmax says
     if vocab > 2:
-        logits[2, [vocab // 3, vocab - 1]] = 1e4  # a tie across groups: the lower index
+        logits[2, [vocab // 3, vocab - 1]] = 1e4  # a tie (across groups where vocab > 1024): the lower index
         logits[3, :] = 0.0  # every entry tied
         logits[4, [vocab // 2, vocab - 2]] = torch.nan  # NaNs win, the first of them, as in argmax
         logits[0, vocab - 1] = torch.inf
