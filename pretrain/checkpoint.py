@@ -81,7 +81,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Committed checkpoint directories, oldest first (intact or not: see verify_checkpoint)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [(step, p) for p in ckpt_dir.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -90,10 +90,10 @@ class NoIntactCheckpoint(ValueError):
     overwrite them one by one, so the run stops and says what to do."""
 
 
-def find_latest_complete(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are reported and passed over; None when
-    there are none. Collective when distributed: rank 0 lists the candidates (ranks may see a
-    shared directory differently)."""
+def find_latest_complete(ckpt_dir: Path, passed_over: list[Path] | None = None) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported, passed over and appended to
+    `passed_over`; None when there are none. Collective when distributed: rank 0 lists the
+    candidates (ranks may see a shared directory differently)."""
     candidates = broadcast_object([str(p) for p in reversed(list_checkpoints(ckpt_dir))])
     reasons = []
     for candidate in candidates:
@@ -103,11 +103,49 @@ def find_latest_complete(ckpt_dir: Path) -> Path | None:
             return path
         log.warning("skipping checkpoint %s: %s; trying the previous one", path, reason)
         reasons.append(f"{path.name}: {reason}")
+        if passed_over is not None:
+            passed_over.append(path)
     if candidates:
         raise NoIntactCheckpoint(
             f"{ckpt_dir}: none of its {len(candidates)} checkpoints verifies (newest: {reasons[0]}); resume from "
             "an intact one with --resume-from, or move the directory aside to start fresh")
     return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint directory's name (`step_00001000`), None for another name."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def origin_key(path: Path | str) -> str:
+    """How a run's checkpoints name the `--resume-from` checkpoint their trajectory started from."""
+    return str(Path(path).resolve())
+
+
+def checkpoint_origin(path: Path) -> str | None:
+    """The `--resume-from` checkpoint (`origin_key`) the trajectory that wrote `path` started
+    from; None for a trajectory that started fresh (or one saved before origins were recorded, or
+    a train_state.json this stack did not write: resuming from it says so)."""
+    try:
+        return json.loads((Path(path) / TRAIN_STATE).read_text()).get("origin")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def set_aside(paths: Sequence[Path], ckpt_dir: Path, why: str) -> None:
+    """Move checkpoint directories out of the run's listing, into `ckpt_dir/<why>-<UTC time>/`:
+    never deleted (they may be all someone has of another trajectory), never resumed from, never
+    counted by `checkpoint.keep`. Called by the run that owns the directory (rank 0)."""
+    if not paths:
+        return
+    aside = ckpt_dir / f"{why}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    aside.mkdir(parents=True)
+    for path in paths:
+        os.rename(path, aside / path.name)
+    _fsync_path(ckpt_dir)
+    log.warning("moved %s out of %s into %s (%s): kept, but not resumed from or counted by checkpoint.keep",
+                ", ".join(p.name for p in paths), ckpt_dir, aside.name, why)
 
 
 def finish_interrupted_commits(ckpt_dir: Path) -> None:
@@ -224,9 +262,9 @@ class CheckpointManager:
 
     def _prune(self, committed: Path) -> None:
         """Keep the `keep` newest committed checkpoints up to the one just committed (marker and
-        sizes: hashing them all at every save would cost more than the save). Directories of later
-        steps - damaged ones resume passed over, another trajectory's - are not this run's state:
-        they neither count nor go until this run saves those steps itself."""
+        sizes: hashing them all at every save would cost more than the save). Resume has set damaged
+        and other trajectories' directories aside (`set_aside`); a later step still here is not this
+        run's state either: it neither counts nor goes until this run saves that step itself."""
         mine = [p for p in list_checkpoints(self.dir)
                 if p.name <= committed.name and verify_share(p, checksums=False) is None]
         for old in mine[:-self.keep]:
@@ -242,7 +280,11 @@ class CheckpointManager:
         reason = verify_checkpoint(path)
         if reason is not None:
             raise CheckpointDamaged(f"{path}: {reason}; it changed after it was chosen for resume")
-        load_dcp(path, dcp_state, splits)
+        entries = _read_metadata(path)
+        check_weights_fit(path, entries, dcp_state["model"], splits,
+                          f"resume with the model settings of {path / CONFIG_FILE}, or train this model in a new "
+                          "run directory")
+        load_dcp(path, dcp_state, splits, entries)
         try:
             state = json.loads((path / TRAIN_STATE).read_text())
         except (ValueError, UnicodeDecodeError) as e:  # sealed with its hash, so written by something else
@@ -290,6 +332,19 @@ def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence
     if reason is not None:
         raise ValueError(f"{path}: not a complete checkpoint ({reason}); point at a step_* directory")
     entries = _read_metadata(path)
+    check_weights_fit(path, entries, model_state, splits, f"build the model of {path / MODEL_CONFIG_FILE}")
+    load_dcp(path, {"model": model_state}, splits, entries)
+
+
+class WeightsDoNotFit(ValueError):
+    """A checkpoint's tensors are not this model's (another architecture or size)."""
+
+
+def check_weights_fit(path: Path, entries: dict[str, Any], model_state: dict[str, Any], splits: Sequence[Split],
+                      fix: str) -> None:
+    """Every tensor of `model_state` (this rank's: a pipeline stage holds some) is in the checkpoint
+    with its global shape, after converting old names: else WeightsDoNotFit naming them and `fix`,
+    instead of a failure inside DCP. Collective when distributed: every rank gets the verdict."""
     saved = {k.removeprefix("model."): tuple(m.size) for k, m in entries.items()
              if k.startswith("model.") and hasattr(m, "size")}
     for s in _renamed(entries, {"model": model_state}, splits):  # the names and shapes after conversion
@@ -297,10 +352,10 @@ def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence
     ours = {k: tuple(v.shape) for k, v in model_state.items()}
     problems = [f"{k} missing" for k in ours if k not in saved] + \
                [f"{k} is {saved[k]} in the checkpoint, {ours[k]} here" for k in ours if k in saved and saved[k] != ours[k]]
+    problems = [p for part in all_gather_objects(problems) for p in part]
     if problems:
-        raise ValueError(f"{path}: weights do not fit this model ({len(problems)} tensors, e.g. "
-                         f"{'; '.join(problems[:3])}); build the model of {path / MODEL_CONFIG_FILE}")
-    load_dcp(path, {"model": model_state}, splits, entries)
+        raise WeightsDoNotFit(f"{path}: weights do not fit this model ({len(problems)} tensors, e.g. "
+                              f"{'; '.join(problems[:3])}); {fix}")
 
 
 def _read_metadata(path: Path) -> dict[str, Any]:

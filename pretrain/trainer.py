@@ -36,8 +36,9 @@ from parallel.mesh import ParallelDims, build_mesh
 from parallel.mixed_precision import WorkingCopies
 from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
-                                 find_latest_complete, finish_interrupted_commits,
-                                 load_model_weights, model_config_json, verify_checkpoint)
+                                 checkpoint_origin, checkpoint_step, find_latest_complete, finish_interrupted_commits,
+                                 list_checkpoints, load_model_weights, model_config_json, origin_key, set_aside,
+                                 verify_checkpoint, WeightsDoNotFit)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
@@ -174,23 +175,59 @@ def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
     return value
 
 
+# param-group keys a resume may find changed, as the config names them
+OPTIM_FIELDS = {"initial_lr": "optim.lr", "betas": "optim.beta1/beta2", "eps": "optim.eps",
+                "weight_decay": "optim.weight_decay"}
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str) -> Path | None:
-    """The checkpoint to resume from (None: start fresh): the requested one, else the newest that
-    verifies. Collective: every rank verifies a share of the files and all get one answer (ranks
-    resuming from different steps would train on silently)."""
+    """The checkpoint to resume from (None: start fresh): without `resume_from` the newest that
+    verifies; with it that one, unless the run directory holds a newer checkpoint of the trajectory
+    it started (a requeued job repeating its command continues, not restarts). The directories the
+    choice makes stale are set aside (`set_aside`: kept, never resumed from, never counted by
+    checkpoint.keep): damaged ones passed over, and when `resume_from` is taken, every checkpoint not
+    on its path (the run directory's later steps: another trajectory's; all of them when it comes from
+    elsewhere). Collective: every rank verifies a share of the files and all get one answer (ranks
+    resuming from different steps would train on silently); rank 0 alone moves files."""
     resume_from = broadcast_object(resume_from)  # rank 0's word, should the ranks' configs differ
-    if not resume_from:
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            finish_interrupted_commits(ckpt_dir)  # the others wait in find_latest_complete's broadcast
-        try:
-            return find_latest_complete(ckpt_dir)
-        except NoIntactCheckpoint as e:
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        finish_interrupted_commits(ckpt_dir)  # the others wait in find_latest_complete's broadcast
+    damaged: list[Path] = []
+    try:
+        newest = find_latest_complete(ckpt_dir, damaged)
+    except NoIntactCheckpoint as e:
+        if not resume_from:
             raise ConfigError(f"checkpoint: {e}") from None
-    reason = verify_checkpoint(Path(resume_from))
-    if reason is not None:
-        raise ConfigError(f"config: checkpoint.resume_from={resume_from} does not verify ({reason}); point it "
-                          "at an intact step_* directory")
-    return Path(resume_from)
+        newest = None
+    chosen = newest
+    if resume_from:
+        requested = Path(resume_from)
+        origin = rank0_decides(lambda: checkpoint_origin(newest) if newest else None, main)
+        if origin == origin_key(requested):
+            log.info("continuing from %s, the newest checkpoint of the run resumed from %s", newest, requested)
+        else:
+            reason = verify_checkpoint(requested)
+            if reason is not None:
+                if not requested.is_dir():
+                    reason = "no such directory"
+                elif (requested / "checkpoints").is_dir() or list_checkpoints(requested):
+                    reason = "a run or checkpoints directory, not one checkpoint"
+                raise ConfigError(f"config: checkpoint.resume_from={resume_from} does not verify ({reason}); point "
+                                  "it at an intact step_* directory")
+            chosen = requested
+    if main:
+        set_aside(damaged, ckpt_dir, "damaged")
+        if chosen is not None and chosen != newest:
+            step = checkpoint_step(chosen) if chosen.parent.resolve() == ckpt_dir.resolve() else None
+            set_aside([p for p in list_checkpoints(ckpt_dir) if step is None or checkpoint_step(p) > step],
+                      ckpt_dir, "superseded")
+    barrier()
+    return chosen
 
 
 def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
@@ -344,6 +381,9 @@ class Trainer:
                        if self.mesh is None and self.compute_dtype != torch.float32 else None)
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
+        # this run's optimizer settings (lr as the schedule's base): a resume restores them over the checkpoint's
+        self._hyperparameters = [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                                 for g in self.optimizer.param_groups]
 
         from data_pipeline.loader import build_train_loader
 
@@ -366,6 +406,7 @@ class Trainer:
                                       cfg.checkpoint.async_save, self.is_main)
         self.progress = TrainProgress()
         self._resumed_from: Path | None = None
+        self._origin: str | None = None  # the --resume-from checkpoint this trajectory started from
         self._moe_load: list[torch.Tensor] = []
         self._ep_rank_rows: tuple[float, float] | None = None  # see _ep_rank_rows_max_and_mean
 
@@ -426,7 +467,8 @@ class Trainer:
         p.wall_time_s += time.perf_counter() - self.wall_start
         self.wall_start = time.perf_counter()
         shared = {"progress": p.__dict__.copy(), "scheduler": self.scheduler.state_dict(),
-                  "world_size": self.dist.world_size, "dp_size": self.dp_size, "runtime": runtime_fingerprint()}
+                  "world_size": self.dist.world_size, "dp_size": self.dp_size, "runtime": runtime_fingerprint(),
+                  "origin": self._origin}
         rank_state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict(), "dp_rank": self.dp_rank}
         texts = {CONFIG_FILE: to_toml(self.cfg), MODEL_CONFIG_FILE: model_config_json(self.model_config)}
         self.ckpt.save(p.step, self._dcp_state(), rank_state, shared, texts)
@@ -439,15 +481,22 @@ class Trainer:
                 self._init_from(Path(self.cfg.checkpoint.init_from))
             return False
         state = self._dcp_state()
-        shared, ranks = self.ckpt.load(path, state, legacy_splits(self.model_config))
+        try:
+            shared, ranks = self.ckpt.load(path, state, legacy_splits(self.model_config))
+        except WeightsDoNotFit as e:  # another --arch / --size / model override than the checkpoint's
+            raise ConfigError(f"config: {e}") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self._sync_copies()
         self.scheduler.load_state_dict(shared["scheduler"])
+        self._restore_hyperparameters()
         self.progress = TrainProgress(**shared["progress"])
         self._load_loader_state(ranks)
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         restore_rng_state(mine["rng"])
         self._resumed_from = path
+        requested = self.cfg.checkpoint.resume_from
+        taken = bool(requested) and origin_key(path) == origin_key(requested)
+        self._origin = origin_key(path) if taken else shared.get("origin")
         log.info("resumed from %s at step %d (saved by %d rank(s), now %d)",
                  path, self.progress.step, len(ranks), self.dist.world_size)
         changes = fingerprint_changes(shared["runtime"])
@@ -455,6 +504,24 @@ class Trainer:
             log.warning("resuming under a different runtime (%s): the run continues correctly but not bit for bit "
                         "as it would have uninterrupted; see docs/training.md (exact resume)", "; ".join(changes))
         return True
+
+    def _restore_hyperparameters(self) -> None:
+        """The optimizer's settings and the LR schedule are this run's, not the checkpoint's (which
+        the optimizer's and scheduler's state dicts bring back): a resumed run may change optim.* or
+        extend train.steps, and the step after resume runs at this schedule's LR for that step (the
+        same value, bit for bit, when nothing changed)."""
+        groups, step = self.optimizer.param_groups, self.scheduler.last_epoch
+        changes = sorted({f"{OPTIM_FIELDS[k]} {g.get(k)} -> {v}" for g, mine in zip(groups, self._hyperparameters)
+                          for k, v in mine.items() if k in OPTIM_FIELDS and _plain(g.get(k)) != _plain(v)})
+        if changes and self.is_main:
+            log.warning("resumed with optimizer settings other than the checkpoint's: %s; this run's apply from "
+                        "step %d", "; ".join(changes), step + 1)
+        for g, mine in zip(groups, self._hyperparameters):
+            g.update(mine)
+        self.scheduler.base_lrs = [g["initial_lr"] for g in groups]
+        for g, base, multiplier in zip(groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            g["lr"] = base * multiplier(step)
+        self.scheduler._last_lr = [g["lr"] for g in groups]
 
     def _init_from(self, path: Path) -> None:
         """Start a fresh run (new optimizer, step 0) from another checkpoint's model weights."""

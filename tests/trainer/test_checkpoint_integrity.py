@@ -291,3 +291,85 @@ def test_each_rank_hashes_the_shards_it_wrote_and_every_file_once(parts):
     assert sorted(n for s in shares for n in s) == sorted(names)
     for part, mine in enumerate(shares):
         assert {n for n in mine if n.endswith(".distcp")} == {f"__{r}_0.distcp" for r in range(4) if r % parts == part}
+
+
+def test_damaged_newer_checkpoints_are_set_aside_at_resume(tmp_path):
+    """A damaged step passed over at resume leaves the listing (kept under damaged-*/): it can no
+    longer count towards checkpoint.keep, so pruning never keeps it over intact ones."""
+    from pretrain.checkpoint import list_checkpoints
+    from pretrain.trainer import choose_resume_checkpoint
+
+    ck = tmp_path / "ck"
+    mgr = CheckpointManager(ck, keep=5, async_save=False, is_main=True)
+    one, two, three = (save_tiny(mgr, step, step) for step in (1, 2, 3))
+    overwrite(three / "config.toml", b"y")  # same size: only its hash tells
+    assert choose_resume_checkpoint(ck, "") == two
+    assert list_checkpoints(ck) == [one, two]
+    [aside] = ck.glob("damaged-*")
+    assert (aside / three.name / "config.toml").read_bytes().startswith(b"y")
+
+
+def test_rewind_sets_later_steps_aside_and_the_requeued_command_continues_it(reference, corpus, tmp_path):
+    """--resume-from an older step of the same run: the later steps (another trajectory) move to
+    superseded-*/, the new trajectory's saves take their names, and the same command run again
+    (a requeue) continues from the newest of them instead of starting over - nor does a plain
+    auto-resume ever jump back to the old trajectory."""
+    from pretrain.checkpoint import checkpoint_origin, list_checkpoints, origin_key
+
+    reference_dir, _ = reference
+    ck = copy_checkpoints(reference_dir, tmp_path, (2, 4, 6))
+    rewind = (f"--checkpoint.resume_from={ck / 'step_00000002'}", "--optim.lr=1e-3")
+    Trainer(tiny_config(tmp_path, corpus, 4, *rewind)).train()
+    [aside] = ck.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]
+    assert verify_checkpoint(aside / "step_00000006") is None
+    assert [p.name for p in list_checkpoints(ck)] == ["step_00000002", "step_00000004"]
+    assert checkpoint_origin(ck / "step_00000004") == origin_key(ck / "step_00000002")
+    assert losses(tmp_path)[3] == losses(reference_dir)[3] and losses(tmp_path)[4] != losses(reference_dir)[4]  # step 3 ran at 1e-3
+
+    requeued = Trainer(tiny_config(tmp_path, corpus, STEPS, *rewind))
+    assert requeued._resume_path == ck / "step_00000004"
+    requeued.train()
+    assert checkpoint_origin(ck / "step_00000006") == origin_key(ck / "step_00000002")
+    assert Trainer(tiny_config(tmp_path, corpus, STEPS))._resume_path == ck / "step_00000006"
+    assert len(list(ck.glob("superseded-*"))) == 1
+
+
+def test_resume_runs_this_configs_optimizer_settings_and_schedule(reference, corpus, tmp_path, caplog):
+    """The optimizer's and scheduler's state dicts bring back the checkpoint's lr, betas and weight
+    decay; a resumed run trains with its own (and says what changed), and a run extended past its
+    old train.steps continues at the new schedule's lr, not the old cooldown's 0."""
+    from pretrain.schedule import lr_multiplier
+
+    reference_dir, _ = reference
+    copy_checkpoints(reference_dir, tmp_path, (6,))
+    trainer = Trainer(tiny_config(tmp_path, corpus, 10, "--optim.weight_decay=0.5", "--optim.beta2=0.99"))
+    with caplog.at_level(logging.WARNING):
+        trainer.resume()
+    assert "optim.weight_decay 0.1 -> 0.5" in caplog.text and "optim.beta1/beta2" in caplog.text
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0 and decay["betas"] == (0.9, 0.99)
+    expected = 3e-3 * lr_multiplier(6, 10, trainer.cfg.schedule)
+    assert expected > 0 and decay["lr"] == no_decay["lr"] == expected == trainer.scheduler.get_last_lr()[0]
+
+
+def test_resuming_into_another_model_stops_at_start_naming_the_tensors(reference, corpus, tmp_path):
+    from pretrain.config import ConfigError
+
+    reference_dir, _ = reference
+    copy_checkpoints(reference_dir, tmp_path, (6,))
+    trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.moe.n_experts=4"))
+    with pytest.raises(ConfigError, match=r"weights do not fit this model .*experts.* is \(8, .*\(4, .*config.toml"):
+        trainer.resume()
+
+
+@pytest.mark.parametrize("where", ["missing", "run dir", "checkpoints dir"])
+def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(reference, tmp_path, where):
+    from pretrain.config import ConfigError
+    from pretrain.trainer import choose_resume_checkpoint
+
+    reference_dir, _ = reference
+    path = {"missing": tmp_path / "nope", "run dir": reference_dir, "checkpoints dir": reference_dir / "checkpoints"}
+    said = {"missing": "no such directory"}.get(where, "a run or checkpoints directory")
+    with pytest.raises(ConfigError, match=said):
+        choose_resume_checkpoint(tmp_path / "ck", str(path[where]))
