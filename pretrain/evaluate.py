@@ -96,12 +96,18 @@ def run(argv: list[str]) -> None:
 
     args = build_parser().parse_args(argv)
     suites = check_options(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda") \
         else torch.float32
     opts = Options(**{k: v for k, v in vars(args).items() if k in Options.__dataclass_fields__})
     opts.fewshot_tasks = tuple(t for t in args.fewshot_tasks.split(",") if t)
+    if "fewshot" in suites:
+        from pretrain.evaluation.fewshot import harness
+
+        harness().check_tasks(opts.fewshot_tasks, opts.fewshot_include)
     subjects = [load_subject(path, device, args.seq_len) for path in args.checkpoint]
     label_subjects(subjects)
     results = evaluate(subjects, suites, opts, args.out, device, dtype, log=lambda m: print(m, flush=True))

@@ -103,13 +103,19 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
     from data_pipeline.tokenizer import load_tokenizer
     from pretrain.config import parse_source
 
+    sources = run_config.get("data", {}).get("sources")
     if override is not None:
         try:
-            return load_tokenizer(override)
+            tok = load_tokenizer(override)
         except DataInputError as e:  # names the file, the field and the fix
             raise CliError(f"--tokenizer {e}") from None
+        recorded = _recorded_tokenizer(parse_source(sources[0])[0]) if sources else None
+        if recorded is not None and (recorded.kind, recorded.sha256) != (tok.identity.kind, tok.identity.sha256):
+            raise CliError(f"--tokenizer {override}: not the tokenizer the run's data was prepared with "
+                           f"({sources[0]}: {recorded.kind} tokenizer, {recorded.vocab_size} ids); drop --tokenizer "
+                           "or pass that one")
+        return tok
     where = checkpoint / CONFIG_FILE
-    sources = run_config.get("data", {}).get("sources")
     if not sources:
         raise CliError(f"{where}: missing or no data.sources, so the run's tokenizer is unknown; "
                        f"pass --tokenizer ({TOKENIZER_HELP})")
@@ -120,6 +126,17 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
         raise CliError(f"{where}: data.sources[0] {source!r}: the run's tokenizer is unreadable ({e.path}: "
                        f"{e.problem}); run from the training run's directory or pass --tokenizer ({TOKENIZER_HELP})"
                        ) from None
+
+
+def _recorded_tokenizer(source: str):
+    """The tokenizer identity a prepared data dir's manifest records, None where it cannot be read."""
+    from data_pipeline.errors import DataInputError
+    from data_pipeline.manifest import read_manifest
+
+    try:
+        return read_manifest(Path(source)).tokenizer
+    except (DataInputError, OSError, ValueError):
+        return None
 
 
 def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
@@ -162,14 +179,14 @@ def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[T
     """Write the HF model and tokenizer of `checkpoint` to `out`; returns the tokenizer used and the
     transformers class name (HybridForCausalLM: our modeling code is written beside the weights).
     Everything that can be refused is checked before the weights are read."""
-    from pretrain.model.hf import to_hf
-
     cfg, run_config = read_model_config(checkpoint), read_run_config(checkpoint)
     tok = run_tokenizer(checkpoint, run_config, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise CliError(f"{checkpoint / MODEL_CONFIG_FILE}: vocab_size={cfg.vocab_size} but the tokenizer has "
                        f"{tok.vocab_size} ids; pass the run's own tokenizer to --tokenizer")
     require_new(out)
+    from pretrain.model.hf import to_hf  # imports transformers (seconds, and torchao's warnings where installed)
+
     hf = to_hf(load_model(checkpoint).eval())
     for config in (hf.config, hf.generation_config):
         config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.eos_id

@@ -18,6 +18,8 @@ if __name__ == "__main__":
 import logging
 from pathlib import Path
 
+import torch
+
 from parallel.distributed import DistInfo, destroy_distributed, init_distributed
 from parallel.mesh import ParallelDims
 from pretrain.config import ConfigError, JobConfig, parse_args, to_toml
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         PREEMPTION.start_up(on_stuck=lambda reason: write_startup_preempted_summary(cfg, reason))
         device_type = None if cfg.train.device == "auto" else cfg.train.device
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("config: train.device = 'cuda' but no CUDA device is available here; set "
+                              "train.device=cpu (or auto), or run on a GPU machine")
         info = init_distributed(device_type)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         setup_logging(Path(cfg.run_dir), info.rank)

@@ -25,12 +25,13 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 def merge(paths: list[Path]) -> list[dict[str, Any]]:
-    """One entry per checkpoint over every results file, suites run separately joined (a suite
-    present in several inputs: the later input's); a label two checkpoints share gets the run name."""
+    """One entry per checkpoint (its absolute path) over every results file, suites run separately
+    joined (a suite present in several inputs: the later input's); a label two checkpoints share
+    gets the run name."""
     merged: dict[str, dict[str, Any]] = {}
     for path in paths:
         for entry in read_results(path)["checkpoints"]:
-            merged.setdefault(entry["checkpoint"], {}).update(entry)
+            merged.setdefault(str(Path(entry["checkpoint"]).resolve()), {}).update(entry)
     entries = list(merged.values())
     labels = [e["label"] for e in entries]
     for e in entries:

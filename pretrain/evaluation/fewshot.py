@@ -87,15 +87,22 @@ class Scorer:
         return text[:min(cuts)] if cuts else text
 
 
-def run_fewshot(subject, data_dir: Path, tasks: list[str], limit: int | None, include: str | None,
-                device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """lm-eval's metrics per task, and their mean accuracy ('average', the paper's few-shot column)."""
+def harness():
+    """pretrain.evaluation.harness (it imports lm-eval, an optional dependency)."""
     try:
-        from pretrain.evaluation.harness import evaluate_tasks
+        from pretrain.evaluation import harness
     except ImportError as e:
         raise CliError(f"--suite fewshot needs lm-evaluation-harness ({e}); pip install 'hybrid-pretrain[eval]'") \
             from None
+    return harness
+
+
+def run_fewshot(subject, data_dir: Path, tasks: list[str], limit: int | None, include: str | None,
+                device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """lm-eval's metrics per task, and their mean accuracy ('average', the paper's few-shot column)."""
     from data_pipeline.tokenizer import load_tokenizer
+
+    evaluate_tasks = harness().evaluate_tasks
 
     scorer = Scorer(subject.model, load_tokenizer(data_dir), subject.train_seq_len, device=device, dtype=dtype)
     return evaluate_tasks(scorer, tasks, limit, include)

@@ -7,7 +7,9 @@ runs through this module, which takes the same arguments as `lm_eval`:
 """
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +71,32 @@ def scorer_for(checkpoint: str | None, data: str | None, dtype: str, max_length:
     return Scorer(subject.model, tok, int(max_length or subject.train_seq_len), batch, dev, dt)
 
 
+@functools.cache
+def task_manager(include: str | None):
+    """lm-eval's task index (indexing every task YAML takes seconds: built once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include) if include else TaskManager()
+
+
+def check_tasks(tasks: Sequence[str], include: str | None) -> None:
+    """Unknown task names stop an evaluation before any model loads (lm-eval itself raises a
+    KeyError once the suites before it have run)."""
+    from pretrain.hf import CliError
+
+    known = set(task_manager(include).all_tasks)
+    unknown = [t for t in tasks if t not in known and not Path(t).is_file()]
+    if unknown:
+        raise CliError(f"--fewshot-tasks: {', '.join(unknown)} is not an lm-eval task, group or tag (see `lm_eval ls "
+                       f"tasks`{'' if include else '; local task YAMLs go in --fewshot-include DIR'})")
+
+
 def evaluate_tasks(scorer: Scorer, tasks: list[str], limit: int | None, include: str | None) -> dict[str, Any]:
     """Run lm-eval's tasks; {"tasks": {task: {metric: value}}, "average": mean of the tasks' acc}."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include) if include else TaskManager()
-    result = simple_evaluate(model=HybridHarnessLM(scorer=scorer), tasks=tasks, limit=limit, task_manager=manager,
-                             log_samples=False)
+    result = simple_evaluate(model=HybridHarnessLM(scorer=scorer), tasks=tasks, limit=limit,
+                             task_manager=task_manager(include), log_samples=False)
     metrics = {task: {k.split(",")[0]: v for k, v in values.items()
                       if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
                for task, values in result["results"].items()}

@@ -81,17 +81,23 @@ def load_subject(path: Path, device: torch.device, seq_len: int | None = None) -
     state_file = ckpt / TRAIN_STATE_FILE
     progress = json.loads(state_file.read_text()).get("progress", {}) if state_file.is_file() else {}
     model_section = run_config.get("model", {})
-    info = {"checkpoint": str(ckpt), "arch": model_section.get("arch"), "size": model_section.get("size"),
+    info = {"checkpoint": str(ckpt.resolve()), "arch": model_section.get("arch"), "size": model_section.get("size"),
             "pattern": cfg.pattern, "moe": cfg.moe is not None, "step": progress.get("step"),
             "tokens_seen": progress.get("tokens_seen"), **{f"{k}_params": v for k, v in count_params(cfg).items()}}
     return Subject(ckpt, model, run_config, info=info, seq_len=seq_len)
 
 
+def run_name(checkpoint: Path) -> str:
+    """The run a step_* checkpoint belongs to; else the directory's own name (an imported one)."""
+    checkpoint = checkpoint.resolve()
+    return checkpoint.parent.parent.name if checkpoint.name.startswith("step_") else checkpoint.name
+
+
 def label_subjects(subjects: list[Subject]) -> None:
     """Labels for tables and legends: the arch, made unique with the run and step where needed."""
-    base = [s.info["arch"] or s.checkpoint.parent.parent.name for s in subjects]
+    base = [s.info["arch"] or run_name(s.checkpoint) for s in subjects]
     for s, b in zip(subjects, base):
-        s.label = b if base.count(b) == 1 else f"{b} ({s.checkpoint.parent.parent.name}/{s.checkpoint.name})"
+        s.label = b if base.count(b) == 1 else f"{b} ({run_name(s.checkpoint)}/{s.checkpoint.name})"
     labels = [s.label for s in subjects]
     for s in subjects:
         if labels.count(s.label) > 1:

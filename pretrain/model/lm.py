@@ -23,7 +23,7 @@ from pretrain.model.moe import MoE
 from pretrain.model.norms import RMSNorm
 from pretrain.model.ops import chunked_cross_entropy
 from pretrain.model.packed import PackedDocs
-from pretrain.model.sampling import greedy_tokens, sample
+from pretrain.model.sampling import check_sampling, greedy_tokens, sample
 from pretrain.model.shared_dict import SharedDict
 
 if TYPE_CHECKING:
@@ -215,6 +215,7 @@ class HybridLM(nn.Module):
         (`parallel.pipeline.Pipeline`, the trainer's `pipeline`) and every pp rank calls this
         with the same arguments (`pretrain.model.pipeline_generate`: growing caches).
         """
+        check_sampling(max_new_tokens, temperature, top_k, self.config.vocab_size)
         if pipeline is not None:
             from pretrain.model.pipeline_generate import generate_pipelined
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,16 @@ def greedy_tokens(logits: Tensor) -> Tensor:
     values, within = logits.unflatten(-1, (groups, GREEDY_GROUP)).max(-1)  # [..., groups]
     group = values.argmax(-1, keepdim=True)
     return group * GREEDY_GROUP + within.gather(-1, group)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, vocab_size: int) -> None:
+    """Generation's arguments, refused with their name instead of failing inside torch mid-decode."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1 (got {max_new_tokens!r})")
+    if not math.isfinite(temperature):
+        raise ValueError(f"generate: temperature must be finite (got {temperature}); 0 is greedy")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab_size):
+        raise ValueError(f"generate: top_k must be None or an int in [1, {vocab_size}] (the vocabulary; got {top_k!r})")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

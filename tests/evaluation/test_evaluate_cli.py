@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from eval_helpers import MICRO_BATCH, REPO, TRAIN_SEQ_LEN, VAL_BATCHES, train_tiny
@@ -67,8 +68,9 @@ def test_bits_per_byte_count_the_text_bytes(evaluated):
 
 def test_compare_joins_suites_per_checkpoint(evaluated, runs, tmp_path):
     out, results = evaluated
-    single = tmp_path / "single"
-    assert main(["--checkpoint", str(runs["inter_hybrid"]), "--suite", "nll", "--out", str(single),
+    single, link = tmp_path / "single", tmp_path / "link"
+    link.symlink_to(runs["inter_hybrid"].parent)  # the same checkpoint under another spelling: still joined
+    assert main(["--checkpoint", str(link / runs["inter_hybrid"].name), "--suite", "nll", "--out", str(single),
                  "--nll-batches", "1"]) == 0
     assert main(["compare", str(out), str(single), "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
@@ -100,3 +102,13 @@ def test_missing_checkpoint_names_the_path(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nope") in err and "step_" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_names_of_step_and_imported_checkpoints(tmp_path, monkeypatch):
+    """A label falls back to the run's name: a step's run directory, or an imported (weights-only)
+    checkpoint's own directory, however the path was typed (`imp/hm` has no grandparent name)."""
+    from pretrain.evaluation.subject import run_name
+
+    monkeypatch.chdir(tmp_path)
+    assert run_name(Path("runs/ih/checkpoints/step_00000002")) == "ih"
+    assert run_name(Path("imp/hm")) == "hm" and run_name(Path("hm")) == "hm"

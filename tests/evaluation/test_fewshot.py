@@ -1,6 +1,7 @@
 """The lm-eval adapter: loglikelihoods and greedy generations equal our model's own forward and
 `generate`, and a small local lm-eval task (no download) scores through `simple_evaluate`, through
-`python -m pretrain.evaluate --suite fewshot` and through the harness's CLI with `--model ours`."""
+`python -m pretrain.evaluate --suite fewshot` (an unknown task name stops it at start) and through the
+harness's CLI with `--model ours`."""
 from __future__ import annotations
 
 import json
@@ -113,7 +114,7 @@ def expected_accuracy(scorer) -> float:
     return right / len(DOCS)
 
 
-def test_local_task_through_the_harness(scorer, local_task, runs, tmp_path, monkeypatch):
+def test_local_task_through_the_harness(scorer, local_task, runs, tmp_path, monkeypatch, capsys):
     from pretrain.evaluate import main
     from pretrain.evaluation.harness import evaluate_tasks
 
@@ -128,6 +129,12 @@ def test_local_task_through_the_harness(scorer, local_task, runs, tmp_path, monk
                  "--fewshot-include", str(local_task), "--out", str(tmp_path / "ev")]) == 0
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())["checkpoints"][0]["fewshot"]
     assert saved["average"] == pytest.approx(want)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(runs["inter_hybrid"]), "--suite", "nll,fewshot", "--fewshot-tasks", "tiny_choise",
+                 "--fewshot-include", str(local_task), "--out", str(tmp_path / "typo")]) == 2  # before any suite runs
+    err = capsys.readouterr().err
+    assert "tiny_choise is not an lm-eval task" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "typo").exists()
 
     proc = subprocess.run([sys.executable, "-m", "pretrain.evaluation.harness", "--model", "ours", "--model_args",
                            f"checkpoint={runs['inter_hybrid']}", "--tasks", "tiny_choice", "--include_path",

@@ -30,3 +30,18 @@ def test_greedy_tokens_keep_leading_dims():
 def test_sample_at_temperature_zero_is_greedy():
     logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample(logits, 0.0, None, None), logits.argmax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": -1}, "max_new_tokens"),
+    ({"max_new_tokens": 2.0}, "max_new_tokens"), ({"top_k": 0}, "top_k"), ({"top_k": -1}, "top_k"),
+    ({"top_k": 513}, r"top_k must be None or an int in \[1, 512\]"), ({"temperature": float("nan")}, "temperature"),
+])
+def test_generate_refuses_bad_arguments_by_name(kwargs, says):
+    from pretrain.model import build_model
+
+    model = build_model("llama", "tiny", vocab_size=512)
+    args = {"max_new_tokens": 3, "temperature": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=f"generate: {says}"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), **args)
+    model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=1, top_k=512, temperature=1.0)  # the bounds

@@ -7,10 +7,11 @@ import sys
 import typing
 
 import pytest
+import torch
 
 from pretrain.config import ConfigError, JobConfig, parse_args, parse_source, to_toml, validate
 from pretrain.main import main
-from trainer_helpers import REPO
+from trainer_helpers import REPO, run_to_end, tiny_args
 
 
 def test_cli_overrides_toml_and_shortcuts(tmp_path):
@@ -171,3 +172,10 @@ def test_model_ratio_and_placement_keys_build_the_sweep_layout():
     cfg, _ = parse_args(["--arch", "inter_hybrid", "--model.placement=cluster"])
     with pytest.raises(ConfigError, match="placement 'cluster'"):
         build_model_from_config(cfg, device="meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_exits_2_before_anything_starts(corpus, tmp_path):
+    out = run_to_end(tiny_args(tmp_path / "run", corpus, 2, "--train.device=cuda"), expect_rc=2)
+    assert "train.device = 'cuda' but no CUDA device is available" in out and "Traceback" not in out
+    assert not (tmp_path / "run").exists()

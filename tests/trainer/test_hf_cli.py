@@ -203,6 +203,8 @@ def move_data(corpus: Path):
     ("data_moved", r"config.toml: data.sources\[0\] '/moved/corpus': .*no such file.*pass --tokenizer"),
     ("bad_tokenizer", "--tokenizer /no/tokenizer.json: tokenizer: no such file"),
     ("tokenizer_too_big", "vocab_size=258 but the tokenizer has 300 ids"),
+    ("tokenizer_not_the_runs", r"--tokenizer .*tokenizer.json: not the tokenizer the run's data was prepared with "
+                               r"\(.*: byte tokenizer, 258 ids\)"),
     ("import_not_hf", "no config.json"),
     ("import_bad_json", r"config.json: not a JSON object"),
     ("import_gpt2", "from_hf supports LlamaForCausalLM, GraniteMoeHybridForCausalLM and our exported "
@@ -226,7 +228,10 @@ def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, c
         argv[2] = str(damaged_copy(llama_checkpoint, tmp_path, move_data(corpus)))
     elif case == "bad_tokenizer":
         argv += ["--tokenizer", "/no/tokenizer.json"]
-    elif case == "tokenizer_too_big":
+    elif case == "tokenizer_too_big":  # the run's data moved: its tokenizer cannot be compared
+        argv[2] = str(damaged_copy(llama_checkpoint, tmp_path, move_data(corpus)))
+        argv += ["--tokenizer", str(bpe_tokenizer)]
+    elif case == "tokenizer_not_the_runs":
         argv += ["--tokenizer", str(bpe_tokenizer)]
     elif case == "import_not_hf":
         argv = ["import", "--hf", str(llama_checkpoint), "--out", str(out)]
