@@ -17,6 +17,7 @@ import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,14 +146,14 @@ class TrainLoader:
     def state_dict(self) -> dict:
         """Plain-python state of this rank's streams after the batches yielded so far."""
         return {"format": STATE_FORMAT, "num_streams": self.cfg.num_streams, "seed": self.cfg.seed,
-                "sources": [[str(s.path), s.weight] for s in self.sources], "global_windows": self._global_windows,
+                "sources": [[str(s.path), s.weight] for s in self.sources],
+                "source_digests": [s.manifest.digest for s in self.sources], "global_windows": self._global_windows,
                 "stream_ids": list(self.streams), "stream_states": [self._states[s].tolist() for s in self.streams]}
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Resume from one rank's state, a gathered state, or a list of every old rank's state."""
         merged = merge_state_dicts(state if isinstance(state, list) else [state])
-        expect = {"num_streams": self.cfg.num_streams, "seed": self.cfg.seed,
-                  "sources": [[str(s.path), s.weight] for s in self.sources]}
+        expect = {"num_streams": self.cfg.num_streams, "seed": self.cfg.seed, "sources": self._source_keys(merged)}
         for key, value in expect.items():
             if merged[key] != value:
                 raise DataInputError("loader state", key, f"checkpoint has {merged[key]!r}, loader has {value!r}",
@@ -164,6 +165,15 @@ class TrainLoader:
                                  "pass the list of every old rank's state_dict() (dp_size changed)")
         self._states = {s: np.asarray(by_id[s], np.int64) for s in self.streams}
         self._global_windows = merged["global_windows"]
+
+    def _source_keys(self, saved: dict) -> list[list]:
+        """This loader's sources as `saved` names them: where the state holds the data's digests, a
+        source whose digest matches counts as the saved one wherever it now lies (moved, re-mounted,
+        another spelling of the path); other sources by their absolute path."""
+        digests = dict(zip(saved.get("source_digests", []), (p for p, _ in saved["sources"])))
+        resolved = {str(Path(p).resolve()): p for p, _ in saved["sources"]}
+        return [[digests.get(s.manifest.digest, resolved.get(str(s.path.resolve()), str(s.path))), s.weight]
+                for s in self.sources]
 
     def metrics(self) -> dict[str, float]:
         """Counters over this rank's streams for the yielded batches, plus prepare-time skips."""

@@ -541,7 +541,17 @@ class Trainer:
     def _load_loader_state(self, ranks: list[dict[str, Any]]) -> None:
         """The loader keeps its state per canonical stream and takes every old rank's state, so
         this works for any change of dp_size (streams are reassigned to the new ranks)."""
-        self.train_loader.load_state_dict([r["loader"] for r in ranks])
+        from data_pipeline.errors import DataInputError
+
+        try:
+            self.train_loader.load_state_dict([r["loader"] for r in ranks])
+        except DataInputError as e:
+            key = {"seed": "train.seed", "sources": "data.sources", "num_streams": "data.num_streams"}.get(e.field)
+            if key is None:
+                raise
+            raise ConfigError(f"config: {key} is not the resumed checkpoint's ({e.problem}): the data order would "
+                              f"change; resume with the checkpoint's {key} (its config.toml), or train this "
+                              "in a new run directory") from None
 
     # ---- signals ----------------------------------------------------------------------------
     def _stop_requested(self) -> bool:

@@ -168,6 +168,25 @@ def test_resume_onto_other_dp_size_needs_every_ranks_state(corpus_a):
         build_train_loader(src, SEQ, BATCH, num_streams=16).load_state_dict(loader.state_dict())
 
 
+def test_resume_finds_its_data_moved_but_not_other_data(corpus_a, corpus_b, tmp_path):
+    """The state names each source by its manifest's digest too: the same prepared data under
+    another path (moved, re-mounted, a relative spelling) resumes exactly; other data is refused."""
+    import shutil
+
+    src = [(str(corpus_a), 0.5), (str(corpus_b), 0.5)]
+    ref = tokens(take(build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3), 5))
+    first = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3)
+    take(first, 2)
+    state = first.state_dict()
+    moved = shutil.copytree(corpus_a, tmp_path / "elsewhere")
+    resumed = build_train_loader([(str(moved), 0.5), src[1]], SEQ, BATCH, num_streams=STREAMS, seed=3)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(tokens(take(resumed, 3)), ref[2:], strict=True))
+    swapped = build_train_loader([src[1], src[0]], SEQ, BATCH, num_streams=STREAMS, seed=3)
+    with pytest.raises(ValueError, match="sources: checkpoint has"):
+        swapped.load_state_dict(state)
+
+
 def test_dp_size_must_divide_num_streams(corpus_a):
     with pytest.raises(ValueError, match="num_streams.*not divisible by dp_size 3"):
         build_train_loader([(str(corpus_a), 1.0)], SEQ, BATCH, dp_size=3, num_streams=STREAMS)

@@ -373,3 +373,12 @@ def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(reference, tmp
     said = {"missing": "no such directory"}.get(where, "a run or checkpoints directory")
     with pytest.raises(ConfigError, match=said):
         choose_resume_checkpoint(tmp_path / "ck", str(path[where]))
+
+
+def test_resuming_with_another_seed_names_the_config_key(reference, corpus, tmp_path):
+    from pretrain.config import ConfigError
+
+    reference_dir, _ = reference
+    copy_checkpoints(reference_dir, tmp_path, (6,))
+    with pytest.raises(ConfigError, match=r"train\.seed is not the resumed checkpoint's \(checkpoint has 0, loader has 7\)"):
+        Trainer(tiny_config(tmp_path, corpus, 8, "--train.seed=7")).resume()
