@@ -72,6 +72,13 @@ class IntraConfig:
         return self.ssm_heads * self.head_dim
 
 
+# sizes and counts that must be integers >= 1 (a 0 or a string would fail deep inside torch, or
+# build a model without heads)
+POSITIVE_INTS = ("vocab_size", "d_model", "d_ffn", "max_seq_len", "n_heads", "n_kv_heads", "head_dim", "window",
+                 "d_ssm", "ssm_head_dim", "d_state", "n_groups", "d_conv", "chunk_size")
+INTRA_POSITIVE_INTS = ("attn_heads", "kv_heads", "ssm_heads", "head_dim", "qk_head_dim", "d_state")
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to build a `HybridLM`. `pattern` has one symbol per block (see pattern.py)."""
@@ -130,6 +137,18 @@ class ModelConfig:
                 raise ValueError(f"model config: field '{name}' is invalid: {fix}")
 
         parse_pattern(self.pattern)
+        counts = {name: getattr(self, name) for name in POSITIVE_INTS}
+        counts.update({f"intra.{name}": getattr(self.intra, name) for name in INTRA_POSITIVE_INTS})
+        if self.moe is not None:
+            counts.update({"moe.n_experts": self.moe.n_experts, "moe.top_k": self.moe.top_k})
+            if self.moe.d_expert is not None:
+                counts["moe.d_expert"] = self.moe.d_expert
+        for name, v in counts.items():
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, f"must be an integer >= 1 (got {v!r})")
+        need(isinstance(self.n_sink, int) and self.n_sink >= 0, "n_sink", f"must be an integer >= 0 (got {self.n_sink!r})")
+        for name in ("norm_eps", "init_std", "dt_min", "dt_max"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, f"must be a number > 0 (got {v!r})")
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", "must divide n_heads")
         need(self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
         need(self.d_ssm % self.ssm_head_dim == 0, "d_ssm", "must be a multiple of ssm_head_dim")

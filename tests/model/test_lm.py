@@ -1,5 +1,7 @@
 """Every preset at tiny size: forward, backward, cached generation; ablation variants train."""
 
+import re
+
 import pytest
 import torch
 
@@ -154,3 +156,16 @@ def test_cpu_path_imports_no_gpu_package():
             "bad = [n for n in ('mamba_ssm', 'causal_conv1d', 'selective_scan_cuda', 'torchao') if n in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("arch, field, value", [
+    ("llama", "d_model", -64), ("llama", "n_heads", 0), ("llama", "n_kv_heads", 0), ("llama", "head_dim", 0),
+    ("swa", "window", 0), ("mamba2", "ssm_head_dim", 0), ("mamba2", "chunk_size", 0), ("llama", "d_model", "abc"),
+    ("llama", "norm_eps", 0.0), ("intra_hybrid", "intra", {"attn_heads": 0}), ("llama_moe", "moe", {"n_experts": 0}),
+])
+def test_sizes_and_counts_below_one_are_refused_by_name(arch, field, value):
+    """Zero or negative sizes used to fail deep inside torch (or, for n_heads=0, train a model
+    without attention heads): the config names the field."""
+    name = field if not isinstance(value, dict) else f"{field}.{next(iter(value))}"
+    with pytest.raises(ValueError, match=rf"field '{re.escape(name)}' is invalid: must be"):
+        build_model(arch, "tiny", device="meta", **{field: value})
