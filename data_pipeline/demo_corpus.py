@@ -7,13 +7,15 @@ million tokens of real code in well under a minute.
 from __future__ import annotations
 
 import argparse
+import sys
 import sysconfig
 import time
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.prepare import PrepareConfig, prepare
+from data_pipeline.errors import DataInputError
+from data_pipeline.prepare import PrepareConfig, make_dir, prepare
 from data_pipeline.tokenizer import TOKENIZER_FILE
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>"]
@@ -59,7 +61,9 @@ def build_demo_corpus(out_dir: str | Path, max_bytes: int = 12 << 20, vocab_size
                       shard_tokens: int = 1 << 15, workers: int = 2, progress: bool = False) -> Path:
     """Build (or finish building) the demo corpus in `out_dir`; returns the prepared dir."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if max_bytes < 1:
+        raise DataInputError(max_bytes, "--max-bytes", "not positive", "pass a positive byte count (default 12 MiB)")
+    make_dir(out, out)
     files = stdlib_sources(max_bytes)
     tok_path = out / TOKENIZER_FILE
     if not tok_path.is_file():
@@ -77,7 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    out = build_demo_corpus(a.out, a.max_bytes, workers=a.workers, progress=True)
+    try:
+        out = build_demo_corpus(a.out, a.max_bytes, workers=a.workers, progress=True)
+    except DataInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"demo corpus ready in {out} ({time.perf_counter() - t0:.1f}s)")
 
 

@@ -227,20 +227,31 @@ def _skipped_files(start: dict[InputFile, FileProblem], records: dict[int, dict]
     return {k: out[k] for k in FILE_KINDS if k in out}
 
 
+def make_dir(path: Path, out: Path) -> None:
+    """mkdir -p `path` (under --out `out`), or a one-line error naming --out: a file in the way, no
+    permission, a read-only filesystem."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataInputError(out, "--out", f"cannot create the directory ({e.strerror or e})",
+                             "pass a writable directory path") from None
+
+
 def prepare(cfg: PrepareConfig) -> Manifest:
     """Validate everything up front, run pending jobs (in parallel), then write the manifest."""
     if cfg.input_format not in ("auto", *FORMATS):
         raise DataInputError(cfg.input_format, "--format", "unknown", f"use one of auto, {', '.join(FORMATS)}")
     if not 0 <= cfg.val_fraction < 1:
         raise DataInputError(cfg.val_fraction, "--val-fraction", "not in [0, 1)", "pass e.g. 0.005")
-    for name, value in (("--shard-tokens", cfg.shard_tokens), ("--job-bytes", cfg.job_bytes)):
+    for name, value in (("--shard-tokens", cfg.shard_tokens), ("--job-bytes", cfg.job_bytes),
+                        ("--workers", cfg.workers)):
         if value < 1:
             raise DataInputError(value, name, "not positive", "pass a positive integer")
     inputs = resolve_inputs(cfg.inputs, cfg.input_format)
     start_problems = _probe_all(inputs, cfg)
     tok = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out)
-    (out / JOBS_DIR).mkdir(parents=True, exist_ok=True)
+    make_dir(out / JOBS_DIR, out)
     settings = {"inputs": [[str(i.path), i.format, i.size] for i in inputs], "tokenizer": asdict(tok.identity),
                 "text_field": cfg.text_field, "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction,
                 "job_bytes": cfg.job_bytes}

@@ -52,6 +52,8 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     more than one rank (`world_size`, else WORLD_SIZE), also the layout on them (pretrain.layout)."""
     from pretrain.accounting import count_params, flops_per_token
 
+    if world_size is not None and world_size < 1:
+        raise ConfigError(f"command line: --world-size {world_size} is not a rank count; pass N >= 1")
     model = build_model_from_config(cfg, device="meta")
     mcfg = model.config
     counts = count_params(mcfg)
@@ -80,10 +82,10 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
           f"({dp} data-parallel ranks x micro-batch {cfg.train.micro_batch_size} x {accum} accumulation steps)")
     streams = resolve_num_streams(cfg.data.num_streams, dp)
     print(f"data streams         {streams} (a resumed run keeps its checkpoint's count)")
+    bad = [r for r in ranks or [] if not 0 <= r < world]
+    if bad:
+        raise ConfigError(f"command line: --rank {bad[0]} is not a rank of world size {world}; use 0..{world - 1}")
     if world > 1:  # the layout of a multi-rank launch: --world-size, or torchrun's / a WORLD_SIZE= prefix
-        bad = [r for r in ranks or [] if not 0 <= r < world]
-        if bad:
-            raise ConfigError(f"command line: --rank {bad[0]} is not a rank of world size {world}; use 0..{world - 1}")
         try:
             print(layout_report(cfg, world, ranks or sorted({0, world - 1}), accum))
         except ValueError as e:  # a model dimension the layout cannot split

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_pipeline.demo_corpus import build_demo_corpus, stdlib_sources
 from data_pipeline.loader import build_train_loader
 from data_pipeline.tokenizer import load_tokenizer
@@ -24,3 +26,18 @@ def test_demo_corpus_is_deterministic_and_loadable(tmp_path):
     sources = [f.read_text(errors="replace") for f in stdlib_sources(1 << 20)]
     assert len(piece) > 20 and any(piece in text for text in sources)  # real stdlib text, decoded back
     assert build_demo_corpus(tmp_path / "a", **kw) == a  # re-running finds everything done
+
+
+@pytest.mark.parametrize("args, says", [(["--max-bytes", "0"], "--max-bytes: not positive"),
+                                        (["--out-is-a-file"], "--out: cannot create the directory")])
+def test_bad_arguments_are_one_line_with_status_2(tmp_path, capsys, args, says):
+    from data_pipeline.demo_corpus import main
+
+    out = tmp_path / "demo"
+    if args == ["--out-is-a-file"]:
+        out.write_text("")
+        args = []
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1

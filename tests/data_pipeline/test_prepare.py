@@ -157,7 +157,8 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("case", ["missing_path", "empty_glob", "only_empty_files", "unknown_tokenizer",
-                                  "jsonl_field", "parquet_field", "unknown_ext", "no_usable_docs"])
+                                  "jsonl_field", "parquet_field", "unknown_ext", "no_usable_docs", "out_is_a_file",
+                                  "zero_workers"])
 def test_bad_input_fails_at_start_with_one_line(tmp_path, case):
     good = write_jsonl(tmp_path / "good.jsonl", DOCS)
     inputs, kw = [good], {}
@@ -181,10 +182,14 @@ def test_bad_input_fails_at_start_with_one_line(tmp_path, case):
         inputs = [tmp_path / "a.csv"]
     elif case == "no_usable_docs":
         inputs = [write_jsonl(tmp_path / "blank.jsonl", ["  ", ""])]
+    elif case == "out_is_a_file":  # was a NotADirectoryError traceback
+        (tmp_path / "out").write_text("")
+    elif case == "zero_workers":
+        kw["workers"] = 0
     with pytest.raises(DataInputError) as err:
         prepare(_cfg(inputs, tmp_path / "out", **kw))
     msg = str(err.value)
-    assert "\n" not in msg and "fix:" in msg and str(tmp_path) in msg
+    assert "\n" not in msg and "fix:" in msg and (str(tmp_path) if case != "zero_workers" else "--workers") in msg
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):

@@ -34,6 +34,8 @@ def test_16x8_config_dry_runs_at_128_ranks(config, capsys):
     (["--world-size", "128", "--rank", "128"], "--rank 128 is not a rank of world size 128"),
     (["--world-size", "102"], "does not divide world size 102"),
     (["--world-size", "128", "--parallel.tp=3"], "data.seq_len"),
+    (["--world-size", "-2"], "--world-size -2 is not a rank count"),
+    (["--world-size", "0"], "--world-size 0 is not a rank count"),
 ])
 def test_bad_layout_arguments_fail_in_one_line(argv, needle, capsys):
     config = REPO / "configs" / "hybrid_moe_1b_16x8.toml"
