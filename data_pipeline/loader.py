@@ -13,6 +13,7 @@ all-gathers them into its train state). Under DCP, save per-rank dicts under a p
 """
 from __future__ import annotations
 
+import logging
 import signal
 from collections import deque
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from data_pipeline.errors import DataInputError
 from data_pipeline.packing import DocumentsExhausted, Packer
 from data_pipeline.stream_state import SKIP_REASONS, StreamState
 from data_pipeline.streams import check_layout, check_rank, global_row_indices, rank_streams, worker_streams
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "data_pipeline.loader/2"
 
@@ -94,6 +97,17 @@ def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.numpy() if isinstance(x, torch.Tensor) else x
 
 
+def _warn_if_shorter_than_a_row(sources: list[Source], seq_len: int) -> None:
+    """A training split with fewer tokens than one row trains, but every row repeats the same
+    documents: almost always a wrong data.seq_len or data directory."""
+    for s in sources:
+        tokens = sum(shard.num_tokens for shard in s.shards("train"))
+        if tokens < seq_len + 1:
+            log.warning("%s: its training split has %s tokens, fewer than one row of data.seq_len=%d: every row "
+                        "repeats the same documents; check data.seq_len and data.sources", s.path, f"{tokens:,}",
+                        seq_len)
+
+
 class TrainLoader:
     """Endless iterable of {"tokens": LongTensor[batch_size, seq_len + 1]} (+ "doc_starts": BoolTensor of
     the same shape, True at each document's BOS, with `emit_doc_boundaries`: document masking)."""
@@ -102,6 +116,8 @@ class TrainLoader:
         _check_shape(cfg.seq_len, cfg.batch_size)
         check_layout(cfg.num_streams, cfg.dp_rank, cfg.dp_size)
         self.sources, self.cfg = sources, cfg
+        if cfg.dp_rank == 0:
+            _warn_if_shorter_than_a_row(sources, cfg.seq_len)
         self.streams = rank_streams(cfg.dp_rank, cfg.dp_size, cfg.num_streams)
         self._states = {s: StreamState(len(sources)).snapshot() for s in self.streams}
         self._global_windows = 0

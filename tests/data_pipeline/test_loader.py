@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import pickle
 import random
 
@@ -224,3 +225,14 @@ def test_validation_loader_is_finite_deterministic_and_rank_split(corpus_a):
     stream = torch.cat([full[0][0]] + [r[1:] for b in full for r in b][1:]).tolist()
     seen = split_docs(stream)
     assert len(seen) > 5 and seen == val_docs[:len(seen)]  # in manifest order, each once
+
+
+def test_a_split_shorter_than_one_row_is_reported(corpus_a, caplog):
+    from data_pipeline.manifest import read_manifest
+
+    train = sum(s.num_tokens for s in read_manifest(corpus_a).shards if s.split == "train")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
+        build_train_loader([(str(corpus_a), 1.0)], train - 1, 1, num_streams=1)
+        assert "fewer than one row" not in caplog.text  # a row of train - 1 + 1 tokens still fits
+        build_train_loader([(str(corpus_a), 1.0)], train, 1, num_streams=1)
+    assert f"{train:,} tokens, fewer than one row of data.seq_len={train}" in caplog.text
