@@ -116,6 +116,10 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
                 batch = batch_tokens(budget / fpt, spec.max_batch_tokens, window, spec.min_steps)
                 steps = max(1, round(budget / fpt / batch))
                 pid = point_id(arch, size, budget)
+                if steps * batch * fpt > 2 * budget:  # one step of one window already costs more
+                    raise PlanError(f"plan: budget {budget:.3g} FLOPs is too small for {arch} {size}: one step of "
+                                    f"{batch:,} tokens costs {batch * fpt:.3g}; raise --budgets, or lower --seq-len, "
+                                    "--micro-batch-size or --ranks")
                 run_dir = out / "runs" / pid
                 lr = peak_lr(params["active_non_embedding"])
                 cfg, _ = parse_args(trainer_args(spec, arch, size, run_dir, steps, batch, lr))

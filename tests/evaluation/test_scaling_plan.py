@@ -81,6 +81,7 @@ def test_render_slurm_jobs_for_unfinished_points(plan):
     (["plan", "--archs", "llama", "--sizes", "tiny:d_model", "--budgets", "1e11"], "is not FIELD=VALUE"),
     (["plan", "--archs", "gpt", "--sizes", "tiny", "--budgets", "1e11"], "unknown --arch 'gpt'"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "-1"], "budgets are positive"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e3"], "budget 1e+03 FLOPs is too small for llama"),
     (["fit", "NOPLAN"], "no plan.json"),
     (["run", "NOPLAN", "--", "--nodes", "1"], "launch.render options"),
 ])
