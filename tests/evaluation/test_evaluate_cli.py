@@ -112,3 +112,14 @@ def test_run_names_of_step_and_imported_checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_name(Path("runs/ih/checkpoints/step_00000002")) == "ih"
     assert run_name(Path("imp/hm")) == "hm" and run_name(Path("hm")) == "hm"
+
+
+def test_unusable_out_and_data_fail_before_any_model_loads(runs, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    base = ["--checkpoint", str(runs["inter_hybrid"]), "--suite", "nll"]
+    assert main([*base, "--out", str(tmp_path / "afile" / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot create the directory" in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "no such directory" in err and not (tmp_path / "ev").exists()
