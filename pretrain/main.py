@@ -88,6 +88,8 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     if world > 1:  # the layout of a multi-rank launch: --world-size, or torchrun's / a WORLD_SIZE= prefix
         try:
             print(layout_report(cfg, world, ranks or sorted({0, world - 1}), accum))
+        except ConfigError:  # names its key already
+            raise
         except ValueError as e:  # a model dimension the layout cannot split
             raise ConfigError(f"config: {e}") from None
     return 0

@@ -372,6 +372,8 @@ class Trainer:
                 self.model, self.pipeline = self._build_pipeline(wrap)
             else:
                 parallelize_hybrid(self.model, self.mesh, **wrap)
+        except ConfigError:  # names its key already
+            raise
         except ValueError as e:  # a model dimension the layout cannot split: names the field and the fix
             raise ConfigError(f"config: {e}") from None
         init_sharded(self.model, template, self.device)

@@ -36,6 +36,7 @@ def test_16x8_config_dry_runs_at_128_ranks(config, capsys):
     (["--world-size", "128", "--parallel.tp=3"], "data.seq_len"),
     (["--world-size", "-2"], "--world-size -2 is not a rank count"),
     (["--world-size", "0"], "--world-size 0 is not a rank count"),
+    (["--world-size", "128", "--parallel.pp=2"], "error: config: parallel.pp_microbatches=2 must divide"),
 ])
 def test_bad_layout_arguments_fail_in_one_line(argv, needle, capsys):
     config = REPO / "configs" / "hybrid_moe_1b_16x8.toml"
