@@ -183,13 +183,17 @@ class TrainLoader:
         self._global_windows = merged["global_windows"]
 
     def _source_keys(self, saved: dict) -> list[list]:
-        """This loader's sources as `saved` names them: where the state holds the data's digests, a
-        source whose digest matches counts as the saved one wherever it now lies (moved, re-mounted,
-        another spelling of the path); other sources by their absolute path."""
-        digests = dict(zip(saved.get("source_digests", []), (p for p, _ in saved["sources"])))
-        resolved = {str(Path(p).resolve()): p for p, _ in saved["sources"]}
-        return [[digests.get(s.manifest.digest, resolved.get(str(s.path.resolve()), str(s.path))), s.weight]
-                for s in self.sources]
+        """This loader's sources as `saved` names them: the i-th source is the saved i-th one when
+        its path is the same (as written or resolved) or, where the state holds the data's digests,
+        when its manifest's digest is (the same data moved, re-mounted); else its own path."""
+        digests = saved.get("source_digests", [None] * len(saved["sources"]))
+        keys = []
+        for i, s in enumerate(self.sources):
+            old = saved["sources"][i][0] if i < len(saved["sources"]) else None
+            same = old is not None and (old == str(s.path) or Path(old).resolve() == s.path.resolve()
+                                        or digests[i] == s.manifest.digest)
+            keys.append([old if same else str(s.path), s.weight])
+        return keys
 
     def metrics(self) -> dict[str, float]:
         """Counters over this rank's streams for the yielded batches, plus prepare-time skips."""

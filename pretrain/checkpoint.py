@@ -35,8 +35,8 @@ import torch.distributed.checkpoint as dcp
 
 from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, broadcast_object, new_cpu_group
 from parallel.init import copy_full_into
-from pretrain.checkpoint_integrity import (MARKER, CheckpointDamaged, FileRecord, file_digest, share, verify_share,
-                                           write_marker)
+from pretrain.checkpoint_integrity import (MARKER, UNREADABLE, CheckpointDamaged, FileRecord, file_digest, share,
+                                           verify_share, write_marker)
 from pretrain.model.legacy import Split
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,12 @@ def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def is_damage(reason: str) -> bool:
+    """A verification failure that is the checkpoint's own (missing marker or file, wrong size or
+    hash), not a read that failed (an I/O error, a file a shared filesystem does not show yet)."""
+    return not reason.startswith(UNREADABLE)
+
+
 def verify_checkpoint(path: Path) -> str | None:
     """None when `path` is a complete, undamaged checkpoint, else the reason (naming the file).
     Collective when distributed: every rank hashes a share of the files and all get one verdict."""
@@ -90,10 +96,10 @@ class NoIntactCheckpoint(ValueError):
     overwrite them one by one, so the run stops and says what to do."""
 
 
-def find_latest_complete(ckpt_dir: Path, passed_over: list[Path] | None = None) -> Path | None:
+def find_latest_complete(ckpt_dir: Path, passed_over: list[tuple[Path, str]] | None = None) -> Path | None:
     """The newest checkpoint that verifies; damaged ones are reported, passed over and appended to
-    `passed_over`; None when there are none. Collective when distributed: rank 0 lists the
-    candidates (ranks may see a shared directory differently)."""
+    `passed_over` with the reason; None when there are none. Collective when distributed: rank 0
+    lists the candidates (ranks may see a shared directory differently)."""
     candidates = broadcast_object([str(p) for p in reversed(list_checkpoints(ckpt_dir))])
     reasons = []
     for candidate in candidates:
@@ -104,7 +110,7 @@ def find_latest_complete(ckpt_dir: Path, passed_over: list[Path] | None = None) 
         log.warning("skipping checkpoint %s: %s; trying the previous one", path, reason)
         reasons.append(f"{path.name}: {reason}")
         if passed_over is not None:
-            passed_over.append(path)
+            passed_over.append((path, reason))
     if candidates:
         raise NoIntactCheckpoint(
             f"{ckpt_dir}: none of its {len(candidates)} checkpoints verifies (newest: {reasons[0]}); resume from "
@@ -136,13 +142,20 @@ def checkpoint_origin(path: Path) -> str | None:
 def set_aside(paths: Sequence[Path], ckpt_dir: Path, why: str) -> None:
     """Move checkpoint directories out of the run's listing, into `ckpt_dir/<why>-<UTC time>/`:
     never deleted (they may be all someone has of another trajectory), never resumed from, never
-    counted by `checkpoint.keep`. Called by the run that owns the directory (rank 0)."""
+    counted by `checkpoint.keep`. Called by the run that owns the directory (rank 0), once its
+    resume has loaded. Housekeeping: a move that fails is reported, not raised (the other ranks
+    must not wait for a rank that stopped)."""
     if not paths:
         return
     aside = ckpt_dir / f"{why}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
-    aside.mkdir(parents=True)
-    for path in paths:
-        os.rename(path, aside / path.name)
+    try:
+        aside.mkdir(parents=True)
+        for path in paths:
+            os.rename(path, aside / path.name)
+    except OSError as e:
+        log.warning("could not move %s into %s (%s): they stay in the listing", ", ".join(p.name for p in paths),
+                    aside, e)
+        return
     _fsync_path(ckpt_dir)
     log.warning("moved %s out of %s into %s (%s): kept, but not resumed from or counted by checkpoint.keep",
                 ", ".join(p.name for p in paths), ckpt_dir, aside.name, why)

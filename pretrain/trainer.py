@@ -37,8 +37,8 @@ from parallel.mixed_precision import WorkingCopies
 from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  checkpoint_origin, checkpoint_step, find_latest_complete, finish_interrupted_commits,
-                                 list_checkpoints, load_model_weights, model_config_json, origin_key, set_aside,
-                                 verify_checkpoint, WeightsDoNotFit)
+                                 is_damage, list_checkpoints, load_model_weights, model_config_json, origin_key,
+                                 set_aside, verify_checkpoint, WeightsDoNotFit)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
@@ -184,22 +184,23 @@ def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str) -> Path | None:
+def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str,
+                             stale: dict[str, list[Path]] | None = None) -> Path | None:
     """The checkpoint to resume from (None: start fresh): without `resume_from` the newest that
     verifies; with it that one, unless the run directory holds a newer checkpoint of the trajectory
-    it started (a requeued job repeating its command continues, not restarts). The directories the
-    choice makes stale are set aside (`set_aside`: kept, never resumed from, never counted by
-    checkpoint.keep): damaged ones passed over, and when `resume_from` is taken, every checkpoint not
-    on its path (the run directory's later steps: another trajectory's; all of them when it comes from
-    elsewhere). Collective: every rank verifies a share of the files and all get one answer (ranks
-    resuming from different steps would train on silently); rank 0 alone moves files."""
+    it started (a requeued job repeating its command continues, not restarts). `stale` receives, on
+    rank 0, what the choice makes stale, for `set_aside_stale` once the resume has loaded: "damaged"
+    (passed over for their own damage, not for a failed read) and "superseded" (when `resume_from` is
+    taken, every checkpoint not on its path: the run directory's later steps, another trajectory's; all
+    of them when it lies elsewhere). Collective: every rank verifies a share of the files and all get
+    one answer (ranks resuming from different steps would train on silently)."""
     resume_from = broadcast_object(resume_from)  # rank 0's word, should the ranks' configs differ
     main = not dist.is_initialized() or dist.get_rank() == 0
     if main:
         finish_interrupted_commits(ckpt_dir)  # the others wait in find_latest_complete's broadcast
-    damaged: list[Path] = []
+    passed_over: list[tuple[Path, str]] = []
     try:
-        newest = find_latest_complete(ckpt_dir, damaged)
+        newest = find_latest_complete(ckpt_dir, passed_over)
     except NoIntactCheckpoint as e:
         if not resume_from:
             raise ConfigError(f"checkpoint: {e}") from None
@@ -209,7 +210,9 @@ def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str) -> Path | None:
         requested = Path(resume_from)
         origin = rank0_decides(lambda: checkpoint_origin(newest) if newest else None, main)
         if origin == origin_key(requested):
-            log.info("continuing from %s, the newest checkpoint of the run resumed from %s", newest, requested)
+            log.warning("continuing from %s, the newest checkpoint of the run resumed from %s (a requeued command); to "
+                        "rewind to %s again, move the newer checkpoints out of %s first", newest, requested,
+                        requested, ckpt_dir)
         else:
             reason = verify_checkpoint(requested)
             if reason is not None:
@@ -220,14 +223,22 @@ def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str) -> Path | None:
                 raise ConfigError(f"config: checkpoint.resume_from={resume_from} does not verify ({reason}); point "
                                   "it at an intact step_* directory")
             chosen = requested
-    if main:
-        set_aside(damaged, ckpt_dir, "damaged")
+    if main and stale is not None:
+        stale["damaged"] = [p for p, reason in passed_over if is_damage(reason)]
         if chosen is not None and chosen != newest:
-            step = checkpoint_step(chosen) if chosen.parent.resolve() == ckpt_dir.resolve() else None
-            set_aside([p for p in list_checkpoints(ckpt_dir) if step is None or checkpoint_step(p) > step],
-                      ckpt_dir, "superseded")
-    barrier()
+            target = chosen.resolve()
+            step = checkpoint_step(target) if target.parent == ckpt_dir.resolve() else None
+            stale["superseded"] = [p for p in list_checkpoints(ckpt_dir) if p not in stale["damaged"]
+                                   and p.resolve() != target and (step is None or checkpoint_step(p) > step)]
     return chosen
+
+
+def set_aside_stale(ckpt_dir: Path, stale: dict[str, list[Path]], is_main: bool) -> None:
+    """Move what `choose_resume_checkpoint` found stale out of the listing (rank 0; collective)."""
+    if is_main:
+        for why, paths in stale.items():
+            set_aside(paths, ckpt_dir, why)
+    barrier()
 
 
 def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
@@ -340,7 +351,9 @@ class Trainer:
         self.dims = parallel_dims(cfg, self.dist.world_size)
         self.mesh = build_mesh(self.dims, self.device.type)
         self.dp_rank, self.dp_size = self.mesh.dp_coordinate() if self.mesh else (0, 1)
-        self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from)
+        self._stale: dict[str, list[Path]] = {}  # set aside once the resume has loaded
+        self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from,
+                                                     self._stale)
         num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size,
                                           checkpoint_num_streams(self._resume_path, self.is_main))
         check_document_masking(cfg, self._resume_path, self.is_main)
@@ -499,6 +512,7 @@ class Trainer:
         requested = self.cfg.checkpoint.resume_from
         taken = bool(requested) and origin_key(path) == origin_key(requested)
         self._origin = origin_key(path) if taken else shared.get("origin")
+        set_aside_stale(self.run_dir / "checkpoints", self._stale, self.is_main)
         log.info("resumed from %s at step %d (saved by %d rank(s), now %d)",
                  path, self.progress.step, len(ranks), self.dist.world_size)
         changes = fingerprint_changes(shared["runtime"])

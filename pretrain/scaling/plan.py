@@ -9,12 +9,14 @@ which is how a CPU test gets several sizes below 100M.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pretrain.scaling.rules import PAPER_BATCH_TOKENS, batch_tokens, peak_lr
 
+log = logging.getLogger(__name__)
 PLAN_FILE = "plan.json"
 
 
@@ -108,7 +110,7 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
     (out / "points").mkdir(parents=True, exist_ok=True)
     spec.data = str(Path(spec.data).resolve())
     window = spec.micro_batch_size * spec.seq_len * spec.ranks
-    points = []
+    points, too_small = [], []
     for arch in spec.archs:
         for size in spec.sizes:
             params, fpt = model_numbers(spec, arch, size)
@@ -116,10 +118,10 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
                 batch = batch_tokens(budget / fpt, spec.max_batch_tokens, window, spec.min_steps)
                 steps = max(1, round(budget / fpt / batch))
                 pid = point_id(arch, size, budget)
-                if steps * batch * fpt > 2 * budget:  # one step of one window already costs more
-                    raise PlanError(f"plan: budget {budget:.3g} FLOPs is too small for {arch} {size}: one step of "
-                                    f"{batch:,} tokens costs {batch * fpt:.3g}; raise --budgets, or lower --seq-len, "
-                                    "--micro-batch-size or --ranks")
+                if steps * batch * fpt > 2 * budget:  # one step of one window already costs more: no point
+                    too_small.append(f"{arch} {size} at {budget:.3g} (one step of {batch:,} tokens: "
+                                     f"{batch * fpt:.3g} FLOPs)")
+                    continue
                 run_dir = out / "runs" / pid
                 lr = peak_lr(params["active_non_embedding"])
                 cfg, _ = parse_args(trainer_args(spec, arch, size, run_dir, steps, batch, lr))
@@ -127,6 +129,11 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
                 config.write_text(to_toml(cfg))
                 points.append(Point(pid, arch, size, budget, params["active_non_embedding"], params["total"], fpt,
                                     steps, batch, steps * batch, steps * batch * fpt, lr, str(config), str(run_dir)))
+    if not points:
+        raise PlanError(f"plan: every budget is too small for one step of its model ({too_small[0]}, ...); raise "
+                        "--budgets, or lower --seq-len, --micro-batch-size or --ranks")
+    for skipped in too_small:  # an isoFLOP grid's small-budget, large-model corners: left out, said so
+        log.warning("plan: left out %s: the budget buys less than half a step", skipped)
     (out / PLAN_FILE).write_text(json.dumps({"spec": asdict(spec), "points": [asdict(p) for p in points]},
                                             indent=1) + "\n")
     return points

@@ -236,3 +236,13 @@ def test_a_split_shorter_than_one_row_is_reported(corpus_a, caplog):
         assert "fewer than one row" not in caplog.text  # a row of train - 1 + 1 tokens still fits
         build_train_loader([(str(corpus_a), 1.0)], train, 1, num_streams=1)
     assert f"{train:,} tokens, fewer than one row of data.seq_len={train}" in caplog.text
+
+
+def test_two_sources_of_identical_data_resume(corpus_a, tmp_path):
+    """Two copies of one prepared dataset in a mixture (one digest, two paths) resume as saved."""
+    import shutil
+
+    src = [(str(corpus_a), 0.5), (str(shutil.copytree(corpus_a, tmp_path / "copy")), 0.5)]
+    first = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3)
+    take(first, 2)
+    build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3).load_state_dict(first.state_dict())

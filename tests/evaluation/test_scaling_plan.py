@@ -81,7 +81,7 @@ def test_render_slurm_jobs_for_unfinished_points(plan):
     (["plan", "--archs", "llama", "--sizes", "tiny:d_model", "--budgets", "1e11"], "is not FIELD=VALUE"),
     (["plan", "--archs", "gpt", "--sizes", "tiny", "--budgets", "1e11"], "unknown --arch 'gpt'"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "-1"], "budgets are positive"),
-    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e3"], "budget 1e+03 FLOPs is too small for llama"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e3"], "every budget is too small for one step"),
     (["fit", "NOPLAN"], "no plan.json"),
     (["run", "NOPLAN", "--", "--nodes", "1"], "launch.render options"),
 ])
@@ -91,3 +91,10 @@ def test_bad_input_is_one_line(tmp_path, corpus, capsys, args, says):
     assert main([a.replace("NOPLAN", str(tmp_path / "none")) for a in args]) == 2
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_corner_too_small_for_one_step_is_left_out_and_said(tmp_path, corpus, caplog):
+    assert main(["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e3", "1e13", "--data", str(corpus),
+                 "--out", str(tmp_path / "p")]) == 0
+    _, points = read_plan(tmp_path / "p")
+    assert [p.budget for p in points] == [1e13] and "left out llama tiny at 1e+03" in caplog.text

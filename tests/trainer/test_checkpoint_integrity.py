@@ -293,18 +293,33 @@ def test_each_rank_hashes_the_shards_it_wrote_and_every_file_once(parts):
         assert {n for n in mine if n.endswith(".distcp")} == {f"__{r}_0.distcp" for r in range(4) if r % parts == part}
 
 
-def test_damaged_newer_checkpoints_are_set_aside_at_resume(tmp_path):
-    """A damaged step passed over at resume leaves the listing (kept under damaged-*/): it can no
-    longer count towards checkpoint.keep, so pruning never keeps it over intact ones."""
+def test_damaged_newer_checkpoints_are_set_aside_at_resume(tmp_path, monkeypatch):
+    """A damaged step passed over at resume leaves the listing once the resume has loaded (kept
+    under damaged-*/): it can no longer count towards checkpoint.keep, so pruning never keeps it
+    over intact ones. One that merely could not be read (an I/O error, maybe transient) stays."""
+    import errno
+
+    import pretrain.checkpoint_integrity as integrity
     from pretrain.checkpoint import list_checkpoints
-    from pretrain.trainer import choose_resume_checkpoint
+    from pretrain.trainer import choose_resume_checkpoint, set_aside_stale
 
     ck = tmp_path / "ck"
     mgr = CheckpointManager(ck, keep=5, async_save=False, is_main=True)
-    one, two, three = (save_tiny(mgr, step, step) for step in (1, 2, 3))
+    one, two, three, four = (save_tiny(mgr, step, step) for step in (1, 2, 3, 4))
     overwrite(three / "config.toml", b"y")  # same size: only its hash tells
-    assert choose_resume_checkpoint(ck, "") == two
-    assert list_checkpoints(ck) == [one, two]
+    digest = integrity.file_digest
+
+    def failing_disk(path: Path) -> str:
+        if path.parent == four:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return digest(path)
+
+    monkeypatch.setattr(integrity, "file_digest", failing_disk)
+    stale: dict = {}
+    assert choose_resume_checkpoint(ck, "", stale) == two
+    assert list_checkpoints(ck) == [one, two, three, four]  # nothing moves before the resume has loaded
+    set_aside_stale(ck, stale, is_main=True)
+    assert list_checkpoints(ck) == [one, two, four]
     [aside] = ck.glob("damaged-*")
     assert (aside / three.name / "config.toml").read_bytes().startswith(b"y")
 
@@ -316,9 +331,18 @@ def test_rewind_sets_later_steps_aside_and_the_requeued_command_continues_it(ref
     auto-resume ever jump back to the old trajectory."""
     from pretrain.checkpoint import checkpoint_origin, list_checkpoints, origin_key
 
+    from pretrain.config import ConfigError
+
     reference_dir, _ = reference
     ck = copy_checkpoints(reference_dir, tmp_path, (2, 4, 6))
+    (ck / "latest").symlink_to(ck / "step_00000006")  # a link to the newest: a plain resume, nothing set aside
+    Trainer(tiny_config(tmp_path, corpus, 6, f"--checkpoint.resume_from={ck / 'latest'}")).train()
     rewind = (f"--checkpoint.resume_from={ck / 'step_00000002'}", "--optim.lr=1e-3")
+    with pytest.raises(ConfigError, match="train.seed"):  # a rewind that fails to load moves nothing
+        Trainer(tiny_config(tmp_path, corpus, 4, *rewind, "--train.seed=7")).train()
+    assert [p.name for p in list_checkpoints(ck)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert not list(ck.glob("superseded-*"))
+    (ck / "latest").unlink()
     Trainer(tiny_config(tmp_path, corpus, 4, *rewind)).train()
     [aside] = ck.glob("superseded-*")
     assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]
