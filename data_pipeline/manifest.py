@@ -5,6 +5,7 @@ tokenizer identity, the array encoding, and a checksum per shard so the loader c
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ class Manifest:
     sample_keys: dict[str, str] = field(default_factory=lambda: dict(SAMPLE_KEYS))
     split_rule: str = "validation iff blake2b-64(document utf-8 or token bytes) / 2**64 < val_fraction"
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """The prepared data's identity wherever its directory lies (a hash of the manifest's
         content: shards, token counts, tokenizer): a resumed run finds its data moved or re-mounted."""
