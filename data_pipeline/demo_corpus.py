@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.errors import DataInputError
-from data_pipeline.prepare import PrepareConfig, make_dir, prepare
+from data_pipeline.errors import DataInputError, make_dir
+from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.tokenizer import TOKENIZER_FILE
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>"]
@@ -63,7 +63,7 @@ def build_demo_corpus(out_dir: str | Path, max_bytes: int = 12 << 20, vocab_size
     out = Path(out_dir)
     if max_bytes < 1:
         raise DataInputError(max_bytes, "--max-bytes", "not positive", "pass a positive byte count (default 12 MiB)")
-    make_dir(out, out)
+    make_dir(out)
     files = stdlib_sources(max_bytes)
     tok_path = out / TOKENIZER_FILE
     if not tok_path.is_file():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.errors import DataInputError
+from data_pipeline.errors import DataInputError, make_dir
 from data_pipeline.inputs import (FILE_KINDS, FORMATS, FileProblem, InputFile, iter_located_documents,
                                   probe_input, resolve_inputs, strict_record_error)
 from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo, dtype_for_vocab, write_atomic, write_manifest
@@ -227,16 +227,6 @@ def _skipped_files(start: dict[InputFile, FileProblem], records: dict[int, dict]
     return {k: out[k] for k in FILE_KINDS if k in out}
 
 
-def make_dir(path: Path, out: Path) -> None:
-    """mkdir -p `path` (under --out `out`), or a one-line error naming --out: a file in the way, no
-    permission, a read-only filesystem."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataInputError(out, "--out", f"cannot create the directory ({e.strerror or e})",
-                             "pass a writable directory path") from None
-
-
 def prepare(cfg: PrepareConfig) -> Manifest:
     """Validate everything up front, run pending jobs (in parallel), then write the manifest."""
     if cfg.input_format not in ("auto", *FORMATS):
@@ -251,7 +241,8 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     start_problems = _probe_all(inputs, cfg)
     tok = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out)
-    make_dir(out / JOBS_DIR, out)
+    make_dir(out)
+    (out / JOBS_DIR).mkdir(exist_ok=True)
     settings = {"inputs": [[str(i.path), i.format, i.size] for i in inputs], "tokenizer": asdict(tok.identity),
                 "text_field": cfg.text_field, "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction,
                 "job_bytes": cfg.job_bytes}

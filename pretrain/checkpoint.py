@@ -35,8 +35,8 @@ import torch.distributed.checkpoint as dcp
 
 from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, broadcast_object, new_cpu_group
 from parallel.init import copy_full_into
-from pretrain.checkpoint_integrity import (MARKER, UNREADABLE, CheckpointDamaged, FileRecord, file_digest, share,
-                                           verify_share, write_marker)
+from pretrain.checkpoint_integrity import (MARKER, CheckpointDamaged, FileRecord, file_digest, share, verify_share,
+                                           write_marker)
 from pretrain.model.legacy import Split
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,6 @@ def checkpoint_name(step: int) -> str:
 
 def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def is_damage(reason: str) -> bool:
-    """A verification failure that is the checkpoint's own (missing marker or file, wrong size or
-    hash), not a read that failed (an I/O error, a file a shared filesystem does not show yet)."""
-    return not reason.startswith(UNREADABLE)
 
 
 def verify_checkpoint(path: Path) -> str | None:

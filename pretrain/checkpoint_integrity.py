@@ -21,7 +21,7 @@ from pathlib import Path
 import xxhash
 
 MARKER = "COMPLETE.json"
-UNREADABLE = "cannot read"  # the reason's start when a file could not be read at all (maybe transiently)
+_UNREADABLE = "cannot read"  # the reason's start when a file could not be read at all (maybe transiently)
 MARKER_FORMAT = 2  # 1: sizes only (no checksums); such checkpoints are reported and passed over
 HASH = "xxh3_128"
 _CHUNK = 8 << 20
@@ -116,5 +116,11 @@ def verify_share(directory: Path, part: int = 0, parts: int = 1, checksums: bool
     except CheckpointDamaged as e:
         return str(e)
     except OSError as e:  # an unreadable sector, a vanished or forbidden file: as damaged, never a crash
-        return f"{UNREADABLE} {Path(e.filename).name if e.filename else 'a file'} ({type(e).__name__}: {e.strerror})"
+        return f"{_UNREADABLE} {Path(e.filename).name if e.filename else 'a file'} ({type(e).__name__}: {e.strerror})"
     return None
+
+
+def is_damage(reason: str) -> bool:
+    """A `verify_share` reason that is the checkpoint's own damage (missing marker or file, wrong
+    size or hash), not a read that failed (an I/O error, a file a shared filesystem does not show yet)."""
+    return not reason.startswith(_UNREADABLE)

@@ -91,6 +91,7 @@ def check_options(args: argparse.Namespace) -> list[str]:
 def run(argv: list[str]) -> None:
     import torch
 
+    from data_pipeline.errors import make_dir
     from pretrain.evaluation.runner import Options, evaluate
     from pretrain.evaluation.subject import label_subjects, load_subject
 
@@ -111,11 +112,7 @@ def run(argv: list[str]) -> None:
     if args.data is not None and not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such directory; pass a prepared data dir (or leave --data out: "
                          "each run's own data)")
-    try:  # before minutes of evaluation, not after
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {args.out}: cannot create the directory ({e.strerror or e}); pass a writable "
-                         "directory path") from None
+    make_dir(args.out)  # before minutes of evaluation, not after
     subjects = [load_subject(path, device, args.seq_len) for path in args.checkpoint]
     label_subjects(subjects)
     results = evaluate(subjects, suites, opts, args.out, device, dtype, log=lambda m: print(m, flush=True))

@@ -37,8 +37,9 @@ from parallel.mixed_precision import WorkingCopies
 from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
                                  checkpoint_origin, checkpoint_step, find_latest_complete, finish_interrupted_commits,
-                                 is_damage, list_checkpoints, load_model_weights, model_config_json, origin_key,
-                                 set_aside, verify_checkpoint, WeightsDoNotFit)
+                                 list_checkpoints, load_model_weights, model_config_json, origin_key, set_aside,
+                                 verify_checkpoint, WeightsDoNotFit)
+from pretrain.checkpoint_integrity import is_damage
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch

@@ -102,7 +102,6 @@ def run_fewshot(subject, data_dir: Path, tasks: list[str], limit: int | None, in
     """lm-eval's metrics per task, and their mean accuracy ('average', the paper's few-shot column)."""
     from data_pipeline.tokenizer import load_tokenizer
 
-    evaluate_tasks = harness().evaluate_tasks
-
+    evaluate_tasks = harness().evaluate_tasks  # before the tokenizer: lm-eval missing is the first thing to say
     scorer = Scorer(subject.model, load_tokenizer(data_dir), subject.train_seq_len, device=device, dtype=dtype)
     return evaluate_tasks(scorer, tasks, limit, include)
