@@ -180,7 +180,7 @@ def _set(cfg: JobConfig, key: str, value: Any, source: str) -> None:
     """Set a dotted key (`optim.lr`, `model.overrides.d_model`) on cfg, type-checked."""
     parts = key.split(".")
     if len(parts) >= 3 and parts[0] == "model" and parts[1] == "overrides":
-        cfg.model.overrides[".".join(parts[2:])] = _parse_literal(value)
+        _set_override(cfg, ".".join(parts[2:]), _parse_literal(value), source)
         return
     obj: Any = cfg
     for i, part in enumerate(parts):
@@ -197,6 +197,16 @@ def _set(cfg: JobConfig, key: str, value: Any, source: str) -> None:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
                 raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is not a section; fix the key '{key}'")
+
+
+def _set_override(cfg: JobConfig, key: str, value: Any, source: str) -> None:
+    """One model.overrides entry, its name checked against ModelConfig here, where the source is known."""
+    from pretrain.model.config import override_error
+
+    why = override_error(key, value)
+    if why:
+        raise ConfigError(f"{source}: model.overrides.{key}: {why}; fix the name (fields: pretrain/model/config.py)")
+    cfg.model.overrides[key] = value
 
 
 def _parse_literal(value: Any) -> Any:
@@ -221,7 +231,8 @@ def apply_toml(cfg: JobConfig, path: str | Path) -> None:
         if key == "model.overrides":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: model.overrides must be a table; fix the value")
-            cfg.model.overrides.update(value)
+            for name, entry in value.items():
+                _set_override(cfg, name, entry, str(path))
         else:
             _set(cfg, key, value, str(path))
 

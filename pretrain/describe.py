@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=8192, help="sequence length of the FLOPs and cache figures")
     ap.add_argument("--json", action="store_true", help="one JSON object (a list for --arch all)")
     args = ap.parse_args(argv)
+    if args.seq_len < 1:
+        ap.error(f"--seq-len {args.seq_len}: the FLOPs and cache figures need a length >= 1")
     archs = ARCHS if args.arch == "all" else (args.arch,)
     try:
         rows = [{"arch": a, "size": args.size,

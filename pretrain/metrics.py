@@ -1,12 +1,16 @@
 """Observability: TensorBoard scalars, a JSONL metrics log, and the rank-0 progress line.
 
 metrics.jsonl holds one JSON object per logged step with floats written exactly (repr), so
-scripts and tests can compare loss curves bit for bit across resumes.
+scripts and tests can compare loss curves bit for bit across resumes. A resumed run first moves the
+rows it is about to redo (logged after its checkpoint by the segment that crashed, or by the
+trajectory a rewind left) to metrics.superseded.jsonl, and TensorBoard purges the same steps, so
+both describe one trajectory with one row per step.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -51,25 +55,69 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
+
+
+def set_aside_rows_after(run_dir: Path, step: int) -> int:
+    """Move metrics.jsonl's rows of steps after `step` (-1: every row), and any line cut mid-write,
+    to the end of metrics.superseded.jsonl; returns how many moved. The moved rows are appended
+    (and flushed to disk) before metrics.jsonl is replaced atomically: a crash in between repeats
+    rows, never loses one."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return 0
+    keep: list[str] = []
+    moved: list[str] = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row_step = json.loads(line)["step"] if line.endswith("\n") else None
+        except (ValueError, KeyError, TypeError):
+            row_step = None
+        (keep if isinstance(row_step, int) and row_step <= step else moved).append(line)
+    if not moved:
+        return 0
+    with open(run_dir / SUPERSEDED_FILE, "a") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_suffix(f".jsonl.{os.getpid()}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return len(moved)
+
+
 class MetricsLogger:
-    """Rank 0 writes; other ranks hold a no-op logger so callers need no rank checks."""
+    """Rank 0 writes; other ranks hold a no-op logger so callers need no rank checks. Nothing is
+    written before `open`, which the trainer calls once it knows the step it continues from."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, flops_per_token: float,
                  peak_flops_total: float, total_steps: int):
+        self.run_dir = run_dir
         self.enabled = enabled
+        self.tensorboard = tensorboard
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops_total
         self.total_steps = total_steps
         self.writer = None
         self.jsonl = None
-        if enabled:
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self._window_start = time.perf_counter()
         self._window_tokens = 0
         self._window_steps = 0
+
+    def open(self, continues_after: int) -> None:
+        """Start logging a trajectory that continues after step `continues_after` (-1: a fresh
+        start): rows and TensorBoard events of later steps belong to a run it replaces."""
+        if not self.enabled:
+            return
+        moved = set_aside_rows_after(self.run_dir, continues_after)
+        if moved:
+            log.warning("moved %d row(s) of metrics.jsonl logged after step %d (steps this run redoes, or a line cut "
+                        "mid-write) to %s", moved, continues_after, SUPERSEDED_FILE)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=continues_after + 1)
+        self.jsonl = open(self.run_dir / METRICS_FILE, "a", buffering=1)
 
     def throughput(self, tokens: int) -> tuple[float, float]:
         """Add tokens of a finished step; (tokens/s, MFU) over the window since the last log."""
@@ -88,7 +136,7 @@ class MetricsLogger:
         return (time.perf_counter() - self._window_start) / max(self._window_steps, 1)
 
     def log(self, step: int, scalars: dict[str, float], progress: bool = True) -> None:
-        if not self.enabled:
+        if self.jsonl is None:
             return
         if self.writer is not None:
             for k, v in scalars.items():

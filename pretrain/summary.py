@@ -16,8 +16,12 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / SUMMARY_FILE
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # several writers never share a temp file
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
-    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
+        raise
     return path
 
 

@@ -769,6 +769,10 @@ class Trainer:
             self.preemption.training()
             self.metrics.close()
             return self._summary("finished", None)
+        # metrics of this run directory's steps up to a checkpoint of its own stand; from a checkpoint
+        # elsewhere (or none), the trajectory logged here is another's
+        own = resumed and self._resumed_from.resolve().parent == (self.run_dir / "checkpoints").resolve()
+        self.metrics.open(self.progress.step if own else -1)
         self.preemption.training()
         if self.is_main:
             log.info("resolved config:\n%s", to_toml(cfg))

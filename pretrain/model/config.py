@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+import typing
 from typing import Any
 
 from pretrain.model.pattern import parse_pattern
@@ -192,3 +193,22 @@ class ModelConfig:
         if d.get("moe") is not None:
             d["moe"] = MoEConfig(**d["moe"])
         return cls(**d)
+
+
+def override_error(key: str, value: Any = None) -> str | None:
+    """Why `key` names no ModelConfig field (None when it does): a top-level field ('d_model'), a
+    field of a nested section ('intra.fusion'), or a section given as a table of fields. Checked
+    where a config file or flag sets the override, so the error can name it."""
+    head, _, rest = key.partition(".")
+    hints = typing.get_type_hints(ModelConfig)
+    if head not in hints:
+        return f"unknown model field '{key}'"
+    section = next((t for t in (*typing.get_args(hints[head]), hints[head]) if dataclasses.is_dataclass(t)), None)
+    keys = [rest] if rest else list(value) if isinstance(value, dict) else []
+    if keys and section is None:
+        return f"model field '{head}' is not a section (set it as model.overrides.{head}=VALUE)"
+    names = {f.name for f in dataclasses.fields(section)} if section else set()
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        return f"unknown model field '{head}.{unknown[0]}' ({head} has: {', '.join(sorted(names))})"
+    return None

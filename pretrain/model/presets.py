@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pretrain.model.config import IntraConfig, ModelConfig, MoEConfig
+from pretrain.model.config import IntraConfig, ModelConfig, MoEConfig, override_error
 from pretrain.model.pattern import (INTER_PLACEMENTS, INTRA_PLACEMENTS, hybrid_pattern, layout, parse_ratio,
                                     sized_counts)
 
@@ -162,9 +162,10 @@ def model_config(arch: str, size: str, ratio: str | None = None, placement: str 
     fields["moe"] = dataclasses.asdict(MoEConfig()) if arch.endswith("_moe") else None
     fields["rope"] = {}
     for key, value in overrides.items():
+        why = override_error(key, value)
+        if why:
+            raise ValueError(f"{why}: see pretrain/model/config.py for the fields")
         head, _, rest = key.partition(".")
-        if head not in {f.name for f in dataclasses.fields(ModelConfig)}:
-            raise ValueError(f"unknown model field '{key}': see pretrain/model/config.py for the fields")
         if rest or isinstance(value, dict):
             nested = fields.get(head) or (dataclasses.asdict(MoEConfig()) if head == "moe" else {})
             fields[head] = {**nested, **({rest: value} if rest else value)}

@@ -94,3 +94,12 @@ def test_describe_cli_json_and_table():
     table = subprocess.run([sys.executable, "-m", "pretrain.describe", "--arch", "all", "--size", "tiny"],
                            capture_output=True, text=True, check=True).stdout
     assert "hybrid_moe" in table and "llama_moe" in table
+
+
+def test_describe_refuses_a_sequence_length_below_one(capsys):
+    from pretrain.describe import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--arch", "llama", "--seq-len", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--seq-len 0" in err and err.strip().splitlines()[-1].count("--seq-len") == 1

@@ -335,6 +335,7 @@ def test_rewind_sets_later_steps_aside_and_the_requeued_command_continues_it(ref
 
     reference_dir, _ = reference
     ck = copy_checkpoints(reference_dir, tmp_path, (2, 4, 6))
+    shutil.copy(reference_dir / "metrics.jsonl", tmp_path)
     (ck / "latest").symlink_to(ck / "step_00000006")  # a link to the newest: a plain resume, nothing set aside
     Trainer(tiny_config(tmp_path, corpus, 6, f"--checkpoint.resume_from={ck / 'latest'}")).train()
     rewind = (f"--checkpoint.resume_from={ck / 'step_00000002'}", "--optim.lr=1e-3")
@@ -349,12 +350,18 @@ def test_rewind_sets_later_steps_aside_and_the_requeued_command_continues_it(ref
     assert verify_checkpoint(aside / "step_00000006") is None
     assert [p.name for p in list_checkpoints(ck)] == ["step_00000002", "step_00000004"]
     assert checkpoint_origin(ck / "step_00000004") == origin_key(ck / "step_00000002")
-    assert losses(tmp_path)[3] == losses(reference_dir)[3] and losses(tmp_path)[4] != losses(reference_dir)[4]  # step 3 ran at 1e-3
+    ref = losses(reference_dir)
+    got = losses(tmp_path)
+    assert sorted(got) == [1, 2, 3, 4] and {s: got[s] for s in (1, 2, 3)} == {s: ref[s] for s in (1, 2, 3)}
+    assert len(got[4]) == 1 and got[4] != ref[4]  # step 3's update ran at 1e-3: 4's loss differs
+    assert losses(tmp_path, "metrics.superseded.jsonl") == {s: ref[s] for s in (3, 4, 5, 6)}  # the old trajectory's
 
     requeued = Trainer(tiny_config(tmp_path, corpus, STEPS, *rewind))
     assert requeued._resume_path == ck / "step_00000004"
     requeued.train()
     assert checkpoint_origin(ck / "step_00000006") == origin_key(ck / "step_00000002")
+    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))
+    assert all(len(v) == 1 for v in losses(tmp_path).values())
     assert Trainer(tiny_config(tmp_path, corpus, STEPS))._resume_path == ck / "step_00000006"
     assert len(list(ck.glob("superseded-*"))) == 1
 

@@ -11,6 +11,7 @@ import torch
 
 from pretrain.config import ConfigError, JobConfig, parse_args, parse_source, to_toml, validate
 from pretrain.main import main
+from pretrain.model.config import MoEConfig, RopeConfig
 from trainer_helpers import REPO, run_to_end, tiny_args
 
 
@@ -78,6 +79,22 @@ def test_toml_errors_name_the_file_and_key(tmp_path):
         parse_args(["--config", str(tmp_path / "missing.toml")])
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    ("d_modl = 64", r"model\.overrides\.d_modl: unknown model field 'd_modl'"),
+    ("[model.overrides.intra]\nnrm = 'rms'", r"model\.overrides\.intra: unknown model field 'intra\.nrm' \(intra has: "),
+    ("'intra.fusin' = 'add'", r"model\.overrides\.intra\.fusin: unknown model field 'intra\.fusin'"),
+    ("[model.overrides.d_model]\nx = 1", r"model\.overrides\.d_model: model field 'd_model' is not a section"),
+])
+def test_unknown_model_override_in_a_file_names_the_file(tmp_path, overrides, needle):
+    """Checked as the file is read (before: only when the model was built, without the file's name)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"[model.overrides]\n{overrides}\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: " + needle):
+        parse_args(["--config", str(bad)])
+    cfg, _ = parse_args(["--model.overrides.intra.fusion=concat", "--model.overrides.moe.n_experts=4"])
+    assert cfg.model.overrides == {"intra.fusion": "concat", "moe.n_experts": 4}  # known fields pass
+
+
 def test_sources_with_weights():
     assert parse_source("/data/a:0.3") == ("/data/a", 0.3)
     assert parse_source("/data/a") == ("/data/a", 1.0)
@@ -91,7 +108,7 @@ def test_defaults_validate():
     validate(JobConfig())
 
 
-def random_value(tp, rng: random.Random, depth: int = 0):
+def random_value(tp, rng: random.Random):
     """A value of type `tp` with the awkward cases TOML writers get wrong: quotes, backslashes,
     newlines, unicode, tiny and huge floats, nested tables."""
     if tp is bool:
@@ -105,15 +122,19 @@ def random_value(tp, rng: random.Random, depth: int = 0):
         return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
     if typing.get_origin(tp) is list:
         return [random_value(str, rng) for _ in range(rng.randrange(0, 3))]
-    if typing.get_origin(tp) is dict:  # model.overrides: nested tables, dotted keys, lists
+    if typing.get_origin(tp) is dict:  # model.overrides: dotted keys, tables of a section's fields, lists
         table = {}
         for _ in range(rng.randrange(0, 4)):
-            key = rng.choice(["d_model", "intra.fusion", "moe", "rope", "name with space"])
-            kind = rng.choice([int, float, str, bool, list, dict] if depth < 2 else [int, str])
-            table[key] = (random_value(typing.Any, rng, depth + 1) if kind is dict else
-                          [rng.randrange(9) for _ in range(3)] if kind is list else random_value(kind, rng))
+            key = rng.choice(["d_model", "intra.fusion", "moe", "rope"])
+            if key in ("moe", "rope"):
+                names = [f.name for f in dataclasses.fields(MoEConfig if key == "moe" else RopeConfig)]
+                table[key] = {rng.choice(names): random_value(rng.choice([int, float, str]), rng)
+                              for _ in range(rng.randrange(1, 3))}
+            else:
+                kind = rng.choice([int, float, str, bool, list])
+                table[key] = [rng.randrange(9) for _ in range(3)] if kind is list else random_value(kind, rng)
         return table
-    return random_value(dict[str, typing.Any], rng, depth)
+    raise TypeError(f"no generator for {tp}")
 
 
 def random_config(rng: random.Random) -> JobConfig:

@@ -5,6 +5,7 @@ import json
 import math
 import types
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,6 +135,22 @@ def test_summary_is_strict_json(tmp_path):
     text = (tmp_path / "summary.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == \
         {"last_val_nll": None, "step": 3}
+
+
+def test_a_summary_write_that_fails_leaves_no_temp_file(tmp_path, monkeypatch):
+    import errno
+
+    from pretrain.summary import write_summary
+
+    def full_disk(self: Path, text: str) -> None:
+        with open(self, "w") as f:
+            f.write(text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_summary(tmp_path, {"step": 3})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_async_checkpoints_equal_sync_ones(corpus, tmp_path):

@@ -48,11 +48,11 @@ def run_to_end(args: list[str], nproc: int = 1, expect_rc: int = 0) -> str:
     return out
 
 
-def losses(run_dir: Path) -> dict[int, list[float]]:
-    """step -> every training loss logged for it (a step redone after a crash appears twice).
-    A line cut by SIGKILL mid-write is ignored."""
+def losses(run_dir: Path, file: str = "metrics.jsonl") -> dict[int, list[float]]:
+    """step -> every training loss logged for it in `file` (metrics.jsonl keeps one a step: rows a
+    resumed run redoes move to metrics.superseded.jsonl). A line cut by SIGKILL mid-write is ignored."""
     out: dict[int, list[float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (run_dir / file).read_text().splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
