@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.errors import DataInputError, make_dir
+from data_pipeline.errors import DataInputError
+from data_pipeline.files import make_dir
 from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.tokenizer import TOKENIZER_FILE
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_pipeline.errors import DataInputError
+from data_pipeline.files import write_atomic
 from data_pipeline.tokenizer import TokenizerIdentity
 
 MANIFEST_FILE = "manifest.json"
@@ -82,13 +82,6 @@ class Manifest:
 def dtype_for_vocab(vocab_size: int) -> str:
     """uint16 when every id fits, else uint32: halves disk and page-cache for <=64K vocabularies."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write then rename, so readers see the old file or the whole new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_manifest(out_dir: Path, manifest: Manifest) -> Path:

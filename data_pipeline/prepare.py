@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.errors import DataInputError, make_dir
+from data_pipeline.errors import DataInputError
+from data_pipeline.files import make_dir, write_atomic
 from data_pipeline.inputs import (FILE_KINDS, FORMATS, FileProblem, InputFile, iter_located_documents,
                                   probe_input, resolve_inputs, strict_record_error)
-from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo, dtype_for_vocab, write_atomic, write_manifest
+from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo, dtype_for_vocab, write_manifest
 from data_pipeline.shard_io import ShardWriter
 from data_pipeline.split import is_validation
 from data_pipeline.tokenizer import TOKENIZER_FILE, JsonTokenizer, Tokenizer, load_tokenizer

@@ -91,8 +91,8 @@ def check_options(args: argparse.Namespace) -> list[str]:
 def run(argv: list[str]) -> None:
     import torch
 
-    from data_pipeline.errors import make_dir
-    from pretrain.evaluation.runner import Options, evaluate
+    from data_pipeline.files import make_dir
+    from pretrain.evaluation.runner import Options, check_subject, evaluate
     from pretrain.evaluation.subject import label_subjects, load_subject
 
     args = build_parser().parse_args(argv)
@@ -114,6 +114,8 @@ def run(argv: list[str]) -> None:
                          "each run's own data)")
     make_dir(args.out)  # before minutes of evaluation, not after
     subjects = [load_subject(path, device, args.seq_len) for path in args.checkpoint]
+    for subject in subjects:  # every checkpoint's inputs, before the first suite runs
+        check_subject(subject, suites, opts)
     label_subjects(subjects)
     results = evaluate(subjects, suites, opts, args.out, device, dtype, log=lambda m: print(m, flush=True))
     print(f"wrote {args.out / 'results.json'} and {len(results['plots'])} figures")

@@ -109,7 +109,7 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
             tok = load_tokenizer(override)
         except DataInputError as e:  # names the file, the field and the fix
             raise CliError(f"--tokenizer {e}") from None
-        recorded = _recorded_tokenizer(parse_source(sources[0])[0]) if sources else None
+        recorded = recorded_tokenizer(parse_source(sources[0])[0]) if sources else None
         if recorded is not None and (recorded.kind, recorded.sha256) != (tok.identity.kind, tok.identity.sha256):
             raise CliError(f"--tokenizer {override}: not the tokenizer the run's data was prepared with "
                            f"({sources[0]}: {recorded.kind} tokenizer, {recorded.vocab_size} ids); drop --tokenizer "
@@ -128,7 +128,7 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
                        ) from None
 
 
-def _recorded_tokenizer(source: str):
+def recorded_tokenizer(source: str):
     """The tokenizer identity a prepared data dir's manifest records, None where it cannot be read."""
     from data_pipeline.errors import DataInputError
     from data_pipeline.manifest import read_manifest

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 import torch
 
+from data_pipeline.files import write_atomic
+
 log = logging.getLogger("pretrain")
 
 
@@ -81,9 +83,7 @@ def set_aside_rows_after(run_dir: Path, step: int) -> int:
         f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
         f.flush()
         os.fsync(f.fileno())
-    tmp = path.with_suffix(f".jsonl.{os.getpid()}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(keep))
     return len(moved)
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from data_pipeline.files import write_atomic
 
 SUMMARY_FILE = "summary.json"
 
@@ -14,14 +15,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Atomic write (temp file + rename): a reader never sees half a summary. NaN/inf (e.g. no
     validation yet) become null, so strict JSON readers (jq, JavaScript) accept the file."""
     path = Path(run_dir) / SUMMARY_FILE
-    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # several writers never share a temp file
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
-    try:
-        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file behind
-        raise
+    write_atomic(path, json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return path
 
 

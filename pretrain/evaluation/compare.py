@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.files import write_atomic
 from pretrain.evaluation.runner import RESULTS_FILE, draw
 from pretrain.hf import CliError
 
@@ -19,9 +20,13 @@ def read_results(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CliError(f"{path}: no {RESULTS_FILE}; pass directories written by `python -m pretrain.evaluate --out`")
     try:
-        return json.loads(file.read_text())
+        results = json.loads(file.read_text())
     except ValueError as e:
         raise CliError(f"{file}: not JSON ({e}); run the evaluation again") from None
+    if not isinstance(results, dict) or not isinstance(results.get("checkpoints"), list):
+        raise CliError(f"{file}: not the {RESULTS_FILE} of an evaluation (no list of checkpoints); pass directories "
+                       "written by `python -m pretrain.evaluate --out`")
+    return results
 
 
 def merge(paths: list[Path]) -> list[dict[str, Any]]:
@@ -69,8 +74,8 @@ def compare(paths: list[Path], out: Path) -> str:
     table = markdown_table(entries)
     notes = ("cache MiB: per sequence at the longest decoded length, as measured (dtype of the run); "
              "decode tok/s: batch tokens/s up to that length; median-step tok/s: from the median decode step there.\n")
-    (out / "compare.md").write_text(table + "\n" + notes)
-    (out / "compare.json").write_text(json.dumps({"inputs": [str(p) for p in paths], "columns": COLUMNS,
+    write_atomic(out / "compare.md", table + "\n" + notes)
+    write_atomic(out / "compare.json", json.dumps({"inputs": [str(p) for p in paths], "columns": COLUMNS,
                                                   "rows": [row(e) for e in entries], "checkpoints": entries,
                                                   "plots": draw(entries, out)}, indent=1) + "\n")
     return table

@@ -71,18 +71,26 @@ def answer_of(text: str) -> str:
     return found.group(0) if found else ""
 
 
-def run_niah(model, data_dir: Path, tokenizer: Tokenizer, lengths: list[int], depths: list[float], trials: int,
-             seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def niah_samples(data_dir: Path, tokenizer: Tokenizer, lengths: list[int], depths: list[float], trials: int,
+                 seed: int) -> list[list[list[NeedleSample]]]:
+    """Every prompt of the suite, [depth][length][trial]: built before any model runs, so a length too
+    short for the needle is refused at start (the evaluation's check calls this too)."""
     haystack = haystack_tokens(data_dir, max(lengths))
     rng = random.Random(seed)
+    return [[[make_sample(tokenizer, haystack, length, depth, rng) for _ in range(trials)] for length in lengths]
+            for depth in depths]
+
+
+def run_niah(model, data_dir: Path, tokenizer: Tokenizer, lengths: list[int], depths: list[float], trials: int,
+             seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    samples = niah_samples(data_dir, tokenizer, lengths, depths, trials, seed)
     max_new = len(tokenizer.encode(" 1234567")) + 2
     accuracy = [[0.0] * len(lengths) for _ in depths]
     examples = []
     for i, depth in enumerate(depths):
         for j, length in enumerate(lengths):
             hits = 0
-            for _ in range(trials):
-                sample = make_sample(tokenizer, haystack, length, depth, rng)
+            for sample in samples[i][j]:
                 prompt = torch.from_numpy(sample.tokens).unsqueeze(0).to(device)
                 with autocast(device, dtype):
                     out = model.generate(prompt, max_new_tokens=max_new)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.files import write_atomic
 from pretrain.accounting import flops_per_token
 from pretrain.evaluation import plots
 from pretrain.evaluation.subject import Subject
@@ -44,6 +45,40 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
+DATA_SUITES = ("nll", "positions", "niah", "fewshot")
+
+
+def niah_lengths(train_len: int, opts: Options) -> list[int]:
+    return [int(round(m * train_len)) for m in opts.niah_lengths]
+
+
+def inference_lengths(train_len: int, opts: Options) -> tuple[int, list[int]]:
+    """(prompt tokens, total lengths) of the inference suite; every total must exceed the prompt."""
+    prompt = opts.inference_prompt or max(1, train_len // 16)
+    totals = list(opts.inference_totals or (int(train_len * m) for m in (0.25, 0.5, 1, 2, 4)))
+    if min(totals) <= prompt:
+        raise ValueError(f"--inference-totals {','.join(map(str, totals))}: every total length must exceed the "
+                         f"prompt ({prompt} tokens, --inference-prompt); raise the totals or lower the prompt")
+    return prompt, totals
+
+
+def check_subject(subject: Subject, suites: list[str], opts: Options) -> None:
+    """What would stop a suite of this checkpoint midway, found before any suite runs: the training
+    length, data prepared with the model's tokenizer, niah prompts that fit, inference lengths."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    train_len = subject.train_seq_len
+    if any(s in DATA_SUITES for s in suites):
+        data_dir = subject.checked_data_dir(opts.data)
+        if "niah" in suites:
+            from pretrain.evaluation.niah import niah_samples
+
+            niah_samples(data_dir, load_tokenizer(data_dir), niah_lengths(train_len, opts), list(opts.niah_depths),
+                         opts.niah_trials, opts.seed)
+    if "inference" in suites:
+        inference_lengths(train_len, opts)
+
+
 def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device, dtype: torch.dtype) -> Any:
     from data_pipeline.tokenizer import load_tokenizer
 
@@ -61,14 +96,12 @@ def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device
     if suite == "niah":
         from pretrain.evaluation.niah import run_niah
 
-        lengths = [int(round(m * train_len)) for m in opts.niah_lengths]
-        return run_niah(model, data_dir, load_tokenizer(data_dir), lengths, list(opts.niah_depths),
-                        opts.niah_trials, opts.seed, device, dtype)
+        return run_niah(model, data_dir, load_tokenizer(data_dir), niah_lengths(train_len, opts),
+                        list(opts.niah_depths), opts.niah_trials, opts.seed, device, dtype)
     if suite == "inference":
         from pretrain.evaluation.inference import run_inference
 
-        prompt = opts.inference_prompt or max(1, train_len // 16)
-        totals = list(opts.inference_totals or (int(train_len * m) for m in (0.25, 0.5, 1, 2, 4)))
+        prompt, totals = inference_lengths(train_len, opts)
         return run_inference(model, opts.inference_batch, prompt, totals, opts.seed, device, dtype)
     from pretrain.evaluation.fewshot import run_fewshot
 
@@ -95,6 +128,18 @@ def draw(entries: list[dict[str, Any]], out: Path) -> dict[str, str]:
     return {name: path.name for name, path in files.items()}
 
 
+def remove_stale_figures(out: Path, plots: dict[str, str]) -> None:
+    """Figures an earlier evaluation into `out` drew and this one does not (they would no longer
+    match results.json): the ones the old results.json lists."""
+    try:
+        before = json.loads((out / RESULTS_FILE).read_text()).get("plots", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in set(before.values()) - set(plots.values()):
+        if Path(name).name == name and name.endswith(".png"):  # only our own figures, never a path elsewhere
+            (out / name).unlink(missing_ok=True)
+
+
 def evaluate(subjects: list[Subject], suites: list[str], opts: Options, out: Path, device: torch.device,
              dtype: torch.dtype, log=print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
@@ -112,5 +157,6 @@ def evaluate(subjects: list[Subject], suites: list[str], opts: Options, out: Pat
     results = {"suites": suites, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                "options": asdict(opts), "checkpoints": entries}
     results["plots"] = draw(entries, out)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    remove_stale_figures(out, results["plots"])
+    write_atomic(out / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
     return results

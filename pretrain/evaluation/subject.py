@@ -51,6 +51,30 @@ class Subject:
 
         return Path(parse_source(sources[0])[0])
 
+    def checked_data_dir(self, override: str | None) -> Path:
+        """`data_dir`, refused when its tokens are not this model's: prepared with another tokenizer
+        than the run's own data (where that is readable), or holding ids the model does not embed."""
+        from data_pipeline.errors import DataInputError
+        from data_pipeline.manifest import read_manifest
+        from pretrain.hf import recorded_tokenizer
+
+        data = self.data_dir(override)
+        flag = f"--data {data}" if override else f"{self.checkpoint}: data.sources[0] {data}"
+        try:
+            tok = read_manifest(data).tokenizer
+        except DataInputError as e:  # names the file, field and fix
+            raise CliError(f"{flag}: {e}") from None
+        sources = self.run_config.get("data", {}).get("sources") or []
+        own = recorded_tokenizer(sources[0]) if override and sources else None
+        if own is not None and (own.kind, own.sha256) != (tok.kind, tok.sha256):
+            raise CliError(f"{flag}: prepared with another tokenizer ({tok.kind}, {tok.vocab_size} ids) than the run "
+                           f"of {self.checkpoint} ({own.kind}, {own.vocab_size} ids); pass data prepared with the "
+                           "run's tokenizer")
+        if tok.vocab_size > self.model.config.vocab_size:
+            raise CliError(f"{flag}: its tokenizer has {tok.vocab_size} ids but the model embeds "
+                           f"{self.model.config.vocab_size}; pass data prepared with the model's tokenizer")
+        return data
+
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory as given, or the newest verified checkpoint of a run directory."""

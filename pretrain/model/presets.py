@@ -116,6 +116,8 @@ def preset_pattern(arch: str, size: str, dims: ModelConfig, ratio: str | None = 
     """
     base = base_arch(arch)
     family = FAMILIES[base]
+    if placement and family.only:
+        raise ValueError(f"placement {placement!r}: --arch {arch} is a pure stack with nothing to place; drop it")
     if placement and placement not in family.placements:
         raise ValueError(f"placement {placement!r} does not fit --arch {arch}: "
                          f"use one of {', '.join(family.placements)}")

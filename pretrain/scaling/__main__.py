@@ -7,18 +7,21 @@
     python -m pretrain.scaling fit sweeps/s1
 
 `run` exits 0 when every point has finished, 75 when one was preempted (SIGTERM/SIGUSR1; run it
-again to resume), 1 when one failed. Bad input is one line on stderr and exit status 2.
+again to resume), 130 when interrupted (Ctrl-C), 1 when one failed. Bad input is one line on stderr and
+exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 PROG = "python -m pretrain.scaling"
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +68,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     for name in ("seq_len", "micro_batch_size", "ranks", "min_steps", "val_batches", "batch_tokens"):
         if getattr(args, name) < 1:
             raise PlanError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if any(b <= 0 for b in args.budgets):
-        raise PlanError(f"--budgets {args.budgets}: budgets are positive FLOP counts")
+    if not all(0 < b < math.inf for b in args.budgets):
+        raise PlanError(f"--budgets {' '.join(map(str, args.budgets))}: budgets are positive, finite FLOP counts")
+    if args.flops_per_gpu_s is not None and not 0 < args.flops_per_gpu_s < math.inf:
+        raise PlanError(f"--flops-per-gpu-s {args.flops_per_gpu_s}: an achieved FLOP/s per device is positive and "
+                        "finite, e.g. 4e14")
     spec = GridSpec(args.archs, args.sizes, args.budgets, args.data, args.seq_len, args.micro_batch_size,
                     args.ranks, args.batch_tokens, args.min_steps, args.val_batches, args.extra)
     points = make_plan(spec, args.out)
@@ -78,15 +84,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pretrain.scaling.plan import read_plan
+    from pretrain.scaling.plan import PlanError, read_plan
     from pretrain.scaling.run import render_jobs, run_local
 
+    if args.nproc_per_node < 1:
+        raise PlanError(f"--nproc-per-node {args.nproc_per_node}: must be >= 1")
     _, points = read_plan(args.plan)
     if args.render:
         script = render_jobs(points, args.render, args.plan.resolve(), args.launch_args)
         print(f"wrote {script}")
         return 0
-    outcome = run_local(points, args.nproc_per_node)
+    try:
+        outcome = run_local(points, args.nproc_per_node)
+    except KeyboardInterrupt:  # Ctrl-C reached the trainer too: its point resumes from its last checkpoint
+        print("interrupted; run again to continue from each point's last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     done = sum(v in ("skipped", "finished") for v in outcome.values())
     print(f"{done}/{len(points)} points finished")
     if "preempted" in outcome.values():
@@ -95,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
+    from data_pipeline.files import make_dir, write_atomic
     from pretrain.scaling.fit import fit
     from pretrain.scaling.observations import observations
     from pretrain.scaling.plan import read_plan
@@ -103,11 +116,11 @@ def cmd_fit(args: argparse.Namespace) -> None:
     _, points = read_plan(args.plan)
     obs, missing = observations(points)
     out = args.out or args.plan
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     fits = fit(obs)
     files = {"isoflop": plot_isoflops(fits, out / "isoflop.png").name, "laws": plot_laws(fits, out / "laws.png").name}
-    (out / "fit.json").write_text(json.dumps({"plan": str(args.plan), "missing": missing, "fits": fits,
-                                              "plots": files}, indent=1) + "\n")
+    write_atomic(out / "fit.json", json.dumps({"plan": str(args.plan), "missing": missing, "fits": fits,
+                                               "plots": files}, indent=1) + "\n")
     for arch, f in fits.items():
         for curve in f["isoflop"]:
             opt = curve["optimum"]

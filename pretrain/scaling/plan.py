@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_pipeline.files import make_dir, write_atomic
 from pretrain.scaling.rules import PAPER_BATCH_TOKENS, batch_tokens, peak_lr
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,42 @@ def parse_size(size: str) -> tuple[str, dict[str, str]]:
     return preset, overrides
 
 
+def budget_label(budget: float) -> str:
+    """The shortest scientific spelling that reads back as `budget` (1e+19 -> '1e19', 1.4e19 -> '1.4e19'),
+    so two budgets never share a point id."""
+    text = next(t for t in (f"{budget:.{d}e}" for d in range(17)) if float(t) == budget)
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def point_id(arch: str, size: str, budget: float) -> str:
-    return f"{arch}-{re.sub(r'[^A-Za-z0-9]+', '_', size).strip('_')}-{budget:.0e}".replace("+", "")
+    return f"{arch}-{re.sub(r'[^A-Za-z0-9]+', '_', size).strip('_')}-{budget_label(budget)}"
+
+
+# trainer settings each point's numbers come from: a --set of one would train another point than the
+# plan's (or never reach its planned step), so `plan` refuses it
+PLANNED = ("model.arch", "model.size", "data.sources", "run_dir", "data.seq_len", "train.micro_batch_size",
+           "train.global_batch_tokens", "train.steps", "optim.lr", "train.val_every", "train.val_batches",
+           "checkpoint.resume_from", "config", "dry_run")
+SHORTCUTS = {"arch": "model.arch", "size": "model.size", "data": "data.sources", "run-dir": "run_dir",
+             "resume-from": "checkpoint.resume_from", "dry-run": "dry_run"}
+
+
+def check_extra(extra: list[str]) -> None:
+    """Refuse --set flags of the settings the plan decides (PLANNED)."""
+    for flag in extra:
+        name = flag.lstrip("-").partition("=")[0]
+        key = SHORTCUTS.get(name, name)
+        if key in PLANNED:
+            raise PlanError(f"--set {flag}: {key} is set by the plan for each point; use the plan's own options "
+                            "(--archs, --sizes, --budgets, --data, --seq-len, --micro-batch-size, --batch-tokens, "
+                            "--val-batches) instead")
+
+
+def check_unique(name: str, values: list) -> None:
+    repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise PlanError(f"--{name}: {', '.join(repeated)} given more than once; list each once")
 
 
 def trainer_args(spec: GridSpec, arch: str, size: str, run_dir: Path, steps: int, batch: int, lr: float) -> list[str]:
@@ -106,11 +141,13 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
 
     if not (spec.archs and spec.sizes and spec.budgets):
         raise PlanError("plan: --archs, --sizes and --budgets each need at least one value")
+    for name, values in (("archs", spec.archs), ("sizes", spec.sizes), ("budgets", spec.budgets)):
+        check_unique(name, values)
+    check_extra(spec.extra)
     out = out.resolve()
-    (out / "points").mkdir(parents=True, exist_ok=True)
     spec.data = str(Path(spec.data).resolve())
     window = spec.micro_batch_size * spec.seq_len * spec.ranks
-    points, too_small = [], []
+    points, too_small, configs = [], [], {}
     for arch in spec.archs:
         for size in spec.sizes:
             params, fpt = model_numbers(spec, arch, size)
@@ -126,7 +163,9 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
                 lr = peak_lr(params["active_non_embedding"])
                 cfg, _ = parse_args(trainer_args(spec, arch, size, run_dir, steps, batch, lr))
                 config = out / "points" / f"{pid}.toml"
-                config.write_text(to_toml(cfg))
+                if config in configs:  # sizes whose names differ only in punctuation
+                    raise PlanError(f"--sizes: two sizes give the point id {pid}; name them apart")
+                configs[config] = to_toml(cfg)
                 points.append(Point(pid, arch, size, budget, params["active_non_embedding"], params["total"], fpt,
                                     steps, batch, steps * batch, steps * batch * fpt, lr, str(config), str(run_dir)))
     if not points:
@@ -134,17 +173,35 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
                         "--budgets, or lower --seq-len, --micro-batch-size or --ranks")
     for skipped in too_small:  # an isoFLOP grid's small-budget, large-model corners: left out, said so
         log.warning("plan: left out %s: the budget buys less than half a step", skipped)
-    (out / PLAN_FILE).write_text(json.dumps({"spec": asdict(spec), "points": [asdict(p) for p in points]},
-                                            indent=1) + "\n")
+    check_planned_alike(configs)
+    make_dir(out / "points")
+    for config, text in configs.items():
+        write_atomic(config, text)
+    write_atomic(out / PLAN_FILE, json.dumps({"spec": asdict(spec), "points": [asdict(p) for p in points]},
+                                             indent=1) + "\n")
     return points
+
+
+def check_planned_alike(configs: dict[Path, str]) -> None:
+    """A point already planned in this directory must be planned the same way: its run may have
+    trained, and `run` would resume it under the new settings and count it as the new point. Points
+    not planned before (a grid extended by a budget or a size) are welcome."""
+    for config, text in configs.items():
+        if config.is_file() and config.read_text() != text:
+            raise PlanError(f"--out {config.parent.parent}: point {config.stem} is already planned there with other "
+                            f"settings ({config}); plan into a new --out, or delete that one")
 
 
 def read_plan(plan_dir: Path) -> tuple[GridSpec, list[Point]]:
     path = plan_dir / PLAN_FILE
     if not path.is_file():
         raise PlanError(f"{plan_dir}: no {PLAN_FILE}; make one with `python -m pretrain.scaling plan --out {plan_dir}`")
-    data = json.loads(path.read_text())
-    return GridSpec(**data["spec"]), [Point(**p) for p in data["points"]]
+    try:
+        data = json.loads(path.read_text())
+        return GridSpec(**data["spec"]), [Point(**p) for p in data["points"]]
+    except (ValueError, TypeError, KeyError) as e:
+        raise PlanError(f"{path}: not a plan written by `plan` ({type(e).__name__}: {e}); make it again with "
+                        "`python -m pretrain.scaling plan`") from None
 
 
 def gpu_hours(points: list[Point], flops_per_gpu_s: float) -> float:

@@ -32,17 +32,25 @@ def plot_isoflops(fits: dict[str, Any], path: Path) -> Path:
 def plot_laws(fits: dict[str, Any], path: Path) -> Path:
     """N_opt(C) and D_opt(C): optima as points, the fitted power laws as lines."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
     for colour, (arch, f) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, fits.items()):
         best = [c for c in f["isoflop"] if c["optimum"] and c["optimum"]["inside_grid"]]
+        if not best:
+            continue
+        drawn = True
         budgets = np.array([c["budget"] for c in best])
         for ax, key, law in ((axes[0], "params", f["n_opt"]), (axes[1], "tokens", f["d_opt"])):
             ax.scatter(budgets, [c["optimum"][key] for c in best], color=colour)
-            if law and len(budgets):
+            if law:
                 cs = np.geomspace(budgets.min(), budgets.max(), 50)
                 ax.plot(cs, 10 ** law["log10_coefficient"] * cs ** law["exponent"], color=colour,
                         label=f"{arch}: C^{law['exponent']:.3f}")
     for ax, what in zip(axes, ("N_opt (parameters)", "D_opt (tokens)")):
-        ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=what)
+        ax.set(xlabel="compute C (FLOPs)", ylabel=what)
+        if drawn:  # a log axis needs positive data
+            ax.set(xscale="log", yscale="log")
+        else:
+            ax.text(0.5, 0.5, "no optimum inside the sizes tried", ha="center", va="center", transform=ax.transAxes)
         if ax.get_legend_handles_labels()[0]:  # no law without two budgets whose optimum is inside the grid
             ax.legend(fontsize=8)
     return save_figure(fig, path)

@@ -123,3 +123,80 @@ def test_unusable_out_and_data_fail_before_any_model_loads(runs, tmp_path, capsy
     assert main([*base, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err
     assert "--data" in err and "no such directory" in err and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--suite", "nll,inference", "--inference-totals", "2"], "--inference-totals 2: every total length must exceed"),
+    (["--suite", "nll,niah", "--niah-lengths", "0.1"], "is shorter than the needle and question"),
+])
+def test_a_suite_that_cannot_run_is_refused_before_any_runs(runs, tmp_path, capsys, args, says):
+    """Found at start, not after the suites before it ran (their results were lost)."""
+    assert main(["--checkpoint", str(runs["inter_hybrid"]), "--out", str(tmp_path / "ev"), "--nll-batches", "1",
+                 *args]) == 2
+    out, err = capsys.readouterr()
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert "nll ..." not in out and not (tmp_path / "ev" / "results.json").exists()
+
+
+def _bpe_corpus(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world " * 20, "def f(x): return x"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|bos|>", "<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    texts = [tmp_path / f"text{i}.txt" for i in range(8)]  # one document each, hash-split train / val
+    for i, text in enumerate(texts):
+        text.write_text(f"def f{i}(x):\n    return x\n" * 50)
+    prepare(PrepareConfig(inputs=[str(t) for t in texts], tokenizer=str(tmp_path / "tokenizer.json"),
+                          out=tmp_path / "bpe", val_fraction=0.3, workers=1, input_format="text", progress=False))
+    return tmp_path / "bpe"
+
+
+def test_data_of_another_tokenizer_is_refused(corpus, tmp_path):
+    """Evaluating on tokens the model was not trained on: an 8K-vocabulary model on byte data gave a
+    plausible but meaningless NLL, a byte model on 8K data an IndexError mid-suite."""
+    from types import SimpleNamespace
+
+    from pretrain.evaluation.subject import Subject
+    from pretrain.hf import CliError
+
+    bpe = _bpe_corpus(tmp_path)
+
+    def subject(vocab: int, sources: list[str]) -> Subject:
+        return Subject(tmp_path / "ckpt", SimpleNamespace(config=SimpleNamespace(vocab_size=vocab)),
+                       {"data": {"sources": sources}})
+
+    assert subject(258, [str(corpus)]).checked_data_dir(None) == corpus
+    assert subject(258, [str(corpus)]).checked_data_dir(str(corpus)) == corpus
+    with pytest.raises(CliError, match=r"--data .*bpe: prepared with another tokenizer \(hf, \d+ ids\) than the run "
+                                       r"of .*ckpt \(byte, 258 ids\)"):
+        subject(258, [str(corpus)]).checked_data_dir(str(bpe))
+    with pytest.raises(CliError, match=r"--data .*bpe: its tokenizer has \d+ ids but the model embeds 258"):
+        subject(258, []).checked_data_dir(str(bpe))  # a weights-only checkpoint: no run data to compare with
+    with pytest.raises(CliError, match=r"data.sources\[0\] .*bpe: its tokenizer has \d+ ids but the model embeds 258"):
+        subject(258, [str(bpe)]).checked_data_dir(None)
+
+
+def test_evaluating_again_into_one_out_leaves_no_stale_figure(runs, tmp_path):
+    out = tmp_path / "ev"
+    base = ["--checkpoint", str(runs["inter_hybrid"]), "--out", str(out), "--nll-batches", "1"]
+    assert main([*base, "--suite", "nll"]) == 0 and (out / "nll.png").is_file()
+    (out / "notes.png").write_text("mine")  # not a figure results.json listed: left alone
+    assert main([*base, "--suite", "positions", "--positions-docs", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["suites"] == ["positions"] and not (out / "nll.png").exists()
+    assert (out / "positions.png").is_file() and (out / "notes.png").read_text() == "mine"
+
+
+@pytest.mark.parametrize("text", ["[]", '{"plan": "x", "fits": {}}'])
+def test_compare_of_a_json_that_is_no_results_file_is_one_line(tmp_path, capsys, text):
+    (tmp_path / "results.json").write_text(text)
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "not the results.json of an evaluation" in err and len(err.strip().splitlines()) == 1

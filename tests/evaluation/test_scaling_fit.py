@@ -83,3 +83,23 @@ def test_fit_command_recovers_the_optimum_along_the_plans_flops(tmp_path, corpus
     assert law["exponent"] == pytest.approx(np.polyfit(np.log10(budgets), np.log10(truths), 1)[0], abs=0.02)
     for name in result["plots"].values():
         assert_nonempty_png(tmp_path / name)
+
+
+def test_fit_without_an_optimum_inside_the_grid_still_writes_its_results(tmp_path, corpus, capsys):
+    """Two sizes per budget: no parabola, no law; fit.json and both figures are written all the same
+    (the laws figure used to fail on its empty log axes)."""
+    assert main(["plan", "--archs", "llama", "--sizes", "tiny:d_model=32,d_ffn=96", "tiny:d_model=64,d_ffn=192",
+                 "--budgets", "3e12", "6e12", "--data", str(corpus), "--out", str(tmp_path), "--seq-len", "64",
+                 "--micro-batch-size", "1", "--batch-tokens", "64", "--min-steps", "1"]) == 0
+    for p in read_plan(tmp_path)[1]:
+        (tmp_path / "runs" / p.id).mkdir(parents=True)
+        (tmp_path / "runs" / p.id / "summary.json").write_text(json.dumps(
+            {"status": "finished", "step": p.steps, "last_val_nll": 3.0 + 1e3 / p.params}))
+    capsys.readouterr()
+    assert main(["fit", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "fit.json").read_text())
+    assert result["fits"]["llama"]["n_opt"] is None
+    assert all(c["optimum"] is None for c in result["fits"]["llama"]["isoflop"])
+    assert "no optimum (2 sizes; a parabola needs 3)" in capsys.readouterr().out
+    for name in result["plots"].values():
+        assert_nonempty_png(tmp_path / name)

@@ -82,6 +82,18 @@ def test_render_slurm_jobs_for_unfinished_points(plan):
     (["plan", "--archs", "gpt", "--sizes", "tiny", "--budgets", "1e11"], "unknown --arch 'gpt'"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "-1"], "budgets are positive"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e3"], "every budget is too small for one step"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "inf"], "budgets are positive, finite"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "tiny", "--budgets", "1e11"], "--sizes: tiny given more than once"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "1e11"], "--budgets: 1e+11 given more"),
+    (["plan", "--archs", "llama", "llama", "--sizes", "tiny", "--budgets", "1e11"], "--archs: llama given more"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--train.steps=5"],
+     "--set --train.steps=5: train.steps is set by the plan"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--size=1b"],
+     "model.size is set by the plan"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--run-dir=/x"], "run_dir is set"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--flops-per-gpu-s", "-5"],
+     "--flops-per-gpu-s -5.0: an achieved FLOP/s per device is positive"),
+    (["run", "NOPLAN", "--nproc-per-node", "0"], "--nproc-per-node 0: must be >= 1"),
     (["fit", "NOPLAN"], "no plan.json"),
     (["run", "NOPLAN", "--", "--nodes", "1"], "launch.render options"),
 ])
@@ -98,3 +110,59 @@ def test_a_corner_too_small_for_one_step_is_left_out_and_said(tmp_path, corpus, 
                  "--out", str(tmp_path / "p")]) == 0
     _, points = read_plan(tmp_path / "p")
     assert [p.budget for p in points] == [1e13] and "left out llama tiny at 1e+03" in caplog.text
+
+
+def test_budgets_that_round_alike_get_points_of_their_own(tmp_path, corpus):
+    """1e11 and 1.4e11 were both 'llama-tiny-1e11' (one run dir, one config for two points)."""
+    assert main(["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "1.4e11", "--data", str(corpus),
+                 "--out", str(tmp_path / "p"), "--seq-len", "64", "--batch-tokens", "1024", "--min-steps", "1"]) == 0
+    _, points = read_plan(tmp_path / "p")
+    assert [p.id for p in points] == ["llama-tiny-1e11", "llama-tiny-1.4e11"]
+    assert len({p.run_dir for p in points}) == len({p.config for p in points}) == 2
+    assert points[0].steps < points[1].steps
+
+
+def test_replanning_a_planned_point_differently_is_refused(tmp_path, corpus, capsys):
+    """A point's run may have trained: `run` would resume it under the new settings and count it as
+    the new point. The same plan again, or one that adds points, is fine."""
+    base = ["plan", "--archs", "llama", "--sizes", "tiny", "--data", str(corpus), "--out", str(tmp_path / "p"),
+            "--seq-len", "64", "--min-steps", "1"]
+    assert main([*base, "--budgets", "1e11", "--batch-tokens", "1024"]) == 0
+    before = (tmp_path / "p" / "points" / "llama-tiny-1e11.toml").read_text()
+    assert main([*base, "--budgets", "1e11", "--batch-tokens", "1024"]) == 0  # the same again
+    assert main([*base, "--budgets", "1e11", "2e11", "--batch-tokens", "1024"]) == 0  # extended
+    assert [p.id for p in read_plan(tmp_path / "p")[1]] == ["llama-tiny-1e11", "llama-tiny-2e11"]
+    capsys.readouterr()
+    assert main([*base, "--budgets", "1e11", "--batch-tokens", "512"]) == 2
+    err = capsys.readouterr().err
+    assert "point llama-tiny-1e11 is already planned there with other settings" in err and err.count("\n") == 1
+    assert (tmp_path / "p" / "points" / "llama-tiny-1e11.toml").read_text() == before  # nothing written
+    assert len(read_plan(tmp_path / "p")[1]) == 2
+
+
+@pytest.mark.parametrize("text", ['{"spec": {}, "points": []}', "[1]", '{"spec": '])
+def test_a_damaged_plan_file_is_one_line(tmp_path, capsys, text):
+    (tmp_path / "plan.json").write_text(text)
+    assert main(["run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'plan.json'}: not a plan written by `plan`" in err and err.count("\n") == 1
+
+
+def test_plan_out_that_is_a_file_is_one_line(tmp_path, corpus, capsys):
+    (tmp_path / "taken").write_text("x")
+    assert main(["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--data", str(corpus),
+                 "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "--out: cannot create the directory" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_during_run_exits_130_without_a_traceback(plan, monkeypatch, capsys):
+    import pretrain.scaling.run as run
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_local", interrupted)
+    assert main(["run", str(plan[0])]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted; run again") and "Traceback" not in err

@@ -126,6 +126,8 @@ def test_depth_is_counted_from_the_overridden_sizes():
                                              r"use one of scatter, cluster, sandwich$"),
     ("llama", dict(ratio="1:3"), r"ratio '1:3' does not fit --arch llama: it takes 'N:0'"),
     ("mamba2_moe", dict(ratio="1:5"), r"ratio '1:5' does not fit --arch mamba2_moe: it takes '0:N'"),
+    ("llama", dict(placement="front"), r"placement 'front': --arch llama is a pure stack with nothing to place"),
+    ("mamba2_moe", dict(placement="middle"), r"--arch mamba2_moe is a pure stack"),
     ("inter_hybrid", dict(ratio="1:3", pattern="MAMA"), r"pattern 'MAMA' is explicit; drop ratio/placement"),
 ])
 def test_bad_ratio_or_placement_is_one_line(arch, kwargs, message):
