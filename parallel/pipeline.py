@@ -31,6 +31,10 @@ SCHEDULES: dict[str, tuple[str, str]] = {
 }
 
 
+# schedules that run each stage's backward in two halves (input gradients, then weight gradients)
+SPLIT_BACKWARD = tuple(name for name, (_, layout) in SCHEDULES.items() if layout == "v")
+
+
 def available_schedules() -> list[str]:
     """The schedules this torch provides (DualPipeV appeared after ZBV)."""
     return [name for name, (cls, _) in SCHEDULES.items() if hasattr(pipelining, cls)]

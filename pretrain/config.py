@@ -284,18 +284,33 @@ def validate(cfg: JobConfig) -> None:
         bad("train.fp8", f"= {cfg.train.fp8!r} must be one of none, tensorwise, rowwise")
     for src in cfg.data.sources:
         parse_source(src)
-    if cfg.parallel.dp_replicate < 1 or (cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1):
-        bad("parallel.dp_shard", "must be >= 1 (or -1 for all remaining ranks) and dp_replicate >= 1")
+    if cfg.parallel.dp_replicate < 1:
+        bad("parallel.dp_replicate", f"= {cfg.parallel.dp_replicate} must be >= 1; fix the value")
+    if cfg.parallel.dp_shard < 1 and cfg.parallel.dp_shard != -1:
+        bad("parallel.dp_shard", f"= {cfg.parallel.dp_shard} must be >= 1 (or -1 for all remaining ranks)")
     for key in ("tp", "cp", "ep", "pp"):
         if getattr(cfg.parallel, key) < 1:
             bad(f"parallel.{key}", f"= {getattr(cfg.parallel, key)} must be >= 1; fix the value")
-    from parallel.pipeline import SCHEDULES
+    from parallel.pipeline import SCHEDULES, SPLIT_BACKWARD
 
     if cfg.parallel.pp_schedule not in SCHEDULES:
         bad("parallel.pp_schedule", f"= {cfg.parallel.pp_schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
     if cfg.parallel.pp_microbatches < 0:
         bad("parallel.pp_microbatches", f"= {cfg.parallel.pp_microbatches} must be >= 1 (0: parallel.pp)")
-    tp, cp = cfg.parallel.tp, cfg.parallel.cp
+    p, t = cfg.parallel, cfg.train
+    split_backward = p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD
+    if t.activation_checkpointing and t.ac_mode == "selective":
+        # each fails in its first backward: CP's attention bias subclass cannot be recomputed, the
+        # expert exchange's recorded ops are not replayed, and a split backward runs the region twice
+        for layout, used in (("parallel.cp > 1", p.cp > 1), ("parallel.ep > 1", p.ep > 1),
+                             (f"parallel.pp_schedule={p.pp_schedule} (a split backward)", split_backward)):
+            if used:
+                bad("train.ac_mode", f"= selective does not run with {layout}; use train.ac_mode=full")
+    if t.compile and split_backward:
+        bad("train.compile", f"= true does not run with parallel.pp_schedule={p.pp_schedule} (its split backward "
+                             "needs the graph kept, which compiled blocks' donated buffers do not allow); use "
+                             "parallel.pp_schedule=1f1b or interleaved_1f1b, or train.compile=false")
+    tp, cp = p.tp, p.cp
     split = tp * (2 * cp if cp > 1 else 1)  # CP: 2 chunks per rank (load balance), then TP's sequence shards
     if cfg.data.seq_len % split:
         bad("data.seq_len", f"= {cfg.data.seq_len} must be a multiple of {split} (parallel.tp={tp} sequence shards"

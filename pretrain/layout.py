@@ -244,9 +244,10 @@ def pipeline_lines(cfg: JobConfig, dims: ParallelDims, stages: tuple[tuple[int, 
 def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum: int) -> str:
     """What every representative rank of a `world_size`-rank launch of `cfg` holds and sends."""
     from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
-    from pretrain.trainer import build_model_from_config, parallel_dims, pipeline_plan
+    from pretrain.trainer import build_model_from_config, parallel_dims, pipeline_plan, wrap_options
 
     dims = parallel_dims(cfg, world_size)
+    wrap = wrap_options(cfg, torch.bfloat16)  # the run's options, as the trainer applies them on the GPU
     experts = f" (experts: ep {dims.ep} x efsdp {dims.dp_shard * dims.cp // dims.ep} of dp_shard x cp)"
     lines = [f"layout               {world_size} ranks = " + " x ".join(f"{d} {s}" for d, s in zip(MESH_DIMS, dims.sizes()))
              + (experts if dims.ep > 1 else "")]
@@ -265,7 +266,7 @@ def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum:
                 pp_rank = mesh.world["pp"].get_local_rank()
                 ids = local_stage_ids(cfg.parallel.pp_schedule, pp_rank, dims.pp, per_rank)
                 model, _ = parallelize_hybrid(pipeline_model(model.config, stages, ids), mesh, stages=stages,
-                                              stage_ids=ids, param_dtype=torch.bfloat16)
+                                              stage_ids=ids, **wrap)
                 m = cfg.parallel.pp_microbatches or dims.pp
                 # 1F1B-like warm-up: stage s holds min(m, pp - s) pipeline microbatches (each 1/m of one)
                 in_flight = min(m, (dims.pp - pp_rank) * per_rank) / m
@@ -273,7 +274,7 @@ def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum:
                 lines.append(f"rank {rank} ({coordinate(mesh)}): stages {ids}, blocks "
                              f"{', '.join(f'{stages[i][0]}-{stages[i][1] - 1}' for i in ids)}")
             else:
-                parallelize_hybrid(model, mesh, param_dtype=torch.bfloat16)
+                parallelize_hybrid(model, mesh, **wrap)
                 lines.append(f"rank {rank} ({coordinate(mesh)})")
             lines += rank_memory(model, cfg, dims, in_flight).lines()
             if rank == ranks[0]:

@@ -87,7 +87,9 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
         raise ConfigError(f"command line: --rank {bad[0]} is not a rank of world size {world}; use 0..{world - 1}")
     if world > 1:  # the layout of a multi-rank launch: --world-size, or torchrun's / a WORLD_SIZE= prefix
         try:
-            print(layout_report(cfg, world, ranks or sorted({0, world - 1}), accum))
+            # by default the first and last rank, and the first of each pipeline stage (stages hold other blocks)
+            default = sorted({0, world - 1, *(stage * world // dims.pp for stage in range(dims.pp))})
+            print(layout_report(cfg, world, ranks or default, accum))
         except ConfigError:  # names its key already
             raise
         except ValueError as e:  # a model dimension the layout cannot split
@@ -135,8 +137,9 @@ def exit_code(e: BaseException, cfg: JobConfig, info: DistInfo | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_args(argv)
-        if args.world_size is not None and not args.dry_run:
-            raise ConfigError("command line: --world-size only goes with --dry-run; add --dry-run")
+        for flag, value in (("--world-size", args.world_size), ("--rank", args.rank)):
+            if value is not None and not args.dry_run:
+                raise ConfigError(f"command line: {flag} only goes with --dry-run; add --dry-run")
         if args.dry_run:
             return dry_run(cfg, args.world_size, args.rank)
     except ConfigError as e:

@@ -16,7 +16,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from parallel.context_parallel import shard_index
-from parallel.distributed import (DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, broadcast_object,
-                                  init_distributed)
+from parallel.distributed import (DistInfo, all_gather_objects, all_reduce_scalar, all_reduce_sum_, barrier,
+                                  broadcast_object, init_distributed)
 from parallel.float8 import float8_unavailable, precompute_float8_scales
 from parallel.grad_norm import clip_coefficient, clip_grad_norm_, grad_norm
 from parallel.init import init_sharded
@@ -160,6 +160,30 @@ def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[i
         raise ConfigError(f"config: {e}") from None
 
 
+def wrap_options(cfg: JobConfig, param_dtype: torch.dtype) -> dict[str, Any]:
+    """`parallelize_hybrid`'s keywords from the config: the trainer's and the dry run's are one."""
+    return dict(param_dtype=param_dtype, activation_checkpointing=cfg.train.activation_checkpointing,
+                compile=cfg.train.compile, fp8=cfg.train.fp8, ac_mode=cfg.train.ac_mode)
+
+
+@contextlib.contextmanager
+def agreed_config_errors() -> Iterator[None]:
+    """Set-up that may refuse the layout on some ranks only (a pipeline stage whose blocks do not
+    split over TP): every rank learns the first refusal and stops with it (exit 2, one line), instead
+    of the others dying on a closed connection. A ValueError from the model's parts (a dimension the
+    layout cannot split) names the field and the fix. Collective."""
+    problem: str | None = None
+    try:
+        yield
+    except ConfigError as e:
+        problem = str(e)
+    except ValueError as e:
+        problem = f"config: {e}"
+    first = next((p for p in all_gather_objects(problem) if p), None)
+    if first:
+        raise ConfigError(first)
+
+
 def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
     """What `decide()` returns on rank 0, given to every rank; a ConfigError it raises is raised
     on every rank. Ranks must never decide about shared files on their own: on a shared
@@ -260,13 +284,15 @@ def batch_fixes(cfg: JobConfig, dp_size: int) -> str:
     accumulation steps), a global batch that is a multiple of one micro-step, or none at all."""
     t, seq = cfg.train, cfg.data.seq_len
     per_micro = t.micro_batch_size * seq * dp_size
+    # a pipeline splits each micro-batch into its microbatches: only their multiples are fixes
+    split = (cfg.parallel.pp_microbatches or cfg.parallel.pp) if cfg.parallel.pp > 1 else 1
 
     def accumulation(micro_batch: int, tokens: int) -> str:
         n = tokens // (micro_batch * seq * dp_size)
         return f"{n} accumulation step{'s' * (n > 1)}"
 
     micro = [f"{m} ({accumulation(m, t.global_batch_tokens)})" for m in range(t.micro_batch_size - 1, 0, -1)
-             if t.global_batch_tokens % (m * seq * dp_size) == 0]
+             if t.global_batch_tokens % (m * seq * dp_size) == 0 and m % split == 0]
     up = -(-t.global_batch_tokens // per_micro) * per_micro
     fixes = ([f"lower train.micro_batch_size to {' or '.join(micro[:3])}"] if micro else []) + [
         f"set train.global_batch_tokens to a multiple of {per_micro} (e.g. {up}: "
@@ -379,17 +405,12 @@ class Trainer:
         template = copy.deepcopy(self.model)  # unsharded, unwrapped: init_sharded's full modules
         self.model_config = self.model.config
         self.pipeline: Pipeline | None = None
-        wrap = dict(param_dtype=self.compute_dtype, activation_checkpointing=cfg.train.activation_checkpointing,
-                    compile=cfg.train.compile, fp8=cfg.train.fp8, ac_mode=cfg.train.ac_mode)
-        try:
+        wrap = wrap_options(cfg, self.compute_dtype)
+        with agreed_config_errors():
             if self.dims.pp > 1:
                 self.model, self.pipeline = self._build_pipeline(wrap)
             else:
                 parallelize_hybrid(self.model, self.mesh, **wrap)
-        except ConfigError:  # names its key already
-            raise
-        except ValueError as e:  # a model dimension the layout cannot split: names the field and the fix
-            raise ConfigError(f"config: {e}") from None
         init_sharded(self.model, template, self.device)
         self.moe_layers = list(self.model.moe_layers())
         # one process computing in bf16: persistent bf16 working copies (FSDP casts when it gathers)

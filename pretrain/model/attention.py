@@ -51,8 +51,8 @@ class Attention(nn.Module):
     def shard_for_tp(self, tp: int, group=None) -> dict[str, Placement]:
         """Heads split over the TP ranks: Q/K/V column-parallel, the output row-parallel."""
         if self.n_kv_heads % tp:
-            raise ValueError(f"parallel.tp={tp} must divide the attention's n_kv_heads={self.n_kv_heads} "
-                             "(each rank keeps whole K/V heads); choose a tp that divides it")
+            raise ValueError(f"parallel.tp={tp} must divide the attention's K/V heads (model.overrides.n_kv_heads="
+                             f"{self.n_kv_heads}; each rank keeps whole heads); choose a tp that divides it")
         plan: dict[str, Placement] = {f"{p}_proj.weight": Shard(0) for p in "qkv"}
         if self.o_proj is not None:
             plan["o_proj.weight"] = Shard(1)

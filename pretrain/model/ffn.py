@@ -25,7 +25,8 @@ class SwiGLU(nn.Module):
     def shard_for_tp(self, tp: int, group=None) -> dict[str, Placement]:
         """Hidden units split over the TP ranks: w1/w3 column-parallel, w2 row-parallel."""
         if self.w1.weight.shape[0] % tp:
-            raise ValueError(f"parallel.tp={tp} must divide the FFN width {self.w1.weight.shape[0]}")
+            raise ValueError(f"parallel.tp={tp} must divide the FFN width {self.w1.weight.shape[0]} (model.overrides."
+                             "d_ffn, or moe.d_expert for MoE experts); choose a tp that divides it")
         return {"w1.weight": Shard(0), "w3.weight": Shard(0), "w2.weight": Shard(1)}
 
     def forward(self, x: Tensor, gate_up: Tensor | None = None) -> Tensor:

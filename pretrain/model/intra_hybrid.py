@@ -128,6 +128,10 @@ class IntraHybrid(nn.Module):
         """Both branches by their own heads (per-head GroupNorm stays local; a branch RMSNorm
         all-reduces its sum of squares); output projections row-parallel."""
         ic = self.cfg
+        if ic.kv_heads % tp:
+            raise ValueError(f"parallel.tp={tp} must divide the intra-hybrid attention's K/V heads "
+                             f"(model.overrides.intra.kv_heads={ic.kv_heads}; each rank keeps whole heads); choose a "
+                             "tp that divides it")
         if ic.out_proj == "unified" and ic.fusion == "concat":
             raise ValueError("parallel.tp > 1 does not support intra.fusion='concat' with intra.out_proj='unified' "
                              "(the concatenated heads do not match the projection's column shards); use "

@@ -110,8 +110,8 @@ class MoE(nn.Module):
         replicated weights' gradients and the expert loads are partial per rank and summed over
         `group`."""
         if self.cfg.aux_loss_coef > 0:
-            raise ValueError("parallel.tp > 1 needs moe.aux_loss_coef = 0 (the balance loss would be computed per "
-                             "TP rank); use the aux-loss-free bias balancing")
+            raise ValueError("parallel.tp > 1 needs model.overrides.moe.aux_loss_coef=0 (the balance loss would be "
+                             "computed per TP rank); use the aux-loss-free bias balancing")
         self.tp_group = self.router.tp_group = self.experts.tp_group = group
         plan: dict[str, Placement] = {}
         for i, shared in enumerate(self.shared):

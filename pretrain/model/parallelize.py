@@ -151,6 +151,10 @@ def apply_context_parallel(model: HybridLM, cp_mesh: DeviceMesh, tp: int) -> Non
             module.cp_group = group
         elif isinstance(module, Mamba2):
             module.enable_cp(group, tp)
+        elif isinstance(module, MoE) and module.cfg.aux_loss_coef > 0:
+            raise ValueError(f"parallel.cp={cp_mesh.size()} needs model.overrides.moe.aux_loss_coef=0 (each CP rank "
+                             "would compute the balance loss over its share of the sequence, not the whole); use "
+                             "the aux-loss-free bias balancing")
 
 
 def pipeline_model(cfg: ModelConfig, stages: Sequence[tuple[int, int]], stage_ids: Sequence[int]) -> HybridLM:

@@ -23,9 +23,9 @@ def test_mamba2_bc_replicated_for_one_group_sharded_for_two():
 
 
 @pytest.mark.parametrize("arch,symbol,overrides,field", [
-    ("llama", "A", {"n_kv_heads": 1, "n_heads": 4}, "n_kv_heads=1"),
+    ("llama", "A", {"n_kv_heads": 1, "n_heads": 4}, "model.overrides.n_kv_heads=1"),
     ("mamba2", "M", {"n_groups": 2}, "n_groups=2"),
-    ("intra_hybrid", "H", {}, "n_kv_heads=1"),
+    ("intra_hybrid", "H", {}, "model.overrides.intra.kv_heads=1"),
     ("intra_hybrid", "H", {"intra": {"kv_heads": 2, "fusion": "concat", "out_proj": "unified"}}, "intra.fusion"),
 ])
 def test_unsplittable_sizes_are_refused_in_one_line(arch, symbol, overrides, field):
@@ -33,3 +33,9 @@ def test_unsplittable_sizes_are_refused_in_one_line(arch, symbol, overrides, fie
     with pytest.raises(ValueError, match=field) as e:
         mixer(arch, symbol, **overrides).shard_for_tp(tp, dist.group.WORLD)
     assert "\n" not in str(e.value) and "parallel.tp" in str(e.value)
+
+
+def test_an_ffn_width_tp_cannot_split_names_the_key():
+    model = build_model("llama", "tiny", device="meta", d_ffn=201)
+    with pytest.raises(ValueError, match=r"parallel.tp=2 must divide the FFN width 201 \(model.overrides.d_ffn"):
+        next(iter(model.blocks.values())).ffn.shard_for_tp(2, dist.group.WORLD)

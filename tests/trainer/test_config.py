@@ -55,6 +55,15 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     (["--train.steps=1.5e0"], "train.steps"),
     (["--train.seed=18446744073709551616"], "train.seed"),
     (["--logging.peak_tflops=nan"], "logging.peak_tflops"),
+    (["--parallel.dp_replicate=0"], "parallel.dp_replicate = 0 must be >= 1"),
+    (["--train.activation_checkpointing=true", "--train.ac_mode=selective", "--parallel.cp=2"],
+     "train.ac_mode = selective does not run with parallel.cp > 1"),
+    (["--train.activation_checkpointing=true", "--train.ac_mode=selective", "--parallel.ep=2"],
+     "train.ac_mode = selective does not run with parallel.ep > 1"),
+    (["--train.activation_checkpointing=true", "--train.ac_mode=selective", "--parallel.pp=2",
+      "--parallel.pp_schedule=zbv"], "train.ac_mode = selective does not run with parallel.pp_schedule=zbv"),
+    (["--train.compile=true", "--parallel.pp=2", "--parallel.pp_schedule=dualpipev"],
+     "train.compile = true does not run with parallel.pp_schedule=dualpipev"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

@@ -108,6 +108,17 @@ def test_dry_run_checks_the_layout_of_a_large_launch(capsys, monkeypatch):
     assert "data.num_streams=64 is not divisible by the 128 data-parallel ranks" in capsys.readouterr().err
 
 
+def test_batch_fixes_under_a_pipeline_are_multiples_of_its_microbatches(capsys, monkeypatch):
+    """Micro-batch 3 or 1 would fill 96 tokens, but pp=2 splits each micro-batch in 2: not proposed."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["--dry-run", "--arch", "llama", "--size", "tiny", "--model.overrides.tie_embeddings=false",
+            "--data.seq_len=32", "--parallel.pp=2", "--train.micro_batch_size=4"]
+    assert main([*args, "--train.global_batch_tokens=96"]) == 2
+    err = capsys.readouterr().err
+    assert "lower train.micro_batch_size" not in err and "a multiple of 128" in err
+    assert main([*args, "--train.global_batch_tokens=256", "--train.micro_batch_size=2"]) == 0
+
+
 def test_bad_config_exits_2_naming_the_key(capsys):
     assert main(["--optim.lr=fast"]) == 2
     assert "optim.lr" in capsys.readouterr().err

@@ -43,3 +43,26 @@ def test_bad_layout_arguments_fail_in_one_line(argv, needle, capsys):
     assert main(["--config", str(config), "--dry-run", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err, err
+
+
+TINY = ["--arch", "hybrid_moe", "--size", "tiny", "--data.seq_len=32", "--model.overrides.tie_embeddings=false"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    # what parallelize_hybrid refuses for the run's own options, which the dry run now passes it
+    (["--arch", "llama", "--parallel.tp=2", "--train.fp8=tensorwise"], "train.fp8=tensorwise is not supported"),
+    (["--model.overrides.moe.aux_loss_coef=0.1", "--parallel.cp=2"], "needs model.overrides.moe.aux_loss_coef=0"),
+    # a middle pipeline stage (ranks 2-3 of 6) is checked too, not just the first and last rank
+    (["--world-size", "6", "--parallel.pp=3", "--parallel.tp=2", "--model.overrides.pattern=MM|MH|MM",
+      "--train.micro_batch_size=3"], "model.overrides.intra.kv_heads=1"),
+])
+def test_the_dry_run_refuses_what_the_run_would(argv, needle, capsys):
+    world = [] if "--world-size" in argv else ["--world-size", "2"]
+    assert main([*TINY, "--dry-run", *world, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err, err
+
+
+def test_rank_without_dry_run_is_refused(capsys):
+    assert main([*TINY, "--rank", "1"]) == 2
+    assert "--rank only goes with --dry-run" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """What every rank must agree on, with 2 gloo processes: the checkpoint to resume from (rank 0's
-choice, even when the ranks' views of the run directory differ) and the MoE expert bias (updated
-from the expert loads summed over the data-parallel ranks)."""
+choice, even when the ranks' views of the run directory differ), a layout one rank refuses (every
+rank stops with its message), and the MoE expert bias (updated from the expert loads summed over
+the data-parallel ranks)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 from parallel.distributed import destroy_distributed
 from pretrain.checkpoint import checkpoint_name
 from pretrain.config import ConfigError
-from pretrain.trainer import Trainer, choose_resume_checkpoint
+from pretrain.trainer import Trainer, agreed_config_errors, choose_resume_checkpoint
 from trainer_helpers import seal, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -47,6 +48,13 @@ def worker(rank: int, port: int, corpus: str, root: str) -> None:
             result["bad_resume_from"] = "accepted"
         except ConfigError as e:
             result["bad_resume_from"] = str(e)
+        try:  # a pipeline stage only rank 1 builds cannot be split
+            with agreed_config_errors():
+                if rank == 1:
+                    raise ValueError("parallel.tp=2 must divide the FFN width 201")
+            result["one_rank_refuses"] = "accepted"
+        except ConfigError as e:
+            result["one_rank_refuses"] = str(e)
         # 2 data-parallel ranks, 2 rows each, different rows: their local expert loads differ.
         result["expert_bias"] = train_expert_bias(root_dir / "run", Path(corpus))
     finally:
@@ -82,3 +90,8 @@ def test_moe_expert_bias_is_identical_on_every_data_parallel_rank(results):
     biases = [r["expert_bias"] for r in ranks]
     assert biases[0] and any(any(b != 0 for b in layer) for layer in biases[0])  # the bias was updated
     assert biases[0] == biases[1]
+
+
+def test_a_layout_one_rank_refuses_stops_every_rank_with_its_message(results):
+    ranks, _ = results
+    assert [r["one_rank_refuses"] for r in ranks] == ["config: parallel.tp=2 must divide the FFN width 201"] * WORLD
