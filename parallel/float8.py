@@ -17,8 +17,9 @@ FP8_RECIPES = ("none", "tensorwise", "rowwise")
 MIN_DIM = 512
 
 
-def float8_unavailable(recipe: str, device: torch.device) -> str | None:
-    """Why `train.fp8 = recipe` cannot run here (one line naming the field and the fix), or None."""
+def float8_unavailable(recipe: str, device: torch.device | None) -> str | None:
+    """Why `train.fp8 = recipe` cannot run here (one line naming the field and the fix), or None.
+    `device` None (a dry run, which models a GPU run) checks only that torchao is installed."""
     if recipe not in FP8_RECIPES:
         return f"train.fp8 = {recipe!r} must be one of {', '.join(FP8_RECIPES)}"
     if recipe == "none":
@@ -27,7 +28,7 @@ def float8_unavailable(recipe: str, device: torch.device) -> str | None:
         import torchao.float8  # noqa: F401
     except ImportError:
         return "train.fp8 needs torchao (pip install torchao, the [gpu] extra); or set train.fp8=none"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+    if device is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
         return f"train.fp8 = {recipe!r} needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); set train.fp8=none"
     return None
 

@@ -333,7 +333,7 @@ def parse_source(src: str) -> tuple[str, float]:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pretrain/main.py",
+        prog="pretrain/main.py", allow_abbrev=False,  # --run=X must not silently mean --run-dir=X
         description="Pretrain a hybrid Transformer/Mamba2(/MoE) LM. Any config key can be set as "
                     "--section.key=value, e.g. --optim.lr=3e-4 --train.steps=1000.")
     p.add_argument("--config", help="TOML file; CLI flags override it")
@@ -352,7 +352,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "tensors) and print each representative rank's parameter/gradient/optimizer bytes and the "
                         "collectives per step")
     p.add_argument("--rank", type=int, action="append", metavar="R",
-                   help="with a dry run of several ranks: a rank to report (repeatable; default: the first and last)")
+                   help="with a dry run of several ranks: a rank to report (repeatable; default: the first, the last "
+                        "and the first of each pipeline stage)")
     return p
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from parallel.distributed import DistInfo, destroy_distributed, init_distributed
+from parallel.float8 import float8_unavailable
 from parallel.mesh import ParallelDims
 from pretrain.config import ConfigError, JobConfig, parse_args, to_toml
 from pretrain.model.config import ModelConfig
@@ -28,8 +29,8 @@ from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
 from pretrain.summary import write_summary
 from pretrain.layout import activation_bytes, layout_report, loss_working_set_bytes
-from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, build_model_from_config,
-                              grad_accum_steps, parallel_dims, resolve_num_streams)
+from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, agreed_config_errors,
+                              build_model_from_config, grad_accum_steps, parallel_dims, resolve_num_streams)
 
 log = logging.getLogger("pretrain")
 EXIT_CONFIG = 2
@@ -86,14 +87,13 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     if bad:
         raise ConfigError(f"command line: --rank {bad[0]} is not a rank of world size {world}; use 0..{world - 1}")
     if world > 1:  # the layout of a multi-rank launch: --world-size, or torchrun's / a WORLD_SIZE= prefix
-        try:
-            # by default the first and last rank, and the first of each pipeline stage (stages hold other blocks)
-            default = sorted({0, world - 1, *(stage * world // dims.pp for stage in range(dims.pp))})
+        fp8_problem = float8_unavailable(cfg.train.fp8, None)  # the GPU itself is the dry run's assumption
+        if fp8_problem:
+            raise ConfigError(f"config: {fp8_problem}")
+        # by default the first and last rank, and the first of each pipeline stage (stages hold other blocks)
+        default = sorted({0, world - 1, *(stage * world // dims.pp for stage in range(dims.pp))})
+        with agreed_config_errors():  # one process: turns a dimension the layout cannot split into one line
             print(layout_report(cfg, world, ranks or default, accum))
-        except ConfigError:  # names its key already
-            raise
-        except ValueError as e:  # a model dimension the layout cannot split
-            raise ConfigError(f"config: {e}") from None
     return 0
 
 

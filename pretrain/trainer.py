@@ -171,17 +171,28 @@ def agreed_config_errors() -> Iterator[None]:
     """Set-up that may refuse the layout on some ranks only (a pipeline stage whose blocks do not
     split over TP): every rank learns the first refusal and stops with it (exit 2, one line), instead
     of the others dying on a closed connection. A ValueError from the model's parts (a dimension the
-    layout cannot split) names the field and the fix. Collective."""
+    layout cannot split) names the field and the fix. Any other failure is re-raised where it
+    happened, and the other ranks stop naming that rank, rather than wait for it. Works without a
+    process group. Collective."""
     problem: str | None = None
+    failure: BaseException | None = None
     try:
         yield
     except ConfigError as e:
         problem = str(e)
     except ValueError as e:
         problem = f"config: {e}"
-    first = next((p for p in all_gather_objects(problem) if p), None)
-    if first:
-        raise ConfigError(first)
+    except Exception as e:  # noqa: BLE001 - told to every rank, then re-raised here
+        failure, problem = e, f"crash: {type(e).__name__}: {e}"
+    problems = all_gather_objects(problem)
+    if failure is not None:
+        raise failure
+    rank, first = next(((r, p) for r, p in enumerate(problems) if p), (None, None))
+    if first is None:
+        return
+    if first.startswith("crash: "):
+        raise RuntimeError(f"rank {rank} failed while setting up the layout ({first.removeprefix('crash: ')})")
+    raise ConfigError(first)
 
 
 def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:

@@ -65,7 +65,7 @@ class Subject:
         except DataInputError as e:  # names the file, field and fix
             raise CliError(f"{flag}: {e}") from None
         sources = self.run_config.get("data", {}).get("sources") or []
-        own = recorded_tokenizer(sources[0]) if override and sources else None
+        own = recorded_tokenizer(str(self.data_dir(None))) if override and sources else None
         if own is not None and (own.kind, own.sha256) != (tok.kind, tok.sha256):
             raise CliError(f"{flag}: prepared with another tokenizer ({tok.kind}, {tok.vocab_size} ids) than the run "
                            f"of {self.checkpoint} ({own.kind}, {own.vocab_size} ids); pass data prepared with the "

@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     try:
         outcome = run_local(points, args.nproc_per_node)
-    except KeyboardInterrupt:  # Ctrl-C reached the trainer too: its point resumes from its last checkpoint
+    except KeyboardInterrupt:  # the trainer has ended (run_forwarding_signals waits for it)
         print("interrupted; run again to continue from each point's last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
     done = sum(v in ("skipped", "finished") for v in outcome.values())

@@ -103,7 +103,7 @@ def check_extra(extra: list[str]) -> None:
 
 
 def check_unique(name: str, values: list) -> None:
-    repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in values if values.count(v) > 1})
+    repeated = sorted({budget_label(v) if isinstance(v, float) else str(v) for v in values if values.count(v) > 1})
     if repeated:
         raise PlanError(f"--{name}: {', '.join(repeated)} given more than once; list each once")
 
@@ -174,6 +174,10 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
     for skipped in too_small:  # an isoFLOP grid's small-budget, large-model corners: left out, said so
         log.warning("plan: left out %s: the budget buys less than half a step", skipped)
     check_planned_alike(configs)
+    dropped = sorted({p.id for p in previous_points(out)} - {p.id for p in points})
+    if dropped:
+        log.warning("plan: %d point(s) of the plan already in %s are not in this grid and leave plan.json (their "
+                    "runs stay under runs/; list them again to keep them): %s", len(dropped), out, ", ".join(dropped))
     make_dir(out / "points")
     for config, text in configs.items():
         write_atomic(config, text)
@@ -190,6 +194,14 @@ def check_planned_alike(configs: dict[Path, str]) -> None:
         if config.is_file() and config.read_text() != text:
             raise PlanError(f"--out {config.parent.parent}: point {config.stem} is already planned there with other "
                             f"settings ({config}); plan into a new --out, or delete that one")
+
+
+def previous_points(out: Path) -> list[Point]:
+    """The points of a plan already in `out` (none when there is none, or it does not read)."""
+    try:
+        return read_plan(out)[1]
+    except PlanError:
+        return []
 
 
 def read_plan(plan_dir: Path) -> tuple[GridSpec, list[Point]]:

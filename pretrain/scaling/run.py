@@ -65,12 +65,18 @@ def run_local(points: list[Point], nproc: int = 1, log=print) -> dict[str, str]:
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str], out) -> int:
     """Run the trainer; SIGTERM / SIGUSR1 sent to this process reach it, so preempting a local sweep
-    checkpoints the current point (exit 75) as a cluster's preemption would."""
+    checkpoints the current point (exit 75) as a cluster's preemption would. On Ctrl-C the trainer
+    gets SIGTERM (if the interrupt did not already end it) and is waited for: no trainer outlives
+    `run`, so a second `run` never trains the same point beside it."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     forwarded = (signal.SIGTERM, signal.SIGUSR1)
     previous = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum)) for sig in forwarded}
     try:
         return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached this process, perhaps not the trainer: preempt it, wait for it
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

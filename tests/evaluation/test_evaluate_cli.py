@@ -177,6 +177,8 @@ def test_data_of_another_tokenizer_is_refused(corpus, tmp_path):
     with pytest.raises(CliError, match=r"--data .*bpe: prepared with another tokenizer \(hf, \d+ ids\) than the run "
                                        r"of .*ckpt \(byte, 258 ids\)"):
         subject(258, [str(corpus)]).checked_data_dir(str(bpe))
+    with pytest.raises(CliError, match=r"prepared with another tokenizer"):  # a weighted source of the run
+        subject(258, [f"{corpus}:0.5"]).checked_data_dir(str(bpe))
     with pytest.raises(CliError, match=r"--data .*bpe: its tokenizer has \d+ ids but the model embeds 258"):
         subject(258, []).checked_data_dir(str(bpe))  # a weights-only checkpoint: no run data to compare with
     with pytest.raises(CliError, match=r"data.sources\[0\] .*bpe: its tokenizer has \d+ ids but the model embeds 258"):

@@ -4,6 +4,12 @@ errors, and cluster jobs rendered through launch.render for the unfinished point
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
 
 import pytest
 
@@ -84,7 +90,7 @@ def test_render_slurm_jobs_for_unfinished_points(plan):
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e3"], "every budget is too small for one step"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "inf"], "budgets are positive, finite"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "tiny", "--budgets", "1e11"], "--sizes: tiny given more than once"),
-    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "1e11"], "--budgets: 1e+11 given more"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "1e11"], "--budgets: 1e11 given more"),
     (["plan", "--archs", "llama", "llama", "--sizes", "tiny", "--budgets", "1e11"], "--archs: llama given more"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--train.steps=5"],
      "--set --train.steps=5: train.steps is set by the plan"),
@@ -122,7 +128,7 @@ def test_budgets_that_round_alike_get_points_of_their_own(tmp_path, corpus):
     assert points[0].steps < points[1].steps
 
 
-def test_replanning_a_planned_point_differently_is_refused(tmp_path, corpus, capsys):
+def test_replanning_a_planned_point_differently_is_refused(tmp_path, corpus, capsys, caplog):
     """A point's run may have trained: `run` would resume it under the new settings and count it as
     the new point. The same plan again, or one that adds points, is fine."""
     base = ["plan", "--archs", "llama", "--sizes", "tiny", "--data", str(corpus), "--out", str(tmp_path / "p"),
@@ -138,6 +144,10 @@ def test_replanning_a_planned_point_differently_is_refused(tmp_path, corpus, cap
     assert "point llama-tiny-1e11 is already planned there with other settings" in err and err.count("\n") == 1
     assert (tmp_path / "p" / "points" / "llama-tiny-1e11.toml").read_text() == before  # nothing written
     assert len(read_plan(tmp_path / "p")[1]) == 2
+    with caplog.at_level(logging.WARNING):  # a grid without a point planned before: said, its files kept
+        assert main([*base, "--budgets", "2e11", "--batch-tokens", "1024"]) == 0
+    assert "are not in this grid and leave plan.json" in caplog.text and "llama-tiny-1e11" in caplog.text
+    assert (tmp_path / "p" / "points" / "llama-tiny-1e11.toml").read_text() == before
 
 
 @pytest.mark.parametrize("text", ['{"spec": {}, "points": []}', "[1]", '{"spec": '])
@@ -166,3 +176,24 @@ def test_ctrl_c_during_run_exits_130_without_a_traceback(plan, monkeypatch, caps
     assert main(["run", str(plan[0])]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted; run again") and "Traceback" not in err
+
+
+def test_ctrl_c_preempts_the_trainer_and_waits_for_it(tmp_path):
+    """An interrupt that reached `run` alone (kill -INT, a wrapper) must not leave the trainer
+    training beside the next `run`: it gets SIGTERM (it checkpoints) and `run` waits for it."""
+    from pretrain.scaling.run import run_forwarding_signals
+
+    up, stopped = tmp_path / "up", tmp_path / "stopped"
+    child = (f"import signal, sys, time\n"
+             f"def stop(*_):\n    open({str(stopped)!r}, 'w').close(); sys.exit(75)\n"
+             f"signal.signal(signal.SIGTERM, stop)\nopen({str(up)!r}, 'w').close()\ntime.sleep(60)\n")
+
+    def interrupt_once_up() -> None:
+        while not up.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_up, daemon=True).start()
+    with open(tmp_path / "out", "w") as out, pytest.raises(KeyboardInterrupt):
+        run_forwarding_signals([sys.executable, "-c", child], dict(os.environ), out)
+    assert stopped.exists()

@@ -55,6 +55,12 @@ def worker(rank: int, port: int, corpus: str, root: str) -> None:
             result["one_rank_refuses"] = "accepted"
         except ConfigError as e:
             result["one_rank_refuses"] = str(e)
+        try:  # any other failure: re-raised where it happened, named on the others (none waits for it)
+            with agreed_config_errors():
+                if rank == 1:
+                    raise RuntimeError("DTensor says no")
+        except RuntimeError as e:
+            result["one_rank_crashes"] = str(e)
         # 2 data-parallel ranks, 2 rows each, different rows: their local expert loads differ.
         result["expert_bias"] = train_expert_bias(root_dir / "run", Path(corpus))
     finally:
@@ -95,3 +101,5 @@ def test_moe_expert_bias_is_identical_on_every_data_parallel_rank(results):
 def test_a_layout_one_rank_refuses_stops_every_rank_with_its_message(results):
     ranks, _ = results
     assert [r["one_rank_refuses"] for r in ranks] == ["config: parallel.tp=2 must divide the FFN width 201"] * WORLD
+    assert [r["one_rank_crashes"] for r in ranks] == [
+        "rank 1 failed while setting up the layout (RuntimeError: DTensor says no)", "DTensor says no"]
