@@ -317,6 +317,19 @@ def validate(cfg: JobConfig) -> None:
                             f"{f' of 2 x parallel.cp={cp} chunks' if cp > 1 else ''}); fix one of them")
 
 
+def unused_settings(cfg: JobConfig) -> list[str]:
+    """Settings given a value that does nothing in this config (a warning each at start, so nobody
+    believes a pipeline schedule or selective checkpointing is on when it is not)."""
+    p, t, defaults = cfg.parallel, cfg.train, JobConfig()
+    unused = []
+    if p.pp == 1:
+        unused += [f"parallel.{key}={getattr(p, key)!r} does nothing with parallel.pp=1"
+                   for key in ("pp_schedule", "pp_microbatches") if getattr(p, key) != getattr(defaults.parallel, key)]
+    if not t.activation_checkpointing and t.ac_mode != defaults.train.ac_mode:
+        unused.append(f"train.ac_mode={t.ac_mode!r} does nothing without train.activation_checkpointing=true")
+    return unused
+
+
 def parse_source(src: str) -> tuple[str, float]:
     """'DIR' or 'DIR:WEIGHT' -> (DIR, weight)."""
     path, sep, weight = src.rpartition(":")

@@ -23,7 +23,7 @@ import torch
 from parallel.distributed import DistInfo, destroy_distributed, init_distributed
 from parallel.float8 import float8_unavailable
 from parallel.mesh import ParallelDims
-from pretrain.config import ConfigError, JobConfig, parse_args, to_toml
+from pretrain.config import ConfigError, JobConfig, parse_args, to_toml, unused_settings
 from pretrain.model.config import ModelConfig
 from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
@@ -68,6 +68,8 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     n_params = counts["total"]
     mem = estimate_memory_gib(n_params, cfg, mcfg, dims)
     print(to_toml(cfg))
+    for unused in unused_settings(cfg):
+        print(f"warning: {unused}", file=sys.stderr)
     print(f"pattern              {mcfg.pattern}")
     print(f"parameters           {n_params:,} (non-embedding {counts['non_embedding']:,}, "
           f"embedding {counts['embedding']:,}, active non-embedding {counts['active_non_embedding']:,})")

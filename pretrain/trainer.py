@@ -40,7 +40,7 @@ from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManag
                                  list_checkpoints, load_model_weights, model_config_json, origin_key, set_aside,
                                  verify_checkpoint, WeightsDoNotFit)
 from pretrain.checkpoint_integrity import is_damage
-from pretrain.config import ConfigError, JobConfig, parse_source, to_toml
+from pretrain.config import ConfigError, JobConfig, parse_source, to_toml, unused_settings
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
@@ -812,6 +812,8 @@ class Trainer:
                      "%.3g FLOPs/token", cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"),
                      self.device, self.dp_size, self.dims.tp, self.dims.cp, self.dims.ep, self.dims.pp, self.grad_accum,
                      self.tokens_per_step, self.flops_per_token)
+            for unused in unused_settings(cfg):
+                log.warning("%s", unused)
         status, error = "finished", None
         try:
             if not resumed and cfg.train.val_every > 0:

@@ -209,3 +209,14 @@ def test_cuda_device_without_cuda_exits_2_before_anything_starts(corpus, tmp_pat
     out = run_to_end(tiny_args(tmp_path / "run", corpus, 2, "--train.device=cuda"), expect_rc=2)
     assert "train.device = 'cuda' but no CUDA device is available" in out and "Traceback" not in out
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_that_do_nothing_are_named():
+    from pretrain.config import unused_settings
+
+    cfg, _ = parse_args(["--parallel.pp_schedule=zbv", "--train.ac_mode=selective"])
+    assert unused_settings(cfg) == ["parallel.pp_schedule='zbv' does nothing with parallel.pp=1",
+                                    "train.ac_mode='selective' does nothing without train.activation_checkpointing=true"]
+    cfg, _ = parse_args(["--parallel.pp=2", "--parallel.pp_schedule=zbv", "--train.activation_checkpointing=true",
+                         "--train.ac_mode=full"])
+    assert unused_settings(cfg) == [] and unused_settings(JobConfig()) == []
