@@ -104,15 +104,26 @@ def detect_format(path: Path) -> str:
                          "use .jsonl[.gz|.zst], .parquet, .txt, Megatron .bin/.idx, or --format")
 
 
-def resolve_inputs(patterns: list[str], input_format: str = "auto") -> list[InputFile]:
-    """Expand globs/dirs into a sorted, de-duplicated list; every pattern must match something."""
+def resolve_inputs(patterns: list[str], input_format: str = "auto", exclude: Path | None = None) -> list[InputFile]:
+    """Expand globs/dirs into a sorted, de-duplicated list (one file spelled two ways counts once);
+    every pattern must match something. Files under `exclude` (the output directory, when it lies
+    inside an input directory) are left out."""
     found: dict[Path, InputFile] = {}
+    seen: set[Path] = set()  # resolved paths: ./a.jsonl and /abs/a.jsonl are one input
+    skip = exclude.resolve() if exclude is not None else None
     for pattern in patterns:
+        if not pattern.strip():
+            raise DataInputError(repr(pattern), "--input", "an empty path (it would read the current directory)",
+                                 "pass a file, directory or glob")
         matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
         paths = [f for p in matched for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])]
         if not paths or not all(p.exists() for p in paths):
             raise DataInputError(pattern, "--input", "matches no file", "check the path or glob")
         for p in paths:
+            real = p.resolve()
+            if real in seen or (skip is not None and real.is_relative_to(skip)):
+                continue
+            seen.add(real)
             fmt = detect_format(p) if input_format == "auto" else input_format
             key = megatron_prefix(p) if fmt == "megatron" else p
             found[key] = InputFile(key, fmt)

@@ -11,12 +11,16 @@ the number of documents read before the cut. `--strict` makes any skip a one-lin
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -36,6 +40,7 @@ from data_pipeline.tokenizer import TOKENIZER_FILE, JsonTokenizer, Tokenizer, lo
 
 log = logging.getLogger(__name__)
 JOBS_DIR = ".jobs"
+LOCK_FILE = ".lock"
 SETTINGS_FILE = "prepare_settings.json"
 ENCODE_BATCH = 256
 
@@ -238,11 +243,46 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                         ("--workers", cfg.workers)):
         if value < 1:
             raise DataInputError(value, name, "not positive", "pass a positive integer")
-    inputs = resolve_inputs(cfg.inputs, cfg.input_format)
+    out = Path(cfg.out)
+    if not str(cfg.out).strip() or out == Path("."):
+        raise DataInputError(repr(str(cfg.out)), "--out", "the current directory (an empty or '.' path)",
+                             "pass a directory of its own for the shards and manifest")
+    inputs = resolve_inputs(cfg.inputs, cfg.input_format, exclude=out)
     start_problems = _probe_all(inputs, cfg)
     tok = load_tokenizer(cfg.tokenizer)
-    out = Path(cfg.out)
     make_dir(out)
+    with exclusive(out):
+        return _prepare_into(out, cfg, inputs, start_problems, tok)
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold OUT/.lock while preparing: a second prepare into the same directory stops at start
+    instead of writing the same shard files (two writers corrupt them)."""
+    with open(out / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataInputError(out, "--out", "another prepare is writing into this directory",
+                                 "wait for it to finish (or stop it), then run again to resume") from None
+        yield
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux a worker is killed when the prepare that started it dies (even by
+    kill -9), rather than going on writing into --out beside the next run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers end when their queue closes
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+def _prepare_into(out: Path, cfg: PrepareConfig, inputs: list[InputFile],
+                  start_problems: dict[InputFile, FileProblem], tok: Tokenizer) -> Manifest:
     (out / JOBS_DIR).mkdir(exist_ok=True)
     settings = {"inputs": [[str(i.path), i.format, i.size] for i in inputs], "tokenizer": asdict(tok.identity),
                 "text_field": cfg.text_field, "shard_tokens": cfg.shard_tokens, "val_fraction": cfg.val_fraction,
@@ -264,7 +304,8 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                 records[job.index] = run_job(job, cfg, tok)
                 bar.update(sum(i.size for i in job.inputs))
         else:
-            with ProcessPoolExecutor(min(cfg.workers, len(pending)), mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(min(cfg.workers, len(pending)), mp_context=get_context("spawn"),
+                                     initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(run_job, j, cfg, tok): j for j in pending}
                 try:
                     for fut in as_completed(futures):
@@ -283,6 +324,11 @@ def prepare(cfg: PrepareConfig) -> Manifest:
         shards += [ShardInfo(**s) for s in records[index]["shards"]]
     skipped_files = _skipped_files(start_problems, records)
     if not any(s.split == "train" and s.num_docs for s in shards):
+        val_docs = sum(s.num_docs for s in shards if s.split == "val")
+        if val_docs:
+            raise DataInputError(cfg.val_fraction, "--val-fraction", f"every one of the {val_docs} usable documents "
+                                 "went to the validation split: the training split is empty",
+                                 "lower --val-fraction, or add documents")
         raise DataInputError(cfg.inputs, "--input", f"no usable documents (skipped: {dict(skipped)})",
                              "check --text-field, --format and the files' contents")
     manifest = Manifest(tokenizer=tok.identity, dtype=dtype_for_vocab(tok.vocab_size), val_fraction=cfg.val_fraction,

@@ -10,14 +10,16 @@ PersistentVolumeClaim holding data and run directory (every rank writes its chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
 from launch.spec import REQUEUE_EXIT_CODE, LaunchSpec, node_script
-from launch.validate import (ABS_PATH, K8S_IMAGE, K8S_JOB_NAME, K8S_NAMESPACE, K8S_PVC, check_under)
+from launch.validate import (ABS_PATH, K8S_IMAGE, K8S_JOB_NAME, K8S_NAMESPACE, K8S_PVC, LaunchError, check_under)
 
 CONTAINER = "trainer"
+SHM_MOUNT = "/dev/shm"  # a memory volume: dataloader workers and NCCL need more than the default 64 MiB
 EXIT_MARGIN_S = 30  # after torchrun's wait of --grace-s, time for the pod's shell to report its exit code
 
 
@@ -40,6 +42,9 @@ def _check(spec: LaunchSpec, opts: K8sOptions) -> None:
     ABS_PATH.check("--run-mount", opts.run_mount)
     ABS_PATH.check("--run-dir", spec.run_dir)
     check_under("--run-dir", spec.run_dir, "--run-mount", opts.run_mount)
+    if PurePosixPath(opts.run_mount).is_relative_to(SHM_MOUNT):
+        raise LaunchError(f"--run-mount {opts.run_mount!r}: the pod's shared-memory volume is mounted at {SHM_MOUNT}; "
+                          "mount the claim elsewhere (default /runs)")
     if spec.workdir is not None:
         ABS_PATH.check("--workdir", spec.workdir)
 
@@ -59,7 +64,7 @@ def _container(spec: LaunchSpec, opts: K8sOptions) -> dict[str, Any]:
         "args": list(spec.train_args),
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
-        "volumeMounts": [{"name": "run", "mountPath": opts.run_mount}, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [{"name": "run", "mountPath": opts.run_mount}, {"name": "dshm", "mountPath": SHM_MOUNT}],
     }
     if spec.workdir is not None:
         container["workingDir"] = spec.workdir

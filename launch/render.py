@@ -12,6 +12,7 @@ on any number of nodes. Every value is checked against what the scheduler accept
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -28,7 +29,13 @@ class _OneLineParser(argparse.ArgumentParser):
     """Errors in one line (argparse prints the usage first)."""
 
     def error(self, message: str) -> NoReturn:
-        raise SystemExit(f"{self.prog}: {message}")
+        usage_error(f"{self.prog}: {message}")
+
+
+def usage_error(message: str) -> NoReturn:
+    """One line on stderr and exit status 2, as every command of the project does for bad input."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the trainers get to checkpoint after a preemption signal")
     p.add_argument("--partition", default="", help="slurm partition(s) (omitted when empty)")
     p.add_argument("--time", default="24:00:00", help="slurm time limit per allocation")
-    p.add_argument("--signal-lead-s", type=at_least_0, default=300, help="slurm: USR1 this long before the limit")
+    p.add_argument("--signal-lead-s", type=int_in_range(0, 65535), default=300,  # sbatch --signal's range
+                   help="slurm: USR1 this long before the limit")
     p.add_argument("--image", default="hybrid-pretrain:latest", help="k8s container image")
     p.add_argument("--namespace", default="default")
     p.add_argument("--pvc", default="runs", help="k8s ReadWriteMany claim holding data and run directory")
@@ -99,9 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = render(args, train_args)
     except LaunchError as e:
-        raise SystemExit(f"{PROG}: {e}") from None
+        usage_error(f"{PROG}: {e}")
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        try:  # whole or not at all: a half-written job script must never be submitted
+            tmp.write_text(text)
+            os.replace(tmp, out)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            usage_error(f"{PROG}: --out {args.out}: cannot write it ({e.strerror or e}); pass a writable file path")
     else:
         sys.stdout.write(text)
     return 0

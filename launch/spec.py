@@ -40,6 +40,11 @@ class LaunchSpec:
             raise LaunchError(f"--procs-per-node {self.nproc_per_node}: one trainer per GPU, so it must equal "
                               f"--gpus-per-node {self.gpus_per_node}; leave it out")
         NO_CONTROL.check("--python", self.python)
+        for value in (self.run_dir, self.python, self.workdir or "", *self.train_args):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the terminal could not decode (Python keeps them as surrogates)
+                raise LaunchError(f"{value!r}: not valid UTF-8 text; retype it") from None
 
     def environment(self) -> dict[str, str]:
         """The variables launch/scripts/ read, besides the scheduler's own."""

@@ -41,7 +41,7 @@ SLURM_JOB_NAME = _rule(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", "a Slurm job name is lett
 SLURM_PARTITION = _rule(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*",
                         "Slurm partitions are names of letters, digits and _ . -, separated by commas", 256)
 # sbatch --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or no limit.
-SLURM_TIME = _rule(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE",
+SLURM_TIME = _rule(r"[0-9]+(:[0-9]{1,2}){0,2}|[0-9]+-[0-9]{1,2}(:[0-9]{1,2}){0,2}|UNLIMITED|INFINITE",
                    "a Slurm time limit is MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS, "
                    "DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS", 32)
 # Kubernetes object names (apimachinery validation): namespaces are DNS-1123 labels, a Service
@@ -70,7 +70,11 @@ NO_CONTROL = _rule(r"[^\x00-\x1f\x7f]+", "a non-empty value without control char
 
 
 def check_under(option: str, path: str, mount_option: str, mount: str) -> None:
-    """Kubernetes only sees the run directory through the volume mounted at `mount`."""
+    """Kubernetes only sees the run directory through the volume mounted at `mount` (compared as
+    written: a '..' could lead out of the volume, so it is refused)."""
+    for opt, value in ((option, path), (mount_option, mount)):
+        if ".." in PurePosixPath(value).parts:
+            raise LaunchError(f"{opt} {value!r}: a path with '..' could leave the shared volume; write it without")
     if not PurePosixPath(path).is_relative_to(mount):
         raise LaunchError(f"{option} {path!r} must lie under {mount_option} {mount!r} (the shared volume); "
                           "fix one of them")
@@ -78,7 +82,7 @@ def check_under(option: str, path: str, mount_option: str, mount: str) -> None:
 
 def slurm_time_seconds(limit: str) -> float:
     """Seconds in a Slurm time limit already accepted by SLURM_TIME (inf for no limit)."""
-    if limit in ("UNLIMITED", "INFINITE"):
+    if limit in ("UNLIMITED", "INFINITE") or not any(c not in "0:-" for c in limit):  # 0: no limit to Slurm
         return float("inf")
     days, _, rest = limit.rpartition("-")
     parts = [int(p) for p in rest.split(":")]

@@ -200,3 +200,75 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"error: {src}: --text-field 'body': absent from line 1 (keys: ['text', 'id']); "
         "fix: pass --text-field with one of those keys"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--input"])
+def test_an_empty_path_is_refused_not_the_current_directory(tmp_path, monkeypatch, flag):
+    """`--out ""` wrote shards into the current directory, `--input ""` read it recursively."""
+    good = write_jsonl(tmp_path / "good.jsonl", DOCS)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataInputError, match=f"{flag}: an empty|{flag}: the current directory"):
+        prepare(_cfg([good] if flag == "--out" else [""], "" if flag == "--out" else tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.jsonl"]
+
+
+def test_an_out_inside_the_input_directory_resumes_and_one_file_counts_once(tmp_path, monkeypatch):
+    """A rerun read the first run's shards and job records as inputs; a file given twice (two
+    spellings) was prepared twice."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", DOCS)
+    first = prepare(_cfg([data], data / "prepared"))
+    again = prepare(_cfg([data], data / "prepared"))  # resumes: same inputs, same manifest
+    assert again.digest == first.digest and again.inputs == [str(data / "a.jsonl")]
+    monkeypatch.chdir(data)
+    twice = prepare(_cfg(["a.jsonl", data / "a.jsonl"], tmp_path / "twice"))
+    assert len(read_all_docs(tmp_path / "twice")) == len(DOCS)
+
+
+def test_a_second_prepare_into_one_out_is_refused_while_the_first_runs(tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / prepare_mod.LOCK_FILE, "w") as held:  # what a running prepare holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataInputError, match="--out: another prepare is writing into this directory"):
+            prepare(_cfg([write_jsonl(tmp_path / "a.jsonl", DOCS)], out))
+    prepare(_cfg([tmp_path / "a.jsonl"], out))  # released: runs
+
+
+def test_every_document_in_validation_names_val_fraction(tmp_path):
+    with pytest.raises(DataInputError, match=r"--val-fraction: every one of the \d+ usable documents went to the "
+                                             r"validation split"):
+        prepare(_cfg([write_jsonl(tmp_path / "a.jsonl", DOCS[:3])], tmp_path / "out", val_fraction=0.999999))
+
+
+def test_workers_die_with_the_prepare_that_started_them(tmp_path):
+    """kill -9 of a multi-worker prepare left its workers writing into --out beside the next run."""
+    import os
+    import signal
+    import time
+
+    up = tmp_path / "up"
+    worker = (f"import sys, time; from data_pipeline.prepare import _die_with_parent; "
+              f"_die_with_parent(int(sys.argv[1])); open({str(up)!r}, 'w').write(str(__import__('os').getpid())); "
+              f"time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())]); time.sleep(60)"],
+                              cwd=prepare_mod.Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 60
+    while not (up.exists() and up.read_text()):
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    child = int(up.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the worker outlived its parent")

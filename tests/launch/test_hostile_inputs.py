@@ -104,7 +104,7 @@ def check_k8s_inert(text: str, tmp_path: Path, option: str | None, value: str) -
 
 @pytest.mark.parametrize("target, option, value, refused", HOSTILE,
                          ids=[f"{t}{o or ' train-arg'}-{i}" for i, (t, o, _, _) in enumerate(HOSTILE)])
-def test_hostile_value_is_refused_or_inert(tmp_path, target, option, value, refused):
+def test_hostile_value_is_refused_or_inert(tmp_path, capsys, target, option, value, refused):
     marker = tmp_path / "INJECTED"
     value = value.replace("{M}", str(marker)).replace("{T}", str(tmp_path))
     run_dir = str(tmp_path / "run")
@@ -112,7 +112,8 @@ def test_hostile_value_is_refused_or_inert(tmp_path, target, option, value, refu
     if refused:
         with pytest.raises(SystemExit) as e:
             main([argv[0], "--out", str(tmp_path / "out"), *argv[1:]])
-        assert "\n" not in str(e.value.code) and option in str(e.value.code), e.value.code
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and option in err, err
         return
     text = render(tmp_path, argv)
     if target == "slurm":

@@ -88,12 +88,18 @@ def test_requeue_code_is_the_trainers_preemption_exit_code():
     (["k8s", "--nodes", "1", "--run-dir", "/runs/r", "--workdir", "repo"], "--workdir"),
     (["k8s", "--nodes", "100", "--job-name", "j" * 61, "--run-dir", "/runs/r"], "--job-name"),
     (["k8s", "--nodes", "1", "--master-port", "70000", "--run-dir", "/runs/r"], "--master-port"),
+    (["k8s", "--nodes", "1", "--run-dir", "/runs/../etc/x"], "--run-dir '/runs/../etc/x': a path with '..'"),
+    (["k8s", "--nodes", "1", "--run-dir", "/dev/shm/r", "--run-mount", "/dev/shm"], "--run-mount '/dev/shm'"),
+    (["slurm", "--nodes", "1", "--time", "\u0662\u0664:00:00", "--run-dir", "/r"], "--time"),
+    (["slurm", "--nodes", "1", "--time", "3-00:00:00", "--signal-lead-s", "70000", "--run-dir", "/r"],
+     "--signal-lead-s"),
+    (["slurm", "--nodes", "1", "--run-dir", "/r", "--", "--data", "\udcff"], "not valid UTF-8"),
 ])
-def test_bad_arguments_are_refused_with_one_line(tmp_path, argv, names):
+def test_bad_arguments_are_refused_with_one_line(tmp_path, capsys, argv, names):
     with pytest.raises(SystemExit) as e:
         main([argv[0], "--out", str(tmp_path / "x"), *argv[1:]])
-    message = str(e.value.code)
-    assert "\n" not in message and names in message, message
+    message = capsys.readouterr().err
+    assert e.value.code == 2 and message.count("\n") == 1 and names in message, message
     assert not (tmp_path / "x").exists()
 
 
@@ -128,3 +134,17 @@ def test_k8s_pod_exit_code_follows_the_run_summary(tmp_path, status, torchrun_rc
     text = render(tmp_path, ["k8s", "--nodes", "1", "--run-dir", "/runs/r1", "--", "--arch", "llama"])
     ran = run_pod_stubbed(manifests(text)[1], tmp_path, torchrun_rc, status, run_dir=str(tmp_path / "run"))
     assert ran.returncode == expect_rc, ran.output
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, capsys):
+    for out in (tmp_path / "missing" / "job.sbatch", tmp_path):
+        with pytest.raises(SystemExit) as e:
+            main(["slurm", "--nodes", "1", "--run-dir", "/r", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--out {out}: cannot write it" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no temp file left
+
+
+def test_time_zero_is_no_limit_to_slurm(tmp_path):
+    main(["slurm", "--nodes", "1", "--time", "0", "--run-dir", "/r", "--out", str(tmp_path / "job")])
+    assert "#SBATCH --time=0" in (tmp_path / "job").read_text()
