@@ -246,7 +246,8 @@ def probe_input(inp: InputFile, text_field: str) -> FileProblem | None:
 
 
 def _probe_jsonl(path: Path, text_field: str) -> FileProblem | None:
-    """Check the field on the first JSON record (bad lines before it are left to the per-line policy)."""
+    """Check the field on the first JSON object (bad lines before it, and JSON that is no object, are
+    left to the per-line policy)."""
     bad = 0
     try:
         for lineno, line, _ in _iter_lines(path):
@@ -255,14 +256,15 @@ def _probe_jsonl(path: Path, text_field: str) -> FileProblem | None:
             try:
                 record = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
+            if not isinstance(record, dict):
                 bad += 1
                 if bad == PROBE_LINES:
-                    return FileProblem("damaged_files", f"none of the first {PROBE_LINES} lines is JSON")
+                    return FileProblem("damaged_files", f"none of the first {PROBE_LINES} lines is a JSON object")
                 continue
-            if not isinstance(record, dict) or text_field not in record:
-                keys = list(record) if isinstance(record, dict) else type(record).__name__
-                raise DataInputError(path, f"--text-field {text_field!r}", f"absent from line {lineno} (keys: {keys})",
-                                     "pass --text-field with one of those keys")
+            if text_field not in record:
+                raise DataInputError(path, f"--text-field {text_field!r}", f"absent from line {lineno} (keys: "
+                                     f"{list(record)})", "pass --text-field with one of those keys")
             return None
     except FileProblem as problem:
         return problem

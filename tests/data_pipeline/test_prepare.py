@@ -272,3 +272,11 @@ def test_workers_die_with_the_prepare_that_started_them(tmp_path):
         time.sleep(0.05)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the worker outlived its parent")
+
+
+def test_a_first_line_that_is_json_but_no_object_is_skipped_like_any_bad_record(tmp_path):
+    """`123` on line 1 used to reject the whole file as lacking --text-field."""
+    src = tmp_path / "a.jsonl"
+    src.write_text("123\n" + "".join(json.dumps({"text": t}) + "\n" for t in ("good one", "good two")))
+    m = prepare(_cfg([src], tmp_path / "out"))
+    assert _texts(tmp_path / "out") == ["good one", "good two"] and m.skipped == {"missing_field": 1}
