@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.files import write_atomic
-from pretrain.evaluation.runner import RESULTS_FILE, draw
+from pretrain.evaluation.runner import RESULTS_FILE, draw, remove_stale_figures
 from pretrain.hf import CliError
 
+COMPARE_FILE = "compare.json"
 COLUMNS = ("label", "pattern", "params (non-emb)", "train FLOPs", "val NLL", "bits/byte", "NLL <= train len",
            "NLL > train len", "NIAH acc", "cache MiB", "decode tok/s", "median-step tok/s", "few-shot avg")
 
@@ -74,8 +75,10 @@ def compare(paths: list[Path], out: Path) -> str:
     table = markdown_table(entries)
     notes = ("cache MiB: per sequence at the longest decoded length, as measured (dtype of the run); "
              "decode tok/s: batch tokens/s up to that length; median-step tok/s: from the median decode step there.\n")
+    plots = draw(entries, out)
+    remove_stale_figures(out / COMPARE_FILE, plots)
     write_atomic(out / "compare.md", table + "\n" + notes)
-    write_atomic(out / "compare.json", json.dumps({"inputs": [str(p) for p in paths], "columns": COLUMNS,
-                                                  "rows": [row(e) for e in entries], "checkpoints": entries,
-                                                  "plots": draw(entries, out)}, indent=1) + "\n")
+    write_atomic(out / COMPARE_FILE, json.dumps({"inputs": [str(p) for p in paths], "columns": COLUMNS,
+                                                "rows": [row(e) for e in entries], "checkpoints": entries,
+                                                "plots": plots}, indent=1) + "\n")
     return table

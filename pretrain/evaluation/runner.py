@@ -128,11 +128,12 @@ def draw(entries: list[dict[str, Any]], out: Path) -> dict[str, str]:
     return {name: path.name for name, path in files.items()}
 
 
-def remove_stale_figures(out: Path, plots: dict[str, str]) -> None:
-    """Figures an earlier evaluation into `out` drew and this one does not (they would no longer
-    match results.json): the ones the old results.json lists."""
+def remove_stale_figures(record: Path, plots: dict[str, str]) -> None:
+    """Figures an earlier run into `record`'s directory drew and this one does not (they would no
+    longer match the record, results.json or compare.json): the ones the old record lists."""
+    out = record.parent
     try:
-        before = json.loads((out / RESULTS_FILE).read_text()).get("plots", {})
+        before = json.loads(record.read_text()).get("plots", {})
     except (OSError, ValueError, AttributeError):
         return
     for name in set(before.values()) - set(plots.values()):
@@ -157,6 +158,6 @@ def evaluate(subjects: list[Subject], suites: list[str], opts: Options, out: Pat
     results = {"suites": suites, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                "options": asdict(opts), "checkpoints": entries}
     results["plots"] = draw(entries, out)
-    remove_stale_figures(out, results["plots"])
+    remove_stale_figures(out / RESULTS_FILE, results["plots"])
     write_atomic(out / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
     return results

@@ -202,3 +202,14 @@ def test_compare_of_a_json_that_is_no_results_file_is_one_line(tmp_path, capsys,
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
     err = capsys.readouterr().err
     assert "not the results.json of an evaluation" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compare_again_into_one_out_leaves_no_stale_figure(tmp_path):
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "results.json").write_text(json.dumps({"checkpoints": [{"label": "a", "checkpoint": "/x/a"}]}))
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    (cmp / "compare.json").write_text(json.dumps({"plots": {"nll": "nll.png"}}))  # an earlier comparison's
+    (cmp / "nll.png").write_bytes(b"old")
+    assert main(["compare", str(tmp_path / "ev"), "--out", str(cmp)]) == 0
+    assert not (cmp / "nll.png").exists() and json.loads((cmp / "compare.json").read_text())["plots"] == {}
