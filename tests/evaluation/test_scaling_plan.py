@@ -193,7 +193,11 @@ def test_ctrl_c_preempts_the_trainer_and_waits_for_it(tmp_path):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt_once_up, daemon=True).start()
-    with open(tmp_path / "out", "w") as out, pytest.raises(KeyboardInterrupt):
-        run_forwarding_signals([sys.executable, "-c", child], dict(os.environ), out)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest-xdist workers ignore SIGINT
+    try:
+        threading.Thread(target=interrupt_once_up, daemon=True).start()
+        with open(tmp_path / "out", "w") as out, pytest.raises(KeyboardInterrupt):
+            run_forwarding_signals([sys.executable, "-c", child], dict(os.environ), out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.exists()
