@@ -12,11 +12,11 @@ on any number of nodes. Every value is checked against what the scheduler accept
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
+from data_pipeline.files import write_atomic
 from launch.k8s import K8sOptions, render_k8s
 from launch.slurm import SlurmOptions, render_slurm
 from launch.spec import LaunchSpec
@@ -109,13 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:
         usage_error(f"{PROG}: {e}")
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         try:  # whole or not at all: a half-written job script must never be submitted
-            tmp.write_text(text)
-            os.replace(tmp, out)
+            write_atomic(Path(args.out), text)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             usage_error(f"{PROG}: --out {args.out}: cannot write it ({e.strerror or e}); pass a writable file path")
     else:
         sys.stdout.write(text)

@@ -174,25 +174,25 @@ def agreed_config_errors() -> Iterator[None]:
     layout cannot split) names the field and the fix. Any other failure is re-raised where it
     happened, and the other ranks stop naming that rank, rather than wait for it. Works without a
     process group. Collective."""
-    problem: str | None = None
+    problem: tuple[str, str] | None = None  # (kind, message): "config" stops every rank in one line
     failure: BaseException | None = None
     try:
         yield
     except ConfigError as e:
-        problem = str(e)
+        problem = ("config", str(e))
     except ValueError as e:
-        problem = f"config: {e}"
+        problem = ("config", f"config: {e}")
     except Exception as e:  # noqa: BLE001 - told to every rank, then re-raised here
-        failure, problem = e, f"crash: {type(e).__name__}: {e}"
+        failure, problem = e, ("crash", f"{type(e).__name__}: {e}")
     problems = all_gather_objects(problem)
     if failure is not None:
         raise failure
-    rank, first = next(((r, p) for r, p in enumerate(problems) if p), (None, None))
-    if first is None:
-        return
-    if first.startswith("crash: "):
-        raise RuntimeError(f"rank {rank} failed while setting up the layout ({first.removeprefix('crash: ')})")
-    raise ConfigError(first)
+    for rank, found in enumerate(problems):
+        if found is not None:
+            kind, message = found
+            if kind == "crash":
+                raise RuntimeError(f"rank {rank} failed while setting up the layout ({message})")
+            raise ConfigError(message)
 
 
 def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
