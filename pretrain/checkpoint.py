@@ -95,20 +95,19 @@ def find_latest_complete(ckpt_dir: Path, passed_over: list[tuple[Path, str]] | N
     `passed_over` with the reason; None when there are none. Collective when distributed: rank 0
     lists the candidates (ranks may see a shared directory differently)."""
     candidates = broadcast_object([str(p) for p in reversed(list_checkpoints(ckpt_dir))])
-    reasons = []
+    passed = passed_over if passed_over is not None else []
     for candidate in candidates:
         path = Path(candidate)
         reason = verify_checkpoint(path)
         if reason is None:
             return path
         log.warning("skipping checkpoint %s: %s; trying the previous one", path, reason)
-        reasons.append(f"{path.name}: {reason}")
-        if passed_over is not None:
-            passed_over.append((path, reason))
+        passed.append((path, reason))
     if candidates:
+        newest, reason = passed[-len(candidates)]
         raise NoIntactCheckpoint(
-            f"{ckpt_dir}: none of its {len(candidates)} checkpoints verifies (newest: {reasons[0]}); resume from "
-            "an intact one with --resume-from, or move the directory aside to start fresh")
+            f"{ckpt_dir}: none of its {len(candidates)} checkpoints verifies (newest: {newest.name}: {reason}); "
+            "resume from an intact one with --resume-from, or move the directory aside to start fresh")
     return None
 
 

@@ -249,7 +249,7 @@ def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str,
             log.warning("continuing from %s, the newest checkpoint of the run resumed from %s (a requeued command); to "
                         "rewind to %s again, move the newer checkpoints out of %s first", newest, requested,
                         requested, ckpt_dir)
-        else:
+        elif newest is None or origin_key(newest) != origin_key(requested):  # the newest was verified above
             reason = verify_checkpoint(requested)
             if reason is not None:
                 if not requested.is_dir():

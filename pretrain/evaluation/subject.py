@@ -113,8 +113,10 @@ def load_subject(path: Path, device: torch.device, seq_len: int | None = None) -
 
 def run_name(checkpoint: Path) -> str:
     """The run a step_* checkpoint belongs to; else the directory's own name (an imported one)."""
+    from pretrain.checkpoint import checkpoint_step
+
     checkpoint = checkpoint.resolve()
-    return checkpoint.parent.parent.name if checkpoint.name.startswith("step_") else checkpoint.name
+    return checkpoint.parent.parent.name if checkpoint_step(checkpoint) is not None else checkpoint.name
 
 
 def label_subjects(subjects: list[Subject]) -> None:

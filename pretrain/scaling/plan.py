@@ -153,12 +153,12 @@ def make_plan(spec: GridSpec, out: Path) -> list[Point]:
             params, fpt = model_numbers(spec, arch, size)
             for budget in sorted(spec.budgets):
                 batch = batch_tokens(budget / fpt, spec.max_batch_tokens, window, spec.min_steps)
-                steps = max(1, round(budget / fpt / batch))
                 pid = point_id(arch, size, budget)
-                if steps * batch * fpt > 2 * budget:  # one step of one window already costs more: no point
+                if budget / fpt / batch < 0.5:  # less than half a step of the smallest batch: no point
                     too_small.append(f"{arch} {size} at {budget:.3g} (one step of {batch:,} tokens: "
                                      f"{batch * fpt:.3g} FLOPs)")
                     continue
+                steps = max(1, round(budget / fpt / batch))
                 run_dir = out / "runs" / pid
                 lr = peak_lr(params["active_non_embedding"])
                 cfg, _ = parse_args(trainer_args(spec, arch, size, run_dir, steps, batch, lr))
