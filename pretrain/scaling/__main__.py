@@ -75,10 +75,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
                         "finite, e.g. 4e14")
     spec = GridSpec(args.archs, args.sizes, args.budgets, args.data, args.seq_len, args.micro_batch_size,
                     args.ranks, args.batch_tokens, args.min_steps, args.val_batches, args.extra)
-    points = make_plan(spec, args.out)
     rate, source = args.flops_per_gpu_s, "--flops-per-gpu-s"
-    if args.throughput:
+    if args.throughput:  # before anything is written: a bad --throughput leaves no plan behind
         rate, source = measured_flops_per_gpu_s(args.throughput)
+    points = make_plan(spec, args.out)
     print(describe(points, rate, source))
     print(f"wrote {args.out / 'plan.json'} and {len(points)} configs under {args.out / 'points'}")
 

@@ -25,7 +25,8 @@ def plot_isoflops(fits: dict[str, Any], path: Path) -> Path:
                            edgecolor="black", zorder=5)
     ax.set(xscale="log", xlabel="parameters (active, non-embedding)", ylabel="final validation NLL",
            title="isoFLOP curves (stars: fitted optima)")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # an empty plan draws no points
+        ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path)
 
 

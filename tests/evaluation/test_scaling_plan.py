@@ -201,3 +201,9 @@ def test_ctrl_c_preempts_the_trainer_and_waits_for_it(tmp_path):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert stopped.exists()
+
+
+def test_a_bad_throughput_run_leaves_no_plan_behind(tmp_path, corpus, capsys):
+    assert main(["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--data", str(corpus),
+                 "--out", str(tmp_path / "p"), "--throughput", str(tmp_path / "norun")]) == 2
+    assert "--throughput" in capsys.readouterr().err and not (tmp_path / "p").exists()
