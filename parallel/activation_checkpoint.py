@@ -34,12 +34,25 @@ def _expensive_ops() -> set:
     return ops
 
 
+def _ignore_profiler_ranges() -> None:
+    """Leave profiler ranges out of selective checkpointing's op-by-op replay, like `detach`.
+    FSDP2 marks its hooks with ranges, and a unit inside a block (the routed experts under expert
+    parallelism, sharded on their own mesh) opens one more in the recompute than in the forward
+    ("FSDP::root_pre_forward"): the replay would refuse the block as nondeterministic. The ranges
+    carry no tensors. (torch without SAC_IGNORED_OPS does not replay by index.)"""
+    ignored = getattr(torch.utils.checkpoint, "SAC_IGNORED_OPS", None)
+    if ignored is not None:
+        profiler = torch.ops.profiler
+        ignored.update({profiler._record_function_enter_new.default, profiler._record_function_exit._RecordFunction})
+
+
 def _contexts(selective: bool):
     """checkpoint's context_fn: (forward context, recompute context)."""
     if selective:
         from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
         save = _expensive_ops()
+        _ignore_profiler_ranges()
 
         def policy(ctx, op, *args, **kwargs):
             return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE

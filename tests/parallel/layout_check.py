@@ -54,20 +54,22 @@ def doc_starts(rows: int) -> torch.Tensor:
 
 
 def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, steps: int = 3,
-            document_masking: bool = False, compile_backend: str | None = None) -> dict:
+            document_masking: bool = False, compile_backend: str | None = None, ac_mode: str | None = None) -> dict:
     """Losses of `steps` AdamW steps and the first step's relative error of every gradient
     (|g - g_ref| / |g_ref|, per tensor); in fp32 also both first-step gradients' errors against the
     fp64 gradient of the same weights and batch (`grad_err`: 1 process, layout), computed here on a
     fp64 copy of the reference; with `document_masking`, over packed documents; with
     `compile_backend`, the parallel model's blocks compiled and checkpointed (the trainer's layout
-    under train.compile)."""
+    under train.compile); with `ac_mode`, its blocks checkpointed that way (eager)."""
     torch.manual_seed(0)
     ref = build_model(arch, "tiny", **overrides).to(dtype)
     model = copy.deepcopy(ref)
     truth = copy.deepcopy(ref).double() if dtype == torch.float32 else None
     mesh = build_mesh(dims.resolve(dist.get_world_size()), "cpu")
-    compiled = {"compile": True, "compile_backend": compile_backend, "activation_checkpointing": True}
-    parallelize_hybrid(model, mesh, param_dtype=dtype, reduce_dtype=dtype, **(compiled if compile_backend else {}))
+    options = {"activation_checkpointing": True, "ac_mode": ac_mode or "full"} if compile_backend or ac_mode else {}
+    if compile_backend:
+        options.update(compile=True, compile_backend=compile_backend)
+    parallelize_hybrid(model, mesh, param_dtype=dtype, reduce_dtype=dtype, **options)
     dp_rank, dp_size = mesh.dp_coordinate()
     cp_rank, cp = mesh.world["cp"].get_local_rank(), mesh.world["cp"].size()
     positions = shard_index(SEQ, cp, cp_rank)

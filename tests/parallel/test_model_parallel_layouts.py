@@ -5,7 +5,7 @@ intra-hybrid and its TP-relevant variants) and FFN (SwiGLU, MoE): in fp64 every 
 1e-10 (the layout is exact), in fp32 the losses of 3 AdamW steps to 1e-5 and every gradient to 1e-5,
 or, where fp32 itself is less accurate than that, as close to the fp64 truth as one process is;
 Mamba2's per-channel and per-head vectors, sums that mostly cancel, within 4e-5 of it
-(`check_fp32_gradients`)."""
+(`check_fp32_gradients`). Context parallelism also under selective checkpointing."""
 from __future__ import annotations
 
 import json
@@ -76,8 +76,12 @@ def check_fp32_gradients(name: str, r: dict) -> None:
                 f"{name}: gradient of {n} is rel {layout:.2e} from fp64, {layout / one:.1f} times 1 process's {one:.2e}"
 
 
-def cases(dims: dict, dtype: str, archs: list) -> list:
-    return [(f"{dtype} {dims} {arch} {overrides}", arch, overrides, dims, dtype) for arch, overrides in archs]
+def cases(dims: dict, dtype: str, archs: list, options: dict | None = None) -> list:
+    """(name, *layout_case's arguments) per arch; `options`: layout_check.compare's keywords."""
+    if options is None:
+        return [(f"{dtype} {dims} {arch} {overrides}", arch, overrides, dims, dtype) for arch, overrides in archs]
+    return [(f"{dtype} {dims} {options} {arch} {overrides}", arch, overrides, dims, dtype, options)
+            for arch, overrides in archs]
 
 
 def test_tp2_matches_one_process(tmp_path):
@@ -94,7 +98,8 @@ def test_tp2_fsdp2_and_hsdp_matches_one_process(tmp_path):
 
 
 def test_cp2_matches_one_process(tmp_path):
-    check(run(2, cases({"cp": 2}, "float64", ARCHS) + cases({"cp": 2}, "float32", ARCHS), tmp_path))
+    selective = cases({"cp": 2}, "float64", [ARCHS[1], ARCHS[-1]], {"ac_mode": "selective"})
+    check(run(2, cases({"cp": 2}, "float64", ARCHS) + cases({"cp": 2}, "float32", ARCHS) + selective, tmp_path))
 
 
 def test_tp2_cp2_matches_one_process(tmp_path):
@@ -109,4 +114,4 @@ def test_compiled_tp2_cp2_matches_one_process(tmp_path):
     recompute reruns the forward's graph (the MoE counts its routing once)."""
     compiled = {"compile_backend": "aot_eager"}
     archs = [("swa", {}), ("mamba2", {}), ("hybrid_moe", {"intra": KV2})]
-    check(run(4, [(*c, compiled) for c in cases({"tp": 2, "cp": 2}, "float64", archs)], tmp_path))
+    check(run(4, cases({"tp": 2, "cp": 2}, "float64", archs, compiled), tmp_path))

@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 
 from pretrain.model.ops.dispatch import wants_fast_kernel
 from pretrain.model.ops.flex_attention import flex_available, sliding_window_attention
@@ -70,7 +71,17 @@ def causal_suffix_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.is_cuda and not wants_fast_kernel(q):
         return attention_reference(q, k, v, torch.arange(lk - lq, lk, device=q.device), torch.arange(lk, device=q.device))
     k, v = expand_kv(k, v, q.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_lower_right_causal(lq, lk))
+
+
+def _lower_right_causal(lq: int, lk: int) -> CausalBias:
+    """SDPA's lower-right causal bias, made outside any dispatch mode: the bias is a tensor
+    subclass, which selective checkpointing's mode cannot create (eager only; a compiled graph
+    makes it as it is)."""
+    if torch.compiler.is_compiling():
+        return causal_lower_right(lq, lk)
+    with _disable_current_modes():
+        return causal_lower_right(lq, lk)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
