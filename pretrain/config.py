@@ -341,6 +341,11 @@ def parse_source(src: str) -> tuple[str, float]:
     return path, w
 
 
+# The trainer's shortcut flags and the config key each sets (--data is repeatable: data.sources).
+SHORTCUT_KEYS = {"arch": "model.arch", "size": "model.size", "data": "data.sources", "run-dir": "run_dir",
+                 "resume-from": "checkpoint.resume_from"}
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain/main.py", allow_abbrev=False,  # --run=X must not silently mean --run-dir=X
@@ -393,13 +398,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     cfg = JobConfig()
     if args.config:
         apply_toml(cfg, args.config)
-    shortcuts = {"model.arch": args.arch, "model.size": args.size, "run_dir": args.run_dir,
-                 "checkpoint.resume_from": args.resume_from}
-    for key, value in shortcuts.items():
-        if value is not None:
+    for flag, key in SHORTCUT_KEYS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if key == "data.sources" and value:
+            cfg.data.sources = list(value)
+        elif value is not None and key != "data.sources":
             _set(cfg, key, value, "command line")
-    if args.data:
-        cfg.data.sources = list(args.data)
     for key, value in overrides:
         _set(cfg, key.replace("-", "_"), value, "command line")
     validate(cfg)

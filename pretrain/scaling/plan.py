@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_pipeline.files import make_dir, write_atomic
+from pretrain.config import SHORTCUT_KEYS
 from pretrain.scaling.rules import PAPER_BATCH_TOKENS, batch_tokens, peak_lr
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,13 @@ def point_id(arch: str, size: str, budget: float) -> str:
 PLANNED = ("model.arch", "model.size", "data.sources", "run_dir", "data.seq_len", "train.micro_batch_size",
            "train.global_batch_tokens", "train.steps", "optim.lr", "train.val_every", "train.val_batches",
            "checkpoint.resume_from", "config", "dry_run")
-SHORTCUTS = {"arch": "model.arch", "size": "model.size", "data": "data.sources", "run-dir": "run_dir",
-             "resume-from": "checkpoint.resume_from", "dry-run": "dry_run"}
 
 
 def check_extra(extra: list[str]) -> None:
     """Refuse --set flags of the settings the plan decides (PLANNED)."""
     for flag in extra:
         name = flag.lstrip("-").partition("=")[0]
-        key = SHORTCUTS.get(name, name)
+        key = SHORTCUT_KEYS.get(name, name.replace("-", "_"))
         if key in PLANNED:
             raise PlanError(f"--set {flag}: {key} is set by the plan for each point; use the plan's own options "
                             "(--archs, --sizes, --budgets, --data, --seq-len, --micro-batch-size, --batch-tokens, "

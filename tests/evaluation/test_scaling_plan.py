@@ -97,6 +97,9 @@ def test_render_slurm_jobs_for_unfinished_points(plan):
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--size=1b"],
      "model.size is set by the plan"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--run-dir=/x"], "run_dir is set"),
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--train.global-batch-tokens=8"],
+     "train.global_batch_tokens is set"),  # the trainer reads dashes in keys as underscores
+    (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--set=--dry-run"], "dry_run is set"),
     (["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--flops-per-gpu-s", "-5"],
      "--flops-per-gpu-s -5.0: an achieved FLOP/s per device is positive"),
     (["run", "NOPLAN", "--nproc-per-node", "0"], "--nproc-per-node 0: must be >= 1"),
