@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.documents import MixtureDocuments, SequentialDocuments, Source, load_sources
 from data_pipeline.errors import DataInputError
+from data_pipeline.manifest import MANIFEST_FILE
 from data_pipeline.packing import DocumentsExhausted, Packer
 from data_pipeline.stream_state import SKIP_REASONS, StreamState
 from data_pipeline.streams import check_layout, check_rank, global_row_indices, rank_streams, worker_streams
@@ -185,13 +186,21 @@ class TrainLoader:
     def _source_keys(self, saved: dict) -> list[list]:
         """This loader's sources as `saved` names them: the i-th source is the saved i-th one when
         its path is the same (as written or resolved) or, where the state holds the data's digests,
-        when its manifest's digest is (the same data moved, re-mounted); else its own path."""
+        when its manifest's digest is (the same data moved, re-mounted); else its own path. Other
+        data at the saved path (prepared again, another corpus) is refused: the saved stream
+        positions would point into it."""
         digests = saved.get("source_digests", [None] * len(saved["sources"]))
         keys = []
         for i, s in enumerate(self.sources):
             old = saved["sources"][i][0] if i < len(saved["sources"]) else None
-            same = old is not None and (old == str(s.path) or Path(old).resolve() == s.path.resolve()
-                                        or digests[i] == s.manifest.digest)
+            same_path = old is not None and (old == str(s.path) or Path(old).resolve() == s.path.resolve())
+            if same_path and digests[i] not in (None, s.manifest.digest):
+                raise DataInputError(s.path / MANIFEST_FILE, f"data.sources[{i}]",
+                                     f"the data differs from what the checkpoint trained on (manifest digest "
+                                     f"{s.manifest.digest}, checkpoint {digests[i]}: prepared again or replaced)",
+                                     "resume with the data the run trained on, or start a new run from these weights "
+                                     "with --checkpoint.init_from")
+            same = same_path or (old is not None and digests[i] == s.manifest.digest)
             keys.append([old if same else str(s.path), s.weight])
         return keys
 

@@ -358,7 +358,7 @@ def check_weights_fit(path: Path, entries: dict[str, Any], model_state: dict[str
     ours = {k: tuple(v.shape) for k, v in model_state.items()}
     problems = [f"{k} missing" for k in ours if k not in saved] + \
                [f"{k} is {saved[k]} in the checkpoint, {ours[k]} here" for k in ours if k in saved and saved[k] != ours[k]]
-    problems = [p for part in all_gather_objects(problems) for p in part]
+    problems = list(dict.fromkeys(p for part in all_gather_objects(problems) for p in part))  # ranks share tensors
     if problems:
         raise WeightsDoNotFit(f"{path}: weights do not fit this model ({len(problems)} tensors, e.g. "
                               f"{'; '.join(problems[:3])}); {fix}")

@@ -11,12 +11,15 @@ from data_pipeline.files import write_atomic
 SUMMARY_FILE = "summary.json"
 
 
+def finite_or_null(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf (e.g. no validation yet) as None: strict JSON readers (jq, JavaScript) reject them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """Atomic write (temp file + rename): a reader never sees half a summary. NaN/inf (e.g. no
-    validation yet) become null, so strict JSON readers (jq, JavaScript) accept the file."""
+    """Atomic write (temp file + rename): a reader never sees half a summary; NaN/inf as null."""
     path = Path(run_dir) / SUMMARY_FILE
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
-    write_atomic(path, json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(finite_or_null(summary), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return path
 
 

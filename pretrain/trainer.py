@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import math
 import random
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -43,15 +43,16 @@ from pretrain.checkpoint_integrity import is_damage
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml, unused_settings
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
+from pretrain.resume_settings import changed_settings, keep_global_batch, read_saved_settings
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import ModelConfig, setting_changes
 from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.optim import AdamWWithCopies, keep_implementation_on_load
 from pretrain.schedule import build_scheduler
-from pretrain.summary import write_summary
+from pretrain.summary import finite_or_null, write_summary
 
 T = TypeVar("T")
 log = logging.getLogger("pretrain")
@@ -312,39 +313,15 @@ def batch_fixes(cfg: JobConfig, dp_size: int) -> str:
     return "fix: " + "; ".join(fixes)
 
 
-def checkpoint_num_streams(path: Path | None, is_main: bool) -> int | None:
-    """The data.num_streams a checkpoint was trained with, read by rank 0 for every rank."""
-    if path is None:
-        return None
-
-    def read() -> int:
-        try:
-            return int(tomllib.loads((path / CONFIG_FILE).read_text())["data"]["num_streams"])
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"config: cannot read data.num_streams from {path / CONFIG_FILE} "
-                              f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py "
-                              "wrote") from None
-    return rank0_decides(read, is_main)
-
-
-def check_document_masking(cfg: JobConfig, path: Path | None, is_main: bool) -> None:
+def check_document_masking(cfg: JobConfig, saved: dict[str, Any] | None) -> None:
     """A resumed run keeps its checkpoint's data.document_masking (the loss would change meaning
     mid-run) unless data.allow_document_masking_change; checkpoints without the key had it off."""
-    if path is None or cfg.data.allow_document_masking_change:
+    if saved is None or cfg.data.allow_document_masking_change:
         return
-
-    def read() -> None:
-        try:
-            saved = bool(tomllib.loads((path / CONFIG_FILE).read_text())["data"].get("document_masking", False))
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"config: cannot read data.document_masking from {path / CONFIG_FILE} "
-                              f"({type(e).__name__}: {e}); resume from a checkpoint that pretrain/main.py "
-                              "wrote") from None
-        if saved != cfg.data.document_masking:
-            raise ConfigError(f"config: data.document_masking={str(cfg.data.document_masking).lower()} but checkpoint "
-                              f"{path} was trained with {str(saved).lower()}; drop the change, or set "
-                              "data.allow_document_masking_change=true to switch mid-run")
-    rank0_decides(read, is_main)
+    if bool(saved["data"]["document_masking"]) != cfg.data.document_masking:
+        raise ConfigError(f"config: data.document_masking={str(cfg.data.document_masking).lower()} but checkpoint "
+                          f"{saved['path']} was trained with {str(bool(saved['data']['document_masking'])).lower()}; drop the change, "
+                          "or set data.allow_document_masking_change=true to switch mid-run")
 
 
 def resolve_num_streams(configured: int, dp_size: int, saved: int | None = None) -> int:
@@ -392,9 +369,12 @@ class Trainer:
         self._stale: dict[str, list[Path]] = {}  # set aside once the resume has loaded
         self._resume_path = choose_resume_checkpoint(self.run_dir / "checkpoints", cfg.checkpoint.resume_from,
                                                      self._stale)
+        path = self._resume_path
+        saved = rank0_decides(lambda: read_saved_settings(path), self.is_main) if path is not None else None
         num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size,
-                                          checkpoint_num_streams(self._resume_path, self.is_main))
-        check_document_masking(cfg, self._resume_path, self.is_main)
+                                          int(saved["data"]["num_streams"]) if saved else None)
+        check_document_masking(cfg, saved)
+        self._saved_settings = saved  # the rest is compared once the train state has loaded (`resume`)
         self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams))
         self.grad_accum = grad_accum_steps(cfg, self.dp_size)
         self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len
@@ -514,7 +494,7 @@ class Trainer:
         p = self.progress
         p.wall_time_s += time.perf_counter() - self.wall_start
         self.wall_start = time.perf_counter()
-        shared = {"progress": p.__dict__.copy(), "scheduler": self.scheduler.state_dict(),
+        shared = {"progress": finite_or_null(dataclasses.asdict(p)), "scheduler": self.scheduler.state_dict(),
                   "world_size": self.dist.world_size, "dp_size": self.dp_size, "runtime": runtime_fingerprint(),
                   "origin": self._origin}
         rank_state = {"rng": capture_rng_state(), "loader": self.train_loader.state_dict(), "dp_rank": self.dp_rank}
@@ -533,11 +513,13 @@ class Trainer:
             shared, ranks = self.ckpt.load(path, state, legacy_splits(self.model_config))
         except WeightsDoNotFit as e:  # another --arch / --size / model override than the checkpoint's
             raise ConfigError(f"config: {e}") from None
+        self._check_model_settings(path)
+        self._check_settings({**self._saved_settings, "dp_size": shared["dp_size"]})
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self._sync_copies()
         self.scheduler.load_state_dict(shared["scheduler"])
         self._restore_hyperparameters()
-        self.progress = TrainProgress(**shared["progress"])
+        self.progress = TrainProgress(**{k: math.nan if v is None else v for k, v in shared["progress"].items()})
         self._load_loader_state(ranks)
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         restore_rng_state(mine["rng"])
@@ -553,6 +535,37 @@ class Trainer:
             log.warning("resuming under a different runtime (%s): the run continues correctly but not bit for bit "
                         "as it would have uninterrupted; see docs/training.md (exact resume)", "; ".join(changes))
         return True
+
+    def _check_settings(self, saved: dict[str, Any]) -> None:
+        """Keep the checkpoint's global batch where this run left it to the layout; warn of every
+        setting changed from the checkpoint's (pretrain/resume_settings.py)."""
+        kept = keep_global_batch(self.cfg, self.dp_size, saved)
+        if kept is not self.cfg:
+            self.cfg = kept
+            self.grad_accum = grad_accum_steps(kept, self.dp_size)
+            self.tokens_per_step = kept.train.global_batch_tokens
+            if self.is_main:
+                log.info("keeping the checkpoint's %d tokens per step (train.global_batch_tokens=0 on another "
+                         "layout): %d accumulation steps", self.tokens_per_step, self.grad_accum)
+        if self.is_main:
+            for change in changed_settings(self.cfg, self.dp_size, saved):
+                log.warning("resumed with a changed setting: %s", change)
+
+    def _check_model_settings(self, path: Path) -> None:
+        """Refuse a model whose settings differ from the checkpoint's with the same tensor shapes
+        (another fusion, top-k, window: it would train on silently); warn of those a resumed run
+        may change (`MAY_CHANGE_ON_RESUME`)."""
+        saved = path / MODEL_CONFIG_FILE
+        if not saved.is_file():  # written by every checkpoint since the first releases
+            return
+        refused, allowed = setting_changes(json.loads(saved.read_text()), self.model_config.to_dict())
+        if refused:
+            raise ConfigError(f"config: {path} was trained with other model settings ({'; '.join(refused[:3])}"
+                              f"{f'; {len(refused) - 3} more' if len(refused) > 3 else ''}); resume with the "
+                              f"checkpoint's (its {MODEL_CONFIG_FILE}), or start a new run from its weights with "
+                              "--checkpoint.init_from")
+        if allowed and self.is_main:
+            log.warning("resumed with model settings other than the checkpoint's: %s", "; ".join(allowed))
 
     def _restore_hyperparameters(self) -> None:
         """The optimizer's settings and the LR schedule are this run's, not the checkpoint's (which
@@ -791,10 +804,10 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Run to train.steps; returns the summary (also written to RUN_DIR/summary.json)."""
-        cfg = self.cfg
         self.preemption.install()
         self.preemption.start_up()
         resumed = self.resume()
+        cfg = self.cfg  # after resume: it may keep the checkpoint's global batch
         if resumed and self.progress.step >= cfg.train.steps:
             log.info("already finished at step %d (train.steps=%d): nothing to do; raise train.steps to train on",
                      self.progress.step, cfg.train.steps)

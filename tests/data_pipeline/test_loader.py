@@ -186,6 +186,15 @@ def test_resume_finds_its_data_moved_but_not_other_data(corpus_a, corpus_b, tmp_
     swapped = build_train_loader([src[1], src[0]], SEQ, BATCH, num_streams=STREAMS, seed=3)
     with pytest.raises(ValueError, match="sources: checkpoint has"):
         swapped.load_state_dict(state)
+    # other data at the checkpoint's path: corpus_b prepared where corpus_a was
+    replaced = tmp_path / "replaced"
+    shutil.copytree(corpus_a, replaced)
+    state["sources"][0][0] = str(replaced)
+    shutil.rmtree(replaced)
+    shutil.copytree(corpus_b, replaced)
+    again = build_train_loader([(str(replaced), 0.5), src[1]], SEQ, BATCH, num_streams=STREAMS, seed=3)
+    with pytest.raises(ValueError, match=r"manifest.json: data.sources\[0\]: the data differs from what the checkpoint"):
+        again.load_state_dict(state)
 
 
 def test_dp_size_must_divide_num_streams(corpus_a):

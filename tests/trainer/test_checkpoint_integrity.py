@@ -394,6 +394,25 @@ def test_resuming_into_another_model_stops_at_start_naming_the_tensors(reference
         trainer.resume()
 
 
+def test_resuming_with_other_model_settings_of_the_same_shapes_stops_or_warns(reference, corpus, tmp_path, caplog):
+    """Another fusion (or top-k, window) keeps every tensor's shape: refused at start, naming the
+    setting; a setting a resumed run may change (MAY_CHANGE_ON_RESUME) is warned and taken."""
+    from pretrain.config import ConfigError
+
+    reference_dir, _ = reference
+    copy_checkpoints(reference_dir, tmp_path, (6,))
+    trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.intra.fusion=add",
+                                  "--model.overrides.moe.top_k=2"))
+    with pytest.raises(ConfigError, match=r"step_00000006 was trained with other model settings \(model.overrides."
+                                          r"intra.fusion 'subtract' -> 'add'; model.overrides.moe.top_k 1 -> 2\); "
+                                          r"resume with the checkpoint's .*--checkpoint.init_from"):
+        trainer.resume()
+    trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.rope.theta=10000"))
+    with caplog.at_level(logging.WARNING):
+        assert trainer.resume()
+    assert "model settings other than the checkpoint's: model.overrides.rope.theta 500000.0 -> 10000" in caplog.text
+
+
 @pytest.mark.parametrize("where", ["missing", "run dir", "checkpoints dir"])
 def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(reference, tmp_path, where):
     from pretrain.config import ConfigError

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pretrain.config import ConfigError
-from pretrain.trainer import Trainer, checkpoint_num_streams, resolve_num_streams
+from pretrain.resume_settings import read_saved_settings
+from pretrain.trainer import Trainer, resolve_num_streams
 from trainer_helpers import losses, tiny_config
 
 
@@ -23,10 +24,10 @@ def test_configured_count_must_be_divisible_by_the_ranks():
 def test_resume_keeps_the_checkpoints_count(tmp_path):
     ckpt = tmp_path / "step_00000002"
     ckpt.mkdir()
-    with pytest.raises(ConfigError, match=r"cannot read data.num_streams from .*config.toml"):
-        checkpoint_num_streams(ckpt, is_main=True)
+    with pytest.raises(ConfigError, match=r"cannot read the settings of .*step_00000002 \(FileNotFoundError.*config.toml"):
+        read_saved_settings(ckpt)
     (ckpt / "config.toml").write_text("[data]\nnum_streams = 8\n")
-    saved = checkpoint_num_streams(ckpt, is_main=True)
+    saved = read_saved_settings(ckpt)["data"]["num_streams"]
     assert saved == 8 and resolve_num_streams(0, 2, saved) == 8 and resolve_num_streams(8, 2, saved) == 8
     with pytest.raises(ConfigError, match=r"num_streams=8\) is not divisible by the 3 data-parallel ranks"):
         resolve_num_streams(0, 3, saved)

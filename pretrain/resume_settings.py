@@ -1,0 +1,89 @@
+"""Settings a resumed run may change from its checkpoint's, and what it says when they do.
+
+The data order (streams, seed, sources) and the model are checked elsewhere and refused when they
+change. The settings here may legitimately change on resume, but never silently: the global batch
+(kept when the run left it to the layout, so a job restarted on fewer or more ranks trains on the
+same batch), the LR schedule and its length, the sequence length, and the validation windows
+(val/nll stays comparable only over the same windows).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pretrain.checkpoint import CONFIG_FILE
+from pretrain.config import ConfigError, JobConfig
+
+
+def read_saved_settings(path: Path) -> dict[str, Any]:
+    """The checkpoint's config (its config.toml over the defaults: a key added since it was written
+    has its default) as a dict, with `path` under 'path'. The functions below also need the
+    checkpoint's data-parallel size under 'dp_size' (from its train state, once loaded)."""
+    settings = dataclasses.asdict(JobConfig())
+    try:
+        for section, values in tomllib.loads((path / CONFIG_FILE).read_text()).items():
+            if isinstance(settings.get(section), dict):
+                settings[section].update(values)
+    except (OSError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"config: cannot read the settings of {path} ({type(e).__name__}: {e}); resume from a "
+                          "checkpoint that pretrain/main.py wrote") from None
+    settings["path"] = str(path)
+    return settings
+
+
+def tokens_per_step(global_batch_tokens: int, micro_batch_size: int, seq_len: int, dp_size: int) -> int:
+    """A step's tokens: the global batch, or (0) one micro-batch per data-parallel rank."""
+    return global_batch_tokens or micro_batch_size * seq_len * dp_size
+
+
+def _saved_tokens_per_step(saved: dict[str, Any]) -> int:
+    t = saved["train"]
+    return tokens_per_step(t["global_batch_tokens"], t["micro_batch_size"], saved["data"]["seq_len"], saved["dp_size"])
+
+
+def keep_global_batch(cfg: JobConfig, dp_size: int, saved: dict[str, Any]) -> JobConfig:
+    """`cfg` with train.global_batch_tokens = the checkpoint's batch when it is 0 (left to the
+    layout) and this layout makes a step of another size; refused when accumulation cannot make the
+    checkpoint's batch up. An explicit global batch is this run's (`changed_settings` warns)."""
+    t = cfg.train
+    per_micro = t.micro_batch_size * cfg.data.seq_len * dp_size
+    kept = _saved_tokens_per_step(saved)
+    if t.global_batch_tokens or kept == per_micro:
+        return cfg
+    if kept % per_micro:
+        raise ConfigError(f"config: checkpoint {saved['path']} trained on {kept} tokens per step, which {dp_size} data-parallel "
+                          f"ranks x train.micro_batch_size {t.micro_batch_size} x data.seq_len {cfg.data.seq_len} = "
+                          f"{per_micro} tokens per micro-step cannot make up; keep it with "
+                          f"train.global_batch_tokens={kept} and a train.micro_batch_size that divides it, or change "
+                          f"the batch with train.global_batch_tokens={per_micro}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, global_batch_tokens=kept))
+
+
+def changed_settings(cfg: JobConfig, dp_size: int, saved: dict[str, Any]) -> list[str]:
+    """One warning per setting this resumed run changes from the checkpoint's: the batch, the
+    sequence length, the schedule and its length, the validation windows."""
+    t, old_t = cfg.train, saved["train"]
+    changes = []
+    new_tokens = tokens_per_step(t.global_batch_tokens, t.micro_batch_size, cfg.data.seq_len, dp_size)
+    if new_tokens != (old_tokens := _saved_tokens_per_step(saved)):
+        changes.append(f"tokens per step {old_tokens} -> {new_tokens} (train.global_batch_tokens): the optimizer "
+                       "steps from here on see another batch")
+    if cfg.data.seq_len != saved["data"]["seq_len"]:
+        changes.append(f"data.seq_len {saved['data']['seq_len']} -> {cfg.data.seq_len}")
+    if t.steps != old_t["steps"]:
+        changes.append(f"train.steps {old_t['steps']} -> {t.steps}: the LR schedule follows the new length")
+    for key, value in dataclasses.asdict(cfg.schedule).items():
+        if saved["schedule"].get(key, value) != value:
+            changes.append(f"schedule.{key} {saved['schedule'][key]!r} -> {value!r}")
+    windows = t.val_batches * t.micro_batch_size * dp_size
+    old_windows = old_t["val_batches"] * old_t["micro_batch_size"] * saved["dp_size"]
+    if t.val_every > 0 and (windows, cfg.data.seq_len) != (old_windows, saved["data"]["seq_len"]):
+        per_batch = t.micro_batch_size * dp_size
+        keep = (f"; train.val_batches={old_windows // per_batch} keeps them"
+                if old_windows % per_batch == 0 and cfg.data.seq_len == saved["data"]["seq_len"] else "")
+        changes.append(f"validation windows {old_windows} -> {windows} (train.val_batches x train.micro_batch_size "
+                       f"x {dp_size} data-parallel ranks, of data.seq_len tokens): val/nll is not comparable across "
+                       f"this resume{keep}")
+    return changes
