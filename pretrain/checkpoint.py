@@ -336,7 +336,8 @@ def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence
     says which tensors differ instead of failing inside DCP."""
     reason = verify_checkpoint(path)
     if reason is not None:
-        raise ValueError(f"{path}: not a complete checkpoint ({reason}); point at a step_* directory")
+        raise ValueError(f"{path}: not a complete, intact checkpoint ({reason}); pass another step_* directory "
+                         "(an older one of the run)")
     entries = _read_metadata(path)
     check_weights_fit(path, entries, model_state, splits, f"build the model of {path / MODEL_CONFIG_FILE}")
     load_dcp(path, {"model": model_state}, splits, entries)

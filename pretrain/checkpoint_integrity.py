@@ -83,7 +83,8 @@ def check_sizes(directory: Path, records: dict[str, FileRecord]) -> None:
             raise CheckpointDamaged(f"missing file {name}")
         size = f.stat().st_size
         if size != record.size:
-            raise CheckpointDamaged(f"file {name} has {size} bytes, expected {record.size} (truncated)")
+            how = "truncated" if size < record.size else "changed since it was saved"
+            raise CheckpointDamaged(f"file {name} has {size} bytes, expected {record.size} ({how})")
 
 
 def share(names: Iterable[str], part: int, parts: int) -> list[str]:

@@ -41,11 +41,17 @@ def main(argv: list[str] | None = None) -> None:
                 "non-emb FLOPs/token", "cache (MiB, bf16)"):
         table.add_column(col, justify="left" if col in ("arch", "pattern") else "right")
     for r in rows:
-        table.add_row(r["arch"], r["pattern"], f"{r['non_embedding_params'] / 1e9:.3f}B",
-                      f"{r['embedding_params'] / 1e9:.3f}B", f"{r['active_non_embedding_params'] / 1e9:.3f}B",
+        mib = r["cache_bytes"] / 2**20
+        table.add_row(r["arch"], r["pattern"], *(params(r[k]) for k in ("non_embedding_params", "embedding_params",
+                                                                        "active_non_embedding_params")),
                       f"{r['flops_per_token']:.3e}", f"{r['non_embedding_flops_per_token']:.3e}",
-                      f"{r['cache_bytes'] / 2**20:.1f}")
+                      f"{mib:.1f}" if mib >= 1 else f"{mib:.3g}")
     Console(width=160).print(table)
+
+
+def params(n: int) -> str:
+    """A parameter count in B (the paper's unit) down to 0.1B, in M or K below (the tiny sizes)."""
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
 if __name__ == "__main__":

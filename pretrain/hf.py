@@ -18,15 +18,19 @@ lives in the model zoo (`pretrain.model.hf`); this module moves files and tokeni
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, commit, load_model_weights, model_config_json,
                                  save_model_weights)
+from pretrain.checkpoint_integrity import MARKER
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -58,7 +62,8 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
     from pretrain.model import ModelConfig
 
     if not checkpoint.is_dir():
-        raise CliError(f"{checkpoint}: no such directory; --checkpoint takes RUN_DIR/checkpoints/step_NNNNNNNN")
+        what = "not a directory" if checkpoint.exists() else "no such directory"
+        raise CliError(f"{checkpoint}: {what}; --checkpoint takes RUN_DIR/checkpoints/step_NNNNNNNN")
     cfg_file = checkpoint / MODEL_CONFIG_FILE
     if not cfg_file.is_file():
         steps = sorted([*checkpoint.glob("step_*"), *checkpoint.glob("checkpoints/step_*")])
@@ -103,7 +108,11 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
     from data_pipeline.tokenizer import load_tokenizer
     from pretrain.config import parse_source
 
-    sources = run_config.get("data", {}).get("sources")
+    data = run_config.get("data", {})
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if sources is not None and not (isinstance(sources, list) and all(isinstance(x, str) for x in sources)):
+        raise CliError(f"{checkpoint / CONFIG_FILE}: data.sources = {sources!r} is not a list of directories; the "
+                       f"checkpoint is damaged, or pass --tokenizer ({TOKENIZER_HELP})")
     if override is not None:
         try:
             tok = load_tokenizer(override)
@@ -124,7 +133,8 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
         return load_tokenizer(source)
     except DataInputError as e:
         raise CliError(f"{where}: data.sources[0] {source!r}: the run's tokenizer is unreadable ({e.path}: "
-                       f"{e.problem}); run from the training run's directory or pass --tokenizer ({TOKENIZER_HELP})"
+                       f"{e.problem}); run from the directory the training was launched from (a relative source is read "
+                       f"from there), or pass --tokenizer ({TOKENIZER_HELP})"
                        ) from None
 
 
@@ -163,16 +173,44 @@ def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 
 def require_new(out: Path) -> None:
+    """`out` is free and not inside a checkpoint (checkpoint.keep would delete it with that step)."""
     if out.exists():
         raise CliError(f"{out}: already exists; choose a new --out directory")
+    inside = next((d for d in out.absolute().parents if (d / MARKER).is_file()), None)
+    if inside is not None:
+        raise CliError(f"--out {out}: inside checkpoint {inside}, which checkpoint.keep deletes with its step; "
+                       "choose a directory outside the run's checkpoints")
 
 
-def new_dir(out: Path) -> Path:
-    """The temporary sibling that becomes `out` once complete (an interrupted export leaves no `out`)."""
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+@contextlib.contextmanager
+def new_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` (this process's own) to fill; it becomes `out` only when the
+    body completes, and is removed when it fails (a full disk: one line, nothing left behind)."""
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CliError(f"--out {out}: cannot create it ({e.strerror}); choose a writable directory") from None
+    try:
+        yield tmp
+    except Exception as e:  # safetensors and tokenizers raise their own types for a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CliError):
+            raise
+        raise CliError(f"--out {out}: writing failed ({type(e).__name__}: {e}); nothing was left behind, free "
+                       "space or choose another --out") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def readable_by_all(directory: Path) -> None:
+    """safetensors writes its file 0600; the export's files get the umask's mode like the others
+    (a shared filesystem's readers)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[Tokenizer, str]:
@@ -185,15 +223,16 @@ def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[T
         raise CliError(f"{checkpoint / MODEL_CONFIG_FILE}: vocab_size={cfg.vocab_size} but the tokenizer has "
                        f"{tok.vocab_size} ids; pass the run's own tokenizer to --tokenizer")
     require_new(out)
-    from pretrain.model.hf import to_hf  # imports transformers (seconds, and torchao's warnings where installed)
+    with new_dir(out) as tmp:
+        from pretrain.model.hf import to_hf  # imports transformers (seconds, and torchao's warnings where installed)
 
-    hf = to_hf(load_model(checkpoint).eval())
-    for config in (hf.config, hf.generation_config):
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.eos_id
-    tmp = new_dir(out)
-    hf.save_pretrained(tmp)
-    hf_tokenizer(tok).save_pretrained(tmp)
-    tmp.rename(out)
+        hf = to_hf(load_model(checkpoint).eval())
+        for config in (hf.config, hf.generation_config):
+            config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.eos_id
+        hf.save_pretrained(tmp)
+        hf_tokenizer(tok).save_pretrained(tmp)
+        readable_by_all(tmp)
+        tmp.rename(out)
     return tok, type(hf).__name__
 
 
@@ -217,10 +256,10 @@ def import_(hf_dir: Path, out: Path) -> Path:
         model = from_hf(loader.from_pretrained(hf_dir, local_files_only=True))
     except (OSError, ValueError) as e:  # unreadable files, or an architecture we cannot express
         raise CliError(f"{hf_dir}: {e}") from None
-    tmp = new_dir(out)
-    save_model_weights(tmp, model.state_dict())
-    (tmp / MODEL_CONFIG_FILE).write_text(model_config_json(model.config))
-    commit(tmp, out)
+    with new_dir(out) as tmp:
+        save_model_weights(tmp, model.state_dict())
+        (tmp / MODEL_CONFIG_FILE).write_text(model_config_json(model.config))
+        commit(tmp, out)
     return out
 
 

@@ -197,8 +197,14 @@ def move_data(corpus: Path):
 @pytest.mark.parametrize("case, expected", [
     ("missing_dir", "no such directory"),
     ("run_dir", r"not a checkpoint .*pass a step_\* directory, e.g. .*step_00000002"),
-    ("incomplete", "not a complete checkpoint"),
+    ("checkpoint_is_a_file", r"model_config.json: not a directory; --checkpoint takes"),
+    ("incomplete", r"not a complete, intact checkpoint \(.*\); pass another step_\* directory"),
     ("out_exists", "already exists"),
+    ("out_in_checkpoint", r"--out .*step_00000002/hf: inside checkpoint .*step_00000002, which checkpoint.keep "
+                          "deletes with its step"),
+    ("out_under_a_file", r"--out .*file/sub: cannot create it \(Not a directory\); choose a writable directory"),
+    ("disk_full", r"--out .*out: writing failed \(Exception: No space left on device\); nothing was left behind"),
+    ("sources_not_a_list", r"config.toml: data.sources = 'x' is not a list of directories"),
     ("no_transformers", r"transformers is not installed; pip install"),
     ("data_moved", r"config.toml: data.sources\[0\] '/moved/corpus': .*no such file.*pass --tokenizer"),
     ("bad_tokenizer", "--tokenizer /no/tokenizer.json: tokenizer: no such file"),
@@ -218,6 +224,24 @@ def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, c
         argv[2] = str(tmp_path / "nope")
     elif case == "run_dir":
         argv[2] = str(llama_checkpoint.parents[1])
+    elif case == "checkpoint_is_a_file":
+        argv[2] = str(llama_checkpoint / "model_config.json")
+    elif case == "out_in_checkpoint":
+        argv[4] = str(llama_checkpoint / "hf")
+    elif case == "out_under_a_file":
+        (tmp_path / "file").write_text("")
+        argv[4] = str(tmp_path / "file" / "sub")
+    elif case == "disk_full":  # safetensors and tokenizers raise their own exception types for ENOSPC
+        class FullDisk:
+            def save_pretrained(self, directory):
+                (Path(directory) / "tokenizer.json").write_text("{")
+                raise Exception("No space left on device")
+        monkeypatch.setattr("pretrain.hf.hf_tokenizer", lambda tok: FullDisk())
+    elif case == "sources_not_a_list":
+        def damage(path: Path) -> None:
+            config = path / "config.toml"
+            config.write_text(re.sub(r"sources = \[[^\]]*\]", 'sources = "x"', config.read_text()))
+        argv[2] = str(damaged_copy(llama_checkpoint, tmp_path, damage))
     elif case == "incomplete":
         argv[2] = str(damaged_copy(llama_checkpoint, tmp_path, truncate_weights))
     elif case == "out_exists":
@@ -248,7 +272,20 @@ def test_failures_are_one_line_with_status_2(case, expected, llama_checkpoint, c
     assert main(argv) == 2
     err = error_line(capsys)
     assert re.search(expected, err), err
-    assert out.exists() == existed and not list(tmp_path.glob(".tmp-*"))
+    assert out.exists() == existed and not list(tmp_path.glob(".tmp-*")) and not (llama_checkpoint / "hf").exists()
+
+
+def test_export_leaves_other_temp_dirs_alone_and_its_files_readable(llama_checkpoint, tmp_path):
+    """Another export's (or anyone's) `.tmp-NAME` beside --out is not this export's to delete; the
+    weights get the umask's mode like every other file (safetensors writes 0600)."""
+    (tmp_path / ".tmp-hf").mkdir()
+    (tmp_path / ".tmp-hf" / "notes.txt").write_text("mine")
+    assert export(llama_checkpoint, tmp_path / "hf") == 0
+    assert (tmp_path / ".tmp-hf" / "notes.txt").read_text() == "mine"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()} == \
+           {f.name: 0o666 & ~umask for f in (tmp_path / "hf").iterdir()}
 
 
 def test_import_round_trip_and_init_from(llama_checkpoint, corpus, tmp_path):
