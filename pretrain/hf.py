@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -55,6 +56,17 @@ def require_transformers() -> None:
         raise CliError("transformers is not installed; pip install 'hybrid-pretrain[hf]' (transformers>=5)") from None
     if int(transformers.__version__.split(".")[0]) < 5:
         raise CliError(f"transformers {transformers.__version__} is too old; pip install 'transformers>=5'")
+
+
+@contextlib.contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Importing the transformers side (which loads torchao where installed) logs torchao's kernel
+    libraries it cannot load and torch's pytree deprecations: noise around a one-line error."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:
@@ -224,7 +236,8 @@ def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[T
                        f"{tok.vocab_size} ids; pass the run's own tokenizer to --tokenizer")
     require_new(out)
     with new_dir(out) as tmp:
-        from pretrain.model.hf import to_hf  # imports transformers (seconds, and torchao's warnings where installed)
+        with quiet_imports():
+            from pretrain.model.hf import to_hf  # imports transformers and torchao (seconds)
 
         hf = to_hf(load_model(checkpoint).eval())
         for config in (hf.config, hf.generation_config):
@@ -237,11 +250,12 @@ def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[T
 
 
 def import_(hf_dir: Path, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM
+    with quiet_imports():
+        from transformers import AutoModelForCausalLM
 
-    from pretrain.hf_remote.configuration_hybrid import MODEL_TYPE
-    from pretrain.hf_remote.modeling_hybrid import HybridForCausalLM
-    from pretrain.model.hf import from_hf
+        from pretrain.hf_remote.configuration_hybrid import MODEL_TYPE
+        from pretrain.hf_remote.modeling_hybrid import HybridForCausalLM
+        from pretrain.model.hf import from_hf
 
     config = hf_dir / "config.json"
     if not config.is_file():
