@@ -24,12 +24,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.seq_len < 1:
         ap.error(f"--seq-len {args.seq_len}: the FLOPs and cache figures need a length >= 1")
     archs = ARCHS if args.arch == "all" else (args.arch,)
-    try:
-        rows = [{"arch": a, "size": args.size,
-                 **report(model_config(a, args.size, ratio=args.ratio, placement=args.placement), args.seq_len)}
-                for a in archs]
-    except ValueError as e:
-        ap.error(str(e))
+    rows, unfit = [], []  # with --arch all, a --ratio / --placement applies to the archs that take it
+    for a in archs:
+        try:
+            cfg = model_config(a, args.size, ratio=args.ratio, placement=args.placement)
+        except ValueError as e:
+            unfit.append((a, str(e)))
+            continue
+        rows.append({"arch": a, "size": args.size, **report(cfg, args.seq_len)})
+    if not rows:
+        ap.error(unfit[0][1])
+    if unfit and not args.json:
+        print(f"left out (they do not take --ratio/--placement as given): {', '.join(a for a, _ in unfit)}")
     if args.json:
         print(json.dumps(rows if args.arch == "all" else rows[0], indent=2))
         return

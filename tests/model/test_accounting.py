@@ -93,7 +93,19 @@ def test_describe_cli_json_and_table():
         assert row[key] > 0
     table = subprocess.run([sys.executable, "-m", "pretrain.describe", "--arch", "all", "--size", "tiny"],
                            capture_output=True, text=True, check=True).stdout
-    assert "hybrid_moe" in table and "llama_moe" in table
+    assert "hybrid_moe" in table and "llama_moe" in table and "0.197M" in table  # tiny counts in M, not 0.000B
+
+
+def test_describe_all_with_a_ratio_takes_the_archs_it_fits(capsys):
+    from pretrain.describe import main
+
+    main(["--arch", "all", "--ratio", "1:3", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["arch"] for r in rows} >= {"inter_hybrid", "intra_hybrid", "hybrid_moe"} and \
+           not {"llama", "mamba2"} & {r["arch"] for r in rows}
+    main(["--arch", "inter_hybrid", "--ratio", "1:3", "--json"])
+    alone = json.loads(capsys.readouterr().out)
+    assert next(r for r in rows if r["arch"] == "inter_hybrid") == alone
 
 
 def test_describe_refuses_a_sequence_length_below_one(capsys):
