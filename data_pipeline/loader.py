@@ -164,7 +164,9 @@ class TrainLoader:
         """Plain-python state of this rank's streams after the batches yielded so far."""
         return {"format": STATE_FORMAT, "num_streams": self.cfg.num_streams, "seed": self.cfg.seed,
                 "sources": [[str(s.path), s.weight] for s in self.sources],
-                "source_digests": [s.manifest.digest for s in self.sources], "global_windows": self._global_windows,
+                "source_digests": [s.manifest.digest for s in self.sources],
+                "source_data_digests": [s.manifest.data_digest for s in self.sources],
+                "global_windows": self._global_windows,
                 "stream_ids": list(self.streams), "stream_states": [self._states[s].tolist() for s in self.streams]}
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
@@ -190,14 +192,16 @@ class TrainLoader:
         data at the saved path (prepared again, another corpus) is refused: the saved stream
         positions would point into it."""
         digests = saved.get("source_digests", [None] * len(saved["sources"]))
+        data_digests = saved.get("source_data_digests", [None] * len(saved["sources"]))
         keys = []
         for i, s in enumerate(self.sources):
             old = saved["sources"][i][0] if i < len(saved["sources"]) else None
             same_path = old is not None and (old == str(s.path) or Path(old).resolve() == s.path.resolve())
-            if same_path and digests[i] not in (None, s.manifest.digest):
+            if same_path and data_digests[i] not in (None, s.manifest.data_digest):
                 raise DataInputError(s.path / MANIFEST_FILE, f"data.sources[{i}]",
-                                     f"the data differs from what the checkpoint trained on (manifest digest "
-                                     f"{s.manifest.digest}, checkpoint {digests[i]}: prepared again or replaced)",
+                                     f"the data differs from what the checkpoint trained on (shards and tokenizer "
+                                     f"digest {s.manifest.data_digest}, checkpoint {data_digests[i]}: prepared "
+                                     "again or replaced)",
                                      "resume with the data the run trained on, or start a new run from these weights "
                                      "with --checkpoint.init_from")
             same = same_path or (old is not None and digests[i] == s.manifest.digest)

@@ -58,6 +58,15 @@ class Manifest:
         content: shards, token counts, tokenizer): a resumed run finds its data moved or re-mounted."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
+    @functools.cached_property
+    def data_digest(self) -> str:
+        """The data's identity alone - tokenizer, token dtype, shard names and hashes - which no
+        change of this code's manifest fields or defaults moves: a resumed run refuses other data
+        at its path by this one."""
+        content = {"tokenizer": asdict(self.tokenizer), "dtype": self.dtype,
+                   "shards": [(s.name, s.sha256) for s in self.shards]}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size

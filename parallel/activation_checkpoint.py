@@ -46,21 +46,17 @@ def _ignore_profiler_ranges() -> None:
         ignored.update({profiler._record_function_enter_new.default, profiler._record_function_exit._RecordFunction})
 
 
-def _contexts(selective: bool):
-    """checkpoint's context_fn: (forward context, recompute context)."""
-    if selective:
-        from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+def _contexts(save: frozenset | None):
+    """checkpoint's context_fn: (forward context, recompute context); selective when `save` (the
+    ops whose outputs are kept) is given."""
+    if save is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-        save = _expensive_ops()
-        _ignore_profiler_ranges()
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
-        def policy(ctx, op, *args, **kwargs):
-            return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
-
-        forward, recompute = create_selective_checkpoint_contexts(policy)
-    else:
-        forward, recompute = contextlib.nullcontext(), contextlib.nullcontext()
-    return forward, recompute
+    return create_selective_checkpoint_contexts(policy)
 
 
 def apply_activation_checkpointing(blocks: nn.Module, mode: str = "full") -> None:
@@ -71,6 +67,8 @@ def apply_activation_checkpointing(blocks: nn.Module, mode: str = "full") -> Non
     if mode == "selective" and not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"):
         raise ValueError("train.ac_mode=selective needs torch.utils.checkpoint.create_selective_checkpoint_contexts "
                          "(torch >= 2.4); use train.ac_mode=full")
-    context_fn = functools.partial(_contexts, mode == "selective")
+    if mode == "selective":
+        _ignore_profiler_ranges()
+    context_fn = functools.partial(_contexts, frozenset(_expensive_ops()) if mode == "selective" else None)
     for name, block in list(blocks.named_children()):
         blocks.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn))

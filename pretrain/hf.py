@@ -62,11 +62,12 @@ def require_transformers() -> None:
 def quiet_imports() -> Iterator[None]:
     """Importing the transformers side (which loads torchao where installed) logs torchao's kernel
     libraries it cannot load and torch's pytree deprecations: noise around a one-line error."""
-    logging.disable(logging.WARNING)
+    before = logging.root.manager.disable
+    logging.disable(max(before, logging.WARNING))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:
@@ -188,7 +189,7 @@ def require_new(out: Path) -> None:
     """`out` is free and not inside a checkpoint (checkpoint.keep would delete it with that step)."""
     if out.exists():
         raise CliError(f"{out}: already exists; choose a new --out directory")
-    inside = next((d for d in out.absolute().parents if (d / MARKER).is_file()), None)
+    inside = next((d for d in out.resolve().parents if (d / MARKER).is_file()), None)
     if inside is not None:
         raise CliError(f"--out {out}: inside checkpoint {inside}, which checkpoint.keep deletes with its step; "
                        "choose a directory outside the run's checkpoints")
@@ -197,7 +198,7 @@ def require_new(out: Path) -> None:
 @contextlib.contextmanager
 def new_dir(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out` (this process's own) to fill; it becomes `out` only when the
-    body completes, and is removed when it fails (a full disk: one line, nothing left behind)."""
+    body publishes it (`publish`), and is removed when the body fails."""
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
@@ -205,15 +206,31 @@ def new_dir(out: Path) -> Iterator[Path]:
         raise CliError(f"--out {out}: cannot create it ({e.strerror}); choose a writable directory") from None
     try:
         yield tmp
-    except Exception as e:  # safetensors and tokenizers raise their own types for a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, CliError):
-            raise
-        raise CliError(f"--out {out}: writing failed ({type(e).__name__}: {e}); nothing was left behind, free "
-                       "space or choose another --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Failures of the writes into `out`'s temporary directory as one line: safetensors and
+    tokenizers raise their own exception types for a full disk."""
+    try:
+        yield
+    except Exception as e:
+        raise CliError(f"--out {out}: writing failed ({type(e).__name__}: {e}); nothing was left behind, free "
+                       "space or choose another --out") from None
+
+
+def publish(tmp: Path, out: Path, seal: bool = False) -> None:
+    """Rename the finished `tmp` to `out` (sealed as a checkpoint with `seal`), unless `out`
+    appeared meanwhile (another export or import into it): never replace what someone wrote."""
+    if out.exists():
+        raise CliError(f"{out}: appeared while this ran (another export or import?); choose a new --out directory")
+    if seal:
+        commit(tmp, out)
+    else:
+        tmp.rename(out)
 
 
 def readable_by_all(directory: Path) -> None:
@@ -222,7 +239,8 @@ def readable_by_all(directory: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[Tokenizer, str]:
@@ -242,10 +260,11 @@ def export(checkpoint: Path, out: Path, tokenizer: str | None = None) -> tuple[T
         hf = to_hf(load_model(checkpoint).eval())
         for config in (hf.config, hf.generation_config):
             config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_id, tok.eos_id, tok.eos_id
-        hf.save_pretrained(tmp)
-        hf_tokenizer(tok).save_pretrained(tmp)
-        readable_by_all(tmp)
-        tmp.rename(out)
+        with writing(out):
+            hf.save_pretrained(tmp)
+            hf_tokenizer(tok).save_pretrained(tmp)
+            readable_by_all(tmp)
+        publish(tmp, out)
     return tok, type(hf).__name__
 
 
@@ -271,9 +290,10 @@ def import_(hf_dir: Path, out: Path) -> Path:
     except (OSError, ValueError) as e:  # unreadable files, or an architecture we cannot express
         raise CliError(f"{hf_dir}: {e}") from None
     with new_dir(out) as tmp:
-        save_model_weights(tmp, model.state_dict())
-        (tmp / MODEL_CONFIG_FILE).write_text(model_config_json(model.config))
-        commit(tmp, out)
+        with writing(out):
+            save_model_weights(tmp, model.state_dict())
+            (tmp / MODEL_CONFIG_FILE).write_text(model_config_json(model.config))
+        publish(tmp, out, seal=True)
     return out
 
 

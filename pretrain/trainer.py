@@ -554,16 +554,23 @@ class Trainer:
     def _check_model_settings(self, path: Path) -> None:
         """Refuse a model whose settings differ from the checkpoint's with the same tensor shapes
         (another fusion, top-k, window: it would train on silently); warn of those a resumed run
-        may change (`MAY_CHANGE_ON_RESUME`)."""
-        saved = path / MODEL_CONFIG_FILE
-        if not saved.is_file():  # written by every checkpoint since the first releases
-            return
-        refused, allowed = setting_changes(json.loads(saved.read_text()), self.model_config.to_dict())
-        if refused:
-            raise ConfigError(f"config: {path} was trained with other model settings ({'; '.join(refused[:3])}"
-                              f"{f'; {len(refused) - 3} more' if len(refused) > 3 else ''}); resume with the "
-                              f"checkpoint's (its {MODEL_CONFIG_FILE}), or start a new run from its weights with "
-                              "--checkpoint.init_from")
+        may change (`MAY_CHANGE_ON_RESUME`). Rank 0 reads the file and decides for every rank."""
+        def compare() -> list[str]:
+            saved = path / MODEL_CONFIG_FILE
+            try:  # through ModelConfig: a field added since the checkpoint was written has its default
+                old = ModelConfig.from_dict(json.loads(saved.read_text())).to_dict()
+            except (OSError, ValueError, TypeError) as e:
+                raise ConfigError(f"config: cannot read {saved} ({type(e).__name__}: {e}); the checkpoint is "
+                                  "damaged, resume from another") from None
+            refused, allowed = setting_changes(old, self.model_config.to_dict())
+            if refused:
+                raise ConfigError(f"config: {path} was trained with other model settings ({'; '.join(refused[:3])}"
+                                  f"{f'; {len(refused) - 3} more' if len(refused) > 3 else ''}); resume with the "
+                                  f"checkpoint's --arch/--size/model.overrides (its {MODEL_CONFIG_FILE}), or start a "
+                                  "new run from its weights with --checkpoint.init_from")
+            return allowed
+
+        allowed = rank0_decides(compare, self.is_main)
         if allowed and self.is_main:
             log.warning("resumed with model settings other than the checkpoint's: %s", "; ".join(allowed))
 
@@ -608,6 +615,8 @@ class Trainer:
         try:
             self.train_loader.load_state_dict([r["loader"] for r in ranks])
         except DataInputError as e:
+            if e.field.startswith("data.sources["):  # other data at the checkpoint's path: names its own fix
+                raise ConfigError(f"config: {e}") from None
             key = {"seed": "train.seed", "sources": "data.sources", "num_streams": "data.num_streams"}.get(e.field)
             if key is None:
                 raise

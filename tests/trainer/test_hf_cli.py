@@ -309,3 +309,20 @@ def test_init_from_a_different_model_names_the_tensors(llama_checkpoint, corpus,
                                   f"--checkpoint.init_from={llama_checkpoint}"))
     with pytest.raises(ConfigError, match="init_from.*do not fit.*blocks"):
         trainer.resume()
+
+
+def test_an_out_that_appears_during_the_export_is_left_alone(llama_checkpoint, tmp_path, monkeypatch, capsys):
+    """Another export into the same --out finished first: this one must not replace it."""
+    from pretrain import hf
+
+    out = tmp_path / "hf"
+    real = hf.hf_tokenizer
+
+    def tokenizer_then_rival(tok):
+        out.mkdir()
+        (out / "theirs.txt").write_text("the other export's")
+        return real(tok)
+    monkeypatch.setattr(hf, "hf_tokenizer", tokenizer_then_rival)
+    assert export(llama_checkpoint, out) == 2
+    assert "hf: appeared while this ran" in error_line(capsys)
+    assert [f.name for f in out.iterdir()] == ["theirs.txt"] and not list(tmp_path.glob(".tmp-*"))

@@ -70,3 +70,23 @@ def test_resumed_with_half_the_micro_batch_trains_the_same_batches(corpus, tmp_p
     assert sorted(got) == [3, 4], got
     for step, [loss] in got.items():
         assert abs(loss - straight[step][0]) < 1e-5 * abs(loss), (got, straight)
+
+
+def test_other_data_prepared_at_the_checkpoints_path_stops_the_resume(corpus, tmp_path):
+    """The corpus prepared again from fewer files at the same path: the saved stream positions would
+    point into other shards. Refused at start as a config error (exit 2), naming the source."""
+    import shutil
+
+    from data_pipeline.demo_corpus import stdlib_sources
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    data = shutil.copytree(corpus, tmp_path / "data")
+    Trainer(tiny_config(tmp_path / "run", data, 2)).train()
+    shutil.rmtree(data)
+    prepare(PrepareConfig(inputs=[str(f) for f in stdlib_sources(200_000)], tokenizer="byte", out=data,
+                          shard_tokens=1 << 13, val_fraction=0.3, workers=1, input_format="text", job_bytes=1 << 18,
+                          progress=False))
+    trainer = Trainer(tiny_config(tmp_path / "run", data, 4))
+    with pytest.raises(ConfigError, match=r"^config: .*manifest.json: data.sources\[0\]: the data differs from what "
+                                          r"the checkpoint trained on .*fix: resume with the data the run trained on"):
+        trainer.train()

@@ -76,8 +76,8 @@ def causal_suffix_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def _lower_right_causal(lq: int, lk: int) -> CausalBias:
     """SDPA's lower-right causal bias, made outside any dispatch mode: the bias is a tensor
-    subclass, which selective checkpointing's mode cannot create (eager only; a compiled graph
-    makes it as it is)."""
+    subclass, which selective checkpointing's mode cannot create. It holds no data (two lengths),
+    so no mode has anything to see in its creation (eager only; a compiled graph makes it as it is)."""
     if torch.compiler.is_compiling():
         return causal_lower_right(lq, lk)
     with _disable_current_modes():
