@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from pretrain.accounting import report
 from pretrain.model.presets import ARCHS, SIZES, model_config
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"arch": a, "size": args.size, **report(cfg, args.seq_len)})
     if not rows:
         ap.error(unfit[0][1])
-    if unfit and not args.json:
-        print(f"left out (they do not take --ratio/--placement as given): {', '.join(a for a, _ in unfit)}")
+    if unfit:  # on stderr: --json keeps stdout one JSON document
+        print(f"left out (they do not take --ratio/--placement as given): {', '.join(a for a, _ in unfit)}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(rows if args.arch == "all" else rows[0], indent=2))
         return
