@@ -227,7 +227,7 @@ def apply_toml(cfg: JobConfig, path: str | Path) -> None:
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e}); fix the syntax") from None
-    for key, value in _leaves(table, keep=("model.overrides",)):
+    for key, value in leaves(table, keep=("model.overrides",)):
         if key == "model.overrides":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: model.overrides must be a table; fix the value")
@@ -242,7 +242,7 @@ def validate(cfg: JobConfig) -> None:
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"config: {key} {why}")
 
-    for key, v in _leaves(cfg.to_dict()):
+    for key, v in leaves(cfg.to_dict()):
         if isinstance(v, float) and not math.isfinite(v):
             bad(key, f"= {v} must be a finite number; fix the value")
         if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63 and "overrides" not in key:
@@ -400,9 +400,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
         apply_toml(cfg, args.config)
     for flag, key in SHORTCUT_KEYS.items():
         value = getattr(args, flag.replace("-", "_"))
-        if key == "data.sources" and value:
+        if value is None:
+            continue
+        if key == "data.sources":  # a list of DIR[:WEIGHT]
             cfg.data.sources = list(value)
-        elif value is not None and key != "data.sources":
+        else:
             _set(cfg, key, value, "command line")
     for key, value in overrides:
         _set(cfg, key.replace("-", "_"), value, "command line")
@@ -410,19 +412,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
     return cfg, args
 
 
-def _leaves(table: dict[str, Any], prefix: str = "", keep: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+def leaves(table: dict[str, Any], prefix: str = "", keep: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
     """(dotted key, value) of every value that is not a table, or is one of the tables `keep`."""
     out = []
     for k, v in table.items():
         key = f"{prefix}{k}"
-        out.extend(_leaves(v, key + ".", keep) if isinstance(v, dict) and key not in keep else [(key, v)])
+        out.extend(leaves(v, key + ".", keep) if isinstance(v, dict) and key not in keep else [(key, v)])
     return out
 
 
 def to_toml(cfg: JobConfig) -> str:
     """The resolved config as TOML that `--config` reads back to the same JobConfig (tomli-w:
     nested model.overrides tables, any string, floats to the last bit)."""
-    missing = [key for key, v in _leaves(cfg.to_dict()) if v is None]
+    missing = [key for key, v in leaves(cfg.to_dict()) if v is None]
     if missing:
         raise ConfigError(f"config: {missing[0]} is None, which TOML cannot write; give the key a value")
     try:

@@ -146,8 +146,8 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
         return load_tokenizer(source)
     except DataInputError as e:
         raise CliError(f"{where}: data.sources[0] {source!r}: the run's tokenizer is unreadable ({e.path}: "
-                       f"{e.problem}); run from the directory the training was launched from (a relative source is read "
-                       f"from there), or pass --tokenizer ({TOKENIZER_HELP})"
+                       f"{e.problem}); run from the directory the training was launched from (a relative source "
+                       f"is read from there), or pass --tokenizer ({TOKENIZER_HELP})"
                        ) from None
 
 

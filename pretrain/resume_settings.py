@@ -1,7 +1,8 @@
 """Settings a resumed run may change from its checkpoint's, and what it says when they do.
 
-The data order (streams, seed, sources) and the model are checked elsewhere and refused when they
-change. The settings here may legitimately change on resume, but never silently: the global batch
+The data order (streams, seed, sources) is checked elsewhere and refused when it changes. Model
+settings that keep every tensor's shape are refused unless a resume may change them
+(`MAY_CHANGE_ON_RESUME`). The rest may legitimately change, but never silently: the global batch
 (kept when the run left it to the layout, so a job restarted on fewer or more ranks trains on the
 same batch), the LR schedule and its length, the sequence length, and the validation windows
 (val/nll stays comparable only over the same windows).
@@ -14,7 +15,30 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.checkpoint import CONFIG_FILE
-from pretrain.config import ConfigError, JobConfig
+from pretrain.config import ConfigError, JobConfig, leaves
+
+
+# Model settings a resumed run may change (warned): context extension (RoPE, max_seq_len), the SSD
+# chunk (numerics only), the MoE balance terms, and initialisation settings, which do nothing once
+# the weights exist. Any other difference is another model with the same tensor shapes.
+MAY_CHANGE_ON_RESUME = ("max_seq_len", "rope", "swa_rope_theta", "chunk_size", "moe.bias_update_rate",
+                        "moe.aux_loss_coef", "init_std", "a_init_range", "dt_min", "dt_max")
+
+
+def model_setting_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The fields two `ModelConfig.to_dict()`s differ in, as 'model.overrides.KEY old -> new':
+    (those a resumed run may not change, those it may)."""
+    def plain(v: Any) -> Any:  # a JSON list and a dataclass tuple are one value
+        return list(v) if isinstance(v, tuple) else v
+
+    before, after = dict(leaves(old)), dict(leaves(new))
+    refused, allowed = [], []
+    for key in sorted(before.keys() | after.keys()):
+        a, b = plain(before.get(key)), plain(after.get(key))
+        if a != b:
+            may = any(key == m or key.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME)
+            (allowed if may else refused).append(f"model.overrides.{key} {a!r} -> {b!r}")
+    return refused, allowed
 
 
 def read_saved_settings(path: Path) -> dict[str, Any]:
@@ -53,9 +77,9 @@ def keep_global_batch(cfg: JobConfig, dp_size: int, saved: dict[str, Any]) -> Jo
     if t.global_batch_tokens or kept == per_micro:
         return cfg
     if kept % per_micro:
-        raise ConfigError(f"config: checkpoint {saved['path']} trained on {kept} tokens per step, which {dp_size} data-parallel "
-                          f"ranks x train.micro_batch_size {t.micro_batch_size} x data.seq_len {cfg.data.seq_len} = "
-                          f"{per_micro} tokens per micro-step cannot make up; keep it with "
+        raise ConfigError(f"config: checkpoint {saved['path']} trained on {kept} tokens per step, which {dp_size} "
+                          f"data-parallel ranks x train.micro_batch_size {t.micro_batch_size} x data.seq_len "
+                          f"{cfg.data.seq_len} = {per_micro} tokens per micro-step cannot make up; keep it with "
                           f"train.global_batch_tokens={kept} and a train.micro_batch_size that divides it, or change "
                           f"the batch with train.global_batch_tokens={per_micro}")
     return dataclasses.replace(cfg, train=dataclasses.replace(t, global_batch_tokens=kept))

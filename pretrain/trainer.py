@@ -43,9 +43,10 @@ from pretrain.checkpoint_integrity import is_damage
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml, unused_settings
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
-from pretrain.resume_settings import changed_settings, keep_global_batch, read_saved_settings
+from pretrain.resume_settings import (changed_settings, keep_global_batch, model_setting_changes,
+                                     read_saved_settings, tokens_per_step)
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
-from pretrain.model.config import ModelConfig, setting_changes
+from pretrain.model.config import ModelConfig
 from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs, without_unneeded_starts
@@ -318,10 +319,11 @@ def check_document_masking(cfg: JobConfig, saved: dict[str, Any] | None) -> None
     mid-run) unless data.allow_document_masking_change; checkpoints without the key had it off."""
     if saved is None or cfg.data.allow_document_masking_change:
         return
-    if bool(saved["data"]["document_masking"]) != cfg.data.document_masking:
+    was = bool(saved["data"]["document_masking"])
+    if was != cfg.data.document_masking:
         raise ConfigError(f"config: data.document_masking={str(cfg.data.document_masking).lower()} but checkpoint "
-                          f"{saved['path']} was trained with {str(bool(saved['data']['document_masking'])).lower()}; drop the change, "
-                          "or set data.allow_document_masking_change=true to switch mid-run")
+                          f"{saved['path']} was trained with {str(was).lower()}; drop the change, or set "
+                          "data.allow_document_masking_change=true to switch mid-run")
 
 
 def resolve_num_streams(configured: int, dp_size: int, saved: int | None = None) -> int:
@@ -375,9 +377,8 @@ class Trainer:
                                           int(saved["data"]["num_streams"]) if saved else None)
         check_document_masking(cfg, saved)
         self._saved_settings = saved  # the rest is compared once the train state has loaded (`resume`)
-        self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams))
-        self.grad_accum = grad_accum_steps(cfg, self.dp_size)
-        self.tokens_per_step = self.grad_accum * self.dp_size * cfg.train.micro_batch_size * cfg.data.seq_len
+        self._set_batch(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams)))
+        cfg = self.cfg
 
         dtype = cfg.train.dtype
         if dtype == "auto":
@@ -536,14 +537,19 @@ class Trainer:
                         "as it would have uninterrupted; see docs/training.md (exact resume)", "; ".join(changes))
         return True
 
+    def _set_batch(self, cfg: JobConfig) -> None:
+        """Take `cfg` and the accumulation and tokens of its optimizer step."""
+        t = cfg.train
+        self.cfg, self.grad_accum = cfg, grad_accum_steps(cfg, self.dp_size)
+        self.tokens_per_step = tokens_per_step(t.global_batch_tokens, t.micro_batch_size, cfg.data.seq_len,
+                                               self.dp_size)
+
     def _check_settings(self, saved: dict[str, Any]) -> None:
         """Keep the checkpoint's global batch where this run left it to the layout; warn of every
         setting changed from the checkpoint's (pretrain/resume_settings.py)."""
         kept = keep_global_batch(self.cfg, self.dp_size, saved)
         if kept is not self.cfg:
-            self.cfg = kept
-            self.grad_accum = grad_accum_steps(kept, self.dp_size)
-            self.tokens_per_step = kept.train.global_batch_tokens
+            self._set_batch(kept)
             if self.is_main:
                 log.info("keeping the checkpoint's %d tokens per step (train.global_batch_tokens=0 on another "
                          "layout): %d accumulation steps", self.tokens_per_step, self.grad_accum)
@@ -562,7 +568,7 @@ class Trainer:
             except (OSError, ValueError, TypeError) as e:
                 raise ConfigError(f"config: cannot read {saved} ({type(e).__name__}: {e}); the checkpoint is "
                                   "damaged, resume from another") from None
-            refused, allowed = setting_changes(old, self.model_config.to_dict())
+            refused, allowed = model_setting_changes(old, self.model_config.to_dict())
             if refused:
                 raise ConfigError(f"config: {path} was trained with other model settings ({'; '.join(refused[:3])}"
                                   f"{f'; {len(refused) - 3} more' if len(refused) > 3 else ''}); resume with the "

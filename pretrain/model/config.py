@@ -195,35 +195,6 @@ class ModelConfig:
         return cls(**d)
 
 
-# Model settings a resumed run may change (warned): context extension (RoPE, max_seq_len), the SSD
-# chunk (numerics only), the MoE balance terms, and initialisation settings, which do nothing once
-# the weights exist. Any other difference is another model with the same tensor shapes.
-MAY_CHANGE_ON_RESUME = ("max_seq_len", "rope", "swa_rope_theta", "chunk_size", "moe.bias_update_rate",
-                        "moe.aux_loss_coef", "init_std", "a_init_range", "dt_min", "dt_max")
-
-
-def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The fields two `to_dict()`s (or a checkpoint's model_config.json) differ in, as
-    'model.overrides.KEY old -> new': (those a resumed run may not change, those it may)."""
-    def leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    def plain(v: Any) -> Any:
-        return list(v) if isinstance(v, tuple) else v
-
-    before, after = leaves(old), leaves(new)
-    refused, allowed = [], []
-    for key in sorted(before.keys() | after.keys()):
-        a, b = plain(before.get(key)), plain(after.get(key))
-        if a != b:
-            may = any(key == m or key.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME)
-            (allowed if may else refused).append(f"model.overrides.{key} {a!r} -> {b!r}")
-    return refused, allowed
-
-
 def override_error(key: str, value: Any = None) -> str | None:
     """Why `key` names no ModelConfig field (None when it does): a top-level field ('d_model'), a
     field of a nested section ('intra.fusion'), or a section given as a table of fields. Checked
