@@ -27,11 +27,12 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from parallel.distributed import all_gather_objects, all_reduce_scalar, barrier, broadcast_object, new_cpu_group
 from parallel.init import copy_full_into
@@ -165,6 +166,27 @@ def finish_interrupted_commits(ckpt_dir: Path) -> None:
             _swap_into_place(tmp, final)
 
 
+class CheckpointSaveFailed(RuntimeError):
+    """A save could not be written or sealed (a full disk, a quota, an I/O error): its message is
+    the one line a user needs."""
+
+
+def _os_error(e: BaseException) -> str | None:
+    """What stopped a save, in one line, when it was the filesystem (else None: a bug keeps its
+    traceback). DCP gathers every rank's exception, traceback and all, into one
+    CheckpointException, and a full disk surfaces from torch's file writer as a RuntimeError raised
+    while handling the OSError: the first OSError in any of their chains says it."""
+    failures = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else []
+    seen: list[BaseException] = []
+    for exc in failures or [e]:
+        while exc is not None and exc not in seen:
+            if isinstance(exc, OSError):
+                return f"{type(exc).__name__}: {exc}"
+            seen.append(exc)
+            exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @dataclass
 class _Pending:
     tmp: Path
@@ -207,20 +229,30 @@ class CheckpointManager:
         step), and in neither case the state of this run."""
         self.wait()
         final = self.dir / checkpoint_name(step)
-        tmp = self.dir / f".tmp-{final.name}"
+        pending = _Pending(self.dir / f".tmp-{final.name}", final, None)
         rank_states = all_gather_objects(rank_state)
+        problem = None
         if self.is_main:
-            tmp.mkdir(parents=True)
-            _write_durably(tmp / TRAIN_STATE, json.dumps({**shared_state, "ranks": rank_states}))
-            for name, text in texts.items():
-                _write_durably(tmp / name, text)
-        barrier()
-        if self.async_save:
-            future = _quiet_dcp(dcp.async_save, dcp_state, checkpoint_id=str(tmp), process_group=self._async_group)
-            self._pending = _Pending(tmp, final, future)
-        else:
-            _quiet_dcp(dcp.save, dcp_state, checkpoint_id=str(tmp))
-            self._pending = _Pending(tmp, final, None)
+            try:
+                pending.tmp.mkdir(parents=True)
+                _write_durably(pending.tmp / TRAIN_STATE, json.dumps({**shared_state, "ranks": rank_states}))
+                for name, text in texts.items():
+                    _write_durably(pending.tmp / name, text)
+            except OSError as e:
+                problem = _os_error(e)
+        problem = broadcast_object(problem)  # every rank stops, none waits for rank 0
+        if problem is not None:
+            self._abandon(pending, problem)
+        try:
+            if self.async_save:
+                pending.future = _quiet_dcp(dcp.async_save, dcp_state, checkpoint_id=str(pending.tmp),
+                                            process_group=self._async_group)
+            else:
+                _quiet_dcp(dcp.save, dcp_state, checkpoint_id=str(pending.tmp))
+        except (OSError, CheckpointException) as e:  # DCP gathers every rank's failure: all ranks raise
+            self._abandon_if_io(pending, e)
+        self._pending = pending
+        if not self.async_save:
             self.wait()
         return final
 
@@ -244,8 +276,11 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if pending.future is not None:
-            pending.future.result()
+        try:
+            if pending.future is not None:
+                pending.future.result()
+        except (OSError, CheckpointException) as e:  # the writer's collectives gave every rank the failure
+            self._abandon_if_io(pending, e)
         barrier()  # every rank's shards are on disk
         names = broadcast_object(sorted(p.name for p in pending.tmp.iterdir() if p.is_file()) if self.is_main else None)
         rank, world = _rank_and_world()
@@ -258,13 +293,37 @@ class CheckpointManager:
         parts = all_gather_objects(hashed)
         failed = [p for p in parts if isinstance(p, str)]
         if failed:
-            raise OSError(f"checkpoint {pending.final} could not be sealed ({failed[0]}); it was not committed")
+            self._abandon(pending, failed[0])
+        problem = None
         if self.is_main:
-            commit(pending.tmp, pending.final, {n: r for part in parts for n, r in part.items()})
-            self._prune(pending.final)
-            log.info("checkpoint saved: %s", pending.final)
-        barrier()
+            try:
+                commit(pending.tmp, pending.final, {n: r for part in parts for n, r in part.items()})
+            except OSError as e:
+                problem = _os_error(e)
+            else:
+                self._prune(pending.final)
+                log.info("checkpoint saved: %s", pending.final)
+        problem = broadcast_object(problem)
+        if problem is not None:
+            self._abandon(pending, problem)
         self.committed = pending.final
+
+    def _abandon_if_io(self, pending: _Pending, e: BaseException) -> NoReturn:
+        cause = _os_error(e)
+        if cause is None:
+            raise e
+        self._abandon(pending, cause)
+
+    def _abandon(self, pending: _Pending, cause: str) -> NoReturn:
+        """Remove a save that failed (a full disk would stay full with it) and stop every rank."""
+        if self.is_main:
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(self.dir).free / 2**20:,.0f} MiB free there now"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointSaveFailed(f"checkpoint {pending.final} could not be saved ({cause}); its partial files are "
+                                   f"removed ({free}) and the earlier checkpoints are untouched")
 
     def _prune(self, committed: Path) -> None:
         """Keep the `keep` newest committed checkpoints up to the one just committed (marker and
@@ -291,13 +350,18 @@ class CheckpointManager:
                           f"resume with the model settings of {path / CONFIG_FILE}, or train this model in a new "
                           "run directory")
         load_dcp(path, dcp_state, splits, entries)
-        try:
-            state = json.loads((path / TRAIN_STATE).read_text())
-        except (ValueError, UnicodeDecodeError) as e:  # sealed with its hash, so written by something else
-            raise CheckpointDamaged(f"{path}: {TRAIN_STATE} is not JSON ({type(e).__name__}); this checkpoint "
-                                    "was not written by pretrain/main.py: resume from another one") from None
+        return read_train_state(path)
+
+
+def read_train_state(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A verified checkpoint's train_state.json: (shared state, list of per-rank states)."""
+    try:
+        state = json.loads((path / TRAIN_STATE).read_text())
         ranks = state.pop("ranks")
-        return state, ranks
+    except (ValueError, UnicodeDecodeError, KeyError, AttributeError) as e:  # sealed with its hash: another writer
+        raise CheckpointDamaged(f"{path}: {TRAIN_STATE} is not a train state ({type(e).__name__}); this checkpoint "
+                                "was not written by pretrain/main.py: resume from another one") from None
+    return state, ranks
 
 
 def commit(tmp: Path, final: Path, records: dict[str, FileRecord] | None = None) -> None:

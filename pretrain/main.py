@@ -23,6 +23,7 @@ import torch
 from parallel.distributed import DistInfo, destroy_distributed, init_distributed
 from parallel.float8 import float8_unavailable
 from parallel.mesh import ParallelDims
+from pretrain.checkpoint import CheckpointSaveFailed
 from pretrain.config import ConfigError, JobConfig, parse_args, to_toml, unused_settings
 from pretrain.model.config import ModelConfig
 from pretrain.metrics import setup_logging
@@ -131,6 +132,9 @@ def exit_code(e: BaseException, cfg: JobConfig, info: DistInfo | None) -> int:
     if isinstance(e, ConfigError):
         log.error("%s", e)
         return EXIT_CONFIG
+    if isinstance(e, CheckpointSaveFailed):  # its message says it all: no traceback
+        log.error("%s", e)
+        return 1
     rank, world = (info.rank, info.world_size) if info else (launch_rank(), 0)
     log.error("rank %d of %d failed: %s: %s", rank, world, type(e).__name__, e, exc_info=e)
     return 1

@@ -14,7 +14,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pretrain.checkpoint import CONFIG_FILE
+from pretrain.checkpoint import CONFIG_FILE, read_train_state
+from pretrain.checkpoint_integrity import CheckpointDamaged
 from pretrain.config import ConfigError, JobConfig, leaves
 
 
@@ -43,14 +44,17 @@ def model_setting_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[lis
 
 def read_saved_settings(path: Path) -> dict[str, Any]:
     """The checkpoint's config (its config.toml over the defaults: a key added since it was written
-    has its default) as a dict, with `path` under 'path'. The functions below also need the
-    checkpoint's data-parallel size under 'dp_size' (from its train state, once loaded)."""
+    has its default) as a dict, with `path` under 'path' and its data-parallel size (from its train
+    state) under 'dp_size': all a resume compares, read before any model is built or loaded."""
     settings = dataclasses.asdict(JobConfig())
     try:
         for section, values in tomllib.loads((path / CONFIG_FILE).read_text()).items():
             if isinstance(settings.get(section), dict):
                 settings[section].update(values)
-    except (OSError, TypeError, ValueError, AttributeError) as e:
+        settings["dp_size"] = int(read_train_state(path)[0]["dp_size"])
+    except CheckpointDamaged as e:
+        raise ConfigError(f"config: {e}") from None
+    except (OSError, TypeError, ValueError, AttributeError, KeyError) as e:
         raise ConfigError(f"config: cannot read the settings of {path} ({type(e).__name__}: {e}); resume from a "
                           "checkpoint that pretrain/main.py wrote") from None
     settings["path"] = str(path)

@@ -35,10 +35,10 @@ from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.mixed_precision import WorkingCopies
 from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
-from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, NoIntactCheckpoint,
-                                 checkpoint_origin, checkpoint_step, find_latest_complete, finish_interrupted_commits,
-                                 list_checkpoints, load_model_weights, model_config_json, origin_key, set_aside,
-                                 verify_checkpoint, WeightsDoNotFit)
+from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, CheckpointSaveFailed,
+                                 NoIntactCheckpoint, checkpoint_origin, checkpoint_step, find_latest_complete,
+                                 finish_interrupted_commits, list_checkpoints, load_model_weights, model_config_json,
+                                 origin_key, read_train_state, set_aside, verify_checkpoint, WeightsDoNotFit)
 from pretrain.checkpoint_integrity import is_damage
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml, unused_settings
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
@@ -53,7 +53,7 @@ from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.optim import AdamWWithCopies, keep_implementation_on_load
 from pretrain.schedule import build_scheduler
-from pretrain.summary import finite_or_null, write_summary
+from pretrain.summary import SUMMARY_FILE, finite_or_null, write_summary
 
 T = TypeVar("T")
 log = logging.getLogger("pretrain")
@@ -376,8 +376,9 @@ class Trainer:
         num_streams = resolve_num_streams(cfg.data.num_streams, self.dp_size,
                                           int(saved["data"]["num_streams"]) if saved else None)
         check_document_masking(cfg, saved)
-        self._saved_settings = saved  # the rest is compared once the train state has loaded (`resume`)
         self._set_batch(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_streams=num_streams)))
+        if saved is not None:  # before any model is built: a refusal costs no checkpoint load
+            self._check_settings(saved)
         cfg = self.cfg
 
         dtype = cfg.train.dtype
@@ -396,6 +397,8 @@ class Trainer:
         self.model = build_model_from_config(cfg, device="meta")
         template = copy.deepcopy(self.model)  # unsharded, unwrapped: init_sharded's full modules
         self.model_config = self.model.config
+        if path is not None:
+            self._check_model_settings(path)
         self.pipeline: Pipeline | None = None
         wrap = wrap_options(cfg, self.compute_dtype)
         with agreed_config_errors():
@@ -421,6 +424,8 @@ class Trainer:
             self.sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank=self.dp_rank,
             dp_size=self.dp_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
             num_streams=cfg.data.num_streams, emit_doc_boundaries=cfg.data.document_masking)
+        if path is not None:  # the data order is checked here, before the checkpoint's tensors load
+            self._load_loader_state(read_train_state(path)[1])
         self._train_iter = None
 
         from pretrain.accounting import flops_per_token
@@ -512,16 +517,13 @@ class Trainer:
         state = self._dcp_state()
         try:
             shared, ranks = self.ckpt.load(path, state, legacy_splits(self.model_config))
-        except WeightsDoNotFit as e:  # another --arch / --size / model override than the checkpoint's
+        except WeightsDoNotFit as e:  # tensors its model_config.json did not announce (written by other code)
             raise ConfigError(f"config: {e}") from None
-        self._check_model_settings(path)
-        self._check_settings({**self._saved_settings, "dp_size": shared["dp_size"]})
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self._sync_copies()
         self.scheduler.load_state_dict(shared["scheduler"])
         self._restore_hyperparameters()
         self.progress = TrainProgress(**{k: math.nan if v is None else v for k, v in shared["progress"].items()})
-        self._load_loader_state(ranks)
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         restore_rng_state(mine["rng"])
         self._resumed_from = path
@@ -558,9 +560,10 @@ class Trainer:
                 log.warning("resumed with a changed setting: %s", change)
 
     def _check_model_settings(self, path: Path) -> None:
-        """Refuse a model whose settings differ from the checkpoint's with the same tensor shapes
-        (another fusion, top-k, window: it would train on silently); warn of those a resumed run
-        may change (`MAY_CHANGE_ON_RESUME`). Rank 0 reads the file and decides for every rank."""
+        """Refuse a model whose settings differ from the checkpoint's, at start (another fusion,
+        top-k or window keeps every tensor's shape: it would train on silently); warn of those a
+        resumed run may change (`MAY_CHANGE_ON_RESUME`). Rank 0 reads the file and decides for
+        every rank."""
         def compare() -> list[str]:
             saved = path / MODEL_CONFIG_FILE
             try:  # through ModelConfig: a field added since the checkpoint was written has its default
@@ -572,8 +575,8 @@ class Trainer:
             if refused:
                 raise ConfigError(f"config: {path} was trained with other model settings ({'; '.join(refused[:3])}"
                                   f"{f'; {len(refused) - 3} more' if len(refused) > 3 else ''}); resume with the "
-                                  f"checkpoint's --arch/--size/model.overrides (its {MODEL_CONFIG_FILE}), or start a "
-                                  "new run from its weights with --checkpoint.init_from")
+                                  f"checkpoint's --arch/--size/model.overrides (its {MODEL_CONFIG_FILE}), or (tensors of "
+                                  "the same shapes) start a new run from its weights with --checkpoint.init_from")
             return allowed
 
         allowed = rank0_decides(compare, self.is_main)
@@ -868,9 +871,13 @@ class Trainer:
                     self.metrics.reset_window()  # tokens/s and MFU measure training steps only
                 # A signal during the last step needs no requeue: the run is finishing anyway.
                 if p.step < cfg.train.steps and self._stop_requested():
-                    self.save_checkpoint()
-                    self.ckpt.wait()
-                    raise Preempted(f"signal {self.preemption.signum} at step {p.step}")
+                    signal = f"signal {self.preemption.signum} at step {p.step}"
+                    try:
+                        self.save_checkpoint()
+                        self.ckpt.wait()
+                    except CheckpointSaveFailed as e:  # still preempted: the requeued run resumes from an older one
+                        raise Preempted(f"{signal}; {e}") from None
+                    raise Preempted(signal)
                 # Mid-streak saves would only repeat the last good state under a newer name.
                 periodic = self._should(cfg.checkpoint.every) and p.bad_steps_consecutive == 0
                 if periodic or p.step == cfg.train.steps:
@@ -939,5 +946,10 @@ class Trainer:
             "run_dir": str(self.run_dir),
         }
         if self.is_main:
-            write_summary(self.run_dir, summary)
+            try:
+                write_summary(self.run_dir, summary)
+            except OSError as e:
+                if status == "finished":
+                    raise
+                log.error("could not write %s (%s: %s)", self.run_dir / SUMMARY_FILE, type(e).__name__, e)
         return summary

@@ -17,6 +17,7 @@ import torch
 from pretrain.checkpoint import CheckpointManager, find_latest_complete, verify_checkpoint
 from pretrain.checkpoint_integrity import (CheckpointDamaged, FileRecord, file_digest, read_marker, share,
                                           write_marker)
+from pretrain.config import ConfigError
 from pretrain.summary import read_summary
 from pretrain.trainer import Trainer
 from trainer_helpers import losses, signal_during_step, tiny_config
@@ -184,9 +185,8 @@ def test_crafted_train_state_runs_no_code_even_with_a_matching_marker(reference,
     sentinel, state = tmp_path / "code_ran", ckpts / "step_00000002" / "train_state.json"
     state.write_bytes(crafted_pickle(state.stat().st_size, sentinel))
     reseal(ckpts / "step_00000002")
-    trainer = Trainer(tiny_config(tmp_path, corpus, 4))
-    with pytest.raises(CheckpointDamaged, match="train_state.json is not JSON"):
-        trainer.train()
+    with pytest.raises(ConfigError, match="train_state.json is not a train state .*not written by pretrain/main.py"):
+        Trainer(tiny_config(tmp_path, corpus, 4))  # read for the saved settings at start: one line, exit 2
     assert not sentinel.exists()
 
 
@@ -274,7 +274,6 @@ def test_a_commit_interrupted_between_its_renames_is_finished(tmp_path):
 
 def test_a_run_whose_checkpoints_all_fail_stops_instead_of_starting_over(tmp_path):
     """Starting from step 0 would overwrite the damaged checkpoints one by one: stop, exit 2."""
-    from pretrain.config import ConfigError
     from pretrain.trainer import choose_resume_checkpoint
 
     mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=False, is_main=True)
@@ -331,8 +330,6 @@ def test_rewind_sets_later_steps_aside_and_the_requeued_command_continues_it(ref
     auto-resume ever jump back to the old trajectory."""
     from pretrain.checkpoint import checkpoint_origin, list_checkpoints, origin_key
 
-    from pretrain.config import ConfigError
-
     reference_dir, _ = reference
     ck = copy_checkpoints(reference_dir, tmp_path, (2, 4, 6))
     shutil.copy(reference_dir / "metrics.jsonl", tmp_path)
@@ -384,38 +381,34 @@ def test_resume_runs_this_configs_optimizer_settings_and_schedule(reference, cor
     assert expected > 0 and decay["lr"] == no_decay["lr"] == expected == trainer.scheduler.get_last_lr()[0]
 
 
-def test_resuming_into_another_model_stops_at_start_naming_the_tensors(reference, corpus, tmp_path):
-    from pretrain.config import ConfigError
+def test_resuming_into_another_model_stops_before_loading_naming_the_setting(reference, corpus, tmp_path):
+    """Compared with the checkpoint's model_config.json before any model is built on a device or
+    any checkpoint file is read (which takes minutes at scale)."""
 
     reference_dir, _ = reference
     copy_checkpoints(reference_dir, tmp_path, (6,))
-    trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.moe.n_experts=4"))
-    with pytest.raises(ConfigError, match=r"weights do not fit this model .*experts.* is \(8, .*\(4, .*config.toml"):
-        trainer.resume()
+    with pytest.raises(ConfigError, match=r"step_00000006 was trained with other model settings \(model.overrides."
+                                          r"moe.n_experts 8 -> 4\); resume with the checkpoint's"):
+        Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.moe.n_experts=4"))
 
 
 def test_resuming_with_other_model_settings_of_the_same_shapes_stops_or_warns(reference, corpus, tmp_path, caplog):
     """Another fusion (or top-k, window) keeps every tensor's shape: refused at start, naming the
     setting; a setting a resumed run may change (MAY_CHANGE_ON_RESUME) is warned and taken."""
-    from pretrain.config import ConfigError
 
     reference_dir, _ = reference
     copy_checkpoints(reference_dir, tmp_path, (6,))
-    trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.intra.fusion=add",
-                                  "--model.overrides.moe.top_k=2"))
     with pytest.raises(ConfigError, match=r"step_00000006 was trained with other model settings \(model.overrides."
                                           r"intra.fusion 'subtract' -> 'add'; model.overrides.moe.top_k 1 -> 2\); "
                                           r"resume with the checkpoint's .*--checkpoint.init_from"):
-        trainer.resume()
-    trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.rope.theta=10000"))
+        Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.intra.fusion=add", "--model.overrides.moe.top_k=2"))
     with caplog.at_level(logging.WARNING):
-        assert trainer.resume()
+        assert Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.rope.theta=10000")).resume()
     assert "model settings other than the checkpoint's: model.overrides.rope.theta 500000.0 -> 10000" in caplog.text
 
 
 @pytest.mark.parametrize("where", ["missing", "run dir", "checkpoints dir"])
 def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(reference, tmp_path, where):
-    from pretrain.config import ConfigError
     from pretrain.trainer import choose_resume_checkpoint
 
     reference_dir, _ = reference
@@ -426,8 +419,6 @@ def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(reference, tmp
 
 
 def test_resuming_with_another_seed_names_the_config_key(reference, corpus, tmp_path):
-    from pretrain.config import ConfigError
-
     reference_dir, _ = reference
     copy_checkpoints(reference_dir, tmp_path, (6,))
     with pytest.raises(ConfigError, match=r"train\.seed is not the resumed checkpoint's \(checkpoint has 0, loader has 7\)"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import resource
 import signal
 import time
 from pathlib import Path
@@ -186,3 +187,46 @@ def test_sigterm_to_every_process_with_loader_workers_saves_and_exits_for_requeu
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
     summary = read_summary(run_dir)
     assert summary["status"] == "preempted" and verify_checkpoint(Path(summary["checkpoint"])) is None
+
+
+def files_up_to(size: int):
+    """A child's pre-exec hook: writing a file past `size` bytes fails (EFBIG), as a write to a full
+    disk does, without needing a small filesystem mounted."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return limit
+
+
+def test_a_save_that_cannot_be_written_stops_in_one_line_and_keeps_the_earlier_checkpoints(corpus, tmp_path):
+    """The tiny model's tensors (~6 MB) no longer fit: the run stops with one line (exit 1), the
+    partial save is removed (it would keep a disk full), the step-2 checkpoint still resumes."""
+    run_dir = tmp_path / "full"
+    run_to_end(tiny_args(run_dir, corpus, 2))
+    proc = launch(tiny_args(run_dir, corpus, 4), preexec_fn=files_up_to(1 << 20))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    [error] = [line for line in out.splitlines() if " ERROR " in line]
+    assert "checkpoint " + str(run_dir / "checkpoints" / "step_00000004") + " could not be saved (OSError: [Errno 27] " \
+           "File too large); its partial files are removed" in error and "earlier checkpoints are untouched" in error
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    summary = read_summary(run_dir)
+    assert summary["status"] == "failed" and summary["error"].startswith("CheckpointSaveFailed: checkpoint ")
+    step2 = run_dir / "checkpoints" / "step_00000002"
+    assert summary["checkpoint"] == str(step2) and verify_checkpoint(step2) is None
+
+
+def test_sigterm_whose_save_fails_still_exits_for_requeue(corpus, tmp_path):
+    """Preempted, and the save cannot be written: still exit 75 (the requeued run resumes from the
+    last checkpoint, here none), with the save's failure in summary.json."""
+    run_dir = tmp_path / "preempted"
+    proc = launch(tiny_args(run_dir, corpus, STEPS, "--checkpoint.every=0"), preexec_fn=files_up_to(1 << 20))
+    wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED and "Traceback" not in out, out[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "preempted" and summary["checkpoint"] is None
+    assert "; checkpoint " in summary["error"] and "could not be saved (OSError: [Errno 27] File too large)" in \
+        summary["error"]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))

@@ -27,6 +27,9 @@ def test_resume_keeps_the_checkpoints_count(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot read the settings of .*step_00000002 \(FileNotFoundError.*config.toml"):
         read_saved_settings(ckpt)
     (ckpt / "config.toml").write_text("[data]\nnum_streams = 8\n")
+    with pytest.raises(ConfigError, match=r"cannot read the settings of .*step_00000002 \(FileNotFoundError.*train_state"):
+        read_saved_settings(ckpt)
+    (ckpt / "train_state.json").write_text('{"dp_size": 2, "ranks": []}')
     saved = read_saved_settings(ckpt)["data"]["num_streams"]
     assert saved == 8 and resolve_num_streams(0, 2, saved) == 8 and resolve_num_streams(8, 2, saved) == 8
     with pytest.raises(ConfigError, match=r"num_streams=8\) is not divisible by the 3 data-parallel ranks"):

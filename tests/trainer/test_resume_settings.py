@@ -50,8 +50,10 @@ def test_schedule_length_sequence_and_validation_changes_are_each_named():
 
 def test_read_saved_settings_fills_keys_an_older_checkpoint_lacks(tmp_path):
     (tmp_path / "config.toml").write_text("[train]\nsteps = 7\n")
+    (tmp_path / "train_state.json").write_text('{"dp_size": 4, "ranks": []}')
     saved = read_saved_settings(tmp_path)
     assert saved["train"]["steps"] == 7 and saved["schedule"]["kind"] == "trapezoid" and saved["path"] == str(tmp_path)
+    assert saved["dp_size"] == 4
 
 
 def test_resumed_with_half_the_micro_batch_trains_the_same_batches(corpus, tmp_path, caplog):
@@ -59,9 +61,9 @@ def test_resumed_with_half_the_micro_batch_trains_the_same_batches(corpus, tmp_p
     checkpoint's batch up, and the losses continue the uninterrupted run's (to fp32 rounding)."""
     Trainer(tiny_config(tmp_path / "straight", corpus, 4, "--train.global_batch_tokens=0")).train()
     step2 = tmp_path / "straight" / "checkpoints" / "step_00000002"
-    resumed = Trainer(tiny_config(tmp_path / "resumed", corpus, 4, "--train.global_batch_tokens=0",
-                                  "--train.micro_batch_size=2", f"--checkpoint.resume_from={step2}"))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO):  # decided at start, before the checkpoint loads
+        resumed = Trainer(tiny_config(tmp_path / "resumed", corpus, 4, "--train.global_batch_tokens=0",
+                                      "--train.micro_batch_size=2", f"--checkpoint.resume_from={step2}"))
         resumed.train()
     assert resumed.grad_accum == 2 and resumed.tokens_per_step == 4 * 32
     assert "keeping the checkpoint's 128 tokens per step (train.global_batch_tokens=0 on another layout): 2 " \
@@ -86,7 +88,6 @@ def test_other_data_prepared_at_the_checkpoints_path_stops_the_resume(corpus, tm
     prepare(PrepareConfig(inputs=[str(f) for f in stdlib_sources(200_000)], tokenizer="byte", out=data,
                           shard_tokens=1 << 13, val_fraction=0.3, workers=1, input_format="text", job_bytes=1 << 18,
                           progress=False))
-    trainer = Trainer(tiny_config(tmp_path / "run", data, 4))
     with pytest.raises(ConfigError, match=r"^config: .*manifest.json: data.sources\[0\]: the data differs from what "
                                           r"the checkpoint trained on .*fix: resume with the data the run trained on"):
-        trainer.train()
+        Trainer(tiny_config(tmp_path / "run", data, 4))  # at start, before the checkpoint's tensors load
