@@ -6,10 +6,12 @@ manifest needs an identity (`kind` + sha256) so a prepared dir always names the 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders
 
 from data_pipeline.errors import DataInputError
 
@@ -44,6 +46,10 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> list[int]:
+        """The UTF-8 bytes each id stands for: 1, and 0 for BOS/EOS."""
+        return [1] * 256 + [0, 0]
 
     @property
     def identity(self) -> TokenizerIdentity:
@@ -86,6 +92,27 @@ class JsonTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self) -> list[int]:
+        """The UTF-8 bytes each id stands for (special tokens: 0), so that a text's bytes are the
+        sum over its tokens even where a character's bytes are split between tokens: decoding such
+        a token alone gives U+FFFD. Byte-level BPE spells each byte as one character of its token;
+        byte-fallback tokens (<0xE3>) are one byte; other tokens count their text, SentencePiece's
+        word marker as the space it stands for."""
+        added = self._tok.get_added_tokens_decoder()
+        byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
+        out = []
+        for i in range(self.vocab_size):
+            token = self._tok.id_to_token(i) or ""
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+                out.append(1)
+            elif i in added:
+                out.append(0 if added[i].special else len(added[i].content.encode("utf-8")))
+            elif byte_level:
+                out.append(len(token))
+            else:
+                out.append(len(token.replace("\u2581", " ").encode("utf-8")))
+        return out
 
     @property
     def identity(self) -> TokenizerIdentity:

@@ -9,6 +9,7 @@ from typing import Any
 
 from data_pipeline.files import write_atomic
 from pretrain.evaluation.runner import RESULTS_FILE, draw, remove_stale_figures
+from pretrain.evaluation.subject import unique_labels
 from pretrain.hf import CliError
 
 COMPARE_FILE = "compare.json"
@@ -32,18 +33,16 @@ def read_results(path: Path) -> dict[str, Any]:
 
 def merge(paths: list[Path]) -> list[dict[str, Any]]:
     """One entry per checkpoint (its absolute path) over every results file, suites run separately
-    joined (a suite present in several inputs: the later input's); a label two checkpoints share
-    gets the run name."""
+    joined (a suite present in several inputs: the later input's), labelled over them all as
+    `evaluate` labels the checkpoints of one run."""
     merged: dict[str, dict[str, Any]] = {}
     for path in paths:
         for entry in read_results(path)["checkpoints"]:
             merged.setdefault(str(Path(entry["checkpoint"]).resolve()), {}).update(entry)
     entries = list(merged.values())
-    labels = [e["label"] for e in entries]
-    for e in entries:
-        if labels.count(e["label"]) > 1:
-            step = Path(e["checkpoint"])
-            e["label"] = f"{e['label']} ({step.parent.parent.name}/{step.name})"
+    labels = unique_labels([e.get("arch") for e in entries], [Path(e["checkpoint"]) for e in entries])
+    for e, label in zip(entries, labels):
+        e["label"] = label
     return entries
 
 

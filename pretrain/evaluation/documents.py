@@ -26,8 +26,9 @@ def iter_documents(data_dir: Path, split: str = "val") -> Iterator[np.ndarray]:
 
 def long_windows(data_dir: Path, length: int, count: int) -> tuple[np.ndarray, str]:
     """`count` windows of BOS + `length` tokens from single documents at least that long; when the
-    data has too few, the rest are documents packed end to end (EOS, BOS between them), which the
-    JSON records as `source: packed` since the per-position loss then mixes document starts in."""
+    data has too few, the rest are the other documents packed end to end (EOS, BOS between them),
+    which the JSON records as `source: packed` since the per-position loss then mixes document
+    starts in."""
     manifest = read_manifest(data_dir)
     bos, eos = manifest.bos_id, manifest.eos_id
     windows = [np.concatenate([[bos], d[:length]]) for d in iter_documents(data_dir) if len(d) >= length][:count]
@@ -35,6 +36,8 @@ def long_windows(data_dir: Path, length: int, count: int) -> tuple[np.ndarray, s
         return np.stack(windows), "documents"
     stream: list[int] = []
     for doc in iter_documents(data_dir):
+        if len(doc) >= length:  # a window already: every long document is one
+            continue
         stream += [bos, *doc.tolist(), eos]
         while len(stream) >= length + 1 and len(windows) < count:
             windows.append(np.asarray(stream[:length + 1]))

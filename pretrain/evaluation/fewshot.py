@@ -4,13 +4,15 @@ tokenizer and needs no lm_eval; `pretrain.evaluation.harness` wraps it as an lm_
 (`--model hybrid`), imported only when the suite runs (`pip install 'hybrid-pretrain[eval]'`).
 
 Token handling follows the harness's own HF model: BOS starts every sequence (as in training), a
-context's trailing spaces move to the continuation, and the continuation's tokens are those of
+context's trailing whitespace moves to the continuation, and the continuation's tokens are those of
 encode(context + continuation) past encode(context), so the split follows the tokenizer's merges
 across the boundary. Where a merge crosses it (encode(context) is not a prefix of the whole), the
-two are encoded apart. Sequences longer than `max_length` keep their last tokens.
+two are encoded apart. Sequences longer than `max_length` keep their last tokens; rolling
+log-likelihoods use the harness's own windows; generation stops at the first `until` string or EOS.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,10 @@ class Scorer:
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
         self.model, self.tok, self.max_length, self.batch_size = model, tokenizer, max_length, batch_size
         self.device, self.dtype = device, dtype
+        self._warned_room = False
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        stripped = context.rstrip(" ")
+        stripped = context.rstrip()
         continuation = context[len(stripped):] + continuation
         whole = self.tok.encode(stripped + continuation)
         ctx = self.tok.encode(stripped)
@@ -66,23 +69,37 @@ class Scorer:
         return self.score([self.encode_pair(ctx, cont) for ctx, cont in requests])
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[float]:
-        """Log-likelihood of whole texts: disjoint windows of `max_length` tokens, each conditioned on
-        the token before it (BOS for the first)."""
+        """Log-likelihood of whole texts over the harness's windows: disjoint predicted spans of up
+        to `max_length` tokens, each conditioned on as many tokens before it as fit (BOS first)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
         totals = []
         for text in texts:
-            tokens = [self.tok.bos_id, *self.tok.encode(text)]
-            windows = [(tokens[s - 1:s], tokens[s:s + self.max_length]) for s in range(1, len(tokens), self.max_length)]
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok.encode(text), prefix_token=self.tok.bos_id, max_seq_len=self.max_length,
+                context_len=1)]
             totals.append(sum(lp for lp, _ in self.score(windows)))
         return totals
 
     @torch.no_grad()
     def generate_until(self, context: str, until: list[str], max_new_tokens: int) -> str:
-        """Greedy continuation of `context`, cut before the first of the `until` strings."""
-        ids = [self.tok.bos_id, *self.tok.encode(context)][-max(1, self.max_length - max_new_tokens):]
+        """Greedy continuation of `context`, cut at EOS and before the first of the `until` strings.
+        The context keeps its last max_length - max_new_tokens tokens, as the harness's HF model
+        does; where that leaves none, its last max_length (the generation then runs past the
+        training length, which the harness's model refuses), said once."""
+        room = self.max_length - max_new_tokens
+        if room < 1 and not self._warned_room:
+            print(f"fewshot: max_gen_toks {max_new_tokens} >= the model's max_length {self.max_length}: contexts keep "
+                  f"their last {self.max_length} tokens and generation runs past the training length", file=sys.stderr)
+            self._warned_room = True
+        ids = [self.tok.bos_id, *self.tok.encode(context)][-(room if room >= 1 else self.max_length):]
         prompt = torch.tensor([ids], device=self.device)
         with autocast(self.device, self.dtype):
             out = self.model.generate(prompt, max_new_tokens=max_new_tokens)
-        text = self.tok.decode(out[0, len(ids):].tolist())
+        new = out[0, len(ids):].tolist()
+        if self.tok.eos_id in new:
+            new = new[:new.index(self.tok.eos_id)]
+        text = self.tok.decode(new)
         cuts = [text.index(u) for u in until if u and u in text]
         return text[:min(cuts)] if cuts else text
 

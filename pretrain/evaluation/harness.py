@@ -20,10 +20,15 @@ from lm_eval.api.registry import register_model
 from pretrain.evaluation.fewshot import Scorer
 
 
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+          "float32": torch.float32}  # None: bf16 on CUDA, else fp32
+
+
 @register_model("hybrid", "ours")
 class HybridHarnessLM(LM):
     """model_args: checkpoint (run or step dir), data (prepared dir with the tokenizer; default the
-    run's), dtype (fp32 | bf16), max_length (default: the training length). batch_size, device and
+    run's), dtype (auto | fp32 | bf16, or torch's names float32 | bfloat16), max_length (default:
+    the training length). batch_size, device and
     max_batch_size come from lm_eval's own options (an 'auto' batch size is 8; max_batch_size is
     unused: batches are padded to their longest sequence)."""
 
@@ -64,8 +69,10 @@ def scorer_for(checkpoint: str | None, data: str | None, dtype: str, max_length:
             print(f"device {device} is not available; evaluating on the CPU", file=sys.stderr)
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dtype not in DTYPES:
+        raise CliError(f"--model_args dtype={dtype}: not one of {', '.join(DTYPES)}")
     subject = load_subject(Path(checkpoint), dev)
-    dt = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda") else torch.float32
+    dt = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
     tok = load_tokenizer(subject.data_dir(data))
     return Scorer(subject.model, tok, int(max_length or subject.train_seq_len), batch, dev, dt)
@@ -91,16 +98,26 @@ def check_tasks(tasks: Sequence[str], include: str | None) -> None:
                        f"tasks`{'' if include else '; local task YAMLs go in --fewshot-include DIR'})")
 
 
+def metric_name(key: str) -> str:
+    """lm-eval's 'metric,filter' key as we report it: the metric alone for its unfiltered value
+    ('acc,none' -> 'acc'), else 'metric,filter' (gsm8k's 'exact_match,strict-match' and
+    'exact_match,flexible-extract' are two results)."""
+    metric, _, filt = key.partition(",")
+    return metric if filt in ("", "none") else key
+
+
 def evaluate_tasks(scorer: Scorer, tasks: list[str], limit: int | None, include: str | None) -> dict[str, Any]:
-    """Run lm-eval's tasks; {"tasks": {task: {metric: value}}, "average": mean of the tasks' acc}."""
+    """Run lm-eval's tasks; {"tasks": {task or group: {metric: value}}, "average": mean acc of the
+    tasks (groups, which lm-eval reports beside their tasks, are not counted again)}."""
     from lm_eval import simple_evaluate
 
     result = simple_evaluate(model=HybridHarnessLM(scorer=scorer), tasks=tasks, limit=limit,
                              task_manager=task_manager(include), log_samples=False)
-    metrics = {task: {k.split(",")[0]: v for k, v in values.items()
+    metrics = {task: {metric_name(k): v for k, v in values.items()
                       if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
                for task, values in result["results"].items()}
-    accs = [m["acc"] for m in metrics.values() if "acc" in m]
+    groups = set(result.get("groups") or ())
+    accs = [m["acc"] for task, m in metrics.items() if "acc" in m and task not in groups]
     return {"tasks": metrics, "average": sum(accs) / len(accs) if accs else None, "limit": limit}
 
 

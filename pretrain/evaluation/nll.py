@@ -1,8 +1,9 @@
 """`nll` suite: next-token NLL (nats/token) and bits per byte on a prepared split.
 
 With `document_masking` (a run trained with data.document_masking) every packed document is
-scored as if alone. Bits per byte divide the summed NLL by the UTF-8 bytes the target tokens decode to (special tokens
-count zero bytes), so models with different tokenizers compare on the same text.
+scored as if alone. Bits per byte divide the summed NLL by the UTF-8 bytes the target tokens stand for
+(`Tokenizer.token_bytes`: special tokens count zero; a character split between tokens, or between
+rows, counts its own bytes once), so models with different tokenizers compare on the same text.
 """
 from __future__ import annotations
 
@@ -19,18 +20,12 @@ from pretrain.hf import CliError
 from pretrain.model.packed import without_unneeded_starts
 
 
-def text_bytes(tokens: torch.Tensor, tokenizer: Tokenizer, special: set[int]) -> int:
-    """UTF-8 bytes of the text each row decodes to, summed over the rows."""
-    return sum(len(tokenizer.decode([t for t in row if t not in special]).encode("utf-8"))
-               for row in tokens.tolist())
-
-
 def run_nll(model, data_dir: Path, tokenizer: Tokenizer, seq_len: int, batch_size: int,
             max_batches: int | None, device: torch.device, dtype: torch.dtype,
             document_masking: bool = False) -> dict[str, Any]:
     loader = build_val_loader([(str(data_dir), 1.0)], seq_len, batch_size, max_batches=max_batches,
                               emit_doc_boundaries=document_masking)
-    special = {tokenizer.bos_id, tokenizer.eos_id}
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64)
     total, tokens_scored, n_bytes, batches = 0.0, 0, 0, 0
     for batch in loader:
         batch = without_unneeded_starts(batch)  # doc_starts only under document_masking, and where needed
@@ -40,7 +35,7 @@ def run_nll(model, data_dir: Path, tokenizer: Tokenizer, seq_len: int, batch_siz
             nll = token_nll(model, tokens[:, :-1], tokens[:, 1:], starts)
         total += float(nll.double().sum())
         tokens_scored += nll.numel()
-        n_bytes += text_bytes(batch["tokens"][:, 1:], tokenizer, special)
+        n_bytes += int(token_bytes[batch["tokens"][:, 1:]].sum())
         batches += 1
     if tokens_scored == 0:
         raise CliError(f"{data_dir}: the validation split holds less than one batch of {batch_size} x {seq_len} "

@@ -46,21 +46,22 @@ def plot_niah(label: str, r: dict[str, Any], path: Path) -> Path:
 
 
 def plot_inference(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Decode tokens/s (solid: up to each total; dotted: median step) and cache MiB vs total length."""
+    """Decode tokens/s (solid: up to each total; dotted: median step) and cache MiB per sequence (as
+    the comparison table: runs of another batch compare) vs total length."""
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
     for label, r in results.items():
         totals = [p["total"] for p in r["points"]]
         line, = speed.plot(totals, [p["tokens_per_s"] for p in r["points"]], marker="o", label=label)
         speed.plot(totals, [p["median_step_tokens_per_s"] for p in r["points"]], linestyle=":",
                    color=line.get_color())
-        memory.plot(totals, [p["cache_bytes"] / 2**20 for p in r["points"]], marker="o", label=label)
+        memory.plot(totals, [p["cache_bytes"] / 2**20 / r["batch"] for p in r["points"]], marker="o", label=label)
     for ax in (speed, memory):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
     speed.set(xlabel="total length (tokens)", ylabel="decode tokens/s",
               title="decode speed (dotted: from the median step)")
-    memory.set(xlabel="total length (tokens)", ylabel="cache MiB (measured)", title="inference cache")
+    memory.set(xlabel="total length (tokens)", ylabel="cache MiB per sequence (measured)", title="inference cache")
     speed.legend(fontsize=8)
     return save_figure(fig, path)
 

@@ -119,12 +119,14 @@ def run_name(checkpoint: Path) -> str:
     return checkpoint.parent.parent.name if checkpoint_step(checkpoint) is not None else checkpoint.name
 
 
+def unique_labels(archs: list[str | None], checkpoints: list[Path]) -> list[str]:
+    """Labels for tables and legends (figures key their series by them): the arch, made unique
+    with the run and step where needed, else the checkpoint's path."""
+    base = [arch or run_name(c) for arch, c in zip(archs, checkpoints)]
+    labels = [b if base.count(b) == 1 else f"{b} ({run_name(c)}/{c.name})" for b, c in zip(base, checkpoints)]
+    return [label if labels.count(label) == 1 else str(c) for label, c in zip(labels, checkpoints)]
+
+
 def label_subjects(subjects: list[Subject]) -> None:
-    """Labels for tables and legends: the arch, made unique with the run and step where needed."""
-    base = [s.info["arch"] or run_name(s.checkpoint) for s in subjects]
-    for s, b in zip(subjects, base):
-        s.label = b if base.count(b) == 1 else f"{b} ({run_name(s.checkpoint)}/{s.checkpoint.name})"
-    labels = [s.label for s in subjects]
-    for s in subjects:
-        if labels.count(s.label) > 1:
-            s.label = str(s.checkpoint)
+    for s, label in zip(subjects, unique_labels([s.info["arch"] for s in subjects], [s.checkpoint for s in subjects])):
+        s.label = label

@@ -66,3 +66,39 @@ def test_prepared_dir_records_tokenizer(tmp_path):
     (tmp_path / "out" / "tokenizer.json").write_text(tok_path.read_text() + "\n")  # same vocab, other file
     with pytest.raises(DataInputError, match="sha256"):
         load_tokenizer(tmp_path / "out")
+
+
+
+def _sentencepiece_style(tmp_path):
+    """A Metaspace BPE with byte fallback over a character vocabulary, as Llama-style tokenizers
+    are built: what it lacks (non-ASCII) is spelled as <0xNN> byte tokens."""
+    chars = sorted(set("helowrdtunx") | {"\u2581"})
+    vocab = {"<s>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, **{c: 258 + i for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    path = tmp_path / "sp.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["byte", "byte-level BPE", "sentencepiece-style"])
+def test_token_bytes_add_up_to_the_texts_bytes(tmp_path, kind):
+    """Bits per byte count each token's own bytes, so any cut of the ids (a character split between
+    tokens, or between validation rows) adds up to the text's UTF-8 bytes - decoding the pieces
+    apart counts U+FFFD's 3 bytes for each piece of a character."""
+    if kind == "byte":
+        tok = load_tokenizer("byte")
+    elif kind == "byte-level BPE":
+        tok = load_tokenizer(_train(tmp_path, ["<|bos|>", "<|eos|>"]))
+    else:
+        tok = load_tokenizer(_sentencepiece_style(tmp_path), "<s>", "</s>")
+    text = "hello wörld 世界 return ☃ x"
+    ids, sizes = tok.encode(text), tok.token_bytes()
+    assert tok.decode(ids).strip() == text and len(sizes) == tok.vocab_size
+    assert sizes[tok.bos_id] == sizes[tok.eos_id] == 0
+    prefix_space = kind == "sentencepiece-style"  # Metaspace prepends a space to the text
+    assert sum(sizes[i] for i in [tok.bos_id, *ids, tok.eos_id]) == len(text.encode("utf-8")) + prefix_space
+    cut = next(k for k in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:k]))  # inside "ö"
+    assert len(tok.decode(ids[:cut]).encode()) + len(tok.decode(ids[cut:]).encode()) > len(text.encode()) + 1

@@ -213,3 +213,17 @@ def test_compare_again_into_one_out_leaves_no_stale_figure(tmp_path):
     (cmp / "nll.png").write_bytes(b"old")
     assert main(["compare", str(tmp_path / "ev"), "--out", str(cmp)]) == 0
     assert not (cmp / "nll.png").exists() and json.loads((cmp / "compare.json").read_text())["plots"] == {}
+
+
+def test_compare_labels_checkpoints_of_one_run_name_under_different_parents_apart(tmp_path):
+    """expA/llama and expB/llama at the same step: arch, run and step agree, so the labels (which
+    key the figures' series) are the paths - one bar each, not one bar overwritten by the other."""
+    for exp, nll in (("expA", 5.0), ("expB", 6.0)):
+        (tmp_path / exp).mkdir()
+        entry = {"label": "llama", "arch": "llama", "checkpoint": f"/x/{exp}/llama/checkpoints/step_00000030",
+                 "nll": {"nll": nll, "bits_per_byte": 1.0}}
+        (tmp_path / exp / "results.json").write_text(json.dumps({"checkpoints": [entry]}))
+    assert main(["compare", str(tmp_path / "expA"), str(tmp_path / "expB"), "--out", str(tmp_path / "cmp")]) == 0
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    assert [r[0] for r in rows] == ["/x/expA/llama/checkpoints/step_00000030", "/x/expB/llama/checkpoints/step_00000030"]
+    assert [r[4] for r in rows] == ["5.0000", "6.0000"]

@@ -51,6 +51,25 @@ def test_long_windows_are_document_prefixes_or_packed(corpus):
     assert source == "packed" and packed.shape == (2, longest + 6)
 
 
+def test_windows_beyond_the_long_documents_pack_only_the_others(tmp_path):
+    """Two documents as long as a window and short ones: two windows more than the long documents
+    give are packed from the short ones - never from a long one a second time."""
+    import json
+
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    texts = [f"long document {i}: " + "x" * 300 for i in range(2)] + [f"short {i} " + "y" * 30 for i in range(30)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data = tmp_path / "data"
+    prepare(PrepareConfig(inputs=[str(tmp_path / "docs.jsonl")], tokenizer="byte", out=data, val_fraction=0.0,
+                          workers=1, progress=False))
+    heads = [d[:32] for d in iter_documents(data) if len(d) >= 100]
+    windows, source = long_windows(data, 100, 4)
+    assert len(heads) == 2 and source == "packed" and all(np.array_equal(w[1:33], h) for w, h in zip(windows, heads))
+    for w in windows[2:]:
+        assert not any(np.array_equal(w[i:i + 32], h) for h in heads for i in range(len(w) - 31))
+
+
 def test_needle_sits_at_its_depth_in_a_context_of_the_asked_length(corpus):
     tok, rng = ByteTokenizer(), random.Random(0)
     hay = haystack_tokens(corpus, 400)

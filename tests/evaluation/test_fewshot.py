@@ -53,12 +53,13 @@ def reference_loglikelihood(model, tokens: list[int], n_cont: int) -> tuple[floa
 
 
 def test_loglikelihood_equals_the_full_forward(scorer):
-    requests = [("def f(x):", " return x"), ("import", " os"), ("a" * 80, " b"), ("x = ", "1"), ("if ", "True:")]
+    requests = [("def f(x):", " return x"), ("import", " os"), ("a" * 80, " b"), ("x = ", "1"), ("if ", "True:"),
+                ("x = 1\n\n", "y = 2"), ("a = 1\t", "b")]
     got = scorer.loglikelihood(requests)
     bos = scorer.tok.bos_id
     for (ctx, cont), (logp, greedy) in zip(requests, got):
-        moved = ctx[len(ctx.rstrip(" ")):]  # trailing spaces of the context belong to the continuation
-        tokens = [bos, *ctx.rstrip(" ").encode(), *(moved + cont).encode()][-65:]  # kept: the last 64 inputs + 1
+        moved = ctx[len(ctx.rstrip()):]  # trailing whitespace of the context belongs to the continuation (as HF's)
+        tokens = [bos, *ctx.rstrip().encode(), *(moved + cont).encode()][-65:]  # kept: the last 64 inputs + 1
         want = reference_loglikelihood(scorer.model, tokens, len((moved + cont).encode()))
         assert logp == pytest.approx(want[0], rel=1e-4, abs=1e-4) and greedy == want[1]
 
@@ -81,20 +82,39 @@ def test_a_merge_across_the_boundary_and_an_empty_continuation(scorer):
     assert merging.loglikelihood([("xa", "")]) == [(0.0, True)]
 
 
-def test_rolling_loglikelihood_is_the_whole_texts(scorer):
-    text = "def main():\n    return 0\n"
+@pytest.mark.parametrize("length", [26, 150])
+def test_rolling_loglikelihood_is_the_whole_texts(scorer, length):
+    """Every token scored once; a span past the first max_length tokens sees as many tokens before
+    it as fit in max_length (lm-eval's windows: the last, partial one too)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional 'eval' extra")
+    text = ("def main():\n    return 0\n" * 6)[:length]
     tokens = [scorer.tok.bos_id, *text.encode()]
-    assert scorer.loglikelihood_rolling([text])[0] == pytest.approx(
-        reference_loglikelihood(scorer.model, tokens, len(tokens) - 1)[0], rel=1e-4)
+    want = sum(reference_loglikelihood(scorer.model, tokens[:end + 1][-65:], end - start)[0]
+               for start, end in ((s, min(s + 64, length)) for s in range(0, length, 64)))
+    assert scorer.loglikelihood_rolling([text])[0] == pytest.approx(want, rel=1e-4)
 
 
-def test_generation_is_greedy_and_stops_at_until(scorer):
+def test_generation_is_greedy_and_stops_at_until_or_eos(scorer, capsys):
     prompt = "def main():\n    "
     full = scorer.model.generate(torch.tensor([[scorer.tok.bos_id, *prompt.encode()]]), max_new_tokens=12)
-    text = scorer.tok.decode(full[0, len(prompt) + 1:].tolist())
+    new = full[0, len(prompt) + 1:].tolist()
+    text = scorer.tok.decode(new)
     assert scorer.generate_until(prompt, [], 12) == text
     stop = text[3:5]
     assert scorer.generate_until(prompt, [stop], 12) == text[:text.index(stop)]
+
+    class EndsAt(ByteTokenizer):  # the token the model makes 4th is this tokenizer's EOS
+        eos_id = new[3]
+
+    cut = new.index(EndsAt.eos_id)
+    assert Scorer(scorer.model, EndsAt(), max_length=64).generate_until(prompt, [], 12) == text[:cut] != text
+
+    long_prompt = "x = 1\n" * 20  # 121 tokens with BOS; 64 new tokens leave no room within max_length 64
+    ids = [scorer.tok.bos_id, *long_prompt.encode()][-64:]
+    want = scorer.tok.decode(scorer.model.generate(torch.tensor([ids]), max_new_tokens=64)[0, 64:].tolist())
+    capsys.readouterr()
+    assert scorer.generate_until(long_prompt, [], 64) == want
+    assert "max_gen_toks 64 >= the model's max_length 64: contexts keep their last 64 tokens" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +163,44 @@ def test_local_task_through_the_harness(scorer, local_task, runs, tmp_path, monk
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = json.loads(next((tmp_path / "h").rglob("results*.json")).read_text())
     assert written["results"]["tiny_choice"]["acc,none"] == pytest.approx(want)
+
+
+def test_metric_names_keep_their_filter():
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional 'eval' extra")
+    from pretrain.evaluation.harness import metric_name
+
+    assert metric_name("acc,none") == "acc" and metric_name("acc_norm") == "acc_norm"
+    assert metric_name("exact_match,strict-match") != metric_name("exact_match,flexible-extract")
+
+
+def test_a_groups_row_is_not_averaged_again(scorer, tmp_path):
+    """lm-eval reports a group (here weighted by size) beside its tasks: the average is over the
+    tasks alone. The model's own choices make one task all right (6 docs), the other all wrong (3)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional 'eval' extra")
+    from pretrain.evaluation.harness import evaluate_tasks
+
+    def choice(doc):
+        scores = [lp for lp, _ in scorer.loglikelihood([(doc["question"], " " + c) for c in doc["choices"]])]
+        return max(range(len(scores)), key=scores.__getitem__)
+
+    include = tmp_path / "tasks"
+    include.mkdir()
+    for name, docs in (("all_right", [{**d, "answer": choice(d)} for d in DOCS]),
+                       ("all_wrong", [{**d, "answer": (choice(d) + 1) % 3} for d in DOCS[:3]])):
+        (include / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (include / f"{name}.yaml").write_text(TASK_YAML.format(data=include / f"{name}.jsonl").replace("tiny_choice", name))
+    (include / "group.yaml").write_text("group: both\ntask:\n  - all_right\n  - all_wrong\naggregate_metric_list:\n"
+                                        "  - metric: acc\n    weight_by_size: true\n")
+    result = evaluate_tasks(scorer, ["both"], None, str(include))
+    assert (result["tasks"]["all_right"]["acc"], result["tasks"]["all_wrong"]["acc"]) == (1.0, 0.0)
+    assert result["tasks"]["both"]["acc"] == pytest.approx(6 / 9) and result["average"] == pytest.approx(0.5)
+
+
+def test_harness_dtypes_take_torch_names_and_refuse_others(runs):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional 'eval' extra")
+    from pretrain.evaluation.harness import scorer_for
+    from pretrain.hf import CliError
+
+    assert scorer_for(str(runs["inter_hybrid"]), None, "bfloat16", None, 8, "cpu").dtype == torch.bfloat16
+    with pytest.raises(CliError, match="dtype=float16: not one of auto, bf16, bfloat16, fp32, float32"):
+        scorer_for(str(runs["inter_hybrid"]), None, "float16", None, 8, "cpu")
