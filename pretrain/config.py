@@ -132,6 +132,7 @@ class JobConfig:
 
 
 SCHEDULE_KINDS = ("trapezoid", "wsd", "cosine", "constant")
+COOLDOWN_KINDS = ("trapezoid", "wsd")  # the kinds schedule.cooldown_frac shapes
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -170,7 +171,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
-    except (ValueError, OverflowError, InvalidOperation):
+    except (ValueError, TypeError, OverflowError, InvalidOperation):  # TypeError: a list or a date for a number
         pass
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{source}: {key}={value!r} is not a valid {name}; fix the value")
@@ -200,12 +201,16 @@ def _set(cfg: JobConfig, key: str, value: Any, source: str) -> None:
 
 
 def _set_override(cfg: JobConfig, key: str, value: Any, source: str) -> None:
-    """One model.overrides entry, its name checked against ModelConfig here, where the source is known."""
-    from pretrain.model.config import override_error
+    """One model.overrides entry, its name checked against ModelConfig here, where the source is
+    known; a string for a bool or number field is read as the other config keys are ('no', '2e6')."""
+    from pretrain.model.config import field_type, override_error
 
     why = override_error(key, value)
     if why:
         raise ConfigError(f"{source}: model.overrides.{key}: {why}; fix the name (fields: pretrain/model/config.py)")
+    scalar = next((t for t in (bool, int, float) if t in (field_type(key), *typing.get_args(field_type(key)))), None)
+    if isinstance(value, str) and scalar is not None:
+        value = _coerce(value, scalar, f"model.overrides.{key}", source)
     cfg.model.overrides[key] = value
 
 
@@ -224,9 +229,12 @@ def apply_toml(cfg: JobConfig, path: str | Path) -> None:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; fix the --config path")
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e}); fix the syntax") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); TOML files are UTF-8, fix the file") \
+            from None
     for key, value in leaves(table, keep=("model.overrides",)):
         if key == "model.overrides":
             if not isinstance(value, dict):
@@ -251,7 +259,7 @@ def validate(cfg: JobConfig) -> None:
                 "train.micro_batch_size": cfg.train.micro_batch_size, "optim.lr": cfg.optim.lr,
                 "optim.eps": cfg.optim.eps,
                 "checkpoint.keep": cfg.checkpoint.keep, "logging.log_every": cfg.logging.log_every,
-                "logging.peak_tflops": cfg.logging.peak_tflops}
+                "logging.peak_tflops": cfg.logging.peak_tflops, "train.max_bad_steps": cfg.train.max_bad_steps}
     for key, v in positive.items():
         if v <= 0:
             bad(key, f"= {v} must be > 0; fix the value")
@@ -259,18 +267,21 @@ def validate(cfg: JobConfig) -> None:
                     "train.val_batches": cfg.train.val_batches, "checkpoint.every": cfg.checkpoint.every,
                     "data.num_workers": cfg.data.num_workers, "data.num_streams": cfg.data.num_streams,
                     "optim.grad_clip": cfg.optim.grad_clip,
-                    "optim.weight_decay": cfg.optim.weight_decay, "train.max_bad_steps": cfg.train.max_bad_steps,
-                    "train.seed": cfg.train.seed}
+                    "optim.weight_decay": cfg.optim.weight_decay, "train.seed": cfg.train.seed}
     for key, v in non_negative.items():
         if v < 0:
             bad(key, f"= {v} must be >= 0; fix the value")
+    if cfg.train.val_every > 0 and cfg.train.val_batches == 0:
+        bad("train.val_batches", f"= 0 validates on nothing every {cfg.train.val_every} steps; give it batches, or "
+                                 "turn validation off with train.val_every=0")
     for key, v in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
         if not 0 <= v < 1:
             bad(key, f"= {v} must lie in [0, 1); fix the value (AdamW's usual: beta1 0.9, beta2 0.95)")
     if cfg.schedule.kind not in SCHEDULE_KINDS:
         bad("schedule.kind", f"= {cfg.schedule.kind!r} must be one of {', '.join(SCHEDULE_KINDS)}")
     s = cfg.schedule
-    if not (0 <= s.warmup_frac <= 1 and 0 <= s.cooldown_frac <= 1 and s.warmup_frac + s.cooldown_frac <= 1):
+    cooldown = s.cooldown_frac if s.kind in COOLDOWN_KINDS else 0.0  # cosine and constant have none
+    if not (0 <= s.warmup_frac <= 1 and 0 <= s.cooldown_frac <= 1 and s.warmup_frac + cooldown <= 1):
         bad("schedule.warmup_frac", "and schedule.cooldown_frac must lie in [0, 1] and sum to <= 1; fix them")
     if not 0 <= s.min_lr_ratio <= 1:
         bad("schedule.min_lr_ratio", f"= {s.min_lr_ratio} must lie in [0, 1]")
@@ -324,6 +335,12 @@ def unused_settings(cfg: JobConfig) -> list[str]:
                    for key in ("pp_schedule", "pp_microbatches") if getattr(p, key) != getattr(defaults.parallel, key)]
     if not t.activation_checkpointing and t.ac_mode != defaults.train.ac_mode:
         unused.append(f"train.ac_mode={t.ac_mode!r} does nothing without train.activation_checkpointing=true")
+    s = cfg.schedule
+    if s.kind not in COOLDOWN_KINDS and s.cooldown_frac != defaults.schedule.cooldown_frac:
+        unused.append(f"schedule.cooldown_frac={s.cooldown_frac} does nothing with schedule.kind={s.kind!r} (it "
+                      f"shapes {' and '.join(COOLDOWN_KINDS)})")
+    if s.kind == "constant" and s.min_lr_ratio != defaults.schedule.min_lr_ratio:
+        unused.append(f"schedule.min_lr_ratio={s.min_lr_ratio} does nothing with schedule.kind='constant'")
     return unused
 
 
@@ -336,8 +353,8 @@ def parse_source(src: str) -> tuple[str, float]:
         w = float(weight)
     except ValueError:
         return src, 1.0
-    if w <= 0:
-        raise ConfigError(f"config: data.sources entry {src!r} has weight {w}; weights must be > 0")
+    if not (math.isfinite(w) and w > 0):
+        raise ConfigError(f"config: data.sources entry {src!r} has weight {w}; weights must be finite and > 0")
     return path, w
 
 
@@ -351,7 +368,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="pretrain/main.py", allow_abbrev=False,  # --run=X must not silently mean --run-dir=X
         description="Pretrain a hybrid Transformer/Mamba2(/MoE) LM. Any config key can be set as "
                     "--section.key=value, e.g. --optim.lr=3e-4 --train.steps=1000.")
-    p.add_argument("--config", help="TOML file; CLI flags override it")
+    p.add_argument("--config", action="append", metavar="FILE",
+                   help="TOML file; repeat to layer files (a later file's keys win); CLI flags override them")
     from pretrain.model.presets import ARCHS, SIZES
 
     p.add_argument("--arch", metavar="ARCH", help=f"model.arch preset: {', '.join(ARCHS)}")
@@ -373,7 +391,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Namespace]:
-    """defaults < --config TOML < shortcut flags and dotted overrides (in command-line order)."""
+    """defaults < --config TOML files (in order) < shortcut flags and dotted overrides (a dotted key
+    given twice: the later wins; a shortcut and its own dotted key together are refused)."""
     parser = build_arg_parser()
     args, rest = parser.parse_known_args(argv)
     overrides: list[tuple[str, str]] = []
@@ -396,12 +415,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Names
         i += 1
 
     cfg = JobConfig()
-    if args.config:
-        apply_toml(cfg, args.config)
+    for path in args.config or ():
+        apply_toml(cfg, path)
+    dotted = {key.replace("-", "_") for key, _ in overrides}
     for flag, key in SHORTCUT_KEYS.items():
         value = getattr(args, flag.replace("-", "_"))
         if value is None:
             continue
+        if key in dotted:  # which one wins would depend on an order the reader cannot see
+            raise ConfigError(f"command line: --{flag} and --{key} both set {key}; keep one")
         if key == "data.sources":  # a list of DIR[:WEIGHT]
             cfg.data.sources = list(value)
         else:

@@ -1,7 +1,8 @@
 """Observability: TensorBoard scalars, a JSONL metrics log, and the rank-0 progress line.
 
 metrics.jsonl holds one JSON object per logged step with floats written exactly (repr), so
-scripts and tests can compare loss curves bit for bit across resumes. A resumed run first moves the
+scripts and tests can compare loss curves bit for bit across resumes; a non-finite value (a skipped
+step's loss) is null, so that strict JSON readers take every line. A resumed run first moves the
 rows it is about to redo (logged after its checkpoint by the segment that crashed, or by the
 trajectory a rewind left) to metrics.superseded.jsonl, and TensorBoard purges the same steps, so
 both describe one trajectory with one row per step.
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.files import write_atomic
+from pretrain.summary import finite_or_null
 
 log = logging.getLogger("pretrain")
 
@@ -141,7 +143,7 @@ class MetricsLogger:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.write(json.dumps(finite_or_null({"step": step, **scalars}), allow_nan=False) + "\n")
         if progress and "train/loss" in scalars:
             eta = self.step_time() * (self.total_steps - step)
             log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %s tok/s | MFU %.1f%% | mem %.1f GiB | ETA %s",

@@ -137,6 +137,8 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"model config: field '{name}' is invalid: {fix}")
 
+        wrong = type_problems(self)
+        need(not wrong, wrong[0].split(" ")[0] if wrong else "", f"{'; '.join(wrong)} (fix the value)")
         parse_pattern(self.pattern)
         counts = {name: getattr(self, name) for name in POSITIVE_INTS}
         counts.update({f"intra.{name}": getattr(self.intra, name) for name in INTRA_POSITIVE_INTS})
@@ -155,6 +157,14 @@ class ModelConfig:
         need(self.d_ssm % self.ssm_head_dim == 0, "d_ssm", "must be a multiple of ssm_head_dim")
         need(self.ssm_heads % self.n_groups == 0, "n_groups", "must divide d_ssm // ssm_head_dim")
         need(0 < self.a_init_range[0] <= self.a_init_range[1], "a_init_range", "use (low, high), 0 < low <= high")
+        need(self.dt_min <= self.dt_max, "dt_min", f"must be <= dt_max (got {self.dt_min} > {self.dt_max})")
+        r = self.rope
+        for name, v in (("rope.theta", r.theta), ("rope.low_freq_factor", r.low_freq_factor),
+                        ("rope.high_freq_factor", r.high_freq_factor), ("swa_rope_theta", self.swa_rope_theta)):
+            need(math.isfinite(v) and v > 0, name, f"must be a number > 0 (got {v!r})")
+        need(r.factor is None or (math.isfinite(r.factor) and r.factor > 0), "rope.factor",
+             f"must be a number > 0, or none to turn the scaling off (got {r.factor!r})")
+        need(r.original_context >= 1, "rope.original_context", f"must be an integer >= 1 (got {r.original_context!r})")
         i = self.intra
         need(i.norm in NORMS, "intra.norm", f"choose one of {NORMS}")
         need(i.scaling in SCALINGS, "intra.scaling", f"choose one of {SCALINGS}")
@@ -171,6 +181,9 @@ class ModelConfig:
             need(self.d_model % 2 == 0, "d_model", "must be even for separate projections + concat")
         if self.moe is not None:
             need(1 <= self.moe.top_k <= self.moe.n_experts, "moe.top_k", "must be in [1, n_experts]")
+            for name in ("n_shared", "bias_update_rate", "aux_loss_coef"):
+                v = getattr(self.moe, name)
+                need(math.isfinite(v) and v >= 0, f"moe.{name}", f"must be >= 0 (got {v!r})")
 
     @property
     def d_expert(self) -> int:
@@ -193,6 +206,45 @@ class ModelConfig:
         if d.get("moe") is not None:
             d["moe"] = MoEConfig(**d["moe"])
         return cls(**d)
+
+
+def field_type(key: str) -> Any:
+    """The type hint of a dotted ModelConfig field ('d_model' -> int, 'rope.factor' -> float | None);
+    call after `override_error` found none."""
+    head, _, rest = key.partition(".")
+    hint = typing.get_type_hints(ModelConfig)[head]
+    if not rest:
+        return hint
+    section = next(t for t in (*typing.get_args(hint), hint) if dataclasses.is_dataclass(t))
+    return typing.get_type_hints(section)[rest]
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether `value` is of a ModelConfig field's type (an int is a float; a bool is neither)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (tuple, list)) and len(value) == len(args) and all(map(_is_a, value, args))
+    if args:  # X | None
+        return any(_is_a(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def type_problems(obj: Any, prefix: str = "") -> list[str]:
+    """'FIELD is VALUE, not a TYPE' for each field of a (nested) config dataclass of the wrong type:
+    a string for a float would fail at the first step, "no" for a bool would read as true."""
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            out += type_problems(value, f"{prefix}{f.name}.")
+        elif not _is_a(value, hint):
+            out.append(f"{prefix}{f.name} is {value!r}, not {getattr(hint, '__name__', str(hint))}")
+    return out
 
 
 def override_error(key: str, value: Any = None) -> str | None:

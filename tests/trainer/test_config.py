@@ -100,12 +100,90 @@ def test_unknown_model_override_in_a_file_names_the_file(tmp_path, overrides, ne
     assert cfg.model.overrides == {"intra.fusion": "concat", "moe.n_experts": 4}  # known fields pass
 
 
+@pytest.mark.parametrize("flag, value", [("tie_embeddings", "no"), ("tie_embeddings", "False"),
+                                         ("intra.value_sharing", "yes"), ("rope.theta", "2e6"), ("d_model", "64")])
+def test_model_override_strings_read_as_the_fields_type(flag, value):
+    """'no' for a bool field was the string "no", which reads as true: it built a tied model."""
+    cfg, _ = parse_args([f"--model.overrides.{flag}={value}"])
+    want = {"no": False, "False": False, "yes": True, "2e6": 2e6, "64": 64}[value]
+    assert cfg.model.overrides[flag] == want and type(cfg.model.overrides[flag]) is type(want)
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("rope.theta=abc", r"model\.overrides\.rope\.theta='abc' is not a valid float"),
+    ("moe.bias_update_rate=abc", r"model\.overrides\.moe\.bias_update_rate='abc' is not a valid float"),
+])
+def test_model_override_of_the_wrong_type_is_refused_on_the_command_line(flag, says):
+    with pytest.raises(ConfigError, match=says):
+        parse_args([f"--model.overrides.{flag}"])
+
+
+@pytest.mark.parametrize("override, says", [
+    ("a_init_range=[1]", "a_init_range is (1,), not tuple"),
+    ("rope={theta='abc'}", "rope.theta is 'abc', not float"),
+    ("rope.theta=-1", "rope.theta' is invalid: must be a number > 0"),
+    ("rope.factor=0", "rope.factor' is invalid: must be a number > 0, or none"),
+    ("moe.n_shared=-1", "moe.n_shared' is invalid: must be >= 0"),
+    ("moe.aux_loss_coef=-1", "moe.aux_loss_coef' is invalid: must be >= 0"),
+    ("dt_min=0.5", "dt_min' is invalid: must be <= dt_max"),
+])
+def test_model_override_values_are_checked_before_the_model_builds(override, says):
+    """Each ran (NaN losses, a traceback at the first step, an IndexError in the dry run)."""
+    from pretrain.trainer import build_model_from_config
+
+    cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", f"--model.overrides.{override}"])
+    with pytest.raises(ConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        build_model_from_config(cfg, device="meta")
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_a_table_and_a_dotted_override_of_one_section_both_apply(order):
+    from pretrain.trainer import build_model_from_config
+
+    flags = ["--model.overrides.moe.top_k=3", "--model.overrides.moe={n_experts=4}"]
+    cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", *(flags if order else flags[::-1])])
+    moe = build_model_from_config(cfg, device="meta").config.moe
+    assert (moe.n_experts, moe.top_k) == (4, 3)
+
+
+@pytest.mark.parametrize("text, says", [("[optim]\nlr = [1, 2]\n", "optim.lr=[1, 2] is not a valid float"),
+                                        ("[train]\nsteps = 1979-05-27\n", "train.steps=datetime.date"),
+                                        ("[data]\nsources = 5\n", "data.sources=5 is not a valid list")])
+def test_toml_values_of_the_wrong_kind_are_one_line(tmp_path, text, says):
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ConfigError, match=says.replace(".", r"\.").replace("[", r"\[")):
+        parse_args(["--config", str(tmp_path / "c.toml")])
+    (tmp_path / "c.toml").write_bytes(b"[optim]\nlr = 1e-3 # \xff\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: not UTF-8 \(byte 20"):
+        parse_args(["--config", str(tmp_path / "c.toml")])
+
+
+def test_config_files_layer_and_a_shortcut_with_its_own_key_is_refused(tmp_path):
+    (tmp_path / "a.toml").write_text("[train]\nsteps = 77\nseed = 1\n")
+    (tmp_path / "b.toml").write_text("[train]\nseed = 2\n")
+    cfg, _ = parse_args(["--config", str(tmp_path / "a.toml"), "--config", str(tmp_path / "b.toml")])
+    assert (cfg.train.steps, cfg.train.seed) == (77, 2)  # the second file lost its first's steps
+    with pytest.raises(ConfigError, match="--arch and --model.arch both set model.arch; keep one"):
+        parse_args(["--model.arch=mamba2", "--arch", "llama"])
+    with pytest.raises(ConfigError, match="--data and --data.sources both set data.sources"):
+        parse_args(["--data.sources=/y", "--data", "/x"])
+
+
+def test_validation_on_nothing_and_a_guard_that_stops_at_once_are_refused():
+    with pytest.raises(ConfigError, match="train.val_batches = 0 validates on nothing every 100 steps"):
+        parse_args(["--train.val_every=100", "--train.val_batches=0"])
+    parse_args(["--train.val_every=0", "--train.val_batches=0"])  # validation off: fine
+    with pytest.raises(ConfigError, match="train.max_bad_steps = 0 must be > 0"):
+        parse_args(["--train.max_bad_steps=0"])
+
+
 def test_sources_with_weights():
     assert parse_source("/data/a:0.3") == ("/data/a", 0.3)
     assert parse_source("/data/a") == ("/data/a", 1.0)
     assert parse_source("relative/dir") == ("relative/dir", 1.0)
-    with pytest.raises(ConfigError, match="weight"):
-        parse_source("/data/a:0")
+    for bad in ("0", "inf", "nan", "1e400", "-1"):
+        with pytest.raises(ConfigError, match="weights must be finite and > 0"):
+            parse_source(f"/data/a:{bad}")
 
 
 def test_defaults_validate():
@@ -130,14 +208,15 @@ def random_value(tp, rng: random.Random):
     if typing.get_origin(tp) is dict:  # model.overrides: dotted keys, tables of a section's fields, lists
         table = {}
         for _ in range(rng.randrange(0, 4)):
-            key = rng.choice(["d_model", "intra.fusion", "moe", "rope"])
-            if key in ("moe", "rope"):
+            key = rng.choice(["d_model", "intra.fusion", "intra.value_sharing", "a_init_range", "moe", "rope"])
+            if key in ("moe", "rope"):  # a table's values are read as written
                 names = [f.name for f in dataclasses.fields(MoEConfig if key == "moe" else RopeConfig)]
                 table[key] = {rng.choice(names): random_value(rng.choice([int, float, str]), rng)
                               for _ in range(rng.randrange(1, 3))}
-            else:
-                kind = rng.choice([int, float, str, bool, list])
-                table[key] = [rng.randrange(9) for _ in range(3)] if kind is list else random_value(kind, rng)
+            elif key == "a_init_range":
+                table[key] = [random_value(float, rng) for _ in range(2)]
+            else:  # a string for a number or bool field is read as that type: generate the field's own
+                table[key] = random_value({"d_model": int, "intra.fusion": str, "intra.value_sharing": bool}[key], rng)
         return table
     raise TypeError(f"no generator for {tp}")
 
@@ -216,3 +295,27 @@ def test_settings_that_do_nothing_are_named():
     cfg, _ = parse_args(["--parallel.pp=2", "--parallel.pp_schedule=zbv", "--train.activation_checkpointing=true",
                          "--train.ac_mode=full"])
     assert unused_settings(cfg) == [] and unused_settings(JobConfig()) == []
+    cfg, _ = parse_args(["--schedule.kind=cosine", "--schedule.warmup_frac=0.9", "--schedule.cooldown_frac=0.5"])
+    assert unused_settings(cfg) == ["schedule.cooldown_frac=0.5 does nothing with schedule.kind='cosine' (it shapes "
+                                    "trapezoid and wsd)"]  # and no "sum to <= 1" refusal: cosine has no cooldown
+    cfg, _ = parse_args(["--schedule.kind=constant", "--schedule.min_lr_ratio=0.1"])
+    assert unused_settings(cfg) == ["schedule.min_lr_ratio=0.1 does nothing with schedule.kind='constant'"]
+
+
+def test_data_that_cannot_be_read_stops_the_run_before_the_model_builds(corpus, tmp_path, monkeypatch):
+    """A prepared dir whose shards were not copied (its manifest alone): one line, exit 2, at start
+    (it was a traceback and exit 1 once the model, its weights and the optimizer had been built)."""
+    import shutil
+
+    import pretrain.trainer as trainer_module
+    from pretrain.trainer import Trainer
+    from trainer_helpers import tiny_config
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(corpus / "manifest.json", bare)
+    built = []
+    monkeypatch.setattr(trainer_module, "build_model_from_config", lambda *a, **k: built.append(a))
+    with pytest.raises(ConfigError, match=r"config: data\.sources: .*bare: shards: none of the \d+ train shards"):
+        Trainer(tiny_config(tmp_path / "run", bare, 2))
+    assert not built
