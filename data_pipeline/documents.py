@@ -44,8 +44,9 @@ def load_sources(sources: list[tuple[str, float]]) -> list[Source]:
         raise DataInputError("sources", "sources", "empty list", "pass [(prepared_dir, weight), ...]")
     out = []
     for i, (path, weight) in enumerate(sources):
-        if not weight > 0:
-            raise DataInputError(path, "weight", f"{weight} is not positive", "give every source a weight > 0")
+        if not (math.isfinite(weight) and weight > 0):
+            raise DataInputError(path, "weight", f"{weight} is not a finite positive number",
+                                 "give every source a finite weight > 0")
         m = read_manifest(path)
         if out and m.tokenizer != out[0].manifest.tokenizer:
             raise DataInputError(path, "tokenizer", f"differs from {out[0].path}'s",
@@ -110,7 +111,10 @@ class StreamCursor:
         A run of bad or empty units moves the stream on, through later epochs' units if need be.
         None (and the source marked dead for this stream) once min(2 x the source's units,
         GIVE_UP_UNITS) units in a row held no usable document: the source is, in effect, unusable.
-        Units are counted from the cursor, not by loads, so the decision is the same after a resume.
+        A part with no document by construction (a shard of fewer documents than parts: a small
+        source under many streams) is passed over without counting: only failed loads and
+        unusable documents are evidence. Units are counted from the cursor, not by loads, so the
+        decision is the same after a resume.
         """
         st, here, tried, names = self.st, None, 0, []
         give_up = min(2 * len(self.shards) * self.parts, GIVE_UP_UNITS)
@@ -119,6 +123,9 @@ class StreamCursor:
             units = self._stream_units(epoch)
             if pos >= len(units):
                 st.set_cursor(self.k, epoch + 1, 0, 0)
+                continue
+            if int(units[pos]) % self.parts >= self.shards[int(units[pos]) // self.parts].num_docs:
+                st.set_cursor(self.k, epoch, pos + 1, 0)  # empty by construction, not a sign of damage
                 continue
             if here != (epoch, pos):
                 here, tried = (epoch, pos), tried + 1
@@ -226,29 +233,43 @@ class MixtureDocuments:
 
 
 class SequentialDocuments:
-    """Validation: every usable document of every source, in manifest order, once."""
+    """Validation: every usable document of every source once, each source's in manifest order,
+    the sources interleaved by their weights: the next document comes from the source with the
+    fewest tokens so far per unit of weight, so that the first validation batches (the trainer's
+    `train.val_batches`) hold the mixture in its token proportions while every source lasts,
+    not the first source's documents alone."""
 
     def __init__(self, sources: list[Source], state: StreamState, split: str = "val"):
-        self._it = self._iterate(sources, state, split)
+        self._it = self._interleave(sources, state, split)
         self._cur: tuple[int, np.ndarray] | None = next(self._it, None)
 
+    @classmethod
+    def _interleave(cls, sources: list[Source], st: StreamState, split: str):
+        docs = [cls._documents(src, st, split) for src in sources]
+        heads = [next(d, None) for d in docs]
+        tokens = [0] * len(sources)
+        while any(h is not None for h in heads):
+            k = min((i for i, h in enumerate(heads) if h is not None), key=lambda i: tokens[i] / sources[i].weight)
+            yield k, heads[k]
+            tokens[k] += len(heads[k]) + 2  # with its BOS and EOS, as packed
+            heads[k] = next(docs[k], None)
+
     @staticmethod
-    def _iterate(sources: list[Source], st: StreamState, split: str):
-        for k, src in enumerate(sources):
-            for shard in src.shards(split):
-                try:
-                    docs = read_shard(src.path / shard.name, src.manifest.dtype, shard)
-                except ShardError as exc:
-                    st.count_skip(exc.reason)
-                    log.warning("%s: skipped shard %s (%s)", src.name, shard.name, exc)
-                    continue
-                for a, b in zip(docs.starts, docs.ends):
-                    tokens = docs.tokens[a:b]
-                    problem = doc_problem(tokens, src.manifest.vocab_size)
-                    if problem:
-                        st.count_skip(problem)
-                    else:
-                        yield k, tokens
+    def _documents(src: Source, st: StreamState, split: str):
+        for shard in src.shards(split):
+            try:
+                docs = read_shard(src.path / shard.name, src.manifest.dtype, shard)
+            except ShardError as exc:
+                st.count_skip(exc.reason)
+                log.warning("%s: skipped shard %s (%s)", src.name, shard.name, exc)
+                continue
+            for a, b in zip(docs.starts, docs.ends):
+                tokens = docs.tokens[a:b]
+                problem = doc_problem(tokens, src.manifest.vocab_size)
+                if problem:
+                    st.count_skip(problem)
+                else:
+                    yield tokens
 
     def peek(self) -> tuple[int, np.ndarray]:
         if self._cur is None:

@@ -250,7 +250,8 @@ def merge_state_dicts(states: list[dict]) -> dict:
 
 
 class ValLoader:
-    """Finite, deterministic: the validation split packed in manifest order; full global batches only."""
+    """Finite, deterministic: the validation split packed in manifest order (a mixture's sources
+    interleaved by weight, `SequentialDocuments`); full global batches only."""
 
     def __init__(self, sources: list[Source], seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  max_batches: int | None = None, emit_doc_boundaries: bool = False):

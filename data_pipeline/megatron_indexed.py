@@ -52,10 +52,11 @@ class IndexLayout:
 
     @property
     def bin_bytes_needed(self) -> int:
-        """End of the last sequence in .bin (Megatron's builder writes sequences in order)."""
+        """The furthest end of a sequence in .bin (every sequence must lie inside it)."""
         if not len(self.sequence_lengths):
             return 0
-        return int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+        ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
+        return int(ends.max())
 
 
 def read_index(prefix: Path) -> IndexLayout:
@@ -79,6 +80,13 @@ def read_index(prefix: Path) -> IndexLayout:
     doc_idx = layout.document_indices
     if n_doc and (doc_idx[0] != 0 or doc_idx[-1] != n_seq):
         raise ValueError(f"document indices run {doc_idx[0]}..{doc_idx[-1]}, not 0..{n_seq}")
+    if n_doc and (np.diff(doc_idx) < 0).any():
+        raise ValueError("document indices decrease (a damaged .idx)")
+    negative = (layout.sequence_lengths < 0) | (layout.sequence_pointers < 0)
+    if negative.any():  # numpy reads a count of -1 as "to the end of the file"
+        i = int(np.argmax(negative))
+        raise ValueError(f"sequence {i} has length {layout.sequence_lengths[i]} at byte "
+                         f"{layout.sequence_pointers[i]} (a damaged .idx)")
     return layout
 
 

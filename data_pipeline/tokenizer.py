@@ -67,12 +67,20 @@ class JsonTokenizer:
             raise DataInputError(
                 self.path, "tokenizer", f"not a loadable tokenizer.json ({exc})",
                 "pass a HF tokenizers tokenizer.json or 'byte'") from None
+        # A document that spells a special token ("<|eos|>" in code or a web page) is text: encoded as
+        # the special id it would put a false document boundary inside the document.
+        self._tok.encode_special_tokens = True
         vocab = self._tok.get_vocab(with_added_tokens=True)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # ids may have gaps (tokens removed by hand): the embedding needs one row past the largest id
+        self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
         self.eos_id = self._find(vocab, eos_token, EOS_CANDIDATES, "eos_token")
         # GPT-2 style vocabularies have one <|endoftext|> that serves as both BOS and EOS.
         self.bos_id = self._find(vocab, bos_token, BOS_CANDIDATES, "bos_token", fallback=self.eos_id)
         self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def __setstate__(self, state: dict) -> None:  # prepare's worker processes: tokenizers does not pickle the flag
+        self.__dict__.update(state)
+        self._tok.encode_special_tokens = True
 
     def _find(self, vocab: dict[str, int], name: str | None, candidates: tuple[str, ...],
               field: str, fallback: int | None = None) -> int:

@@ -240,6 +240,23 @@ def test_truncated_megatron_bin_is_a_damaged_file(tmp_path, capsys):
     assert code == 2 and err.strip().splitlines() == [err.strip()] and err.startswith(f"error: {prefix}: damaged_files")
 
 
+@pytest.mark.parametrize("length", [-1, 10_000])
+def test_megatron_index_with_a_sequence_out_of_its_bin_is_a_damaged_file(tmp_path, length):
+    """A negative length read "to the end of the .bin" (the rest of the corpus again, as one
+    document); one past the end read another's bytes. Only the last sequence's end was checked."""
+    from data_pipeline.megatron_indexed import _HEADER_BYTES
+
+    prefix = write_megatron(tmp_path / "corpus", [[np.array([65, 66, 67])], [np.array([68, 69])], [np.array([70])]])
+    idx = bytearray((tmp_path / "corpus.idx").read_bytes())
+    idx[_HEADER_BYTES + 4:_HEADER_BYTES + 8] = np.int32(length).tobytes()  # the second sequence's length
+    (tmp_path / "corpus.idx").write_bytes(bytes(idx))
+    good = write_megatron(tmp_path / "good", [[np.array([71, 72])]])
+    m = prepare(_cfg([tmp_path / "corpus.idx", f"{good}.idx"], tmp_path / "out"))
+    [entry] = m.skipped_files["damaged_files"]
+    assert entry["path"] == str(prefix) and ("length -1" in entry["problem"] or "truncated .bin" in entry["problem"])
+    assert _texts(tmp_path / "out") == ["GH"]
+
+
 def test_plain_jsonl_cut_inside_its_last_line_is_truncated(tmp_path):
     data = b"".join(_jsonl_bytes(DOCS[:10]))
     src = _write(tmp_path / "cut.jsonl", data[:-20])

@@ -127,3 +127,16 @@ def test_a_state_of_another_format_is_a_clear_error(corpus_a):
     state = dict(loader.state_dict(), format="data_pipeline.loader/0")
     with pytest.raises(DataInputError, match=r"format: 'data_pipeline.loader/0'.*fix: "):
         loader.load_state_dict(state)
+
+
+def test_a_small_healthy_source_under_many_streams_is_never_given_up(tmp_path):
+    """6 documents in one shard, 256 streams: most of a stream's units (parts of the shard) are empty
+    by construction. They counted as units without a usable document, so streams gave the healthy
+    source up (an audit's longer run: 82 of 256 streams, its share 0.5 -> 0.42); now none does."""
+    big = prepare_docs(tmp_path / "big", random_docs(200, 1, "ab", 40), val_fraction=0.0)
+    small = prepare_docs(tmp_path / "small", random_docs(6, 2, "xy", 40), val_fraction=0.0)
+    loader = build_train_loader([(str(big), 1.0), (str(small), 1.0)], 15, 256, num_streams=256)
+    take(loader, 3)
+    m = loader.metrics()
+    assert m["skipped/dead_streams"] == 0
+    assert abs(m["mixture/1:prepared/realised"] - 0.5) < 0.1, m

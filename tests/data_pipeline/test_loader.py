@@ -214,6 +214,17 @@ def test_mixture_proportions_are_realised_and_reported(corpus_a, corpus_b):
     assert m["tokens_read"] == 250 * BATCH * SEQ + STREAMS  # the first window of each stream has one more
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_validation_of_a_mixture_holds_its_sources_in_their_weights(corpus_a, corpus_b, order):
+    """The trainer validates on its first train.val_batches batches: they held the first --data
+    source alone (a val/nll of one corpus, changed by reordering the flags); now the weights' share."""
+    src = [(str(corpus_a), 0.25), (str(corpus_b), 0.75)][::order]
+    ids = torch.cat(tokens(build_val_loader(src, SEQ, BATCH, max_batches=3))).flatten()
+    from_a = ((ids >= ord("a")) & (ids <= ord("m"))).sum().item()
+    from_b = ((ids >= ord("n")) & (ids <= ord("z"))).sum().item()
+    assert from_a and abs(from_b / (from_a + from_b) - 0.75) < 0.1, (from_a, from_b)
+
+
 def test_validation_loader_is_finite_deterministic_and_rank_split(corpus_a):
     src = [(str(corpus_a), 1.0)]
     full = tokens(build_val_loader(src, SEQ, 2 * BATCH))

@@ -34,6 +34,35 @@ def test_json_tokenizer_finds_bos_eos(tmp_path):
     assert tok.vocab_size == len(Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab())
 
 
+def test_a_vocabulary_with_gaps_in_its_ids_sizes_the_embedding_past_the_largest_id(tmp_path):
+    """tokenizers counts ids, not the largest + 1: BOS/EOS at 40/41 in a 30-token vocabulary would
+    index past the embedding at the first forward."""
+    import json
+
+    vocab = {**{c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}, "[UNK]": 27, "<|bos|>": 40, "<|eos|>": 41}
+    special = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                "special": True} for c, i in (("<|bos|>", 40), ("<|eos|>", 41))]
+    path = tmp_path / "gaps.json"
+    path.write_text(json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+                                "normalizer": None, "pre_tokenizer": None, "post_processor": None, "decoder": None,
+                                "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}))
+    tok = load_tokenizer(path)
+    assert Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True) == 30
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (40, 41, 42)
+
+
+def test_text_that_spells_a_special_token_is_text(tmp_path):
+    """A document quoting "<|eos|>" (code, a web page about tokenizers) must not get the EOS id:
+    that is a false document boundary inside it, which document masking would then cut at."""
+    tok = load_tokenizer(_train(tmp_path, ["<|bos|>", "<|eos|>"]))
+    text = "x = '<|eos|>' if end else '<|bos|>'"
+    import pickle
+
+    in_a_worker = pickle.loads(pickle.dumps(tok))  # as prepare's worker processes get it
+    for ids in (tok.encode(text), tok.encode_batch([text])[0], in_a_worker.encode_batch([text])[0]):
+        assert tok.bos_id not in ids and tok.eos_id not in ids and tok.decode(ids) == text
+
+
 def test_gpt2_style_single_special_serves_as_bos_and_eos(tmp_path):
     tok = load_tokenizer(_train(tmp_path, ["<|endoftext|>"]))
     assert tok.bos_id == tok.eos_id == 0
