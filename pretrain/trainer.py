@@ -99,14 +99,9 @@ def resolve_vocab(cfg: JobConfig) -> int | None:
 
 
 def model_overrides(cfg: JobConfig) -> dict[str, Any]:
-    """model.overrides with the data's vocabulary size filled in; dotted keys become nested tables."""
-    overrides: dict[str, Any] = {}
-    for key, value in cfg.model.overrides.items():
-        *parents, leaf = key.split(".")
-        table = overrides
-        for p in parents:
-            table = table.setdefault(p, {})
-        table[leaf] = value
+    """model.overrides (dotted keys and tables in their order, which `model_config` merges) with the
+    data's vocabulary size filled in."""
+    overrides = dict(cfg.model.overrides)
     vocab = resolve_vocab(cfg)
     if vocab is not None:
         if "vocab_size" in overrides and overrides["vocab_size"] != vocab:
@@ -364,6 +359,14 @@ class Trainer:
         self.wall_start = time.perf_counter()
         if not cfg.data.sources:
             raise ConfigError("config: data.sources is empty; pass --data DIR (a prepared data directory)")
+        from data_pipeline.documents import load_sources
+        from data_pipeline.errors import DataInputError
+
+        self.sources = [parse_source(s) for s in cfg.data.sources]
+        try:  # every manifest, tokenizer and shard set checked before any model is built
+            load_sources(self.sources)
+        except DataInputError as e:
+            raise ConfigError(f"config: data.sources: {e}") from None
 
         self.dims = parallel_dims(cfg, self.dist.world_size)
         self.mesh = build_mesh(self.dims, self.device.type)
@@ -419,7 +422,6 @@ class Trainer:
 
         from data_pipeline.loader import build_train_loader
 
-        self.sources = [parse_source(s) for s in cfg.data.sources]
         self.train_loader = build_train_loader(
             self.sources, cfg.data.seq_len, cfg.train.micro_batch_size, dp_rank=self.dp_rank,
             dp_size=self.dp_size, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
@@ -855,7 +857,7 @@ class Trainer:
                 tps, mfu = self.metrics.throughput(self.tokens_per_step)
                 self.ckpt.poll()  # commit an async save as soon as every rank has written it
                 p = self.progress
-                if p.bad_steps_consecutive >= max(cfg.train.max_bad_steps, 1):
+                if p.bad_steps_consecutive >= cfg.train.max_bad_steps:
                     self.ckpt.wait()  # every rank is here: finish the last good save, then name it
                     last = self.last_checkpoint or "none (no checkpoint saved yet)"
                     raise TrainingStopped(
