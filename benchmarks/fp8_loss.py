@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def last_losses(run_dir: Path, n: int) -> float:
     """Mean train loss of the last `n` logged steps (one step's loss is noisy)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train/loss"] for r in rows if "train/loss" in r][-n:]
+    losses = [math.nan if r["train/loss"] is None else r["train/loss"] for r in rows if "train/loss" in r][-n:]
     return sum(losses) / len(losses)
 
 

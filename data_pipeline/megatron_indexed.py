@@ -55,8 +55,9 @@ class IndexLayout:
         """The furthest end of a sequence in .bin (every sequence must lie inside it)."""
         if not len(self.sequence_lengths):
             return 0
-        ends = self.sequence_pointers + self.sequence_lengths.astype(np.int64) * self.dtype.itemsize
-        return int(ends.max())
+        step = 1 << 22  # in chunks: an index of 10^8 sequences would need GBs of temporaries at once
+        return max(int((self.sequence_pointers[i:i + step] + self.sequence_lengths[i:i + step].astype(np.int64)
+                        * self.dtype.itemsize).max()) for i in range(0, len(self.sequence_lengths), step))
 
 
 def read_index(prefix: Path) -> IndexLayout:

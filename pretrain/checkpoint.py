@@ -171,20 +171,42 @@ class CheckpointSaveFailed(RuntimeError):
     the one line a user needs."""
 
 
-def _os_error(e: BaseException) -> str | None:
-    """What stopped a save, in one line, when it was the filesystem (else None: a bug keeps its
-    traceback). DCP gathers every rank's exception, traceback and all, into one
-    CheckpointException, and a full disk surfaces from torch's file writer as a RuntimeError raised
-    while handling the OSError: the first OSError in any of their chains says it."""
+def _first_os_error(e: BaseException) -> OSError | None:
+    """The first OSError in `e`'s chain, or in the chains of the rank failures a CheckpointException
+    gathers (a full disk surfaces from torch's file writer as a RuntimeError raised while handling
+    the OSError)."""
     failures = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else []
     seen: list[BaseException] = []
     for exc in failures or [e]:
         while exc is not None and exc not in seen:
             if isinstance(exc, OSError):
-                return f"{type(exc).__name__}: {exc}"
+                return exc
             seen.append(exc)
             exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _os_error(e: BaseException) -> str | None:
+    """What stopped a save, in one line, when it was the filesystem (else None: a bug keeps its
+    traceback)."""
+    found = _first_os_error(e)
+    return None if found is None else f"{type(found).__name__}: {found}"
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, whose I/O failures reach every rank as the OSError they are. DCP pickles
+    each rank's exception to gather it, and pickling drops the chain: the OSError under torch's
+    RuntimeError would be lost on every rank but the failing one (which then raised a traceback)."""
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except Exception as e:
+            found = _first_os_error(e)
+            if found is None or found is e:
+                raise
+            plain = OSError(found.errno, found.strerror, found.filename) if found.errno else OSError(str(found))
+            raise plain from e
 
 
 @dataclass
@@ -245,10 +267,10 @@ class CheckpointManager:
             self._abandon(pending, problem)
         try:
             if self.async_save:
-                pending.future = _quiet_dcp(dcp.async_save, dcp_state, checkpoint_id=str(pending.tmp),
+                pending.future = _quiet_dcp(dcp.async_save, dcp_state, storage_writer=_Writer(pending.tmp),
                                             process_group=self._async_group)
             else:
-                _quiet_dcp(dcp.save, dcp_state, checkpoint_id=str(pending.tmp))
+                _quiet_dcp(dcp.save, dcp_state, storage_writer=_Writer(pending.tmp))
         except (OSError, CheckpointException) as e:  # DCP gathers every rank's failure: all ranks raise
             self._abandon_if_io(pending, e)
         self._pending = pending
@@ -301,8 +323,11 @@ class CheckpointManager:
             except OSError as e:
                 problem = _os_error(e)
             else:
-                self._prune(pending.final)
                 log.info("checkpoint saved: %s", pending.final)
+                try:
+                    self._prune(pending.final)
+                except OSError as e:  # housekeeping: the ranks waiting below must not wait for a rank that stopped
+                    log.warning("could not prune old checkpoints under %s (%s: %s)", self.dir, type(e).__name__, e)
         problem = broadcast_object(problem)
         if problem is not None:
             self._abandon(pending, problem)
@@ -315,9 +340,11 @@ class CheckpointManager:
         self._abandon(pending, cause)
 
     def _abandon(self, pending: _Pending, cause: str) -> NoReturn:
-        """Remove a save that failed (a full disk would stay full with it) and stop every rank."""
+        """Remove a save that failed (a full disk would stay full with it) and stop every rank. Every
+        rank gets here together (each failure is shared first), and leaves once it is removed."""
         if self.is_main:
             shutil.rmtree(pending.tmp, ignore_errors=True)
+        barrier()
         try:
             free = f"{shutil.disk_usage(self.dir).free / 2**20:,.0f} MiB free there now"
         except OSError:

@@ -202,15 +202,23 @@ def _set(cfg: JobConfig, key: str, value: Any, source: str) -> None:
 
 def _set_override(cfg: JobConfig, key: str, value: Any, source: str) -> None:
     """One model.overrides entry, its name checked against ModelConfig here, where the source is
-    known; a string for a bool or number field is read as the other config keys are ('no', '2e6')."""
+    known. A table becomes one dotted key per field (`moe={top_k=2}` is `moe.top_k=2`), so that a
+    table and dotted keys of one section never depend on their order (which config.toml does not
+    keep); an empty table stays (`moe={}` turns the MoE on). A string for a bool or number field, or
+    an integral float for an int field, is read as the other config keys are ('no', '2e6')."""
     from pretrain.model.config import field_type, override_error
 
     why = override_error(key, value)
     if why:
         raise ConfigError(f"{source}: model.overrides.{key}: {why}; fix the name (fields: pretrain/model/config.py)")
+    if isinstance(value, dict) and value:
+        for name, entry in value.items():
+            _set_override(cfg, f"{key}.{name}", entry, source)
+        return
     scalar = next((t for t in (bool, int, float) if t in (field_type(key), *typing.get_args(field_type(key)))), None)
-    if isinstance(value, str) and scalar is not None:
+    if isinstance(value, str) and scalar is not None or isinstance(value, float) and scalar is int:
         value = _coerce(value, scalar, f"model.overrides.{key}", source)
+    cfg.model.overrides.pop(key, None)  # set again: the later value, last
     cfg.model.overrides[key] = value
 
 

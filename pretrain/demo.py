@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -43,7 +44,7 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "val/nll" in rec:
-            out.append((rec["step"], rec["val/nll"]))
+            out.append((rec["step"], math.nan if rec["val/nll"] is None else rec["val/nll"]))  # null: not finite
     return out
 
 

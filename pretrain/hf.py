@@ -164,9 +164,9 @@ def recorded_tokenizer(source: str):
 
 def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     """The transformers tokenizer encoding text as prepare did, with BOS prepended (the loader starts
-    every training document with BOS). The byte tokenizer has no tokenizer.json: it becomes an
-    equivalent one (a BPE of the 256 byte tokens, no merges, byte fallback) with BOS/EOS after them,
-    whose special tokens are never matched in text (bytes only, as `ByteTokenizer.encode`)."""
+    every training document with BOS) and special tokens never matched in text (text that spells
+    one is text, as `JsonTokenizer.encode`). The byte tokenizer has no tokenizer.json: it becomes an
+    equivalent one (a BPE of the 256 byte tokens, no merges, byte fallback) with BOS/EOS after them."""
     from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -182,7 +182,7 @@ def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     bos, eos = backend.id_to_token(tok.bos_id), backend.id_to_token(tok.eos_id)
     # No pad token of our own: EOS pads (padded positions are masked, so which id does not matter).
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos,
-                                   add_bos_token=True, split_special_tokens=is_bytes)
+                                   add_bos_token=True, split_special_tokens=True)
 
 
 def require_new(out: Path) -> None:

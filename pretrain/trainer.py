@@ -363,10 +363,14 @@ class Trainer:
         from data_pipeline.errors import DataInputError
 
         self.sources = [parse_source(s) for s in cfg.data.sources]
-        try:  # every manifest, tokenizer and shard set checked before any model is built
-            load_sources(self.sources)
-        except DataInputError as e:
-            raise ConfigError(f"config: data.sources: {e}") from None
+
+        def check_sources() -> None:  # every manifest, tokenizer and shard set, before any model is built
+            try:
+                load_sources(self.sources)
+            except DataInputError as e:
+                raise ConfigError(f"config: data.sources: {e}") from None
+
+        rank0_decides(check_sources, self.is_main)
 
         self.dims = parallel_dims(cfg, self.dist.world_size)
         self.mesh = build_mesh(self.dims, self.device.type)
@@ -571,8 +575,8 @@ class Trainer:
             try:  # through ModelConfig: a field added since the checkpoint was written has its default
                 old = ModelConfig.from_dict(json.loads(saved.read_text())).to_dict()
             except (OSError, ValueError, TypeError) as e:
-                raise ConfigError(f"config: cannot read {saved} ({type(e).__name__}: {e}); the checkpoint is "
-                                  "damaged, resume from another") from None
+                raise ConfigError(f"config: cannot read {saved} ({type(e).__name__}: {e}); resume from another "
+                                  "checkpoint") from None
             refused, allowed = model_setting_changes(old, self.model_config.to_dict())
             if refused:
                 raise ConfigError(f"config: {path} was trained with other model settings ({'; '.join(refused[:3])}"

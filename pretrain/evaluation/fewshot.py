@@ -1,7 +1,8 @@
 """`fewshot` suite: our checkpoints under lm-evaluation-harness (the paper's LAMBADA, HellaSwag, PIQA,
 ARC-e/c, OpenBookQA). `Scorer` answers the harness's three request kinds with our model and
-tokenizer and needs no lm_eval; `pretrain.evaluation.harness` wraps it as an lm_eval model class
-(`--model hybrid`), imported only when the suite runs (`pip install 'hybrid-pretrain[eval]'`).
+tokenizer (lm_eval only for its rolling windows); `pretrain.evaluation.harness` wraps it as an
+lm_eval model class (`--model hybrid`), imported only when the suite runs (`pip install
+'hybrid-pretrain[eval]'`).
 
 Token handling follows the harness's own HF model: BOS starts every sequence (as in training), a
 context's trailing whitespace moves to the continuation, and the continuation's tokens are those of

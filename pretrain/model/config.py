@@ -163,7 +163,7 @@ class ModelConfig:
                         ("rope.high_freq_factor", r.high_freq_factor), ("swa_rope_theta", self.swa_rope_theta)):
             need(math.isfinite(v) and v > 0, name, f"must be a number > 0 (got {v!r})")
         need(r.factor is None or (math.isfinite(r.factor) and r.factor > 0), "rope.factor",
-             f"must be a number > 0, or none to turn the scaling off (got {r.factor!r})")
+             f"must be a number > 0 (got {r.factor!r})")
         need(r.original_context >= 1, "rope.original_context", f"must be an integer >= 1 (got {r.original_context!r})")
         i = self.intra
         need(i.norm in NORMS, "intra.norm", f"choose one of {NORMS}")

@@ -11,7 +11,7 @@ import torch
 
 from pretrain.config import ConfigError, JobConfig, parse_args, parse_source, to_toml, validate
 from pretrain.main import main
-from pretrain.model.config import MoEConfig, RopeConfig
+from pretrain.model.config import MoEConfig, RopeConfig, field_type
 from trainer_helpers import REPO, run_to_end, tiny_args
 
 
@@ -101,17 +101,19 @@ def test_unknown_model_override_in_a_file_names_the_file(tmp_path, overrides, ne
 
 
 @pytest.mark.parametrize("flag, value", [("tie_embeddings", "no"), ("tie_embeddings", "False"),
-                                         ("intra.value_sharing", "yes"), ("rope.theta", "2e6"), ("d_model", "64")])
+                                         ("intra.value_sharing", "yes"), ("rope.theta", "2e6"), ("d_model", "64"),
+                                         ("max_seq_len", "2e4")])
 def test_model_override_strings_read_as_the_fields_type(flag, value):
     """'no' for a bool field was the string "no", which reads as true: it built a tied model."""
     cfg, _ = parse_args([f"--model.overrides.{flag}={value}"])
-    want = {"no": False, "False": False, "yes": True, "2e6": 2e6, "64": 64}[value]
+    want = {"no": False, "False": False, "yes": True, "2e6": 2e6, "64": 64, "2e4": 20000}[value]
     assert cfg.model.overrides[flag] == want and type(cfg.model.overrides[flag]) is type(want)
 
 
 @pytest.mark.parametrize("flag, says", [
     ("rope.theta=abc", r"model\.overrides\.rope\.theta='abc' is not a valid float"),
     ("moe.bias_update_rate=abc", r"model\.overrides\.moe\.bias_update_rate='abc' is not a valid float"),
+    ("rope={theta='abc'}", r"model\.overrides\.rope\.theta='abc' is not a valid float"),  # a table: per field
 ])
 def test_model_override_of_the_wrong_type_is_refused_on_the_command_line(flag, says):
     with pytest.raises(ConfigError, match=says):
@@ -120,9 +122,9 @@ def test_model_override_of_the_wrong_type_is_refused_on_the_command_line(flag, s
 
 @pytest.mark.parametrize("override, says", [
     ("a_init_range=[1]", "a_init_range is (1,), not tuple"),
-    ("rope={theta='abc'}", "rope.theta is 'abc', not float"),
+    ("intra={fusion=1}", "intra.fusion is 1, not str"),
     ("rope.theta=-1", "rope.theta' is invalid: must be a number > 0"),
-    ("rope.factor=0", "rope.factor' is invalid: must be a number > 0, or none"),
+    ("rope.factor=0", "rope.factor' is invalid: must be a number > 0 (got 0)"),
     ("moe.n_shared=-1", "moe.n_shared' is invalid: must be >= 0"),
     ("moe.aux_loss_coef=-1", "moe.aux_loss_coef' is invalid: must be >= 0"),
     ("dt_min=0.5", "dt_min' is invalid: must be <= dt_max"),
@@ -137,13 +139,22 @@ def test_model_override_values_are_checked_before_the_model_builds(override, say
 
 
 @pytest.mark.parametrize("order", [0, 1])
-def test_a_table_and_a_dotted_override_of_one_section_both_apply(order):
+def test_a_table_and_a_dotted_override_of_one_section_both_apply(order, tmp_path):
     from pretrain.trainer import build_model_from_config
 
     flags = ["--model.overrides.moe.top_k=3", "--model.overrides.moe={n_experts=4}"]
     cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", *(flags if order else flags[::-1])])
     moe = build_model_from_config(cfg, device="meta").config.moe
     assert (moe.n_experts, moe.top_k) == (4, 3)
+    # a file's table, then the same field on the command line: the command line's, also once the
+    # resolved config.toml (which writes keys in its own order) is read back
+    (tmp_path / "a.toml").write_text("[model.overrides.moe]\nn_experts = 4\n")
+    cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", "--config", str(tmp_path / "a.toml"),
+                         "--model.overrides.moe.n_experts=8"])
+    (tmp_path / "resolved.toml").write_text(to_toml(cfg))
+    again, _ = parse_args(["--config", str(tmp_path / "resolved.toml")])
+    for c in (cfg, again):
+        assert build_model_from_config(c, device="meta").config.moe.n_experts == 8
 
 
 @pytest.mark.parametrize("text, says", [("[optim]\nlr = [1, 2]\n", "optim.lr=[1, 2] is not a valid float"),
@@ -209,10 +220,13 @@ def random_value(tp, rng: random.Random):
         table = {}
         for _ in range(rng.randrange(0, 4)):
             key = rng.choice(["d_model", "intra.fusion", "intra.value_sharing", "a_init_range", "moe", "rope"])
-            if key in ("moe", "rope"):  # a table's values are read as written
+            if key in ("moe", "rope"):  # a section's fields, as the dotted keys a table is read into
                 names = [f.name for f in dataclasses.fields(MoEConfig if key == "moe" else RopeConfig)]
-                table[key] = {rng.choice(names): random_value(rng.choice([int, float, str]), rng)
-                              for _ in range(rng.randrange(1, 3))}
+                for name in (f"{key}.{rng.choice(names)}" for _ in range(rng.randrange(1, 3))):
+                    table[name] = random_value(next(t for t in (int, float) if t in (
+                        field_type(name), *typing.get_args(field_type(name)))), rng)
+                if key == "moe" and rng.random() < 0.3:
+                    table["moe"] = {}  # an empty table stays one (it turns the MoE on)
             elif key == "a_init_range":
                 table[key] = [random_value(float, rng) for _ in range(2)]
             else:  # a string for a number or bool field is read as that type: generate the field's own
@@ -247,14 +261,19 @@ def test_any_config_round_trips_through_its_toml_exactly(tmp_path):
 
 
 def test_nested_model_overrides_survive_a_resumed_run(tmp_path):
-    """The checkpoint's config.toml with a nested override reads back (it was written as Python repr)."""
-    cfg, _ = parse_args(["--model.overrides.intra.fusion=concat", "--arch", "intra_hybrid"])
-    cfg.model.overrides["moe"] = {"n_experts": 4, "top_k": 1}
+    """The checkpoint's config.toml with a nested override reads back (it was written as Python
+    repr); a table is read as its dotted keys, which TOML writes back in any order to one model."""
+    cfg, _ = parse_args(["--model.overrides.intra.fusion=concat", "--arch", "intra_hybrid",
+                         "--model.overrides.moe={n_experts=4, top_k=1}"])
+    assert cfg.model.overrides == {"intra.fusion": "concat", "moe.n_experts": 4, "moe.top_k": 1}
     path = tmp_path / "config.toml"
     path.write_text(to_toml(cfg))
     again, _ = parse_args(["--config", str(path)])
-    assert again == cfg and again.model.overrides["moe"] == {"n_experts": 4, "top_k": 1}
+    assert again == cfg
     validate(again)
+    (tmp_path / "tables.toml").write_text("[model.overrides.moe]\nn_experts = 4\ntop_k = 1\n")  # an older file
+    older, _ = parse_args(["--config", str(tmp_path / "tables.toml")])
+    assert older.model.overrides == {"moe.n_experts": 4, "moe.top_k": 1}
 
 
 def test_help_lists_every_arch_and_size():

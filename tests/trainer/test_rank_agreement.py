@@ -61,11 +61,34 @@ def worker(rank: int, port: int, corpus: str, root: str) -> None:
                     raise RuntimeError("DTensor says no")
         except RuntimeError as e:
             result["one_rank_crashes"] = str(e)
+        result["save_one_rank_cannot_write"] = save_where_one_rank_cannot_write(root_dir / "ckpt", rank)
         # 2 data-parallel ranks, 2 rows each, different rows: their local expert loads differ.
         result["expert_bias"] = train_expert_bias(root_dir / "run", Path(corpus))
     finally:
         (root_dir / f"rank{rank}.json").write_text(json.dumps(result))
         destroy_distributed()
+
+
+def save_where_one_rank_cannot_write(ckpt_dir: Path, rank: int) -> str:
+    """Rank 1's shard (2 MB) does not fit its file-size limit, as on a full disk: both ranks stop with
+    the OSError (DCP pickles rank 1's failure to rank 0, which drops its chain) and no partial save."""
+    import resource
+    import signal
+
+    from pretrain.checkpoint import CheckpointManager, CheckpointSaveFailed
+
+    manager = CheckpointManager(ckpt_dir, keep=2, async_save=False, is_main=rank == 0)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
+    try:
+        manager.save(2, {"model": {f"w{rank}": torch.ones(1 << 19)}}, {"rank": rank}, {}, {})
+        return "saved"
+    except CheckpointSaveFailed as e:
+        return f"{e} | left: {sorted(p.name for p in ckpt_dir.iterdir())}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
 
 
 def train_expert_bias(run_dir: Path, corpus: Path) -> list[list[float]]:
@@ -103,3 +126,11 @@ def test_a_layout_one_rank_refuses_stops_every_rank_with_its_message(results):
     assert [r["one_rank_refuses"] for r in ranks] == ["config: parallel.tp=2 must divide the FFN width 201"] * WORLD
     assert [r["one_rank_crashes"] for r in ranks] == [
         "rank 1 failed while setting up the layout (RuntimeError: DTensor says no)", "DTensor says no"]
+
+
+def test_a_save_one_rank_cannot_write_stops_every_rank_in_one_line(results):
+    ranks, root = results
+    for r in ranks:
+        said = r["save_one_rank_cannot_write"]
+        assert said.startswith(f"checkpoint {root / 'ckpt' / checkpoint_name(2)} could not be saved (OSError: "
+                               "[Errno 27] File too large") and said.endswith("| left: []"), said
