@@ -218,10 +218,10 @@ def test_async_save_commits_within_a_step_and_summary_names_only_committed(corpu
     step 2's and 4's at once, step 6's never; then the run dies abruptly in step 7."""
     import pretrain.checkpoint as checkpoint
 
-    def async_save(state, checkpoint_id, process_group=None):
-        checkpoint.dcp.save(state, checkpoint_id=checkpoint_id)
+    def async_save(state, storage_writer, process_group=None):
+        checkpoint.dcp.save(state, storage_writer=storage_writer)
         future = Future()
-        if not checkpoint_id.endswith("step_00000006"):
+        if not str(storage_writer.path).endswith("step_00000006"):
             future.set_result(None)
         return future
 
