@@ -206,7 +206,7 @@ def _set_override(cfg: JobConfig, key: str, value: Any, source: str) -> None:
     table and dotted keys of one section never depend on their order (which config.toml does not
     keep); an empty table stays (`moe={}` turns the MoE on). A string for a bool or number field, or
     an integral float for an int field, is read as the other config keys are ('no', '2e6')."""
-    from pretrain.model.config import field_type, override_error
+    from pretrain.model.config import override_error, scalar_type
 
     why = override_error(key, value)
     if why:
@@ -215,7 +215,7 @@ def _set_override(cfg: JobConfig, key: str, value: Any, source: str) -> None:
         for name, entry in value.items():
             _set_override(cfg, f"{key}.{name}", entry, source)
         return
-    scalar = next((t for t in (bool, int, float) if t in (field_type(key), *typing.get_args(field_type(key)))), None)
+    scalar = scalar_type(key)
     if isinstance(value, str) and scalar is not None or isinstance(value, float) and scalar is int:
         value = _coerce(value, scalar, f"model.overrides.{key}", source)
     cfg.model.overrides.pop(key, None)  # set again: the later value, last

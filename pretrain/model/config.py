@@ -219,6 +219,12 @@ def field_type(key: str) -> Any:
     return typing.get_type_hints(section)[rest]
 
 
+def scalar_type(key: str) -> type | None:
+    """bool, int or float for a dotted field of that type (optional or not), else None."""
+    hint = field_type(key)
+    return next((t for t in (bool, int, float) if t in (hint, *typing.get_args(hint))), None)
+
+
 def _is_a(value: Any, hint: Any) -> bool:
     """Whether `value` is of a ModelConfig field's type (an int is a float; a bool is neither)."""
     args = typing.get_args(hint)

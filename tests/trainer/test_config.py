@@ -11,7 +11,7 @@ import torch
 
 from pretrain.config import ConfigError, JobConfig, parse_args, parse_source, to_toml, validate
 from pretrain.main import main
-from pretrain.model.config import MoEConfig, RopeConfig, field_type
+from pretrain.model.config import MoEConfig, RopeConfig, scalar_type
 from trainer_helpers import REPO, run_to_end, tiny_args
 
 
@@ -223,8 +223,7 @@ def random_value(tp, rng: random.Random):
             if key in ("moe", "rope"):  # a section's fields, as the dotted keys a table is read into
                 names = [f.name for f in dataclasses.fields(MoEConfig if key == "moe" else RopeConfig)]
                 for name in (f"{key}.{rng.choice(names)}" for _ in range(rng.randrange(1, 3))):
-                    table[name] = random_value(next(t for t in (int, float) if t in (
-                        field_type(name), *typing.get_args(field_type(name)))), rng)
+                    table[name] = random_value(scalar_type(name), rng)
                 if key == "moe" and rng.random() < 0.3:
                     table["moe"] = {}  # an empty table stays one (it turns the MoE on)
             elif key == "a_init_range":
