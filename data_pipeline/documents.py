@@ -98,6 +98,7 @@ class StreamCursor:
         self.vocab = source.manifest.vocab_size
         self._units: tuple[int, np.ndarray] | None = None  # (epoch, this stream's unit ids)
         self._loaded: tuple[tuple[int, int], ShardDocs, np.ndarray] | None = None  # ((epoch, pos), docs, order)
+        self._checked: tuple[int, int, int] | None = None  # cursor of the last document found usable
 
     def _stream_units(self, epoch: int) -> np.ndarray:
         if self._units is None or self._units[0] != epoch:
@@ -144,8 +145,11 @@ class StreamCursor:
                 continue
             i = order[doc]
             tokens = docs.tokens[docs.starts[i]:docs.ends[i]]
+            if self._checked == (epoch, pos, doc):  # a long document is peeked once per window it fills
+                return tokens
             problem = doc_problem(tokens, self.vocab)
             if problem is None:
+                self._checked = (epoch, pos, doc)
                 return tokens
             st.count_skip(problem)
             log.warning("%s: skipped a document of %s (%s)", self.src.name, self._shard_name(int(units[pos])), problem)

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline import documents
+from data_pipeline.documents import MixtureDocuments, load_sources
 from data_pipeline.loader import build_train_loader, build_val_loader
 from data_pipeline.manifest import read_manifest
+from data_pipeline.packing import Packer
 from data_pipeline.shard_io import read_shard
+from data_pipeline.stream_state import StreamState
 from data_pipeline.streams import global_row_indices
 
+from corpus_helpers import prepare_docs
 from global_batches import assemble_global_batches
 
 SEQ, BATCH, STREAMS = 48, 4, 8
@@ -61,6 +66,22 @@ def test_windows_pack_bos_doc_eos_across_boundaries(corpus_a):
         docs.append(tuple(piece[1:-1].tolist()))
     assert len(docs) > 40 and set(docs) <= known and len(set(docs)) == len(docs)
     assert all(b["tokens"].dtype == torch.long and b["tokens"].shape == (BATCH, SEQ + 1) for b in batches)
+
+
+def test_a_long_document_is_checked_once_not_per_window(tmp_path, monkeypatch):
+    """The usability check scans the whole document (its largest id): rerunning it for every window
+    a long document fills made packing quadratic in document length."""
+    src = prepare_docs(tmp_path, ["x" * 4000, "y" * 3000], shard_tokens=100_000, val_fraction=0.0)
+    checked = []
+    monkeypatch.setattr(documents, "doc_problem", lambda doc, vocab: checked.append(len(doc)))
+    st = StreamState(1)
+    packer = Packer(MixtureDocuments(load_sources([(str(src), 1.0)]), 0, 1, 0, st), st, BOS, EOS)
+    window, starts = np.empty(SEQ + 1, np.int64), np.empty(SEQ + 1, bool)
+    packed = 0
+    for _ in range(7006 * 3 // SEQ):  # three epochs of two documents, ~150 windows
+        packer.fill(window, starts)
+        packed += int(starts.sum())
+    assert packed >= 6 and len(checked) == packed, checked  # once per document, whatever its windows
 
 
 def split_docs(stream: list[int]) -> list[tuple[int, ...]]:
