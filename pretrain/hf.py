@@ -83,7 +83,7 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
         hint = f", e.g. {steps[-1]}" if steps else ""
         raise CliError(f"{checkpoint}: not a checkpoint (no {MODEL_CONFIG_FILE}); pass a step_* directory{hint}")
     try:
-        return ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+        return ModelConfig.from_saved(json.loads(cfg_file.read_text()))
     except (ValueError, TypeError, KeyError) as e:
         raise CliError(f"{cfg_file}: not a model config ({e}); the checkpoint is damaged") from None
 

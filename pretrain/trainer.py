@@ -573,7 +573,7 @@ class Trainer:
         def compare() -> list[str]:
             saved = path / MODEL_CONFIG_FILE
             try:  # through ModelConfig: a field added since the checkpoint was written has its default
-                old = ModelConfig.from_dict(json.loads(saved.read_text())).to_dict()
+                old = ModelConfig.from_saved(json.loads(saved.read_text())).to_dict()
             except (OSError, ValueError, TypeError) as e:
                 raise ConfigError(f"config: cannot read {saved} ({type(e).__name__}: {e}); resume from another "
                                   "checkpoint") from None

@@ -7,6 +7,7 @@ reported for a model is always the number of the model that gets built.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 import typing
@@ -18,6 +19,8 @@ NORMS = ("none", "rms", "group")
 SCALINGS = ("none", "scalar", "vector", "gate", "diff")
 FUSIONS = ("add", "subtract", "concat")
 OUT_PROJS = ("unified", "separate")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,26 @@ class ModelConfig:
         if d.get("moe") is not None:
             d["moe"] = MoEConfig(**d["moe"])
         return cls(**d)
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> ModelConfig:
+        """`from_dict` for a checkpoint's model_config.json. model.overrides were untyped before
+        2026-12-04, so a checkpoint may hold a bool field as a string ("no") that its model was
+        built with as true: such a value is read as the model was built, bool(value), with a warning."""
+        d = dict(d)
+        d["intra"] = _read_as_built(d.get("intra", {}), IntraConfig, "intra.")
+        return cls.from_dict(_read_as_built(d, cls))
+
+
+def _read_as_built(fields: dict[str, Any], section: type, prefix: str = "") -> dict[str, Any]:
+    hints = typing.get_type_hints(section)
+    out = dict(fields)
+    for name, value in fields.items():
+        if hints.get(name) is bool and not isinstance(value, bool):
+            out[name] = bool(value)
+            log.warning("saved model config: %s%s is %r, not a bool (written before model.overrides were typed); "
+                        "read as %s, the value its model was built with", prefix, name, value, out[name])
+    return out
 
 
 def field_type(key: str) -> Any:

@@ -11,6 +11,8 @@ plain state dicts and DCP checkpoints, model weights and the optimizer's moments
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -27,9 +29,10 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "legacy"
 STEPS = 4
 
 
-def _old_model_dir(tmp_path: Path) -> Path:
-    """The fixture's old-layout weights as a sealed checkpoint with the new code's model config."""
-    from pretrain.checkpoint import MODEL_CONFIG_FILE, model_config_json
+def _old_model_dir(tmp_path: Path, **saved_as) -> Path:
+    """The fixture's old-layout weights as a sealed checkpoint with the new code's model config
+    (its fields `saved_as` replaced in the file)."""
+    from pretrain.checkpoint import MODEL_CONFIG_FILE
     from pretrain.model import model_config
 
     spec = importlib.util.spec_from_file_location("make_fixture", FIXTURE / "make_fixture.py")
@@ -37,7 +40,8 @@ def _old_model_dir(tmp_path: Path) -> Path:
     spec.loader.exec_module(made)  # the model the old code built (its __main__ part does not run)
     path = tmp_path / "step_00000000"
     shutil.copytree(FIXTURE / "model", path)
-    (path / MODEL_CONFIG_FILE).write_text(model_config_json(model_config(made.ARCH, made.SIZE, **made.OVERRIDES)))
+    saved = model_config(made.ARCH, made.SIZE, **made.OVERRIDES).to_dict()
+    (path / MODEL_CONFIG_FILE).write_text(json.dumps({**saved, **saved_as}))
     seal(path)
     return path
 
@@ -63,6 +67,22 @@ def test_old_code_checkpoint_gives_its_logits(tmp_path):
         for p in model.parameters():
             p.zero_()
         model.load_state_dict(old)
+        torch.testing.assert_close(model(tokens), logits, rtol=1e-5, atol=1e-6)
+
+
+def test_untyped_bool_of_an_old_model_config_reads_as_its_model_was_built(tmp_path, caplog):
+    """model.overrides were untyped before: `tie_embeddings = "no"` saved the string, and the model
+    (`if cfg.tie_embeddings`) was built tied. Such a checkpoint loads as the model it is, with a
+    warning, instead of being refused as not a bool (and cannot be read as untied: no head weights)."""
+    from pretrain.hf import load_model
+
+    path = _old_model_dir(tmp_path, tie_embeddings="no")
+    tokens, logits = (torch.load(FIXTURE / f, weights_only=True) for f in ("tokens.pt", "logits.pt"))
+    with caplog.at_level(logging.WARNING):
+        model = load_model(path)
+    assert model.config.tie_embeddings is True
+    assert "tie_embeddings is 'no', not a bool" in caplog.text and "read as True" in caplog.text
+    with torch.no_grad():
         torch.testing.assert_close(model(tokens), logits, rtol=1e-5, atol=1e-6)
 
 
