@@ -84,7 +84,8 @@ class Scorer:
 
     @torch.no_grad()
     def generate_until(self, context: str, until: list[str], max_new_tokens: int) -> str:
-        """Greedy continuation of `context`, cut at EOS and before the first of the `until` strings.
+        """Greedy continuation of `context`, cut at EOS and before the first of the `until` strings
+        (the generation ends soon after either shows, not at max_new_tokens).
         The context keeps its last max_length - max_new_tokens tokens, as the harness's HF model
         does; where that leaves none, its last max_length (the generation then runs past the
         training length, which the harness's model refuses), said once."""
@@ -96,13 +97,21 @@ class Scorer:
         ids = [self.tok.bos_id, *self.tok.encode(context)][-(room if room >= 1 else self.max_length):]
         prompt = torch.tensor([ids], device=self.device)
         with autocast(self.device, self.dtype):
-            out = self.model.generate(prompt, max_new_tokens=max_new_tokens)
+            out = self.model.generate(prompt, max_new_tokens=max_new_tokens,
+                                      stop=lambda new: self._cut(new[0].tolist(), until) is not None)
         new = out[0, len(ids):].tolist()
+        cut = self._cut(new, until)
+        return cut if cut is not None else self.tok.decode(new)
+
+    def _cut(self, new: list[int], until: list[str]) -> str | None:
+        """The text of `new` cut at EOS or before the first `until` string; None where neither occurs."""
         if self.tok.eos_id in new:
             new = new[:new.index(self.tok.eos_id)]
-        text = self.tok.decode(new)
-        cuts = [text.index(u) for u in until if u and u in text]
-        return text[:min(cuts)] if cuts else text
+            cuts = [len(text := self.tok.decode(new))]
+        else:
+            cuts, text = [], self.tok.decode(new)
+        cuts += [text.index(u) for u in until if u and u in text]
+        return text[:min(cuts)] if cuts else None
 
 
 def harness():

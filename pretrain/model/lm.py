@@ -29,6 +29,8 @@ from pretrain.model.shared_dict import SharedDict
 if TYPE_CHECKING:
     from parallel.pipeline import Pipeline
 
+STOP_EVERY = 16  # new tokens between generate's `stop` checks
+
 
 class LMHead(nn.Module):
     """The projection to vocabulary logits and the loss. Tied, it holds no weight of its own and
@@ -201,8 +203,8 @@ class HybridLM(nn.Module):
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  return_logits: bool = False, static_cache: bool = True,
-                 doc_starts: Tensor | None = None,
-                 pipeline: Pipeline | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 doc_starts: Tensor | None = None, pipeline: Pipeline | None = None,
+                 stop: Callable[[Tensor], bool] | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
@@ -213,14 +215,16 @@ class HybridLM(nn.Module):
         documents, each row continuing its last document as if it had been prompted alone (on
         the growing cache). Under pipeline parallelism `pipeline` is this rank's
         (`parallel.pipeline.Pipeline`, the trainer's `pipeline`) and every pp rank calls this
-        with the same arguments (`pretrain.model.pipeline_generate`: growing caches).
+        with the same arguments (`pretrain.model.pipeline_generate`: growing caches). `stop`
+        (the new tokens so far [b, n] -> whether to end) is asked every STOP_EVERY new tokens: a
+        generation it ends returns fewer than max_new_tokens.
         """
         check_sampling(max_new_tokens, temperature, top_k, self.config.vocab_size)
         if pipeline is not None:
             from pretrain.model.pipeline_generate import generate_pipelined
 
             return generate_pipelined(pipeline, prompt, max_new_tokens, temperature, top_k, generator, return_logits,
-                                      doc_starts)
+                                      doc_starts, stop)
         if self.embed is None or self.head is None:
             raise ValueError("HybridLM.generate on a pipeline stage (parallel.pp > 1) needs its rank's pipeline: call "
                              "model.generate(prompt, ..., pipeline=trainer.pipeline) on every pp rank")
@@ -247,21 +251,25 @@ class HybridLM(nn.Module):
                 nonlocal docs
                 docs = docs.next_token() if docs is not None else None
                 return self(token, cache, docs)[:, -1]
-        tokens, chosen = decode_loop(first, step, prompt, max_new_tokens, pick)
+        tokens, chosen = decode_loop(first, step, prompt, max_new_tokens, pick, stop)
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
 
 
 def decode_loop(first: Callable[[Tensor], Tensor | None], step: Callable[[Tensor], Tensor | None], prompt: Tensor,
-                max_new_tokens: int, pick: Callable[[Tensor | None], Tensor]) -> tuple[Tensor, list[Tensor | None]]:
+                max_new_tokens: int, pick: Callable[[Tensor | None], Tensor],
+                stop: Callable[[Tensor], bool] | None = None) -> tuple[Tensor, list[Tensor | None]]:
     """Generation's loop: `first` prefills the prompt and `step` appends a token [b, 1], each
     returning the next token's logits [b, vocab] (None where another pipeline rank holds them; the
-    token itself where the step chose it); `pick` turns those into the next token. Returns the
-    prompt followed by the new tokens, and what `pick` chose each from."""
+    token itself where the step chose it); `pick` turns those into the next token; `stop` may end
+    it every STOP_EVERY tokens (not every token: asking reads the tokens back to the host, which
+    waits for the GPU). Returns the prompt followed by the new tokens, and what `pick` chose each from."""
     logits = first(prompt)
     out, chosen = [prompt], []
     for i in range(max_new_tokens):
         chosen.append(logits)
         out.append(pick(logits))
+        if stop is not None and (i + 1) % STOP_EVERY == 0 and stop(torch.cat(out[1:], dim=1)):
+            break
         if i + 1 < max_new_tokens:
             logits = step(out[-1])
     return torch.cat(out, dim=1), chosen

@@ -11,6 +11,8 @@ one device.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -24,7 +26,8 @@ from pretrain.model.sampling import sample
 def generate_pipelined(pipeline: Pipeline, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
                        top_k: int | None = None, generator: torch.Generator | None = None,
                        return_logits: bool = False,
-                       doc_starts: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                       doc_starts: Tensor | None = None,
+                       stop: Callable[[Tensor], bool] | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """`HybridLM.generate` over `pipeline`'s stages (HybridLM stages): every pp rank calls it with
     the same arguments and gets the same result. Sampling draws from `generator` on the last
     stage's rank only."""
@@ -54,7 +57,7 @@ def generate_pipelined(pipeline: Pipeline, prompt: Tensor, max_new_tokens: int, 
         token = sample(logits, temperature, top_k, generator) if logits is not None else None
         return pipeline.broadcast_from_last(token)
 
-    tokens, chosen = decode_loop(run, step, prompt, max_new_tokens, pick)
+    tokens, chosen = decode_loop(run, step, prompt, max_new_tokens, pick, stop)
     if not return_logits:
         return tokens
     return tokens, pipeline.broadcast_from_last(torch.stack(chosen, dim=1) if pipeline.has_last else None)

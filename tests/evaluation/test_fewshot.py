@@ -17,6 +17,7 @@ from eval_helpers import REPO
 from data_pipeline.tokenizer import ByteTokenizer
 from pretrain.evaluation.fewshot import Scorer
 from pretrain.hf import load_model
+from pretrain.model.lm import STOP_EVERY
 
 DOCS = [{"question": "def main(", "choices": [")", "x", "]]"], "answer": 0},
         {"question": "import o", "choices": ["s", "q", "zz"], "answer": 0},
@@ -108,6 +109,16 @@ def test_generation_is_greedy_and_stops_at_until_or_eos(scorer, capsys):
 
     cut = new.index(EndsAt.eos_id)
     assert Scorer(scorer.model, EndsAt(), max_length=64).generate_until(prompt, [], 12) == text[:cut] != text
+
+    made = []  # a stop string or EOS ends the generation at the next check, not at max_new_tokens
+    generate = scorer.model.generate
+    scorer.model.generate = lambda *a, **kw: made.append(generate(*a, **kw)) or made[-1]
+    try:
+        assert scorer.generate_until(prompt, [stop], 40) == text[:text.index(stop)]
+        assert Scorer(scorer.model, EndsAt(), max_length=64).generate_until(prompt, [], 40) == text[:cut]
+    finally:
+        del scorer.model.generate
+    assert [m.shape[1] - len(prompt) - 1 for m in made] == [STOP_EVERY, STOP_EVERY]
 
     long_prompt = "x = 1\n" * 20  # 121 tokens with BOS; 64 new tokens leave no room within max_length 64
     ids = [scorer.tok.bos_id, *long_prompt.encode()][-64:]

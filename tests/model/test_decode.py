@@ -6,6 +6,7 @@ import torch
 from pretrain.accounting import cache_elements
 from pretrain.model import build_model
 from pretrain.model.decode import Decoder
+from pretrain.model.lm import STOP_EVERY
 from pretrain.model.ops import attention_reference
 from pretrain.model.ops.decode_attention import compiled_decode_attention, decode_attention, decode_attention_fused
 from pretrain.model.static_cache import EMPTY, SSMState, StaticCache, StaticKV
@@ -47,6 +48,23 @@ def test_greedy_static_generate_equals_dynamic(arch):
     dynamic, dynamic_logits = model.generate(prompt, 30, return_logits=True, static_cache=False)
     assert torch.equal(static, dynamic)
     torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("static_cache", [True, False])
+def test_stop_ends_generation_at_its_check_with_the_same_tokens(static_cache):
+    """`stop` sees the new tokens every STOP_EVERY and ends the loop where it says so: the tokens
+    are those of the full generation, cut there (the caller, e.g. generate_until, needs no rerun)."""
+    torch.manual_seed(0)
+    model = build_model("intra_hybrid", "tiny").eval()
+    prompt = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(3))
+    full = model.generate(prompt, 50, static_cache=static_cache)
+    seen = []
+    out, logits = model.generate(prompt, 50, static_cache=static_cache, return_logits=True,
+                                 stop=lambda new: seen.append(new.clone()) or new.shape[1] >= 2 * STOP_EVERY)
+    assert [s.shape[1] for s in seen] == [STOP_EVERY, 2 * STOP_EVERY]
+    assert torch.equal(seen[-1], full[:, 7:7 + 2 * STOP_EVERY])
+    assert torch.equal(out, full[:, :7 + 2 * STOP_EVERY]) and logits.shape[1] == 2 * STOP_EVERY
+    assert torch.equal(model.generate(prompt, 50, static_cache=static_cache, stop=lambda new: False), full)
 
 
 def test_intra_value_sharing_decodes():
