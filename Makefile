@@ -28,7 +28,7 @@ demo: venv
 
 test: venv
 	@echo "==> make test: the whole suite on 2 workers (CPU; GPU tests are skipped without CUDA)"
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 bench: venv
 	$(PY) benchmarks/loader_throughput.py

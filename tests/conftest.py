@@ -21,3 +21,11 @@ def corpus(tmp_path_factory) -> Path:
     prepare(PrepareConfig(inputs=[str(f) for f in files], tokenizer="byte", out=out, shard_tokens=1 << 13,
                           val_fraction=0.3, workers=1, input_format="text", job_bytes=1 << 18, progress=False))
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow (multi-process) tests run first, in their order: a minutes-long test that
+    started last would keep one worker busy while the other had nothing left (with `make test`'s
+    work stealing, the fast tests at the end even out the two workers instead)."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
