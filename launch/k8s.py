@@ -33,6 +33,10 @@ class K8sOptions:
     shm_gib: int
 
 
+K8S_DEFAULTS = {"image": "hybrid-pretrain:latest", "namespace": "default", "pvc": "runs", "run_mount": "/runs",
+                "backoff_limit": 3, "shm_gib": 64}
+
+
 def _check(spec: LaunchSpec, opts: K8sOptions) -> None:
     # Pod hostnames are JOB-INDEX and must stay a 63-character DNS label.
     K8S_JOB_NAME.check("--job-name", spec.job_name, max_len=63 - len(f"-{spec.nodes - 1}"))

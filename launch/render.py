@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from data_pipeline.files import write_atomic
-from launch.k8s import K8sOptions, render_k8s
-from launch.slurm import SlurmOptions, render_slurm
+from launch.k8s import K8S_DEFAULTS, K8sOptions, render_k8s
+from launch.slurm import REQUEUE_MARGIN_S, SLURM_DEFAULTS, SlurmOptions, render_slurm
 from launch.spec import LaunchSpec
 from launch.validate import LaunchError, int_in_range
 
@@ -56,18 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omp-threads", type=count, default=8)
     p.add_argument("--grace-s", type=count, default=300,
                    help="seconds the trainers get to checkpoint after a preemption signal")
-    p.add_argument("--partition", default="", help="slurm partition(s) (omitted when empty)")
-    p.add_argument("--time", default="24:00:00", help="slurm time limit per allocation")
-    p.add_argument("--signal-lead-s", type=int_in_range(0, 65535), default=300,  # sbatch --signal's range
-                   help="slurm: USR1 this long before the limit")
-    p.add_argument("--image", default="hybrid-pretrain:latest", help="k8s container image")
-    p.add_argument("--namespace", default="default")
-    p.add_argument("--pvc", default="runs", help="k8s ReadWriteMany claim holding data and run directory")
-    p.add_argument("--run-mount", default="/runs", help="k8s mount path of the claim")
-    p.add_argument("--backoff-limit", type=at_least_0, default=3, help="k8s: failures tolerated (not preemptions)")
-    p.add_argument("--shm-gib", type=count, default=64, help="k8s: size of the /dev/shm memory volume")
+    # One scheduler's options (default None: given for the other target, they are refused, not ignored).
+    p.add_argument("--partition", help="slurm partition(s) (default: none, the cluster's default)")
+    p.add_argument("--time", help=f"slurm time limit per allocation (default {SLURM_DEFAULTS['time']})")
+    p.add_argument("--signal-lead-s", type=int_in_range(0, 65535),  # sbatch --signal's range
+                   help=f"slurm: USR1 this long before the limit; at least --grace-s + {REQUEUE_MARGIN_S} "
+                        f"(default {SLURM_DEFAULTS['signal_lead_s']})")
+    p.add_argument("--image", help=f"k8s container image (default {K8S_DEFAULTS['image']})")
+    p.add_argument("--namespace", help=f"k8s namespace (default {K8S_DEFAULTS['namespace']})")
+    p.add_argument("--pvc", help="k8s ReadWriteMany claim holding data and run directory "
+                                 f"(default {K8S_DEFAULTS['pvc']})")
+    p.add_argument("--run-mount", help=f"k8s mount path of the claim (default {K8S_DEFAULTS['run_mount']})")
+    p.add_argument("--backoff-limit", type=at_least_0,
+                   help=f"k8s: failures tolerated, not preemptions (default {K8S_DEFAULTS['backoff_limit']})")
+    p.add_argument("--shm-gib", type=count,
+                   help=f"k8s: size of the /dev/shm memory volume (default {K8S_DEFAULTS['shm_gib']})")
     p.add_argument("--out", help="write here instead of stdout")
     return p
+
+
+def scheduler_options(args: argparse.Namespace) -> SlurmOptions | K8sOptions:
+    """The chosen scheduler's options, defaults filled in; an option of the other one is refused
+    (a --time given to a k8s render would otherwise be silently dropped)."""
+    own, other = (SLURM_DEFAULTS, K8S_DEFAULTS) if args.target == "slurm" else (K8S_DEFAULTS, SLURM_DEFAULTS)
+    stray = [name for name in other if getattr(args, name) is not None]
+    if stray:
+        flag = "--" + stray[0].replace("_", "-")
+        raise LaunchError(f"{flag} is not a {args.target} option (it is for "
+                          f"{'k8s' if args.target == 'slurm' else 'slurm'}); drop it")
+    values = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in own.items()}
+    return SlurmOptions(**values) if args.target == "slurm" else K8sOptions(**values)
 
 
 def spec_from_args(args: argparse.Namespace, train_args: list[str]) -> LaunchSpec:
@@ -80,20 +98,9 @@ def spec_from_args(args: argparse.Namespace, train_args: list[str]) -> LaunchSpe
                       grace_s=args.grace_s, train_args=tuple(train_args), workdir=args.workdir)
 
 
-def slurm_options(args: argparse.Namespace) -> SlurmOptions:
-    return SlurmOptions(partition=args.partition, time=args.time, signal_lead_s=args.signal_lead_s)
-
-
-def k8s_options(args: argparse.Namespace) -> K8sOptions:
-    return K8sOptions(image=args.image, namespace=args.namespace, pvc=args.pvc, run_mount=args.run_mount,
-                      backoff_limit=args.backoff_limit, shm_gib=args.shm_gib)
-
-
 def render(args: argparse.Namespace, train_args: list[str]) -> str:
-    spec = spec_from_args(args, train_args)
-    if args.target == "slurm":
-        return render_slurm(spec, slurm_options(args))
-    return render_k8s(spec, k8s_options(args))
+    spec, options = spec_from_args(args, train_args), scheduler_options(args)
+    return render_slurm(spec, options) if isinstance(options, SlurmOptions) else render_k8s(spec, options)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -10,11 +10,17 @@ from launch.validate import (NO_CONTROL, SLURM_JOB_NAME, SLURM_PARTITION, SLURM_
                              slurm_time_seconds)
 
 
+REQUEUE_MARGIN_S = 30  # after torchrun's wait of --grace-s, time for the script to requeue the job
+
+
 @dataclass(frozen=True)
 class SlurmOptions:
     partition: str
     time: str
     signal_lead_s: int
+
+
+SLURM_DEFAULTS = {"partition": "", "time": "24:00:00", "signal_lead_s": 300 + 60}  # --grace-s's default + margin
 
 
 def _check(spec: LaunchSpec, opts: SlurmOptions) -> None:
@@ -28,6 +34,11 @@ def _check(spec: LaunchSpec, opts: SlurmOptions) -> None:
     if opts.signal_lead_s >= slurm_time_seconds(opts.time):
         raise LaunchError(f"--signal-lead-s {opts.signal_lead_s}: the USR1 must come before the time limit "
                           f"--time {opts.time}; lower one or raise the other")
+    if opts.signal_lead_s < spec.grace_s + REQUEUE_MARGIN_S and slurm_time_seconds(opts.time) < float("inf"):
+        # At the limit Slurm kills the job after its KillWait (30 s by default), whatever torchrun waits.
+        raise LaunchError(f"--signal-lead-s {opts.signal_lead_s} with --grace-s {spec.grace_s}: the checkpoint saved "
+                          f"after USR1 must be done before the time limit, with {REQUEUE_MARGIN_S} s left to "
+                          f"requeue; raise --signal-lead-s to {spec.grace_s + REQUEUE_MARGIN_S} or lower --grace-s")
 
 
 def render_slurm(spec: LaunchSpec, opts: SlurmOptions) -> str:

@@ -40,6 +40,10 @@ class LaunchSpec:
             raise LaunchError(f"--procs-per-node {self.nproc_per_node}: one trainer per GPU, so it must equal "
                               f"--gpus-per-node {self.gpus_per_node}; leave it out")
         NO_CONTROL.check("--python", self.python)
+        for option, value in (("--python", self.python), ("--workdir", self.workdir or "")):
+            if value.startswith("~"):  # written quoted, so no shell on the nodes would expand it
+                raise LaunchError(f"{option} {value!r}: '~' is not expanded in the rendered job; give the absolute "
+                                  "path")
         for value in (self.run_dir, self.python, self.workdir or "", *self.train_args):
             try:
                 value.encode("utf-8")

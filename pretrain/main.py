@@ -106,16 +106,31 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def write_startup_preempted_summary(cfg: JobConfig, error: str) -> None:
-    """summary.json for a signal before the first step (rank 0; nothing new was saved), so the
-    launcher requeues the job as it would after a preemption mid-run."""
-    if launch_rank() != 0:
+def write_early_summary(run_dir: str | None, status: str, code: int, error: str, cfg: JobConfig | None = None) -> None:
+    """summary.json (rank 0) for a run that ends before the trainer could write one: a signal
+    during start-up ("preempted", 75: the launcher requeues it, as after a preemption mid-run) or a
+    bad configuration ("config_error", 2: the launcher must not retry it; torchrun itself reports
+    every failure as 1). A config error writes into an existing run directory only, so a typo
+    leaves no new directory behind. Failing to write is logged, never raised over the error."""
+    if launch_rank() != 0 or run_dir is None or (status == "config_error" and not Path(run_dir).is_dir()):
         return
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    write_summary(Path(cfg.run_dir), {
-        "status": "preempted", "exit_code": EXIT_PREEMPTED, "error": error, "step": None,
-        "total_steps": cfg.train.steps, "checkpoint": None, "arch": cfg.model.arch, "size": cfg.model.size,
-        "run_dir": cfg.run_dir})
+    run = {"total_steps": cfg.train.steps, "arch": cfg.model.arch, "size": cfg.model.size} if cfg else {}
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_summary(Path(run_dir), {"status": status, "exit_code": code, "error": error, "step": None,
+                                      "checkpoint": None, "run_dir": run_dir, **run})
+    except OSError as e:
+        log.error("could not write %s/summary.json (%s: %s)", run_dir, type(e).__name__, e)
+
+
+def given_run_dir(argv: list[str]) -> str | None:
+    """--run-dir from a command line that did not parse (the launchers always pass it)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--run-dir="):
+            return arg.partition("=")[2]
+        if arg == "--run-dir" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def exit_code(e: BaseException, cfg: JobConfig, info: DistInfo | None) -> int:
@@ -123,7 +138,7 @@ def exit_code(e: BaseException, cfg: JobConfig, info: DistInfo | None) -> int:
     if isinstance(e, PreemptedAtStartUp):
         log.warning("preempted (%s) before the first step; exit code %d asks the launcher to requeue",
                     e, EXIT_PREEMPTED)
-        write_startup_preempted_summary(cfg, str(e))
+        write_early_summary(cfg.run_dir, "preempted", EXIT_PREEMPTED, str(e), cfg)
         return EXIT_PREEMPTED
     if isinstance(e, Preempted):  # mid-run: the trainer saved a checkpoint and wrote summary.json
         return EXIT_PREEMPTED
@@ -131,6 +146,7 @@ def exit_code(e: BaseException, cfg: JobConfig, info: DistInfo | None) -> int:
         return EXIT_STOPPED
     if isinstance(e, ConfigError):
         log.error("%s", e)
+        write_early_summary(cfg.run_dir, "config_error", EXIT_CONFIG, str(e), cfg)
         return EXIT_CONFIG
     if isinstance(e, CheckpointSaveFailed):  # its message says it all: no traceback
         log.error("%s", e)
@@ -150,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(cfg, args.world_size, args.rank)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        given = sys.argv[1:] if argv is None else argv
+        if "--dry-run" not in given:
+            write_early_summary(given_run_dir(given), "config_error", EXIT_CONFIG, str(e))
         return EXIT_CONFIG
     info = None
     try:
-        PREEMPTION.start_up(on_stuck=lambda reason: write_startup_preempted_summary(cfg, reason))
+        PREEMPTION.start_up(
+            on_stuck=lambda reason: write_early_summary(cfg.run_dir, "preempted", EXIT_PREEMPTED, reason, cfg))
         device_type = None if cfg.train.device == "auto" else cfg.train.device
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("config: train.device = 'cuda' but no CUDA device is available here; set "

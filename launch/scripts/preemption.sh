@@ -1,15 +1,16 @@
 # Shared by the Slurm batch script and the Kubernetes pod command (launch/render.py joins them).
-# It reads REQUEUE_EXIT_CODE from its caller.
-
-# summary.json newer than this marker was written by this run, not by an earlier allocation or pod.
-launch_started=$(mktemp)
-trap 'rm -f "$launch_started"' EXIT
+# It reads RUN_DIR and REQUEUE_EXIT_CODE from its caller.
 
 # run_to_exit COMMAND...: run COMMAND and wait until it has really exited, setting launch_rc.
 # A SIGTERM to this shell is passed on (in a pod, bash is PID 1 and the only process the kubelet
 # signals; under Slurm the steps get it too, and a second TERM is harmless): the trainers then
 # save a checkpoint, which the waiting must not cut short (a trapped signal interrupts `wait`).
+# First it leaves a marker in RUN_DIR: a summary.json newer than it was written by this run, not
+# by an earlier allocation or pod (on the run's own filesystem, so no clock but its own counts).
 run_to_exit() {
+  mkdir -p "$RUN_DIR" && launch_started=$(mktemp "$RUN_DIR/.launch-started.XXXXXX") ||
+    { echo "launch: cannot write to the run directory $RUN_DIR"; exit 1; }
+  trap 'rm -f "$launch_started"' EXIT
   "$@" &
   launch_pid=$!
   trap 'echo "launch: SIGTERM, passed on; waiting for the trainers to checkpoint"
@@ -22,12 +23,15 @@ run_to_exit() {
   trap - TERM
 }
 
-# preempted RUN_DIR: did the trainers save a checkpoint after a preemption signal and ask to be
-# requeued? The launcher's exit code alone cannot tell: torchrun reports any worker's exit as 1, and
-# srun may report the signal that ended a task. Rank 0 writes summary.json ("status": "preempted")
-# after the checkpoint is committed and before any rank exits, so it is the record to trust.
-preempted() {
-  local summary="$1/summary.json"
-  [ "$launch_rc" -eq "$REQUEUE_EXIT_CODE" ] ||
-    { [ "$summary" -nt "$launch_started" ] && grep -q '"status": "preempted"' "$summary"; }
+# run_exit_code: the exit code the trainers asked for. The launcher's alone cannot tell: torchrun
+# reports any worker's exit as 1, and srun may report the signal that ended a task. Rank 0 writes
+# summary.json with its "exit_code" (75: preempted, checkpoint saved; 2: bad configuration; 3:
+# stopped by a guard) before any rank exits, so a summary written during this run is the record
+# to trust; without one (a crash before it), the launcher's code.
+run_exit_code() {
+  local summary="$RUN_DIR/summary.json" code=""
+  if [ "$launch_rc" -ne 0 ] && [ "$summary" -nt "$launch_started" ]; then
+    code=$(sed -n 's/^ *"exit_code": \([0-9][0-9]*\),\{0,1\}$/\1/p' "$summary" | head -n 1)
+  fi
+  echo "${code:-$launch_rc}"
 }

@@ -1,7 +1,6 @@
 # The batch script's body (after the #SBATCH lines, the renderer's values and preemption.sh).
 set -uo pipefail
 cd "$WORKDIR" || exit 1
-mkdir -p "$RUN_DIR" || exit 1
 
 # One torchrun per node, each starting NPROC_PER_NODE trainers; they meet at the c10d rendezvous
 # on the allocation's first node. A job requeued or resubmitted on another number of nodes
@@ -15,10 +14,11 @@ run_to_exit srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --ki
   --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
   pretrain/main.py --run-dir "$RUN_DIR" "${TRAIN_ARGS[@]}"
 
-if preempted "$RUN_DIR"; then
+rc=$(run_exit_code)
+if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ]; then
   echo "launch: preempted; requeueing job $SLURM_JOB_ID, it resumes from the newest complete checkpoint"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "launch: scontrol requeue failed; the checkpoint is saved: sbatch this script again to resume"
 fi
-echo "launch: trainers exited $launch_rc"
-exit "$launch_rc"
+echo "launch: trainers exited $rc"
+exit "$rc"

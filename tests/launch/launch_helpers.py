@@ -31,10 +31,16 @@ def fake_command(bin_dir: Path, name: str, body: str) -> Path:
     return bin_dir
 
 
-# Records its argv (NUL-separated, so any argument survives) and optionally writes summary.json.
+# Records its argv (NUL-separated, so any argument survives) and optionally writes summary.json
+# as the trainers' rank 0 does (json.dumps(indent=2, sort_keys=True)), with the status's exit code.
 RECORD_ARGV = f'printf "%s\\0" "$0" "$@" > "$STUB_DIR/{ARGV_FILE}"\n'
-SUMMARY_WRITER = ('[ -n "${STATUS:-}" ] && mkdir -p "$RUN_DIR" && '
-                  'printf \'{\\n  "status": "%s"\\n}\\n\' "$STATUS" > "$RUN_DIR/summary.json"\n')
+EXIT_CODES = {"finished": 0, "failed": 1, "config_error": 2, "stopped": 3, "preempted": 75}
+SUMMARY_WRITER = ('[ -n "${STATUS:-}" ] && mkdir -p "$RUN_DIR" && printf \'{\\n  "exit_code": %s,\\n  '
+                  '"status": "%s"\\n}\\n\' "$SUMMARY_EXIT_CODE" "$STATUS" > "$RUN_DIR/summary.json"\n')
+
+
+def summary_env(status: str) -> dict[str, str]:
+    return {"STATUS": status, "SUMMARY_EXIT_CODE": str(EXIT_CODES.get(status, ""))}
 
 
 @dataclass
@@ -61,14 +67,16 @@ SLURM_ENV = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM
              "SLURM_CPUS_PER_TASK": "12"}
 
 
-def run_slurm_script(text: str, tmp_path: Path, srun_rc: int = 0, status: str = "", **env: str) -> Ran:
+def run_slurm_script(text: str, tmp_path: Path, srun_rc: int = 0, status: str = "", requeue_rc: int = 0,
+                     **env: str) -> Ran:
     """bash the batch script with srun and scontrol stubbed; scontrol calls other than
-    `show hostnames` are appended to $STUB_DIR/scontrol-calls."""
+    `show hostnames` are appended to $STUB_DIR/scontrol-calls and exit `requeue_rc`."""
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     stubs = {"srun": RECORD_ARGV + SUMMARY_WRITER + f"exit {srun_rc}\n",
-             "scontrol": 'if [ "$1" = show ]; then echo node1; else echo "$@" >> "$STUB_DIR/scontrol-calls"; fi\n'}
-    return run_stubbed(["bash", str(script)], tmp_path, stubs, {**SLURM_ENV, "STATUS": status, **env})
+             "scontrol": 'if [ "$1" = show ]; then echo node1; exit 0; fi\n'
+                         f'echo "$@" >> "$STUB_DIR/scontrol-calls"; exit {requeue_rc}\n'}
+    return run_stubbed(["bash", str(script)], tmp_path, stubs, {**SLURM_ENV, **summary_env(status), **env})
 
 
 def sbatch_options(text: str) -> list[str]:
@@ -113,7 +121,7 @@ def run_pod_stubbed(job: dict, tmp_path: Path, torchrun_rc: int = 0, status: str
     """The pod command with `python` stubbed (it stands for torchrun); run_dir replaces the
     manifest's (the shared volume, here a local directory)."""
     cmd, env = pod_command(job)
-    env.update(JOB_COMPLETION_INDEX="0", STATUS=status, **({"RUN_DIR": run_dir} if run_dir else {}))
+    env.update(JOB_COMPLETION_INDEX="0", **summary_env(status), **({"RUN_DIR": run_dir} if run_dir else {}))
     return run_stubbed(cmd, tmp_path, {"python": RECORD_ARGV + SUMMARY_WRITER + f"exit {torchrun_rc}\n"}, env)
 
 

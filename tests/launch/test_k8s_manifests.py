@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from launch.k8s import build_manifests
-from launch.render import k8s_options, parse, spec_from_args
+from launch.render import parse, scheduler_options, spec_from_args
 from launch.spec import REQUEUE_EXIT_CODE
 from launch_helpers import container, logged_steps, manifests, pod_command, render, validate_manifest
 from slurm_cluster import free_port
@@ -42,7 +42,7 @@ def test_manifest_matches_the_api_schema_and_round_trips(tmp_path, name):
     argv = ["k8s", *RENDERS[name]]
     docs = list(yaml.safe_load_all(render(tmp_path, argv)))
     args, train_args = parse(argv)
-    assert docs == build_manifests(spec_from_args(args, train_args), k8s_options(args))  # YAML changed nothing
+    assert docs == build_manifests(spec_from_args(args, train_args), scheduler_options(args))  # YAML changed nothing
     assert [d["kind"] for d in docs] == ["Service", "Job"]
     for doc in docs:
         validate_manifest(doc)

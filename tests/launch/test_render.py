@@ -16,7 +16,7 @@ def test_slurm_script_requests_one_torchrun_per_node(tmp_path):
     assert sbatch_options(text) == [
         "--job-name=pretrain", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=96", "--gpus-per-node=8",
         "--partition=gpu", "--time=2-00:00:00", "--requeue", "--open-mode=append",
-        '--output="/shared/r 1/slurm-%j.out"', "--signal=USR1@300"]
+        '--output="/shared/r 1/slurm-%j.out"', "--signal=USR1@360"]
     assert "export RUN_DIR='/shared/r 1'" in text and "TRAIN_ARGS=(--arch hybrid_moe --size 1b --optim.lr=6e-4)" in text
 
 
@@ -94,6 +94,12 @@ def test_requeue_code_is_the_trainers_preemption_exit_code():
     (["slurm", "--nodes", "1", "--time", "3-00:00:00", "--signal-lead-s", "70000", "--run-dir", "/r"],
      "--signal-lead-s"),
     (["slurm", "--nodes", "1", "--run-dir", "/r", "--", "--data", "\udcff"], "not valid UTF-8"),
+    (["slurm", "--nodes", "1", "--run-dir", "/r", "--grace-s", "600"], "raise --signal-lead-s to 630"),
+    (["slurm", "--nodes", "1", "--run-dir", "/r", "--grace-s", "60", "--signal-lead-s", "89"], "--grace-s 60"),
+    (["k8s", "--nodes", "1", "--run-dir", "/runs/r", "--time", "1:00:00"], "--time is not a k8s option"),
+    (["slurm", "--nodes", "1", "--run-dir", "/r", "--backoff-limit", "0"], "--backoff-limit is not a slurm option"),
+    (["slurm", "--nodes", "1", "--run-dir", "/r", "--workdir=~/repo"], "'~' is not expanded"),
+    (["k8s", "--nodes", "1", "--run-dir", "/runs/r", "--python", "~/venv/bin/python"], "'~' is not expanded"),
 ])
 def test_bad_arguments_are_refused_with_one_line(tmp_path, capsys, argv, names):
     with pytest.raises(SystemExit) as e:
@@ -103,31 +109,52 @@ def test_bad_arguments_are_refused_with_one_line(tmp_path, capsys, argv, names):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("status, trainer_rc, stale_summary, requeued", [
-    ("preempted", 1, False, True),    # torchrun reports the workers' exit 75 as 1: the summary decides
-    ("preempted", 75, False, True),
-    ("", 75, False, True),            # no summary (rank 0 killed before writing): the exit code still counts
-    ("failed", 1, False, False),
-    ("", 1, True, False),             # a preempted summary left by an earlier allocation does not count
+@pytest.mark.parametrize("status, trainer_rc, stale_summary, expect_rc", [
+    ("preempted", 1, False, 0),    # torchrun reports the workers' exit 75 as 1: the summary decides
+    ("preempted", 75, False, 0),
+    ("", 75, False, 0),            # no summary (rank 0 killed before writing): the exit code still counts
+    ("failed", 1, False, 1),
+    ("stopped", 1, False, 3),      # the trainers' own code, not torchrun's 1
+    ("config_error", 1, False, 2),
+    ("", 1, True, 1),              # a preempted summary left by an earlier allocation does not count
 ])
-def test_slurm_requeue_follows_the_run_summary(tmp_path, status, trainer_rc, stale_summary, requeued):
+def test_slurm_requeue_follows_the_run_summary(tmp_path, status, trainer_rc, stale_summary, expect_rc):
     run_dir = tmp_path / "run"
     if stale_summary:
         run_dir.mkdir()
-        (run_dir / "summary.json").write_text('{\n  "status": "preempted"\n}\n')
+        (run_dir / "summary.json").write_text('{\n  "exit_code": 75,\n  "status": "preempted"\n}\n')
         os.utime(run_dir / "summary.json", (0, 0))
     text = render(tmp_path, ["slurm", "--nodes", "1", "--run-dir", str(run_dir), "--", "--arch", "llama"])
     ran = run_slurm_script(text, tmp_path, srun_rc=trainer_rc, status=status)
     calls = tmp_path / "scontrol-calls"
-    if requeued:
+    if expect_rc == 0:
         assert ran.returncode == 0 and calls.read_text().split() == ["requeue", "42"], ran.output
     else:
-        assert ran.returncode == trainer_rc and not calls.exists(), ran.output
+        assert ran.returncode == expect_rc and not calls.exists(), ran.output
+    assert [p.name for p in run_dir.iterdir()] == (["summary.json"] if status or stale_summary else [])  # no marker
+
+
+def test_slurm_requeue_that_fails_is_said_and_exits_75(tmp_path):
+    text = render(tmp_path, ["slurm", "--nodes", "1", "--run-dir", str(tmp_path / "run"), "--", "--arch", "llama"])
+    ran = run_slurm_script(text, tmp_path, srun_rc=1, status="preempted", requeue_rc=1)
+    assert ran.returncode == REQUEUE_EXIT_CODE, ran.output
+    assert "scontrol requeue failed; the checkpoint is saved: sbatch this script again to resume" in ran.output
+
+
+def test_an_unwritable_run_dir_stops_the_script_before_the_trainers(tmp_path):
+    (tmp_path / "file").write_text("")
+    text = render(tmp_path, ["slurm", "--nodes", "1", "--run-dir", str(tmp_path / "file" / "run"), "--", "--arch",
+                             "llama"])
+    ran = run_slurm_script(text, tmp_path, status="preempted")
+    assert ran.returncode == 1 and ran.argv is None and "launch: cannot write to the run directory" in ran.output
 
 
 @pytest.mark.parametrize("status, torchrun_rc, expect_rc", [
     ("preempted", 1, REQUEUE_EXIT_CODE),  # torchrun reports a worker's exit 75 as 1
     ("failed", 1, 1),
+    ("stopped", 1, 3),                    # the podFailurePolicy fails the Job on 2 and 3
+    ("config_error", 1, 2),
+    ("", 1, 1),
     ("finished", 0, 0),
 ])
 def test_k8s_pod_exit_code_follows_the_run_summary(tmp_path, status, torchrun_rc, expect_rc):

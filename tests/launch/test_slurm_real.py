@@ -45,7 +45,7 @@ def batch_script(tmp_path: Path, corpus: Path, run_dir: Path, ranks: int) -> Pat
     run_dir.mkdir(parents=True, exist_ok=True)
     script = tmp_path / f"job-{ranks}.sbatch"
     render(["slurm", "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", str(ranks), "--cpus-per-rank", "1",
-            "--omp-threads", "1", "--time", "10", "--signal-lead-s", "60", "--grace-s", "60",
+            "--omp-threads", "1", "--time", "10", "--signal-lead-s", "90", "--grace-s", "60",
             "--master-port", str(free_port()), "--workdir", str(REPO), "--python", sys.executable,
             "--job-name", "tiny", "--run-dir", str(run_dir), "--out", str(script), "--",
             "--arch", "hybrid_moe", "--size", "tiny", "--data", str(corpus), "--data.seq_len=32",

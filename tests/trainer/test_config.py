@@ -304,6 +304,27 @@ def test_cuda_device_without_cuda_exits_2_before_anything_starts(corpus, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_error_is_recorded_in_an_existing_run_dir_for_the_launchers(corpus, tmp_path):
+    """torchrun reports every failed worker as 1: the launchers read summary.json's exit code to
+    fail the job (Kubernetes podFailurePolicy on 2) rather than retry it. Written only where the run
+    directory exists (the launchers create it), never for a dry run."""
+    import json
+
+    run = tmp_path / "run"
+    assert main(["--run-dir", str(run), "--train.no_such_key=1"]) == 2
+    assert not run.exists()  # a typo makes no directory
+    run.mkdir()
+    assert main(["--run-dir", str(run), "--train.no_such_key=1", "--dry-run"]) == 2
+    assert not (run / "summary.json").exists()
+    assert main([f"--run-dir={run}", "--train.no_such_key=1"]) == 2  # before the config parses
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "config_error" and summary["exit_code"] == 2 and "no_such_key" in summary["error"]
+    out = run_to_end(tiny_args(run, corpus, 2, "--train.device=cuda"), expect_rc=2)  # after it parses
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "config_error" and summary["exit_code"] == 2 and summary["arch"] == "hybrid_moe", out
+    assert "no CUDA device is available" in summary["error"]
+
+
 def test_settings_that_do_nothing_are_named():
     from pretrain.config import unused_settings
 
