@@ -89,7 +89,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.nproc_per_node < 1:
         raise PlanError(f"--nproc-per-node {args.nproc_per_node}: must be >= 1")
-    _, points = read_plan(args.plan)
+    spec, points = read_plan(args.plan)
+    window = args.nproc_per_node * spec.micro_batch_size * spec.seq_len  # tokens of one micro-batch on every rank
+    if not args.render and any(p.batch_tokens % window for p in points):
+        bad = next(p for p in points if p.batch_tokens % window)
+        raise PlanError(f"--nproc-per-node {args.nproc_per_node}: {bad.id}'s batch of {bad.batch_tokens:,} tokens is not "
+                        f"a multiple of {args.nproc_per_node} ranks x micro-batch {spec.micro_batch_size} x seq_len "
+                        f"{spec.seq_len}; run with the plan's --ranks {spec.ranks}, or plan again with --ranks "
+                        f"{args.nproc_per_node}")
     if args.render:
         script = render_jobs(points, args.render, args.plan.resolve(), args.launch_args)
         print(f"wrote {script}")
@@ -110,25 +117,25 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from data_pipeline.files import make_dir, write_atomic
     from pretrain.scaling.fit import fit
     from pretrain.scaling.observations import observations
-    from pretrain.scaling.plan import read_plan
+    from pretrain.scaling.plan import budget_label, read_plan
     from pretrain.scaling.plots import plot_isoflops, plot_laws
 
     _, points = read_plan(args.plan)
-    obs, missing = observations(points)
+    obs, missing, without_nll = observations(points)
     out = args.out or args.plan
     make_dir(out)
     fits = fit(obs)
     files = {"isoflop": plot_isoflops(fits, out / "isoflop.png").name, "laws": plot_laws(fits, out / "laws.png").name}
-    write_atomic(out / "fit.json", json.dumps({"plan": str(args.plan), "missing": missing, "fits": fits,
-                                               "plots": files}, indent=1) + "\n")
+    write_atomic(out / "fit.json", json.dumps({"plan": str(args.plan), "missing": missing, "without_nll": without_nll,
+                                               "fits": fits, "plots": files}, indent=1, allow_nan=False) + "\n")
     for arch, f in fits.items():
         for curve in f["isoflop"]:
-            opt = curve["optimum"]
+            opt, budget = curve["optimum"], budget_label(curve["budget"])
             if opt is None:
-                print(f"{arch}: C={curve['budget']:.3g}: no optimum ({curve['why']})")
+                print(f"{arch}: C={budget}: no optimum ({curve['why']})")
             else:
                 where = "" if opt["inside_grid"] else " (outside the sizes tried: left out of the laws)"
-                print(f"{arch}: C={curve['budget']:.3g}: N_opt {opt['params']:.3g}, D_opt {opt['tokens']:.3g}, "
+                print(f"{arch}: C={budget}: N_opt {opt['params']:.3g}, D_opt {opt['tokens']:.3g}, "
                       f"{opt['tokens_per_param']:.1f} tokens/parameter, NLL {opt['nll']:.4f}{where}")
         for key, law in (("N_opt", f["n_opt"]), ("D_opt", f["d_opt"])):
             if law:
@@ -136,6 +143,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
                 print(f"{arch}: {key} ~ C^{law['exponent']:.3f}{err}")
     if missing:
         print(f"not finished (left out of the fit): {', '.join(missing)}")
+    if without_nll:
+        print(f"finished without a finite validation NLL (left out of the fit; diverged, or an empty validation "
+              f"split: see each run's summary.json and metrics.jsonl): {', '.join(without_nll)}")
     print(f"wrote {out / 'fit.json'}, {out / 'isoflop.png'}, {out / 'laws.png'}")
 
 

@@ -4,7 +4,8 @@ Per (architecture, budget): final NLL = a x^2 + b x + c with x = log10(N) (the p
 optimum x* = -b / 2a (a parabola that opens downwards has none and is reported as such), and the
 optimal tokens D_opt = C / FLOPs-per-token(N_opt), FLOPs per token from a straight line through the
 budget's points in log-log. An optimum outside the sizes tried is an extrapolation: reported
-(`inside_grid: false`) but left out of the laws. Per architecture over budgets:
+(`inside_grid: false`) but left out of the laws; one more than a decade outside them (a nearly
+straight curve, whose vertex runs off to 10^300 parameters) is reported as none. Per architecture over budgets:
 log10 N_opt = alpha log10 C + k and log10 D_opt = beta log10 C + k' by least squares. Uncertainties
 are standard errors (of the slopes, and of x* by the delta method from the parabola's covariance),
 available only when a fit has more points than coefficients.
@@ -17,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.scaling.plan import budget_label
+
+EXTRAPOLATION_DECADES = 1.0  # how far outside the sizes tried an optimum is still reported
 
 @dataclass(frozen=True)
 class Observation:
@@ -43,14 +47,18 @@ def isoflop(obs: list[Observation]) -> dict[str, Any]:
     y = np.array([o.nll for o in obs])
     out: dict[str, Any] = {"arch": obs[0].arch, "budget": obs[0].budget, "params": [o.params for o in obs],
                            "nll": y.tolist()}
-    if len(obs) < 3:
-        return {**out, "optimum": None, "why": f"{len(obs)} sizes; a parabola needs 3"}
+    sizes = len(set(x.tolist()))
+    if sizes < 3:  # two sizes of one parameter count are one point of the curve's x axis
+        return {**out, "optimum": None, "why": f"{sizes} distinct sizes (parameter counts); a parabola needs 3"}
     coef, cov = _polyfit(x, y, 2)
     a, b, c = coef
     out["coef"] = coef.tolist()
     if a <= 0:
         return {**out, "optimum": None, "why": "the parabola opens downwards (no minimum): widen the size range"}
     x_opt = -b / (2 * a)
+    if not x[0] - EXTRAPOLATION_DECADES <= x_opt <= x[-1] + EXTRAPOLATION_DECADES:
+        return {**out, "optimum": None, "why": f"the curve is nearly straight: its vertex (10^{x_opt:.3g} parameters) "
+                                               f"lies far outside the sizes tried; widen the size range"}
     x_err = None
     if cov is not None:  # gradient of -b/2a with respect to (a, b, c)
         grad = np.array([b / (2 * a * a), -1 / (2 * a), 0.0])
@@ -85,6 +93,6 @@ def fit(observations: list[Observation]) -> dict[str, Any]:
             "isoflop": curves,
             "n_opt": power_law(budgets, [cv["optimum"]["params"] for cv in best]),
             "d_opt": power_law(budgets, [cv["optimum"]["tokens"] for cv in best]),
-            "tokens_per_param": {f"{cv['budget']:.3g}": cv["optimum"]["tokens_per_param"] for cv in best},
+            "tokens_per_param": {budget_label(cv["budget"]): cv["optimum"]["tokens_per_param"] for cv in best},
         }
     return result

@@ -232,9 +232,15 @@ def measured_flops_per_gpu_s(run_dir: Path) -> tuple[float, str]:
         raise PlanError(f"--throughput {run_dir}: not a run dir (needs metrics.jsonl and summary.json)")
     tps = [r["perf/tokens_per_s"] for r in map(json.loads, metrics.read_text().splitlines())
            if "perf/tokens_per_s" in r]
-    ckpt = Path(json.loads(summary.read_text()).get("checkpoint") or "")
-    if not tps or not (ckpt / "model_config.json").is_file():
-        raise PlanError(f"--throughput {run_dir}: no perf/tokens_per_s logged or no checkpoint; use a finished run")
+    if not tps:
+        raise PlanError(f"--throughput {run_dir}: its metrics.jsonl logged no perf/tokens_per_s; use a run that "
+                        "trained past logging.log_every")
+    saved = json.loads(summary.read_text()).get("checkpoint")
+    # summary.json names it as the trainer was given the run dir: relative to where that ran
+    ckpt = run_dir / "checkpoints" / Path(saved).name if saved else None
+    if ckpt is None or not (ckpt / "model_config.json").is_file():
+        raise PlanError(f"--throughput {run_dir}: its summary.json names no checkpoint under {run_dir / 'checkpoints'} "
+                        f"({saved!r}); use a run that saved one")
     seq_len = read_run_config(ckpt)["data"]["seq_len"]
     world = json.loads(summary.read_text()).get("world_size") or 1
     fpt = flops_per_token(read_model_config(ckpt), seq_len)["total"]

@@ -21,11 +21,23 @@ REPO = Path(__file__).resolve().parents[2]
 EXIT_PREEMPTED = 75
 
 
+def read_point_summary(point: Point) -> dict:
+    """The point's summary.json ({} before its run wrote one); a damaged one is named."""
+    path = Path(point.run_dir) / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as e:
+        raise PlanError(f"{path}: not a run summary ({e}); move it aside and run the point again") from None
+    if not isinstance(summary, dict):
+        raise PlanError(f"{path}: not a run summary (a JSON {type(summary).__name__}); move it aside and run the "
+                        "point again")
+    return summary
+
+
 def finished(point: Point) -> bool:
-    summary = Path(point.run_dir) / "summary.json"
-    if not summary.is_file():
-        return False
-    s = json.loads(summary.read_text())
+    s = read_point_summary(point)
     return s.get("status") == "finished" and s.get("step") == point.steps
 
 

@@ -46,9 +46,26 @@ def test_no_minimum_and_extrapolated_optima_stay_out_of_the_laws():
     down = [Observation("x", 1e20, n, 6 * n, -((np.log10(n) - 8) ** 2)) for n in (1e7, 1e8, 1e9)]
     assert isoflop(down)["optimum"] is None and "downwards" in isoflop(down)["why"]
     assert isoflop(down[:2])["optimum"] is None
-    edge = [Observation("x", c, n, 6 * n, (np.log10(n) - 10) ** 2) for c in (1e19, 1e20) for n in (1e7, 1e8, 1e9)]
+    edge = [Observation("x", c, n, 6 * n, (np.log10(n) - 9.5) ** 2) for c in (1e19, 1e20) for n in (1e7, 1e8, 1e9)]
     f = fit(edge)["x"]
     assert all(not cv["optimum"]["inside_grid"] for cv in f["isoflop"]) and f["n_opt"] is None
+
+
+def test_a_nearly_straight_curve_or_repeated_sizes_have_no_optimum():
+    """A vertex far off the sizes tried (it ran to 10^inf parameters, an NLL of -6e4 and Infinity
+    in fit.json) and two sizes of one parameter count (a rank-deficient parabola) are no optimum."""
+    straight = [Observation("x", 1e20, n, 6 * n, 10 - 0.5 * np.log10(n) + 1e-6 * np.log10(n) ** 2)
+                for n in (1e7, 1e8, 1e9)]
+    curve = isoflop(straight)
+    assert curve["optimum"] is None and "nearly straight" in curve["why"]
+    json.dumps(fit(straight), allow_nan=False)
+    same = [Observation("x", 1e20, n, 6 * n, nll) for n, nll in ((2e5, 3.0), (2e5, 3.0), (4e5, 3.2))]
+    assert isoflop(same)["optimum"] is None and isoflop(same)["why"].startswith("2 distinct sizes")
+
+
+def test_budgets_apart_in_the_plan_stay_apart_in_the_fit():
+    bowl = [Observation("x", c, n, 6 * n, (np.log10(n) - 8) ** 2) for c in (1e19, 1.0004e19) for n in (1e7, 1e8, 1e9)]
+    assert set(fit(bowl)["x"]["tokens_per_param"]) == {"1e19", "1.0004e19"}
 
 
 def test_fit_command_recovers_the_optimum_along_the_plans_flops(tmp_path, corpus):
@@ -100,6 +117,6 @@ def test_fit_without_an_optimum_inside_the_grid_still_writes_its_results(tmp_pat
     result = json.loads((tmp_path / "fit.json").read_text())
     assert result["fits"]["llama"]["n_opt"] is None
     assert all(c["optimum"] is None for c in result["fits"]["llama"]["isoflop"])
-    assert "no optimum (2 sizes; a parabola needs 3)" in capsys.readouterr().out
+    assert "no optimum (2 distinct sizes (parameter counts); a parabola needs 3)" in capsys.readouterr().out
     for name in result["plots"].values():
         assert_nonempty_png(tmp_path / name)

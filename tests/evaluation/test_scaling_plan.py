@@ -210,3 +210,58 @@ def test_a_bad_throughput_run_leaves_no_plan_behind(tmp_path, corpus, capsys):
     assert main(["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--data", str(corpus),
                  "--out", str(tmp_path / "p"), "--throughput", str(tmp_path / "norun")]) == 2
     assert "--throughput" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_throughput_from_a_run_trained_from_another_directory(tmp_path, corpus, capsys):
+    """summary.json names the checkpoint as the trainer was given the run dir (relative to where it
+    ran): --throughput finds it under the run dir wherever `plan` runs; a run without tokens/s or a
+    checkpoint is told apart."""
+    from pretrain.checkpoint import MODEL_CONFIG_FILE, model_config_json
+
+    run = tmp_path / "elsewhere" / "runs" / "tput"
+    step = run / "checkpoints" / "step_00000006"
+    step.mkdir(parents=True)
+    cfg = model_config("llama", "tiny")
+    (step / MODEL_CONFIG_FILE).write_text(model_config_json(cfg))
+    (step / "config.toml").write_text("[data]\nseq_len = 64\n")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "perf/tokens_per_s": t}) + "\n"
+                                               for s, t in ((2, 900.0), (4, 1000.0), (6, 1100.0))))
+    (run / "summary.json").write_text(json.dumps({"checkpoint": "runs/tput/checkpoints/step_00000006",
+                                                  "world_size": 2}))
+    args = ["plan", "--archs", "llama", "--sizes", "tiny", "--budgets", "1e11", "--data", str(corpus)]
+    assert main([*args, "--out", str(tmp_path / "p"), "--throughput", str(run)]) == 0
+    rate = 1000.0 * flops_per_token(cfg, 64)["total"] / 2
+    assert f"at {rate:.3e} FLOP/s per device ({run}: 1,000 tokens/s on 2 device(s)" in capsys.readouterr().out
+    (run / "summary.json").write_text(json.dumps({"checkpoint": None}))
+    assert main([*args, "--out", str(tmp_path / "q"), "--throughput", str(run)]) == 2
+    assert "its summary.json names no checkpoint" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 5.0}) + "\n")
+    assert main([*args, "--out", str(tmp_path / "r"), "--throughput", str(run)]) == 2
+    assert "logged no perf/tokens_per_s" in capsys.readouterr().err
+
+
+def test_run_on_more_ranks_than_a_points_batch_splits_over_is_refused_at_start(plan, capsys):
+    assert main(["run", str(plan[0]), "--nproc-per-node", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a multiple of 16 ranks x micro-batch 2 x seq_len 64; run with the plan's --ranks 1" in err
+    assert err.count("\n") == 1 and not (plan[0] / "runs").exists()
+
+
+def test_fit_tells_unfinished_from_finished_without_an_nll_and_names_a_damaged_summary(plan, capsys):
+    _, points = read_plan(plan[0])
+    for p, nll in zip(points, (3.0, None, float("nan"))):
+        (plan[0] / "runs" / p.id).mkdir(parents=True)
+        (plan[0] / "runs" / p.id / "summary.json").write_text(json.dumps(
+            {"status": "finished", "step": p.steps, "last_val_nll": nll}))
+    assert main(["fit", str(plan[0])]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((plan[0] / "fit.json").read_text())
+    assert result["missing"] == [points[3].id] and result["without_nll"] == [points[1].id, points[2].id]
+    assert f"finished without a finite validation NLL (left out of the fit; diverged, or an empty validation split" \
+           in out and f"not finished (left out of the fit): {points[3].id}" in out
+    damaged = plan[0] / "runs" / points[0].id / "summary.json"
+    damaged.write_text('{"status": "fini')
+    for cmd in ("fit", "run"):
+        assert main([cmd, str(plan[0])]) == 2
+        err = capsys.readouterr().err
+        assert f"{damaged}: not a run summary" in err and err.count("\n") == 1, err
