@@ -181,8 +181,9 @@ def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
         backend = Backend.from_file(str(tok.path))
     bos, eos = backend.id_to_token(tok.bos_id), backend.id_to_token(tok.eos_id)
     # No pad token of our own: EOS pads (padded positions are masked, so which id does not matter).
+    # Padding goes on the left: a batch of prompts is continued from each one's last token.
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=eos,
-                                   add_bos_token=True, split_special_tokens=True)
+                                   add_bos_token=True, split_special_tokens=True, padding_side="left")
 
 
 def require_new(out: Path) -> None:

@@ -542,7 +542,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None, labels: Tensor | None = None, **kwargs) -> HybridCausalLMOutput:
         """input_ids [b, l] -> logits [b, l, vocab]; with `labels`, the mean next-token loss (-100
         ignored). `hybrid_cache` is read and advanced in place; a new one is made if `use_cache`. Other
-        keywords transformers passes (return_dict, output_* flags) are accepted and ignored."""
+        keywords transformers passes (return_dict, output_* flags) are accepted and ignored, but not
+        the ones that would change the result: past_key_values, position_ids, inputs_embeds."""
+        for name, instead in (("past_key_values", "pass the previous output's hybrid_cache as hybrid_cache"),
+                              ("position_ids", "positions follow hybrid_cache; leave them out"),
+                              ("inputs_embeds", "pass input_ids")):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name}: this model does not take it ({instead})")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("attention_mask has padding: this model takes unpadded sequences; "
                              "batch prompts of one length or generate one prompt at a time")

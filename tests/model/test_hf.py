@@ -281,6 +281,11 @@ def test_remote_code_loss_uncached_generation_and_refusals():
     assert torch.equal(uncached, model.generate(tokens, 5))
     with pytest.raises(ValueError, match="does not support beam search"):
         hf.generate(tokens, max_new_tokens=2, num_beams=2)
+    cache = hf(tokens[:, :-1], use_cache=True).hybrid_cache  # HF's own loop passes past_key_values: refused, not
+    for name, value in (("past_key_values", cache), ("position_ids", torch.arange(1)[None]),  # silently ignored
+                        ("inputs_embeds", torch.zeros(2, 1, model.config.d_model))):
+        with pytest.raises(ValueError, match=f"{name}: this model does not take it"):
+            hf(tokens[:, -1:], **{name: value})
 
 
 def test_remote_code_imports_only_torch_and_transformers():

@@ -110,6 +110,25 @@ def test_export_writes_the_runs_byte_tokenizer_and_its_ids(llama_checkpoint, tmp
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (byte.bos_id, byte.eos_id, byte.eos_id)
 
 
+def test_batched_generation_with_the_exported_tokenizer_is_each_prompts_own(llama_checkpoint, tmp_path):
+    """Prompts of different lengths padded together continue as each alone (right padding, the
+    tokenizer's default, continued the short prompt from its padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    assert export(llama_checkpoint, out) == 0
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():  # weights whose choices depend on the context (2 steps of training barely do)
+        for i, p in enumerate(hf.parameters()):
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+    prompts, greedy = ["hi", "def main(x):"], {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    together = hf.generate(**batch, **greedy)[:, -5:]
+    for row, prompt in zip(together, prompts):
+        assert torch.equal(row, hf.generate(**tok(prompt, return_tensors="pt"), **greedy)[0, -5:]), prompt
+
+
 def test_export_with_a_tokenizer_json(bpe_tokenizer, tmp_path):
     """A weights-only checkpoint (`import` output) has no run config: the export asks for --tokenizer,
     then ships that tokenizer.json with its own BOS/EOS ids."""
