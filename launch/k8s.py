@@ -93,7 +93,9 @@ def build_manifests(spec: LaunchSpec, opts: K8sOptions) -> list[dict[str, Any]]:
         "apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
         "spec": {
             "completionMode": "Indexed", "completions": spec.nodes, "parallelism": spec.nodes,
-            "backoffLimit": opts.backoff_limit,
+            # One crash fails every pod (the others' torchrun loses its peers): --backoff-limit counts
+            # failures of the whole run, each up to --nodes pod failures.
+            "backoffLimit": opts.backoff_limit * spec.nodes,
             "podFailurePolicy": {"rules": [
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 _exit_code_rule("Ignore", [REQUEUE_EXIT_CODE]),

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  f"(default {K8S_DEFAULTS['pvc']})")
     p.add_argument("--run-mount", help=f"k8s mount path of the claim (default {K8S_DEFAULTS['run_mount']})")
     p.add_argument("--backoff-limit", type=at_least_0,
-                   help=f"k8s: failures tolerated, not preemptions (default {K8S_DEFAULTS['backoff_limit']})")
+                   help="k8s: failures of the run tolerated, not preemptions; the Job's backoffLimit is this x --nodes, "
+                        f"since one crash fails every pod (default {K8S_DEFAULTS['backoff_limit']})")
     p.add_argument("--shm-gib", type=count,
                    help=f"k8s: size of the /dev/shm memory volume (default {K8S_DEFAULTS['shm_gib']})")
     p.add_argument("--out", help="write here instead of stdout")

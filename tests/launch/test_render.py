@@ -46,6 +46,7 @@ def test_k8s_job_maps_exit_codes_and_requests_resources(tmp_path):
     rules = {(r["action"], tuple(r["onExitCodes"]["values"]) if "onExitCodes" in r else "conditions")
              for r in spec["podFailurePolicy"]["rules"]}
     assert rules == {("Ignore", "conditions"), ("Ignore", (REQUEUE_EXIT_CODE,)), ("FailJob", (2, 3))}
+    assert spec["backoffLimit"] == 3 * 2  # 3 failures of the run, each failing both pods
     c = container(job)
     assert c["image"] == "reg.io/img:1" and c["workingDir"] == "/workspace" and c["args"] == TRAIN
     # torchrun waits --grace-s for the trainers' checkpoint; the pod gets 30 s more to report its exit.
