@@ -25,16 +25,12 @@ EXIT_MARGIN_S = 30  # after torchrun's wait of --grace-s, time for the pod's she
 
 @dataclass(frozen=True)
 class K8sOptions:
-    image: str
-    namespace: str
-    pvc: str
-    run_mount: str
-    backoff_limit: int
-    shm_gib: int
-
-
-K8S_DEFAULTS = {"image": "hybrid-pretrain:latest", "namespace": "default", "pvc": "runs", "run_mount": "/runs",
-                "backoff_limit": 3, "shm_gib": 64}
+    image: str = "hybrid-pretrain:latest"
+    namespace: str = "default"
+    pvc: str = "runs"
+    run_mount: str = "/runs"
+    backoff_limit: int = 3
+    shm_gib: int = 64
 
 
 def _check(spec: LaunchSpec, opts: K8sOptions) -> None:

@@ -12,14 +12,15 @@ on any number of nodes. Every value is checked against what the scheduler accept
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from data_pipeline.files import write_atomic
-from launch.k8s import K8S_DEFAULTS, K8sOptions, render_k8s
-from launch.slurm import REQUEUE_MARGIN_S, SLURM_DEFAULTS, SlurmOptions, render_slurm
-from launch.spec import LaunchSpec
+from launch.k8s import K8sOptions, render_k8s
+from launch.slurm import REQUEUE_MARGIN_S, SlurmOptions, render_slurm
+from launch.spec import DEFAULT_GRACE_S, LaunchSpec
 from launch.validate import LaunchError, int_in_range
 
 PROG = "python -m launch.render"
@@ -38,6 +39,13 @@ def usage_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def defaults(options: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(options)}
+
+
+SLURM, K8S = defaults(SlurmOptions), defaults(K8sOptions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        epilog="Arguments after -- are passed to pretrain/main.py.")
@@ -54,24 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default="python", help="the interpreter with the project installed")
     p.add_argument("--master-port", type=int_in_range(1, 65535), default=29500, help="c10d rendezvous port")
     p.add_argument("--omp-threads", type=count, default=8)
-    p.add_argument("--grace-s", type=count, default=300,
+    p.add_argument("--grace-s", type=count, default=DEFAULT_GRACE_S,
                    help="seconds the trainers get to checkpoint after a preemption signal")
     # One scheduler's options (default None: given for the other target, they are refused, not ignored).
     p.add_argument("--partition", help="slurm partition(s) (default: none, the cluster's default)")
-    p.add_argument("--time", help=f"slurm time limit per allocation (default {SLURM_DEFAULTS['time']})")
+    p.add_argument("--time", help=f"slurm time limit per allocation (default {SLURM['time']})")
     p.add_argument("--signal-lead-s", type=int_in_range(0, 65535),  # sbatch --signal's range
                    help=f"slurm: USR1 this long before the limit; at least --grace-s + {REQUEUE_MARGIN_S} "
-                        f"(default {SLURM_DEFAULTS['signal_lead_s']})")
-    p.add_argument("--image", help=f"k8s container image (default {K8S_DEFAULTS['image']})")
-    p.add_argument("--namespace", help=f"k8s namespace (default {K8S_DEFAULTS['namespace']})")
+                        f"(default {SLURM['signal_lead_s']})")
+    p.add_argument("--image", help=f"k8s container image (default {K8S['image']})")
+    p.add_argument("--namespace", help=f"k8s namespace (default {K8S['namespace']})")
     p.add_argument("--pvc", help="k8s ReadWriteMany claim holding data and run directory "
-                                 f"(default {K8S_DEFAULTS['pvc']})")
-    p.add_argument("--run-mount", help=f"k8s mount path of the claim (default {K8S_DEFAULTS['run_mount']})")
+                                 f"(default {K8S['pvc']})")
+    p.add_argument("--run-mount", help=f"k8s mount path of the claim (default {K8S['run_mount']})")
     p.add_argument("--backoff-limit", type=at_least_0,
                    help="k8s: failures of the run tolerated, not preemptions; the Job's backoffLimit is this x --nodes, "
-                        f"since one crash fails every pod (default {K8S_DEFAULTS['backoff_limit']})")
+                        f"since one crash fails every pod (default {K8S['backoff_limit']})")
     p.add_argument("--shm-gib", type=count,
-                   help=f"k8s: size of the /dev/shm memory volume (default {K8S_DEFAULTS['shm_gib']})")
+                   help=f"k8s: size of the /dev/shm memory volume (default {K8S['shm_gib']})")
     p.add_argument("--out", help="write here instead of stdout")
     return p
 
@@ -79,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def scheduler_options(args: argparse.Namespace) -> SlurmOptions | K8sOptions:
     """The chosen scheduler's options, defaults filled in; an option of the other one is refused
     (a --time given to a k8s render would otherwise be silently dropped)."""
-    own, other = (SLURM_DEFAULTS, K8S_DEFAULTS) if args.target == "slurm" else (K8S_DEFAULTS, SLURM_DEFAULTS)
+    own, other = (SLURM, K8S) if args.target == "slurm" else (K8S, SLURM)
     stray = [name for name in other if getattr(args, name) is not None]
     if stray:
         flag = "--" + stray[0].replace("_", "-")

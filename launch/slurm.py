@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from launch.spec import LaunchSpec, node_script
+from launch.spec import DEFAULT_GRACE_S, LaunchSpec, node_script
 from launch.validate import (NO_CONTROL, SLURM_JOB_NAME, SLURM_PARTITION, SLURM_RUN_DIR, SLURM_TIME, LaunchError,
                              slurm_time_seconds)
 
@@ -15,12 +15,9 @@ REQUEUE_MARGIN_S = 30  # after torchrun's wait of --grace-s, time for the script
 
 @dataclass(frozen=True)
 class SlurmOptions:
-    partition: str
-    time: str
-    signal_lead_s: int
-
-
-SLURM_DEFAULTS = {"partition": "", "time": "24:00:00", "signal_lead_s": 300 + 60}  # --grace-s's default + margin
+    partition: str = ""
+    time: str = "24:00:00"
+    signal_lead_s: int = DEFAULT_GRACE_S + 2 * REQUEUE_MARGIN_S
 
 
 def _check(spec: LaunchSpec, opts: SlurmOptions) -> None:

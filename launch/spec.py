@@ -8,6 +8,7 @@ from pathlib import Path
 from launch.validate import NO_CONTROL, LaunchError
 
 REQUEUE_EXIT_CODE = 75  # pretrain.trainer.EXIT_PREEMPTED; launch/ does not import pretrain/
+DEFAULT_GRACE_S = 300  # --grace-s: seconds the trainers get to checkpoint after a preemption signal
 SCRIPTS = Path(__file__).parent / "scripts"
 # torchrun passes these on to the trainers (Slurm's USR1 before the time limit included) and then
 # waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for them to save before it kills them (torchrun reads
@@ -55,7 +56,9 @@ class LaunchSpec:
         return {"RUN_DIR": self.run_dir, "PYTHON": self.python, "NPROC_PER_NODE": str(self.nproc_per_node),
                 "MASTER_PORT": str(self.master_port), "OMP_NUM_THREADS": str(self.omp_threads),
                 "REQUEUE_EXIT_CODE": str(REQUEUE_EXIT_CODE), "PET_SIGNALS_TO_HANDLE": FORWARDED_SIGNALS,
-                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.grace_s)}
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.grace_s),
+                # the trainers record a bad configuration in summary.json, where run_exit_code reads it
+                "LAUNCH_READS_SUMMARY": "1"}
 
 
 def node_script(*names: str) -> str:

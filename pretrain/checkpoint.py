@@ -58,7 +58,7 @@ _NAME = re.compile(r"^step_(\d{8,})$")
 
 
 def model_config_json(model_config: Any) -> str:
-    """The MODEL_CONFIG_FILE text of a ModelConfig (read back with ModelConfig.from_dict)."""
+    """The MODEL_CONFIG_FILE text of a ModelConfig (read back with ModelConfig.from_saved)."""
     return json.dumps(model_config.to_dict(), indent=1)
 
 

@@ -28,7 +28,7 @@ from pretrain.config import ConfigError, JobConfig, parse_args, to_toml, unused_
 from pretrain.model.config import ModelConfig
 from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
-from pretrain.summary import write_summary
+from pretrain.summary import read_summary, write_summary
 from pretrain.layout import activation_bytes, layout_report, loss_working_set_bytes
 from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, agreed_config_errors,
                               build_model_from_config, grad_accum_steps, parallel_dims, resolve_num_streams)
@@ -110,9 +110,12 @@ def write_early_summary(run_dir: str | None, status: str, code: int, error: str,
     """summary.json (rank 0) for a run that ends before the trainer could write one: a signal
     during start-up ("preempted", 75: the launcher requeues it, as after a preemption mid-run) or a
     bad configuration ("config_error", 2: the launcher must not retry it; torchrun itself reports
-    every failure as 1). A config error writes into an existing run directory only, so a typo
-    leaves no new directory behind. Failing to write is logged, never raised over the error."""
-    if launch_rank() != 0 or run_dir is None or (status == "config_error" and not Path(run_dir).is_dir()):
+    every failure as 1). A config error is recorded only for the launchers that read it
+    (LAUNCH_READS_SUMMARY=1: launch/spec.py) and never over a finished run's summary: a typo at a
+    prompt must not cost a run its record. Failing to write is logged, never raised over the error."""
+    if launch_rank() != 0 or run_dir is None:
+        return
+    if status == "config_error" and (os.environ.get("LAUNCH_READS_SUMMARY") != "1" or _finished(Path(run_dir))):
         return
     run = {"total_steps": cfg.train.steps, "arch": cfg.model.arch, "size": cfg.model.size} if cfg else {}
     try:
@@ -121,6 +124,13 @@ def write_early_summary(run_dir: str | None, status: str, code: int, error: str,
                                       "checkpoint": None, "run_dir": run_dir, **run})
     except OSError as e:
         log.error("could not write %s/summary.json (%s: %s)", run_dir, type(e).__name__, e)
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return read_summary(run_dir).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def given_run_dir(argv: list[str]) -> str | None:

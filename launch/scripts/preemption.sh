@@ -5,10 +5,13 @@
 # A SIGTERM to this shell is passed on (in a pod, bash is PID 1 and the only process the kubelet
 # signals; under Slurm the steps get it too, and a second TERM is harmless): the trainers then
 # save a checkpoint, which the waiting must not cut short (a trapped signal interrupts `wait`).
-# First it leaves a marker in RUN_DIR: a summary.json newer than it was written by this run, not
-# by an earlier allocation or pod (on the run's own filesystem, so no clock but its own counts).
+# First it stamps a marker in RUN_DIR (one per node, rewritten by each start, so a killed
+# shell leaves no more): a summary.json not older than it was written by this run, not by an
+# earlier allocation or pod (compared on the run's own filesystem; a stale summary is older by the
+# requeue's minutes, so a timestamp tick in common means this run).
 run_to_exit() {
-  mkdir -p "$RUN_DIR" && launch_started=$(mktemp "$RUN_DIR/.launch-started.XXXXXX") ||
+  launch_started="$RUN_DIR/.launch-started.$(hostname)"
+  mkdir -p "$RUN_DIR" && touch "$launch_started" ||
     { echo "launch: cannot write to the run directory $RUN_DIR"; exit 1; }
   trap 'rm -f "$launch_started"' EXIT
   "$@" &
@@ -25,12 +28,12 @@ run_to_exit() {
 
 # run_exit_code: the exit code the trainers asked for. The launcher's alone cannot tell: torchrun
 # reports any worker's exit as 1, and srun may report the signal that ended a task. Rank 0 writes
-# summary.json with its "exit_code" (75: preempted, checkpoint saved; 2: bad configuration; 3:
-# stopped by a guard) before any rank exits, so a summary written during this run is the record
+# summary.json with its "exit_code" (75: preempted, checkpoint saved, before any rank exits; 3:
+# stopped by a guard; 2: bad configuration) so a summary written during this run is the record
 # to trust; without one (a crash before it), the launcher's code.
 run_exit_code() {
   local summary="$RUN_DIR/summary.json" code=""
-  if [ "$launch_rc" -ne 0 ] && [ "$summary" -nt "$launch_started" ]; then
+  if [ "$launch_rc" -ne 0 ] && [ -e "$summary" ] && ! [ "$launch_started" -nt "$summary" ]; then
     code=$(sed -n 's/^ *"exit_code": \([0-9][0-9]*\),\{0,1\}$/\1/p' "$summary" | head -n 1)
   fi
   echo "${code:-$launch_rc}"

@@ -217,7 +217,8 @@ class HybridLM(nn.Module):
         (`parallel.pipeline.Pipeline`, the trainer's `pipeline`) and every pp rank calls this
         with the same arguments (`pretrain.model.pipeline_generate`: growing caches). `stop`
         (the new tokens so far [b, n] -> whether to end) is asked every STOP_EVERY new tokens: a
-        generation it ends returns fewer than max_new_tokens.
+        generation it ends returns fewer than max_new_tokens. Under pipeline parallelism every pp
+        rank asks it of the same tokens, and it must answer alike on all of them.
         """
         check_sampling(max_new_tokens, temperature, top_k, self.config.vocab_size)
         if pipeline is not None:

@@ -83,6 +83,22 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(f"wrote {args.out / 'plan.json'} and {len(points)} configs under {args.out / 'points'}")
 
 
+def check_batches_split(spec, points: list, nproc: int) -> None:
+    """Every point's batch splits over the data-parallel ranks of `nproc` processes (those left by
+    any parallel.tp/pp/cp the plan's --set gave), at start rather than as each point fails."""
+    from pretrain.config import parse_args
+    from pretrain.scaling.plan import PlanError
+
+    par = parse_args(["--config", points[0].config])[0].parallel
+    dp = max(1, nproc // (par.tp * par.pp * par.cp))
+    window = dp * spec.micro_batch_size * spec.seq_len
+    bad = next((p for p in points if p.batch_tokens % window), None)
+    if bad is not None:
+        raise PlanError(f"--nproc-per-node {nproc}: {bad.id}'s batch of {bad.batch_tokens:,} tokens is not a multiple "
+                        f"of {dp} data-parallel ranks x micro-batch {spec.micro_batch_size} x seq_len {spec.seq_len}; "
+                        f"run with the plan's --ranks {spec.ranks}, or plan again with --ranks {dp}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pretrain.scaling.plan import PlanError, read_plan
     from pretrain.scaling.run import render_jobs, run_local
@@ -90,13 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc_per_node < 1:
         raise PlanError(f"--nproc-per-node {args.nproc_per_node}: must be >= 1")
     spec, points = read_plan(args.plan)
-    window = args.nproc_per_node * spec.micro_batch_size * spec.seq_len  # tokens of one micro-batch on every rank
-    if not args.render and any(p.batch_tokens % window for p in points):
-        bad = next(p for p in points if p.batch_tokens % window)
-        raise PlanError(f"--nproc-per-node {args.nproc_per_node}: {bad.id}'s batch of {bad.batch_tokens:,} tokens is not "
-                        f"a multiple of {args.nproc_per_node} ranks x micro-batch {spec.micro_batch_size} x seq_len "
-                        f"{spec.seq_len}; run with the plan's --ranks {spec.ranks}, or plan again with --ranks "
-                        f"{args.nproc_per_node}")
+    if not args.render and points:
+        check_batches_split(spec, points, args.nproc_per_node)
     if args.render:
         script = render_jobs(points, args.render, args.plan.resolve(), args.launch_args)
         print(f"wrote {script}")

@@ -57,8 +57,8 @@ def isoflop(obs: list[Observation]) -> dict[str, Any]:
         return {**out, "optimum": None, "why": "the parabola opens downwards (no minimum): widen the size range"}
     x_opt = -b / (2 * a)
     if not x[0] - EXTRAPOLATION_DECADES <= x_opt <= x[-1] + EXTRAPOLATION_DECADES:
-        return {**out, "optimum": None, "why": f"the curve is nearly straight: its vertex (10^{x_opt:.3g} parameters) "
-                                               f"lies far outside the sizes tried; widen the size range"}
+        return {**out, "optimum": None, "why": f"its vertex (10^{x_opt:.3g} parameters) lies more than a decade "
+                                               f"outside the sizes tried; widen the size range"}
     x_err = None
     if cov is not None:  # gradient of -b/2a with respect to (a, b, c)
         grad = np.array([b / (2 * a * a), -1 / (2 * a), 0.0])

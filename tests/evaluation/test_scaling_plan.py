@@ -243,7 +243,8 @@ def test_throughput_from_a_run_trained_from_another_directory(tmp_path, corpus, 
 def test_run_on_more_ranks_than_a_points_batch_splits_over_is_refused_at_start(plan, capsys):
     assert main(["run", str(plan[0]), "--nproc-per-node", "16"]) == 2
     err = capsys.readouterr().err
-    assert "is not a multiple of 16 ranks x micro-batch 2 x seq_len 64; run with the plan's --ranks 1" in err
+    assert "is not a multiple of 16 data-parallel ranks x micro-batch 2 x seq_len 64; run with the plan's --ranks 1" \
+        in err
     assert err.count("\n") == 1 and not (plan[0] / "runs").exists()
 
 

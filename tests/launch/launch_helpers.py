@@ -36,7 +36,9 @@ def fake_command(bin_dir: Path, name: str, body: str) -> Path:
 RECORD_ARGV = f'printf "%s\\0" "$0" "$@" > "$STUB_DIR/{ARGV_FILE}"\n'
 EXIT_CODES = {"finished": 0, "failed": 1, "config_error": 2, "stopped": 3, "preempted": 75}
 SUMMARY_WRITER = ('[ -n "${STATUS:-}" ] && mkdir -p "$RUN_DIR" && printf \'{\\n  "exit_code": %s,\\n  '
-                  '"status": "%s"\\n}\\n\' "$SUMMARY_EXIT_CODE" "$STATUS" > "$RUN_DIR/summary.json"\n')
+                  '"status": "%s"\\n}\\n\' "$SUMMARY_EXIT_CODE" "$STATUS" > "$RUN_DIR/summary.json"\n'
+                  # SAME_TICK: the summary gets the launch marker's very timestamp (a coarse filesystem clock)
+                  '[ -n "${SAME_TICK:-}" ] && touch -r "$RUN_DIR"/.launch-started.* "$RUN_DIR/summary.json"\n')
 
 
 def summary_env(status: str) -> dict[str, str]:

@@ -135,6 +135,13 @@ def test_slurm_requeue_follows_the_run_summary(tmp_path, status, trainer_rc, sta
     assert [p.name for p in run_dir.iterdir()] == (["summary.json"] if status or stale_summary else [])  # no marker
 
 
+def test_a_summary_in_the_markers_timestamp_tick_is_this_runs(tmp_path):
+    """On a filesystem with a coarse clock the summary can carry the launch marker's very mtime."""
+    text = render(tmp_path, ["slurm", "--nodes", "1", "--run-dir", str(tmp_path / "run"), "--", "--arch", "llama"])
+    ran = run_slurm_script(text, tmp_path, srun_rc=1, status="stopped", SAME_TICK="1")
+    assert ran.returncode == 3, ran.output
+
+
 def test_slurm_requeue_that_fails_is_said_and_exits_75(tmp_path):
     text = render(tmp_path, ["slurm", "--nodes", "1", "--run-dir", str(tmp_path / "run"), "--", "--arch", "llama"])
     ran = run_slurm_script(text, tmp_path, srun_rc=1, status="preempted", requeue_rc=1)

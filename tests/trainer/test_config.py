@@ -304,18 +304,18 @@ def test_cuda_device_without_cuda_exits_2_before_anything_starts(corpus, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_a_config_error_is_recorded_in_an_existing_run_dir_for_the_launchers(corpus, tmp_path):
-    """torchrun reports every failed worker as 1: the launchers read summary.json's exit code to
-    fail the job (Kubernetes podFailurePolicy on 2) rather than retry it. Written only where the run
-    directory exists (the launchers create it), never for a dry run."""
+def test_a_config_error_is_recorded_for_the_launchers_but_never_over_a_finished_run(corpus, tmp_path, monkeypatch):
+    """torchrun reports every failed worker as 1: the launchers (which set LAUNCH_READS_SUMMARY=1)
+    read summary.json's exit code to fail the job (Kubernetes podFailurePolicy on 2) rather than
+    retry it. Not at a prompt, not for a dry run, and never over a finished run's summary."""
     import json
 
     run = tmp_path / "run"
-    assert main(["--run-dir", str(run), "--train.no_such_key=1"]) == 2
-    assert not run.exists()  # a typo makes no directory
     run.mkdir()
-    assert main(["--run-dir", str(run), "--train.no_such_key=1", "--dry-run"]) == 2
-    assert not (run / "summary.json").exists()
+    bad = ["--run-dir", str(run), "--train.no_such_key=1"]
+    assert main(bad) == 2 and not (run / "summary.json").exists()  # no launcher
+    monkeypatch.setenv("LAUNCH_READS_SUMMARY", "1")
+    assert main([*bad, "--dry-run"]) == 2 and not (run / "summary.json").exists()
     assert main([f"--run-dir={run}", "--train.no_such_key=1"]) == 2  # before the config parses
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "config_error" and summary["exit_code"] == 2 and "no_such_key" in summary["error"]
@@ -323,6 +323,9 @@ def test_a_config_error_is_recorded_in_an_existing_run_dir_for_the_launchers(cor
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "config_error" and summary["exit_code"] == 2 and summary["arch"] == "hybrid_moe", out
     assert "no CUDA device is available" in summary["error"]
+    finished = '{"status": "finished", "step": 2, "last_val_nll": 3.2}'
+    (run / "summary.json").write_text(finished)
+    assert main(bad) == 2 and (run / "summary.json").read_text() == finished
 
 
 def test_settings_that_do_nothing_are_named():
