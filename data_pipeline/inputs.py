@@ -19,6 +19,8 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
+import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -30,12 +32,15 @@ import numpy as np
 from data_pipeline.errors import DataInputError
 from data_pipeline.megatron_indexed import iter_megatron_documents, megatron_prefix, read_index
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("jsonl", "parquet", "text", "megatron")
 FILE_KINDS = ("empty_files", "damaged_files", "truncated_files")
 RECORD_REASONS = {"bad_utf8": "not valid UTF-8", "bad_json": "not valid JSON",
                   "missing_field": "no string in the text field", "empty_docs": "an empty document",
                   "out_of_range_ids": "a token id outside the vocabulary"}
 READ_CHUNK = 1 << 20  # compressed/raw bytes per read
+PREPARED_MARKERS = {"manifest.json", "prepare_settings.json"}  # files of a prepare's --out directory
 PROBE_LINES = 100  # a jsonl file none of whose first this many non-blank lines is JSON is damaged
 STRICT_FIX = "repair or re-fetch the file, or remove it from --input (without --strict it is skipped and reported)"
 
@@ -116,7 +121,7 @@ def resolve_inputs(patterns: list[str], input_format: str = "auto", exclude: Pat
             raise DataInputError(repr(pattern), "--input", "an empty path (it would read the current directory)",
                                  "pass a file, directory or glob")
         matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
-        paths = [f for p in matched for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])]
+        paths = [f for p in matched for f in (_files_under(p) if p.is_dir() else [p])]
         if not paths or not all(p.exists() for p in paths):
             raise DataInputError(pattern, "--input", "matches no file", "check the path or glob")
         for p in paths:
@@ -130,6 +135,33 @@ def resolve_inputs(patterns: list[str], input_format: str = "auto", exclude: Pat
     if not found:
         raise DataInputError(patterns, "--input", "no inputs given", "pass at least one path or glob")
     return [found[k] for k in sorted(found)]
+
+
+def _files_under(top: Path) -> list[Path]:
+    """The files of a directory tree, sorted, following links to directories (each directory once:
+    a link loop ends). Left out, with a warning: broken links, hidden entries (.git, a prepare's
+    .jobs) and prepared outputs (a tree holding manifest.json or prepare_settings.json: an earlier
+    prepare into a subdirectory is not raw text)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(top, followlinks=True):
+        real = Path(root).resolve()
+        if real in seen or PREPARED_MARKERS & set(names):
+            if real not in seen:
+                log.warning("%s: a prepared output (it holds %s), not read as input", root,
+                            " and ".join(sorted(PREPARED_MARKERS & set(names))))
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            path = Path(root) / name
+            if name.startswith("."):
+                continue
+            if path.is_file():
+                files.append(path)
+            else:
+                log.warning("%s: a broken link (or not a regular file), not read", path)
+    return sorted(files)
 
 
 # --- byte streams: every way a compressed file can be cut or damaged becomes a FileProblem ---------
@@ -246,9 +278,10 @@ def probe_input(inp: InputFile, text_field: str) -> FileProblem | None:
 
 
 def _probe_jsonl(path: Path, text_field: str) -> FileProblem | None:
-    """Check the field on the first JSON object (bad lines before it, and JSON that is no object, are
-    left to the per-line policy)."""
-    bad = 0
+    """Check that the field is there, in one of the first PROBE_LINES JSON objects: absent from all
+    of them it is the wrong --text-field; absent from some (a header record) it is left to the
+    per-line policy (counted as missing_field), as are bad lines and JSON that is no object."""
+    bad, without = 0, []
     try:
         for lineno, line, _ in _iter_lines(path):
             if not line.strip():
@@ -262,12 +295,17 @@ def _probe_jsonl(path: Path, text_field: str) -> FileProblem | None:
                 if bad == PROBE_LINES:
                     return FileProblem("damaged_files", f"none of the first {PROBE_LINES} lines is a JSON object")
                 continue
-            if text_field not in record:
-                raise DataInputError(path, f"--text-field {text_field!r}", f"absent from line {lineno} (keys: "
-                                     f"{list(record)})", "pass --text-field with one of those keys")
-            return None
+            if text_field in record:
+                return None
+            without.append((lineno, list(record)))
+            if len(without) == PROBE_LINES:
+                break
     except FileProblem as problem:
         return problem
+    if without:
+        lineno, keys = without[0]
+        raise DataInputError(path, f"--text-field {text_field!r}", f"absent from every record read (line {lineno}'s "
+                             f"keys: {keys})", "pass --text-field with one of those keys")
     return None if bad else FileProblem("empty_files", "no records")
 
 
@@ -328,7 +366,7 @@ def _iter_raw(inp: InputFile, text_field: str, skipped: Counter, strict: bool) -
         except OSError as exc:
             raise FileProblem("damaged_files", f"read error: {exc}") from None
         try:
-            yield data.decode("utf-8"), "the file"
+            yield data.decode("utf-8-sig"), "the file"  # without a byte-order mark (Windows editors write one)
         except UnicodeDecodeError:
             _skip(inp, "the file", "bad_utf8", skipped, strict)
     elif inp.format == "parquet":

@@ -132,7 +132,7 @@ def _run_job_once(job: Job, cfg: PrepareConfig, tok: Tokenizer, excluded: dict[I
     for inp in job.inputs:
         if inp in excluded:
             continue
-        before = Counter(skipped)
+        before, written_before = Counter(skipped), n_docs
         batch: list[tuple[str, str | np.ndarray]] = []
         problem = None
         try:
@@ -145,12 +145,14 @@ def _run_job_once(job: Job, cfg: PrepareConfig, tok: Tokenizer, excluded: dict[I
             if cfg.strict:
                 raise exc.strict_error(inp.path) from None
             problem = exc
-        if problem is not None and problem.kind == "damaged_files" and (n_docs or skipped != before):
-            for w in writers.values():  # some of this job's output may come from the damaged file
-                w.close()
-                for shard in w.finished:
-                    (out / shard.name).unlink(missing_ok=True)
-            raise _DamagedMidJob(inp, problem, damaged)
+        if problem is not None and problem.kind == "damaged_files":
+            if n_docs != written_before or skipped != before:
+                for w in writers.values():  # some of this job's output comes from the damaged file
+                    w.close()
+                    for shard in w.finished:
+                        (out / shard.name).unlink(missing_ok=True)
+                raise _DamagedMidJob(inp, problem, damaged)
+            batch = []  # a damaged file is dropped whole: its documents read so far go nowhere
         flush(inp, batch)
         if skipped != before:
             log.warning("%s: skipped documents %s", inp.path, dict(skipped - before))
@@ -328,9 +330,14 @@ def _prepare_into(out: Path, cfg: PrepareConfig, inputs: list[InputFile],
         if val_docs:
             raise DataInputError(cfg.val_fraction, "--val-fraction", f"every one of the {val_docs} usable documents "
                                  "went to the validation split: the training split is empty",
-                                 "lower --val-fraction, or add documents")
+                                 "lower --val-fraction (into a fresh --out), or add documents")
         raise DataInputError(cfg.inputs, "--input", f"no usable documents (skipped: {dict(skipped)})",
                              "check --text-field, --format and the files' contents")
+    train_docs = sum(s.num_docs for s in shards if s.split == "train")
+    if cfg.val_fraction > 0 and not any(s.split == "val" and s.num_docs for s in shards):
+        log.warning("prepare %s: the validation split is empty (--val-fraction %g of %d documents expects %.1f); "
+                    "validation during training will have nothing to read: raise --val-fraction into a fresh --out",
+                    out, cfg.val_fraction, train_docs, cfg.val_fraction * train_docs)
     manifest = Manifest(tokenizer=tok.identity, dtype=dtype_for_vocab(tok.vocab_size), val_fraction=cfg.val_fraction,
                         shards=sorted(shards, key=lambda s: s.name), skipped=dict(sorted(skipped.items())),
                         inputs=[str(i.path) for i in inputs], skipped_files=skipped_files)

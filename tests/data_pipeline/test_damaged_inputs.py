@@ -120,10 +120,11 @@ def test_garbage_gz_is_skipped_and_named(tmp_path):
 
 
 def test_gz_damaged_mid_stream_is_dropped_whole_not_kept_in_part(tmp_path, monkeypatch, caplog):
-    """A flipped byte mid-member is found only once the job has written documents (from this and the
-    file before it): the job starts over without the file, and leaves no stray shard."""
+    """A flipped byte mid-member is found only once the job has written documents (from this file,
+    more than one encode batch, and the one before it): the job starts over without the file, and
+    leaves no stray shard."""
     monkeypatch.setattr(inputs_mod, "READ_CHUNK", 256)  # the start-up probe reads no further than this
-    data = bytearray(gzip.compress(b"".join(_jsonl_bytes(DOCS))))
+    data = bytearray(gzip.compress(b"".join(_jsonl_bytes(DOCS * 3))))
     data[len(data) // 2] ^= 0xFF
     src = _write(tmp_path / "b_flipped.jsonl.gz", bytes(data))
     good = write_jsonl(tmp_path / "a_good.jsonl", GOOD)  # first in the job: its shards are written, then redone
@@ -135,6 +136,20 @@ def test_gz_damaged_mid_stream_is_dropped_whole_not_kept_in_part(tmp_path, monke
     assert entry["path"] == str(src) and entry["docs_kept"] == 0 and "skipped, the whole file" in entry["problem"]
     assert sorted(_texts(tmp_path / "out")) == sorted(GOOD)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar*")) == sorted(s.name for s in m.shards)
+
+
+def test_a_damaged_file_first_in_its_job_is_dropped_whole_whatever_the_job_grouping(tmp_path):
+    """A bad CRC found at the end of a file first in its job, before any of its documents was
+    written out (fewer than one encode batch): its documents were kept all the same, so the output
+    depended on file order and --job-bytes while the manifest said the file was skipped."""
+    data = bytearray(gzip.compress(b"".join(_jsonl_bytes(DOCS[:50]))))
+    data[-8] ^= 0xFF  # the gzip trailer's CRC32: found only once the whole member is read
+    src = _write(tmp_path / "a_bad.jsonl.gz", bytes(data))
+    good = write_jsonl(tmp_path / "b_good.jsonl", GOOD)
+    for job_bytes in (1 << 28, 100):  # both files in one job, or one job each
+        m = prepare(_cfg([src, good], tmp_path / f"out{job_bytes}", job_bytes=job_bytes))
+        assert m.skipped == {"damaged_files": 1} and m.skipped_files["damaged_files"][0]["docs_kept"] == 0
+        assert sorted(_texts(tmp_path / f"out{job_bytes}")) == sorted(GOOD), job_bytes
 
 
 @pytest.mark.parametrize("name", ["empty.jsonl", "empty.jsonl.zst", "empty.txt", "empty.parquet"])

@@ -198,7 +198,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
                           "--out", str(tmp_path / "out"), "--text-field", "body"], capture_output=True, text=True)
     assert res.returncode != 0
     assert res.stderr.strip().splitlines() == [
-        f"error: {src}: --text-field 'body': absent from line 1 (keys: ['text', 'id']); "
+        f"error: {src}: --text-field 'body': absent from every record read (line 1's keys: ['text', 'id']); "
         "fix: pass --text-field with one of those keys"]
 
 
@@ -280,3 +280,38 @@ def test_a_first_line_that_is_json_but_no_object_is_skipped_like_any_bad_record(
     src.write_text("123\n" + "".join(json.dumps({"text": t}) + "\n" for t in ("good one", "good two")))
     m = prepare(_cfg([src], tmp_path / "out"))
     assert _texts(tmp_path / "out") == ["good one", "good two"] and m.skipped == {"missing_field": 1}
+
+
+def test_an_input_directory_follows_links_and_leaves_out_prepared_outputs_and_hidden_entries(tmp_path, caplog):
+    """rglob did not enter linked directories (their documents were lost without a word); an
+    earlier prepare into a subdirectory was read back as input (its manifest and shards as text)."""
+    top, elsewhere = tmp_path / "top", tmp_path / "elsewhere"
+    top.mkdir()
+    elsewhere.mkdir()
+    write_jsonl(top / "part0.jsonl", DOCS[:10])
+    write_jsonl(elsewhere / "part1.jsonl", DOCS[10:20])
+    (top / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (top / "loop").symlink_to(top, target_is_directory=True)  # read once, not forever
+    (top / "dangling.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    write_jsonl(top / ".hidden.jsonl", ["not a document"])
+    prepare(_cfg([top], top / "prep_v1"))
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        m = prepare(_cfg([top], top / "prep_v2", tokenizer="byte", shard_tokens=400))  # v1 lies in the input
+    assert _texts(top / "prep_v2") == sorted(DOCS[:20])
+    assert sorted(m.inputs) == sorted(str(p) for p in (top / "part0.jsonl", top / "linked" / "part1.jsonl"))
+    assert "dangling.jsonl: a broken link" in caplog.text and "prep_v1: a prepared output" in caplog.text
+
+
+def test_a_header_record_without_the_field_is_counted_and_a_text_files_byte_order_mark_dropped(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text(json.dumps({"id": 0, "meta": "header"}) + "\n" + "".join(json.dumps({"text": d}) + "\n"
+                                                                          for d in DOCS[:3]))
+    (tmp_path / "b.txt").write_bytes("\ufeffhello text file".encode("utf-8"))
+    m = prepare(_cfg([src, tmp_path / "b.txt"], tmp_path / "out"))
+    assert m.skipped == {"missing_field": 1} and _texts(tmp_path / "out") == sorted([*DOCS[:3], "hello text file"])
+
+
+def test_an_empty_validation_split_is_warned_of(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        prepare(_cfg([write_jsonl(tmp_path / "a.jsonl", DOCS[:20])], tmp_path / "out", val_fraction=0.005))
+    assert "the validation split is empty (--val-fraction 0.005 of 20 documents expects 0.1)" in caplog.text
