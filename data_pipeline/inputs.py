@@ -120,8 +120,7 @@ def resolve_inputs(patterns: list[str], input_format: str = "auto", exclude: Pat
         if not pattern.strip():
             raise DataInputError(repr(pattern), "--input", "an empty path (it would read the current directory)",
                                  "pass a file, directory or glob")
-        matched = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [Path(pattern)]
-        paths = [f for p in matched for f in (_files_under(p) if p.is_dir() else [p])]
+        paths = [f for p in _matches(pattern, input_format) for f in (_files_under(p) if p.is_dir() else [p])]
         if not paths or not all(p.exists() for p in paths):
             raise DataInputError(pattern, "--input", "matches no file", "check the path or glob")
         for p in paths:
@@ -135,6 +134,18 @@ def resolve_inputs(patterns: list[str], input_format: str = "auto", exclude: Pat
     if not found:
         raise DataInputError(patterns, "--input", "no inputs given", "pass at least one path or glob")
     return [found[k] for k in sorted(found)]
+
+
+def _matches(pattern: str, input_format: str) -> list[Path]:
+    """What one --input names: the path itself where it exists (a name may hold '[' or '*'), a
+    Megatron dataset by its PREFIX (PREFIX.bin and PREFIX.idx), else the glob's matches."""
+    path = Path(pattern)
+    if path.exists():
+        return [path]
+    halves = [Path(pattern + ext) for ext in (".bin", ".idx")]
+    if input_format in ("auto", "megatron") and all(h.is_file() for h in halves):
+        return halves
+    return sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [path]
 
 
 def _files_under(top: Path) -> list[Path]:

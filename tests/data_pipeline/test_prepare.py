@@ -315,3 +315,14 @@ def test_an_empty_validation_split_is_warned_of(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="data_pipeline"):
         prepare(_cfg([write_jsonl(tmp_path / "a.jsonl", DOCS[:20])], tmp_path / "out", val_fraction=0.005))
     assert "the validation split is empty (--val-fraction 0.005 of 20 documents expects 0.1)" in caplog.text
+
+
+def test_an_input_is_its_literal_path_or_a_megatron_prefix_before_a_glob(tmp_path):
+    """`shard[0].jsonl` is a file, not a glob of `shard0.jsonl`; a Megatron dataset given as the
+    PREFIX its own error messages ask for is read (both used to be 'matches no file')."""
+    write_jsonl(tmp_path / "shard[0].jsonl", DOCS[:5])
+    prefix = write_megatron(tmp_path / "corpus", MEGATRON_DOCS)
+    prepare(_cfg([tmp_path / "shard[0].jsonl", prefix], tmp_path / "out"))
+    got = sorted(d.tolist() for d in read_all_docs(tmp_path / "out"))
+    want = sorted([*(list(d.encode()) for d in DOCS[:5]), [1, 2, 3, 4], [5, 6, 7, 8], [65, 66, 67]])
+    assert got == want
