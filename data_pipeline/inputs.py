@@ -155,11 +155,10 @@ def _files_under(top: Path) -> list[Path]:
     prepare into a subdirectory is not raw text)."""
     files, seen = [], set()
     for root, dirs, names in os.walk(top, followlinks=True):
-        real = Path(root).resolve()
-        if real in seen or PREPARED_MARKERS & set(names):
-            if real not in seen:
-                log.warning("%s: a prepared output (it holds %s), not read as input", root,
-                            " and ".join(sorted(PREPARED_MARKERS & set(names))))
+        real, markers = Path(root).resolve(), sorted(PREPARED_MARKERS.intersection(names))
+        if markers and real not in seen:
+            log.warning("%s: a prepared output (it holds %s), not read as input", root, " and ".join(markers))
+        if real in seen or markers:
             dirs.clear()
             continue
         seen.add(real)

@@ -105,12 +105,9 @@ class Scorer:
 
     def _cut(self, new: list[int], until: list[str]) -> str | None:
         """The text of `new` cut at EOS or before the first `until` string; None where neither occurs."""
-        if self.tok.eos_id in new:
-            new = new[:new.index(self.tok.eos_id)]
-            cuts = [len(text := self.tok.decode(new))]
-        else:
-            cuts, text = [], self.tok.decode(new)
-        cuts += [text.index(u) for u in until if u and u in text]
+        ended = self.tok.eos_id in new
+        text = self.tok.decode(new[:new.index(self.tok.eos_id)] if ended else new)
+        cuts = [text.index(u) for u in until if u and u in text] + ([len(text)] if ended else [])
         return text[:min(cuts)] if cuts else None
 
 
