@@ -36,7 +36,8 @@ from data_pipeline.inputs import (FILE_KINDS, FORMATS, FileProblem, InputFile, i
 from data_pipeline.manifest import MANIFEST_FILE, Manifest, ShardInfo, dtype_for_vocab, write_manifest
 from data_pipeline.shard_io import ShardWriter
 from data_pipeline.split import is_validation
-from data_pipeline.tokenizer import TOKENIZER_FILE, JsonTokenizer, Tokenizer, load_tokenizer
+from data_pipeline.tokenizer import (BOS_CANDIDATES, EOS_CANDIDATES, TOKENIZER_FILE, JsonTokenizer, Tokenizer,
+                                     load_tokenizer)
 
 log = logging.getLogger(__name__)
 JOBS_DIR = ".jobs"
@@ -50,6 +51,8 @@ class PrepareConfig:
     inputs: list[str]
     tokenizer: str  # "byte" or a tokenizer.json
     out: Path
+    bos_token: str | None = None  # a tokenizer.json's special tokens, where not the usual names
+    eos_token: str | None = None
     text_field: str = "text"
     shard_tokens: int = 1 << 24  # 32 MiB of uint16 per shard: many shards per canonical stream
     val_fraction: float = 0.005
@@ -187,11 +190,23 @@ def _job_done(out: Path, job: Job) -> dict | None:
     return record if ok else None
 
 
+# The options behind each setting, for the message that refuses a changed one.
+SETTING_OPTIONS = {"inputs": "--input (files, or their sizes)", "tokenizer": "--tokenizer/--bos-token/--eos-token",
+                   "text_field": "--text-field", "shard_tokens": "--shard-tokens", "val_fraction": "--val-fraction",
+                   "job_bytes": "--job-bytes"}
+
+
 def _check_settings(out: Path, settings: dict) -> None:
+    """A re-run resumes only with the settings the jobs already done were written with."""
     path = out / SETTINGS_FILE
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise DataInputError(path, "settings", "this --out was prepared with other inputs or options",
-                             "use a fresh --out, or the same options to resume")
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in SETTING_OPTIONS if before.get(k) != settings[k]]
+        if changed:
+            said = [SETTING_OPTIONS[k] + (f" ({before.get(k)} then, {settings[k]} now)"
+                                          if not isinstance(settings[k], (list, dict)) else "") for k in changed]
+            raise DataInputError(path, "settings", f"this --out was prepared with other {', '.join(said)}",
+                                 "use a fresh --out, or the same options to resume")
     write_atomic(path, json.dumps(settings, indent=1))
 
 
@@ -251,7 +266,10 @@ def prepare(cfg: PrepareConfig) -> Manifest:
                              "pass a directory of its own for the shards and manifest")
     inputs = resolve_inputs(cfg.inputs, cfg.input_format, exclude=out)
     start_problems = _probe_all(inputs, cfg)
-    tok = load_tokenizer(cfg.tokenizer)
+    if (cfg.bos_token or cfg.eos_token) and (cfg.tokenizer == "byte" or Path(cfg.tokenizer).is_dir()):
+        raise DataInputError(cfg.tokenizer, "--bos-token/--eos-token", "name special tokens of a tokenizer.json "
+                             "only (the byte tokenizer and a prepared dir have theirs)", "drop them")
+    tok = load_tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token)
     make_dir(out)
     with exclusive(out):
         return _prepare_into(out, cfg, inputs, start_problems, tok)
@@ -349,11 +367,14 @@ def _prepare_into(out: Path, cfg: PrepareConfig, inputs: list[InputFile],
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default; a required option says so instead of "None"."""
+    """Every option's help ends with its default; a required option says so instead of "None", and
+    an option without a default (its help says what happens then) says nothing."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.required:
             return f"{action.help} (required)"
+        if action.default is None:
+            return action.help
         return super()._get_help_string(action)
 
 
@@ -381,6 +402,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="input files, directories (read recursively) or quoted globs: .jsonl[.gz|.zst], "
                         ".parquet, .txt, Megatron PREFIX.bin/.idx")
     p.add_argument("--tokenizer", required=True, help="path/to/tokenizer.json, or 'byte' for the byte tokenizer")
+    p.add_argument("--bos-token", help="the tokenizer.json's special token that starts a document; without it, the "
+                                       f"first of {', '.join(BOS_CANDIDATES)} it has, else the EOS token")
+    p.add_argument("--eos-token", help="the tokenizer.json's special token that ends a document; without it, the "
+                                       f"first of {', '.join(EOS_CANDIDATES)} it has")
     p.add_argument("--out", required=True, type=Path,
                    help="output dir for shards + manifest.json; re-running into it resumes an interrupted prepare")
     p.add_argument("--text-field", default="text", help="the JSON key / parquet column holding the text")
@@ -399,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
                         "damaged, truncated, bad line) instead of skipping, counting and reporting it")
     a = p.parse_args(argv)
     try:
-        m = prepare(PrepareConfig(inputs=a.input, tokenizer=a.tokenizer, out=a.out, text_field=a.text_field,
+        m = prepare(PrepareConfig(inputs=a.input, tokenizer=a.tokenizer, out=a.out, bos_token=a.bos_token,
+                                  eos_token=a.eos_token, text_field=a.text_field,
                                   shard_tokens=a.shard_tokens, val_fraction=a.val_fraction, workers=a.workers,
                                   input_format=a.input_format, job_bytes=a.job_bytes, strict=a.strict))
     except DataInputError as exc:

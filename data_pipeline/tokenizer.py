@@ -57,9 +57,11 @@ class ByteTokenizer:
 
 
 class JsonTokenizer:
-    """A HF `tokenizers` tokenizer.json; BOS/EOS are found among its special tokens by name."""
+    """A HF `tokenizers` tokenizer.json; BOS/EOS are found among its special tokens by name, or,
+    where a manifest `recorded` this file, are the ids prepare used (whatever names it was given)."""
 
-    def __init__(self, path: Path, bos_token: str | None = None, eos_token: str | None = None):
+    def __init__(self, path: Path, bos_token: str | None = None, eos_token: str | None = None,
+                 recorded: TokenizerIdentity | None = None):
         self.path = Path(path)
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
@@ -73,10 +75,16 @@ class JsonTokenizer:
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # ids may have gaps (tokens removed by hand): the embedding needs one row past the largest id
         self.vocab_size = max(self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
-        self.eos_id = self._find(vocab, eos_token, EOS_CANDIDATES, "eos_token")
-        # GPT-2 style vocabularies have one <|endoftext|> that serves as both BOS and EOS.
-        self.bos_id = self._find(vocab, bos_token, BOS_CANDIDATES, "bos_token", fallback=self.eos_id)
         self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        if recorded is not None and recorded.kind == "hf":
+            if recorded.sha256 != self._sha256:
+                raise DataInputError(self.path, "sha256", "not the tokenizer.json the data was prepared with "
+                                     "(its manifest records another)", "use the one the shards were prepared with")
+            self.bos_id, self.eos_id = recorded.bos_id, recorded.eos_id
+        else:
+            self.eos_id = self._find(vocab, eos_token, EOS_CANDIDATES, "eos_token")
+            # GPT-2 style vocabularies have one <|endoftext|> that serves as both BOS and EOS.
+            self.bos_id = self._find(vocab, bos_token, BOS_CANDIDATES, "bos_token", fallback=self.eos_id)
 
     def __setstate__(self, state: dict) -> None:  # prepare's worker processes: tokenizers does not pickle the flag
         self.__dict__.update(state)
@@ -84,13 +92,22 @@ class JsonTokenizer:
 
     def _find(self, vocab: dict[str, int], name: str | None, candidates: tuple[str, ...],
               field: str, fallback: int | None = None) -> int:
-        for cand in (name,) if name else candidates:
+        option = "--" + field.replace("_", "-")
+        if name:  # given by the user: a plain vocabulary entry would also be the id of text spelling it
+            special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+            if name not in special:
+                raise DataInputError(self.path, field, f"{name!r} is not a special token of this tokenizer (text "
+                                     "spelling it would encode to it and cut documents there)",
+                                     f"pass {option} one of {sorted(special)}" if special else
+                                     "add special tokens to the tokenizer")
+            return special[name]
+        for cand in candidates:
             if cand in vocab:
                 return vocab[cand]
-        if fallback is not None and not name:
+        if fallback is not None:
             return fallback
-        raise DataInputError(self.path, field, f"no special token among {list((name,) if name else candidates)}",
-                             f"add one to the tokenizer or pass {field}=<token>")
+        raise DataInputError(self.path, field, f"no special token among {list(candidates)}",
+                             f"pass prepare's {option} with one of its special tokens, or add one to the tokenizer")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -130,25 +147,22 @@ class JsonTokenizer:
 Tokenizer = ByteTokenizer | JsonTokenizer
 
 
-def load_tokenizer(path_or_prepared_dir: str | Path, bos_token: str | None = None,
-                   eos_token: str | None = None) -> Tokenizer:
-    """Load "byte", a tokenizer.json, or the tokenizer recorded in a prepared dir's manifest."""
-    if str(path_or_prepared_dir) == "byte":
+def load_tokenizer(source: str | Path, bos_token: str | None = None, eos_token: str | None = None,
+                   recorded: TokenizerIdentity | None = None) -> Tokenizer:
+    """Load "byte", a tokenizer.json, or the tokenizer of a prepared dir as its manifest records it.
+    `bos_token`/`eos_token` name BOS/EOS in a tokenizer.json (default: the usual names); a
+    tokenizer.json checked against `recorded` (a manifest's identity) has that record's ids."""
+    if str(source) == "byte":
         return ByteTokenizer()
-    path = Path(path_or_prepared_dir)
+    path = Path(source)
     if path.is_dir():
         from data_pipeline.manifest import read_manifest  # local: manifest imports this module
 
         manifest = read_manifest(path)
         if manifest.tokenizer.kind == "byte":
             return ByteTokenizer()
-        tok = JsonTokenizer(path / TOKENIZER_FILE, bos_token, eos_token)
-        if tok.identity.sha256 != manifest.tokenizer.sha256:
-            raise DataInputError(path / TOKENIZER_FILE, "sha256", "differs from the manifest's tokenizer",
-                                 "restore the tokenizer.json the shards were prepared with")
-        return tok
+        return JsonTokenizer(path / TOKENIZER_FILE, recorded=manifest.tokenizer)
     if not path.exists():
         raise DataInputError(path, "tokenizer", "no such file or directory",
                              "pass 'byte', a tokenizer.json or a prepared data dir")
-    return JsonTokenizer(path, bos_token, eos_token)
-
+    return JsonTokenizer(path, bos_token, eos_token, recorded)

@@ -127,11 +127,11 @@ def run_tokenizer(checkpoint: Path, run_config: dict[str, Any], override: str | 
         raise CliError(f"{checkpoint / CONFIG_FILE}: data.sources = {sources!r} is not a list of directories; the "
                        f"checkpoint is damaged, or pass --tokenizer ({TOKENIZER_HELP})")
     if override is not None:
+        recorded = recorded_tokenizer(parse_source(sources[0])[0]) if sources else None
         try:
-            tok = load_tokenizer(override)
+            tok = load_tokenizer(override, recorded=recorded)
         except DataInputError as e:  # names the file, the field and the fix
             raise CliError(f"--tokenizer {e}") from None
-        recorded = recorded_tokenizer(parse_source(sources[0])[0]) if sources else None
         if recorded is not None and (recorded.kind, recorded.sha256) != (tok.identity.kind, tok.identity.sha256):
             raise CliError(f"--tokenizer {override}: not the tokenizer the run's data was prepared with "
                            f"({sources[0]}: {recorded.kind} tokenizer, {recorded.vocab_size} ids); drop --tokenizer "

@@ -138,8 +138,11 @@ def test_interrupted_prepare_resumes_and_matches_clean_run(tmp_path, monkeypatch
 def test_resume_with_other_options_is_refused(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
     prepare(_cfg([src], tmp_path / "out"))
-    with pytest.raises(DataInputError, match="prepare_settings.json: settings.*fix: use a fresh --out"):
+    with pytest.raises(DataInputError, match=r"prepare_settings.json: settings: this --out was prepared with other "
+                                             r"--shard-tokens \(300 then, 999 now\); fix: use a fresh --out"):
         prepare(_cfg([src], tmp_path / "out", shard_tokens=999))
+    with pytest.raises(DataInputError, match=r"other --input \(files, or their sizes\), --val-fraction \(0"):
+        prepare(_cfg([src, write_jsonl(tmp_path / "b.jsonl", DOCS)], tmp_path / "out", val_fraction=0.5))
 
 
 def test_bad_records_are_skipped_counted_and_logged(tmp_path, caplog):

@@ -131,3 +131,49 @@ def test_token_bytes_add_up_to_the_texts_bytes(tmp_path, kind):
     assert sum(sizes[i] for i in [tok.bos_id, *ids, tok.eos_id]) == len(text.encode("utf-8")) + prefix_space
     cut = next(k for k in range(1, len(ids)) if "\ufffd" in tok.decode(ids[:k]))  # inside "ö"
     assert len(tok.decode(ids[:cut]).encode()) + len(tok.decode(ids[cut:]).encode()) > len(text.encode()) + 1
+
+
+def test_prepare_takes_special_tokens_by_name_and_the_prepared_dir_keeps_their_ids(tmp_path, capsys):
+    """A tokenizer whose document markers have none of the usual names (chat-style <|im_start|> /
+    <|im_end|>): prepare says which option to pass, takes them by name, and everything that reads the
+    prepared dir later (evaluation, export) gets the ids the shards were written with."""
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.prepare import main
+
+    (tmp_path / "a.jsonl").write_text('{"text": "hello world"}\n{"text": "def f(x): return x"}\n')
+    tok_path = _train(tmp_path, ["<|im_start|>", "<|im_end|>", "<|pad|>"])
+    argv = ["--input", str(tmp_path / "a.jsonl"), "--tokenizer", str(tok_path), "--val-fraction", "0",
+            "--workers", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "eos_token: no special token among" in err and "--eos-token" in err
+    main([*argv, "--bos-token", "<|im_start|>", "--eos-token", "<|im_end|>"])
+    assert (read_manifest(tmp_path / "out").bos_id, read_manifest(tmp_path / "out").eos_id) == (0, 1)
+    tok = load_tokenizer(tmp_path / "out")
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    assert tok.identity == read_manifest(tmp_path / "out").tokenizer
+    # the tokenizer.json itself, checked against the record (`export --tokenizer` for moved data)
+    recorded = read_manifest(tmp_path / "out").tokenizer
+    assert load_tokenizer(tok_path, recorded=recorded).identity == recorded
+    other = _train(tmp_path / "out", ["<|im_start|>", "<|im_end|>"])  # overwrites the prepared dir's copy
+    with pytest.raises(DataInputError, match="sha256: not the tokenizer.json the data was prepared with"):
+        load_tokenizer(other, recorded=recorded)
+    with pytest.raises(DataInputError, match="sha256: not the tokenizer.json the data was prepared with"):
+        load_tokenizer(tmp_path / "out")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("plain_vocabulary_entry", r"bos_token: 'hello' is not a special token of this tokenizer .*; fix: pass "
+                               r"--bos-token one of \['<\|eos\|>'\]"),
+    ("byte", r"byte: --bos-token/--eos-token: name special tokens of a tokenizer.json only"),
+])
+def test_special_token_names_that_cannot_be_used_are_refused(tmp_path, case, expected):
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    (tmp_path / "a.jsonl").write_text('{"text": "hello world"}\n')
+    tokenizer = "byte" if case == "byte" else str(_train(tmp_path, ["<|eos|>"]))
+    with pytest.raises(DataInputError, match=expected):
+        prepare(PrepareConfig([str(tmp_path / "a.jsonl")], tokenizer, tmp_path / "out", bos_token="hello",
+                              val_fraction=0, workers=1, progress=False))
+    assert not (tmp_path / "out").exists()
