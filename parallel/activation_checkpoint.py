@@ -5,8 +5,9 @@ wrapper's `_checkpoint_wrapped_module.` prefix is removed from state-dict keys b
 torch.distributed.checkpoint.state_dict, so checkpoints load with it on or off.
 
 "selective" keeps the outputs of the expensive ops (matmuls, attention, the SSD scan, grouped
-GEMMs) and recomputes only the cheap ones (norms, activations, casts, elementwise): most of full
-checkpointing's memory saving for a fraction of its recompute.
+GEMMs, expert parallelism's all-to-all) and recomputes only the cheap ones (norms, activations,
+casts, elementwise): most of full checkpointing's memory saving for a fraction of its recompute,
+and no communication repeated.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def _expensive_ops() -> set:
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_flash_attention_forward", "_efficient_attention_forward"]
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    ops.add(torch.ops._c10d_functional.all_to_all_single.default)  # parallel/expert_parallel.py's exchanges
     for qualified in ("pretrain.ssd_scan", "pretrain.grouped_mm", "pretrain.causal_conv1d"):
         namespace, name = qualified.split(".")
         if hasattr(getattr(torch.ops, namespace), name):

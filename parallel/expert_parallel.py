@@ -4,7 +4,10 @@ computes every row routed to them by any rank of the group.
 Rows travel with `all_to_all_single`: first the per-expert counts (so every rank knows what it
 will receive), then the rows, and after the experts the same exchange in reverse. The exchange is
 a small autograd function whose backward is the reverse all-to-all (torch's
-`all_to_all_single_autograd` gave right gradients on gloo but aborted processes at exit).
+`all_to_all_single_autograd` gave right gradients on gloo but aborted processes at exit). Every
+exchange is the functional collective, which returns a new tensor rather than writing into one:
+selective checkpointing keeps its output (parallel/activation_checkpoint.py), so recomputing a
+checkpointed block does not send the rows again.
 Knows nothing about the model: it moves rows sorted by expert and shards stacked expert weights.
 """
 from __future__ import annotations
@@ -18,21 +21,23 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
+def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
+    """`all_to_all_single` of the rows of `x` (not differentiable)."""
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_to_all_single(x.contiguous(), out_splits, in_splits, group.group_name))
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> Tensor:
         ctx.splits, ctx.group = (in_splits, out_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return _exchange(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # the rows came from where the gradient must go: the same exchange with the splits swapped
         back_out, back_in = ctx.splits
-        out = grad.new_empty(sum(back_out), *grad.shape[1:])
-        dist.all_to_all_single(out, grad.contiguous(), back_out, back_in, group=ctx.group)
-        return out, None, None, None
+        return _exchange(grad, back_out, back_in, ctx.group), None, None, None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -76,9 +81,8 @@ def dispatch_tokens(xs: Tensor, counts: Tensor, group: dist.ProcessGroup) -> tup
     group rank for this rank's experts, sorted by local expert; their counts [E/ep]; a handle)."""
     ep = dist.get_world_size(group)
     local_experts = counts.numel() // ep
-    send_counts = counts.view(ep, local_experts).contiguous()
-    recv_counts = torch.empty_like(send_counts)  # [source rank, local expert]
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send_counts = counts.view(ep, local_experts)
+    recv_counts = _exchange(send_counts, [1] * ep, [1] * ep, group)  # [source rank, local expert]
     sent, received = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
     rows = all_to_all(xs, received, sent, group)
     expert_of_row = torch.arange(local_experts, device=xs.device).repeat(ep).repeat_interleave(recv_counts.flatten())

@@ -1,8 +1,10 @@
 """Selective activation checkpointing (train.ac_mode=selective): same loss and gradients as no
 checkpointing and as full checkpointing, and in backward it recomputes no matmul (full
-checkpointing recomputes every forward matmul)."""
+checkpointing recomputes every forward matmul) and, under expert parallelism, repeats no
+all-to-all."""
 
 import collections
+import os
 
 import pytest
 import torch
@@ -57,3 +59,49 @@ def test_selective_with_compile_and_unknown_mode_are_one_line_errors():
                            ac_mode="selective")
     with pytest.raises(ValueError, match="train.ac_mode"):
         apply_activation_checkpointing(build_model("llama", "tiny").blocks, "some")
+
+
+def count_all_to_alls(ac_mode: str | None) -> dict:
+    """One `layout_check.run_cases` case: hybrid_moe at ep=2 (1 expert of 2 per rank); the
+    all-to-alls of one forward and of its backward, and the loss."""
+    import torch.distributed as dist
+
+    from parallel.mesh import ParallelDims, build_mesh
+
+    torch.manual_seed(0)
+    model = build_model("hybrid_moe", "tiny", moe={"n_experts": 2})
+    mesh = build_mesh(ParallelDims(ep=2).resolve(dist.get_world_size()), "cpu")
+    parallelize_hybrid(model, mesh, activation_checkpointing=ac_mode is not None, ac_mode=ac_mode or "full")
+    tokens = torch.randint(0, model.config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(dist.get_rank()))
+    with CountOps() as forward:
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    with CountOps() as backward:
+        loss.backward()
+    return {"loss": loss.item(), **{name: sum(n for op, n in c.counts.items() if "all_to_all" in op or "alltoall" in op)
+                                    for name, c in (("forward", forward), ("backward", backward))}}
+
+
+def all_to_all_worker(rank: int, world: int, port: int, cases: list, out_dir: str) -> None:
+    from layout_check import run_cases
+
+    run_cases(rank, world, port, cases, out_dir, count_all_to_alls)
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_repeats_no_expert_all_to_all(tmp_path):
+    """Full checkpointing reruns each MoE block's forward in backward, all-to-alls included (its
+    3 per MoE layer: counts, rows out, rows back); selective keeps their outputs, so its backward
+    exchanges only the gradients, as without checkpointing."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    cases = [(str(mode), mode) for mode in (None, "full", "selective")]
+    mp.spawn(all_to_all_worker, args=(2, 29000 + (os.getpid() + 901) % 1000, cases, str(tmp_path)), nprocs=2)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all("error" not in r for r in results.values()), results
+    none, full, selective = (results[str(mode)] for mode in (None, "full", "selective"))
+    assert none["loss"] == full["loss"] == selective["loss"]
+    assert none["forward"] == full["forward"] == selective["forward"] > 0
+    assert selective["backward"] == none["backward"] > 0, results
+    assert full["backward"] == none["backward"] + none["forward"], results
