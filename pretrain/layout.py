@@ -147,6 +147,7 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
     mb, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     tp, cp, fsdp = dims.tp, dims.cp, dims.dp_shard * dims.cp
     fwd = 2 if cfg.train.activation_checkpointing else 1  # forward collectives run again in recompute
+    ep_fwd = 1 if cfg.train.ac_mode == "selective" else fwd  # selective keeps the all-to-alls' outputs
     rows: dict[tuple[str, int], list[float]] = {}  # (kind, group) -> [count, total bytes]
 
     def add(kind: str, group: int, count: int, nbytes: float) -> None:
@@ -181,9 +182,9 @@ def collectives(model: nn.Module, cfg: JobConfig, dims: ParallelDims, grad_accum
             replicated += m.router.weight.numel() + _gathered_numel(m.experts)
         if isinstance(m, MoE) and m.ep_group is not None:
             # rows leaving a rank for the other ep ranks (balanced routing: (ep-1)/ep of them),
-            # there and back, forward (again in recompute) and backward
+            # there and back, forward (again in a full recompute) and backward
             sent = mb * seq // (cp * tp) * m.cfg.top_k * (dims.ep - 1) / dims.ep
-            add("EP all-to-all expert rows (dispatch, combine)", dims.ep, 2 * (fwd + 1),
+            add("EP all-to-all expert rows (dispatch, combine)", dims.ep, 2 * (ep_fwd + 1),
                 sent * model.config.d_model * ACT_BYTES)
         if isinstance(m, Attention) and m.cp_group is not None:
             kv = mb * seq * m.n_kv_heads // tp * (m.qk_head_dim + m.v_head_dim) * ACT_BYTES / 2

@@ -28,6 +28,10 @@ def test_3b_ep_config_dry_run(capsys):
     assert a2a and int(a2a[1]) == 22 * 4 * 6, out
     assert float(a2a[2]) == pytest.approx(4096 * 0.75 * 3072 * 2 / 2**20, rel=1e-3)
     assert "EP experts: FSDP all-gather params over efsdp (bf16)        16" in out
+    # selective checkpointing keeps the all-to-alls' outputs: no exchange in the recompute
+    assert main(["--config", str(CONFIG), "--dry-run", "--world-size", "128", "--train.ac_mode=selective"]) == 0
+    out = capsys.readouterr().out
+    assert int(re.search(r"EP all-to-all expert rows \(dispatch, combine\) +4 +(\d+)", out)[1]) == 22 * 4 * 4, out
 
 
 @pytest.mark.parametrize("argv, needle", [
