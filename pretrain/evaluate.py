@@ -10,6 +10,7 @@ parallel layout loads. Bad input is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on cuda")
     p.add_argument("--seq-len", type=int, default=d.seq_len,
-                   help="training length the suites scale from, and the nll window (default: the run's data.seq_len)")
+                   help="training length the suites scale from, and the nll window (default: the run's "
+                        "data.seq_len, which training FLOPs are counted at in any case)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="nll sequences per batch")
     p.add_argument("--nll-batches", type=int, default=d.nll_batches, help="limit (default: the whole split)")
     p.add_argument("--positions-multiple", type=float, default=d.positions_multiple,
@@ -81,10 +83,13 @@ def check_options(args: argparse.Namespace) -> list[str]:
                  "inference_prompt", "fewshot_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if args.positions_multiple <= 0 or min(args.niah_lengths) <= 0:
-        raise ValueError("--positions-multiple and --niah-lengths must be positive")
+    if not all(0 < m < math.inf for m in (args.positions_multiple, *args.niah_lengths)):
+        raise ValueError("--positions-multiple and --niah-lengths must be positive and finite")
     if "fewshot" in suites and not args.fewshot_tasks:
         raise ValueError("--suite fewshot needs --fewshot-tasks (lm-eval task names, comma-separated)")
+    if "fewshot" in suites and args.fewshot_include is not None and not Path(args.fewshot_include).is_dir():
+        raise ValueError(f"--fewshot-include {args.fewshot_include}: not a directory; pass the directory that holds "
+                         "the task YAMLs")
     return suites
 
 
@@ -113,9 +118,9 @@ def run(argv: list[str]) -> None:
         raise ValueError(f"--data {args.data}: no such directory; pass a prepared data dir (or leave --data out: "
                          "each run's own data)")
     make_dir(args.out)  # before minutes of evaluation, not after
-    subjects = [load_subject(path, device, args.seq_len) for path in args.checkpoint]
+    subjects = [load_subject(path, args.seq_len) for path in args.checkpoint]
     for subject in subjects:  # every checkpoint's inputs, before the first suite runs
-        check_subject(subject, suites, opts)
+        check_subject(subject, suites, opts, device, dtype)
     label_subjects(subjects)
     results = evaluate(subjects, suites, opts, args.out, device, dtype, log=lambda m: print(m, flush=True))
     print(f"wrote {args.out / 'results.json'} and {len(results['plots'])} figures")

@@ -4,11 +4,12 @@ long-context and decode figures, few-shot average), the same figures drawn toget
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from data_pipeline.files import write_atomic
-from pretrain.evaluation.runner import RESULTS_FILE, draw, remove_stale_figures
+from pretrain.evaluation.runner import RESULTS_FILE, draw, recorded_figures, remove_stale_figures
 from pretrain.evaluation.subject import unique_labels
 from pretrain.hf import CliError
 
@@ -25,9 +26,13 @@ def read_results(path: Path) -> dict[str, Any]:
         results = json.loads(file.read_text())
     except ValueError as e:
         raise CliError(f"{file}: not JSON ({e}); run the evaluation again") from None
-    if not isinstance(results, dict) or not isinstance(results.get("checkpoints"), list):
-        raise CliError(f"{file}: not the {RESULTS_FILE} of an evaluation (no list of checkpoints); pass directories "
-                       "written by `python -m pretrain.evaluate --out`")
+    entries = results.get("checkpoints") if isinstance(results, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("checkpoint"), str)
+                                                for e in entries):
+        raise CliError(f"{file}: not the {RESULTS_FILE} of an evaluation (no list of checkpoints, each with its "
+                       "path); pass directories written by `python -m pretrain.evaluate --out`")
+    if results.get("complete") is False:
+        print(f"note: {file}: an evaluation that stopped midway; the suites it did not run show as -", file=sys.stderr)
     return results
 
 
@@ -74,8 +79,9 @@ def compare(paths: list[Path], out: Path) -> str:
     table = markdown_table(entries)
     notes = ("cache MiB: per sequence at the longest decoded length, as measured (dtype of the run); "
              "decode tok/s: batch tokens/s up to that length; median-step tok/s: from the median decode step there.\n")
+    before = recorded_figures(out / COMPARE_FILE)
     plots = draw(entries, out)
-    remove_stale_figures(out / COMPARE_FILE, plots)
+    remove_stale_figures(out, before, plots)
     write_atomic(out / "compare.md", table + "\n" + notes)
     write_atomic(out / COMPARE_FILE, json.dumps({"inputs": [str(p) for p in paths], "columns": COLUMNS,
                                                 "rows": [row(e) for e in entries], "checkpoints": entries,

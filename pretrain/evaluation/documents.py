@@ -1,25 +1,52 @@
 """Whole documents of a prepared dir in manifest order: what the long-context suites read (the
-packed loaders cut documents into training windows; these suites need documents longer than one)."""
+packed loaders cut documents into training windows; these suites need documents longer than one).
+
+They read the validation split, or where a dir has none (prepared with --val-fraction 0) the
+training split, which the model may have seen: said in a warning and in each suite's JSON
+(`split`). A damaged shard is skipped with a warning, as the loaders skip it."""
 from __future__ import annotations
 
+import functools
+import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.manifest import read_manifest
-from data_pipeline.shard_io import read_shard
+from data_pipeline.shard_io import ShardError, read_shard
 from pretrain.hf import CliError
 
+log = logging.getLogger(__name__)
 
-def iter_documents(data_dir: Path, split: str = "val") -> Iterator[np.ndarray]:
-    """Token arrays (no BOS/EOS) of `split`, shard by shard; the train split when `split` has none."""
+
+def document_split(data_dir: Path) -> str:
+    """The split the suites read: "val", else "train"."""
+    return "val" if read_manifest(data_dir).split_shards("val") else "train"
+
+
+@functools.cache
+def _warn_training_split(data_dir: Path) -> None:  # once per dir, not per pass over it
+    log.warning("%s has no validation split: the long-context suites read the training split, which the model "
+                "may have seen (prepare with --val-fraction > 0 for held-out text)", data_dir)
+
+
+def iter_documents(data_dir: Path) -> Iterator[np.ndarray]:
+    """Token arrays (no BOS/EOS) of `document_split`'s split, shard by shard."""
     manifest = read_manifest(data_dir)
-    shards = manifest.split_shards(split) or manifest.split_shards("train")
+    split = document_split(data_dir)
+    shards = manifest.split_shards(split)
     if not shards:
         raise CliError(f"{data_dir}: the manifest lists no shards; prepare the data again")
+    if split == "train":
+        _warn_training_split(data_dir)
     for info in shards:
-        docs = read_shard(data_dir / info.name, manifest.dtype, info)
+        try:
+            docs = read_shard(data_dir / info.name, manifest.dtype, info)
+        except ShardError as exc:
+            log.warning("%s: skipped shard %s (%s: %s)", data_dir, info.name, exc.reason, exc)
+            continue
         for start, end in zip(docs.starts, docs.ends):
             yield np.asarray(docs.tokens[start:end], dtype=np.int64)
 
@@ -31,7 +58,8 @@ def long_windows(data_dir: Path, length: int, count: int) -> tuple[np.ndarray, s
     starts in."""
     manifest = read_manifest(data_dir)
     bos, eos = manifest.bos_id, manifest.eos_id
-    windows = [np.concatenate([[bos], d[:length]]) for d in iter_documents(data_dir) if len(d) >= length][:count]
+    windows = list(itertools.islice((np.concatenate([[bos], d[:length]]) for d in iter_documents(data_dir)
+                                     if len(d) >= length), count))
     if len(windows) == count:
         return np.stack(windows), "documents"
     stream: list[int] = []

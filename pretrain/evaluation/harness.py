@@ -58,6 +58,7 @@ class HybridHarnessLM(LM):
 
 def scorer_for(checkpoint: str | None, data: str | None, dtype: str, max_length: int | None,
                batch_size: int | str, device: str | None) -> Scorer:
+    from data_pipeline.errors import DataInputError
     from data_pipeline.tokenizer import load_tokenizer
     from pretrain.evaluation.subject import load_subject
     from pretrain.hf import CliError
@@ -71,11 +72,14 @@ def scorer_for(checkpoint: str | None, data: str | None, dtype: str, max_length:
     dev = torch.device(device)
     if dtype not in DTYPES:
         raise CliError(f"--model_args dtype={dtype}: not one of {', '.join(DTYPES)}")
-    subject = load_subject(Path(checkpoint), dev)
+    subject = load_subject(Path(checkpoint))
     dt = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
-    tok = load_tokenizer(subject.data_dir(data))
-    return Scorer(subject.model, tok, int(max_length or subject.train_seq_len), batch, dev, dt)
+    try:  # data prepared with the run's tokenizer, as `pretrain.evaluate` checks it
+        tok = load_tokenizer(subject.checked_data_dir(data))
+    except DataInputError as e:
+        raise CliError(f"--model_args data: {e}") from None
+    return Scorer(subject.model.to(dev), tok, int(max_length or subject.train_seq_len), batch, dev, dt)
 
 
 @functools.cache

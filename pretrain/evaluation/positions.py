@@ -8,15 +8,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.evaluation.documents import long_windows
+from pretrain.evaluation.documents import document_split, long_windows
 from pretrain.evaluation.scoring import autocast, token_nll
 
 BINS = 64  # positions are reported as this many equal-width bins (the full curve would bloat the JSON)
 
 
-def run_positions(model, data_dir: Path, train_seq_len: int, multiple: float, docs: int,
+def run_positions(model, data_dir: Path, train_seq_len: int, length: int, docs: int,
                   device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    length = int(round(train_seq_len * multiple))
+    """Mean NLL per position over `docs` windows of `length` tokens (BOS first)."""
     windows, source = long_windows(data_dir, length, docs)
     total = np.zeros(length)
     for row in windows:  # one sequence at a time: memory stays that of a single long forward
@@ -26,7 +26,8 @@ def run_positions(model, data_dir: Path, train_seq_len: int, multiple: float, do
     per_pos = total / len(windows)
     edges = np.linspace(0, length, min(BINS, length) + 1).round().astype(int)
     inside, beyond = per_pos[:train_seq_len], per_pos[train_seq_len:]
-    return {"data": str(data_dir), "source": source, "docs": len(windows), "length": length,
+    return {"data": str(data_dir), "split": document_split(data_dir), "source": source, "docs": len(windows),
+            "length": length,
             "train_seq_len": train_seq_len,
             "bin_start": edges[:-1].tolist(), "bin_end": edges[1:].tolist(),
             "bin_nll": [float(per_pos[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,15 @@ def niah_lengths(train_len: int, opts: Options) -> list[int]:
     return [int(round(m * train_len)) for m in opts.niah_lengths]
 
 
+def positions_length(train_len: int, opts: Options) -> int:
+    """Tokens per window of the positions suite (BOS comes on top)."""
+    length = int(round(train_len * opts.positions_multiple))
+    if length < 2:
+        raise ValueError(f"--positions-multiple {opts.positions_multiple}: a window of {length} tokens at training "
+                         f"length {train_len}; raise it (1 is the training length)")
+    return length
+
+
 def inference_lengths(train_len: int, opts: Options) -> tuple[int, list[int]]:
     """(prompt tokens, total lengths) of the inference suite; every total must exceed the prompt."""
     prompt = opts.inference_prompt or max(1, train_len // 16)
@@ -62,27 +72,56 @@ def inference_lengths(train_len: int, opts: Options) -> tuple[int, list[int]]:
     return prompt, totals
 
 
-def check_subject(subject: Subject, suites: list[str], opts: Options) -> None:
+def check_subject(subject: Subject, suites: list[str], opts: Options, device: torch.device,
+                  dtype: torch.dtype) -> None:
     """What would stop a suite of this checkpoint midway, found before any suite runs: the training
-    length, data prepared with the model's tokenizer, niah prompts that fit, inference lengths."""
+    length, data prepared with the model's tokenizer and enough of it for nll's first batch and
+    the positions windows, niah prompts that fit, inference lengths and a cache that fits."""
     from data_pipeline.tokenizer import load_tokenizer
 
     train_len = subject.train_seq_len
     if any(s in DATA_SUITES for s in suites):
         data_dir = subject.checked_data_dir(opts.data)
+        if "nll" in suites:
+            from pretrain.evaluation.nll import check_nll_data
+
+            check_nll_data(data_dir, train_len, opts.batch_size, subject.document_masking)
+        if "positions" in suites:
+            from pretrain.evaluation.documents import long_windows
+
+            long_windows(data_dir, positions_length(train_len, opts), opts.positions_docs)
         if "niah" in suites:
             from pretrain.evaluation.niah import niah_samples
 
             niah_samples(data_dir, load_tokenizer(data_dir), niah_lengths(train_len, opts), list(opts.niah_depths),
                          opts.niah_trials, opts.seed)
     if "inference" in suites:
-        inference_lengths(train_len, opts)
+        check_cache_fits(subject.model.config, opts.inference_batch, max(inference_lengths(train_len, opts)[1]),
+                         device, dtype)
+
+
+def check_cache_fits(cfg, batch: int, total: int, device: torch.device, dtype: torch.dtype) -> None:
+    """The inference suite's caches (the decoder's: SSM states in fp32) fit in the device's memory."""
+    from pretrain.accounting import cache_bytes
+
+    need = batch * cache_bytes(cfg, total, dtype.itemsize, ssm_state_bytes=4)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need > have:
+        raise ValueError(f"--inference-totals: caches of {need / 2**30:,.1f} GiB for {batch} sequences of {total:,} "
+                         f"tokens exceed this {device.type} device's {have / 2**30:,.1f} GiB; lower "
+                         "--inference-totals or --inference-batch")
 
 
 def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device, dtype: torch.dtype) -> Any:
     from data_pipeline.tokenizer import load_tokenizer
 
     model, train_len = subject.model, subject.train_seq_len
+    if suite == "inference":
+        from pretrain.evaluation.inference import run_inference
+
+        prompt, totals = inference_lengths(train_len, opts)
+        return run_inference(model, opts.inference_batch, prompt, totals, opts.seed, device, dtype)
     data_dir = subject.data_dir(opts.data)
     if suite == "nll":
         from pretrain.evaluation.nll import run_nll
@@ -92,17 +131,13 @@ def run_suites(subject: Subject, suite: str, opts: Options, device: torch.device
     if suite == "positions":
         from pretrain.evaluation.positions import run_positions
 
-        return run_positions(model, data_dir, train_len, opts.positions_multiple, opts.positions_docs, device, dtype)
+        return run_positions(model, data_dir, train_len, positions_length(train_len, opts), opts.positions_docs,
+                             device, dtype)
     if suite == "niah":
         from pretrain.evaluation.niah import run_niah
 
         return run_niah(model, data_dir, load_tokenizer(data_dir), niah_lengths(train_len, opts),
                         list(opts.niah_depths), opts.niah_trials, opts.seed, device, dtype)
-    if suite == "inference":
-        from pretrain.evaluation.inference import run_inference
-
-        prompt, totals = inference_lengths(train_len, opts)
-        return run_inference(model, opts.inference_batch, prompt, totals, opts.seed, device, dtype)
     from pretrain.evaluation.fewshot import run_fewshot
 
     return run_fewshot(subject, data_dir, list(opts.fewshot_tasks), opts.fewshot_limit, opts.fewshot_include,
@@ -128,36 +163,44 @@ def draw(entries: list[dict[str, Any]], out: Path) -> dict[str, str]:
     return {name: path.name for name, path in files.items()}
 
 
-def remove_stale_figures(record: Path, plots: dict[str, str]) -> None:
-    """Figures an earlier run into `record`'s directory drew and this one does not (they would no
-    longer match the record, results.json or compare.json): the ones the old record lists."""
-    out = record.parent
+def recorded_figures(record: Path) -> set[str]:
+    """The figures an earlier run into `record`'s directory drew (the ones its record lists)."""
     try:
-        before = json.loads(record.read_text()).get("plots", {})
+        return set(json.loads(record.read_text()).get("plots", {}).values())
     except (OSError, ValueError, AttributeError):
-        return
-    for name in set(before.values()) - set(plots.values()):
+        return set()
+
+
+def remove_stale_figures(out: Path, before: set[str], plots: dict[str, str]) -> None:
+    """Figures of an earlier run into `out` (`before`) that this one did not draw: they would no
+    longer match the record, results.json or compare.json."""
+    for name in before - set(plots.values()):
         if Path(name).name == name and name.endswith(".png"):  # only our own figures, never a path elsewhere
             (out / name).unlink(missing_ok=True)
 
 
 def evaluate(subjects: list[Subject], suites: list[str], opts: Options, out: Path, device: torch.device,
              dtype: torch.dtype, log=print) -> dict[str, Any]:
+    """Every suite of every checkpoint; results.json is rewritten after each suite (`complete`
+    false until the last), so an evaluation stopped midway keeps what it measured."""
     out.mkdir(parents=True, exist_ok=True)
-    entries = []
+    before = recorded_figures(out / RESULTS_FILE)
+    results: dict[str, Any] = {"suites": suites, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                               "options": asdict(opts), "complete": False, "checkpoints": [], "plots": {}}
     for subject in subjects:
-        fpt = flops_per_token(subject.model.config, subject.train_seq_len)
+        fpt = flops_per_token(subject.model.config, subject.flops_seq_len)
         entry: dict[str, Any] = {"label": subject.label, **subject.info, "train_seq_len": subject.train_seq_len,
                                  "flops_per_token": fpt["total"],
                                  "train_flops": fpt["total"] * subject.info["tokens_seen"]
                                  if subject.info["tokens_seen"] else None}
-        for suite in suites:
-            log(f"{subject.label}: {suite} ...")
-            entry[suite] = run_suites(subject, suite, opts, device, dtype)
-        entries.append(entry)
-    results = {"suites": suites, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-               "options": asdict(opts), "checkpoints": entries}
-    results["plots"] = draw(entries, out)
-    remove_stale_figures(out / RESULTS_FILE, results["plots"])
+        results["checkpoints"].append(entry)
+        with subject.on(device):
+            for suite in suites:
+                log(f"{subject.label}: {suite} ...")
+                entry[suite] = run_suites(subject, suite, opts, device, dtype)
+                write_atomic(out / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
+    results["plots"] = draw(results["checkpoints"], out)
+    results["complete"] = True
+    remove_stale_figures(out, before, results["plots"])
     write_atomic(out / RESULTS_FILE, json.dumps(results, indent=1) + "\n")
     return results

@@ -2,10 +2,15 @@
 
 `--checkpoint` takes a step directory (any parallel layout: `pretrain.hf.load_model` reshards) or a
 run directory (its newest checkpoint that verifies), so a sweep's run dirs can be passed as they are.
+Every model loads on the CPU at start (a damaged checkpoint stops the evaluation before any suite
+runs) and is on the evaluation device only while its own suites run (`Subject.on`), so a sweep's
+checkpoints need the device memory of one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ class Subject:
     run_config: dict[str, Any]
     label: str = ""
     info: dict[str, Any] = field(default_factory=dict)
-    seq_len: int | None = None  # overrides the run's training length
+    seq_len: int | None = None  # overrides the run's training length for the suites
 
     @property
     def train_seq_len(self) -> int:
@@ -34,6 +39,23 @@ class Subject:
             raise CliError(f"{self.checkpoint}: no config.toml with data.seq_len (a weights-only checkpoint?); "
                            "pass --seq-len TRAINING_LENGTH")
         return int(seq_len)
+
+    @property
+    def flops_seq_len(self) -> int:
+        """The length its training FLOPs per token are counted at: the run's own where its config
+        says (--seq-len only rescales the suites), else the suites' length."""
+        return int(self.run_config.get("data", {}).get("seq_len") or self.train_seq_len)
+
+    @contextlib.contextmanager
+    def on(self, device: torch.device) -> Iterator[None]:
+        """The model on `device` inside the block, back on the CPU after (its memory freed there)."""
+        self.model.to(device)
+        try:
+            yield
+        finally:
+            self.model.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def document_masking(self) -> bool:
@@ -60,6 +82,9 @@ class Subject:
 
         data = self.data_dir(override)
         flag = f"--data {data}" if override else f"{self.checkpoint}: data.sources[0] {data}"
+        if not override and not data.is_absolute() and not data.exists():
+            raise CliError(f"{flag}: no such directory here ({Path.cwd()}); a relative source is read from the "
+                           "directory the training was launched from: run there, or pass --data PREPARED_DIR")
         try:
             tok = read_manifest(data).tokenizer
         except DataInputError as e:  # names the file, field and fix
@@ -95,9 +120,10 @@ def resolve_checkpoint(path: Path) -> Path:
                    "--checkpoint takes RUN_DIR or RUN_DIR/checkpoints/step_NNNNNNNN")
 
 
-def load_subject(path: Path, device: torch.device, seq_len: int | None = None) -> Subject:
+def load_subject(path: Path, seq_len: int | None = None) -> Subject:
+    """The checkpoint at `path` (run or step dir), its model on the CPU."""
     ckpt = resolve_checkpoint(path)
-    model = load_model(ckpt).to(device).eval()
+    model = load_model(ckpt).eval()
     run_config = read_run_config(ckpt)
     from pretrain.accounting import count_params
 

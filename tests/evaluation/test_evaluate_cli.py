@@ -89,6 +89,9 @@ def test_compare_joins_suites_per_checkpoint(evaluated, runs, tmp_path):
     (["--suite", "nll,bogus"], "unknown ['bogus']"),
     (["--niah-depths", "0,1.5"], "--niah-depths"),
     (["--inference-totals", "2"], "must exceed the prompt"),
+    (["--niah-lengths", "1,inf"], "must be positive and finite"),
+    (["--positions-multiple", "nan"], "must be positive and finite"),
+    (["--suite", "fewshot", "--fewshot-tasks", "x", "--fewshot-include", "/no/tasks"], "/no/tasks: not a directory"),
 ])
 def test_bad_options_are_one_line(runs, tmp_path, args, says):
     proc = subprocess.run([sys.executable, "-m", "pretrain.evaluate", "--checkpoint", str(runs["inter_hybrid"]),
@@ -128,6 +131,10 @@ def test_unusable_out_and_data_fail_before_any_model_loads(runs, tmp_path, capsy
 @pytest.mark.parametrize("args, says", [
     (["--suite", "nll,inference", "--inference-totals", "2"], "--inference-totals 2: every total length must exceed"),
     (["--suite", "nll,niah", "--niah-lengths", "0.1"], "is shorter than the needle and question"),
+    (["--suite", "nll,positions", "--positions-docs", "100000"], "too little data for 100000 windows"),
+    (["--suite", "nll,positions", "--positions-multiple", "0.001"], "a window of 0 tokens"),
+    (["--suite", "inference,nll", "--batch-size", "100000"], "holds less than one batch of 100000"),
+    (["--suite", "nll,inference", "--inference-totals", "8,10000000000000"], "exceed this cpu device's"),
 ])
 def test_a_suite_that_cannot_run_is_refused_before_any_runs(runs, tmp_path, capsys, args, says):
     """Found at start, not after the suites before it ran (their results were lost)."""
@@ -196,7 +203,7 @@ def test_evaluating_again_into_one_out_leaves_no_stale_figure(runs, tmp_path):
     assert (out / "positions.png").is_file() and (out / "notes.png").read_text() == "mine"
 
 
-@pytest.mark.parametrize("text", ["[]", '{"plan": "x", "fits": {}}'])
+@pytest.mark.parametrize("text", ["[]", '{"plan": "x", "fits": {}}', '{"checkpoints": [{"label": "x"}]}'])
 def test_compare_of_a_json_that_is_no_results_file_is_one_line(tmp_path, capsys, text):
     (tmp_path / "results.json").write_text(text)
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
@@ -227,3 +234,63 @@ def test_compare_labels_checkpoints_of_one_run_name_under_different_parents_apar
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
     assert [r[0] for r in rows] == ["/x/expA/llama/checkpoints/step_00000030", "/x/expB/llama/checkpoints/step_00000030"]
     assert [r[4] for r in rows] == ["5.0000", "6.0000"]
+
+
+def test_an_evaluation_stopped_midway_keeps_what_it_measured(runs, tmp_path, monkeypatch, capsys):
+    """results.json after every suite, `complete` false until the last: a failure in the last suite
+    of the last checkpoint no longer costs hours of finished ones; compare reads it and says so."""
+    from pretrain.evaluation import runner
+
+    real = runner.run_suites
+
+    def failing(subject, suite, *args):
+        if suite == "positions":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(subject, suite, *args)
+
+    monkeypatch.setattr(runner, "run_suites", failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(["--checkpoint", str(runs["inter_hybrid"]), "--suite", "nll,positions", "--nll-batches", "1",
+              "--positions-docs", "1", "--out", str(tmp_path / "ev")])
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["complete"] is False and "positions" not in results["checkpoints"][0]
+    assert math.isfinite(results["checkpoints"][0]["nll"]["nll"])
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "ev"), "--out", str(tmp_path / "cmp")]) == 0
+    assert "stopped midway" in capsys.readouterr().err
+
+
+def test_a_weights_only_checkpoint_runs_inference_without_data_and_flops_keep_the_runs_length(runs, tmp_path):
+    """The inference suite reads no data: a checkpoint without config.toml (an `import`) needs only
+    --seq-len. --seq-len rescales the suites, not the FLOPs the run spent (its config's length)."""
+    from pretrain.accounting import flops_per_token
+    from pretrain.checkpoint import MODEL_CONFIG_FILE, model_config_json, save_model_weights
+    from pretrain.hf import load_model, new_dir, publish
+
+    step = sorted((runs["inter_hybrid"] / "checkpoints").glob("step_*"))[-1]
+    model = load_model(step)
+    weights_only = tmp_path / "imported"
+    with new_dir(weights_only) as tmp:  # as `pretrain.hf import` writes one
+        save_model_weights(tmp, model.state_dict())
+        (tmp / MODEL_CONFIG_FILE).write_text(model_config_json(model.config))
+        publish(tmp, weights_only, seal=True)
+    small = ["--suite", "inference", "--inference-batch", "1", "--inference-prompt", "4", "--inference-totals", "8"]
+    assert main(["--checkpoint", str(weights_only), "--seq-len", "16", *small, "--out", str(tmp_path / "w")]) == 0
+    assert main(["--checkpoint", str(step), "--seq-len", str(4 * TRAIN_SEQ_LEN), *small, "--out", str(tmp_path / "s")]) == 0
+    entry = json.loads((tmp_path / "s" / "results.json").read_text())["checkpoints"][0]
+    assert entry["train_seq_len"] == 4 * TRAIN_SEQ_LEN
+    assert entry["flops_per_token"] == flops_per_token(model.config, TRAIN_SEQ_LEN)["total"]
+
+
+def test_a_relative_source_read_from_elsewhere_says_where_it_is_read_from(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from pretrain.evaluation.subject import Subject
+    from pretrain.hf import CliError
+
+    monkeypatch.chdir(tmp_path)
+    subject = Subject(tmp_path / "ckpt", SimpleNamespace(config=SimpleNamespace(vocab_size=258)),
+                      {"data": {"sources": ["data/demo"]}})
+    with pytest.raises(CliError, match=r"data.sources\[0\] data/demo: no such directory here \(.*\); a relative "
+                                       r"source is read from the directory the training was launched from"):
+        subject.checked_data_dir(None)

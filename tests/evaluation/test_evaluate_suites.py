@@ -27,7 +27,7 @@ def model(runs):
 
 
 def test_positions_equal_full_logits_cross_entropy(model, corpus):
-    r = run_positions(model, corpus, train_seq_len=40, multiple=2.0, docs=2, device=CPU, dtype=FP32)
+    r = run_positions(model, corpus, train_seq_len=40, length=80, docs=2, device=CPU, dtype=FP32)
     windows, source = long_windows(corpus, 80, 2)
     assert source == r["source"] == "documents" and r["length"] == 80
     tokens = torch.from_numpy(windows)
@@ -133,3 +133,33 @@ def test_decode_cache_matches_accounting(arch, dtype):
         assert p["tokens_per_s"] > 0 and p["decode_s"] > 0 and p["median_step_tokens_per_s"] > 0
     grows = r["points"][-1]["cache_bytes"] > r["points"][0]["cache_bytes"]
     assert grows == (arch != "mamba2")  # attention keeps every key; Mamba2's state is fixed-size
+
+
+def test_without_a_validation_split_the_training_split_is_read_and_said(tmp_path, caplog):
+    from data_pipeline.prepare import PrepareConfig, prepare
+    from pretrain.evaluation.documents import document_split
+
+    texts = [tmp_path / f"t{i}.txt" for i in range(3)]
+    for i, t in enumerate(texts):
+        t.write_text(f"document {i} " * 40)
+    prepare(PrepareConfig([str(t) for t in texts], "byte", tmp_path / "noval", val_fraction=0, workers=1,
+                          input_format="text", progress=False))
+    with caplog.at_level("WARNING"):
+        assert len(list(iter_documents(tmp_path / "noval"))) == len(list(iter_documents(tmp_path / "noval"))) == 3
+    assert document_split(tmp_path / "noval") == "train"
+    said = [r.getMessage() for r in caplog.records if "has no validation split" in r.getMessage()]
+    assert len(said) == 1 and "training split, which the model may have seen" in said[0]
+
+
+def test_a_damaged_shard_is_skipped_with_a_warning(corpus, tmp_path, caplog):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    first = read_manifest(data).split_shards("val")[0]
+    whole = list(iter_documents(data))
+    (data / first.name).write_bytes(b"\0" * 1024)  # a bad tar header
+    with caplog.at_level("WARNING"):
+        left = list(iter_documents(data))
+    assert len(left) == len(whole) - first.num_docs
+    assert any(f"skipped shard {first.name}" in r.getMessage() for r in caplog.records)

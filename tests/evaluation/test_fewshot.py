@@ -215,3 +215,18 @@ def test_harness_dtypes_take_torch_names_and_refuse_others(runs):
     assert scorer_for(str(runs["inter_hybrid"]), None, "bfloat16", None, 8, "cpu").dtype == torch.bfloat16
     with pytest.raises(CliError, match="dtype=float16: not one of auto, bf16, bfloat16, fp32, float32"):
         scorer_for(str(runs["inter_hybrid"]), None, "float16", None, 8, "cpu")
+
+
+def test_harness_data_must_be_the_runs_tokens(runs, tmp_path):
+    """data= of another tokenizer scored every choice on the wrong tokens (acc 0 instead of 0.625);
+    a missing dir was a traceback. Both are one-line errors, as in `pretrain.evaluate`."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional 'eval' extra")
+    from test_evaluate_cli import _bpe_corpus
+
+    from pretrain.evaluation.harness import scorer_for
+    from pretrain.hf import CliError
+
+    with pytest.raises(CliError, match=r"--data .*bpe: prepared with another tokenizer \(hf, \d+ ids\)"):
+        scorer_for(str(runs["inter_hybrid"]), str(_bpe_corpus(tmp_path)), "auto", None, 8, "cpu")
+    with pytest.raises(CliError, match=r"--data /no/data: .*manifest"):
+        scorer_for(str(runs["inter_hybrid"]), "/no/data", "auto", None, 8, "cpu")
