@@ -358,7 +358,7 @@ class CheckpointManager:
         and other trajectories' directories aside (`set_aside`); a later step still here is not this
         run's state either: it neither counts nor goes until this run saves that step itself."""
         mine = [p for p in list_checkpoints(self.dir)
-                if p.name <= committed.name and verify_share(p, checksums=False) is None]
+                if checkpoint_step(p) <= checkpoint_step(committed) and verify_share(p, checksums=False) is None]
         for old in mine[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -419,18 +419,20 @@ def save_model_weights(tmp: Path, model_state: dict[str, Any]) -> None:
     _quiet_dcp(dcp.save, {"model": model_state}, checkpoint_id=str(tmp))
 
 
-def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence[Split] = ()) -> None:
+def load_model_weights(path: Path, model_state: dict[str, Any], splits: Sequence[Split] = (),
+                       partial: bool = False) -> None:
     """Load only the model's tensors (in place) from a checkpoint, resharding as needed and
     converting old names (`splits`, see `load_dcp`).
 
     The checkpoint is verified first; names and global shapes are checked next, so a mismatch
-    says which tensors differ instead of failing inside DCP."""
+    says which tensors differ instead of failing inside DCP. `partial`: the checkpoint may hold
+    tensors this model has no place for (a deeper model's last blocks), which are left out."""
     reason = verify_checkpoint(path)
     if reason is not None:
         raise ValueError(f"{path}: not a complete, intact checkpoint ({reason}); pass another step_* directory "
                          "(an older one of the run)")
     entries = _read_metadata(path)
-    check_weights_fit(path, entries, model_state, splits, f"build the model of {path / MODEL_CONFIG_FILE}")
+    check_weights_fit(path, entries, model_state, splits, f"build the model of {path / MODEL_CONFIG_FILE}", partial)
     load_dcp(path, {"model": model_state}, splits, entries)
 
 
@@ -439,10 +441,12 @@ class WeightsDoNotFit(ValueError):
 
 
 def check_weights_fit(path: Path, entries: dict[str, Any], model_state: dict[str, Any], splits: Sequence[Split],
-                      fix: str) -> None:
+                      fix: str, partial: bool = False) -> None:
     """Every tensor of `model_state` (this rank's: a pipeline stage holds some) is in the checkpoint
-    with its global shape, after converting old names: else WeightsDoNotFit naming them and `fix`,
-    instead of a failure inside DCP. Collective when distributed: every rank gets the verdict."""
+    with its global shape, after converting old names, and (unless `partial`) every model tensor
+    of the checkpoint is one of some rank's: else WeightsDoNotFit naming them and `fix`, instead
+    of a failure inside DCP or weights dropped in silence. Collective when distributed: every rank
+    gets the verdict."""
     saved = {k.removeprefix("model."): tuple(m.size) for k, m in entries.items()
              if k.startswith("model.") and hasattr(m, "size")}
     for s in _renamed(entries, {"model": model_state}, splits):  # the names and shapes after conversion
@@ -450,7 +454,11 @@ def check_weights_fit(path: Path, entries: dict[str, Any], model_state: dict[str
     ours = {k: tuple(v.shape) for k, v in model_state.items()}
     problems = [f"{k} missing" for k in ours if k not in saved] + \
                [f"{k} is {saved[k]} in the checkpoint, {ours[k]} here" for k in ours if k in saved and saved[k] != ours[k]]
-    problems = list(dict.fromkeys(p for part in all_gather_objects(problems) for p in part))  # ranks share tensors
+    gathered = all_gather_objects((problems, sorted(ours)))
+    problems = list(dict.fromkeys(p for part, _ in gathered for p in part))  # ranks share tensors
+    if not partial:
+        anywhere = {k for _, names in gathered for k in names}
+        problems += [f"{k} has no place here" for k in sorted(saved) if k not in anywhere]
     if problems:
         raise WeightsDoNotFit(f"{path}: weights do not fit this model ({len(problems)} tensors, e.g. "
                               f"{'; '.join(problems[:3])}); {fix}")

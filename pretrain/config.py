@@ -94,6 +94,7 @@ class CheckpointSection:
     async_save: bool = False
     resume_from: str = ""  # a checkpoint directory; empty: newest complete one in the run dir
     init_from: str = ""  # fresh run starting from these model weights (e.g. `pretrain.hf import`)
+    init_from_partial: bool = False  # init_from may hold tensors this model has no place for: leave them out
 
 
 @dataclass

@@ -578,6 +578,11 @@ class Trainer:
                 raise ConfigError(f"config: cannot read {saved} ({type(e).__name__}: {e}); resume from another "
                                   "checkpoint") from None
             refused, allowed = model_setting_changes(old, self.model_config.to_dict())
+            if old.get("vocab_size") != self.model_config.vocab_size:  # read off the data: no override fixes it
+                raise ConfigError(f"config: {path} was trained on data of a {old.get('vocab_size')}-id tokenizer, but "
+                                  f"data.sources {self.cfg.data.sources} is tokenized with {self.model_config.vocab_size} "
+                                  f"ids: other data than the run's; resume with the data of {path / CONFIG_FILE}, or "
+                                  "train on this data in a new run directory")
             if refused:
                 raise ConfigError(f"config: {path} was trained with other model settings ({'; '.join(refused[:3])}"
                                   f"{f'; {len(refused) - 3} more' if len(refused) > 3 else ''}); resume with the "
@@ -608,15 +613,24 @@ class Trainer:
         self.scheduler._last_lr = [g["lr"] for g in groups]
 
     def _init_from(self, path: Path) -> None:
-        """Start a fresh run (new optimizer, step 0) from another checkpoint's model weights."""
+        """Start a fresh run (new optimizer, step 0) from another checkpoint's model weights; the
+        model settings that differ from the checkpoint's (a longer window, another RoPE base: the
+        shapes agree) are listed in a warning."""
         model_sd = get_model_state_dict(self.model)
         try:
-            load_model_weights(path, model_sd, legacy_splits(self.model_config))
+            load_model_weights(path, model_sd, legacy_splits(self.model_config), self.cfg.checkpoint.init_from_partial)
         except ValueError as e:
-            raise ConfigError(f"config: checkpoint.init_from: {e}") from None
+            fix = "" if self.cfg.checkpoint.init_from_partial else \
+                " (to load only the tensors this model has, set checkpoint.init_from_partial=true)"
+            raise ConfigError(f"config: checkpoint.init_from: {e}{fix}") from None
         set_model_state_dict(self.model, model_sd)
         self._sync_copies()
         log.info("initialised model weights from %s", path)
+        if self.is_main and (path / MODEL_CONFIG_FILE).is_file():
+            old = ModelConfig.from_saved(json.loads((path / MODEL_CONFIG_FILE).read_text())).to_dict()
+            changes = [c for part in model_setting_changes(old, self.model_config.to_dict()) for c in part]
+            if changes:
+                log.warning("model settings other than those of %s: %s", path, "; ".join(changes))
 
     def _sync_copies(self) -> None:
         if self.copies is not None:

@@ -23,6 +23,14 @@ def test_commit_prune_and_load(tmp_path):
     assert shared["step"] == 3 and ranks == [{"rng": 3}] and torch.equal(target["model"]["w"], torch.full((64,), 3.0))
 
 
+def test_prune_counts_steps_past_eight_digits(tmp_path):
+    """step_100000000 sorts before step_99999999 as a string: by name the older one was never pruned."""
+    mgr = CheckpointManager(tmp_path / "ck", keep=1, async_save=False, is_main=True)
+    for step in (99_999_999, 100_000_000, 100_000_001):
+        save(mgr, step, 0)
+    assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["step_100000001"]
+
+
 def test_async_save_commits_on_wait(tmp_path):
     mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=True, is_main=True)
     path = save(mgr, 5, 5)

@@ -392,6 +392,31 @@ def test_resuming_into_another_model_stops_before_loading_naming_the_setting(ref
         Trainer(tiny_config(tmp_path, corpus, 8, "--model.overrides.moe.n_experts=4"))
 
 
+def test_resuming_on_data_of_another_tokenizer_names_the_data(reference, corpus, tmp_path):
+    """The vocabulary is read off the data, so no override can match the checkpoint's: the error
+    says the data is not the run's (it told users to pass the checkpoint's model.overrides, which
+    the data check then refused)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from data_pipeline.prepare import PrepareConfig, prepare
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["def f(x): return x " * 20], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|bos|>", "<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("def f(x): return x\n" * 400)
+    prepare(PrepareConfig([str(tmp_path / "a.txt")], str(tmp_path / "tokenizer.json"), tmp_path / "bpe",
+                          val_fraction=0, workers=1, progress=False))
+    reference_dir, _ = reference
+    copy_checkpoints(reference_dir, tmp_path / "run", (6,))
+    with pytest.raises(ConfigError, match=r"step_00000006 was trained on data of a 258-id tokenizer, but data.sources "
+                                          r"\[.*bpe'\] is tokenized with \d+ ids: other data than the run's; resume "
+                                          r"with the data of .*config.toml, or train on this data in a new run"):
+        Trainer(tiny_config(tmp_path / "run", tmp_path / "bpe", 8))
+
+
 def test_resuming_with_other_model_settings_of_the_same_shapes_stops_or_warns(reference, corpus, tmp_path, caplog):
     """Another fusion (or top-k, window) keeps every tensor's shape: refused at start, naming the
     setting; a setting a resumed run may change (MAY_CHANGE_ON_RESUME) is warned and taken."""

@@ -345,3 +345,24 @@ def test_an_out_that_appears_during_the_export_is_left_alone(llama_checkpoint, t
     assert export(llama_checkpoint, out) == 2
     assert "hf: appeared while this ran" in error_line(capsys)
     assert [f.name for f in out.iterdir()] == ["theirs.txt"] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_init_from_a_deeper_model_is_refused_unless_partial(llama_checkpoint, corpus, tmp_path, caplog):
+    """The checkpoint's last blocks have no place in a 2-block model: they were dropped in silence.
+    Refused, naming them and the opt-in; with it, the first blocks load and the changed settings
+    are listed."""
+    from pretrain.config import ConfigError
+
+    shallow = ("--arch", "llama", "--model.overrides.pattern=AA")
+    trainer = Trainer(tiny_config(tmp_path / "a", corpus, 1, *shallow, f"--checkpoint.init_from={llama_checkpoint}"))
+    with pytest.raises(ConfigError, match=r"init_from: .*do not fit .*blocks\.2\.\S+ has no place here.*"
+                                          r"checkpoint.init_from_partial=true"):
+        trainer.resume()
+    trainer = Trainer(tiny_config(tmp_path / "b", corpus, 1, *shallow, f"--checkpoint.init_from={llama_checkpoint}",
+                                  "--checkpoint.init_from_partial=true"))
+    with caplog.at_level("WARNING"):
+        trainer.resume()
+    saved, started = weights(llama_checkpoint), trainer.model.state_dict()
+    assert started.keys() < saved.keys() and all(torch.equal(started[k], saved[k]) for k in started)
+    assert any("model settings other than those of" in r.getMessage() and "pattern" in r.getMessage()
+               for r in caplog.records)
