@@ -10,6 +10,7 @@ import dataclasses
 import math
 import tomllib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -206,8 +207,10 @@ def _set_override(cfg: JobConfig, key: str, value: Any, source: str) -> None:
     known. A table becomes one dotted key per field (`moe={top_k=2}` is `moe.top_k=2`), so that a
     table and dotted keys of one section never depend on their order (which config.toml does not
     keep); an empty table stays (`moe={}` turns the MoE on). A string for a bool or number field, or
-    an integral float for an int field, is read as the other config keys are ('no', '2e6')."""
-    from pretrain.model.config import override_error, scalar_type
+    an integral float for an int field, is read as the other config keys are ('no', '2e6', 1 for
+    true); "none" unsets an optional field (TOML has no null: `rope.factor=none` turns RoPE scaling
+    off)."""
+    from pretrain.model.config import field_type, override_error, scalar_type
 
     why = override_error(key, value)
     if why:
@@ -217,8 +220,11 @@ def _set_override(cfg: JobConfig, key: str, value: Any, source: str) -> None:
             _set_override(cfg, f"{key}.{name}", entry, source)
         return
     scalar = scalar_type(key)
-    if isinstance(value, str) and scalar is not None or isinstance(value, float) and scalar is int:
-        value = _coerce(value, scalar, f"model.overrides.{key}", source)
+    if isinstance(value, str) and value.lower() == "none" and type(None) in typing.get_args(field_type(key)):
+        value = None
+    elif isinstance(value, str) and scalar is not None or isinstance(value, float) and scalar is int or \
+            scalar is bool and value in (0, 1) and not isinstance(value, bool):
+        value = _coerce(str(value) if scalar is bool else value, scalar, f"model.overrides.{key}", source)
     cfg.model.overrides.pop(key, None)  # set again: the later value, last
     cfg.model.overrides[key] = value
 
@@ -323,6 +329,9 @@ def validate(cfg: JobConfig) -> None:
         # fails in the first backward: the split backward runs the checkpointed region twice
         bad("train.ac_mode", f"= selective does not run with parallel.pp_schedule={p.pp_schedule} (a split "
                              "backward); use train.ac_mode=full")
+    if t.compile and t.activation_checkpointing and t.ac_mode == "selective":
+        bad("train.ac_mode", "= selective runs eagerly only (its policy cannot see inside a compiled block); use "
+                             "train.ac_mode=full with train.compile, or turn compile off")
     if t.compile and split_backward:
         bad("train.compile", f"= true does not run with parallel.pp_schedule={p.pp_schedule} (its split backward "
                              "needs the graph kept, which compiled blocks' donated buffers do not allow); use "
@@ -334,11 +343,25 @@ def validate(cfg: JobConfig) -> None:
                             f"{f' of 2 x parallel.cp={cp} chunks' if cp > 1 else ''}); fix one of them")
 
 
-def unused_settings(cfg: JobConfig) -> list[str]:
+# Model overrides that shape only some block kinds: (key, or section with its dot; kinds; whose).
+BLOCK_OVERRIDES = (("intra.", "H", "intra-hybrid"), ("rope.", "AH", "global-attention or intra-hybrid"),
+                   ("window", "S", "sliding-window"), ("n_sink", "S", "sliding-window"),
+                   ("swa_rope_theta", "S", "sliding-window"), ("d_ssm", "M", "Mamba2"),
+                   ("ssm_head_dim", "M", "Mamba2"), ("d_state", "M", "Mamba2"))
+
+
+def unused_settings(cfg: JobConfig, blocks: Sequence[str] = ()) -> list[str]:
     """Settings given a value that does nothing in this config (a warning each at start, so nobody
-    believes a pipeline schedule or selective checkpointing is on when it is not)."""
+    believes a pipeline schedule or selective checkpointing is on when it is not, or an ablation's
+    intra-hybrid fusion built into a model without intra-hybrid blocks); `blocks`: the model's."""
     p, t, defaults = cfg.parallel, cfg.train, JobConfig()
     unused = []
+    kinds = set(blocks)
+    for key in cfg.model.overrides:
+        for name, needs, whose in BLOCK_OVERRIDES:
+            if kinds and (key == name or name.endswith(".") and key.startswith(name)) and not kinds & set(needs):
+                unused.append(f"model.overrides.{key} does nothing without {whose} blocks (this model's: "
+                              f"{''.join(sorted(kinds))})")
     if p.pp == 1:
         unused += [f"parallel.{key}={getattr(p, key)!r} does nothing with parallel.pp=1"
                    for key in ("pp_schedule", "pp_microbatches") if getattr(p, key) != getattr(defaults.parallel, key)]
@@ -454,11 +477,14 @@ def leaves(table: dict[str, Any], prefix: str = "", keep: tuple[str, ...] = ()) 
 
 def to_toml(cfg: JobConfig) -> str:
     """The resolved config as TOML that `--config` reads back to the same JobConfig (tomli-w:
-    nested model.overrides tables, any string, floats to the last bit)."""
-    missing = [key for key, v in leaves(cfg.to_dict()) if v is None]
+    nested model.overrides tables, any string, floats to the last bit; an override unset to None
+    as "none", which `_set_override` reads back as None)."""
+    table = cfg.to_dict()
+    table["model"]["overrides"] = {k: "none" if v is None else v for k, v in table["model"]["overrides"].items()}
+    missing = [key for key, v in leaves(table) if v is None]
     if missing:
         raise ConfigError(f"config: {missing[0]} is None, which TOML cannot write; give the key a value")
     try:
-        return tomli_w.dumps(cfg.to_dict())
+        return tomli_w.dumps(table)
     except TypeError as e:
         raise ConfigError(f"config: a value has no TOML form ({e}); fix the config") from None

@@ -42,13 +42,20 @@ def activation_bytes_per_token_per_dim(blocks: str, checkpointing: bool) -> int:
     return sum(67 if sym in "AS" else 104 for sym in blocks)
 
 
-def loss_working_set_bytes(vocab: int, d_model: int) -> int:
-    """The chunked cross-entropy's memory on the rank holding the head (`vocab` rows of it): the
-    fp32 head-weight gradient it computes in the forward and the scaled copy its backward returns,
-    and one chunk's temporaries: on the PyTorch path (TP, CPU) fp32 logits and their gradient plus
-    their bf16 casts, ~2.5 x 4 bytes per logit of a `CHUNK_LOGITS` chunk; on the Triton path the
-    chunk's logits alone, `KERNEL_CHUNK_BYTES`. The larger of the two."""
-    return 2 * vocab * d_model * 4 + max(10 * CHUNK_LOGITS, KERNEL_CHUNK_BYTES)
+def loss_working_set_bytes(vocab: int, d_model: int, rows: int) -> int:
+    """The chunked cross-entropy's memory on the rank holding the head (`vocab` rows of it) for
+    `rows` positions: the fp32 head-weight gradient it computes in the forward and the scaled copy
+    its backward returns, and one chunk's temporaries: on the PyTorch path (TP, CPU) fp32 logits and
+    their gradient plus their bf16 casts, ~2.5 x 4 bytes per logit of a chunk of at most
+    `CHUNK_LOGITS`; on the Triton path the chunk's 16-bit logits alone, at most `KERNEL_CHUNK_BYTES`.
+    The larger of the two."""
+    logits = rows * vocab
+    return 2 * vocab * d_model * 4 + max(10 * min(logits, CHUNK_LOGITS), min(2 * logits, KERNEL_CHUNK_BYTES))
+
+
+def loss_rows(cfg: JobConfig, dims: ParallelDims) -> int:
+    """Positions one rank's loss covers per micro-batch (its sequence shard under CP)."""
+    return cfg.train.micro_batch_size * cfg.data.seq_len // dims.cp
 
 
 def activation_bytes(blocks: str, cfg: JobConfig, d_model: int, dims: ParallelDims, in_flight: float = 1.0) -> float:
@@ -130,7 +137,8 @@ def rank_memory(model: nn.Module, cfg: JobConfig, dims: ParallelDims, in_flight:
     mcfg = model.config
     blocks = "".join(mcfg.blocks[int(i)] for i in model.blocks)
     activations = activation_bytes(blocks, cfg, mcfg.d_model, dims, in_flight)
-    loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model) if model.head is not None else 0
+    loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model, loss_rows(cfg, dims)) \
+        if model.head is not None else 0
     return RankMemory(params, expected, largest, activations, loss, in_flight if dims.pp > 1 else 1.0, dims.pp > 1)
 
 

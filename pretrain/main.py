@@ -29,7 +29,7 @@ from pretrain.model.config import ModelConfig
 from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
 from pretrain.summary import read_summary, write_summary
-from pretrain.layout import activation_bytes, layout_report, loss_working_set_bytes
+from pretrain.layout import activation_bytes, layout_report, loss_rows, loss_working_set_bytes
 from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, agreed_config_errors,
                               build_model_from_config, grad_accum_steps, parallel_dims, resolve_num_streams)
 
@@ -44,7 +44,7 @@ def estimate_memory_gib(n_params: int, cfg: JobConfig, mcfg: ModelConfig, dims: 
     (`activation_bytes`, all blocks), split over tp x cp, and the loss's working set."""
     states = 16 * n_params / (dims.pp * dims.dp_shard * dims.cp * dims.tp)
     activations = activation_bytes(mcfg.blocks, cfg, mcfg.d_model, dims)
-    loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model)
+    loss = loss_working_set_bytes(mcfg.vocab_size // dims.tp, mcfg.d_model, loss_rows(cfg, dims))
     return {"states_gib": states / 2**30, "activations_gib": activations / 2**30, "loss_gib": loss / 2**30,
             "total_gib": (states + activations + loss) / 2**30}
 
@@ -69,7 +69,7 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     n_params = counts["total"]
     mem = estimate_memory_gib(n_params, cfg, mcfg, dims)
     print(to_toml(cfg))
-    for unused in unused_settings(cfg):
+    for unused in unused_settings(cfg, mcfg.blocks):
         print(f"warning: {unused}", file=sys.stderr)
     print(f"pattern              {mcfg.pattern}")
     print(f"parameters           {n_params:,} (non-embedding {counts['non_embedding']:,}, "
@@ -89,10 +89,11 @@ def dry_run(cfg: JobConfig, world_size: int | None = None, ranks: list[int] | No
     bad = [r for r in ranks or [] if not 0 <= r < world]
     if bad:
         raise ConfigError(f"command line: --rank {bad[0]} is not a rank of world size {world}; use 0..{world - 1}")
+    # the GPU itself is the dry run's assumption, unless the run is on the CPU
+    fp8_problem = float8_unavailable(cfg.train.fp8, torch.device("cpu") if cfg.train.device == "cpu" else None)
+    if fp8_problem:
+        raise ConfigError(f"config: {fp8_problem}")
     if world > 1:  # the layout of a multi-rank launch: --world-size, or torchrun's / a WORLD_SIZE= prefix
-        fp8_problem = float8_unavailable(cfg.train.fp8, None)  # the GPU itself is the dry run's assumption
-        if fp8_problem:
-            raise ConfigError(f"config: {fp8_problem}")
         # by default the first and last rank, and the first of each pipeline stage (stages hold other blocks)
         default = sorted({0, world - 1, *(stage * world // dims.pp for stage in range(dims.pp))})
         with agreed_config_errors():  # one process: turns a dimension the layout cannot split into one line

@@ -863,7 +863,7 @@ class Trainer:
                      "%.3g FLOPs/token", cfg.model.arch, cfg.model.size, getattr(self.model_config, "pattern", "?"),
                      self.device, self.dp_size, self.dims.tp, self.dims.cp, self.dims.ep, self.dims.pp, self.grad_accum,
                      self.tokens_per_step, self.flops_per_token)
-            for unused in unused_settings(cfg):
+            for unused in unused_settings(cfg, self.model_config.blocks):
                 log.warning("%s", unused)
         status, error = "finished", None
         try:

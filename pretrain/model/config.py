@@ -150,7 +150,8 @@ class ModelConfig:
             if self.moe.d_expert is not None:
                 counts["moe.d_expert"] = self.moe.d_expert
         for name, v in counts.items():
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, f"must be an integer >= 1 (got {v!r})")
+            need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**31, name,
+                 f"must be an integer in [1, 2**31) (got {v!r})")
         need(isinstance(self.n_sink, int) and self.n_sink >= 0, "n_sink", f"must be an integer >= 0 (got {self.n_sink!r})")
         for name in ("norm_eps", "init_std", "dt_min", "dt_max"):
             v = getattr(self, name)
@@ -288,6 +289,9 @@ def override_error(key: str, value: Any = None) -> str | None:
     keys = [rest] if rest else list(value) if isinstance(value, dict) else []
     if keys and section is None:
         return f"model field '{head}' is not a section (set it as model.overrides.{head}=VALUE)"
+    if section is not None and not rest and value is not None and not isinstance(value, dict):
+        off = "; a model without MoE is the arch without _moe" if head == "moe" else ""
+        return f"model field '{head}' is a section: set its fields (model.overrides.{head}.NAME=VALUE){off}"
     names = {f.name for f in dataclasses.fields(section)} if section else set()
     unknown = [k for k in keys if k not in names]
     if unknown:

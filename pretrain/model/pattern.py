@@ -10,6 +10,8 @@ as in the paper's tables.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +80,13 @@ def parse_ratio(ratio: str) -> tuple[int, int]:
         raise ValueError(f"ratio {ratio!r} is invalid: use 'A:M', two non-negative integers not both 0 "
                          f"(the paper's: {', '.join(PAPER_RATIOS)})")
     return a, m
+
+
+def canonical_ratio(ratio: str) -> str:
+    """The ratio in lowest terms ('2:10', ' 1:5' -> '1:5'): equal ratios name one model."""
+    a, m = parse_ratio(ratio)
+    g = math.gcd(a, m)
+    return f"{a // g}:{m // g}"
 
 
 def ratio_counts(ratio: str, n_blocks: int) -> tuple[int, ...]:

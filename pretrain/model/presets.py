@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pretrain.model.config import IntraConfig, ModelConfig, MoEConfig, override_error
-from pretrain.model.pattern import (INTER_PLACEMENTS, INTRA_PLACEMENTS, hybrid_pattern, layout, parse_ratio,
-                                    sized_counts)
+from pretrain.model.pattern import (INTER_PLACEMENTS, INTRA_PLACEMENTS, canonical_ratio, hybrid_pattern, layout,
+                                    parse_ratio, sized_counts)
 
 BASE_ARCHS = ("llama", "swa", "mamba2", "inter_hybrid", "intra_hybrid")
 ARCHS = (*BASE_ARCHS, *(f"{a}_moe" for a in BASE_ARCHS), "hybrid_moe")
@@ -123,6 +123,7 @@ def preset_pattern(arch: str, size: str, dims: ModelConfig, ratio: str | None = 
                          f"use one of {', '.join(family.placements)}")
     if ratio:
         _check_ratio(arch, family, ratio)
+        ratio = canonical_ratio(ratio)
     ratio, placement = ratio or family.ratio, placement or family.placements[0]
     if size == "tiny":
         n_blocks = _TINY_DEPTH[base]

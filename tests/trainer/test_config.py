@@ -1,6 +1,7 @@
 """Config: defaults < TOML < CLI, type checks, errors that name the key, exact TOML round trips."""
 import dataclasses
 import random
+import re
 import string
 import subprocess
 import sys
@@ -60,6 +61,10 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
       "--parallel.pp_schedule=zbv"], "train.ac_mode = selective does not run with parallel.pp_schedule=zbv"),
     (["--train.compile=true", "--parallel.pp=2", "--parallel.pp_schedule=dualpipev"],
      "train.compile = true does not run with parallel.pp_schedule=dualpipev"),
+    # refused by the trainer at start but passed by a one-rank dry run
+    (["--train.compile=true", "--train.activation_checkpointing=true", "--train.ac_mode=selective"],
+     "train.ac_mode = selective runs eagerly only"),
+    (["--model.overrides.moe=false"], "model field 'moe' is a section: set its fields"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -102,12 +107,25 @@ def test_unknown_model_override_in_a_file_names_the_file(tmp_path, overrides, ne
 
 @pytest.mark.parametrize("flag, value", [("tie_embeddings", "no"), ("tie_embeddings", "False"),
                                          ("intra.value_sharing", "yes"), ("rope.theta", "2e6"), ("d_model", "64"),
-                                         ("max_seq_len", "2e4")])
+                                         ("max_seq_len", "2e4"), ("tie_embeddings", "1"), ("intra.value_sharing", "0"),
+                                         ("rope.factor", "none"), ("moe.d_expert", "None")])
 def test_model_override_strings_read_as_the_fields_type(flag, value):
-    """'no' for a bool field was the string "no", which reads as true: it built a tied model."""
+    """'no' for a bool field was the string "no", which reads as true: it built a tied model. 1/0
+    (TOML integers) were refused for bools, and an optional field could not be unset (TOML has no
+    null): `rope.factor=none`, RoPE without scaling, is what an imported HF Llama has."""
     cfg, _ = parse_args([f"--model.overrides.{flag}={value}"])
-    want = {"no": False, "False": False, "yes": True, "2e6": 2e6, "64": 64, "2e4": 20000}[value]
+    want = {"no": False, "False": False, "yes": True, "2e6": 2e6, "64": 64, "2e4": 20000, "1": True, "0": False,
+            "none": None, "None": None}[value]
     assert cfg.model.overrides[flag] == want and type(cfg.model.overrides[flag]) is type(want)
+
+
+def test_an_unset_override_round_trips_and_builds(tmp_path):
+    from pretrain.trainer import build_model_from_config
+
+    cfg, _ = parse_args(["--arch", "llama", "--size", "tiny", "--model.overrides.rope.factor=none"])
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    again, _ = parse_args(["--config", str(tmp_path / "c.toml")])
+    assert again == cfg and build_model_from_config(again, device="meta").config.rope.factor is None
 
 
 @pytest.mark.parametrize("flag, says", [
@@ -128,13 +146,14 @@ def test_model_override_of_the_wrong_type_is_refused_on_the_command_line(flag, s
     ("moe.n_shared=-1", "moe.n_shared' is invalid: must be >= 0"),
     ("moe.aux_loss_coef=-1", "moe.aux_loss_coef' is invalid: must be >= 0"),
     ("dt_min=0.5", "dt_min' is invalid: must be <= dt_max"),
+    ("d_ffn=1e20", "d_ffn' is invalid: must be an integer in [1, 2**31)"),  # was a C++ stack dump
 ])
 def test_model_override_values_are_checked_before_the_model_builds(override, says):
     """Each ran (NaN losses, a traceback at the first step, an IndexError in the dry run)."""
     from pretrain.trainer import build_model_from_config
 
     cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", f"--model.overrides.{override}"])
-    with pytest.raises(ConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(says)):
         build_model_from_config(cfg, device="meta")
 
 
@@ -342,6 +361,30 @@ def test_settings_that_do_nothing_are_named():
                                     "trapezoid and wsd)"]  # and no "sum to <= 1" refusal: cosine has no cooldown
     cfg, _ = parse_args(["--schedule.kind=constant", "--schedule.min_lr_ratio=0.1"])
     assert unused_settings(cfg) == ["schedule.min_lr_ratio=0.1 does nothing with schedule.kind='constant'"]
+    # an ablation's setting for blocks the model does not have: it ran as if the fusion were built
+    cfg, _ = parse_args(["--model.overrides.intra.fusion=concat", "--model.overrides.window=9",
+                         "--model.overrides.rope.theta=1e4"])
+    assert unused_settings(cfg, ("A", "A")) == [
+        "model.overrides.intra.fusion does nothing without intra-hybrid blocks (this model's: A)",
+        "model.overrides.window does nothing without sliding-window blocks (this model's: A)"]
+    assert unused_settings(cfg, ("M", "H", "S")) == []
+
+
+def test_equal_ratios_build_one_model():
+    """'2:10' or ' 1:5' (a TOML string with a space) missed the published 3B depth: 21 blocks, not 22."""
+    from pretrain.model.presets import model_config
+
+    patterns = {r: model_config("hybrid_moe", "3b", ratio=r).pattern for r in (" 1:5", "2:10", "1:5")}
+    assert set(patterns.values()) == {"MMMMHMMMHMMMMHMMMHMMMM"}, patterns
+
+
+def test_dry_run_refuses_fp8_on_the_cpu_and_counts_a_small_loss_chunk(capsys):
+    """A one-rank dry run passed what the trainer then refused; its loss memory was the full chunk
+    budget (~1.25 GiB) whatever the batch."""
+    assert main(["--arch", "llama", "--size", "tiny", "--dry-run", "--train.device=cpu", "--train.fp8=tensorwise"]) == 2
+    assert "train.fp8 = 'tensorwise' needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["--config", str(REPO / "configs" / "cpu_smoke.toml"), "--dry-run"]) == 0
+    assert "+ loss 0.1) at world size 1" in capsys.readouterr().out
 
 
 def test_data_that_cannot_be_read_stops_the_run_before_the_model_builds(corpus, tmp_path, monkeypatch):
