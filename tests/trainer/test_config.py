@@ -378,13 +378,14 @@ def test_equal_ratios_build_one_model():
     assert set(patterns.values()) == {"MMMMHMMMHMMMMHMMMHMMMM"}, patterns
 
 
-def test_dry_run_refuses_fp8_on_the_cpu_and_counts_a_small_loss_chunk(capsys):
+def test_dry_run_refuses_fp8_on_the_cpu_and_counts_a_small_loss_chunk(corpus, capsys):
     """A one-rank dry run passed what the trainer then refused; its loss memory was the full chunk
     budget (~1.25 GiB) whatever the batch."""
     assert main(["--arch", "llama", "--size", "tiny", "--dry-run", "--train.device=cpu", "--train.fp8=tensorwise"]) == 2
     assert "train.fp8 = 'tensorwise' needs a CUDA GPU" in capsys.readouterr().err
-    assert main(["--config", str(REPO / "configs" / "cpu_smoke.toml"), "--dry-run"]) == 0
-    assert "+ loss 0.1) at world size 1" in capsys.readouterr().out
+    assert main(["--config", str(REPO / "configs" / "cpu_smoke.toml"), "--data", str(corpus), "--dry-run"]) == 0
+    loss_gib = float(re.search(r"\+ loss ([\d.]+)\) at world size 1", capsys.readouterr().out)[1])
+    assert loss_gib <= 0.1  # 8 x 128 rows of a 258-id vocabulary: a few MiB, not the 1.25 GiB chunk budget
 
 
 def test_data_that_cannot_be_read_stops_the_run_before_the_model_builds(corpus, tmp_path, monkeypatch):
