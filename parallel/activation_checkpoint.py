@@ -19,6 +19,9 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 AC_MODES = ("full", "selective")
+# Why train.ac_mode=selective is refused with train.compile (the config check and parallelize_hybrid say it).
+SELECTIVE_IS_EAGER = ("runs eagerly only (its policy cannot see inside a compiled block); use train.ac_mode=full "
+                      "with train.compile, or turn compile off")
 
 
 def _expensive_ops() -> set:

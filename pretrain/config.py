@@ -317,6 +317,7 @@ def validate(cfg: JobConfig) -> None:
     for key in ("tp", "cp", "ep", "pp"):
         if getattr(cfg.parallel, key) < 1:
             bad(f"parallel.{key}", f"= {getattr(cfg.parallel, key)} must be >= 1; fix the value")
+    from parallel.activation_checkpoint import SELECTIVE_IS_EAGER
     from parallel.pipeline import SCHEDULES, SPLIT_BACKWARD
 
     if cfg.parallel.pp_schedule not in SCHEDULES:
@@ -330,8 +331,7 @@ def validate(cfg: JobConfig) -> None:
         bad("train.ac_mode", f"= selective does not run with parallel.pp_schedule={p.pp_schedule} (a split "
                              "backward); use train.ac_mode=full")
     if t.compile and t.activation_checkpointing and t.ac_mode == "selective":
-        bad("train.ac_mode", "= selective runs eagerly only (its policy cannot see inside a compiled block); use "
-                             "train.ac_mode=full with train.compile, or turn compile off")
+        bad("train.ac_mode", f"= selective {SELECTIVE_IS_EAGER}")
     if t.compile and split_backward:
         bad("train.compile", f"= true does not run with parallel.pp_schedule={p.pp_schedule} (its split backward "
                              "needs the graph kept, which compiled blocks' donated buffers do not allow); use "

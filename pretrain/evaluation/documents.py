@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.manifest import read_manifest
+from data_pipeline.manifest import Manifest, read_manifest
 from data_pipeline.shard_io import ShardError, read_shard
 from pretrain.hf import CliError
 
@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 def document_split(data_dir: Path) -> str:
     """The split the suites read: "val", else "train"."""
-    return "val" if read_manifest(data_dir).split_shards("val") else "train"
+    return _split_of(read_manifest(data_dir))
+
+
+def _split_of(manifest: Manifest) -> str:
+    return "val" if manifest.split_shards("val") else "train"
 
 
 @functools.cache
@@ -35,7 +39,7 @@ def _warn_training_split(data_dir: Path) -> None:  # once per dir, not per pass 
 def iter_documents(data_dir: Path) -> Iterator[np.ndarray]:
     """Token arrays (no BOS/EOS) of `document_split`'s split, shard by shard."""
     manifest = read_manifest(data_dir)
-    split = document_split(data_dir)
+    split = _split_of(manifest)
     shards = manifest.split_shards(split)
     if not shards:
         raise CliError(f"{data_dir}: the manifest lists no shards; prepare the data again")

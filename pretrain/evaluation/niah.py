@@ -99,5 +99,6 @@ def run_niah(model, data_dir: Path, tokenizer: Tokenizer, lengths: list[int], de
                 if len(examples) < 3:
                     examples.append({"length": length, "depth": depth, "number": sample.number, "output": said})
             accuracy[i][j] = hits / trials
-    return {"data": str(data_dir), "split": document_split(data_dir), "lengths": lengths, "depths": depths, "trials": trials, "seed": seed,
+    return {"data": str(data_dir), "split": document_split(data_dir), "lengths": lengths, "depths": depths,
+            "trials": trials, "seed": seed,
             "accuracy": accuracy, "mean_accuracy": float(np.mean(accuracy)), "examples": examples}

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel, parallelize_module
 
-from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.activation_checkpoint import SELECTIVE_IS_EAGER, apply_activation_checkpointing
 from parallel.compile import compile_blocks
 from parallel.expert_parallel import shard_experts
 from parallel.float8 import apply_float8
@@ -65,8 +65,7 @@ def parallelize_hybrid(model: HybridLM, mesh: ParallelMesh | None, *, param_dtyp
         compile_blocks(model.blocks, compile_backend)
     if activation_checkpointing:
         if compile and ac_mode == "selective":
-            raise ValueError("train.ac_mode=selective runs eagerly only (its policy cannot see inside a compiled "
-                             "block); use train.ac_mode=full with train.compile, or turn compile off")
+            raise ValueError(f"train.ac_mode=selective {SELECTIVE_IS_EAGER}")
         apply_activation_checkpointing(model.blocks, ac_mode)
     if mesh is not None and stages is None:
         experts = [(m.experts, mesh.efsdp) for m in model.moe_layers()] if ep_mesh is not None else []
