@@ -51,7 +51,7 @@ from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
-from pretrain.optim import AdamWWithCopies, keep_implementation_on_load
+from pretrain.optim import AdamWWithCopies, initialise_state, keep_implementation_on_load
 from pretrain.schedule import build_scheduler
 from pretrain.summary import SUMMARY_FILE, finite_or_null, write_summary
 
@@ -478,9 +478,11 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         options = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         if self.copies is not None:
-            return AdamWWithCopies(groups, self.copies, **options)
-        optimizer = torch.optim.AdamW(groups, **options, fused=self.device.type == "cuda")
-        keep_implementation_on_load(optimizer)  # fused or not as built here, whatever saved the checkpoint
+            optimizer = AdamWWithCopies(groups, self.copies, **options)
+        else:
+            optimizer = torch.optim.AdamW(groups, **options, fused=self.device.type == "cuda")
+            keep_implementation_on_load(optimizer)  # fused or not as built here, whatever saved the checkpoint
+        initialise_state(optimizer)  # a save before the first good step holds step 0, not torch's lr-0 step
         return optimizer
 
     def _precision(self) -> contextlib.AbstractContextManager:

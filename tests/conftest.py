@@ -1,12 +1,16 @@
 """Suite-wide settings and fixtures: one intra-op thread per test process (pytest -n 2 on a
 2-core CI box would otherwise oversubscribe the cores and run many times slower), and the small
-prepared corpus (stdlib sources, byte tokenizer) that trainer runs read, built once per worker."""
+prepared corpus (stdlib sources, byte tokenizer) that trainer runs read, built once per worker.
+PYTHONFAULTHANDLER reaches the processes tests spawn (gloo ranks, trainers): a rank that crashes in
+C++ prints its Python stack instead of only "terminated with signal SIGSEGV"."""
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Loading an optimizer's state without taking the saver's implementation."""
+"""An optimizer's state for checkpoints: created at step 0 up front, and loaded without taking the
+saver's implementation."""
 from __future__ import annotations
 
 from typing import Any
@@ -22,3 +23,26 @@ def keep_implementation_on_load(optimizer: torch.optim.Optimizer) -> None:
         return {**state_dict, "param_groups": groups}
 
     optimizer.register_load_state_dict_pre_hook(keep_own)
+
+
+def initialise_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter its state at step 0 (zero moments), as its first step would. torch's
+    `get_state_dict` fills an optimizer without state by taking a step at lr 0, and that step
+    counts: a checkpoint saved before the first good step (every step so far non-finite, then a
+    preemption) resumed with each later bias correction one step off. Here the same zero step
+    creates the state in the implementation's own format, and its count is set back to 0."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()  # zero gradients at lr 0: moments stay 0, weights (decay x lr = 0) unchanged
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"].zero_()
+        elif "step" in state:
+            state["step"] = 0

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import find_latest_complete, verify_checkpoint
 from pretrain.main import main
+from pretrain.preemption import Preempted
 from pretrain.summary import read_summary
 from pretrain.trainer import EXIT_STOPPED, Trainer, TrainingStopped
 from trainer_helpers import losses, signal_during_step, tiny_config
@@ -66,6 +67,24 @@ def test_repeated_nans_stop_naming_step_and_checkpoint(corpus, tmp_path):
     summary = read_summary(tmp_path)
     assert summary["status"] == "stopped" and summary["exit_code"] == EXIT_STOPPED
     assert summary["bad_steps"] == 3 and "step 8" in summary["error"]
+
+
+def test_a_save_before_the_first_good_step_resumes_exactly(corpus, tmp_path):
+    """Step 1 non-finite (skipped), then a preemption: the checkpoint holds an optimizer that has
+    taken no step. Resumed, the run's losses equal an uninterrupted run's (torch's get_state_dict
+    filled an optimizer without state by taking a step at lr 0, which counted: every later bias
+    correction of the resumed run was one step off)."""
+    straight = Trainer(tiny_config(tmp_path / "straight", corpus, 4))
+    poison_loss(straight, bad_steps={1})
+    straight.train()
+    preempted = Trainer(tiny_config(tmp_path / "run", corpus, 4))
+    poison_loss(preempted, bad_steps={1})
+    signal_during_step(preempted, 1)
+    with pytest.raises(Preempted):
+        preempted.train()
+    assert Trainer(tiny_config(tmp_path / "run", corpus, 4)).train()["status"] == "finished"
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
+    assert [b[s] for s in (2, 3, 4)] == [a[s] for s in (2, 3, 4)]
 
 
 def test_summary_of_a_finished_run(corpus, tmp_path):
