@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES), help=f"comma-separated, from {','.join(SUITES)}")
     p.add_argument("--out", type=Path, required=True, help="directory for results.json and the PNGs")
     p.add_argument("--data", default=d.data, help="prepared dir to evaluate on (default: each run's first source)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda where available")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on cuda")
     p.add_argument("--seq-len", type=int, default=d.seq_len,
                    help="training length the suites scale from, and the nll window (default: the run's "
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="niah: context lengths as multiples of the training length")
     p.add_argument("--niah-depths", type=_floats, default=d.niah_depths, help="niah: needle depths in [0, 1]")
     p.add_argument("--niah-trials", type=int, default=d.niah_trials, help="niah: needles per cell")
-    p.add_argument("--inference-batch", type=int, default=d.inference_batch)
+    p.add_argument("--inference-batch", type=int, default=d.inference_batch, help="inference: sequences decoded together")
     p.add_argument("--inference-prompt", type=int, default=d.inference_prompt,
                    help="prompt tokens (default: training length / 16)")
     p.add_argument("--inference-totals", type=_ints, default=d.inference_totals,
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fewshot-tasks", default=",".join(d.fewshot_tasks), help="lm-eval task names")
     p.add_argument("--fewshot-limit", type=int, default=d.fewshot_limit, help="examples per task (default: all)")
     p.add_argument("--fewshot-include", default=d.fewshot_include, help="directory of local lm-eval task YAMLs")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="needle placement, document choice and few-shot sampling")
     return p
 
 

@@ -9,12 +9,14 @@ both describe one trajectory with one row per step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 import torch
 
@@ -133,6 +135,16 @@ class MetricsLogger:
         self._window_start = time.perf_counter()
         self._window_tokens = 0
         self._window_steps = 0
+
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Leave the time spent inside out of the window (validation, a checkpoint's save or
+        commit): tokens/s, MFU and the ETA measure training steps only."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_start += time.perf_counter() - start
 
     def step_time(self) -> float:
         return (time.perf_counter() - self._window_start) / max(self._window_steps, 1)

@@ -704,6 +704,7 @@ class Trainer:
         else:
             for layer in self.moe_layers:  # a skipped step's routing must not steer the next bias update
                 layer.discard_load()
+            self._moe_load, self._ep_rank_rows = [], None  # nor be logged as this step's (the last good one's)
             p.bad_steps_total += 1
             p.bad_steps_consecutive += 1
             log.warning("step %d: non-finite loss %s / grad norm %s; step skipped (%d in a row, %d total)",
@@ -875,22 +876,24 @@ class Trainer:
             while self.progress.step < cfg.train.steps:
                 scalars = self.train_step()
                 tps, mfu = self.metrics.throughput(self.tokens_per_step)
-                self.ckpt.poll()  # commit an async save as soon as every rank has written it
+                with self.metrics.untimed():
+                    self.ckpt.poll()  # commit an async save as soon as every rank has written it
                 p = self.progress
-                if p.bad_steps_consecutive >= cfg.train.max_bad_steps:
+                stopping = p.bad_steps_consecutive >= cfg.train.max_bad_steps
+                if self._should(cfg.logging.log_every) or p.step == cfg.train.steps or stopping:
+                    scalars.update(self._periodic_scalars(tps, mfu))
+                    self.metrics.log(p.step, scalars)
+                    self.metrics.reset_window()
+                if stopping:
                     self.ckpt.wait()  # every rank is here: finish the last good save, then name it
                     last = self.last_checkpoint or "none (no checkpoint saved yet)"
                     raise TrainingStopped(
                         f"stopped at step {p.step}: {p.bad_steps_consecutive} consecutive steps with non-finite "
                         f"loss or gradients (train.max_bad_steps={cfg.train.max_bad_steps}); last good "
                         f"checkpoint: {last}")
-                if self._should(cfg.logging.log_every) or p.step == cfg.train.steps:
-                    scalars.update(self._periodic_scalars(tps, mfu))
-                    self.metrics.log(p.step, scalars)
-                    self.metrics.reset_window()
                 if self._should(cfg.train.val_every) or (p.step == cfg.train.steps and cfg.train.val_every > 0):
-                    self._validate()
-                    self.metrics.reset_window()  # tokens/s and MFU measure training steps only
+                    with self.metrics.untimed():
+                        self._validate()
                 # A signal during the last step needs no requeue: the run is finishing anyway.
                 if p.step < cfg.train.steps and self._stop_requested():
                     signal = f"signal {self.preemption.signum} at step {p.step}"
@@ -903,8 +906,8 @@ class Trainer:
                 # Mid-streak saves would only repeat the last good state under a newer name.
                 periodic = self._should(cfg.checkpoint.every) and p.bad_steps_consecutive == 0
                 if periodic or p.step == cfg.train.steps:
-                    self.save_checkpoint()
-                    self.metrics.reset_window()
+                    with self.metrics.untimed():
+                        self.save_checkpoint()
             self.ckpt.wait()
         except Preempted as e:
             status, error = "preempted", str(e)

@@ -54,6 +54,8 @@ def test_nan_steps_are_skipped_and_counted(corpus, tmp_path):
     assert all(math.isfinite(p.detach().sum().item()) for p in trainer.model.parameters())
     curve = losses(tmp_path)
     assert curve[3][0] is None and curve[6][0] is None and math.isfinite(curve[7][0])  # NaN as null: strict JSON
+    rows = metric_rows(tmp_path)  # a skipped step has no routing load of its own to log
+    assert [("moe/max_over_mean_load" in rows[s]) for s in (2, 3, 5, 6, 7)] == [True, False, True, False, True]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -67,6 +69,8 @@ def test_repeated_nans_stop_naming_step_and_checkpoint(corpus, tmp_path):
     summary = read_summary(tmp_path)
     assert summary["status"] == "stopped" and summary["exit_code"] == EXIT_STOPPED
     assert summary["bad_steps"] == 3 and "step 8" in summary["error"]
+    last = metric_rows(tmp_path)[8]  # the step that stops the run is logged, as summary.json counts it
+    assert last["train/bad_steps"] == 3 and last["train/loss"] is None
 
 
 def test_a_save_before_the_first_good_step_resumes_exactly(corpus, tmp_path):
@@ -85,6 +89,14 @@ def test_a_save_before_the_first_good_step_resumes_exactly(corpus, tmp_path):
     assert Trainer(tiny_config(tmp_path / "run", corpus, 4)).train()["status"] == "finished"
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
     assert [b[s] for s in (2, 3, 4)] == [a[s] for s in (2, 3, 4)]
+
+
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    """step -> its metrics.jsonl rows merged (validation logs a row of its own)."""
+    rows: dict[int, dict] = {}
+    for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        rows[row["step"]] = {**rows.get(row["step"], {}), **row}
+    return rows
 
 
 def test_summary_of_a_finished_run(corpus, tmp_path):
@@ -264,15 +276,18 @@ def test_async_save_commits_within_a_step_and_summary_names_only_committed(corpu
     assert find_latest_complete(ckpts) == ckpts / "step_00000004"  # what a SIGKILL at this point leaves
 
 
-def test_throughput_counts_training_time_only(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_throughput_counts_training_time_only(corpus, tmp_path, monkeypatch, async_save):
     """tokens/s leaves out validation and checkpoint time (a fake clock: each step takes 1 s, each
-    validation and save 100 s)."""
+    validation, save and async commit 100 s); an async save is committed between steps (`poll`),
+    here in the step after it (windows 2-4 and 4-6 hold one each)."""
     import pretrain.metrics as metrics
 
     clock = [0.0]
     monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    trainer = Trainer(tiny_config(tmp_path, corpus, 4, "--logging.log_every=2", "--train.val_every=1",
-                                  "--train.val_batches=1", "--checkpoint.every=1"))
+    trainer = Trainer(tiny_config(tmp_path, corpus, 6, "--logging.log_every=2", "--train.val_every=3",
+                                  "--train.val_batches=1", "--checkpoint.every=2",
+                                  f"--checkpoint.async_save={str(async_save).lower()}"))
 
     def taking(seconds, fn):
         def timed(*args):
@@ -280,13 +295,26 @@ def test_throughput_counts_training_time_only(corpus, tmp_path, monkeypatch):
             return fn(*args)
         return timed
 
+    poll, commits = trainer.ckpt.poll, []
+
+    def poll_when_written():
+        pending = trainer.ckpt._pending
+        if pending is not None and pending.future is not None:
+            pending.future.result()  # written: this poll commits
+        committed = poll()
+        if committed:
+            commits.append(trainer.progress.step)
+            clock[0] += 100.0
+        return committed
+
     trainer.train_step = taking(1.0, trainer.train_step)
     trainer._validate = taking(100.0, trainer._validate)
     trainer.save_checkpoint = taking(100.0, trainer.save_checkpoint)
+    trainer.ckpt.poll = poll_when_written
     trainer.train()
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    tps = {rec["step"]: rec["perf/tokens_per_s"] for rec in logged if "perf/tokens_per_s" in rec}
-    assert tps == {2: pytest.approx(trainer.tokens_per_step), 4: pytest.approx(trainer.tokens_per_step)}
+    assert commits == ([3, 5] if async_save else [])  # step 6's: after the loop
+    tps = {step: row["perf/tokens_per_s"] for step, row in metric_rows(tmp_path).items() if "perf/tokens_per_s" in row}
+    assert tps == {s: pytest.approx(trainer.tokens_per_step) for s in (2, 4, 6)}
 
 
 def test_validation_nll_is_the_cross_entropy_of_the_validation_batches(corpus, tmp_path):
