@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.manifest import MANIFEST_FILE
 from pretrain.config import (CheckpointSection, DataSection, JobConfig, LoggingSection, ModelSection,
                              OptimSection, ScheduleSection, TrainSection)
 from pretrain.metrics import setup_logging
 from pretrain.trainer import Trainer
 
 PROMPT = "def "
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json")
 
 
 def demo_config(run_dir: Path, data_dir: Path, steps: int) -> JobConfig:
@@ -50,13 +52,20 @@ def val_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300, ~2 minutes on 2 cores)")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1 (got {args.steps})")
     t0 = time.perf_counter()
     run_dir: Path = args.run_dir
-    # A demo always starts from scratch; the prepared corpus is reused between runs.
-    for stale in ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json"):
+    # A demo always starts from scratch (the prepared corpus is reused between runs), so it clears
+    # only a demo's run directory: one with the demo corpus in data/ beside the run.
+    previous = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if previous and not (run_dir / "data" / MANIFEST_FILE).is_file():
+        p.error(f"--run-dir {run_dir} holds a training run that is not a demo's ({', '.join(previous)}; no demo "
+                "corpus in data/), which the demo would delete: pick another --run-dir")
+    for stale in RUN_FILES:
         target = run_dir / stale
         if target.is_dir():
             shutil.rmtree(target)

@@ -160,6 +160,10 @@ class ModelConfig:
         need(self.head_dim % 2 == 0, "head_dim", "must be even for RoPE")
         need(self.d_ssm % self.ssm_head_dim == 0, "d_ssm", "must be a multiple of ssm_head_dim")
         need(self.ssm_heads % self.n_groups == 0, "n_groups", "must divide d_ssm // ssm_head_dim")
+        if "H" in self.blocks:  # the intra-hybrid's SSM branch has its own heads, B/C groups shared
+            need(self.intra.ssm_heads % self.n_groups == 0, "n_groups",
+                 f"must divide intra.ssm_heads={self.intra.ssm_heads} (the intra-hybrid's SSM heads)")
+        need(self.d_conv >= 2, "d_conv", f"must be >= 2 (got {self.d_conv}): decoding keeps the last d_conv - 1 inputs")
         need(0 < self.a_init_range[0] <= self.a_init_range[1], "a_init_range", "use (low, high), 0 < low <= high")
         need(self.dt_min <= self.dt_max, "dt_min", f"must be <= dt_max (got {self.dt_min} > {self.dt_max})")
         r = self.rope

@@ -158,6 +158,19 @@ def test_cpu_path_imports_no_gpu_package():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("arch, overrides, message", [
+    # tiny intra_hybrid: 2 SSM heads in the intra-hybrid blocks, 4 in plain Mamba2 ones
+    ("intra_hybrid", {"n_groups": 4}, r"field 'n_groups' is invalid: must divide intra.ssm_heads=2"),
+    ("mamba2", {"d_conv": 1}, r"field 'd_conv' is invalid: must be >= 2"),
+])
+def test_mamba_settings_the_model_cannot_run_are_refused_by_name(arch, overrides, message):
+    """Accepted before: n_groups not dividing the intra-hybrid's SSM heads failed in the first
+    forward's scan; d_conv=1 decoded wrong logits (a slice [-0:] kept the whole conv history)."""
+    with pytest.raises(ValueError, match=message):
+        build_model(arch, "tiny", device="meta", **overrides)
+    assert build_model("mamba2", "tiny", device="meta", n_groups=4).config.n_groups == 4  # no intra blocks: no check
+
+
 @pytest.mark.parametrize("arch, field, value", [
     ("llama", "d_model", -64), ("llama", "n_heads", 0), ("llama", "n_kv_heads", 0), ("llama", "head_dim", 0),
     ("swa", "window", 0), ("mamba2", "ssm_head_dim", 0), ("mamba2", "chunk_size", 0), ("llama", "d_model", "abc"),
