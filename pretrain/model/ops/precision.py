@@ -1,6 +1,8 @@
 """Half-precision activations are computed in fp32 where precision matters (norms, softmax, RoPE,
 the SSM's dt); fp64 stays fp64, so a double-precision model is double precision throughout (the
-parallel-layout tests compare layouts in fp64, where only a real difference can exceed 1e-9)."""
+parallel-layout tests compare layouts in fp64, where only a real difference can exceed 1e-9) but for
+RoPE's angles, fp32 in every dtype as in transformers' Llama (`rope.rope_inv_freq`): the same
+rotation on every layout, and the exported model's."""
 import torch
 from torch import Tensor
 
