@@ -14,9 +14,13 @@ they are freed block by block. The table prints the two and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
+from gpu_model import record_row, require_cuda  # noqa: E402
 
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from pretrain.layout import activation_bytes_per_token_per_dim, loss_working_set_bytes
@@ -72,22 +76,17 @@ def main() -> None:
     ap.add_argument("--out", default="activation_memory.json")
     ap.add_argument("--archs", default="llama,mamba2,intra_hybrid,hybrid_moe")
     args = ap.parse_args()
+    require_cuda("activation_memory.py", "it measures peaks of GPU memory")
     rows = []
     for arch in args.archs.split(","):
         for checkpointing in (False, True):
             for micro_batch, seq in SHAPES:
-                try:
-                    rows.append(measure(arch, micro_batch, seq, checkpointing))
-                except torch.OutOfMemoryError:
-                    rows.append({"arch": arch, "micro_batch": micro_batch, "seq": seq,
-                                 "checkpointing": checkpointing, "error": "OOM"})
-                torch.cuda.empty_cache()
-                with open(args.out, "w") as f:
-                    json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+                record_row(rows, args.out, arch, lambda: measure(arch, micro_batch, seq, checkpointing),
+                           micro_batch=micro_batch, seq=seq, checkpointing=checkpointing)
     print(f"{'arch':<14}{'ckpt':>5}{'mb':>4}{'seq':>7}{'measured GiB':>14}{'estimate GiB':>14}{'est/meas':>10}")
     for r in rows:
         head = f"{r['arch']:<14}{'yes' if r['checkpointing'] else 'no':>5}{r['micro_batch']:>4}{r['seq']:>7}"
-        print(head + (f"{'OOM':>14}" if "error" in r else
+        print(head + (f"  {r['error']}" if "error" in r else
                       f"{r['measured_gib']:>14.2f}{r['estimate_gib']:>14.2f}{r['ratio']:>10.2f}"))
 
 

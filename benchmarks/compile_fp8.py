@@ -24,13 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a 
 
 from gpu_model import profile_lines, record_row, train_step_throughput  # noqa: E402
 
+from parallel.float8 import FP8_RECIPES  # noqa: E402
+
+FP8_PARTS = {f"fp8-{recipe}" for recipe in FP8_RECIPES if recipe != "none"}
+
 
 def options(variant: str) -> dict:
     parts = set(variant.split("+")) - {"eager"}
     fp8 = next((p.split("-", 1)[1] for p in parts if p.startswith("fp8-")), "none")
-    known = {"compile", "cast", "copies", "ac", f"fp8-{fp8}"}
-    if parts - known or {"cast", "copies"} <= parts:
-        raise SystemExit(f"--variants: {variant}: use eager, compile, one of cast / copies, ac, fp8-<recipe>")
+    known = {"compile", "cast", "copies", "ac", *FP8_PARTS}
+    if parts - known or {"cast", "copies"} <= parts or len(parts & FP8_PARTS) > 1:
+        raise SystemExit(f"--variants: {variant}: use eager, compile, one of cast / copies, ac, one of "
+                         f"{' / '.join(sorted(FP8_PARTS))}")
     precision = "copies" if "copies" in parts else "cast" if "cast" in parts else "autocast"
     return {"compile": "compile" in parts, "precision": precision, "fp8": fp8,
             "activation_checkpointing": "ac" in parts}
@@ -50,11 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="per row, where the step's time goes")
     ap.add_argument("--out", default="compile_fp8.json")
     args = ap.parse_args(argv)
+    variants = {variant: options(variant) for variant in args.variants.split(",")}  # all checked before any row
     rows = []
     for arch in args.archs.split(","):
-        for variant in args.variants.split(","):
+        for variant, opts in variants.items():
             r = record_row(rows, args.out, arch, lambda: train_step_throughput(
-                arch, args.batch, args.seq, args.preset, args.device, **options(variant), vocab_size=args.vocab,
+                arch, args.batch, args.seq, args.preset, args.device, **opts, vocab_size=args.vocab,
                 profile=args.profile),
                 variant=variant)
             print(json.dumps({k: v for k, v in r.items() if k not in ("profile", "ops")}), flush=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_model import cuda_time  # noqa: E402
+from gpu_model import cuda_time, require_cuda  # noqa: E402
 
 from pretrain.model.ops import causal_conv1d, reference_kernels  # noqa: E402
 from pretrain.model.ops import conv_triton  # noqa: E402
@@ -93,8 +93,7 @@ def main() -> None:
                         help="other tiles, kernel=positions x channels x warps[x positions walked, backward_pre]: forward=64x64x4,backward_pre=32x64x4x512")
     parser.add_argument("--out", default="conv_kernel.json")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("conv_kernel.py: needs a CUDA GPU (it times the Triton kernels against Inductor's and cuDNN's)")
+    require_cuda("conv_kernel.py", "it times the Triton kernels against Inductor's and cuDNN's")
 
     def triton_conv(x, w, b, seq_idx):
         return causal_conv1d(x, w, b, None, seq_idx)

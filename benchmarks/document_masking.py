@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_model import step_time_ms  # noqa: E402
+from gpu_model import positive_ints, step_time_ms  # noqa: E402
 
 from data_pipeline.loader import build_train_loader  # noqa: E402
 from pretrain.model import build_model, model_config  # noqa: E402
@@ -180,7 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="a prepared data directory (e.g. the demo corpus)")
     ap.add_argument("--archs", default="llama,mamba2,intra_hybrid")
-    ap.add_argument("--doc-len", default="1024,2048", help="mean document lengths of the drawn-starts cases")
+    ap.add_argument("--doc-len", type=positive_ints, default="1024,2048",
+                    help="mean document lengths of the drawn-starts cases")
     ap.add_argument("--variant-archs", default="llama", help="archs rerun with each --flex-options set ('' for none)")
     ap.add_argument("--flex-options", default=",".join(VARIANTS), help=f"variant sets among {sorted(VARIANTS)}")
     ap.add_argument("--variant-case", default=None, help="the case the variants rerun (default: the last)")
@@ -189,6 +190,12 @@ def main() -> None:
     ap.add_argument("--size", default="1b", help="model size ('tiny' with a short --seq: a CPU smoke run)")
     ap.add_argument("--out", default="document_masking.json")
     args = ap.parse_args()
+    unknown = [v for v in args.flex_options.split(",") if v and v not in VARIANTS]
+    if unknown:
+        ap.error(f"--flex-options: {','.join(unknown)} not among {','.join(sorted(VARIANTS))}")
+    case_names = ["demo", *(f"doc{mean}" for mean in args.doc_len)]  # as built below
+    if args.variant_case is not None and args.variant_case not in case_names:
+        ap.error(f"--variant-case: {args.variant_case} is not one of the cases {', '.join(case_names)}")
     if not torch.cuda.is_available() and args.size != "tiny":
         sys.exit("document_masking.py: no CUDA device; a CPU smoke run is --size tiny --seq 256")
     n = WARMUP + ITERS
@@ -198,7 +205,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = torch.stack([b["tokens"] for b in batches]).to(device)
     cases = {"demo": torch.stack([b["doc_starts"] for b in batches])}
-    for mean in (int(m) for m in args.doc_len.split(",") if m):
+    for mean in args.doc_len:
         cases[f"doc{mean}"] = drawn_starts(tuple(cases["demo"].shape), mean, seed=mean)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "data": args.data,

@@ -214,13 +214,37 @@ def train_step_throughput(arch: str, batch: int = 2, seq: int = 8192, size: str 
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def record_row(rows: list[dict], out: str, arch: str, measure: Callable[[], dict], **labels) -> dict:
-    """Run one benchmark row (an OOM becomes the row's error), append it with its labels, free the
-    GPU and compile caches for the next row, and rewrite `out` so a time limit keeps what finished."""
+def positive_ints(text: str) -> list[int]:
+    """argparse type of a comma-separated list of integers >= 1 (lengths, sequence sizes)."""
     try:
-        row = measure()
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"takes integers >= 1, comma-separated (got {text!r})")
+    return values
+
+
+def require_cuda(script: str, why: str) -> None:
+    """One line, not torch's traceback, where a benchmark can only measure a GPU."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script}: needs a CUDA GPU ({why})")
+
+
+def row_or_error(arch: str, measure: Callable[[], dict]) -> dict:
+    """`measure()`'s row, or one naming its failure (an OOM, a compile error): the next row still runs."""
+    try:
+        return measure()
     except torch.OutOfMemoryError as e:
-        row = {"arch": arch, "error": f"OOM: {e}".splitlines()[0]}
+        return {"arch": arch, "error": f"OOM: {e}".splitlines()[0]}
+    except Exception as e:  # noqa: BLE001 - reported in the row, as the tables print it
+        return {"arch": arch, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+
+
+def record_row(rows: list[dict], out: str, arch: str, measure: Callable[[], dict], **labels) -> dict:
+    """Run one benchmark row (`row_or_error`), append it with its labels, free the GPU and compile
+    caches for the next row, and rewrite `out` so a time limit keeps what finished."""
+    row = row_or_error(arch, measure)
     row.update(labels)
     rows.append(row)
     torch._dynamo.reset()
@@ -240,14 +264,12 @@ def main() -> None:
     ap.add_argument("--precision", default="autocast", choices=PRECISIONS,
                     help="bf16 autocast, parameters cast once per step, or working copies (time_train_step)")
     args = ap.parse_args()
+    require_cuda("gpu_model.py", "it times the 1B models' training steps in bf16")
     options = {"compile": args.compile, "fp8": args.fp8, "precision": args.precision}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **mamba_mixer_timings(),
                "train": []}
     for arch in args.archs.split(","):
-        try:
-            results["train"].append(train_step_throughput(arch, **options))
-        except torch.OutOfMemoryError as e:
-            results["train"].append({"arch": arch, "error": f"OOM: {e}".splitlines()[0]})
+        results["train"].append(row_or_error(arch, lambda: train_step_throughput(arch, **options)))
         torch.cuda.empty_cache()  # the previous model and optimizer died with their function
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -10,8 +10,9 @@ hold `total - 1` tokens (`StaticCache.pretend_length`: a step's work does not de
 values), then `--warmup` steps and `--steps` timed steps (one synchronisation per block). tokens/s
 = batch / step time at that context: the rate at the end of a generation to that total, so it is
 below the paper's rate averaged over the whole generation (a conservative comparison). Memory
-bound per step: (bytes of every weight + bytes of cache read) / `--bandwidth` (4.8 TB/s, H200
-HBM3e); the table prints each row's fraction of it. transformers' Llama decodes with its own
+bound per step: (bytes of the weights a step reads + bytes of cache read) / `--bandwidth` (4.8 TB/s,
+H200 HBM3e): every weight, but of an MoE layer's routed experts at most batch x top_k (`weight_bytes`);
+the table prints each row's fraction of it. transformers' Llama decodes with its own
 `StaticCache` sized to each total (as `generate(cache_implementation="static")` allocates it;
 rounded up to 256 slots like ours, as unaligned sizes fall onto slow cuBLAS kernels), eager unless
 `--hf-compile`. Our step runs in `--variants` side by side, one row each on the same model: `eager`
@@ -41,10 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from gpu_model import profile_lines, profile_summary  # noqa: E402
+from gpu_model import positive_ints, profile_lines, profile_summary  # noqa: E402
 
 from pretrain.model import build_model, model_config  # noqa: E402
 from pretrain.model.decode import Decoder  # noqa: E402
+from pretrain.model.moe import MoE  # noqa: E402
 from pretrain.model.ops import reference_kernels  # noqa: E402
 from pretrain.model.sampling import greedy_tokens  # noqa: E402
 
@@ -75,9 +77,21 @@ def timed_steps(step: Callable[[], None], device: torch.device, warmup: int, ste
     return (time.perf_counter() - t0) / steps
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Every parameter once (a tied embedding is read as the head; the lookup reads only b rows)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model: torch.nn.Module, batch: int) -> int:
+    """Bytes of weights one decode step of `batch` tokens reads: every parameter once (a tied
+    embedding is read as the head), but of an untied input embedding only the batch's rows, and of
+    each MoE layer's routed experts at most batch x top_k (every token's experts distinct)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "tie_embeddings", getattr(config, "tie_word_embeddings", True)):
+        embedding = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding)).weight
+        total -= (embedding.shape[0] - min(batch, embedding.shape[0])) * embedding[0].numel() * embedding.element_size()
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        experts = moe.experts
+        n_experts = experts.w1.shape[0]
+        per_expert = sum(w.numel() * w.element_size() for w in (experts.w1, experts.w2, experts.w3)) // n_experts
+        total -= (n_experts - min(n_experts, batch * moe.cfg.top_k)) * per_expert
+    return total
 
 
 def point(total: int, batch: int, step_s: float, weights: int, cache: int, allocated: int,
@@ -148,7 +162,7 @@ def bench_variant(model, arch: str, variant: str, prompt: torch.Tensor, args: ar
     def step() -> None:
         nxt[0] = dec.greedy_step(nxt[0])
 
-    weights, points, capture_s = weight_bytes(model), [], 0.0
+    weights, points, capture_s = weight_bytes(model, args.batch), [], 0.0
     for total in lengths:
         dec.cache.pretend_length(total - 1)
         t0 = time.perf_counter()
@@ -241,7 +255,7 @@ def bench_hf_llama(args: argparse.Namespace, device: torch.device, dtype: torch.
     config = hf_config(cfg)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if args.hf_compile else model.forward
-    weights = weight_bytes(model)
+    weights = weight_bytes(model, args.batch)
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device=device)
     extra, points = args.warmup + args.steps, []
     kv_bytes_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
@@ -337,15 +351,17 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for inference.json and inference.png")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--preset", default="1b", help="model size preset (tiny for a CPU smoke run)")
     ap.add_argument("--archs", default=",".join(ARCHS))
-    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", help="total lengths (prompt included)")
+    ap.add_argument("--lengths", type=positive_ints, default="1024,2048,4096,8192,16384,32768",
+                    help="total lengths (prompt included)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--dtype", default=None, help="bfloat16 on cuda, float32 on cpu by default")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                    help="bfloat16 on cuda, float32 on cpu by default")
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth for the bound, bytes/s")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' Llama")
     ap.add_argument("--hf-compile", action="store_true", help="torch.compile(mode='reduce-overhead') the HF step")
@@ -367,9 +383,11 @@ def main(argv: list[str] | None = None) -> None:
         results = json.loads(Path(args.replot).read_text())
         print(f"wrote {plot(results, out / 'inference.png')}")
         return
-    args.lengths = sorted(int(x) for x in args.lengths.split(","))
-    if args.warmup < 1 or args.steps < 1:
-        raise SystemExit("inference: --warmup and --steps must be >= 1")
+    args.lengths = sorted(args.lengths)
+    if min(args.warmup, args.steps, args.batch, args.prompt) < 1 or not args.bandwidth > 0:
+        raise SystemExit("inference: --warmup, --steps, --batch and --prompt must be >= 1, --bandwidth > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("inference: no CUDA device here; a CPU smoke run is --device cpu --preset tiny (see --help)")
     gaps = [b - a for a, b in zip([args.prompt, *args.lengths], args.lengths)]
     if min(gaps) <= args.warmup + args.steps:
         raise SystemExit(f"inference: --lengths must exceed --prompt and each other by more than --warmup + --steps "

@@ -15,19 +15,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_model, run as a script or imported by path
 
-from gpu_model import record_row, train_step_throughput  # noqa: E402
+from gpu_model import positive_ints, record_row, require_cuda, train_step_throughput  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--archs", default="inter_hybrid,intra_hybrid")
-    ap.add_argument("--seqs", default="8192,16384,32768")
+    ap.add_argument("--seqs", type=positive_ints, default="8192,16384,32768")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default="long_context.json")
     args = ap.parse_args()
+    require_cuda("long_context.py", "it measures 1B training steps and their peak GPU memory")
     rows = []
     for arch in args.archs.split(","):
-        for seq in (int(s) for s in args.seqs.split(",")):
+        for seq in args.seqs:
             record_row(rows, args.out, arch, lambda: train_step_throughput(
                 arch, batch=1, seq=seq, compile=args.compile, precision="copies", activation_checkpointing=True), seq=seq)
     print(f"{'arch':<14}{'seq':>7}{'step ms':>10}{'tokens/s':>11}{'MFU764':>8}{'peak GiB':>10}")

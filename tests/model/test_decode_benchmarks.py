@@ -82,6 +82,36 @@ def test_inference_variants_without_attention():
     assert variants(build_model("swa", "tiny"), ["compiled-attn"]) == ["compiled-attn"]
 
 
+def test_decode_weight_bytes_count_what_a_step_reads():
+    """The memory bound's weights: every parameter once, but of each MoE layer's routed experts only
+    batch x top_k (all 8 were counted: hybrid_moe 1B's bound 1.6x too slow at batch 4), and of an
+    untied input embedding the batch's rows."""
+    from pretrain.model import build_model
+
+    weight_bytes = load("inference").weight_bytes
+    moe = build_model("hybrid_moe", "tiny", moe={"n_experts": 8, "top_k": 1})
+    every = sum(p.numel() * 4 for p in moe.parameters())
+    layers = [m.experts for m in moe.modules() if type(m).__name__ == "MoE"]
+    per_expert = 4 * sum(w[0].numel() for w in (layers[0].w1, layers[0].w2, layers[0].w3))
+    assert weight_bytes(moe, 3) == every - len(layers) * 5 * per_expert  # 3 of 8 experts per layer
+    assert weight_bytes(moe, 8) == weight_bytes(moe, 64) == every
+    untied = build_model("llama", "tiny", tie_embeddings=False)
+    rows = untied.config.vocab_size - 2
+    assert weight_bytes(untied, 2) == sum(p.numel() * 4 for p in untied.parameters()) - rows * untied.config.d_model * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lengths", "24,abc"], "argument --lengths: takes integers >= 1"),
+    (["--dtype", "foo"], "argument --dtype: invalid choice"),
+    (["--batch", "0"], "--batch and --prompt must be >= 1"),
+    (["--bandwidth", "0"], "--bandwidth > 0"),
+])
+def test_inference_benchmark_bad_arguments_are_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        load("inference").main(["--device", "cpu", "--preset", "tiny", "--out", str(tmp_path), *args])
+    assert message in str(exit_.value.code) + capsys.readouterr().err
+
+
 def test_inference_benchmark_rejects_close_lengths(tmp_path):
     with pytest.raises(SystemExit, match="--lengths must exceed"):
         load("inference").main(["--device", "cpu", "--preset", "tiny", "--prompt", "8", "--lengths", "12",
@@ -135,6 +165,26 @@ def test_compile_fp8_benchmark_profiles_on_cpu(tmp_path, capsys):
     assert row["profile"] and any(o["op"] == "aten::mm" for o in row["ops"])
     printed = capsys.readouterr().out
     assert printed.index("llama eager: ") < printed.index("    op ") < printed.index("arch ")
+
+
+def test_compile_fp8_checks_every_variant_first_and_a_failing_row_leaves_the_rest(tmp_path):
+    """An unknown FP8 recipe is refused before any row runs (any fp8-<name> passed, then failed in
+    torchao after the rows before it); a row that fails records its error and the next one runs."""
+    out = tmp_path / "compile_fp8.json"
+    with pytest.raises(SystemExit, match="--variants: fp8-bogus: .*fp8-rowwise / fp8-tensorwise"):
+        load("compile_fp8").main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--archs", "llama",
+                                  "--variants", "eager,fp8-bogus", "--out", str(out)])
+    assert not out.exists()
+    gpu_model, rows = load("gpu_model"), []
+
+    def failing() -> dict:
+        raise RuntimeError("Inductor: stride mismatch\nmore lines")
+
+    gpu_model.record_row(rows, str(out), "llama", failing, variant="compile")
+    gpu_model.record_row(rows, str(out), "llama", lambda: {"arch": "llama", "tokens_per_s": 1.0}, variant="eager")
+    assert json.loads(out.read_text())["rows"] == [
+        {"arch": "llama", "error": "RuntimeError: Inductor: stride mismatch", "variant": "compile"},
+        {"arch": "llama", "tokens_per_s": 1.0, "variant": "eager"}]
 
 
 def test_profile_kinds_name_the_optimizer_before_copies():
