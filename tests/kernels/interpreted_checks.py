@@ -73,17 +73,19 @@ def check_gated_norm() -> None:
 
 
 def check_softmax_xent() -> None:
-    """Each row's loss and the gradient written over the logits (two vocabulary blocks, an ignored row)."""
+    """Each row's loss and the gradient written over the logits (two vocabulary blocks, an ignored row;
+    rows whose first block is all -inf, masked logits: the online max stays -inf over a block)."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 5000, generator=g) * 3
-    targets = torch.tensor([0, 4999, 17, -100, 4096, 4095])
+    logits = torch.randn(8, 5000, generator=g) * 3
+    logits[6:, :4096] = float("-inf")
+    targets = torch.tensor([0, 4999, 17, -100, 4096, 4095, 4500, -100])
     scale = torch.tensor(0.25)
     want_logits, got_logits = logits.clone(), logits.clone()
     want = softmax_xent_reference(want_logits, targets, scale)
     got = softmax_xent_triton(got_logits, targets, scale)
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-7)
-    assert torch.equal(got_logits[3], torch.zeros(5000))
+    assert torch.equal(got_logits[3], torch.zeros(5000)) and torch.equal(got_logits[7], torch.zeros(5000))
 
 
 def check_adamw() -> None:

@@ -1,7 +1,8 @@
 """Our Triton kernels (Mamba2's conv, gated norm and decode step, the decode attention and cache write,
 the loss, the AdamW step) run by Triton's CPU interpreter
 against their PyTorch references, so CI checks them without a GPU (tests/gpu runs them compiled,
-at full size, on the H200). Each check runs in a fresh process: whether a kernel is interpreted is
+at full size and in bf16, on the H200; the interpreter's bf16 `tl.dot` multiplies the raw bit
+patterns, so the checks that reach one run in fp32). Each check runs in a fresh process: whether a kernel is interpreted is
 fixed when it is defined, once per process, and the setting must not reach the other tests."""
 import os
 import subprocess

@@ -62,7 +62,9 @@ def _kernel():
         for start in range(0, VOCAB, BLOCK):  # online softmax: running max and sum of exp below it
             x = tl.load(ptr + start + cols, mask=start + cols < VOCAB, other=float("-inf")).to(tl.float32)
             new_peak = tl.maximum(peak, tl.max(x, 0))
-            norm = norm * tl.exp(peak - new_peak) + tl.sum(tl.exp(x - new_peak), 0)
+            # while every logit so far is -inf (masked), -inf - -inf would make the sum NaN: shift by 0
+            shift = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+            norm = norm * tl.exp(peak - shift) + tl.sum(tl.exp(x - shift), 0)
             peak = new_peak
         lse = peak + tl.log(norm)
         keep = target >= 0
