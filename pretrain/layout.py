@@ -22,6 +22,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from parallel.mesh import MESH_DIMS, ParallelDims, ParallelMesh, build_mesh
 from parallel.pipeline import action_table_idle, bubble_fraction, local_stage_ids
 from pretrain.config import JobConfig
+from pretrain.job import build_model_from_config, parallel_dims, pipeline_plan, wrap_options
 from pretrain.model.attention import Attention
 from pretrain.model.mamba2 import Mamba2
 from pretrain.model.ops.cross_entropy import CHUNK_LOGITS, KERNEL_CHUNK_BYTES
@@ -225,7 +226,6 @@ def pipeline_lines(cfg: JobConfig, dims: ParallelDims, stages: tuple[tuple[int, 
     """Every stage's blocks, parameters and FLOPs share, and the schedule's bubble: the textbook
     figure and what torch's action order for the schedule leaves idle on each pp rank."""
     from pretrain.accounting import block_flops_per_token, block_params
-    from pretrain.trainer import build_model_from_config
 
     mcfg = build_model_from_config(cfg, device="meta").config
     per_block, flops = block_params(mcfg).per_block, block_flops_per_token(mcfg, cfg.data.seq_len)
@@ -253,7 +253,6 @@ def pipeline_lines(cfg: JobConfig, dims: ParallelDims, stages: tuple[tuple[int, 
 def layout_report(cfg: JobConfig, world_size: int, ranks: list[int], grad_accum: int) -> str:
     """What every representative rank of a `world_size`-rank launch of `cfg` holds and sends."""
     from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
-    from pretrain.trainer import build_model_from_config, parallel_dims, pipeline_plan, wrap_options
 
     dims = parallel_dims(cfg, world_size)
     wrap = wrap_options(cfg, torch.bfloat16)  # the run's options, as the trainer applies them on the GPU

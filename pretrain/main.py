@@ -30,8 +30,9 @@ from pretrain.metrics import setup_logging
 from pretrain.preemption import PREEMPTION, Preempted, PreemptedAtStartUp
 from pretrain.summary import read_summary, write_summary
 from pretrain.layout import activation_bytes, layout_report, loss_rows, loss_working_set_bytes
-from pretrain.trainer import (EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped, agreed_config_errors,
-                              build_model_from_config, grad_accum_steps, parallel_dims, resolve_num_streams)
+from pretrain.job import build_model_from_config, grad_accum_steps, parallel_dims, resolve_num_streams
+from pretrain.rank_agreement import agreed_config_errors
+from pretrain.trainer import EXIT_PREEMPTED, EXIT_STOPPED, Trainer, TrainingStopped
 
 log = logging.getLogger("pretrain")
 EXIT_CONFIG = 2

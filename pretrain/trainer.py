@@ -16,8 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,22 +26,21 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from parallel.context_parallel import shard_index
-from parallel.distributed import (DistInfo, all_gather_objects, all_reduce_scalar, all_reduce_sum_, barrier,
-                                  broadcast_object, init_distributed)
+from parallel.distributed import DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, init_distributed
 from parallel.float8 import float8_unavailable, precompute_float8_scales
 from parallel.grad_norm import clip_coefficient, clip_grad_norm_, grad_norm
 from parallel.init import init_sharded
-from parallel.mesh import ParallelDims, build_mesh
+from parallel.mesh import build_mesh
 from parallel.mixed_precision import WorkingCopies
-from parallel.pipeline import Pipeline, build_pipeline, check_schedule, local_stage_ids, stages_per_rank
+from parallel.pipeline import Pipeline, build_pipeline, local_stage_ids
 from pretrain.checkpoint import (CONFIG_FILE, MODEL_CONFIG_FILE, CheckpointManager, CheckpointSaveFailed,
-                                 NoIntactCheckpoint, checkpoint_origin, checkpoint_step, find_latest_complete,
-                                 finish_interrupted_commits, list_checkpoints, load_model_weights, model_config_json,
-                                 origin_key, read_train_state, set_aside, verify_checkpoint, WeightsDoNotFit)
-from pretrain.checkpoint_integrity import is_damage
+                                 load_model_weights, model_config_json, origin_key, read_train_state, WeightsDoNotFit)
 from pretrain.config import ConfigError, JobConfig, parse_source, to_toml, unused_settings
 from pretrain.determinism import capture_rng_state, fingerprint_changes, restore_rng_state, runtime_fingerprint
+from pretrain.job import (build_model_from_config, check_document_masking, grad_accum_steps, parallel_dims,
+                          pipeline_plan, resolve_num_streams, wrap_options)
 from pretrain.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatch
+from pretrain.rank_agreement import agreed_config_errors, rank0_decides
 from pretrain.resume_settings import (changed_settings, keep_global_batch, model_setting_changes,
                                      read_saved_settings, tokens_per_step)
 from pretrain.metrics import MetricsLogger, memory_gib, moe_balance_scalars
@@ -52,10 +50,10 @@ from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.optim import AdamWWithCopies, initialise_state, keep_implementation_on_load
+from pretrain.resume_choice import choose_resume_checkpoint, set_aside_stale
 from pretrain.schedule import build_scheduler
 from pretrain.summary import SUMMARY_FILE, finite_or_null, write_summary
 
-T = TypeVar("T")
 log = logging.getLogger("pretrain")
 
 # Exit codes the launchers act on (documented in docs/training.md); 75 is EXIT_PREEMPTED.
@@ -79,135 +77,6 @@ class TrainProgress:
     last_val_nll: float = float("nan")
 
 
-def resolve_vocab(cfg: JobConfig) -> int | None:
-    """The vocabulary size the data was tokenized with (all sources must agree)."""
-    if not cfg.data.sources:
-        return None
-    from data_pipeline.manifest import read_manifest
-
-    sizes = {}
-    for src in cfg.data.sources:
-        path, _ = parse_source(src)
-        try:
-            sizes[path] = read_manifest(path).vocab_size
-        except ValueError as e:  # DataInputError: already names the file, field and fix
-            raise ConfigError(f"data.sources: {e}") from None
-    if len(set(sizes.values())) > 1:
-        raise ConfigError(f"config: data.sources have different vocabulary sizes {sizes}; "
-                          "prepare all sources with one tokenizer")
-    return next(iter(sizes.values()))
-
-
-def model_overrides(cfg: JobConfig) -> dict[str, Any]:
-    """model.overrides (dotted keys and tables in their order, which `model_config` merges) with the
-    data's vocabulary size filled in."""
-    overrides = dict(cfg.model.overrides)
-    vocab = resolve_vocab(cfg)
-    if vocab is not None:
-        if "vocab_size" in overrides and overrides["vocab_size"] != vocab:
-            raise ConfigError(f"config: model.overrides.vocab_size={overrides['vocab_size']} but the data was "
-                              f"tokenized with vocab_size={vocab}; drop the override")
-        overrides["vocab_size"] = vocab
-    return overrides
-
-
-def build_model_from_config(cfg: JobConfig, device: str | torch.device = "cpu") -> nn.Module:
-    from pretrain.model import build_model
-
-    m = cfg.model
-    overrides = model_overrides(cfg)
-    try:
-        return build_model(m.arch, m.size, device=device, ratio=m.ratio or None, placement=m.placement or None,
-                           **overrides)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"config: model (arch={m.arch!r}, size={m.size!r}, ratio={m.ratio!r}, "
-                          f"placement={m.placement!r}, overrides={m.overrides}): {e}") from None
-
-
-def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
-    """The parallel layout of `cfg` on `world_size` ranks (the trainer's and the dry run's)."""
-    p = cfg.parallel
-    try:
-        return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp,
-                            ep=p.ep).resolve(world_size)
-    except ValueError as e:
-        raise ConfigError(f"config: {e}") from None
-
-
-def pipeline_plan(cfg: JobConfig, model_cfg: ModelConfig) -> tuple[tuple[tuple[int, int], ...], int]:
-    """(every pipeline stage's [start, end) blocks, stages per pp rank) of a parallel.pp > 1 run:
-    the pattern's `|` marks, else stages balanced by the accounting's FLOPs per block (the head's
-    on the last stage). Refuses, naming the field, what the layout cannot run."""
-    from pretrain.accounting import block_flops_per_token
-    from pretrain.model.pattern import STAGE_BOUNDARY, parse_pattern, pipeline_stages
-
-    p = cfg.parallel
-    microbatches = p.pp_microbatches or p.pp
-    try:
-        check_schedule(p.pp_schedule, p.pp, microbatches, cfg.train.micro_batch_size)
-        if model_cfg.tie_embeddings:
-            raise ValueError("parallel.pp > 1 needs untied embeddings (the embedding sits on the first stage, the head "
-                             "on the last): set model.overrides.tie_embeddings=false")
-        marked = len(parse_pattern(model_cfg.pattern).stages) if STAGE_BOUNDARY in model_cfg.pattern else None
-        per_rank = stages_per_rank(p.pp_schedule, marked, p.pp)
-        costs = block_flops_per_token(model_cfg, cfg.data.seq_len)
-        costs[-1] += 6 * model_cfg.d_model * model_cfg.vocab_size  # the head (and loss) on the last stage
-        return pipeline_stages(model_cfg.pattern, p.pp * per_rank, costs), per_rank
-    except ValueError as e:
-        raise ConfigError(f"config: {e}") from None
-
-
-def wrap_options(cfg: JobConfig, param_dtype: torch.dtype) -> dict[str, Any]:
-    """`parallelize_hybrid`'s keywords from the config: the trainer's and the dry run's are one."""
-    return dict(param_dtype=param_dtype, activation_checkpointing=cfg.train.activation_checkpointing,
-                compile=cfg.train.compile, fp8=cfg.train.fp8, ac_mode=cfg.train.ac_mode)
-
-
-@contextlib.contextmanager
-def agreed_config_errors() -> Iterator[None]:
-    """Set-up that may refuse the layout on some ranks only (a pipeline stage whose blocks do not
-    split over TP): every rank learns the first refusal and stops with it (exit 2, one line), instead
-    of the others dying on a closed connection. A ValueError from the model's parts (a dimension the
-    layout cannot split) names the field and the fix. Any other failure is re-raised where it
-    happened, and the other ranks stop naming that rank, rather than wait for it. Works without a
-    process group. Collective."""
-    problem: tuple[str, str] | None = None  # (kind, message): "config" stops every rank in one line
-    failure: BaseException | None = None
-    try:
-        yield
-    except ConfigError as e:
-        problem = ("config", str(e))
-    except ValueError as e:
-        problem = ("config", f"config: {e}")
-    except Exception as e:  # noqa: BLE001 - told to every rank, then re-raised here
-        failure, problem = e, ("crash", f"{type(e).__name__}: {e}")
-    problems = all_gather_objects(problem)
-    if failure is not None:
-        raise failure
-    for rank, found in enumerate(problems):
-        if found is not None:
-            kind, message = found
-            if kind == "crash":
-                raise RuntimeError(f"rank {rank} failed while setting up the layout ({message})")
-            raise ConfigError(message)
-
-
-def rank0_decides(decide: Callable[[], T], is_main: bool) -> T:
-    """What `decide()` returns on rank 0, given to every rank; a ConfigError it raises is raised
-    on every rank. Ranks must never decide about shared files on their own: on a shared
-    filesystem they can see different states (a save being committed or pruned, client caches)."""
-    answer: tuple[Any, str | None] = (None, None)  # (value, error)
-    if is_main:
-        try:
-            answer = (decide(), None)
-        except ConfigError as e:
-            answer = (None, str(e))
-    value, error = broadcast_object(answer)
-    if error is not None:
-        raise ConfigError(error)
-    return value
-
-
 # param-group keys a resume may find changed, as the config names them
 OPTIM_FIELDS = {"initial_lr": "optim.lr", "betas": "optim.beta1/beta2", "eps": "optim.eps",
                 "weight_decay": "optim.weight_decay"}
@@ -215,127 +84,6 @@ OPTIM_FIELDS = {"initial_lr": "optim.lr", "betas": "optim.beta1/beta2", "eps": "
 
 def _plain(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
-
-
-def choose_resume_checkpoint(ckpt_dir: Path, resume_from: str,
-                             stale: dict[str, list[Path]] | None = None) -> Path | None:
-    """The checkpoint to resume from (None: start fresh): without `resume_from` the newest that
-    verifies; with it that one, unless the run directory holds a newer checkpoint of the trajectory
-    it started (a requeued job repeating its command continues, not restarts). `stale` receives, on
-    rank 0, what the choice makes stale, for `set_aside_stale` once the resume has loaded: "damaged"
-    (passed over for their own damage, not for a failed read) and "superseded" (when `resume_from` is
-    taken, every checkpoint not on its path: the run directory's later steps, another trajectory's; all
-    of them when it lies elsewhere). Collective: every rank verifies a share of the files and all get
-    one answer (ranks resuming from different steps would train on silently)."""
-    resume_from = broadcast_object(resume_from)  # rank 0's word, should the ranks' configs differ
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    if main:
-        finish_interrupted_commits(ckpt_dir)  # the others wait in find_latest_complete's broadcast
-    passed_over: list[tuple[Path, str]] = []
-    try:
-        newest = find_latest_complete(ckpt_dir, passed_over)
-    except NoIntactCheckpoint as e:
-        if not resume_from:
-            raise ConfigError(f"checkpoint: {e}") from None
-        newest = None
-    chosen = newest
-    if resume_from:
-        requested = Path(resume_from)
-        origin = rank0_decides(lambda: checkpoint_origin(newest) if newest else None, main)
-        if origin == origin_key(requested):
-            log.warning("continuing from %s, the newest checkpoint of the run resumed from %s (a requeued command); to "
-                        "rewind to %s again, move the newer checkpoints out of %s first", newest, requested,
-                        requested, ckpt_dir)
-        elif newest is None or origin_key(newest) != origin_key(requested):  # the newest was verified above
-            reason = verify_checkpoint(requested)
-            if reason is not None:
-                if not requested.is_dir():
-                    reason = "no such directory"
-                elif (requested / "checkpoints").is_dir() or list_checkpoints(requested):
-                    reason = "a run or checkpoints directory, not one checkpoint"
-                raise ConfigError(f"config: checkpoint.resume_from={resume_from} does not verify ({reason}); point "
-                                  "it at an intact step_* directory")
-            chosen = requested
-    if main and stale is not None:
-        stale["damaged"] = [p for p, reason in passed_over if is_damage(reason)]
-        if chosen is not None and chosen != newest:
-            target = chosen.resolve()
-            step = checkpoint_step(target) if target.parent == ckpt_dir.resolve() else None
-            stale["superseded"] = [p for p in list_checkpoints(ckpt_dir) if p not in stale["damaged"]
-                                   and p.resolve() != target and (step is None or checkpoint_step(p) > step)]
-    return chosen
-
-
-def set_aside_stale(ckpt_dir: Path, stale: dict[str, list[Path]], is_main: bool) -> None:
-    """Move what `choose_resume_checkpoint` found stale out of the listing (rank 0; collective)."""
-    if is_main:
-        for why, paths in stale.items():
-            set_aside(paths, ckpt_dir, why)
-    barrier()
-
-
-def grad_accum_steps(cfg: JobConfig, dp_size: int) -> int:
-    """Micro-batches per optimizer step that fill train.global_batch_tokens (0: one)."""
-    t = cfg.train
-    per_micro = t.micro_batch_size * cfg.data.seq_len * dp_size
-    if t.global_batch_tokens == 0:
-        return 1
-    if t.global_batch_tokens % per_micro:
-        raise ConfigError(f"config: train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
-                          f"{dp_size} data-parallel ranks x train.micro_batch_size {t.micro_batch_size} x "
-                          f"data.seq_len {cfg.data.seq_len} = {per_micro} tokens; {batch_fixes(cfg, dp_size)}")
-    return t.global_batch_tokens // per_micro
-
-
-def batch_fixes(cfg: JobConfig, dp_size: int) -> str:
-    """Every way to make the global batch fit the ranks: smaller micro-batches (more gradient
-    accumulation steps), a global batch that is a multiple of one micro-step, or none at all."""
-    t, seq = cfg.train, cfg.data.seq_len
-    per_micro = t.micro_batch_size * seq * dp_size
-    # a pipeline splits each micro-batch into its microbatches: only their multiples are fixes
-    split = (cfg.parallel.pp_microbatches or cfg.parallel.pp) if cfg.parallel.pp > 1 else 1
-
-    def accumulation(micro_batch: int, tokens: int) -> str:
-        n = tokens // (micro_batch * seq * dp_size)
-        return f"{n} accumulation step{'s' * (n > 1)}"
-
-    micro = [f"{m} ({accumulation(m, t.global_batch_tokens)})" for m in range(t.micro_batch_size - 1, 0, -1)
-             if t.global_batch_tokens % (m * seq * dp_size) == 0 and m % split == 0]
-    up = -(-t.global_batch_tokens // per_micro) * per_micro
-    fixes = ([f"lower train.micro_batch_size to {' or '.join(micro[:3])}"] if micro else []) + [
-        f"set train.global_batch_tokens to a multiple of {per_micro} (e.g. {up}: "
-        f"{accumulation(t.micro_batch_size, up)})",
-        f"or set it to 0 (one micro-batch per rank per step, {per_micro} tokens)"]
-    return "fix: " + "; ".join(fixes)
-
-
-def check_document_masking(cfg: JobConfig, saved: dict[str, Any] | None) -> None:
-    """A resumed run keeps its checkpoint's data.document_masking (the loss would change meaning
-    mid-run) unless data.allow_document_masking_change; checkpoints without the key had it off."""
-    if saved is None or cfg.data.allow_document_masking_change:
-        return
-    was = bool(saved["data"]["document_masking"])
-    if was != cfg.data.document_masking:
-        raise ConfigError(f"config: data.document_masking={str(cfg.data.document_masking).lower()} but checkpoint "
-                          f"{saved['path']} was trained with {str(was).lower()}; drop the change, or set "
-                          "data.allow_document_masking_change=true to switch mid-run")
-
-
-def resolve_num_streams(configured: int, dp_size: int, saved: int | None = None) -> int:
-    """data.num_streams of this run: a resumed checkpoint's `saved` count (the data order must not
-    change mid-run), else as configured, else lcm(64, dp_size). The dp size must divide it."""
-    if saved is not None and configured and configured != saved:
-        raise ConfigError(f"config: data.num_streams={configured} but the checkpoint's data order has {saved} "
-                          "streams; drop the override (0 keeps the checkpoint's)")
-    count = saved or configured
-    if not count:
-        return math.lcm(64, dp_size)
-    if count % dp_size:
-        origin = f"the checkpoint's data order (num_streams={count})" if saved else f"data.num_streams={count}"
-        fix = "" if saved else f", or set data.num_streams to a multiple of {dp_size} (0 picks one)"
-        raise ConfigError(f"config: {origin} is not divisible by the {dp_size} data-parallel ranks; "
-                          f"run on a data-parallel size that divides {count}{fix}")
-    return count
 
 
 def _seed_everything(seed: int) -> None:

@@ -122,7 +122,7 @@ def model_numbers(spec: GridSpec, arch: str, size: str) -> tuple[dict[str, int],
     """(parameter counts, training FLOPs per token) of the model the trainer will build."""
     from pretrain.accounting import count_params, flops_per_token
     from pretrain.config import ConfigError, parse_args
-    from pretrain.trainer import build_model_from_config
+    from pretrain.job import build_model_from_config
 
     try:
         cfg, _ = parse_args(trainer_args(spec, arch, size, Path("unused"), 1, spec.micro_batch_size * spec.seq_len

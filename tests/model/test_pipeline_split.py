@@ -79,7 +79,7 @@ def test_tied_embeddings_cannot_be_split():
 ])
 def test_bad_pipeline_layouts_fail_in_one_line(extra, needle, tmp_path):
     from pretrain.config import parse_args
-    from pretrain.trainer import build_model_from_config, pipeline_plan
+    from pretrain.job import build_model_from_config, pipeline_plan
 
     with pytest.raises(ConfigError) as e:  # at parsing, else when the trainer or the dry run plans the stages
         cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", "--run-dir", str(tmp_path),
@@ -90,7 +90,7 @@ def test_bad_pipeline_layouts_fail_in_one_line(extra, needle, tmp_path):
 
 def test_unmarked_stages_balance_flops_with_the_head_on_the_last(tmp_path):
     from pretrain.config import parse_args
-    from pretrain.trainer import build_model_from_config, pipeline_plan
+    from pretrain.job import build_model_from_config, pipeline_plan
 
     cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "3b", "--run-dir", str(tmp_path), "--parallel.pp=4",
                          "--model.overrides.tie_embeddings=false"])

@@ -260,7 +260,7 @@ def test_pruning_keeps_what_this_run_saved_over_stale_newer_steps(tmp_path):
 
 def test_a_commit_interrupted_between_its_renames_is_finished(tmp_path):
     """A crash after the old directory was moved aside and before the sealed one took its name."""
-    from pretrain.trainer import choose_resume_checkpoint
+    from pretrain.resume_choice import choose_resume_checkpoint
 
     ck = tmp_path / "ck"
     path = save_tiny(CheckpointManager(ck, keep=3, async_save=False, is_main=True), 1, 1.0)
@@ -274,7 +274,7 @@ def test_a_commit_interrupted_between_its_renames_is_finished(tmp_path):
 
 def test_a_run_whose_checkpoints_all_fail_stops_instead_of_starting_over(tmp_path):
     """Starting from step 0 would overwrite the damaged checkpoints one by one: stop, exit 2."""
-    from pretrain.trainer import choose_resume_checkpoint
+    from pretrain.resume_choice import choose_resume_checkpoint
 
     mgr = CheckpointManager(tmp_path / "ck", keep=3, async_save=False, is_main=True)
     for step in (1, 2):
@@ -300,7 +300,7 @@ def test_damaged_newer_checkpoints_are_set_aside_at_resume(tmp_path, monkeypatch
 
     import pretrain.checkpoint_integrity as integrity
     from pretrain.checkpoint import list_checkpoints
-    from pretrain.trainer import choose_resume_checkpoint, set_aside_stale
+    from pretrain.resume_choice import choose_resume_checkpoint, set_aside_stale
 
     ck = tmp_path / "ck"
     mgr = CheckpointManager(ck, keep=5, async_save=False, is_main=True)
@@ -434,7 +434,7 @@ def test_resuming_with_other_model_settings_of_the_same_shapes_stops_or_warns(re
 
 @pytest.mark.parametrize("where", ["missing", "run dir", "checkpoints dir"])
 def test_resume_from_a_path_that_is_no_checkpoint_says_what_it_is(reference, tmp_path, where):
-    from pretrain.trainer import choose_resume_checkpoint
+    from pretrain.resume_choice import choose_resume_checkpoint
 
     reference_dir, _ = reference
     path = {"missing": tmp_path / "nope", "run dir": reference_dir, "checkpoints dir": reference_dir / "checkpoints"}

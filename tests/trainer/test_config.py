@@ -120,7 +120,7 @@ def test_model_override_strings_read_as_the_fields_type(flag, value):
 
 
 def test_an_unset_override_round_trips_and_builds(tmp_path):
-    from pretrain.trainer import build_model_from_config
+    from pretrain.job import build_model_from_config
 
     cfg, _ = parse_args(["--arch", "llama", "--size", "tiny", "--model.overrides.rope.factor=none"])
     (tmp_path / "c.toml").write_text(to_toml(cfg))
@@ -150,7 +150,7 @@ def test_model_override_of_the_wrong_type_is_refused_on_the_command_line(flag, s
 ])
 def test_model_override_values_are_checked_before_the_model_builds(override, says):
     """Each ran (NaN losses, a traceback at the first step, an IndexError in the dry run)."""
-    from pretrain.trainer import build_model_from_config
+    from pretrain.job import build_model_from_config
 
     cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", f"--model.overrides.{override}"])
     with pytest.raises(ConfigError, match=re.escape(says)):
@@ -159,7 +159,7 @@ def test_model_override_values_are_checked_before_the_model_builds(override, say
 
 @pytest.mark.parametrize("order", [0, 1])
 def test_a_table_and_a_dotted_override_of_one_section_both_apply(order, tmp_path):
-    from pretrain.trainer import build_model_from_config
+    from pretrain.job import build_model_from_config
 
     flags = ["--model.overrides.moe.top_k=3", "--model.overrides.moe={n_experts=4}"]
     cfg, _ = parse_args(["--arch", "hybrid_moe", "--size", "tiny", *(flags if order else flags[::-1])])
@@ -305,7 +305,7 @@ def test_help_lists_every_arch_and_size():
 
 def test_model_ratio_and_placement_keys_build_the_sweep_layout():
     """A sweep sets two keys, never a hand-written pattern; the layout lands in the model config."""
-    from pretrain.trainer import build_model_from_config
+    from pretrain.job import build_model_from_config
 
     cfg, _ = parse_args(["--arch", "inter_hybrid", "--size", "1b", "--model.ratio=1:1"])
     assert build_model_from_config(cfg, device="meta").config.pattern == "MA" * 7

@@ -6,7 +6,8 @@ import pytest
 
 from pretrain.config import ConfigError
 from pretrain.resume_settings import read_saved_settings
-from pretrain.trainer import Trainer, resolve_num_streams
+from pretrain.job import resolve_num_streams
+from pretrain.trainer import Trainer
 from trainer_helpers import losses, tiny_config
 
 

@@ -16,7 +16,9 @@ import torch.multiprocessing as mp
 from parallel.distributed import destroy_distributed
 from pretrain.checkpoint import checkpoint_name
 from pretrain.config import ConfigError
-from pretrain.trainer import Trainer, agreed_config_errors, choose_resume_checkpoint
+from pretrain.rank_agreement import agreed_config_errors
+from pretrain.resume_choice import choose_resume_checkpoint
+from pretrain.trainer import Trainer
 from trainer_helpers import seal, tiny_config
 
 pytestmark = pytest.mark.slow
