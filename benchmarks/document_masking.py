@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_model import positive_ints, step_time_ms  # noqa: E402
 
+from data_pipeline.errors import DataInputError  # noqa: E402
 from data_pipeline.loader import build_train_loader  # noqa: E402
 from pretrain.model import build_model, model_config  # noqa: E402
 from pretrain.model.ops.library import has_causal_conv1d, has_mamba_ssd  # noqa: E402
@@ -180,8 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True, help="a prepared data directory (e.g. the demo corpus)")
     ap.add_argument("--archs", default="llama,mamba2,intra_hybrid")
-    ap.add_argument("--doc-len", type=positive_ints, default="1024,2048",
-                    help="mean document lengths of the drawn-starts cases")
+    ap.add_argument("--doc-len", type=lambda text: positive_ints(text) if text else [], default="1024,2048",
+                    help="mean document lengths of the drawn-starts cases ('' for none)")
     ap.add_argument("--variant-archs", default="llama", help="archs rerun with each --flex-options set ('' for none)")
     ap.add_argument("--flex-options", default=",".join(VARIANTS), help=f"variant sets among {sorted(VARIANTS)}")
     ap.add_argument("--variant-case", default=None, help="the case the variants rerun (default: the last)")
@@ -199,9 +200,12 @@ def main() -> None:
     if not torch.cuda.is_available() and args.size != "tiny":
         sys.exit("document_masking.py: no CUDA device; a CPU smoke run is --size tiny --seq 256")
     n = WARMUP + ITERS
-    loader = iter(build_train_loader([(args.data, 1.0)], args.seq, args.batch, num_streams=args.batch,
-                                     emit_doc_boundaries=True))
-    batches = [next(loader) for _ in range(n)]
+    try:
+        loader = iter(build_train_loader([(args.data, 1.0)], args.seq, args.batch, num_streams=args.batch,
+                                         emit_doc_boundaries=True))
+        batches = [next(loader) for _ in range(n)]
+    except DataInputError as e:
+        sys.exit(f"document_masking.py: --data: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = torch.stack([b["tokens"] for b in batches]).to(device)
     cases = {"demo": torch.stack([b["doc_starts"] for b in batches])}

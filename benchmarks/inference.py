@@ -351,7 +351,7 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for inference.json and inference.png")
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     ap.add_argument("--preset", default="1b", help="model size preset (tiny for a CPU smoke run)")
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--lengths", type=positive_ints, default="1024,2048,4096,8192,16384,32768",
@@ -386,13 +386,18 @@ def main(argv: list[str] | None = None) -> None:
     args.lengths = sorted(args.lengths)
     if min(args.warmup, args.steps, args.batch, args.prompt) < 1 or not args.bandwidth > 0:
         raise SystemExit("inference: --warmup, --steps, --batch and --prompt must be >= 1, --bandwidth > 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"inference: --device {args.device}: use cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("inference: no CUDA device here; a CPU smoke run is --device cpu --preset tiny (see --help)")
     gaps = [b - a for a, b in zip([args.prompt, *args.lengths], args.lengths)]
     if min(gaps) <= args.warmup + args.steps:
         raise SystemExit(f"inference: --lengths must exceed --prompt and each other by more than --warmup + --steps "
                          f"({args.warmup + args.steps}); got prompt {args.prompt}, lengths {args.lengths}")
-    device = torch.device(args.device)
     args.variants = (args.variants or ("eager,compiled,compiled-attn" if device.type == "cuda" else "eager")).split(",")
     if not set(args.variants) <= set(VARIANTS):
         raise SystemExit(f"inference: --variants takes {','.join(VARIANTS)}; got {','.join(args.variants)}")

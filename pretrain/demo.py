@@ -12,18 +12,37 @@ import math
 import shutil
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import torch
 
-from data_pipeline.manifest import MANIFEST_FILE
+from pretrain.checkpoint import CONFIG_FILE
 from pretrain.config import (CheckpointSection, DataSection, JobConfig, LoggingSection, ModelSection,
-                             OptimSection, ScheduleSection, TrainSection)
+                             OptimSection, ScheduleSection, TrainSection, parse_source)
 from pretrain.metrics import setup_logging
 from pretrain.trainer import Trainer
 
 PROMPT = "def "
 RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "summary.json")
+DEMO_MARKER = ".demo-run"  # written by the demo into its run directory
+
+
+def made_by_demo(run_dir: Path) -> bool:
+    """Whether `run_dir` is a demo's: it holds the demo's marker, or (a demo of an older version)
+    every checkpoint in it trained on the demo corpus in RUN_DIR/data alone."""
+    if (run_dir / DEMO_MARKER).exists():
+        return True
+
+    def sources(config: Path) -> list[Path]:
+        try:
+            listed = tomllib.loads(config.read_text()).get("data", {}).get("sources", [])
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return []
+        return [Path(parse_source(source)[0]).resolve() for source in listed]
+
+    configs = list(run_dir.glob(f"checkpoints/step_*/{CONFIG_FILE}"))
+    return bool(configs) and all(sources(c) == [(run_dir / "data").resolve()] for c in configs)
 
 
 def demo_config(run_dir: Path, data_dir: Path, steps: int) -> JobConfig:
@@ -60,18 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_dir: Path = args.run_dir
     # A demo always starts from scratch (the prepared corpus is reused between runs), so it clears
-    # only a demo's run directory: one with the demo corpus in data/ beside the run.
+    # only a demo's run directory.
     previous = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if previous and not (run_dir / "data" / MANIFEST_FILE).is_file():
-        p.error(f"--run-dir {run_dir} holds a training run that is not a demo's ({', '.join(previous)}; no demo "
-                "corpus in data/), which the demo would delete: pick another --run-dir")
+    if previous and not made_by_demo(run_dir):
+        p.error(f"--run-dir {run_dir} holds a training run that is not a demo's ({', '.join(previous)}), which the "
+                "demo would delete: pick another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DEMO_MARKER).touch()
     for stale in RUN_FILES:
         target = run_dir / stale
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, rank=0)
 
     from data_pipeline.demo_corpus import build_demo_corpus

@@ -3,10 +3,11 @@
 The paper trains with a trapezoid: linear warmup, constant plateau, linear cooldown to zero.
 WSD is the same shape with a 1-sqrt cooldown; cosine is the classic baseline.
 
-Endpoints, as in transformers' schedules: warmup's first step runs at 1/warmup of the peak and its
-last at the peak; a decay starts at the peak and reaches the floor (0 x peak, or min_lr_ratio) at
-step `total_steps`, one past the last update, which runs at floor + (1 - floor) / cooldown for the
-trapezoid. A cooldown of one step (`cooldown_frac` x steps rounds to 1) therefore changes nothing.
+Endpoints: warmup's first step runs at 1/warmup of the peak and its last at the peak (no step at
+lr 0, which transformers' warmup takes first); a decay starts at the peak and, as in transformers'
+schedules, reaches the floor (0 x peak, or min_lr_ratio) at step `total_steps`, one past the last
+update, which runs at floor + (1 - floor) / cooldown for the trapezoid. A cooldown of one step
+(`cooldown_frac` x steps rounds to 1) therefore changes nothing.
 """
 from __future__ import annotations
 

@@ -30,7 +30,12 @@ def initialise_state(optimizer: torch.optim.Optimizer) -> None:
     `get_state_dict` fills an optimizer without state by taking a step at lr 0, and that step
     counts: a checkpoint saved before the first good step (every step so far non-finite, then a
     preemption) resumed with each later bias correction one step off. Here the same zero step
-    creates the state in the implementation's own format, and its count is set back to 0."""
+    creates the state in the implementation's own format, and its count is set back to 0. An
+    optimizer that has state or gradients already is left alone (as by torch's own initialisation).
+    The step is exact: weights x (1 - 0 x decay), plus 0 x 0 / eps (config refuses optim.eps = 0)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if optimizer.state or any(p.grad is not None for p in params):
+        return
     lrs = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] = 0.0

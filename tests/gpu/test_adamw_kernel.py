@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from parallel.mixed_precision import WorkingCopies
-from pretrain.optim import AdamWWithCopies
+from pretrain.optim import AdamWWithCopies, initialise_state
 from pretrain.optim.adamw_triton import kernel_applies
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,3 +48,34 @@ def test_fused_step_matches_torch_adamw():
             torch.testing.assert_close(opt.state[p][key], ref_opt.state[r][key], rtol=1e-5, atol=1e-8,
                                        msg=lambda m: f"{name} {key}: {m}")
         assert float(opt.state[p]["step"]) == 3
+
+
+@pytest.mark.parametrize("kind", ["fused", "copies"])
+def test_initialised_state_changes_no_weight_and_counts_from_zero(kind):
+    """`initialise_state` on the GPU's optimizers (torch's fused AdamW; the copies' Triton kernel):
+    its zero step at lr 0 leaves every weight and copy bit for bit, the counts at 0, and three steps
+    after it equal three of an optimizer built without it."""
+    torch.manual_seed(0)
+    nets = [Params().cuda() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    copies = [WorkingCopies(m, torch.bfloat16) if kind == "copies" else None for m in nets]
+    groups = lambda m: [{"params": [m.a, m.c], "weight_decay": 0.1}, {"params": [m.b], "weight_decay": 0.0}]  # noqa: E731
+    opts = [AdamWWithCopies(groups(m), c, lr=1e-3) if kind == "copies" else
+            torch.optim.AdamW(groups(m), lr=1e-3, fused=True) for m, c in zip(nets, copies)]
+    before = [p.detach().clone() for p in nets[0].parameters()]
+    initialise_state(opts[0])
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), before))
+    assert all(s["step"].item() == 0 for s in opts[0].state.values()) and len(opts[0].state) == 3
+    if kind == "copies":
+        assert all(torch.equal(copies[0].of(p), p.detach().to(torch.bfloat16)) for p in nets[0].parameters())
+    for step in range(3):
+        grads = [torch.randn_like(p) * 0.1 for p in nets[0].parameters()]
+        for m, c, opt in zip(nets, copies, opts):
+            for p, g in zip(m.parameters(), grads):
+                if c is not None:
+                    c.of(p).grad = g.to(torch.bfloat16)
+                else:
+                    p.grad = g.clone()
+            opt.step()
+            opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*(m.parameters() for m in nets)))

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from parallel.grad_norm import clip_grad_norm_, grad_norm
 from parallel.mixed_precision import WorkingCopies, cast_parameters
-from pretrain.optim import AdamWWithCopies
+from pretrain.optim import AdamWWithCopies, initialise_state
 
 OPTIONS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -153,6 +153,29 @@ def test_dcp_state_dict_round_trip_and_its_initialising_step():
         assert torch.equal(other_copies.of(b), b.detach().to(torch.bfloat16)), name
     for a, b in zip(trainable(net), trainable(other)):
         assert all(torch.equal(opt.state[a][k], other_opt.state[b][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_initialised_state_is_step_zero_and_what_follows_is_unchanged():
+    """`initialise_state` (the trainer's, when it builds the optimizer): weights and copies as they
+    were, every count and moment 0, no gradient left; a save before the first step then takes no
+    step of its own, and the steps after it equal a never-initialised optimizer's. One that has
+    state already is left alone."""
+    net, copies, opt = fresh()
+    ref, ref_copies, ref_opt = fresh()
+    before = [p.detach().clone() for p in net.parameters()]
+    initialise_state(opt)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
+    assert all(torch.equal(copies.of(p), p.detach().to(torch.bfloat16)) for p in trainable(net))
+    assert len(opt.state) == len(trainable(net)) and all(p.grad is None for p in net.parameters())
+    assert all(s["step"].item() == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
+               for s in opt.state.values())
+    assert [g["lr"] for g in opt.param_groups] == [OPTIONS["lr"]]
+    get_state_dict(net, opt)
+    run_steps(net, copies, opt, range(3))
+    run_steps(ref, ref_copies, ref_opt, range(3))
+    assert_same(ref, net, copies, ref_opt, opt)
+    initialise_state(opt)
+    assert_same(ref, net, copies, ref_opt, opt)
 
 
 def test_a_fused_adamw_state_dict_does_not_make_the_copies_optimizer_fused():

@@ -33,6 +33,14 @@ def poison_loss(trainer: Trainer, bad_steps: set[int] | None = None, from_step: 
     trainer.model.loss = wrapped
 
 
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    """step -> its metrics.jsonl rows merged (validation logs a row of its own)."""
+    rows: dict[int, dict] = {}
+    for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        rows[row["step"]] = {**rows.get(row["step"], {}), **row}
+    return rows
+
+
 def test_nan_steps_are_skipped_and_counted(corpus, tmp_path):
     trainer = Trainer(tiny_config(tmp_path, corpus, 8, "--logging.tensorboard=true"))
     poison_loss(trainer, bad_steps={3, 6})
@@ -89,14 +97,6 @@ def test_a_save_before_the_first_good_step_resumes_exactly(corpus, tmp_path):
     assert Trainer(tiny_config(tmp_path / "run", corpus, 4)).train()["status"] == "finished"
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "run")
     assert [b[s] for s in (2, 3, 4)] == [a[s] for s in (2, 3, 4)]
-
-
-def metric_rows(run_dir: Path) -> dict[int, dict]:
-    """step -> its metrics.jsonl rows merged (validation logs a row of its own)."""
-    rows: dict[int, dict] = {}
-    for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        rows[row["step"]] = {**rows.get(row["step"], {}), **row}
-    return rows
 
 
 def test_summary_of_a_finished_run(corpus, tmp_path):
