@@ -5,7 +5,6 @@ only (CI has no GPU); multi-GPU NCCL needs a machine with several GPUs."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from free_port import free_port
 from parallel.distributed import DistInfo, destroy_distributed
 from pretrain.config import parse_args
 from pretrain.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def free_port() -> int:
-    """A port no process listens on now (a fixed or pid-derived one can be taken)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

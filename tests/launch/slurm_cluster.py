@@ -12,13 +12,14 @@ import ctypes
 import os
 import re
 import shutil
-import socket
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from free_port import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "scancel", "squeue")
@@ -44,12 +45,6 @@ def unavailable_reason() -> str | None:
 def _die_with_parent() -> None:
     """In the daemon, before exec: SIGTERM when the test process dies, even by SIGKILL (Linux)."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

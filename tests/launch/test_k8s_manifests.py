@@ -21,7 +21,7 @@ from launch.k8s import build_manifests
 from launch.render import parse, scheduler_options, spec_from_args
 from launch.spec import REQUEUE_EXIT_CODE
 from launch_helpers import container, logged_steps, manifests, pod_command, render, validate_manifest
-from slurm_cluster import free_port
+from free_port import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 24

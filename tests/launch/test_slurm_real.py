@@ -16,7 +16,8 @@ import pytest
 
 from launch.render import main as render
 from launch_helpers import logged_steps
-from slurm_cluster import SlurmCluster, free_port, unavailable_reason
+from free_port import free_port
+from slurm_cluster import SlurmCluster, unavailable_reason
 
 pytestmark = pytest.mark.slow
 

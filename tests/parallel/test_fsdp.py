@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from free_port import free_port
 from parallel.distributed import destroy_distributed
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import ParallelDims, build_mesh
@@ -76,7 +77,7 @@ def test_two_rank_fsdp_matches_single_process(tmp_path):
     ref = Net()
     train_steps(ref, batches())
     out = tmp_path / "fsdp.pt"
-    port = 29000 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(worker, args=(2, port, str(out)), nprocs=2, join=True)
     got = torch.load(out)
     for name, value in ref.state_dict().items():

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.distributed import destroy_distributed
 from parallel.fsdp import apply_fsdp
+from free_port import free_port
 from parallel.init import InitMismatchError, init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from pretrain.model import build_model
@@ -77,7 +78,7 @@ def worker(rank: int, world: int, replicate: int, port: int, out: str) -> None:
 @pytest.mark.parametrize("world,replicate", [(2, 1), (4, 2)])  # FSDP; HSDP (Replicate, Shard) on 2x2
 def test_sharded_init_equals_eager_build_and_holds_its_shard(tmp_path, world, replicate):
     out = tmp_path / "init.pt"
-    port = 29000 + (os.getpid() + 250 + world) % 1000
+    port = free_port()
     mp.spawn(worker, args=(world, replicate, port, str(out)), nprocs=world, join=True)
     got = torch.load(out)
     assert "ranks drew different initial weights" in got["mismatch"]

@@ -9,12 +9,12 @@ Mamba2's per-channel and per-head vectors, sums that mostly cancel, within 4e-5 
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 import torch.multiprocessing as mp
 
+from free_port import free_port
 from layout_check import worker
 
 pytestmark = pytest.mark.slow
@@ -46,8 +46,7 @@ FP32_CANCELLING_REL = 4e-5
 
 
 def run(world: int, cases: list, tmp_path) -> dict:
-    port = 29000 + (os.getpid() + 700 + world) % 1000
-    mp.spawn(worker, args=(world, port, cases, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, free_port(), cases, str(tmp_path)), nprocs=world, join=True)
     return json.loads((tmp_path / "results.json").read_text())
 
 

@@ -9,11 +9,11 @@ V layouts, packed documents, pp x tp) returns the one-process tokens and logits.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch.multiprocessing as mp
 
+from free_port import free_port
 from parallel.pipeline import available_schedules
 from pipeline_check import worker
 
@@ -28,7 +28,7 @@ GENERATE = {"generate": True}  # pipeline_check.generation instead of training s
 
 
 def run(world: int, cases: list, tmp_path) -> dict[int, dict]:
-    port = 29000 + (os.getpid() + 300 + world) % 1000
+    port = free_port()
     mp.spawn(worker, args=(world, port, cases, str(tmp_path)), nprocs=world, join=True)
     return {rank: json.loads((tmp_path / f"results{rank}.json").read_text()) for rank in range(world)}
 

@@ -4,12 +4,12 @@ checkpointing recomputes every forward matmul) and, under expert parallelism, re
 all-to-all."""
 
 import collections
-import os
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from free_port import free_port
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from pretrain.model import build_model
 from pretrain.model.parallelize import parallelize_hybrid
@@ -97,7 +97,7 @@ def test_selective_checkpointing_repeats_no_expert_all_to_all(tmp_path):
     import torch.multiprocessing as mp
 
     cases = [(str(mode), mode) for mode in (None, "full", "selective")]
-    mp.spawn(all_to_all_worker, args=(2, 29000 + (os.getpid() + 901) % 1000, cases, str(tmp_path)), nprocs=2)
+    mp.spawn(all_to_all_worker, args=(2, free_port(), cases, str(tmp_path)), nprocs=2)
     results = json.loads((tmp_path / "results.json").read_text())
     assert all("error" not in r for r in results.values()), results
     none, full, selective = (results[str(mode)] for mode in (None, "full", "selective"))

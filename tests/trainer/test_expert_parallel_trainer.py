@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import curves
 from parallel.distributed import destroy_distributed
 from pretrain.config import parse_args
+from free_port import free_port
 from pretrain.trainer import Trainer
 from test_model_parallel_trainer import args
 from trainer_helpers import run_to_end
@@ -42,7 +43,7 @@ def worker(rank: int, port: int, argv: list[str], out: str) -> None:
 def runs(corpus, tmp_path_factory) -> tuple[Path, Path]:
     single, ep2 = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("ep2")
     run_to_end(args(single, corpus, 1))
-    port = 29000 + (os.getpid() + 300) % 1000
+    port = free_port()
     mp.spawn(worker, args=(port, args(ep2, corpus, 2, "--parallel.ep=2"), str(ep2)), nprocs=2, join=True)
     return single, ep2
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from free_port import free_port
 from pretrain.checkpoint import verify_checkpoint
 from pretrain.summary import read_summary
 from pretrain.trainer import EXIT_PREEMPTED
@@ -120,11 +121,7 @@ def test_sigterm_while_blocked_in_the_rendezvous_exits_for_requeue(corpus, tmp_p
     """Rank 0 of 2 waits in C++ for a rank that never comes (a node still starting), where Python
     cannot run its signal handler: the watcher thread still ends it with exit 75 and summary.json
     "preempted" within seconds, not when the rendezvous times out minutes later."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "waiting"
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     proc = launch(tiny_args(run_dir, corpus, STEPS), env=env)

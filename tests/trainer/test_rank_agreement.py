@@ -17,6 +17,7 @@ from parallel.distributed import destroy_distributed
 from pretrain.checkpoint import checkpoint_name
 from pretrain.config import ConfigError
 from pretrain.rank_agreement import agreed_config_errors
+from free_port import free_port
 from pretrain.resume_choice import choose_resume_checkpoint
 from pretrain.trainer import Trainer
 from trainer_helpers import seal, tiny_config
@@ -104,7 +105,7 @@ def results(corpus, tmp_path_factory) -> tuple[list[dict], Path]:
     root = tmp_path_factory.mktemp("agreement")
     make_checkpoints(root / "view0", [2, 4])
     make_checkpoints(root / "view1", [2])
-    port = 29000 + (os.getpid() + 500) % 1000
+    port = free_port()
     mp.spawn(worker, args=(port, str(corpus), str(root)), nprocs=WORLD, join=True)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)], root
 
