@@ -286,4 +286,7 @@ def test_two_sources_of_identical_data_resume(corpus_a, tmp_path):
     src = [(str(corpus_a), 0.5), (str(shutil.copytree(corpus_a, tmp_path / "copy")), 0.5)]
     first = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3)
     take(first, 2)
-    build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3).load_state_dict(first.state_dict())
+    resumed = build_train_loader(src, SEQ, BATCH, num_streams=STREAMS, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(tokens(take(resumed, 3)), tokens(take(first, 3)), strict=True))
+    assert resumed.metrics() == first.metrics()  # each copy's share of the mixture too

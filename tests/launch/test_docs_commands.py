@@ -38,7 +38,7 @@ def documented_commands(path: Path) -> list[list[str]]:
     return commands
 
 
-CASES = [(doc, argv) for doc in DOCS if (REPO / doc).exists() for argv in documented_commands(REPO / doc)]
+CASES = [(doc, argv) for doc in DOCS for argv in documented_commands(REPO / doc)]
 
 
 def test_the_launcher_guide_shows_both_targets():

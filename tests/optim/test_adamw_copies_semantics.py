@@ -201,7 +201,8 @@ def test_grad_norm_of_any_floating_dtype(dtype):
     for p, g in zip(params, grads):
         p.grad = g.clone()
     assert float(clip_grad_norm_(params, 1.0)) == 5.0
-    assert torch.allclose(params[0].grad.double(), torch.tensor([0.6, 0.0], dtype=torch.float64), atol=1e-2)
+    atol = 4e-3 if dtype == torch.bfloat16 else 1e-6  # 0.6 in bf16 is 0.6016
+    assert torch.allclose(params[0].grad.double(), torch.tensor([0.6, 0.0], dtype=torch.float64), atol=atol)
 
 
 def test_a_foreach_state_dict_leaves_torch_adamw_fused():

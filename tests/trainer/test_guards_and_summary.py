@@ -162,6 +162,7 @@ def test_activation_checkpointing_same_curve_and_interchangeable_checkpoints(cor
     ac = Trainer(tiny_config(tmp_path / "ac", corpus, 3, "--train.activation_checkpointing=true"))
     ac.train()
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(b[s][0] == pytest.approx(a[s][0], rel=1e-6) for s in a)
     resumed = Trainer(tiny_config(tmp_path / "x", corpus, 3, "--train.activation_checkpointing=true",
                                   f"--resume-from={tmp_path / 'plain/checkpoints/step_00000002'}"))
@@ -216,6 +217,7 @@ def test_gradient_accumulation_fills_the_global_batch(corpus, tmp_path):
     whole.train()
     split.train()
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(b[s][0] == pytest.approx(a[s][0], rel=1e-5) for s in a)
     from pretrain.config import ConfigError
     with pytest.raises(ConfigError, match="train.global_batch_tokens"):
@@ -228,6 +230,7 @@ def test_compiled_blocks_same_curve_and_checkpoint_keys(corpus, tmp_path):
     compiled = Trainer(tiny_config(tmp_path / "compiled", corpus, 2, "--arch", "llama", "--train.compile=true"))
     compiled.train()
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2]
     assert all(b[s][0] == pytest.approx(a[s][0], rel=1e-5) for s in a)
     resumed = Trainer(tiny_config(tmp_path / "x", corpus, 2, "--arch", "llama",
                                   f"--resume-from={tmp_path / 'compiled/checkpoints/step_00000002'}"))
