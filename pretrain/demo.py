@@ -12,15 +12,14 @@ import math
 import shutil
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CONFIG_FILE
-from pretrain.config import (CheckpointSection, DataSection, JobConfig, LoggingSection, ModelSection,
+from pretrain.config import (CheckpointSection, ConfigError, DataSection, JobConfig, LoggingSection, ModelSection,
                              OptimSection, ScheduleSection, TrainSection, parse_source)
 from pretrain.metrics import setup_logging
+from pretrain.resume_settings import read_saved_settings
 from pretrain.trainer import Trainer
 
 PROMPT = "def "
@@ -34,15 +33,15 @@ def made_by_demo(run_dir: Path) -> bool:
     if (run_dir / DEMO_MARKER).exists():
         return True
 
-    def sources(config: Path) -> list[Path]:
+    def sources(checkpoint: Path) -> list[Path]:
         try:
-            listed = tomllib.loads(config.read_text()).get("data", {}).get("sources", [])
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            listed = read_saved_settings(checkpoint)["data"]["sources"]
+        except ConfigError:  # not readable as a checkpoint of this stack
             return []
         return [Path(parse_source(source)[0]).resolve() for source in listed]
 
-    configs = list(run_dir.glob(f"checkpoints/step_*/{CONFIG_FILE}"))
-    return bool(configs) and all(sources(c) == [(run_dir / "data").resolve()] for c in configs)
+    checkpoints = list(run_dir.glob("checkpoints/step_*"))
+    return bool(checkpoints) and all(sources(c) == [(run_dir / "data").resolve()] for c in checkpoints)
 
 
 def demo_config(run_dir: Path, data_dir: Path, steps: int) -> JobConfig:

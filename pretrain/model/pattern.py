@@ -11,7 +11,6 @@ as in the paper's tables.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 

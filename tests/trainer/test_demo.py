@@ -12,6 +12,7 @@ def a_run(run_dir, sources: list[str]) -> None:
     step = run_dir / "checkpoints" / "step_00000100"
     step.mkdir(parents=True)
     (step / "config.toml").write_text(f"[data]\nsources = {sources!r}\n".replace("'", '"'))
+    (step / "train_state.json").write_text('{"dp_size": 1, "ranks": [{}]}')
     (run_dir / "metrics.jsonl").write_text('{"step": 100}\n')
     (run_dir / "data").mkdir()
     (run_dir / "data" / "manifest.json").write_text("{}")  # its own prepared data beside it
