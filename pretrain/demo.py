@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     prompt = torch.tensor([[tok.bos_id, *tok.encode(PROMPT)]])
     trainer.model.eval()
     out = trainer.model.generate(prompt, max_new_tokens=48, temperature=0.8, top_k=40,
-                                 generator=torch.Generator().manual_seed(0))
-    sample = tok.decode(out[0, 1:].tolist())
+                                 generator=torch.Generator().manual_seed(0), eos_id=tok.eos_id)
+    ids = out[0, 1:].tolist()
+    sample = tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)  # the text up to the document's end
 
     curve = val_curve(run_dir)
     (start_step, start), (end_step, end) = curve[0], curve[-1]

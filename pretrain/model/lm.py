@@ -204,7 +204,8 @@ class HybridLM(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  return_logits: bool = False, static_cache: bool = True,
                  doc_starts: Tensor | None = None, pipeline: Pipeline | None = None,
-                 stop: Callable[[Tensor], bool] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 stop: Callable[[Tensor], bool] | None = None,
+                 eos_id: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
@@ -218,14 +219,17 @@ class HybridLM(nn.Module):
         with the same arguments (`pretrain.model.pipeline_generate`: growing caches). `stop`
         (the new tokens so far [b, n] -> whether to end) is asked every STOP_EVERY new tokens: a
         generation it ends returns fewer than max_new_tokens. Under pipeline parallelism every pp
-        rank asks it of the same tokens, and it must answer alike on all of them.
+        rank asks it of the same tokens, and it must answer alike on all of them. `eos_id` ends
+        each row at its first EOS: the row's later tokens are EOS too (padding, as transformers'
+        generate pads with its pad token), and generation ends at the first check (every
+        STOP_EVERY new tokens) where every row has ended.
         """
-        check_sampling(max_new_tokens, temperature, top_k, self.config.vocab_size)
+        check_sampling(max_new_tokens, temperature, top_k, self.config.vocab_size, eos_id)
         if pipeline is not None:
             from pretrain.model.pipeline_generate import generate_pipelined
 
             return generate_pipelined(pipeline, prompt, max_new_tokens, temperature, top_k, generator, return_logits,
-                                      doc_starts, stop)
+                                      doc_starts, stop, eos_id)
         if self.embed is None or self.head is None:
             raise ValueError("HybridLM.generate on a pipeline stage (parallel.pp > 1) needs its rank's pipeline: call "
                              "model.generate(prompt, ..., pipeline=trainer.pipeline) on every pp rank")
@@ -252,24 +256,32 @@ class HybridLM(nn.Module):
                 nonlocal docs
                 docs = docs.next_token() if docs is not None else None
                 return self(token, cache, docs)[:, -1]
-        tokens, chosen = decode_loop(first, step, prompt, max_new_tokens, pick, stop)
+        tokens, chosen = decode_loop(first, step, prompt, max_new_tokens, pick, stop, eos_id)
         return (tokens, torch.stack(chosen, dim=1)) if return_logits else tokens
 
 
 def decode_loop(first: Callable[[Tensor], Tensor | None], step: Callable[[Tensor], Tensor | None], prompt: Tensor,
                 max_new_tokens: int, pick: Callable[[Tensor | None], Tensor],
-                stop: Callable[[Tensor], bool] | None = None) -> tuple[Tensor, list[Tensor | None]]:
+                stop: Callable[[Tensor], bool] | None = None,
+                eos_id: int | None = None) -> tuple[Tensor, list[Tensor | None]]:
     """Generation's loop: `first` prefills the prompt and `step` appends a token [b, 1], each
     returning the next token's logits [b, vocab] (None where another pipeline rank holds them; the
-    token itself where the step chose it); `pick` turns those into the next token; `stop` may end
-    it every STOP_EVERY tokens (not every token: asking reads the tokens back to the host, which
-    waits for the GPU). Returns the prompt followed by the new tokens, and what `pick` chose each from."""
+    token itself where the step chose it); `pick` turns those into the next token. A row that has
+    picked `eos_id` gets EOS from then on. Every STOP_EVERY tokens (not every token: looking reads
+    back to the host, which waits for the GPU) the loop ends if every row has ended or `stop` says
+    so. Returns the prompt followed by the new tokens, and what `pick` chose each from."""
     logits = first(prompt)
     out, chosen = [prompt], []
+    ended = None if eos_id is None else torch.zeros_like(prompt[:, :1], dtype=torch.bool)
     for i in range(max_new_tokens):
         chosen.append(logits)
-        out.append(pick(logits))
-        if stop is not None and (i + 1) % STOP_EVERY == 0 and stop(torch.cat(out[1:], dim=1)):
+        token = pick(logits)
+        if ended is not None:
+            token = token.masked_fill(ended, eos_id)
+            ended = ended | (token == eos_id)
+        out.append(token)
+        if (i + 1) % STOP_EVERY == 0 and ((ended is not None and bool(ended.all()))
+                                          or (stop is not None and stop(torch.cat(out[1:], dim=1)))):
             break
         if i + 1 < max_new_tokens:
             logits = step(out[-1])

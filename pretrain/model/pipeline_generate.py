@@ -27,7 +27,8 @@ def generate_pipelined(pipeline: Pipeline, prompt: Tensor, max_new_tokens: int, 
                        top_k: int | None = None, generator: torch.Generator | None = None,
                        return_logits: bool = False,
                        doc_starts: Tensor | None = None,
-                       stop: Callable[[Tensor], bool] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                       stop: Callable[[Tensor], bool] | None = None,
+                       eos_id: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """`HybridLM.generate` over `pipeline`'s stages (HybridLM stages): every pp rank calls it with
     the same arguments and gets the same result. Sampling draws from `generator` on the last
     stage's rank only."""
@@ -57,7 +58,7 @@ def generate_pipelined(pipeline: Pipeline, prompt: Tensor, max_new_tokens: int, 
         token = sample(logits, temperature, top_k, generator) if logits is not None else None
         return pipeline.broadcast_from_last(token)
 
-    tokens, chosen = decode_loop(run, step, prompt, max_new_tokens, pick, stop)
+    tokens, chosen = decode_loop(run, step, prompt, max_new_tokens, pick, stop, eos_id)
     if not return_logits:
         return tokens
     return tokens, pipeline.broadcast_from_last(torch.stack(chosen, dim=1) if pipeline.has_last else None)

@@ -27,7 +27,8 @@ def greedy_tokens(logits: Tensor) -> Tensor:
     return group * GREEDY_GROUP + within.gather(-1, group)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, vocab_size: int) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, vocab_size: int,
+                   eos_id: int | None = None) -> None:
     """Generation's arguments, refused with their name instead of failing inside torch mid-decode."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1 (got {max_new_tokens!r})")
@@ -35,6 +36,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, v
         raise ValueError(f"generate: temperature must be finite (got {temperature}); 0 is greedy")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab_size):
         raise ValueError(f"generate: top_k must be None or an int in [1, {vocab_size}] (the vocabulary; got {top_k!r})")
+    if eos_id is not None and not (isinstance(eos_id, int) and not isinstance(eos_id, bool) and 0 <= eos_id < vocab_size):
+        raise ValueError(f"generate: eos_id must be None or a token id in [0, {vocab_size}) (got {eos_id!r})")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

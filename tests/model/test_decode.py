@@ -67,6 +67,33 @@ def test_stop_ends_generation_at_its_check_with_the_same_tokens(static_cache):
     assert torch.equal(model.generate(prompt, 50, static_cache=static_cache, stop=lambda new: False), full)
 
 
+@pytest.mark.parametrize("static_cache", [True, False])
+def test_eos_pads_each_row_after_its_first_eos_and_ends_once_every_row_has(static_cache):
+    """Rows decode independently, so with `eos_id` each row is its generation without one up to
+    its first EOS, then EOS; the loop ends at the first check where every row has ended."""
+    torch.manual_seed(0)
+    model = build_model("intra_hybrid", "tiny").eval()
+    prompt = torch.randint(0, 512, (3, 7), generator=torch.Generator().manual_seed(3))
+    free = model.generate(prompt, 50, static_cache=static_cache)[:, 7:]
+    common = set(free[0].tolist()) & set(free[1].tolist()) - set(free[2].tolist())
+    eos = min(common)  # made by rows 0 and 1, never by row 2
+    is_eos = free == eos
+    want = free.masked_fill(is_eos.cumsum(1) - is_eos.int() > 0, eos)  # EOS after each row's first
+    assert not torch.equal(want, free)
+    got = model.generate(prompt, 50, static_cache=static_cache, eos_id=eos)
+    assert torch.equal(got[:, :7], prompt) and torch.equal(got[:, 7:], want)  # row 2 runs to the end
+    two = model.generate(prompt[:2], 50, static_cache=static_cache, eos_id=eos)
+    ended = int(is_eos[:2].int().argmax(1).max()) + 1  # new tokens until both rows have ended
+    assert ended <= STOP_EVERY and torch.equal(two[:, 7:], want[:2, :STOP_EVERY])
+
+
+@pytest.mark.parametrize("eos_id", [-1, 512, 3.0, True])
+def test_an_eos_id_outside_the_vocabulary_is_refused(eos_id):
+    model = build_model("llama", "tiny").eval()
+    with pytest.raises(ValueError, match="eos_id must be None or a token id in \\[0, 512\\)"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 4, eos_id=eos_id)
+
+
 def test_intra_value_sharing_decodes():
     torch.manual_seed(0)
     model = build_model("intra_hybrid", "tiny", pattern="MHM", intra={"value_sharing": True}).eval().double()

@@ -124,10 +124,11 @@ def share(loss: torch.Tensor | None, mesh) -> float:
 
 
 def generation(arch: str, overrides: dict, dims: ParallelDims, schedule: str, masked: bool = False) -> dict:
-    """Greedy generation (and sampling at temperature 0.8 from one seed) on the pipelined model
-    against the whole model in one process (its default, static-cache generate; `masked`: a
-    prompt of packed documents, on growing caches in both): the tokens, and the largest
-    difference of the logits that chose each new token, the prefill's first."""
+    """Greedy generation (and sampling at temperature 0.8 from one seed; greedy with an EOS, which
+    must change the tokens) on the pipelined model against the whole model in one process (its
+    default, static-cache generate; `masked`: a prompt of packed documents, on growing caches in
+    both): the tokens, and the largest difference of the logits that chose each new token, the
+    prefill's first."""
     ref, model, pipe, _ = build(arch, overrides, dims, schedule, microbatches=2)
     ref.eval(), model.eval()
     cfg = ref.config
@@ -141,6 +142,13 @@ def generation(arch: str, overrides: dict, dims: ParallelDims, schedule: str, ma
         diff = (logits - want_logits).abs()
         out[name] = {"same_tokens": torch.equal(got, want), "prefill_diff": diff[:, 0].max().item(),
                      "logits_diff": diff.max().item()}
+        if name == "greedy":  # the same with row 0's first new token as EOS: that row is EOS from then on
+            eos = int(want[0, 12])
+            want_eos, want_logits = ref.generate(prompt, 6, eos_id=eos, **kw)
+            got, logits = model.generate(prompt, 6, eos_id=eos, pipeline=pipe, **kw)
+            diff = (logits - want_logits).abs()
+            out["eos"] = {"same_tokens": torch.equal(got, want_eos) and not torch.equal(want_eos, want),
+                          "prefill_diff": diff[:, 0].max().item(), "logits_diff": diff.max().item()}
     return out
 
 
