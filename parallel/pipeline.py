@@ -35,9 +35,25 @@ SCHEDULES: dict[str, tuple[str, str]] = {
 SPLIT_BACKWARD = tuple(name for name, (_, layout) in SCHEDULES.items() if layout == "v")
 
 
+# The V schedules' weight pass (`torch.distributed.pipelining._backward.stage_backward_weight`) runs
+# one gradient per parameter group; before torch 2.13 it neither handled an intermediate with several
+# outputs nor kept a group's intermediates that descend from one another from counting twice, and
+# on torch 2.11 our models' groups (`parallel.split_backward`) stop in it (CPU, gloo: "Attribute
+# '_input_metadata' is invalid for this instance of _C._FunctionBase").
+SPLIT_BACKWARD_TORCH = (2, 13)
+
+
+def torch_release() -> tuple[int, int]:
+    """(major, minor) of the running torch, e.g. (2, 11) for 2.11.0+cu130."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def available_schedules() -> list[str]:
-    """The schedules this torch provides (DualPipeV appeared after ZBV)."""
-    return [name for name, (cls, _) in SCHEDULES.items() if hasattr(pipelining, cls)]
+    """The schedules this torch runs: its pipelining module has the class (DualPipeV appeared after
+    ZBV), and for the split-backward ones it is at least SPLIT_BACKWARD_TORCH."""
+    return [name for name, (cls, layout) in SCHEDULES.items()
+            if hasattr(pipelining, cls) and (layout != "v" or torch_release() >= SPLIT_BACKWARD_TORCH)]
 
 
 def stages_per_rank(schedule: str, marked_stages: int | None, pp: int) -> int:
@@ -54,6 +70,11 @@ def check_schedule(schedule: str, pp: int, microbatches: int, local_batch: int) 
     """Refuse, with the config field and the fix, what a schedule cannot run."""
     if schedule not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
+    if schedule in SPLIT_BACKWARD and torch_release() < SPLIT_BACKWARD_TORCH:
+        needed = ".".join(map(str, SPLIT_BACKWARD_TORCH))
+        raise ValueError(f"parallel.pp_schedule={schedule!r} needs torch >= {needed} (the weight pass of earlier "
+                         "releases' split backward mishandles these models' parameter groups; torch 2.11 stops in it): "
+                         f"upgrade torch or use one of {', '.join(available_schedules())}")
     if schedule not in available_schedules():
         raise ValueError(f"parallel.pp_schedule={schedule!r} needs torch.distributed.pipelining."
                          f"{SCHEDULES[schedule][0]}, which torch {torch.__version__} lacks: use one of "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -19,6 +20,13 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _summed(t: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """`t` summed over `group`, out of place. A functional collective, not `dist.all_reduce`: torch
+    2.11's compiled autograd Functions got an in-place all-reduce's gradient wrong (a compiled
+    tp=2 Mamba2 block's gradients off by ~100%; tests/parallel/test_model_parallel_layouts.py)."""
+    return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", group))
+
+
 class _GradAllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -27,26 +35,20 @@ class _GradAllReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _summed(grad, ctx.group), None
 
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
-        out = x.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return _summed(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # Every rank's output depends on every rank's input, and each rank holds only its own
         # downstream part of the gradient: the input's gradient is their sum.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _summed(grad, ctx.group), None
 
 
 def grad_all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:

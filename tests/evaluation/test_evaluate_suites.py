@@ -46,9 +46,15 @@ def test_long_windows_are_document_prefixes_or_packed(corpus):
     assert source == "documents"
     for w in windows:
         assert w[0] == bos and any(len(d) >= 100 and np.array_equal(d[:100], w[1:]) for d in docs)
-    longest = max(len(d) for d in docs)
-    packed, source = long_windows(corpus, longest + 5, 2)
-    assert source == "packed" and packed.shape == (2, longest + 6)
+    # Just longer than the second-longest document: the longest gives one window, the other is packed
+    # from the rest in their order (lengths from the data: the stdlib behind it differs by Python version).
+    second, longest = sorted(docs, key=len)[-2:]
+    length = len(second) + 1
+    packed, source = long_windows(corpus, length, 2)
+    assert source == "packed" and packed.shape == (2, length + 1)
+    assert packed[0, 0] == bos and np.array_equal(packed[0, 1:], longest[:length])
+    first = next(d for d in docs if len(d) < length)[:length]
+    assert packed[1, 0] == bos and np.array_equal(packed[1, 1:1 + len(first)], first)
 
 
 def test_windows_beyond_the_long_documents_pack_only_the_others(tmp_path):

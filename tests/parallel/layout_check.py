@@ -7,6 +7,7 @@ import json
 import os
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -109,9 +110,11 @@ def compare(arch: str, overrides: dict, dims: ParallelDims, dtype: torch.dtype, 
 def run_cases(rank: int, world: int, port: int, cases: list, out_dir: str,
               run_case: Callable[..., dict], every_rank: bool = False) -> None:
     """A gloo process running `run_case(*case)` for each (name, *case) of `cases`, an exception
-    reported per case; rank 0 writes results.json (every rank results{rank}.json with `every_rank`)."""
+    reported per case; rank 0 writes results.json (every rank results{rank}.json with `every_rank`).
+    A case that fails on one rank leaves the others waiting in a collective: the 10-minute timeout
+    (gloo's default is 30) turns that into their error too, well inside CI's limit."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
     torch.set_num_threads(1)
     results = {}
     try:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
+from parallel.pipeline import SPLIT_BACKWARD_TORCH, torch_release
 from pretrain.main import main
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "hybrid_moe_3b_16x8_pp.toml"
@@ -33,6 +37,8 @@ def test_pp_config_dry_runs_at_128_ranks(capsys):
     assert idle and len(idle[1].split(", ")) == pp, out
 
 
+@pytest.mark.skipif(torch_release() < SPLIT_BACKWARD_TORCH, reason="the V schedules need torch >= 2.13 (refused: "
+                    "test_split_backward_schedules_are_refused_before_torch_2_13)")
 def test_zero_bubble_order_idles_less_than_interleaved(capsys):
     idle = {}
     for schedule in ("interleaved_1f1b", "zbv"):
@@ -40,3 +46,14 @@ def test_zero_bubble_order_idles_less_than_interleaved(capsys):
         line = re.search(r"idle in torch.s action order .* by pp rank: (.*)", capsys.readouterr().out)[1]
         idle[schedule] = [float(f.rstrip("%")) for f in line.split(", ")]
     assert max(idle["zbv"]) < min(idle["interleaved_1f1b"]), idle
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "dualpipev"])
+def test_split_backward_schedules_are_refused_before_torch_2_13(schedule, monkeypatch, capsys):
+    """torch 2.11's split backward stops in the weight pass of our models: the run is refused at start."""
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    args = ["--config", str(CONFIG), "--dry-run", "--world-size", "128", f"--parallel.pp_schedule={schedule}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"parallel.pp_schedule={schedule!r} needs torch >= 2.13" in err[0], err
+    assert "use one of 1f1b, interleaved_1f1b" in err[0], err
