@@ -49,6 +49,7 @@ from pretrain.model.legacy import legacy_splits
 from pretrain.model.moe import MoE
 from pretrain.model.packed import PackedDocs, without_unneeded_starts
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
+from pretrain.model.ops.ssd import reference_scan_warning
 from pretrain.optim import AdamWWithCopies, initialise_state, keep_implementation_on_load
 from pretrain.resume_choice import choose_resume_checkpoint, set_aside_stale
 from pretrain.schedule import build_scheduler
@@ -152,6 +153,8 @@ class Trainer:
         self.model = build_model_from_config(cfg, device="meta")
         template = copy.deepcopy(self.model)  # unsharded, unwrapped: init_sharded's full modules
         self.model_config = self.model.config
+        if self.is_main and (missing := reference_scan_warning(self.device, self.model_config.blocks)):
+            log.warning("%s", missing)
         if path is not None:
             self._check_model_settings(path)
         self.pipeline: Pipeline | None = None

@@ -57,6 +57,19 @@ def test_ssd_split_sequence_carries_state():
     torch.testing.assert_close(s3, s, rtol=1e-10, atol=1e-10)
 
 
+def test_reference_scan_warning_only_for_cuda_scans_without_mamba_ssm(monkeypatch):
+    from pretrain.model.ops import ssd
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(ssd, "has_mamba_ssd", lambda: False)
+    for blocks in ("MMA", "AH"):
+        assert "pip install -e '.[gpu]'" in ssd.reference_scan_warning(cuda, blocks)
+    assert ssd.reference_scan_warning(cuda, "AS") is None  # no scan to fall back
+    assert ssd.reference_scan_warning(cpu, "MMA") is None  # the reference is the CPU path
+    monkeypatch.setattr(ssd, "has_mamba_ssd", lambda: True)
+    assert ssd.reference_scan_warning(cuda, "MMA") is None
+
+
 def test_causal_conv_matches_manual_and_state():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 10, generator=g, dtype=torch.float64)

@@ -9,6 +9,8 @@ sees only inputs of its own document (the initial state belongs to the first tok
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -114,3 +116,14 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     if seq_idx is not None:  # int32, counted from 0: the kernel gives the initial state to sequence 0
         seq_idx = (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
     return torch.ops.pretrain.ssd_scan(x, dt, A, B, C, chunk_size, initial_state, seq_idx)
+
+
+def reference_scan_warning(device: torch.device, blocks: Iterable[str]) -> str | None:
+    """A start-up warning where a model's SSD scans (Mamba2 "M" and intra-hybrid "H" blocks) would
+    run on CUDA without mamba-ssm: `ssd_scan` then falls back to the reference, which holds
+    chunk x chunk decays per head (slower, more memory), and which torch 2.11's Inductor failed to
+    compile on CUDA (its cumsum's SplitScan codegen, seen on the H200). None where nothing is missing."""
+    if device.type != "cuda" or not {"M", "H"} & set(blocks) or has_mamba_ssd():
+        return None
+    return ("mamba-ssm is not installed: the Mamba2 scans run the PyTorch reference on cuda (slower, more memory; "
+            "torch 2.11's Inductor cannot compile it there); install the gpu extra: pip install -e '.[gpu]'")
