@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from parallel.pipeline import available_schedules
 from pretrain import describe
 from pretrain.main import main
 from trainer_helpers import REPO
@@ -28,7 +29,7 @@ def shell_lines(doc: Path) -> list[str]:
     return lines
 
 
-def option(words: list[str], name: str, default: str) -> str:
+def option(words: list[str], name: str, default: str | None) -> str | None:
     return words[words.index(name) + 1] if name in words else default
 
 
@@ -86,6 +87,10 @@ def test_documented_trainer_command_starts(doc, command, corpus, tmp_path, monke
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     code = main(as_dry_run(args, corpus, tmp_path))
+    schedule = option([a for w in args for a in w.split("=", 1)], "--parallel.pp_schedule", None)
+    if schedule is not None and schedule not in available_schedules():  # the docs say which torch it needs
+        assert code == 2 and f"pp_schedule={schedule!r} needs torch >=" in capsys.readouterr().err
+        return
     assert code == 0, f"{doc}: `{command}` at world size {world}: {capsys.readouterr().err}"
     assert f"at world size {world}," in capsys.readouterr().out
 
