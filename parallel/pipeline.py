@@ -49,11 +49,15 @@ def torch_release() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def too_old_for(schedule: str) -> bool:
+    """Whether `schedule` splits its backward and this torch is older than SPLIT_BACKWARD_TORCH."""
+    return schedule in SPLIT_BACKWARD and torch_release() < SPLIT_BACKWARD_TORCH
+
+
 def available_schedules() -> list[str]:
     """The schedules this torch runs: its pipelining module has the class (DualPipeV appeared after
-    ZBV), and for the split-backward ones it is at least SPLIT_BACKWARD_TORCH."""
-    return [name for name, (cls, layout) in SCHEDULES.items()
-            if hasattr(pipelining, cls) and (layout != "v" or torch_release() >= SPLIT_BACKWARD_TORCH)]
+    ZBV), and it is new enough for the split-backward ones."""
+    return [name for name, (cls, _) in SCHEDULES.items() if hasattr(pipelining, cls) and not too_old_for(name)]
 
 
 def stages_per_rank(schedule: str, marked_stages: int | None, pp: int) -> int:
@@ -70,7 +74,7 @@ def check_schedule(schedule: str, pp: int, microbatches: int, local_batch: int) 
     """Refuse, with the config field and the fix, what a schedule cannot run."""
     if schedule not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={schedule!r} is unknown: choose one of {', '.join(SCHEDULES)}")
-    if schedule in SPLIT_BACKWARD and torch_release() < SPLIT_BACKWARD_TORCH:
+    if too_old_for(schedule):
         needed = ".".join(map(str, SPLIT_BACKWARD_TORCH))
         raise ValueError(f"parallel.pp_schedule={schedule!r} needs torch >= {needed} (the weight pass of earlier "
                          "releases' split backward mishandles these models' parameter groups; torch 2.11 stops in it): "

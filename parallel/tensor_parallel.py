@@ -23,7 +23,7 @@ def local(t: Tensor) -> Tensor:
 def _summed(t: Tensor, group: dist.ProcessGroup) -> Tensor:
     """`t` summed over `group`, out of place. A functional collective, not `dist.all_reduce`: torch
     2.11's compiled autograd Functions got an in-place all-reduce's gradient wrong (a compiled
-    tp=2 Mamba2 block's gradients off by ~100%; tests/parallel/test_model_parallel_layouts.py)."""
+    tp=2 Mamba2 block's gradients off by up to 270%; tests/parallel/test_model_parallel_layouts.py)."""
     return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", group))
 
 

@@ -208,8 +208,8 @@ class HybridLM(nn.Module):
                  eos_id: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
-        temperature 0 is greedy. With `return_logits`, also returns the logits that chose each
-        new token [b, max_new_tokens, vocab]. `static_cache` decodes from preallocated caches with
+        temperature 0 is greedy. With `return_logits`, also returns the logits each new token was
+        picked from [b, new tokens, vocab] (an EOS row's padding EOS was not chosen by its logits). `static_cache` decodes from preallocated caches with
         a shape-static step (`pretrain.model.decode.Decoder`, a CUDA graph on GPU from 32 new
         tokens on); False grows an `InferenceCache` (the reference; tensor parallelism uses it).
         `doc_starts` [b, l] (bool, True at each document's first token): rows of several packed
@@ -222,7 +222,9 @@ class HybridLM(nn.Module):
         rank asks it of the same tokens, and it must answer alike on all of them. `eos_id` ends
         each row at its first EOS: the row's later tokens are EOS too (padding, as transformers'
         generate pads with its pad token), and generation ends at the first check (every
-        STOP_EVERY new tokens) where every row has ended.
+        STOP_EVERY new tokens) where every row has ended. Under tensor parallelism every tp rank
+        samples for itself: at temperature > 0 give each a `generator` seeded alike, or the ranks'
+        tokens differ (and with `eos_id` one rank may end while the others wait in a collective).
         """
         check_sampling(max_new_tokens, temperature, top_k, self.config.vocab_size, eos_id)
         if pipeline is not None:

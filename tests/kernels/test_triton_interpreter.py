@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def release(package: str) -> tuple[int, int]:
-    major, minor = version(package).split(".")[:2]
+    """(major, minor) of an installed package (triton as it reports itself: pytorch-triton's wheel
+    installs the module under another distribution name)."""
+    text = __import__("triton").__version__ if package == "triton" else version(package)
+    major, minor = text.split(".")[:2]
     return int(major), int(minor)
 
 

@@ -15,6 +15,7 @@ from parallel.init import init_sharded
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.pipeline import build_pipeline, local_stage_ids, stages_per_rank
 from pretrain.model import build_model
+from pretrain.model.lm import STOP_EVERY
 from pretrain.model.packed import PackedDocs
 from pretrain.model.parallelize import parallelize_hybrid, pipeline_model
 from pretrain.model.pattern import parse_pattern
@@ -149,6 +150,16 @@ def generation(arch: str, overrides: dict, dims: ParallelDims, schedule: str, ma
             diff = (logits - want_logits).abs()
             out["eos"] = {"same_tokens": torch.equal(got, want_eos) and not torch.equal(want_eos, want),
                           "prefill_diff": diff[:, 0].max().item(), "logits_diff": diff.max().item()}
+            # both rows that prompt: every row ends at its first token, so every pp rank stops at the
+            # first check, after STOP_EVERY of the 2 x STOP_EVERY tokens asked
+            same = dict(kw, doc_starts=starts[:1].expand(2, -1) if starts is not None else None)
+            twice = prompt[:1].expand(2, -1)
+            want_end, want_logits = ref.generate(twice, 2 * STOP_EVERY, eos_id=eos, **same)
+            got, logits = model.generate(twice, 2 * STOP_EVERY, eos_id=eos, pipeline=pipe, **same)
+            diff = (logits - want_logits).abs() if logits.shape == want_logits.shape else torch.tensor(float("inf"))
+            out["eos_early_end"] = {"same_tokens": torch.equal(got, want_end) and got.shape[1] == 12 + STOP_EVERY,
+                                    "prefill_diff": diff[:, 0].max().item() if diff.dim() else diff.item(),
+                                    "logits_diff": diff.max().item()}
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 
 from parallel.pipeline import SPLIT_BACKWARD_TORCH, torch_release
 from pretrain.main import main
@@ -51,7 +52,7 @@ def test_zero_bubble_order_idles_less_than_interleaved(capsys):
 @pytest.mark.parametrize("schedule", ["zbv", "dualpipev"])
 def test_split_backward_schedules_are_refused_before_torch_2_13(schedule, monkeypatch, capsys):
     """torch 2.11's split backward stops in the weight pass of our models: the run is refused at start."""
-    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.11.0+cu130"))  # as torch reports it
     args = ["--config", str(CONFIG), "--dry-run", "--world-size", "128", f"--parallel.pp_schedule={schedule}"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -126,4 +126,4 @@ def reference_scan_warning(device: torch.device, blocks: Iterable[str]) -> str |
     if device.type != "cuda" or not {"M", "H"} & set(blocks) or has_mamba_ssd():
         return None
     return ("mamba-ssm is not installed: the Mamba2 scans run the PyTorch reference on cuda (slower, more memory; "
-            "torch 2.11's Inductor cannot compile it there); install the gpu extra: pip install -e '.[gpu]'")
+            "torch 2.11's Inductor failed to compile it there); install the gpu extra: pip install -e '.[gpu]'")
