@@ -209,9 +209,10 @@ class HybridLM(nn.Module):
         """Prefill the prompt once, then decode one token at a time from the KV / SSM caches.
 
         temperature 0 is greedy. With `return_logits`, also returns the logits each new token was
-        picked from [b, new tokens, vocab] (an EOS row's padding EOS was not chosen by its logits). `static_cache` decodes from preallocated caches with
-        a shape-static step (`pretrain.model.decode.Decoder`, a CUDA graph on GPU from 32 new
-        tokens on); False grows an `InferenceCache` (the reference; tensor parallelism uses it).
+        picked from [b, new tokens, vocab] (an EOS row's padding EOS was not chosen by its logits).
+        `static_cache` decodes from preallocated caches with a shape-static step
+        (`pretrain.model.decode.Decoder`, a CUDA graph on GPU from 32 new tokens on); False grows
+        an `InferenceCache` (the reference; tensor parallelism uses it).
         `doc_starts` [b, l] (bool, True at each document's first token): rows of several packed
         documents, each row continuing its last document as if it had been prompted alone (on
         the growing cache). Under pipeline parallelism `pipeline` is this rank's

@@ -156,10 +156,9 @@ def generation(arch: str, overrides: dict, dims: ParallelDims, schedule: str, ma
             twice = prompt[:1].expand(2, -1)
             want_end, want_logits = ref.generate(twice, 2 * STOP_EVERY, eos_id=eos, **same)
             got, logits = model.generate(twice, 2 * STOP_EVERY, eos_id=eos, pipeline=pipe, **same)
-            diff = (logits - want_logits).abs() if logits.shape == want_logits.shape else torch.tensor(float("inf"))
+            diff = (logits - want_logits).abs() if logits.shape == want_logits.shape else torch.full((1, 1), torch.inf)
             out["eos_early_end"] = {"same_tokens": torch.equal(got, want_end) and got.shape[1] == 12 + STOP_EVERY,
-                                    "prefill_diff": diff[:, 0].max().item() if diff.dim() else diff.item(),
-                                    "logits_diff": diff.max().item()}
+                                    "prefill_diff": diff[:, 0].max().item(), "logits_diff": diff.max().item()}
     return out
 
 
